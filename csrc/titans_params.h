@@ -1,0 +1,69 @@
+// Parameter structs shared by every titans_ext kernel (CPU, CUDA and the CUDA emulation).
+//
+// Kernels see only these plain structs: raw pointers, sizes and strides. No torch header is
+// included here or in any kernel file; the binding layer (csrc/binding/) fills the structs.
+// All strides are in elements, not bytes. The innermost (feature) dimension of every
+// per-token tensor is contiguous (stride 1); the binding enforces it.
+#pragma once
+
+#include <cstdint>
+
+namespace titans {
+
+using index_t = int64_t;
+
+// A [B, T, H, D] (or [B, T, H] when D == 1) per-token tensor: base pointer and strides.
+struct TokenTensor {
+  void* ptr = nullptr;
+  index_t batch_stride = 0;
+  index_t seq_stride = 0;
+  index_t head_stride = 0;
+};
+
+// Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
+//   E = 2 (K M0^T - V) at the chunk-start memory, S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
+//   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
+struct LinearMemoryParams {
+  int batch = 0, seqlen = 0, heads = 0;
+  int dk = 0, dv = 0;
+  int chunk_size = 0;
+  int n_chunks = 0;  // ceil(seqlen / chunk_size)
+  bool read_token = true;
+
+  // Inputs: q, k [B, T, H, Dk], v [B, T, H, Dv], gates theta, eta, alpha [B, T, H].
+  TokenTensor q, k, v, theta, eta, alpha;
+
+  // Initial state, contiguous [B, H, Dv, Dk]; nullptr means zeros.
+  // Not __restrict__: nothing stops a caller from passing the same buffer for both.
+  const void* m0_ptr = nullptr;
+  const void* s0_ptr = nullptr;
+
+  // Outputs. o: contiguous [B, T, H, Dv]. m_final, s_final: contiguous [B, H, Dv, Dk].
+  void* o_ptr = nullptr;
+  void* m_final_ptr = nullptr;
+  void* s_final_ptr = nullptr;
+  // The chunk-start states the backward needs: contiguous [B, H, n_chunks, 2, Dv, Dk]
+  // (index 0: M, index 1: S). nullptr when no backward will run.
+  void* chunk_states_ptr = nullptr;
+};
+
+struct LinearMemoryBwdParams : LinearMemoryParams {
+  // Cotangents of the outputs: d_o strided like o's inputs ([B, T, H, Dv]); d_m_final and
+  // d_s_final contiguous [B, H, Dv, Dk] or nullptr (zero cotangent).
+  TokenTensor d_o;
+  const void* d_m_final_ptr = nullptr;
+  const void* d_s_final_ptr = nullptr;
+
+  // Gradients, all contiguous: dq, dk [B, T, H, Dk], dv [B, T, H, Dv],
+  // dtheta, deta, dalpha [B, T, H], dm0, ds0 [B, H, Dv, Dk].
+  void* dq_ptr = nullptr;
+  void* dk_ptr = nullptr;
+  void* dv_ptr = nullptr;
+  void* dtheta_ptr = nullptr;
+  void* deta_ptr = nullptr;
+  void* dalpha_ptr = nullptr;
+  void* dm0_ptr = nullptr;
+  void* ds0_ptr = nullptr;
+};
+
+}  // namespace titans

@@ -1,0 +1,114 @@
+"""Build titans_ext against the installed torch.
+
+    pip install --no-build-isolation --no-deps -e .
+
+Environment switches:
+    TITANS_EXT_CUDA        auto (default) | 0 | 1. auto builds the CUDA kernels when the installed
+                           torch is a CUDA build and nvcc is found; 1 fails if that is not so.
+    TITANS_EXT_CUDA_ARCHS  CUDA architectures, ";"-separated (default "8.0;9.0a").
+    MAX_JOBS               parallel compile jobs (ninja).
+    DEBUG                  1: -O0 -g instead of -O3 -g0.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _find_cuda_home():
+    """The real toolkit folder: an nvcc on PATH may be a wrapper outside it (build.md §3)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime_api.h").exists():
+            return str(home)
+    return None
+
+
+def _cuda_wanted():
+    import torch
+
+    mode = os.environ.get("TITANS_EXT_CUDA", "auto").lower()
+    if mode in ("0", "false", "no"):
+        return False, "TITANS_EXT_CUDA=0"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        reasons.append("no CUDA toolkit (nvcc + headers) found")
+    if reasons:
+        if mode in ("1", "true", "yes"):
+            sys.exit("titans_ext: TITANS_EXT_CUDA=1 but " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    # Must be set before torch.utils.cpp_extension computes CUDA_HOME.
+    os.environ["CUDA_HOME"] = cuda_home
+    return True, ""
+
+
+def _extensions():
+    use_cuda, why_not = _cuda_wanted()
+    # Imported after _cuda_wanted() has fixed CUDA_HOME.
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    # Python's sysconfig flags carry -g; -g0 makes the torch-including units ~2x faster to build.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    cxx_flags = opt + ["-fvisibility=hidden"]
+    macros = [("Py_LIMITED_API", "0x030A0000")]
+    include_dirs = [str(CSRC)]
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
+    sources += ["csrc/binding/ops.cpp"]
+    if use_cuda:
+        archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
+        # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (build.md §3).
+        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
+        sources += ["csrc/binding/ops_cuda.cpp"]
+        nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+        ext = CUDAExtension(
+            "titans_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros + [("TITANS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            py_limited_api=True,
+        )
+    else:
+        print(f"titans_ext: building CPU-only ({why_not})")
+        ext = CppExtension(
+            "titans_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            py_limited_api=True,
+        )
+    return [ext]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )
+
+
+if __name__ == "__main__":
+    main()

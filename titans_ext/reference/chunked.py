@@ -1,0 +1,75 @@
+"""Chunked references in plain PyTorch: the kernels' algorithm, written with torch ops.
+
+They mirror the chunk algebra of the C++/CUDA kernels (``shared/design`` README §2,
+``mlp_dual_form.md``): inside a chunk every token's gradient is taken at the chunk-start
+memory, so a chunk is a few matmuls and only the chunk-to-chunk step is a Python loop.
+Comparing them with the token loop (:mod:`.recurrent`) tests the math; comparing the kernels
+with them separates kernel bugs from math bugs. Autograd gives their backward.
+"""
+
+import torch
+
+from ..ops.checks import check_linear_inputs
+
+# Logs of gates are clamped here so that an exact zero gate (eta = 0, alpha = 1) gives a
+# finite cumulative sum; exp(-200) is 0 in fp32 and ~1e-87 in fp64. The clamp zeroes the
+# gradient of such a gate; the token loop is the reference for that edge case.
+_LOG_FLOOR = -200.0
+
+
+def chunk_gate_coefficients(theta, eta, alpha):
+    """Gate coefficients of one chunk, from gates of shape ``[..., L]``.
+
+    With beta = 1 - alpha, A(s..t) and P(s..t) the products of beta and eta over tokens
+    s..t, the memory after token t of the chunk is
+    ``M_t = a_t M0 + g_t S0 + sum_{i<=t} c[t, i] e_i k_i^T`` and the momentum at the chunk end
+    ``S_L = p S0 + sum_i s_i e_i k_i^T``. Returns ``a, g [..., L]``, ``c [..., L, L]``
+    (lower triangular), ``s [..., L]``, ``p [...]``. Products are taken in log space.
+    """
+    L = theta.shape[-1]
+    log_beta = torch.cumsum(torch.log1p(-alpha).clamp_min(_LOG_FLOOR), -1)
+    log_eta = torch.cumsum(torch.log(eta).clamp_min(_LOG_FLOOR), -1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=theta.device).tril()
+
+    def decay(log_cum):  # [t, s] -> product over s+1..t, for s <= t
+        return torch.exp((log_cum[..., :, None] - log_cum[..., None, :]).masked_fill(~causal, float("-inf")))
+
+    beta_decay, eta_decay = decay(log_beta), decay(log_eta)
+    eta_prefix = torch.exp(log_eta)                                   # P(1..t)
+    a = torch.exp(log_beta)
+    g = (beta_decay @ eta_prefix[..., None])[..., 0]
+    c = -(beta_decay @ eta_decay) * theta[..., None, :]
+    s = -theta * eta_decay[..., -1, :]
+    return a, g, c, s, eta_prefix[..., -1]
+
+
+def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
+                          output_final_state=False, read="token"):
+    """Linear memory, chunk by chunk. Same signature and semantics as :func:`titans_ext.linear_memory`."""
+    B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # [B, H, T, D] and [B, H, T]: chunks are slices of the time axis.
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    theta, eta, alpha = (x.to(dtype).transpose(1, 2) for x in (theta, eta, alpha))
+    if initial_state is None:
+        M = q.new_zeros(B, H, Dv, Dk)
+        S = q.new_zeros(B, H, Dv, Dk)
+    else:
+        M, S = (x.to(dtype) for x in initial_state)
+    outputs = []
+    for start in range(0, T, chunk_size):
+        sl = slice(start, min(start + chunk_size, T))
+        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        a, g, c, s, p = chunk_gate_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
+        E = 2 * (K @ M.transpose(-1, -2) - V)                         # errors at the chunk start
+        if read == "token":
+            O = (a[..., None] * (Q @ M.transpose(-1, -2)) + g[..., None] * (Q @ S.transpose(-1, -2))
+                 + ((Q @ K.transpose(-1, -2)) * c) @ E)
+        else:
+            O = Q @ M.transpose(-1, -2)
+        outputs.append(O)
+        m = c[..., -1, :]
+        M, S = (a[..., -1, None, None] * M + g[..., -1, None, None] * S + (E * m[..., None]).transpose(-1, -2) @ K,
+                p[..., None, None] * S + (E * s[..., None]).transpose(-1, -2) @ K)
+    o = torch.cat(outputs, dim=2).transpose(1, 2) if outputs else q.new_zeros(B, 0, H, Dv)
+    return o, ((M, S) if output_final_state else None)
