@@ -5,6 +5,8 @@ Every error names the argument and says what was expected, so a user sees
 a crash inside a kernel.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -125,3 +127,139 @@ def check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, acti
 def state_dtype_for(dtype):
     """Memory state and gates are fp32, or fp64 when the inputs are fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# MIRAS options (shared/design/miras.md §2). The integer codes are the kernels' (enum
+# ObjectiveKind / RetentionKind in csrc/titans_params.h); keep the two lists in the same order.
+OBJECTIVES = ("l2", "lp", "huber", "pseudo_huber", "yaad")
+RETENTIONS = ("l2", "lq", "kl")
+# Entries of a "kl" memory are clamped to this before the log (miras.md §2.3).
+KL_LOG_FLOOR = 1e-6
+_DELTA_OBJECTIVES = ("huber", "pseudo_huber", "yaad")
+_OBJECTIVE_FORMS = ('"l2", ("lp", p), ("lp", p, eps), ("huber", delta), ("pseudo_huber", delta) '
+                    'or ("yaad", delta)')
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A parsed ``objective=`` argument: the error map f(r) applied to the residual r = M(k) - v.
+
+    ``delta`` is a float or a tensor broadcastable to ``[B, T, H]`` or ``[B, T, H, Dv]`` (huber,
+    pseudo_huber, yaad), else None; ``p`` and ``eps`` are lp's exponent and smoothing.
+    """
+
+    kind: str = "l2"
+    p: float = 2.0
+    eps: float = 0.0
+    delta: object = None
+
+    @property
+    def code(self):
+        return OBJECTIVES.index(self.kind)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """A parsed ``retention=`` argument; ``q`` is the exponent of ``("lq", q)``."""
+
+    kind: str = "l2"
+    q: float = 2.0
+
+    @property
+    def code(self):
+        return RETENTIONS.index(self.kind)
+
+
+def _real(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {x!r}")
+    return float(x)
+
+
+def parse_objective(objective):
+    """``objective=`` as an :class:`Objective`; raises a ValueError/TypeError naming the argument."""
+    if isinstance(objective, Objective):
+        return objective
+    if objective == "l2":
+        return Objective()
+    if not isinstance(objective, (tuple, list)) or not objective or objective[0] not in OBJECTIVES[1:]:
+        raise ValueError(f"objective: expected {_OBJECTIVE_FORMS}, got {objective!r}")
+    kind, *args = objective
+    if kind == "lp":
+        if len(args) not in (1, 2):
+            raise ValueError(f'objective: expected ("lp", p) or ("lp", p, eps), got {objective!r}')
+        p = _real("objective (p)", args[0])
+        eps = _real("objective (eps)", args[1]) if len(args) == 2 else 0.0
+        if not p >= 1:
+            raise ValueError(f"objective: lp needs p >= 1, got p={p}")
+        if not eps >= 0:
+            raise ValueError(f"objective: lp needs eps >= 0, got eps={eps}")
+        if eps == 0 and p < 2:
+            raise ValueError(f"objective: lp with p={p} < 2 needs eps > 0 (its derivative is unbounded at r = 0)")
+        return Objective("lp", p=p, eps=eps)
+    if len(args) != 1:
+        raise ValueError(f'objective: expected ("{kind}", delta), got {objective!r}')
+    delta = args[0]
+    if isinstance(delta, torch.Tensor):
+        check_tensor("delta", delta)
+    elif not _real("delta", delta) > 0:
+        raise ValueError(f"delta: expected delta > 0, got {delta}")
+    return Objective(kind, delta=delta)
+
+
+def parse_retention(retention):
+    """``retention=`` as a :class:`Retention`; raises a ValueError/TypeError naming the argument."""
+    if isinstance(retention, Retention):
+        return retention
+    if retention in ("l2", "kl"):
+        return Retention(retention)
+    if isinstance(retention, (tuple, list)) and len(retention) == 2 and retention[0] == "lq":
+        q = _real("retention (q)", retention[1])
+        if not q > 1:
+            raise ValueError(f"retention: lq needs q > 1, got q={q}")
+        return Retention("lq", q=q)
+    raise ValueError(f'retention: expected "l2", ("lq", q) or "kl", got {retention!r}')
+
+
+def expand_delta(objective, shape, device, dtype):
+    """The objective's delta as a ``[B, T, H, Dv]`` tensor (an autograd-tracked broadcast, so its
+    gradient sums back to delta's own shape), or None when the objective has no delta.
+
+    A tensor of at most 3 dims broadcasts against ``[B, T, H]`` (scalar, per head, per token); a
+    4-d one against ``[B, T, H, Dv]`` (per channel).
+    """
+    if objective.kind not in _DELTA_OBJECTIVES:
+        return None
+    delta = objective.delta
+    if not isinstance(delta, torch.Tensor):
+        return torch.full(shape, delta, device=device, dtype=dtype)
+    check_device("delta", delta, device)
+    B, T, H, Dv = shape
+    try:
+        per_token = delta.dim() <= 3
+        target = (B, T, H) if per_token else shape
+        delta = torch.broadcast_to(delta, target)
+    except RuntimeError:
+        raise ValueError(f"delta: expected a tensor broadcastable to [B, T, H] = {[B, T, H]} or "
+                         f"[B, T, H, Dv] = {list(shape)}, got shape {_shape(objective.delta)}") from None
+    if not torch.compiler.is_compiling() and not bool((delta > 0).all()):
+        raise ValueError("delta: expected delta > 0 everywhere")
+    delta = delta.to(dtype)
+    return delta[..., None].expand(shape) if per_token else delta
+
+
+def check_kl_state(retention, memory):
+    """A "kl" memory is read through its log: its initial value must be positive."""
+    if retention.kind != "kl" or memory is None or torch.compiler.is_compiling():
+        return
+    if not bool((memory > 0).all()):
+        raise ValueError('initial_state: retention="kl" needs a positive memory (it enters through log M)')
+
+
+def check_miras_args(objective, retention, initial_memory, shape, device, dtype):
+    """Parses ``objective=`` and ``retention=``; returns ``(Objective, Retention, delta)`` with
+    delta broadcast to ``shape = [B, T, H, Dv]`` in ``dtype`` (None without one)."""
+    objective, retention = parse_objective(objective), parse_retention(retention)
+    delta = expand_delta(objective, shape, device, dtype)
+    check_kl_state(retention, initial_memory)
+    return objective, retention, delta

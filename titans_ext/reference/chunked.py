@@ -9,7 +9,8 @@ with them separates kernel bugs from math bugs. Autograd gives their backward.
 
 import torch
 
-from ..ops.checks import check_linear_inputs
+from ..ops.checks import check_linear_inputs, check_miras_args
+from .miras import kl_initial_memory, kl_update, lq_rescale, objective_error
 
 # Logs of gates are clamped here so that an exact zero gate (eta = 0, alpha = 1) gives a
 # finite cumulative sum; exp(-200) is 0 in fp32 and ~1e-87 in fp64. The clamp zeroes the
@@ -44,32 +45,61 @@ def chunk_gate_coefficients(theta, eta, alpha):
 
 
 def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
-                          output_final_state=False, read="token"):
+                          output_final_state=False, read="token", objective="l2", retention="l2"):
     """Linear memory, chunk by chunk. Same signature and semantics as :func:`titans_ext.linear_memory`."""
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    objective, retention, delta = check_miras_args(
+        objective, retention, None if initial_state is None else initial_state[0], (B, T, H, Dv), q.device, dtype)
     # [B, H, T, D] and [B, H, T]: chunks are slices of the time axis.
     q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     theta, eta, alpha = (x.to(dtype).transpose(1, 2) for x in (theta, eta, alpha))
+    delta = None if delta is None else delta.transpose(1, 2)
     if initial_state is None:
-        M = q.new_zeros(B, H, Dv, Dk)
+        M = kl_initial_memory(B, H, Dv, Dk, q) if retention.kind == "kl" else q.new_zeros(B, H, Dv, Dk)
         S = q.new_zeros(B, H, Dv, Dk)
     else:
         M, S = (x.to(dtype) for x in initial_state)
     outputs = []
     for start in range(0, T, chunk_size):
-        sl = slice(start, min(start + chunk_size, T))
-        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-        a, g, c, s, p = chunk_gate_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
-        E = 2 * (K @ M.transpose(-1, -2) - V)                         # errors at the chunk start
-        if read == "token":
-            O = (a[..., None] * (Q @ M.transpose(-1, -2)) + g[..., None] * (Q @ S.transpose(-1, -2))
-                 + ((Q @ K.transpose(-1, -2)) * c) @ E)
+        end = min(start + chunk_size, T)
+        if retention.kind == "lq":
+            M = lq_rescale(M, retention.q)
+        M_chunk, rest, reads = M, start, []
+        if retention.kind == "kl":  # the lag token: Memora's exact step from the previous memory
+            t = slice(start, start + 1)
+            E = _errors(objective, k[:, :, t], v[:, :, t], M, None if delta is None else delta[:, :, t])
+            S = eta[:, :, t, None] * S - theta[:, :, t, None] * E.transpose(-1, -2) @ k[:, :, t]
+            M = kl_update(M, S, alpha[:, :, t, None])
+            reads.append(q[:, :, t] @ M.transpose(-1, -2))
+            rest += 1
+        sl = slice(rest, end)
+        O, M, S = _chunk(objective, q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
+                         alpha[:, :, sl], None if delta is None else delta[:, :, sl], M, S, read == "token")
+        if read == "chunk_start":
+            O = q[:, :, start:end] @ M_chunk.transpose(-1, -2)
         else:
-            O = Q @ M.transpose(-1, -2)
+            O = torch.cat(reads + [O], dim=2)
         outputs.append(O)
-        m = c[..., -1, :]
-        M, S = (a[..., -1, None, None] * M + g[..., -1, None, None] * S + (E * m[..., None]).transpose(-1, -2) @ K,
-                p[..., None, None] * S + (E * s[..., None]).transpose(-1, -2) @ K)
     o = torch.cat(outputs, dim=2).transpose(1, 2) if outputs else q.new_zeros(B, 0, H, Dv)
     return o, ((M, S) if output_final_state else None)
+
+
+def _errors(objective, K, V, M, delta):
+    return objective_error(objective, K @ M.transpose(-1, -2) - V, delta)
+
+
+def _chunk(objective, Q, K, V, theta, eta, alpha, delta, M, S, token_reads):
+    """One chunk from (M, S): its token reads (or None) and its end state."""
+    if K.shape[2] == 0:
+        return Q @ M.transpose(-1, -2), M, S
+    a, g, c, s, p = chunk_gate_coefficients(theta, eta, alpha)
+    E = _errors(objective, K, V, M, delta)                           # errors at the chunk start
+    O = None
+    if token_reads:
+        O = (a[..., None] * (Q @ M.transpose(-1, -2)) + g[..., None] * (Q @ S.transpose(-1, -2))
+             + ((Q @ K.transpose(-1, -2)) * c) @ E)
+    m = c[..., -1, :]
+    M, S = (a[..., -1, None, None] * M + g[..., -1, None, None] * S + (E * m[..., None]).transpose(-1, -2) @ K,
+            p[..., None, None] * S + (E * s[..., None]).transpose(-1, -2) @ K)
+    return O, M, S

@@ -9,7 +9,8 @@ with a larger chunk, the per-token gradient is taken at the memory before the to
 import torch
 import torch.nn.functional as F
 
-from ..ops.checks import check_linear_inputs, check_mlp_inputs
+from ..ops.checks import check_linear_inputs, check_miras_args, check_mlp_inputs
+from .miras import kl_initial_memory, kl_update, lq_rescale, objective_loss
 
 
 def _compute_dtype(x):
@@ -17,33 +18,53 @@ def _compute_dtype(x):
 
 
 def linear_memory_recurrent(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
-                            output_final_state=False, read="token"):
+                            output_final_state=False, read="token", objective="l2", retention="l2"):
     """Linear memory ``M(x) = M x``, ``M: [B, H, Dv, Dk]``, one token at a time.
 
-    Same signature and semantics as :func:`titans_ext.linear_memory`.
+    Same signature and semantics as :func:`titans_ext.linear_memory`. Each token's inner
+    gradient is autograd's gradient of the objective's per-token loss at the chunk-start memory;
+    the retention is applied literally (``lq``: rescale at every chunk start; ``kl``: the chunk's
+    first token takes the softmax step from the previous memory).
     """
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = _compute_dtype(q)
+    objective, retention, delta = check_miras_args(objective, retention, None if initial_state is None else initial_state[0],
+                                                   (B, T, H, Dv), q.device, dtype)
     q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
     if initial_state is None:
-        M = q.new_zeros(B, H, Dv, Dk)
+        M = kl_initial_memory(B, H, Dv, Dk, q) if retention.kind == "kl" else q.new_zeros(B, H, Dv, Dk)
         S = q.new_zeros(B, H, Dv, Dk)
     else:
         M, S = (x.to(dtype) for x in initial_state)
-    M_chunk = M
     outputs = []
     for t in range(T):
-        if t % chunk_size == 0:
-            M_chunk = M
+        chunk_start = t % chunk_size == 0
+        if chunk_start:
+            if retention.kind == "lq":
+                M = lq_rescale(M, retention.q)
+            M_chunk = M_grad = M  # M_chunk: what chunk_start reads; M_grad: where gradients are taken
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]                       # [B, H, D]
-        err = 2 * (torch.einsum("bhvk,bhk->bhv", M_chunk, k_t) - v_t)   # d||M k - v||^2 / d(M k)
-        u = torch.einsum("bhv,bhk->bhvk", err, k_t)
-        S = eta[:, t, :, None, None] * S - theta[:, t, :, None, None] * u
-        M = (1 - alpha[:, t, :, None, None]) * M + S
+        delta_t = None if delta is None else delta[:, t]
+        u = _inner_gradient(M_grad, lambda M_at: objective_loss(
+            objective, torch.einsum("bhvk,bhk->bhv", M_at, k_t) - v_t, delta_t))
+        th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))
+        S = et * S - th * u
+        if chunk_start and retention.kind == "kl":  # the lag token; the rest of the chunk learns at M_{t0}
+            M = M_grad = kl_update(M, S, al)
+        else:
+            M = (1 - al) * M + S
         M_read = M if read == "token" else M_chunk
         outputs.append(torch.einsum("bhvk,bhk->bhv", M_read, q_t))
     o = torch.stack(outputs, dim=1) if T > 0 else q.new_zeros(B, 0, H, Dv)
     return o, ((M, S) if output_final_state else None)
+
+
+def _inner_gradient(weight, loss_fn):
+    """Gradient of loss_fn at ``weight``, kept in the graph (create_graph) so that outer
+    gradients flow through it."""
+    with torch.enable_grad():
+        at = weight if weight.requires_grad else weight.detach().requires_grad_()
+        return torch.autograd.grad(loss_fn(at), at, create_graph=torch.is_grad_enabled())[0]
 
 
 def mlp_activation(name):
