@@ -20,8 +20,28 @@ struct TokenTensor {
   index_t head_stride = 0;
 };
 
+// MIRAS options (shared/design/miras.md §2). The codes are also those of titans_ext/ops/checks.py
+// (OBJECTIVES, RETENTIONS).
+enum class ObjectiveKind : int { l2 = 0, lp = 1, huber = 2, pseudo_huber = 3, yaad = 4 };
+enum class RetentionKind : int { l2 = 0, lq = 1, kl = 2 };
+
+// Entries of a "kl" memory are clamped to this before the log (KL_LOG_FLOOR in checks.py).
+constexpr double kKlLogFloor = 1e-6;
+
+struct MirasParams {
+  // The error map f(r) that replaces 2r (objectives.h); p, eps: lp's exponent and smoothing.
+  ObjectiveKind objective = ObjectiveKind::l2;
+  double p = 2, eps = 0;
+  // huber, pseudo_huber, yaad: the threshold, contiguous [B, T, H, Dv]; nullptr otherwise.
+  const void* delta_ptr = nullptr;
+  // l2: the forget gate only. lq: at every chunk start M <- M ||M||_q^(2-q). kl: the chunk's first
+  // token takes Memora's step M <- rowsoftmax((1 - alpha) log max(M, kKlLogFloor) + S).
+  RetentionKind retention = RetentionKind::l2;
+  double q = 2;
+};
+
 // Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
-//   E = 2 (K M0^T - V) at the chunk-start memory, S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
+//   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective), S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
 //   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
 struct LinearMemoryParams {
   int batch = 0, seqlen = 0, heads = 0;
@@ -33,7 +53,10 @@ struct LinearMemoryParams {
   // Inputs: q, k [B, T, H, Dk], v [B, T, H, Dv], gates theta, eta, alpha [B, T, H].
   TokenTensor q, k, v, theta, eta, alpha;
 
-  // Initial state, contiguous [B, H, Dv, Dk]; nullptr means zeros.
+  MirasParams miras;
+
+  // Initial state, contiguous [B, H, Dv, Dk]; nullptr means zeros (a uniform 1/Dk memory with
+  // retention kl).
   // Not __restrict__: nothing stops a caller from passing the same buffer for both.
   const void* m0_ptr = nullptr;
   const void* s0_ptr = nullptr;
@@ -64,6 +87,8 @@ struct LinearMemoryBwdParams : LinearMemoryParams {
   void* dalpha_ptr = nullptr;
   void* dm0_ptr = nullptr;
   void* ds0_ptr = nullptr;
+  // Gradient of miras.delta_ptr, contiguous [B, T, H, Dv]; set when delta_ptr is.
+  void* d_delta_ptr = nullptr;
 };
 
 }  // namespace titans

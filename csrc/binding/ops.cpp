@@ -29,19 +29,25 @@ at::Tensor to_compute(const at::Tensor& x, at::ScalarType dtype) {
   return with_unit_inner_stride(x.to(dtype));
 }
 
+std::optional<at::Tensor> to_contiguous(const std::optional<at::Tensor>& x, at::ScalarType dtype) {
+  return x ? std::optional<at::Tensor>(x->to(dtype).contiguous()) : std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-    int64_t chunk_size, bool read_token, bool save_states) {
+    int64_t chunk_size, bool read_token, bool save_states, int64_t objective, double p, double eps,
+    const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
   const auto dtype = compute_dtype(q);
   const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
   const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto m0_c = m0 ? std::optional<at::Tensor>(m0->to(dtype).contiguous()) : std::nullopt;
-  const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
+  const auto m0_c = to_contiguous(m0, dtype), s0_c = to_contiguous(s0, dtype);
 
+  const auto delta_c = to_contiguous(delta, dtype);
   LinearMemoryParams params = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size,
                                                    read_token);
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   const auto opts = q_c.options();
   auto o = at::empty({params.batch, params.seqlen, params.heads, params.dv}, opts);
   auto m_final = at::empty({params.batch, params.heads, params.dv, params.dk}, opts);
@@ -62,17 +68,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu
   return {o.to(q.scalar_type()), m_final, s_final, chunk_states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
                       const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
                       const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
-                      const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token) {
+                      const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token,
+                      int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
+                      int64_t retention, double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
   const auto dtype = compute_dtype(q);
   const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
   const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto dm_c = d_m_final ? std::optional<at::Tensor>(d_m_final->to(dtype).contiguous()) : std::nullopt;
-  const auto ds_c = d_s_final ? std::optional<at::Tensor>(d_s_final->to(dtype).contiguous()) : std::nullopt;
+  const auto dm_c = to_contiguous(d_m_final, dtype), ds_c = to_contiguous(d_s_final, dtype);
+  const auto delta_c = to_contiguous(delta, dtype);
   const auto states_c = chunk_states.to(dtype).contiguous();
   const auto d_o_c = to_compute(d_o, dtype);
 
@@ -82,6 +90,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
               "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   TORCH_CHECK(d_o_c.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
@@ -99,6 +108,8 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.dalpha_ptr = dalpha.data_ptr();
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
+  auto d_delta = delta_c ? at::empty(delta_c->sizes(), opts) : at::empty({0}, opts);
+  params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
@@ -106,7 +117,8 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     });
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
-          dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()), dalpha.to(alpha.scalar_type()), dm0, ds0};
+          dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()), dalpha.to(alpha.scalar_type()), dm0, ds0,
+          delta ? d_delta.to(delta->scalar_type()) : d_delta};
 }
 
 }  // namespace
@@ -114,15 +126,22 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // Schemas: one forward and one backward op per memory. The forward also returns what the
 // backward needs (the chunk-start states), so autograd can be attached in Python with
 // torch.library.register_autograd and both directions stay visible to torch.compile.
+// The trailing MIRAS arguments (codes of titans_params.h; delta contiguous [B, T, H, Dv] or None)
+// default to the l2 objective and retention. d_delta is empty when delta is None.
+#define TITANS_MIRAS_ARGS \
+  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
+
 TORCH_LIBRARY(titans_ext, m) {
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states) "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_MIRAS_ARGS ") "
       "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)");
   m.def(
       "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)");
+      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token, "
+      TITANS_MIRAS_ARGS ") "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0, "
+      "Tensor d_delta)");
 }
 
 TORCH_LIBRARY_IMPL(titans_ext, CPU, m) {

@@ -81,4 +81,31 @@ inline LinearMemoryParams linear_memory_params(const at::Tensor& q, const at::Te
   return p;
 }
 
+// The MIRAS arguments of the schemas as kernel parameters. delta (when the objective has one) must
+// already be contiguous [B, T, H, Dv] in the compute dtype; the caller keeps it alive.
+inline MirasParams miras_params(int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
+                                int64_t retention, double q, const at::Tensor& v) {
+  TORCH_CHECK(objective >= 0 && objective <= int64_t(ObjectiveKind::yaad), "objective: unknown code ", objective);
+  TORCH_CHECK(retention >= 0 && retention <= int64_t(RetentionKind::kl), "retention: unknown code ", retention);
+  MirasParams m;
+  m.objective = ObjectiveKind(objective);
+  m.retention = RetentionKind(retention);
+  m.p = p;
+  m.eps = eps;
+  m.q = q;
+  TORCH_CHECK(m.objective != ObjectiveKind::lp || (p >= 1 && eps >= 0 && (eps > 0 || p >= 2)),
+              "objective lp: needs p >= 1, eps >= 0, and eps > 0 when p < 2; got p=", p, ", eps=", eps);
+  TORCH_CHECK(m.retention != RetentionKind::lq || q > 1, "retention lq: needs q > 1, got ", q);
+  const bool needs_delta = m.objective == ObjectiveKind::huber || m.objective == ObjectiveKind::pseudo_huber ||
+                           m.objective == ObjectiveKind::yaad;
+  TORCH_CHECK(needs_delta == delta.has_value(), "delta: required exactly by the huber, pseudo_huber and yaad objectives");
+  if (delta) {
+    TORCH_CHECK(delta->sizes() == v.sizes() && delta->is_contiguous() && delta->device() == v.device(),
+                "delta: expected a contiguous [B, T, H, Dv] tensor ", v.sizes(), " on ", v.device(), ", got ",
+                delta->sizes());
+    m.delta_ptr = delta->data_ptr();
+  }
+  return m;
+}
+
 }  // namespace titans

@@ -1,41 +1,92 @@
 // CPU kernels of the linear memory: the chunk algebra of shared/design/README.md §2 (forward)
-// and backward_linear.md (backward), one (batch, head) sequence at a time.
+// and backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
+// objectives and retentions of miras.md §2.
 //
 // Per chunk of L tokens with chunk-start state (M0, S0), both Dv x Dk, kept together as one
 // [2, Dv, Dk] block "MS" so that one product updates both:
-//   E   = 2 (K M0^T - V)                                   errors at the chunk-start memory
+//   R   = K M0^T - V,  E = f(R)                                residuals and errors at M0
 //   O   = diag(a) Q M0^T + diag(g) Q S0^T + ((Q K^T) .* c) E        (read "token")
 //   O   = Q M0^T                                                    (read "chunk_start")
 //   M_L = a_L M0 + g_L S0 + (diag(m) E)^T K,  S_L = p S0 + (diag(s) E)^T K
-// with m, s the last rows of the gate tables c, sig (chunk_gates.h).
+// with m, s the last rows of the gate tables c, sig (chunk_gates.h) and f the objective
+// (objectives.h). The retention acts at the chunk start only: "lq" rescales M0, "kl" runs the
+// chunk's first token as Memora's exact softmax step and the rest as an ordinary chunk.
 #include "cpu/linear_memory.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "cpu/chunk_gates.h"
 #include "cpu/matmul.h"
+#include "objectives.h"
 
 namespace titans::cpu {
 namespace {
 
 template <typename T>
-const T* head_rows(const TokenTensor& x, int b, int h) {
-  return static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride;
-}
-
-template <typename T>
-void gather_gate(const TokenTensor& gate, int b, int h, int t0, int L, T* out) {
-  const T* base = head_rows<T>(gate, b, h);
-  for (int t = 0; t < L; ++t) out[t] = base[(t0 + t) * gate.seq_stride];
-}
-
-template <typename T>
-T dot(const T* x, const T* y, int n) {
+T dot(const T* x, const T* y, index_t n) {
   T acc = 0;
-  for (int i = 0; i < n; ++i) acc += x[i] * y[i];
+  for (index_t i = 0; i < n; ++i) acc += x[i] * y[i];
   return acc;
+}
+
+// The rows of one per-token tensor for one (batch, head): row t starts at ptr + t * stride.
+template <typename T>
+struct TokenRows {
+  T* ptr = nullptr;
+  index_t stride = 0;
+  T* row(int t) const { return ptr + t * stride; }
+  TokenRows from(int t) const { return {ptr ? row(t) : nullptr, stride}; }
+};
+
+template <typename T>
+TokenRows<const T> token_rows(const TokenTensor& x, int b, int h) {
+  return {static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride, x.seq_stride};
+}
+
+// A contiguous [B, T, H, D] tensor (outputs, delta); nullptr stays nullptr.
+template <typename P>
+TokenRows<P> contiguous_rows(P* base, const LinearMemoryParams& p, int b, int h, int D) {
+  if (!base) return {};
+  return {base + (index_t(b) * p.seqlen * p.heads + h) * D, index_t(p.heads) * D};
+}
+
+// Inputs of one (batch, head), shifted with at(t0) to a chunk's first token.
+template <typename T>
+struct HeadInputs {
+  TokenRows<const T> q, k, v, theta, eta, alpha, delta;
+  HeadInputs at(int t) const {
+    return {q.from(t), k.from(t), v.from(t), theta.from(t), eta.from(t), alpha.from(t), delta.from(t)};
+  }
+};
+
+template <typename T>
+HeadInputs<T> head_inputs(const LinearMemoryParams& p, int b, int h) {
+  return {token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
+          token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
+          contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, p.dv)};
+}
+
+// Gradients of one (batch, head), same layout.
+template <typename T>
+struct HeadGrads {
+  TokenRows<T> dq, dk, dv, dtheta, deta, dalpha, d_delta;
+  HeadGrads at(int t) const {
+    return {dq.from(t), dk.from(t), dv.from(t), dtheta.from(t), deta.from(t), dalpha.from(t), d_delta.from(t)};
+  }
+};
+
+template <typename T>
+HeadGrads<T> head_grads(const LinearMemoryBwdParams& p, int b, int h) {
+  return {contiguous_rows(static_cast<T*>(p.dq_ptr), p, b, h, p.dk),
+          contiguous_rows(static_cast<T*>(p.dk_ptr), p, b, h, p.dk),
+          contiguous_rows(static_cast<T*>(p.dv_ptr), p, b, h, p.dv),
+          contiguous_rows(static_cast<T*>(p.dtheta_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.deta_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.dalpha_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.d_delta_ptr), p, b, h, p.dv)};
 }
 
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
@@ -45,19 +96,23 @@ struct Workspace {
   std::vector<T> buffer;
   T *theta, *eta, *alpha;         // [C] gates of the chunk
   T *a, *g, *P, *c, *sig;         // gate tables: [C] x 3, [C * C] x 2
-  T *E, *state, *state_grad;      // [C, Dv], [2, Dv, Dk], [2, Dv, Dk]
+  T *R, *E;                       // residuals and errors: [C, Dv] each
+  T *state, *state_grad;          // [2, Dv, Dk] each: carried state / its cotangent
+  T *start, *start_grad;          // [2, Dv, Dk] each: the state after the retention step, its cotangent
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
   T *gate_grad;                   // dtheta, deta, dalpha of the chunk: [3 C]
 
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
-    const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk;
-    const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC,
-                            size_t(C) * Dv, 2 * sq, 2 * sq, size_t(C) * 2 * Dv, CC, CC,
-                            size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2), 3 * size_t(C)};
-    T** slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
-                   &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch, &gate_grad};
+    const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk, CDv = size_t(C) * Dv;
+    const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC, CDv, CDv,
+                            2 * sq, 2 * sq, 2 * sq, 2 * sq, 2 * CDv, CC, CC, CDv, size_t(C) * Dk,
+                            3 * size_t(C) + CC, 2 * size_t(C + 2), 3 * size_t(C)};
+    T** slots[] = {&theta, &eta,   &alpha,      &a,    &g,          &P,      &c,      &sig,
+                   &R,     &E,     &state,      &state_grad, &start, &start_grad, &wide, &square,
+                   &square2, &narrow, &narrow2, &coef_grad, &gate_scratch, &gate_grad};
+    static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]));
     size_t total = 0;
     for (size_t s : sizes) total += s;
     buffer.assign(total, T(0));
@@ -69,243 +124,433 @@ struct Workspace {
   }
 };
 
-// Loads the chunk's gates and builds its coefficient tables.
+// Loads the gates of tokens 0..L-1 of x and builds their coefficient tables.
 template <typename T>
-void load_chunk_gates(const LinearMemoryParams& p, int b, int h, int t0, int L, Workspace<T>& ws) {
-  gather_gate(p.theta, b, h, t0, L, ws.theta);
-  gather_gate(p.eta, b, h, t0, L, ws.eta);
-  gather_gate(p.alpha, b, h, t0, L, ws.alpha);
+void load_chunk_gates(const HeadInputs<T>& x, int L, Workspace<T>& ws) {
+  for (int t = 0; t < L; ++t) {
+    ws.theta[t] = *x.theta.row(t);
+    ws.eta[t] = *x.eta.row(t);
+    ws.alpha[t] = *x.alpha.row(t);
+  }
   chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
 }
 
-// E = 2 (K M0^T - V), L x Dv.
-template <typename T>
-void chunk_errors(int L, int Dk, int Dv, const T* K, index_t k_stride, const T* V, index_t v_stride, const T* M0,
+// R = K M0^T - V and E = f(R) for tokens 0..L-1 of x (L x Dv each).
+template <typename T, typename Objective>
+void chunk_errors(const Objective& objective, const HeadInputs<T>& x, int L, int Dk, int Dv, const T* M0, T* R,
                   T* E) {
-  matmul(false, true, L, Dv, Dk, T(2), K, k_stride, M0, Dk, T(0), E, Dv);
-  for (int t = 0; t < L; ++t)
-    for (int j = 0; j < Dv; ++j) E[t * Dv + j] -= T(2) * V[t * v_stride + j];
+  matmul(false, true, L, Dv, Dk, T(1), x.k.ptr, x.k.stride, M0, Dk, T(0), R, Dv);
+  for (int t = 0; t < L; ++t) {
+    T* r = R + t * Dv;
+    const T* v = x.v.row(t);
+    for (int j = 0; j < Dv; ++j) r[j] -= v[j];
+    const T norm = Objective::kUsesRowNorm ? std::sqrt(dot(r, r, Dv)) : T(0);
+    const T* delta = Objective::kUsesDelta ? x.delta.row(t) : nullptr;
+    for (int j = 0; j < Dv; ++j) E[t * Dv + j] = objective.error(r[j], delta ? delta[j] : T(0), norm);
+  }
+}
+
+// Backward of chunk_errors (step D of backward_linear.md): dR = dE .* f'(R) in place of dE,
+// then dV = -dR, dK += dR M0, dM0 += dR^T K and d delta = dE .* df/d delta.
+template <typename T, typename Objective>
+void chunk_errors_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int L,
+                           int Dk, int Dv, const T* M0, const T* R, T* dE, T* dM0) {
+  for (int t = 0; t < L; ++t) {
+    const T* r = R + t * Dv;
+    T* dr = dE + t * Dv;
+    const T norm = Objective::kUsesRowNorm ? std::sqrt(dot(r, r, Dv)) : T(0);
+    if constexpr (Objective::kUsesDelta) {
+      const T* delta = x.delta.row(t);
+      T* d_delta = grads.d_delta.row(t);
+      for (int j = 0; j < Dv; ++j) d_delta[j] = dr[j] * objective.delta_slope(r[j], delta[j], norm);
+      for (int j = 0; j < Dv; ++j) dr[j] *= objective.slope(r[j], delta[j], norm);
+    } else {
+      for (int j = 0; j < Dv; ++j) dr[j] *= objective.slope(r[j], T(0), norm);
+    }
+    T* dv = grads.dv.row(t);
+    for (int j = 0; j < Dv; ++j) dv[j] = -dr[j];
+  }
+  matmul(false, false, L, Dk, Dv, T(1), dE, Dv, M0, Dk, T(1), grads.dk.ptr, grads.dk.stride);
+  matmul(true, false, Dv, Dk, L, T(1), dE, Dv, x.k.ptr, x.k.stride, T(1), dM0, Dk);
+}
+
+// O = Q M^T for tokens 0..L-1 (the chunk_start read, and the read of a kl lag token).
+template <typename T>
+void read_state(const HeadInputs<T>& x, int L, int Dk, int Dv, const T* M, const TokenRows<T>& O) {
+  matmul(false, true, L, Dv, Dk, T(1), x.q.ptr, x.q.stride, M, Dk, T(0), O.ptr, O.stride);
+}
+
+// Backward of read_state: dQ = dO M, dM += dO^T Q.
+template <typename T>
+void read_state_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
+                         int Dk, int Dv, const T* M, T* dM) {
+  matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dO.stride, M, Dk, T(0), grads.dq.ptr, grads.dq.stride);
+  matmul(true, false, Dv, Dk, L, T(1), dO.ptr, dO.stride, x.q.ptr, x.q.stride, T(1), dM, Dk);
+}
+
+// ---- Retention "lq": M0 <- rho M0, rho = ||M0||_q^(2-q) (entrywise norm; rho = 1 for M0 = 0).
+
+template <typename T>
+T power_sum(const T* M, index_t n, T q) {
+  T acc = 0;
+  for (index_t i = 0; i < n; ++i) acc += std::pow(std::fabs(M[i]), q);
+  return acc;
 }
 
 template <typename T>
-void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
-  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
-  const index_t o_stride = index_t(p.heads) * Dv;
-  T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * T_len * p.heads + h) * Dv;
+void lq_rescale(T* M, index_t n, T q) {
+  const T sum = power_sum(M, n, q);
+  if (sum == T(0)) return;
+  const T rho = std::pow(sum, (T(2) - q) / q);
+  for (index_t i = 0; i < n; ++i) M[i] *= rho;
+}
 
-  T* MS = ws.state;
+// dM in place: from the cotangent of rho M to that of M,
+// rho dM + <dM, M> (2 - q) sign(M) |M|^(q-1) ||M||_q^(2-2q).
+template <typename T>
+void lq_rescale_backward(const T* M, index_t n, T q, T* dM) {
+  const T sum = power_sum(M, n, q);
+  if (sum == T(0)) return;
+  const T rho = std::pow(sum, (T(2) - q) / q);
+  const T coef = dot(dM, M, n) * (T(2) - q) * std::pow(sum, (T(2) - T(2) * q) / q);
+  for (index_t i = 0; i < n; ++i) dM[i] = rho * dM[i] + coef * sign_of(M[i]) * std::pow(std::fabs(M[i]), q - T(1));
+}
+
+// ---- Retention "kl": Memora's lag token (token 0 of x) from MS = [M; S], in place:
+//   S <- eta S - theta e k^T  (e = f(M k - v)),   M <- rowsoftmax((1 - alpha) log max(M, floor) + S).
+
+template <typename T, typename Objective>
+void kl_lag_step(const Objective& objective, const HeadInputs<T>& x, int Dk, int Dv, T* MS, Workspace<T>& ws) {
+  const index_t state_size = index_t(Dv) * Dk;
   T* M = MS;
   T* S = MS + state_size;
-  if (p.m0_ptr) std::memcpy(M, static_cast<const T*>(p.m0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(M, M + state_size, T(0));
-  if (p.s0_ptr) std::memcpy(S, static_cast<const T*>(p.s0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(S, S + state_size, T(0));
-
-  for (int n = 0; n < p.n_chunks; ++n) {
-    const int t0 = n * C, L = std::min(C, T_len - t0);
-    if (p.chunk_states_ptr) {
-      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
-      std::memcpy(saved, MS, 2 * state_size * sizeof(T));
+  chunk_errors(objective, x, 1, Dk, Dv, M, ws.R, ws.E);
+  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
+  const T* k = x.k.row(0);
+  for (int i = 0; i < Dv; ++i) {
+    T* m = M + i * Dk;
+    T* s = S + i * Dk;
+    T row_max = -INFINITY;
+    for (int j = 0; j < Dk; ++j) {
+      s[j] = eta * s[j] - theta * ws.E[i] * k[j];
+      m[j] = beta * std::log(std::max(m[j], T(kKlLogFloor))) + s[j];
+      row_max = std::max(row_max, m[j]);
     }
-    load_chunk_gates(p, b, h, t0, L, ws);
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
-    T* O = o + t0 * o_stride;
-    chunk_errors(L, Dk, Dv, K, p.k.seq_stride, V, p.v.seq_stride, M, ws.E);
-
-    if (p.read_token) {
-      // [Q M0^T | Q S0^T] in one product against the stacked state.
-      T* QMS = ws.wide;
-      matmul(false, true, L, 2 * Dv, Dk, T(1), Q, p.q.seq_stride, MS, Dk, T(0), QMS, 2 * Dv);
-      T* W = ws.square;
-      matmul(false, true, L, L, Dk, T(1), Q, p.q.seq_stride, K, p.k.seq_stride, T(0), W, L);
-      for (int i = 0; i < L * L; ++i) W[i] *= ws.c[i];
-      for (int t = 0; t < L; ++t)
-        for (int j = 0; j < Dv; ++j)
-          O[t * o_stride + j] = ws.a[t] * QMS[t * 2 * Dv + j] + ws.g[t] * QMS[t * 2 * Dv + Dv + j];
-      matmul(false, false, L, Dv, L, T(1), W, L, ws.E, Dv, T(1), O, o_stride);
-    } else {
-      matmul(false, true, L, Dv, Dk, T(1), Q, p.q.seq_stride, M, Dk, T(0), O, o_stride);
-    }
-
-    // Chunk end: rows of [diag(m) E | diag(s) E] feed one product that updates M and S.
-    const T* m = ws.c + (L - 1) * L;
-    const T* s = ws.sig + (L - 1) * L;
-    T* ES = ws.wide;
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < Dv; ++j) {
-        ES[t * 2 * Dv + j] = m[t] * ws.E[t * Dv + j];
-        ES[t * 2 * Dv + Dv + j] = s[t] * ws.E[t * Dv + j];
-      }
-    const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
-    for (index_t i = 0; i < state_size; ++i) {
-      M[i] = a_L * M[i] + g_L * S[i];
-      S[i] = p_L * S[i];
-    }
-    matmul(true, false, 2 * Dv, Dk, L, T(1), ES, 2 * Dv, K, p.k.seq_stride, T(1), MS, Dk);
+    T total = 0;
+    for (int j = 0; j < Dk; ++j) total += (m[j] = std::exp(m[j] - row_max));
+    for (int j = 0; j < Dk; ++j) m[j] /= total;
   }
-  if (p.m_final_ptr) std::memcpy(static_cast<T*>(p.m_final_ptr) + bh * state_size, M, state_size * sizeof(T));
-  if (p.s_final_ptr) std::memcpy(static_cast<T*>(p.s_final_ptr) + bh * state_size, S, state_size * sizeof(T));
 }
 
-// Reverse pass over the chunks of one (batch, head), carrying the state cotangent
-// (dM, dS) = dMS. Steps A-E refer to backward_linear.md §1.
-template <typename T>
-void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& ws) {
-  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
+// Backward of kl_lag_step. MS_prev: its input; MS1: its output; dMS1: the output's cotangent
+// (consumed). Writes the input's cotangent to dMS_prev and token 0's gradients; ws.R and ws.E
+// must hold the lag token's residual and error (kl_lag_step leaves them there).
+template <typename T, typename Objective>
+void kl_lag_step_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int Dk,
+                          int Dv, const T* MS_prev, const T* MS1, T* dMS1, T* dMS_prev, Workspace<T>& ws) {
   const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
-  const T* d_o = head_rows<T>(p.d_o, b, h);
-  const index_t qk_stride = index_t(p.heads) * Dk, v_stride = index_t(p.heads) * Dv;
-  const index_t gate_offset = index_t(b) * T_len * p.heads + h;
-  T* dq = static_cast<T*>(p.dq_ptr) + gate_offset * Dk;
-  T* dk = static_cast<T*>(p.dk_ptr) + gate_offset * Dk;
-  T* dv = static_cast<T*>(p.dv_ptr) + gate_offset * Dv;
-  T* dtheta = static_cast<T*>(p.dtheta_ptr) + gate_offset;
-  T* deta = static_cast<T*>(p.deta_ptr) + gate_offset;
-  T* dalpha = static_cast<T*>(p.dalpha_ptr) + gate_offset;
+  const T* M_prev = MS_prev;
+  const T* S_prev = MS_prev + state_size;
+  const T* M1 = MS1;
+  T* dZ = dMS1;  // the softmax backward turns dM1 into the logits' cotangent in place
+  T* dS1 = dMS1 + state_size;
+  T* dM_prev = dMS_prev;
+  T* dS_prev = dMS_prev + state_size;
+  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
+  const T* k = x.k.row(0);
+  T* dk = grads.dk.row(0);
+  T* de = ws.narrow;  // [Dv]: cotangent of the lag token's error
+  std::fill(dk, dk + Dk, T(0));
+  T d_beta = 0, d_eta = 0, d_theta = 0;
+  for (int i = 0; i < Dv; ++i) {
+    const index_t row = index_t(i) * Dk;
+    const T row_dot = dot(dZ + row, M1 + row, Dk);
+    T dsk = 0;  // (dS1 k)_i
+    for (int j = 0; j < Dk; ++j) {
+      const index_t ij = row + j;
+      dZ[ij] = M1[ij] * (dZ[ij] - row_dot);
+      dS1[ij] += dZ[ij];  // the logits are (1 - alpha) log M_prev + S1
+      const T clamped = std::max(M_prev[ij], T(kKlLogFloor));
+      d_beta += dZ[ij] * std::log(clamped);
+      dM_prev[ij] = M_prev[ij] >= T(kKlLogFloor) ? beta * dZ[ij] / M_prev[ij] : T(0);
+      dS_prev[ij] = eta * dS1[ij];
+      d_eta += dS1[ij] * S_prev[ij];
+      dsk += dS1[ij] * k[j];
+      dk[j] -= theta * dS1[ij] * ws.E[i];
+    }
+    d_theta -= ws.E[i] * dsk;
+    de[i] = -theta * dsk;
+  }
+  *grads.dalpha.row(0) = -d_beta;
+  *grads.deta.row(0) = d_eta;
+  *grads.dtheta.row(0) = d_theta;
+  chunk_errors_backward(objective, x, grads, 1, Dk, Dv, M_prev, ws.R, de, dM_prev);
+}
 
-  T* dMS = ws.state;  // cotangent of the current chunk's end state
-  T* dMS0 = ws.state_grad;  // cotangent of its start state, built during the step
-  if (p.d_m_final_ptr) std::memcpy(dMS, static_cast<const T*>(p.d_m_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS, dMS + state_size, T(0));
-  if (p.d_s_final_ptr)
-    std::memcpy(dMS + state_size, static_cast<const T*>(p.d_s_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS + state_size, dMS + 2 * state_size, T(0));
+// ---- One chunk of L tokens (tokens 0..L-1 of x) from MS = [M0; S0]: errors, token reads (when
+// token_reads) and the end state, written over MS. The retention step happened before.
 
+template <typename T, typename Objective>
+void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, int Dk, int Dv, bool token_reads,
+                   const TokenRows<T>& O, T* MS, Workspace<T>& ws) {
+  const index_t state_size = index_t(Dv) * Dk;
+  T* M = MS;
+  T* S = MS + state_size;
+  load_chunk_gates(x, L, ws);
+  chunk_errors(objective, x, L, Dk, Dv, M, ws.R, ws.E);
+  if (token_reads) {
+    // [Q M0^T | Q S0^T] in one product against the stacked state.
+    T* QMS = ws.wide;
+    matmul(false, true, L, 2 * Dv, Dk, T(1), x.q.ptr, x.q.stride, MS, Dk, T(0), QMS, 2 * Dv);
+    T* W = ws.square;
+    matmul(false, true, L, L, Dk, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), W, L);
+    for (int i = 0; i < L * L; ++i) W[i] *= ws.c[i];
+    for (int t = 0; t < L; ++t)
+      for (int j = 0; j < Dv; ++j) O.row(t)[j] = ws.a[t] * QMS[t * 2 * Dv + j] + ws.g[t] * QMS[t * 2 * Dv + Dv + j];
+    matmul(false, false, L, Dv, L, T(1), W, L, ws.E, Dv, T(1), O.ptr, O.stride);
+  }
+  // Chunk end: rows of [diag(m) E | diag(s) E] feed one product that updates M and S.
+  const T* m = ws.c + (L - 1) * L;
+  const T* s = ws.sig + (L - 1) * L;
+  T* ES = ws.wide;
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < Dv; ++j) {
+      ES[t * 2 * Dv + j] = m[t] * ws.E[t * Dv + j];
+      ES[t * 2 * Dv + Dv + j] = s[t] * ws.E[t * Dv + j];
+    }
+  const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
+  for (index_t i = 0; i < state_size; ++i) {
+    M[i] = a_L * M[i] + g_L * S[i];
+    S[i] = p_L * S[i];
+  }
+  matmul(true, false, 2 * Dv, Dk, L, T(1), ES, 2 * Dv, x.k.ptr, x.k.stride, T(1), MS, Dk);
+}
+
+// Backward of chunk_forward: from the end-state cotangent dMS (and dO when token_reads), writes
+// the start-state cotangent dMS0 and the gradients of tokens 0..L-1. Steps A-E of
+// backward_linear.md §1.
+template <typename T, typename Objective>
+void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const TokenRows<const T>& dO,
+                    const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0,
+                    const T* dMS, T* dMS0, Workspace<T>& ws) {
+  const int C = ws.C;
+  const index_t state_size = index_t(Dv) * Dk;
+  const T* M0 = MS0;
+  const T* S0 = MS0 + state_size;
+  const T* dM = dMS;
+  const T* dS = dMS + state_size;
+  const T* Q = x.q.ptr;
+  const T* K = x.k.ptr;
+  const index_t qs = x.q.stride, ks = x.k.stride;
   T* d_a = ws.coef_grad;
   T* d_g = d_a + C;
   T* d_sig_last = d_g + C;
   T* d_c = d_sig_last + C;
 
-  for (int n = p.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * C, L = std::min(C, T_len - t0);
-    const T* MS0 = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
-    const T* M0 = MS0;
-    const T* S0 = MS0 + state_size;
-    const T* dM = dMS;
-    const T* dS = dMS + state_size;
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
-    const T* dO = d_o + t0 * p.d_o.seq_stride;
-    const index_t dos = p.d_o.seq_stride;
-    T* dQ = dq + t0 * qk_stride;
-    T* dK = dk + t0 * qk_stride;
-    T* dV = dv + t0 * v_stride;
+  // A. Recompute the residuals, errors and gate tables.
+  load_chunk_gates(x, L, ws);
+  T* E = ws.E;
+  chunk_errors(objective, x, L, Dk, Dv, M0, ws.R, E);
+  std::fill(d_a, d_a + 3 * C + C * C, T(0));
+  const T* m = ws.c + (L - 1) * L;
+  const T* s = ws.sig + (L - 1) * L;
 
-    // A. Recompute the errors and gate tables.
-    load_chunk_gates(p, b, h, t0, L, ws);
-    T* E = ws.E;
-    chunk_errors(L, Dk, Dv, K, p.k.seq_stride, V, p.v.seq_stride, M0, E);
-    std::fill(d_a, d_a + 3 * C + C * C, T(0));
-    const T* m = ws.c + (L - 1) * L;
-    const T* s = ws.sig + (L - 1) * L;
-
-    // B. End-state paths: [X | Y] = K [dM; dS]^T, dE = diag(m) X + diag(s) Y,
-    //    dK = [diag(m) E | diag(s) E] [dM; dS].
-    T* XY = ws.wide;
-    matmul(false, true, L, 2 * Dv, Dk, T(1), K, p.k.seq_stride, dMS, Dk, T(0), XY, 2 * Dv);
-    T* dE = ws.narrow;
-    T* d_c_last = d_c + (L - 1) * L;
-    for (int t = 0; t < L; ++t) {
-      const T* x = XY + t * 2 * Dv;
-      const T* y = x + Dv;
-      const T* e = E + t * Dv;
-      for (int j = 0; j < Dv; ++j) dE[t * Dv + j] = m[t] * x[j] + s[t] * y[j];
-      d_c_last[t] += dot(e, x, Dv);
-      d_sig_last[t] = dot(e, y, Dv);
+  // B. End-state paths: [X | Y] = K [dM; dS]^T, dE = diag(m) X + diag(s) Y,
+  //    dK = [diag(m) E | diag(s) E] [dM; dS].
+  T* XY = ws.wide;
+  matmul(false, true, L, 2 * Dv, Dk, T(1), K, ks, dMS, Dk, T(0), XY, 2 * Dv);
+  T* dE = ws.narrow;
+  T* d_c_last = d_c + (L - 1) * L;
+  for (int t = 0; t < L; ++t) {
+    const T* xr = XY + t * 2 * Dv;
+    const T* yr = xr + Dv;
+    const T* e = E + t * Dv;
+    for (int j = 0; j < Dv; ++j) dE[t * Dv + j] = m[t] * xr[j] + s[t] * yr[j];
+    d_c_last[t] += dot(e, xr, Dv);
+    d_sig_last[t] = dot(e, yr, Dv);
+  }
+  T* ES = ws.wide;  // X, Y are consumed: reuse the buffer
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < Dv; ++j) {
+      ES[t * 2 * Dv + j] = m[t] * E[t * Dv + j];
+      ES[t * 2 * Dv + Dv + j] = s[t] * E[t * Dv + j];
     }
-    T* ES = ws.wide;  // X, Y are consumed: reuse the buffer
+  matmul(false, false, L, Dk, 2 * Dv, T(1), ES, 2 * Dv, dMS, Dk, T(0), grads.dk.ptr, grads.dk.stride);
+  const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
+  d_a[L - 1] += dot(dM, M0, state_size);
+  d_g[L - 1] += dot(dM, S0, state_size);
+  const T d_P_last = dot(dS, S0, state_size);
+  for (index_t i = 0; i < state_size; ++i) {
+    dMS0[i] = a_L * dM[i];
+    dMS0[state_size + i] = g_L * dM[i] + p_L * dS[i];
+  }
+
+  // C. Token read-out paths.
+  if (token_reads) {
+    const index_t dos = dO.stride;
+    T* dQ = grads.dq.ptr;
+    const index_t dqs = grads.dq.stride;
+    T* G = ws.square;
+    T* dW = ws.square2;
+    matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L);
+    matmul(false, true, L, L, Dv, T(1), dO.ptr, dos, E, Dv, T(0), dW, L);
+    // In place: d_c takes dW .* G first, then G becomes W = G .* c and dW becomes dG = dW .* c.
+    for (int t = 0; t < L; ++t)
+      for (int i = 0; i < L; ++i) {
+        const int ti = t * L + i;
+        if (i > t) {  // the read is causal: upper triangles of W and dG are zero
+          dW[ti] = G[ti] = T(0);
+          continue;
+        }
+        d_c[ti] += dW[ti] * G[ti];
+        G[ti] *= ws.c[ti];
+        dW[ti] *= ws.c[ti];
+      }
+    matmul(true, false, L, Dv, L, T(1), G, L, dO.ptr, dos, T(1), dE, Dv);  // dE += W^T dO
+    // R = dO M0, U = dO S0 (L x Dk each), then dQ = diag(a) R + diag(g) U + dG K.
+    T* RU = ws.narrow2;
+    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, M0, Dk, T(0), RU, Dk);
+    for (int t = 0; t < L; ++t) {
+      d_a[t] += dot(RU + t * Dk, Q + t * qs, Dk);
+      for (int j = 0; j < Dk; ++j) dQ[t * dqs + j] = ws.a[t] * RU[t * Dk + j];
+    }
+    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, S0, Dk, T(0), RU, Dk);
+    for (int t = 0; t < L; ++t) {
+      d_g[t] += dot(RU + t * Dk, Q + t * qs, Dk);
+      for (int j = 0; j < Dk; ++j) dQ[t * dqs + j] += ws.g[t] * RU[t * Dk + j];
+    }
+    matmul(false, false, L, Dk, L, T(1), dW, L, K, ks, T(1), dQ, dqs);
+    matmul(true, false, L, Dk, L, T(1), dW, L, Q, qs, T(1), grads.dk.ptr, grads.dk.stride);
+    // [dM0 | dS0] += [diag(a) dO | diag(g) dO]^T Q.
+    T* AG = ws.wide;
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < Dv; ++j) {
-        ES[t * 2 * Dv + j] = m[t] * E[t * Dv + j];
-        ES[t * 2 * Dv + Dv + j] = s[t] * E[t * Dv + j];
+        AG[t * 2 * Dv + j] = ws.a[t] * dO.row(t)[j];
+        AG[t * 2 * Dv + Dv + j] = ws.g[t] * dO.row(t)[j];
       }
-    matmul(false, false, L, Dk, 2 * Dv, T(1), ES, 2 * Dv, dMS, Dk, T(0), dK, qk_stride);
-    const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
-    d_a[L - 1] += dot(dM, M0, int(state_size));
-    d_g[L - 1] += dot(dM, S0, int(state_size));
-    const T d_P_last = dot(dS, S0, int(state_size));
-    for (index_t i = 0; i < state_size; ++i) {
-      dMS0[i] = a_L * dM[i];
-      dMS0[state_size + i] = g_L * dM[i] + p_L * dS[i];
+    matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, qs, T(1), dMS0, Dk);
+  }
+
+  // D. Through E = f(K M0^T - V).
+  chunk_errors_backward(objective, x, grads, L, Dk, Dv, M0, ws.R, dE, dMS0);
+
+  // E. Gate gradients.
+  T* chunk_dtheta = ws.gate_grad;
+  T* chunk_deta = chunk_dtheta + C;
+  T* chunk_dalpha = chunk_deta + C;
+  chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
+                      ws.gate_scratch, chunk_dtheta, chunk_deta, chunk_dalpha);
+  for (int t = 0; t < L; ++t) {
+    *grads.dtheta.row(t) = chunk_dtheta[t];
+    *grads.deta.row(t) = chunk_deta[t];
+    *grads.dalpha.row(t) = chunk_dalpha[t];
+  }
+}
+
+// ---- Whole sequences of one (batch, head).
+
+template <typename T>
+void load_state(const void* src, index_t bh, index_t state_size, T fill, T* dst) {
+  if (src) std::memcpy(dst, static_cast<const T*>(src) + bh * state_size, state_size * sizeof(T));
+  else std::fill(dst, dst + state_size, fill);
+}
+
+template <typename T, typename Objective>
+void forward_head(const LinearMemoryParams& p, const Objective& objective, int b, int h, Workspace<T>& ws) {
+  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
+  const index_t state_size = index_t(Dv) * Dk;
+  const index_t bh = index_t(b) * p.heads + h;
+  const RetentionKind retention = p.miras.retention;
+  const HeadInputs<T> inputs = head_inputs<T>(p, b, h);
+  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, b, h, Dv);
+
+  T* MS = ws.state;
+  load_state(p.m0_ptr, bh, state_size, retention == RetentionKind::kl ? T(1) / T(Dk) : T(0), MS);
+  load_state(p.s0_ptr, bh, state_size, T(0), MS + state_size);
+
+  for (int n = 0; n < p.n_chunks; ++n) {
+    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
+    if (p.chunk_states_ptr) {
+      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
+      std::memcpy(saved, MS, 2 * state_size * sizeof(T));
+    }
+    const HeadInputs<T> x = inputs.at(t0);
+    const TokenRows<T> O = o.from(t0);
+    // The chunk_start reads see the memory before the chunk: after the lq rescale, before kl's lag token.
+    const T* chunk_memory = MS;
+    int lag = 0;
+    if (retention == RetentionKind::lq) {
+      lq_rescale(MS, state_size, T(p.miras.q));
+    } else if (retention == RetentionKind::kl) {
+      std::memcpy(ws.start, MS, state_size * sizeof(T));
+      chunk_memory = ws.start;
+      kl_lag_step(objective, x, Dk, Dv, MS, ws);
+      if (p.read_token) read_state(x, 1, Dk, Dv, MS, O);
+      lag = 1;
+    }
+    if (!p.read_token) read_state(x, L, Dk, Dv, chunk_memory, O);
+    if (L > lag) chunk_forward(objective, x.at(lag), L - lag, Dk, Dv, p.read_token, O.from(lag), MS, ws);
+  }
+  if (p.m_final_ptr) std::memcpy(static_cast<T*>(p.m_final_ptr) + bh * state_size, MS, state_size * sizeof(T));
+  if (p.s_final_ptr)
+    std::memcpy(static_cast<T*>(p.s_final_ptr) + bh * state_size, MS + state_size, state_size * sizeof(T));
+}
+
+// Reverse pass over the chunks of one (batch, head), carrying the cotangent of the chunk-end
+// state (dM, dS) in ws.state.
+template <typename T, typename Objective>
+void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, int b, int h, Workspace<T>& ws) {
+  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
+  const index_t state_size = index_t(Dv) * Dk;
+  const index_t bh = index_t(b) * p.heads + h;
+  const RetentionKind retention = p.miras.retention;
+  const HeadInputs<T> inputs = head_inputs<T>(p, b, h);
+  const TokenRows<const T> d_o = token_rows<T>(p.d_o, b, h);
+  const HeadGrads<T> all_grads = head_grads<T>(p, b, h);
+
+  T* dMS = ws.state;         // cotangent of the current chunk's end state
+  T* dMS0 = ws.start_grad;   // cotangent of the state its linear part starts from
+  load_state(p.d_m_final_ptr, bh, state_size, T(0), dMS);
+  load_state(p.d_s_final_ptr, bh, state_size, T(0), dMS + state_size);
+
+  for (int n = p.n_chunks - 1; n >= 0; --n) {
+    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
+    const T* saved = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
+    const HeadInputs<T> x = inputs.at(t0);
+    const TokenRows<const T> dO = d_o.from(t0);
+    const HeadGrads<T> grads = all_grads.at(t0);
+    // Recompute the state the chunk's linear part starts from (MS0) and what chunk_start reads.
+    const T* MS0 = saved;
+    const T* chunk_memory = saved;
+    int lag = 0;
+    if (retention == RetentionKind::lq) {
+      std::memcpy(ws.start, saved, 2 * state_size * sizeof(T));
+      lq_rescale(ws.start, state_size, T(p.miras.q));
+      MS0 = chunk_memory = ws.start;
+    } else if (retention == RetentionKind::kl) {
+      std::memcpy(ws.start, saved, 2 * state_size * sizeof(T));
+      kl_lag_step(objective, x, Dk, Dv, ws.start, ws);
+      MS0 = ws.start;
+      lag = 1;
     }
 
-    // C. Read-out paths.
-    if (p.read_token) {
-      T* G = ws.square;
-      T* dW = ws.square2;
-      matmul(false, true, L, L, Dk, T(1), Q, p.q.seq_stride, K, p.k.seq_stride, T(0), G, L);
-      matmul(false, true, L, L, Dv, T(1), dO, dos, E, Dv, T(0), dW, L);
-      // In place: d_c takes dW .* G first, then G becomes W = G .* c and dW becomes dG = dW .* c.
-      for (int t = 0; t < L; ++t)
-        for (int i = 0; i < L; ++i) {
-          const int ti = t * L + i;
-          if (i > t) {  // the read is causal: upper triangles of W and dG are zero
-            dW[ti] = G[ti] = T(0);
-            continue;
-          }
-          d_c[ti] += dW[ti] * G[ti];
-          G[ti] *= ws.c[ti];
-          dW[ti] *= ws.c[ti];
-        }
-      matmul(true, false, L, Dv, L, T(1), G, L, dO, dos, T(1), dE, Dv);  // dE += W^T dO
-      // R = dO M0, U = dO S0 (L x Dk each), then dQ = diag(a) R + diag(g) U + dG K.
-      T* R = ws.narrow2;
-      matmul(false, false, L, Dk, Dv, T(1), dO, dos, M0, Dk, T(0), R, Dk);
-      for (int t = 0; t < L; ++t) {
-        d_a[t] += dot(R + t * Dk, Q + t * p.q.seq_stride, Dk);
-        for (int j = 0; j < Dk; ++j) dQ[t * qk_stride + j] = ws.a[t] * R[t * Dk + j];
-      }
-      matmul(false, false, L, Dk, Dv, T(1), dO, dos, S0, Dk, T(0), R, Dk);
-      for (int t = 0; t < L; ++t) {
-        d_g[t] += dot(R + t * Dk, Q + t * p.q.seq_stride, Dk);
-        for (int j = 0; j < Dk; ++j) dQ[t * qk_stride + j] += ws.g[t] * R[t * Dk + j];
-      }
-      matmul(false, false, L, Dk, L, T(1), dW, L, K, p.k.seq_stride, T(1), dQ, qk_stride);
-      matmul(true, false, L, Dk, L, T(1), dW, L, Q, p.q.seq_stride, T(1), dK, qk_stride);
-      // [dM0 | dS0] += [diag(a) dO | diag(g) dO]^T Q.
-      T* AG = ws.wide;
-      for (int t = 0; t < L; ++t)
-        for (int j = 0; j < Dv; ++j) {
-          AG[t * 2 * Dv + j] = ws.a[t] * dO[t * dos + j];
-          AG[t * 2 * Dv + Dv + j] = ws.g[t] * dO[t * dos + j];
-        }
-      matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, p.q.seq_stride, T(1), dMS0, Dk);
+    if (L > lag) {
+      chunk_backward(objective, x.at(lag), dO.from(lag), grads.at(lag), L - lag, Dk, Dv, p.read_token, MS0, dMS,
+                     dMS0, ws);
     } else {
-      matmul(false, false, L, Dk, Dv, T(1), dO, dos, M0, Dk, T(0), dQ, qk_stride);
-      matmul(true, false, Dv, Dk, L, T(1), dO, dos, Q, p.q.seq_stride, T(1), dMS0, Dk);
+      std::memcpy(dMS0, dMS, 2 * state_size * sizeof(T));
     }
-
-    // D. Through E = 2 (K M0^T - V).
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < Dv; ++j) dV[t * v_stride + j] = T(-2) * dE[t * Dv + j];
-    matmul(false, false, L, Dk, Dv, T(2), dE, Dv, M0, Dk, T(1), dK, qk_stride);
-    matmul(true, false, Dv, Dk, L, T(2), dE, Dv, K, p.k.seq_stride, T(1), dMS0, Dk);
-
-    // E. Gate gradients.
-    T* chunk_dtheta = ws.gate_grad;
-    T* chunk_deta = chunk_dtheta + C;
-    T* chunk_dalpha = chunk_deta + C;
-    chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                        ws.gate_scratch, chunk_dtheta, chunk_deta, chunk_dalpha);
-    for (int t = 0; t < L; ++t) {
-      const index_t at = index_t(t0 + t) * p.heads;
-      dtheta[at] = chunk_dtheta[t];
-      deta[at] = chunk_deta[t];
-      dalpha[at] = chunk_dalpha[t];
+    T* d_chunk_memory = dMS0;
+    if (retention == RetentionKind::kl) {
+      if (p.read_token) read_state_backward(x, dO, grads, 1, Dk, Dv, MS0, dMS0);
+      // The lag token's residual and error, overwritten by chunk_backward, are needed again.
+      chunk_errors(objective, x, 1, Dk, Dv, saved, ws.R, ws.E);
+      kl_lag_step_backward(objective, x, grads, Dk, Dv, saved, MS0, dMS0, dMS, ws);
+      d_chunk_memory = dMS;
     }
-    std::swap(dMS, dMS0);
+    if (!p.read_token) read_state_backward(x, dO, grads, L, Dk, Dv, chunk_memory, d_chunk_memory);
+    if (retention == RetentionKind::lq) lq_rescale_backward(saved, state_size, T(p.miras.q), dMS0);
+    if (retention != RetentionKind::kl) std::swap(dMS, dMS0);  // kl wrote the carried cotangent to dMS
   }
   std::memcpy(static_cast<T*>(p.dm0_ptr) + bh * state_size, dMS, state_size * sizeof(T));
   std::memcpy(static_cast<T*>(p.ds0_ptr) + bh * state_size, dMS + state_size, state_size * sizeof(T));
@@ -316,15 +561,19 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
 template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    forward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+      forward_head<T>(params, objective, int(bh / params.heads), int(bh % params.heads), ws);
+  });
 }
 
 template <typename T>
 void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    backward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+      backward_head<T>(params, objective, int(bh / params.heads), int(bh % params.heads), ws);
+  });
 }
 
 template void linear_memory_fwd<float>(const LinearMemoryParams&, int64_t, int64_t);

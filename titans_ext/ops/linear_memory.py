@@ -8,11 +8,12 @@ so both directions are visible to torch.compile and checked by ``torch.library.o
 
 import torch
 
-from .checks import check_linear_inputs, state_dtype_for
+from .checks import check_linear_inputs, check_miras_args, state_dtype_for
 
 
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
-def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states):
+def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
+                            p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
@@ -26,53 +27,77 @@ def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read
 
 @torch.library.register_fake("titans_ext::linear_memory_bwd")
 def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size,
-                            read_token):
+                            read_token, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
     state = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), state, torch.empty_like(state))
+            torch.empty_like(eta), torch.empty_like(alpha), state, torch.empty_like(state),
+            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states = inputs
-    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3])
+    q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, *miras = inputs
+    objective, p, eps, delta, retention, retention_q = miras + [0, 2.0, 0.0, None, 0, 2.0][len(miras):]
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3], delta)
     ctx.chunk_size, ctx.read_token = chunk_size, read_token
+    ctx.miras = (objective, p, eps, retention, retention_q)
     ctx.has_initial_state = (m0 is not None, s0 is not None)
 
 
 def _backward(ctx, d_o, d_m_final, d_s_final, _d_chunk_states):
-    q, k, v, theta, eta, alpha, chunk_states = ctx.saved_tensors
+    q, k, v, theta, eta, alpha, chunk_states, delta = ctx.saved_tensors
     if chunk_states.numel() == 0 and q.shape[1] > 0:
         raise RuntimeError("linear_memory_fwd ran with save_states=False, so it cannot be differentiated; "
                            "call titans_ext.linear_memory, which saves them when a gradient is needed")
     if d_o is None:
         d_o = v.new_zeros(v.shape)
+    objective, p, eps, retention, retention_q = ctx.miras
     grads = torch.ops.titans_ext.linear_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final,
-                                                   d_s_final, ctx.chunk_size, ctx.read_token)
-    dq, dk, dv, dtheta, deta, dalpha, dm0, ds0 = grads
+                                                   d_s_final, ctx.chunk_size, ctx.read_token, objective, p, eps,
+                                                   delta, retention, retention_q)
+    dq, dk, dv, dtheta, deta, dalpha, dm0, ds0, d_delta = grads
     has_m0, has_s0 = ctx.has_initial_state
-    return (dq, dk, dv, dtheta, deta, dalpha, dm0 if has_m0 else None, ds0 if has_s0 else None, None, None, None)
+    return (dq, dk, dv, dtheta, deta, dalpha, dm0 if has_m0 else None, ds0 if has_s0 else None, None, None, None,
+            None, None, None, None if delta is None else d_delta, None, None)
 
 
 torch.library.register_autograd("titans_ext::linear_memory_fwd", _backward, setup_context=_setup_context)
 
 
 def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None, output_final_state=False,
-                  read="token"):
+                  read="token", objective="l2", retention="l2"):
     r"""Titans linear long-term memory, chunked.
 
     For each batch and head, the memory ``M: [Dv, Dk]`` and its momentum ``S`` learn at test
     time from the key/value stream. With ``t0`` the first token of t's chunk (chunks of
     ``chunk_size`` tokens from position 0 of this call; the last may be short)::
 
-        u_t = 2 (M_{t0-1} k_t - v_t) k_t^T          # grad of ||M k_t - v_t||^2 at the chunk start
+        u_t = f(M_{t0-1} k_t - v_t) k_t^T           # f(r) = 2r: grad of ||M k_t - v_t||^2 at the chunk start
         S_t = eta_t S_{t-1} - theta_t u_t           # surprise with momentum
         M_t = (1 - alpha_t) M_{t-1} + S_t           # forget gate
         o_t = M_t q_t   (read="token")   or   M_{t0-1} q_t   (read="chunk_start")
 
     ``chunk_size=1`` is the exact per-token Titans recurrence.
+
+    MIRAS options (``shared/design/miras.md`` §2) change the error map f and the retention:
+
+    - ``objective``: ``"l2"`` (f = 2r); ``("lp", p)`` or ``("lp", p, eps)``: f = p r (r^2+eps)^(p/2-1),
+      p >= 1, eps = 0 only for p >= 2; ``("huber", delta)``: f = 2 clamp(r, -delta, delta);
+      ``("pseudo_huber", delta)``: f = 2r / sqrt(1 + (r/delta)^2); ``("yaad", delta)``: Yaad's
+      switch, f = 2r while ||r|| <= delta, else 2 delta sign(r) (a per-channel delta compares the
+      token's norm with each channel's delta). At a threshold the inside branch applies. ``delta``
+      (> 0) is a float or a tensor broadcastable to ``[B, T, H]`` (scalar, per head, per token) or,
+      4-d, to ``[B, T, H, Dv]``; it receives a gradient when it requires one.
+    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1: at every chunk start
+      M is rescaled by ``||M||_q^(2-q)`` (entrywise norm; a zero M is left as it is), and the chunk
+      runs from the rescaled M. The returned state is the un-normalized accumulator, so a stream
+      split at a chunk boundary equals one call; ``"kl"`` (Memora): the chunk's first token takes
+      ``M = softmax((1 - alpha) log max(M, 1e-6) + S)`` over Dk (rows), with its own gradient at the
+      previous memory; the rest of the chunk is the linear step above from that M. The memory
+      must start positive (default: uniform 1/Dk). ``read="chunk_start"`` reads the memory before
+      the chunk's first token.
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
@@ -89,14 +114,18 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
         ``(M_T, S_T)`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to q, k, v, the
-        gates and the initial state, through both outputs.
+        gates, the initial state and delta, through both outputs.
     """
-    check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
+    B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     state_dtype = state_dtype_for(q.dtype)
+    objective, retention, delta = check_miras_args(objective, retention,
+                                                   None if initial_state is None else initial_state[0],
+                                                   (B, T, H, Dv), q.device, state_dtype)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0))
+        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0, delta))
     o, m_final, s_final, _ = torch.ops.titans_ext.linear_memory_fwd(
-        q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad)
+        q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
+        objective.eps, delta, retention.code, retention.q)
     return o, ((m_final, s_final) if output_final_state else None)
