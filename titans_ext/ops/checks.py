@@ -249,11 +249,14 @@ def expand_delta(objective, shape, device, dtype):
 
 
 def check_kl_state(retention, memory):
-    """A "kl" memory is read through its log: its initial value must be positive."""
+    """A "kl" memory is read through log max(M, KL_LOG_FLOOR): a row without a positive entry
+    (a zero memory, say) carries nothing. Single entries <= 0 are legal: the linear steps inside
+    a chunk produce them, and a returned state must be accepted back (streaming)."""
     if retention.kind != "kl" or memory is None or torch.compiler.is_compiling():
         return
-    if not bool((memory > 0).all()):
-        raise ValueError('initial_state: retention="kl" needs a positive memory (it enters through log M)')
+    if not bool((memory > 0).any(dim=-1).all()):
+        raise ValueError('initial_state: retention="kl" needs a memory with a positive entry in every row '
+                         '(it enters through log M; the default is uniform rows 1/Dk)')
 
 
 def check_miras_args(objective, retention, initial_memory, shape, device, dtype):
