@@ -20,11 +20,6 @@
 namespace titans {
 namespace {
 
-// Inputs are computed in fp32 on the CPU (fp64 when q is fp64); state is kept in that type.
-at::ScalarType compute_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor to_compute(const at::Tensor& x, at::ScalarType dtype) {
   return with_unit_inner_stride(x.to(dtype));
 }
@@ -42,24 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu
 
   LinearMemoryParams params = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size,
                                                    read_token);
-  const auto opts = q_c.options();
-  auto o = at::empty({params.batch, params.seqlen, params.heads, params.dv}, opts);
-  auto m_final = at::empty({params.batch, params.heads, params.dv, params.dk}, opts);
-  auto s_final = at::empty_like(m_final);
-  auto chunk_states = save_states
-      ? at::empty({params.batch, params.heads, params.n_chunks, 2, params.dv, params.dk}, opts)
-      : at::empty({0}, opts);
-  params.o_ptr = o.data_ptr();
-  params.m_final_ptr = m_final.data_ptr();
-  params.s_final_ptr = s_final.data_ptr();
-  params.chunk_states_ptr = save_states ? chunk_states.data_ptr() : nullptr;
+  const auto out = linear_memory_fwd_outputs(params, q_c.options(), dtype, save_states);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_fwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_fwd<scalar_t>(params, begin, end);
     });
   });
-  return {o.to(q.scalar_type()), m_final, s_final, chunk_states};
+  return {out.o.to(q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
