@@ -115,10 +115,13 @@ def _extensions():
 
 
 def main():
+    # _extensions() first: importing torch.utils.cpp_extension fixes its CUDA_HOME, which
+    # _cuda_wanted() must have set before.
+    ext_modules = _extensions()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        ext_modules=_extensions(),
+        ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

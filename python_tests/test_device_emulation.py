@@ -211,7 +211,10 @@ CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + sorted((ROOT / "c
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_nvcc_compiles_every_kernel_for_sm80_and_sm90a(source, tmp_path):
     # Only csrc/ on the include path: this also proves the kernel sources include no torch header.
-    cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", "-I", str(ROOT / "csrc"),
+    # The __CUDA_NO_* macros are the ones torch's CUDAExtension builds with.
+    no_implicit_halves = [f"-D__CUDA_NO_{what}__" for what in
+                          ("HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_CONVERSIONS", "HALF2_OPERATORS")]
+    cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", *no_implicit_halves, "-I", str(ROOT / "csrc"),
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
            "-c", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

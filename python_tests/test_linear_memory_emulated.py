@@ -9,7 +9,7 @@ import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract 
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
-from utils import TOLERANCE, assert_close, memory_inputs
+from utils import TOLERANCE, assert_close, memory_inputs, shape_id
 
 emu = torch.ops.titans_emu
 
@@ -68,13 +68,9 @@ SHAPES = [
 ]
 
 
-def _ids(shape):
-    return "B{}-T{}-H{}-Dk{}-Dv{}-C{}".format(*shape)
-
-
 @pytest.mark.parametrize("with_state", [True, False], ids=["init", "zeros"])
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_float64_matches_token_loop(shape, read, with_state):
     B, T, H, Dk, Dv, C = shape
     inputs, init = memory_inputs(B, T, H, Dk, Dv, torch.float64, state=with_state)

@@ -31,11 +31,15 @@ __device__ __forceinline__ T warp_reduce_max(T value) {
 }
 
 // Conversions a kernel needs for templated input types: cast<To>(x). Narrowing to bf16/fp16
-// rounds to nearest even; everything else is a static_cast (bf16/fp16 -> float included).
+// rounds to nearest even; bf16/fp16 widen through float; the rest is a static_cast. Explicit,
+// because torch builds CUDA code with __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_CONVERSIONS__
+// (and the emulation's bf16/fp16 have no conversion operators either).
 template <typename To>
 struct Cast {
   template <typename From>
   __device__ __forceinline__ static To from(From x) { return static_cast<To>(x); }
+  __device__ __forceinline__ static To from(bf16 x) { return static_cast<To>(bf16_to_float(x)); }
+  __device__ __forceinline__ static To from(fp16 x) { return static_cast<To>(fp16_to_float(x)); }
 };
 template <>
 struct Cast<bf16> {

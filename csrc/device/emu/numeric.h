@@ -11,14 +11,13 @@
 namespace titans {
 namespace device {
 
-// Storage-only types: arithmetic happens in float, as in our kernels.
+// Storage-only types: arithmetic happens in float, as in our kernels. No conversion operators,
+// like CUDA's types under torch's __CUDA_NO_*_CONVERSIONS__: kernels convert with device::cast.
 struct bf16 {
   uint16_t bits;
-  explicit operator float() const;
 };
 struct fp16 {
   uint16_t bits;
-  explicit operator float() const;
 };
 
 inline uint32_t bits_of(float x) {
@@ -79,9 +78,6 @@ inline uint32_t float_to_tf32_rna(float x) {
   if (!std::isfinite(x)) return u;
   return (u + 0x1000u) & 0xffffe000u;  // half of the dropped 13 bits, then truncate: ties away from zero
 }
-
-inline bf16::operator float() const { return bf16_to_float(*this); }
-inline fp16::operator float() const { return fp16_to_float(*this); }
 
 }  // namespace device
 }  // namespace titans

@@ -205,7 +205,7 @@ __global__ void half_round_trip_kernel(const float* x, uint16_t* bits, float* ba
   if (i >= n) return;
   const Half h = device::cast<Half>(x[i]);
   bits[i] = device::bits_of(h);
-  back[i] = static_cast<float>(h);
+  back[i] = device::cast<float>(h);
 }
 
 int half_round_trip(HalfKind kind, const float* x, uint16_t* bits, float* back, int n, CUstream_st* stream) {
