@@ -20,26 +20,40 @@
 namespace titans {
 namespace {
 
-at::Tensor to_compute(const at::Tensor& x, at::ScalarType dtype) {
-  return with_unit_inner_stride(x.to(dtype));
-}
+// The per-token inputs in the compute dtype, feature dimension contiguous.
+struct ComputeInputs {
+  at::ScalarType dtype;
+  at::Tensor q, k, v, theta, eta, alpha;
+
+  ComputeInputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& theta_,
+                const at::Tensor& eta_, const at::Tensor& alpha_)
+      : dtype(compute_dtype(q_)), q(with_unit_inner_stride(q_.to(dtype))), k(with_unit_inner_stride(k_.to(dtype))),
+        v(with_unit_inner_stride(v_.to(dtype))), theta(theta_.to(dtype)), eta(eta_.to(dtype)),
+        alpha(alpha_.to(dtype)) {}
+
+  // A state (or state cotangent) in the compute dtype, contiguous, or none.
+  std::optional<at::Tensor> state(const std::optional<at::Tensor>& x) const {
+    if (!x) return std::nullopt;
+    return x->to(dtype).contiguous();
+  }
+
+  LinearMemoryParams params(const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
+                            int64_t chunk_size, bool read_token) const {
+    return linear_memory_params(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
     int64_t chunk_size, bool read_token, bool save_states) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto m0_c = m0 ? std::optional<at::Tensor>(m0->to(dtype).contiguous()) : std::nullopt;
-  const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
+  const ComputeInputs in(q, k, v, theta, eta, alpha);
+  const auto m0_c = in.state(m0), s0_c = in.state(s0);
+  LinearMemoryParams params = in.params(m0_c, s0_c, chunk_size, read_token);
+  const auto out = linear_memory_fwd_outputs(params, in.q.options(), in.dtype, save_states);
 
-  LinearMemoryParams params = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size,
-                                                   read_token);
-  const auto out = linear_memory_fwd_outputs(params, q_c.options(), dtype, save_states);
-
-  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_fwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_fwd<scalar_t>(params, begin, end);
     });
@@ -53,17 +67,13 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
                       const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto dm_c = d_m_final ? std::optional<at::Tensor>(d_m_final->to(dtype).contiguous()) : std::nullopt;
-  const auto ds_c = d_s_final ? std::optional<at::Tensor>(d_s_final->to(dtype).contiguous()) : std::nullopt;
-  const auto states_c = chunk_states.to(dtype).contiguous();
-  const auto d_o_c = to_compute(d_o, dtype);
+  const ComputeInputs in(q, k, v, theta, eta, alpha);
+  const auto dm_c = in.state(d_m_final), ds_c = in.state(d_s_final);
+  const auto states_c = chunk_states.to(in.dtype).contiguous();
+  const auto d_o_c = with_unit_inner_stride(d_o.to(in.dtype));
 
   LinearMemoryBwdParams params;
-  static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c,
-                                                                  std::nullopt, std::nullopt, chunk_size, read_token);
+  static_cast<LinearMemoryParams&>(params) = in.params(std::nullopt, std::nullopt, chunk_size, read_token);
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
               "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   TORCH_CHECK(d_o_c.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
@@ -72,7 +82,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
   params.d_s_final_ptr = ds_c ? ds_c->data_ptr() : nullptr;
 
-  const auto opts = q_c.options();
+  const auto opts = in.q.options();
   auto dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
   auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty_like(dtheta), dalpha = at::empty_like(dtheta);
   auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
@@ -85,7 +95,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_bwd<scalar_t>(params, begin, end);
     });

@@ -31,6 +31,25 @@ void gather_gate(const TokenTensor& gate, int b, int h, int t0, int L, T* out) {
   for (int t = 0; t < L; ++t) out[t] = base[(t0 + t) * gate.seq_stride];
 }
 
+// One (batch, head) sequence: its index and the first rows of its q, k, v.
+template <typename T>
+struct HeadInputs {
+  int b, h;
+  index_t bh;
+  const T *q, *k, *v;
+
+  HeadInputs(const LinearMemoryParams& p, int b_, int h_)
+      : b(b_), h(h_), bh(index_t(b_) * p.heads + h_), q(head_rows<T>(p.q, b_, h_)), k(head_rows<T>(p.k, b_, h_)),
+        v(head_rows<T>(p.v, b_, h_)) {}
+};
+
+// dst = the bh-th [n] block of a contiguous state tensor, or zeros when there is none.
+template <typename T>
+void load_state(const void* src, index_t bh, index_t n, T* dst) {
+  if (src) std::memcpy(dst, static_cast<const T*>(src) + bh * n, n * sizeof(T));
+  else std::fill(dst, dst + n, T(0));
+}
+
 template <typename T>
 T dot(const T* x, const T* y, int n) {
   T acc = 0;
@@ -88,23 +107,18 @@ void chunk_errors(int L, int Dk, int Dv, const T* K, index_t k_stride, const T* 
 }
 
 template <typename T>
-void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
+void forward_head(const LinearMemoryParams& p, const HeadInputs<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
+  const int b = head.b, h = head.h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const index_t o_stride = index_t(p.heads) * Dv;
   T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * T_len * p.heads + h) * Dv;
 
   T* MS = ws.state;
   T* M = MS;
   T* S = MS + state_size;
-  if (p.m0_ptr) std::memcpy(M, static_cast<const T*>(p.m0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(M, M + state_size, T(0));
-  if (p.s0_ptr) std::memcpy(S, static_cast<const T*>(p.s0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(S, S + state_size, T(0));
+  load_state(p.m0_ptr, bh, state_size, M);
+  load_state(p.s0_ptr, bh, state_size, S);
 
   for (int n = 0; n < p.n_chunks; ++n) {
     const int t0 = n * C, L = std::min(C, T_len - t0);
@@ -113,9 +127,9 @@ void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
       std::memcpy(saved, MS, 2 * state_size * sizeof(T));
     }
     load_chunk_gates(p, b, h, t0, L, ws);
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
+    const T* Q = head.q + t0 * p.q.seq_stride;
+    const T* K = head.k + t0 * p.k.seq_stride;
+    const T* V = head.v + t0 * p.v.seq_stride;
     T* O = o + t0 * o_stride;
     chunk_errors(L, Dk, Dv, K, p.k.seq_stride, V, p.v.seq_stride, M, ws.E);
 
@@ -157,13 +171,10 @@ void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
 // Reverse pass over the chunks of one (batch, head), carrying the state cotangent
 // (dM, dS) = dMS. Steps A-E refer to backward_linear.md §1.
 template <typename T>
-void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& ws) {
+void backward_head(const LinearMemoryBwdParams& p, const HeadInputs<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
+  const int b = head.b, h = head.h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const T* d_o = head_rows<T>(p.d_o, b, h);
   const index_t qk_stride = index_t(p.heads) * Dk, v_stride = index_t(p.heads) * Dv;
   const index_t gate_offset = index_t(b) * T_len * p.heads + h;
@@ -176,11 +187,8 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
 
   T* dMS = ws.state;  // cotangent of the current chunk's end state
   T* dMS0 = ws.state_grad;  // cotangent of its start state, built during the step
-  if (p.d_m_final_ptr) std::memcpy(dMS, static_cast<const T*>(p.d_m_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS, dMS + state_size, T(0));
-  if (p.d_s_final_ptr)
-    std::memcpy(dMS + state_size, static_cast<const T*>(p.d_s_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS + state_size, dMS + 2 * state_size, T(0));
+  load_state(p.d_m_final_ptr, bh, state_size, dMS);
+  load_state(p.d_s_final_ptr, bh, state_size, dMS + state_size);
 
   T* d_a = ws.coef_grad;
   T* d_g = d_a + C;
@@ -194,9 +202,9 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
     const T* S0 = MS0 + state_size;
     const T* dM = dMS;
     const T* dS = dMS + state_size;
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
+    const T* Q = head.q + t0 * p.q.seq_stride;
+    const T* K = head.k + t0 * p.k.seq_stride;
+    const T* V = head.v + t0 * p.v.seq_stride;
     const T* dO = d_o + t0 * p.d_o.seq_stride;
     const index_t dos = p.d_o.seq_stride;
     T* dQ = dq + t0 * qk_stride;
@@ -317,14 +325,14 @@ template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    forward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+    forward_head<T>(params, HeadInputs<T>(params, int(bh / params.heads), int(bh % params.heads)), ws);
 }
 
 template <typename T>
 void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    backward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+    backward_head<T>(params, HeadInputs<T>(params, int(bh / params.heads), int(bh % params.heads)), ws);
 }
 
 template void linear_memory_fwd<float>(const LinearMemoryParams&, int64_t, int64_t);
