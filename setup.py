@@ -101,14 +101,27 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             py_limited_api=True,
         )
-    return [ext]
+    # The CUDA kernels' sources compiled by the host compiler against the device layer's CPU
+    # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them.
+    emulation = CppExtension(
+        "titans_ext._emu",
+        glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
+        include_dirs=include_dirs,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=True,
+    )
+    return [ext, emulation]
 
 
 def main():
+    # _extensions() first: importing torch.utils.cpp_extension fixes its CUDA_HOME, which
+    # _cuda_wanted() must have set before.
+    ext_modules = _extensions()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        ext_modules=_extensions(),
+        ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

@@ -6,7 +6,7 @@ import torch
 import titans_ext
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, outputs_and_grads
+from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, outputs_and_grads, shape_id
 
 NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES
 
@@ -20,17 +20,13 @@ SHAPES = [
 ]
 
 
-def _ids(shape):
-    return "B{}-T{}-H{}-Dk{}-Dv{}-C{}".format(*shape)
-
-
 def _compare(ref, out, ratio, names=NAMES):
     for name, r, o in zip(names, ref, out):
         assert_close(name, r, o, ratio)
 
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_float64_values_and_grads_match_token_loop(shape, read):
     B, T, H, Dk, Dv, C = shape
     inputs, init = memory_inputs(B, T, H, Dk, Dv, torch.float64)

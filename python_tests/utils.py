@@ -16,6 +16,11 @@ TOLERANCE = {
 }
 
 
+def shape_id(shape):
+    """pytest id of a (B, T, H, Dk, Dv, chunk_size) case."""
+    return "B{}-T{}-H{}-Dk{}-Dv{}-C{}".format(*shape)
+
+
 def err_ratio(ref, out):
     ref, out = ref.double(), out.double()
     return ((ref - out).pow(2).mean().sqrt() / (ref.pow(2).mean().sqrt() + 1e-30)).item()

@@ -20,18 +20,28 @@
 namespace titans {
 namespace {
 
-// Inputs are computed in fp32 on the CPU (fp64 when q is fp64); state is kept in that type.
-at::ScalarType compute_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The per-token inputs in the compute dtype, feature dimension contiguous.
+struct ComputeInputs {
+  at::ScalarType dtype;
+  at::Tensor q, k, v, theta, eta, alpha;
 
-at::Tensor to_compute(const at::Tensor& x, at::ScalarType dtype) {
-  return with_unit_inner_stride(x.to(dtype));
-}
+  ComputeInputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& theta_,
+                const at::Tensor& eta_, const at::Tensor& alpha_)
+      : dtype(compute_dtype(q_)), q(with_unit_inner_stride(q_.to(dtype))), k(with_unit_inner_stride(k_.to(dtype))),
+        v(with_unit_inner_stride(v_.to(dtype))), theta(theta_.to(dtype)), eta(eta_.to(dtype)),
+        alpha(alpha_.to(dtype)) {}
 
-std::optional<at::Tensor> to_contiguous(const std::optional<at::Tensor>& x, at::ScalarType dtype) {
-  return x ? std::optional<at::Tensor>(x->to(dtype).contiguous()) : std::nullopt;
-}
+  // A state, state cotangent or delta in the compute dtype, contiguous, or none.
+  std::optional<at::Tensor> state(const std::optional<at::Tensor>& x) const {
+    if (!x) return std::nullopt;
+    return x->to(dtype).contiguous();
+  }
+
+  LinearMemoryParams params(const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
+                            int64_t chunk_size, bool read_token) const {
+    return linear_memory_params(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
@@ -39,33 +49,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu
     int64_t chunk_size, bool read_token, bool save_states, int64_t objective, double p, double eps,
     const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto m0_c = to_contiguous(m0, dtype), s0_c = to_contiguous(s0, dtype);
-
-  const auto delta_c = to_contiguous(delta, dtype);
-  LinearMemoryParams params = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size,
-                                                   read_token);
+  const ComputeInputs in(q, k, v, theta, eta, alpha);
+  const auto m0_c = in.state(m0), s0_c = in.state(s0), delta_c = in.state(delta);
+  LinearMemoryParams params = in.params(m0_c, s0_c, chunk_size, read_token);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  const auto opts = q_c.options();
-  auto o = at::empty({params.batch, params.seqlen, params.heads, params.dv}, opts);
-  auto m_final = at::empty({params.batch, params.heads, params.dv, params.dk}, opts);
-  auto s_final = at::empty_like(m_final);
-  auto chunk_states = save_states
-      ? at::empty({params.batch, params.heads, params.n_chunks, 2, params.dv, params.dk}, opts)
-      : at::empty({0}, opts);
-  params.o_ptr = o.data_ptr();
-  params.m_final_ptr = m_final.data_ptr();
-  params.s_final_ptr = s_final.data_ptr();
-  params.chunk_states_ptr = save_states ? chunk_states.data_ptr() : nullptr;
+  const auto out = linear_memory_fwd_outputs(params, in.q.options(), in.dtype, save_states);
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_fwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_fwd<scalar_t>(params, begin, end);
     });
   });
-  return {o.to(q.scalar_type()), m_final, s_final, chunk_states};
+  return {out.o.to(q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -76,17 +71,13 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
                       int64_t retention, double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto dm_c = to_contiguous(d_m_final, dtype), ds_c = to_contiguous(d_s_final, dtype);
-  const auto delta_c = to_contiguous(delta, dtype);
-  const auto states_c = chunk_states.to(dtype).contiguous();
-  const auto d_o_c = to_compute(d_o, dtype);
+  const ComputeInputs in(q, k, v, theta, eta, alpha);
+  const auto dm_c = in.state(d_m_final), ds_c = in.state(d_s_final), delta_c = in.state(delta);
+  const auto states_c = chunk_states.to(in.dtype).contiguous();
+  const auto d_o_c = with_unit_inner_stride(d_o.to(in.dtype));
 
   LinearMemoryBwdParams params;
-  static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c,
-                                                                  std::nullopt, std::nullopt, chunk_size, read_token);
+  static_cast<LinearMemoryParams&>(params) = in.params(std::nullopt, std::nullopt, chunk_size, read_token);
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
               "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   TORCH_CHECK(d_o_c.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
@@ -96,7 +87,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
   params.d_s_final_ptr = ds_c ? ds_c->data_ptr() : nullptr;
 
-  const auto opts = q_c.options();
+  const auto opts = in.q.options();
   auto dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
   auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty_like(dtheta), dalpha = at::empty_like(dtheta);
   auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
@@ -111,7 +102,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   auto d_delta = delta_c ? at::empty(delta_c->sizes(), opts) : at::empty({0}, opts);
   params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_bwd<scalar_t>(params, begin, end);
     });

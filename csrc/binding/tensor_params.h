@@ -4,11 +4,17 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "titans_params.h"
 
 namespace titans {
+
+// Kernels compute in fp32 (fp64 when q is fp64) and keep gates and state in that type.
+inline at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Kernels index every per-token tensor by (batch, seq, head) strides and read the feature
 // dimension contiguously; other layouts (e.g. slices of a larger buffer) are kept as views.
@@ -106,6 +112,27 @@ inline MirasParams miras_params(int64_t objective, double p, double eps, const s
     m.delta_ptr = delta->data_ptr();
   }
   return m;
+}
+
+struct LinearMemoryFwdOutputs {
+  at::Tensor o, m_final, s_final, chunk_states;
+};
+
+// Allocates the forward's outputs and points `p` at them: o [B, T, H, Dv] in o_dtype, the states
+// with state_options; chunk_states is [B, H, N, 2, Dv, Dk] when save_states, else an empty [0].
+inline LinearMemoryFwdOutputs linear_memory_fwd_outputs(LinearMemoryParams& p, const at::TensorOptions& state_options,
+                                                        at::ScalarType o_dtype, bool save_states) {
+  LinearMemoryFwdOutputs out;
+  out.o = at::empty({p.batch, p.seqlen, p.heads, p.dv}, state_options.dtype(o_dtype));
+  out.m_final = at::empty({p.batch, p.heads, p.dv, p.dk}, state_options);
+  out.s_final = at::empty({p.batch, p.heads, p.dv, p.dk}, state_options);
+  out.chunk_states = save_states ? at::empty({p.batch, p.heads, p.n_chunks, 2, p.dv, p.dk}, state_options)
+                                 : at::empty({0}, state_options);
+  p.o_ptr = out.o.data_ptr();
+  p.m_final_ptr = out.m_final.data_ptr();
+  p.s_final_ptr = out.s_final.data_ptr();
+  p.chunk_states_ptr = save_states ? out.chunk_states.data_ptr() : nullptr;
+  return out;
 }
 
 }  // namespace titans
