@@ -97,7 +97,9 @@ struct PseudoHuberObjective {
 template <typename T>
 struct YaadObjective {
   static constexpr bool kUsesDelta = true, kUsesRowNorm = true;
-  TITANS_HOST_DEVICE T error(T r, T delta, T norm) const { return norm <= delta ? T(2) * r : T(2) * delta * sign_of(r); }
+  TITANS_HOST_DEVICE T error(T r, T delta, T norm) const {
+    return norm <= delta ? T(2) * r : T(2) * delta * sign_of(r);
+  }
   TITANS_HOST_DEVICE T slope(T, T delta, T norm) const { return norm <= delta ? T(2) : T(0); }
   TITANS_HOST_DEVICE T delta_slope(T r, T delta, T norm) const { return norm <= delta ? T(0) : T(2) * sign_of(r); }
 };

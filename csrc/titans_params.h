@@ -41,7 +41,8 @@ struct MirasParams {
 };
 
 // Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
-//   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective), S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
+//   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective),
+//   S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
 //   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
 struct LinearMemoryParams {
   int batch = 0, seqlen = 0, heads = 0;

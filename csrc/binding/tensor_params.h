@@ -104,7 +104,8 @@ inline MirasParams miras_params(int64_t objective, double p, double eps, const s
   TORCH_CHECK(m.retention != RetentionKind::lq || q > 1, "retention lq: needs q > 1, got ", q);
   const bool needs_delta = m.objective == ObjectiveKind::huber || m.objective == ObjectiveKind::pseudo_huber ||
                            m.objective == ObjectiveKind::yaad;
-  TORCH_CHECK(needs_delta == delta.has_value(), "delta: required exactly by the huber, pseudo_huber and yaad objectives");
+  TORCH_CHECK(needs_delta == delta.has_value(),
+              "delta: required exactly by the huber, pseudo_huber and yaad objectives");
   if (delta) {
     TORCH_CHECK(delta->sizes() == v.sizes() && delta->is_contiguous() && delta->device() == v.device(),
                 "delta: expected a contiguous [B, T, H, Dv] tensor ", v.sizes(), " on ", v.device(), ", got ",

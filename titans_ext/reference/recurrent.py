@@ -28,8 +28,8 @@ def linear_memory_recurrent(q, k, v, theta, eta, alpha, *, chunk_size=64, initia
     """
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = _compute_dtype(q)
-    objective, retention, delta = check_miras_args(objective, retention, None if initial_state is None else initial_state[0],
-                                                   (B, T, H, Dv), q.device, dtype)
+    objective, retention, delta = check_miras_args(
+        objective, retention, None if initial_state is None else initial_state[0], (B, T, H, Dv), q.device, dtype)
     q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
     if initial_state is None:
         M = kl_initial_memory(B, H, Dv, Dk, q) if retention.kind == "kl" else q.new_zeros(B, H, Dv, Dk)
