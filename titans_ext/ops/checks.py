@@ -248,21 +248,22 @@ def expand_delta(objective, shape, device, dtype):
     return delta[..., None].expand(shape) if per_token else delta
 
 
-def check_kl_state(retention, memory):
+def check_kl_state(retention, memories, name):
     """A "kl" memory is read through log max(M, KL_LOG_FLOOR): a row without a positive entry
     (a zero memory, say) carries nothing. Single entries <= 0 are legal: the linear steps inside
     a chunk produce them, and a returned state must be accepted back (streaming)."""
-    if retention.kind != "kl" or memory is None or torch.compiler.is_compiling():
+    if retention.kind != "kl" or torch.compiler.is_compiling():
         return
-    if not bool((memory > 0).any(dim=-1).all()):
-        raise ValueError('initial_state: retention="kl" needs a memory with a positive entry in every row '
+    if not all(bool((m > 0).any(dim=-1).all()) for m in memories):
+        raise ValueError(f'{name}: retention="kl" needs a memory with a positive entry in every row '
                          '(it enters through log M; the default is uniform rows 1/Dk)')
 
 
-def check_miras_args(objective, retention, initial_memory, shape, device, dtype):
+def check_miras_args(objective, retention, initial_memories, shape, device, dtype, memory_name="initial_state"):
     """Parses ``objective=`` and ``retention=``; returns ``(Objective, Retention, delta)`` with
-    delta broadcast to ``shape = [B, T, H, Dv]`` in ``dtype`` (None without one)."""
+    delta broadcast to ``shape = [B, T, H, Dv]`` in ``dtype`` (None without one).
+    ``initial_memories``: the given initial weight matrices (checked for ``kl``)."""
     objective, retention = parse_objective(objective), parse_retention(retention)
     delta = expand_delta(objective, shape, device, dtype)
-    check_kl_state(retention, initial_memory)
+    check_kl_state(retention, initial_memories, memory_name)
     return objective, retention, delta

@@ -50,14 +50,14 @@ def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     objective, retention, delta = check_miras_args(
-        objective, retention, None if initial_state is None else initial_state[0], (B, T, H, Dv), q.device, dtype)
+        objective, retention, [] if initial_state is None else initial_state[:1], (B, T, H, Dv), q.device, dtype)
     # [B, H, T, D] and [B, H, T]: chunks are slices of the time axis.
     q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     theta, eta, alpha = (x.to(dtype).transpose(1, 2) for x in (theta, eta, alpha))
     delta = None if delta is None else delta.transpose(1, 2)
     if initial_state is None:
-        M = kl_initial_memory(B, H, Dv, Dk, q) if retention.kind == "kl" else q.new_zeros(B, H, Dv, Dk)
         S = q.new_zeros(B, H, Dv, Dk)
+        M = kl_initial_memory(S) if retention.kind == "kl" else torch.zeros_like(S)
     else:
         M, S = (x.to(dtype) for x in initial_state)
     outputs = []

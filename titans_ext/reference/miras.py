@@ -60,6 +60,6 @@ def kl_update(memory, momentum, alpha):
     return torch.softmax(logits, dim=-1)
 
 
-def kl_initial_memory(B, H, Dv, Dk, like):
-    """The default "kl" memory: uniform rows, 1 / Dk."""
-    return like.new_full((B, H, Dv, Dk), 1.0 / Dk)
+def kl_initial_memory(like):
+    """The default "kl" memory: uniform rows, 1 / Dk, shaped like ``like`` ``[..., Dv, Dk]``."""
+    return torch.full_like(like, 1.0 / like.shape[-1])

@@ -21,50 +21,59 @@ def linear_memory_recurrent(q, k, v, theta, eta, alpha, *, chunk_size=64, initia
                             output_final_state=False, read="token", objective="l2", retention="l2"):
     """Linear memory ``M(x) = M x``, ``M: [B, H, Dv, Dk]``, one token at a time.
 
-    Same signature and semantics as :func:`titans_ext.linear_memory`. Each token's inner
-    gradient is autograd's gradient of the objective's per-token loss at the chunk-start memory;
-    the retention is applied literally (``lq``: rescale at every chunk start; ``kl``: the chunk's
-    first token takes the softmax step from the previous memory).
+    Same signature and semantics as :func:`titans_ext.linear_memory`.
     """
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = _compute_dtype(q)
     objective, retention, delta = check_miras_args(
-        objective, retention, None if initial_state is None else initial_state[0], (B, T, H, Dv), q.device, dtype)
-    q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
+        objective, retention, [] if initial_state is None else initial_state[:1], (B, T, H, Dv), q.device, dtype)
     if initial_state is None:
-        M = kl_initial_memory(B, H, Dv, Dk, q) if retention.kind == "kl" else q.new_zeros(B, H, Dv, Dk)
-        S = q.new_zeros(B, H, Dv, Dk)
+        S = q.new_zeros(B, H, Dv, Dk, dtype=dtype)
+        M = kl_initial_memory(S) if retention.kind == "kl" else torch.zeros_like(S)
     else:
         M, S = (x.to(dtype) for x in initial_state)
-    outputs = []
-    for t in range(T):
-        chunk_start = t % chunk_size == 0
-        if chunk_start:
-            if retention.kind == "lq":
-                M = lq_rescale(M, retention.q)
-            M_chunk = M_grad = M  # M_chunk: what chunk_start reads; M_grad: where gradients are taken
-        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]                       # [B, H, D]
-        delta_t = None if delta is None else delta[:, t]
-        u = _inner_gradient(M_grad, lambda M_at: objective_loss(
-            objective, torch.einsum("bhvk,bhk->bhv", M_at, k_t) - v_t, delta_t))
-        th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))
-        S = et * S - th * u
-        if chunk_start and retention.kind == "kl":  # the lag token; the rest of the chunk learns at M_{t0}
-            M = M_grad = kl_update(M, S, al)
-        else:
-            M = (1 - al) * M + S
-        M_read = M if read == "token" else M_chunk
-        outputs.append(torch.einsum("bhvk,bhk->bhv", M_read, q_t))
-    o = torch.stack(outputs, dim=1) if T > 0 else q.new_zeros(B, 0, H, Dv)
+    o, (M,), (S,) = _token_loop(lambda W, x: torch.einsum("bhvk,bhk->bhv", W[0], x), [M], [S],
+                                q, k, v, theta, eta, alpha, delta, chunk_size, read, objective, retention)
     return o, ((M, S) if output_final_state else None)
 
 
-def _inner_gradient(weight, loss_fn):
-    """Gradient of loss_fn at ``weight``, kept in the graph (create_graph) so that outer
-    gradients flow through it."""
+def _token_loop(apply, W, S, q, k, v, theta, eta, alpha, delta, chunk_size, read, objective, retention):
+    """The per-token recurrence of a memory made of weight matrices W (a list, momenta S), read as
+    ``apply(W, x)``. Each token's inner gradient is autograd's gradient of the objective's
+    per-token loss at the chunk-start weights; the retention is applied literally (``lq``: rescale
+    every matrix at each chunk start; ``kl``: the chunk's first token takes the softmax step from
+    the previous weights, and the rest of the chunk learns at its result). Returns o, W_T, S_T.
+    """
+    dtype = W[0].dtype
+    q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
+    outputs = []
+    for t in range(q.shape[1]):
+        chunk_start = t % chunk_size == 0
+        if chunk_start:
+            if retention.kind == "lq":
+                W = [lq_rescale(w, retention.q) for w in W]
+            W_chunk = W_grad = W  # W_chunk: what chunk_start reads; W_grad: where gradients are taken
+        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]                       # [B, H, D]
+        delta_t = None if delta is None else delta[:, t]
+        grads = _inner_gradients(W_grad, lambda W_at: objective_loss(objective, apply(W_at, k_t) - v_t, delta_t))
+        th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))
+        S = [et * s - th * u for s, u in zip(S, grads)]
+        if chunk_start and retention.kind == "kl":
+            W = W_grad = [kl_update(w, s, al) for w, s in zip(W, S)]
+        else:
+            W = [(1 - al) * w + s for w, s in zip(W, S)]
+        outputs.append(apply(W if read == "token" else W_chunk, q_t))
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])
+    return o, W, S
+
+
+def _inner_gradients(weights, loss_fn):
+    """Gradients of loss_fn at ``weights``. The inner gradient is part of the forward
+    computation: it is built with create_graph so that outer gradients flow through it (second
+    derivatives of the objective and the activation)."""
     with torch.enable_grad():
-        at = weight if weight.requires_grad else weight.detach().requires_grad_()
-        return torch.autograd.grad(loss_fn(at), at, create_graph=torch.is_grad_enabled())[0]
+        at = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
+        return torch.autograd.grad(loss_fn(at), at, create_graph=torch.is_grad_enabled())
 
 
 def mlp_activation(name):
@@ -79,33 +88,20 @@ def mlp_apply(W1, W2, x, activation):
 
 
 def mlp_memory_recurrent(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None,
-                         output_final_state=False, read="token", activation="gelu"):
+                         output_final_state=False, read="token", activation="gelu", objective="l2",
+                         retention="l2"):
     """Deep memory ``M(x) = x + W2 act(W1 x)``, one token at a time.
 
-    Same signature and semantics as :func:`titans_ext.mlp_memory`. Each token's gradient of
-    ``||M(k_t) - v_t||^2`` is taken with autograd at the chunk-start weights.
+    Same signature and semantics as :func:`titans_ext.mlp_memory`. Each token's gradient of the
+    objective's loss at ``M(k_t) - v_t`` is taken with autograd at the chunk-start weights; the
+    retention acts on each weight matrix (``kl``: a softmax over each row, the input axis).
     """
     B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read,
                                      activation, momentum)
     dtype = _compute_dtype(q)
-    q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
+    objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, dtype)
     W = [w.to(dtype) for w in weights]
     S = [torch.zeros_like(w) for w in W] if momentum is None else [s.to(dtype) for s in momentum]
-    W_chunk = W
-    outputs = []
-    for t in range(T):
-        if t % chunk_size == 0:
-            W_chunk = W
-        # The inner gradient is part of the forward computation: build it with create_graph so
-        # outer gradients flow through it (second derivatives of the activation).
-        with torch.enable_grad():
-            W_at = [w if w.requires_grad else w.detach().requires_grad_() for w in W_chunk]
-            loss = (mlp_apply(*W_at, k[:, t], activation) - v[:, t]).pow(2).sum()
-            grads = torch.autograd.grad(loss, W_at, create_graph=torch.is_grad_enabled())
-        th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))
-        S = [et * s - th * u for s, u in zip(S, grads)]
-        W = [(1 - al) * w + s for w, s in zip(W, S)]
-        W_read = W if read == "token" else W_chunk
-        outputs.append(mlp_apply(*W_read, q[:, t], activation))
-    o = torch.stack(outputs, dim=1) if T > 0 else q.new_zeros(B, 0, H, D)
+    o, W, S = _token_loop(lambda W, x: mlp_apply(*W, x, activation), W, S, q, k, v, theta, eta, alpha, delta,
+                          chunk_size, read, objective, retention)
     return o, (((W[0], W[1]), (S[0], S[1])) if output_final_state else None)
