@@ -62,12 +62,19 @@ struct HeadInputs {
   }
 };
 
+// One (batch, head) sequence: its index bh = b * heads + h and its inputs.
 template <typename T>
-HeadInputs<T> head_inputs(const LinearMemoryParams& p, int b, int h) {
-  return {token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
-          token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
-          contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, p.dv)};
-}
+struct Head {
+  int b, h;
+  index_t bh;
+  HeadInputs<T> inputs;
+
+  Head(const LinearMemoryParams& p, index_t bh_)
+      : b(int(bh_ / p.heads)), h(int(bh_ % p.heads)), bh(bh_),
+        inputs{token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
+               token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
+               contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, p.dv)} {}
+};
 
 // Gradients of one (batch, head), same layout.
 template <typename T>
@@ -456,13 +463,11 @@ void load_state(const void* src, index_t bh, index_t state_size, T fill, T* dst)
 }
 
 template <typename T, typename Objective>
-void forward_head(const LinearMemoryParams& p, const Objective& objective, int b, int h, Workspace<T>& ws) {
+void forward_head(const LinearMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const RetentionKind retention = p.miras.retention;
-  const HeadInputs<T> inputs = head_inputs<T>(p, b, h);
-  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, b, h, Dv);
+  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, Dv);
 
   T* MS = ws.state;
   load_state(p.m0_ptr, bh, state_size, retention == RetentionKind::kl ? T(1) / T(Dk) : T(0), MS);
@@ -474,7 +479,7 @@ void forward_head(const LinearMemoryParams& p, const Objective& objective, int b
       T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
       std::memcpy(saved, MS, 2 * state_size * sizeof(T));
     }
-    const HeadInputs<T> x = inputs.at(t0);
+    const HeadInputs<T> x = head.inputs.at(t0);
     const TokenRows<T> O = o.from(t0);
     // The chunk_start reads see the memory before the chunk: after the lq rescale, before kl's lag token.
     const T* chunk_memory = MS;
@@ -499,14 +504,12 @@ void forward_head(const LinearMemoryParams& p, const Objective& objective, int b
 // Reverse pass over the chunks of one (batch, head), carrying the cotangent of the chunk-end
 // state (dM, dS) in ws.state.
 template <typename T, typename Objective>
-void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, int b, int h, Workspace<T>& ws) {
+void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const RetentionKind retention = p.miras.retention;
-  const HeadInputs<T> inputs = head_inputs<T>(p, b, h);
-  const TokenRows<const T> d_o = token_rows<T>(p.d_o, b, h);
-  const HeadGrads<T> all_grads = head_grads<T>(p, b, h);
+  const TokenRows<const T> d_o = token_rows<T>(p.d_o, head.b, head.h);
+  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h);
 
   T* dMS = ws.state;         // cotangent of the current chunk's end state
   T* dMS0 = ws.start_grad;   // cotangent of the state its linear part starts from
@@ -516,7 +519,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, i
   for (int n = p.n_chunks - 1; n >= 0; --n) {
     const int t0 = n * C, L = std::min(C, p.seqlen - t0);
     const T* saved = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
-    const HeadInputs<T> x = inputs.at(t0);
+    const HeadInputs<T> x = head.inputs.at(t0);
     const TokenRows<const T> dO = d_o.from(t0);
     const HeadGrads<T> grads = all_grads.at(t0);
     // Recompute the state the chunk's linear part starts from (MS0) and what chunk_start reads.
@@ -563,7 +566,7 @@ void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      forward_head<T>(params, objective, int(bh / params.heads), int(bh % params.heads), ws);
+      forward_head<T>(params, objective, Head<T>(params, bh), ws);
   });
 }
 
@@ -572,7 +575,7 @@ void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, in
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      backward_head<T>(params, objective, int(bh / params.heads), int(bh % params.heads), ws);
+      backward_head<T>(params, objective, Head<T>(params, bh), ws);
   });
 }
 
