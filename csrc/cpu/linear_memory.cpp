@@ -20,6 +20,7 @@
 
 #include "cpu/chunk_gates.h"
 #include "cpu/matmul.h"
+#include "cpu/miras_rows.h"
 #include "objectives.h"
 
 namespace titans::cpu {
@@ -151,9 +152,7 @@ void chunk_errors(const Objective& objective, const HeadInputs<T>& x, int L, int
     T* r = R + t * Dv;
     const T* v = x.v.row(t);
     for (int j = 0; j < Dv; ++j) r[j] -= v[j];
-    const T norm = Objective::kUsesRowNorm ? std::sqrt(dot(r, r, Dv)) : T(0);
-    const T* delta = Objective::kUsesDelta ? x.delta.row(t) : nullptr;
-    for (int j = 0; j < Dv; ++j) E[t * Dv + j] = objective.error(r[j], delta ? delta[j] : T(0), norm);
+    objective_error_row(objective, r, x.delta.ptr ? x.delta.row(t) : nullptr, Dv, E + t * Dv);
   }
 }
 
@@ -163,17 +162,9 @@ template <typename T, typename Objective>
 void chunk_errors_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int L,
                            int Dk, int Dv, const T* M0, const T* R, T* dE, T* dM0) {
   for (int t = 0; t < L; ++t) {
-    const T* r = R + t * Dv;
     T* dr = dE + t * Dv;
-    const T norm = Objective::kUsesRowNorm ? std::sqrt(dot(r, r, Dv)) : T(0);
-    if constexpr (Objective::kUsesDelta) {
-      const T* delta = x.delta.row(t);
-      T* d_delta = grads.d_delta.row(t);
-      for (int j = 0; j < Dv; ++j) d_delta[j] = dr[j] * objective.delta_slope(r[j], delta[j], norm);
-      for (int j = 0; j < Dv; ++j) dr[j] *= objective.slope(r[j], delta[j], norm);
-    } else {
-      for (int j = 0; j < Dv; ++j) dr[j] *= objective.slope(r[j], T(0), norm);
-    }
+    objective_error_row_backward(objective, R + t * Dv, x.delta.ptr ? x.delta.row(t) : nullptr, Dv, dr,
+                                 grads.d_delta.ptr ? grads.d_delta.row(t) : nullptr);
     T* dv = grads.dv.row(t);
     for (int j = 0; j < Dv; ++j) dv[j] = -dr[j];
   }
@@ -193,34 +184,6 @@ void read_state_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, c
                          int Dk, int Dv, const T* M, T* dM) {
   matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dO.stride, M, Dk, T(0), grads.dq.ptr, grads.dq.stride);
   matmul(true, false, Dv, Dk, L, T(1), dO.ptr, dO.stride, x.q.ptr, x.q.stride, T(1), dM, Dk);
-}
-
-// ---- Retention "lq": M0 <- rho M0, rho = ||M0||_q^(2-q) (entrywise norm; rho = 1 for M0 = 0).
-
-template <typename T>
-T power_sum(const T* M, index_t n, T q) {
-  T acc = 0;
-  for (index_t i = 0; i < n; ++i) acc += std::pow(std::fabs(M[i]), q);
-  return acc;
-}
-
-template <typename T>
-void lq_rescale(T* M, index_t n, T q) {
-  const T sum = power_sum(M, n, q);
-  if (sum == T(0)) return;
-  const T rho = std::pow(sum, (T(2) - q) / q);
-  for (index_t i = 0; i < n; ++i) M[i] *= rho;
-}
-
-// dM in place: from the cotangent of rho M to that of M,
-// rho dM + <dM, M> (2 - q) sign(M) |M|^(q-1) ||M||_q^(2-2q).
-template <typename T>
-void lq_rescale_backward(const T* M, index_t n, T q, T* dM) {
-  const T sum = power_sum(M, n, q);
-  if (sum == T(0)) return;
-  const T rho = std::pow(sum, (T(2) - q) / q);
-  const T coef = dot(dM, M, n) * (T(2) - q) * std::pow(sum, (T(2) - T(2) * q) / q);
-  for (index_t i = 0; i < n; ++i) dM[i] = rho * dM[i] + coef * sign_of(M[i]) * std::pow(std::fabs(M[i]), q - T(1));
 }
 
 // ---- Retention "kl": Memora's lag token (token 0 of x) from MS = [M; S], in place:
