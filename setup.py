@@ -69,15 +69,19 @@ def _extensions():
     macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [str(CSRC)]
 
-    sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
-    sources += ["csrc/binding/ops.cpp"]
+    def glob(pattern):
+        return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
+
+    sources = glob("cpu/*.cpp") + ["csrc/binding/ops.cpp"]
+    cuda_sources = glob("cuda/*.cu") + glob("binding/*_cuda.cpp")
+    if use_cuda and not cuda_sources:
+        use_cuda, why_not = False, "no CUDA sources in csrc/cuda"
     if use_cuda:
         archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
         # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (build.md §3).
-        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
-        sources += ["csrc/binding/ops_cuda.cpp"]
+        sources += cuda_sources
         nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
         ext = CUDAExtension(
             "titans_ext._C",

@@ -1,0 +1,5 @@
+"""The public ops: argument checks, fake kernels and autograd over the compiled operators."""
+
+from .linear_memory import linear_memory
+
+__all__ = ["linear_memory"]

@@ -116,3 +116,8 @@ def check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, acti
             check_shape(f"momentum[{i}]", s, tuple(w.shape), dims[i])
             check_device(f"momentum[{i}]", s, q.device)
     return B, T, H, Dk, N
+
+
+def state_dtype_for(dtype):
+    """Memory state and gates are fp32, or fp64 when the inputs are fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

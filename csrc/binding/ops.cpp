@@ -1,0 +1,140 @@
+// The one place where titans_ext's kernels meet torch: operator schemas (TORCH_LIBRARY) and
+// the CPU implementations, which validate tensors, fill the params structs and run the
+// torch-free kernels of csrc/cpu/ over (batch, head) pairs with at::parallel_for.
+// CUDA implementations of the same schemas live in ops_cuda.cpp.
+//
+// The public Python functions (titans_ext/ops/) check arguments with user-facing messages;
+// the TORCH_CHECKs here guard the kernels against direct torch.ops calls.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "binding/tensor_params.h"
+#include "cpu/linear_memory.h"
+
+namespace titans {
+namespace {
+
+// Inputs are computed in fp32 on the CPU (fp64 when q is fp64); state is kept in that type.
+at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor to_compute(const at::Tensor& x, at::ScalarType dtype) {
+  return with_unit_inner_stride(x.to(dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
+    int64_t chunk_size, bool read_token, bool save_states) {
+  check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
+  const auto dtype = compute_dtype(q);
+  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
+  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
+  const auto m0_c = m0 ? std::optional<at::Tensor>(m0->to(dtype).contiguous()) : std::nullopt;
+  const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
+
+  LinearMemoryParams params = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size,
+                                                   read_token);
+  const auto opts = q_c.options();
+  auto o = at::empty({params.batch, params.seqlen, params.heads, params.dv}, opts);
+  auto m_final = at::empty({params.batch, params.heads, params.dv, params.dk}, opts);
+  auto s_final = at::empty_like(m_final);
+  auto chunk_states = save_states
+      ? at::empty({params.batch, params.heads, params.n_chunks, 2, params.dv, params.dk}, opts)
+      : at::empty({0}, opts);
+  params.o_ptr = o.data_ptr();
+  params.m_final_ptr = m_final.data_ptr();
+  params.s_final_ptr = s_final.data_ptr();
+  params.chunk_states_ptr = save_states ? chunk_states.data_ptr() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_fwd_cpu", [&] {
+    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
+      cpu::linear_memory_fwd<scalar_t>(params, begin, end);
+    });
+  });
+  return {o.to(q.scalar_type()), m_final, s_final, chunk_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
+                      const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
+                      const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
+                      const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token) {
+  check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
+  const auto dtype = compute_dtype(q);
+  const auto q_c = to_compute(q, dtype), k_c = to_compute(k, dtype), v_c = to_compute(v, dtype);
+  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
+  const auto dm_c = d_m_final ? std::optional<at::Tensor>(d_m_final->to(dtype).contiguous()) : std::nullopt;
+  const auto ds_c = d_s_final ? std::optional<at::Tensor>(d_s_final->to(dtype).contiguous()) : std::nullopt;
+  const auto states_c = chunk_states.to(dtype).contiguous();
+  const auto d_o_c = to_compute(d_o, dtype);
+
+  LinearMemoryBwdParams params;
+  static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c,
+                                                                  std::nullopt, std::nullopt, chunk_size, read_token);
+  TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
+              "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  TORCH_CHECK(d_o_c.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
+  params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
+  params.d_o = token_tensor(d_o_c);
+  params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
+  params.d_s_final_ptr = ds_c ? ds_c->data_ptr() : nullptr;
+
+  const auto opts = q_c.options();
+  auto dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
+  auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty_like(dtheta), dalpha = at::empty_like(dtheta);
+  auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
+  params.dq_ptr = dq.data_ptr();
+  params.dk_ptr = dk.data_ptr();
+  params.dv_ptr = dv.data_ptr();
+  params.dtheta_ptr = dtheta.data_ptr();
+  params.deta_ptr = deta.data_ptr();
+  params.dalpha_ptr = dalpha.data_ptr();
+  params.dm0_ptr = dm0.data_ptr();
+  params.ds0_ptr = ds0.data_ptr();
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "linear_memory_bwd_cpu", [&] {
+    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
+      cpu::linear_memory_bwd<scalar_t>(params, begin, end);
+    });
+  });
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
+          dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()), dalpha.to(alpha.scalar_type()), dm0, ds0};
+}
+
+}  // namespace
+
+// Schemas: one forward and one backward op per memory. The forward also returns what the
+// backward needs (the chunk-start states), so autograd can be attached in Python with
+// torch.library.register_autograd and both directions stay visible to torch.compile.
+TORCH_LIBRARY(titans_ext, m) {
+  m.def(
+      "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states) "
+      "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)");
+  m.def(
+      "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)");
+}
+
+TORCH_LIBRARY_IMPL(titans_ext, CPU, m) {
+  m.impl("linear_memory_fwd", &linear_memory_fwd_cpu);
+  m.impl("linear_memory_bwd", &linear_memory_bwd_cpu);
+}
+
+}  // namespace titans
+
+// `import titans_ext._C` loads this library, which runs the registrations above; the module
+// itself is empty (no pybind11), so the .so only depends on the stable Python ABI.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,102 @@
+"""``titans_ext.linear_memory``: the public op, its fake (meta) kernel and its autograd.
+
+The compiled library registers two operators, ``titans_ext::linear_memory_fwd`` and
+``titans_ext::linear_memory_bwd`` (csrc/binding/ops.cpp). The forward returns the chunk-start
+states the backward needs; autograd is attached here with ``torch.library.register_autograd``,
+so both directions are visible to torch.compile and checked by ``torch.library.opcheck``.
+"""
+
+import torch
+
+from .checks import check_linear_inputs, state_dtype_for
+
+
+@torch.library.register_fake("titans_ext::linear_memory_fwd")
+def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    state_dtype = state_dtype_for(q.dtype)
+    o = q.new_empty(B, T, H, Dv)
+    m_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
+    s_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
+    n_chunks = (T + chunk_size - 1) // chunk_size
+    shape = (B, H, n_chunks, 2, Dv, Dk) if save_states else (0,)
+    return o, m_final, s_final, q.new_empty(shape, dtype=state_dtype)
+
+
+@torch.library.register_fake("titans_ext::linear_memory_bwd")
+def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size,
+                            read_token):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    state_dtype = state_dtype_for(q.dtype)
+    state = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
+            torch.empty_like(eta), torch.empty_like(alpha), state, torch.empty_like(state))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states = inputs
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3])
+    ctx.chunk_size, ctx.read_token = chunk_size, read_token
+    ctx.has_initial_state = (m0 is not None, s0 is not None)
+
+
+def _backward(ctx, d_o, d_m_final, d_s_final, _d_chunk_states):
+    q, k, v, theta, eta, alpha, chunk_states = ctx.saved_tensors
+    if chunk_states.numel() == 0 and q.shape[1] > 0:
+        raise RuntimeError("linear_memory_fwd ran with save_states=False, so it cannot be differentiated; "
+                           "call titans_ext.linear_memory, which saves them when a gradient is needed")
+    if d_o is None:
+        d_o = v.new_zeros(v.shape)
+    grads = torch.ops.titans_ext.linear_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final,
+                                                   d_s_final, ctx.chunk_size, ctx.read_token)
+    dq, dk, dv, dtheta, deta, dalpha, dm0, ds0 = grads
+    has_m0, has_s0 = ctx.has_initial_state
+    return (dq, dk, dv, dtheta, deta, dalpha, dm0 if has_m0 else None, ds0 if has_s0 else None, None, None, None)
+
+
+torch.library.register_autograd("titans_ext::linear_memory_fwd", _backward, setup_context=_setup_context)
+
+
+def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None, output_final_state=False,
+                  read="token"):
+    r"""Titans linear long-term memory, chunked.
+
+    For each batch and head, the memory ``M: [Dv, Dk]`` and its momentum ``S`` learn at test
+    time from the key/value stream. With ``t0`` the first token of t's chunk (chunks of
+    ``chunk_size`` tokens from position 0 of this call; the last may be short)::
+
+        u_t = 2 (M_{t0-1} k_t - v_t) k_t^T          # grad of ||M k_t - v_t||^2 at the chunk start
+        S_t = eta_t S_{t-1} - theta_t u_t           # surprise with momentum
+        M_t = (1 - alpha_t) M_{t-1} + S_t           # forget gate
+        o_t = M_t q_t   (read="token")   or   M_{t0-1} q_t   (read="chunk_start")
+
+    ``chunk_size=1`` is the exact per-token Titans recurrence.
+
+    Args:
+        q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
+        k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
+        v: values ``[B, T, H, Dv]`` (same dtype as q).
+        theta: inner learning rate ``[B, T, H]``, >= 0.
+        eta: momentum decay ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        chunk_size: tokens per chunk (>= 1).
+        initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros.
+        output_final_state: also return ``(M_T, S_T)``.
+        read: ``"token"`` or ``"chunk_start"``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
+        ``(M_T, S_T)`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to q, k, v, the
+        gates and the initial state, through both outputs.
+    """
+    check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
+    state_dtype = state_dtype_for(q.dtype)
+    theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
+    m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0))
+    o, m_final, s_final, _ = torch.ops.titans_ext.linear_memory_fwd(
+        q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad)
+    return o, ((m_final, s_final) if output_final_state else None)
