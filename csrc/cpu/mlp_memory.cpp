@@ -420,7 +420,8 @@ void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) 
     matmul(true, false, N, D, L, T(1), dZ, N, K.ptr, K.stride, T(1), dW1, D);
 
     chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                        ws.gate_scratch, dtheta + t0 * p.heads, deta + t0 * p.heads, dalpha + t0 * p.heads);
+                        ws.gate_scratch, dtheta + t0 * p.heads, deta + t0 * p.heads, dalpha + t0 * p.heads,
+                        index_t(p.heads));
   }
   copy_out(dstate, bh * block, block, p.dw1_0_ptr);
   copy_out(dstate + block, bh * block, block, p.ds1_0_ptr);
