@@ -38,27 +38,11 @@ struct Workspace {
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC,
                             size_t(C) * Dv, 2 * sq, 2 * sq, size_t(C) * 2 * Dv, CC, CC,
                             size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2)};
-    T** slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
+    T** const slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
                    &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
-    size_t total = 0;
-    for (size_t s : sizes) total += s;
-    buffer.assign(total, T(0));
-    T* next = buffer.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = next;
-      next += sizes[i];
-    }
+    carve_buffer(buffer, sizes, slots);
   }
 };
-
-// Loads the chunk's gates and builds its coefficient tables.
-template <typename T>
-void load_chunk_gates(const LinearMemoryParams& p, int b, int h, int t0, int L, Workspace<T>& ws) {
-  gather_gate(p.theta, b, h, t0, L, ws.theta);
-  gather_gate(p.eta, b, h, t0, L, ws.eta);
-  gather_gate(p.alpha, b, h, t0, L, ws.alpha);
-  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
-}
 
 // E = 2 (K M0^T - V), L x Dv.
 template <typename T>

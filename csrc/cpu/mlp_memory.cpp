@@ -142,18 +142,10 @@ struct Workspace {
     const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, 2 * CN, 2 * CN,
                             CN, CN, 4 * size_t(N) * D, bwd * CN, bwd * CN, bwd * CD, bwd * CN, bwd * CN,
                             bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2)};
-    T** slots[] = {&theta, &eta, &alpha, &a,    &g,     &P,   &c,   &sig, &QK,  &QKc, &HH,
+    T** const slots[] = {&theta, &eta, &alpha, &a,    &g,     &P,   &c,   &sig, &QK,  &QKc, &HH,
                    &HHc,   &Z,   &H,     &G,    &DZ,    &act1, &E,  &X,   &wide, &Zq, &Hq,
                    &state, &act2, &actq1, &dE,  &dH,    &dDZ, &dHq, &dA,  &coef_grad, &gate_scratch};
-    static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]));
-    size_t total = 0;
-    for (size_t s : sizes) total += s;
-    buffer.assign(total, T(0));
-    T* next = buffer.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = sizes[i] ? next : nullptr;
-      next += sizes[i];
-    }
+    carve_buffer(buffer, sizes, slots);
   }
 };
 
@@ -163,14 +155,6 @@ struct Rows {
   const T* ptr;
   index_t stride;
 };
-
-template <typename T>
-void load_chunk_gates(const MlpMemoryParams& p, int b, int h, int t0, int L, Workspace<T>& ws) {
-  gather_gate(p.theta, b, h, t0, L, ws.theta);
-  gather_gate(p.eta, b, h, t0, L, ws.eta);
-  gather_gate(p.alpha, b, h, t0, L, ws.alpha);
-  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
-}
 
 // Key path: Z, H, act'(Z), E, G, DZ (and act''(Z) for the backward) at the chunk-start weights.
 template <typename T>
@@ -248,16 +232,21 @@ void update_state(const MlpMemoryParams& p, int L, Rows<T> K, T* state, Workspac
   matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.H, N, T(1), state + 2 * block, N);
 }
 
-// Copies count elements at src + offset into dst, or zeros when src is nullptr.
+// The four blocks of a state in [W1 | S1 | W2 | S2] order: from the (batch, head) at element
+// offset of four [B, H, ...] tensors (nullptr: zeros), or into them (nullptr: not wanted).
 template <typename T>
-void copy_or_zero(const void* src, index_t offset, index_t count, T* dst) {
-  if (src) std::memcpy(dst, static_cast<const T*>(src) + offset, count * sizeof(T));
-  else std::fill(dst, dst + count, T(0));
+void load_state(const void* const (&blocks)[4], index_t offset, index_t block, T* state) {
+  for (int i = 0; i < 4; ++i) {
+    T* dst = state + i * block;
+    if (blocks[i]) std::memcpy(dst, static_cast<const T*>(blocks[i]) + offset, block * sizeof(T));
+    else std::fill(dst, dst + block, T(0));
+  }
 }
 
 template <typename T>
-void copy_out(const T* src, index_t offset, index_t count, void* dst) {
-  if (dst) std::memcpy(static_cast<T*>(dst) + offset, src, count * sizeof(T));
+void store_state(const T* state, index_t offset, index_t block, void* const (&blocks)[4]) {
+  for (int i = 0; i < 4; ++i)
+    if (blocks[i]) std::memcpy(static_cast<T*>(blocks[i]) + offset, state + i * block, block * sizeof(T));
 }
 
 template <typename T>
@@ -272,10 +261,7 @@ void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
   T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * p.seqlen * p.heads + h) * D;
 
   T* state = ws.state;
-  copy_or_zero(p.w1_0_ptr, bh * block, block, state);
-  copy_or_zero(p.s1_0_ptr, bh * block, block, state + block);
-  copy_or_zero(p.w2_0_ptr, bh * block, block, state + 2 * block);
-  copy_or_zero(p.s2_0_ptr, bh * block, block, state + 3 * block);
+  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, state);
 
   for (int n = 0; n < p.n_chunks; ++n) {
     const int t0 = n * C, L = std::min(C, p.seqlen - t0);
@@ -283,8 +269,10 @@ void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
     // nonlinear in the weights), so all of them are kept: 4 N D values per chunk, i.e.
     // 4 N D / C per token (4 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every
     // n-th state and re-running the forward of the chunks in between is the next step.
-    if (p.chunk_states_ptr)
-      copy_out(state, (bh * p.n_chunks + n) * 4 * block, 4 * block, p.chunk_states_ptr);
+    if (p.chunk_states_ptr) {
+      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
+      std::memcpy(saved, state, 4 * block * sizeof(T));
+    }
     load_chunk_gates(p, b, h, t0, L, ws);
     const Rows<T> Q{q + t0 * p.q.seq_stride, p.q.seq_stride};
     const Rows<T> K{k + t0 * p.k.seq_stride, p.k.seq_stride};
@@ -294,10 +282,7 @@ void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
     chunk_output(p, L, Q, state, ws, o + t0 * o_stride, o_stride);
     update_state(p, L, K, state, ws);
   }
-  copy_out(state, bh * block, block, p.w1_final_ptr);
-  copy_out(state + block, bh * block, block, p.s1_final_ptr);
-  copy_out(state + 2 * block, bh * block, block, p.w2_final_ptr);
-  copy_out(state + 3 * block, bh * block, block, p.s2_final_ptr);
+  store_state(state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
 // Reverse pass over the chunks of one (batch, head), carrying the state cotangent
@@ -321,10 +306,7 @@ void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) 
   T* dalpha = static_cast<T*>(p.dalpha_ptr) + gate_offset;
 
   T* dstate = ws.state;
-  copy_or_zero(p.d_w1_final_ptr, bh * block, block, dstate);
-  copy_or_zero(p.d_s1_final_ptr, bh * block, block, dstate + block);
-  copy_or_zero(p.d_w2_final_ptr, bh * block, block, dstate + 2 * block);
-  copy_or_zero(p.d_s2_final_ptr, bh * block, block, dstate + 3 * block);
+  load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
   T* dW1 = dstate;
   T* dW2 = dstate + 2 * block;
 
@@ -471,10 +453,7 @@ void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) 
                         ws.gate_scratch, dtheta + t0 * p.heads, deta + t0 * p.heads, dalpha + t0 * p.heads,
                         index_t(p.heads));
   }
-  copy_out(dstate, bh * block, block, p.dw1_0_ptr);
-  copy_out(dstate + block, bh * block, block, p.ds1_0_ptr);
-  copy_out(dstate + 2 * block, bh * block, block, p.dw2_0_ptr);
-  copy_out(dstate + 3 * block, bh * block, block, p.ds2_0_ptr);
+  store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
 
 }  // namespace
