@@ -15,21 +15,11 @@
 #include <vector>
 
 #include "cpu/chunk_gates.h"
+#include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
 
 namespace titans::cpu {
 namespace {
-
-template <typename T>
-const T* head_rows(const TokenTensor& x, int b, int h) {
-  return static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride;
-}
-
-template <typename T>
-void gather_gate(const TokenTensor& gate, int b, int h, int t0, int L, T* out) {
-  const T* base = head_rows<T>(gate, b, h);
-  for (int t = 0; t < L; ++t) out[t] = base[(t0 + t) * gate.seq_stride];
-}
 
 // One (batch, head) sequence: its index and the first rows of its q, k, v.
 template <typename T>
@@ -50,13 +40,6 @@ void load_state(const void* src, index_t bh, index_t n, T* dst) {
   else std::fill(dst, dst + n, T(0));
 }
 
-template <typename T>
-T dot(const T* x, const T* y, int n) {
-  T acc = 0;
-  for (int i = 0; i < n; ++i) acc += x[i] * y[i];
-  return acc;
-}
-
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
 template <typename T>
 struct Workspace {
@@ -68,34 +51,17 @@ struct Workspace {
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
-  T *gate_grad;                   // dtheta, deta, dalpha of the chunk: [3 C]
 
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC,
                             size_t(C) * Dv, 2 * sq, 2 * sq, size_t(C) * 2 * Dv, CC, CC,
-                            size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2), 3 * size_t(C)};
-    T** slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
-                   &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch, &gate_grad};
-    size_t total = 0;
-    for (size_t s : sizes) total += s;
-    buffer.assign(total, T(0));
-    T* next = buffer.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = next;
-      next += sizes[i];
-    }
+                            size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2)};
+    T** const slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
+                   &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
+    carve_buffer(buffer, sizes, slots);
   }
 };
-
-// Loads the chunk's gates and builds its coefficient tables.
-template <typename T>
-void load_chunk_gates(const LinearMemoryParams& p, int b, int h, int t0, int L, Workspace<T>& ws) {
-  gather_gate(p.theta, b, h, t0, L, ws.theta);
-  gather_gate(p.eta, b, h, t0, L, ws.eta);
-  gather_gate(p.alpha, b, h, t0, L, ws.alpha);
-  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
-}
 
 // E = 2 (K M0^T - V), L x Dv.
 template <typename T>
@@ -302,17 +268,9 @@ void backward_head(const LinearMemoryBwdParams& p, const HeadInputs<T>& head, Wo
     matmul(true, false, Dv, Dk, L, T(2), dE, Dv, K, p.k.seq_stride, T(1), dMS0, Dk);
 
     // E. Gate gradients.
-    T* chunk_dtheta = ws.gate_grad;
-    T* chunk_deta = chunk_dtheta + C;
-    T* chunk_dalpha = chunk_deta + C;
+    const index_t gate_at = index_t(t0) * p.heads;
     chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                        ws.gate_scratch, chunk_dtheta, chunk_deta, chunk_dalpha);
-    for (int t = 0; t < L; ++t) {
-      const index_t at = index_t(t0 + t) * p.heads;
-      dtheta[at] = chunk_dtheta[t];
-      deta[at] = chunk_deta[t];
-      dalpha[at] = chunk_dalpha[t];
-    }
+                        ws.gate_scratch, dtheta + gate_at, deta + gate_at, dalpha + gate_at, index_t(p.heads));
     std::swap(dMS, dMS0);
   }
   std::memcpy(static_cast<T*>(p.dm0_ptr) + bh * state_size, dMS, state_size * sizeof(T));
