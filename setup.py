@@ -65,7 +65,9 @@ def _extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     # Python's sysconfig flags carry -g; -g0 makes the torch-including units ~2x faster to build.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx_flags = opt + ["-fvisibility=hidden"]
+    # -fno-trapping-math: lets loops with clamped float -> int conversions (the MLP kernel's exp)
+    # vectorize; results are unchanged, only floating-point traps are assumed off, as in torch.
+    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math"]
     macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [str(CSRC)]
 

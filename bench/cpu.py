@@ -2,7 +2,8 @@
 
     python -m bench.cpu [--seq-len 2048] [--threads 2] [--repeats 7] [--out bench/results/cpu.md]
 
-Shape (issue 3): B=1, T=2048, H=4, D=64, chunk 64, fp32. Every row is timed in this one run,
+Shape (issues 3 and 4): B=1, T=2048, H=4, D=64, chunk 64, fp32; the MLP memory with
+expansion E=4 (hidden width 256), exact GELU. Every row is timed in this one run,
 on this machine, with warm-up and the median of several runs; ratios compare rows of the same
 run only (CPU timings are noisy across runs). titans-pytorch rows appear when the package is
 installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2 (MLP, expansion 4) memory,
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 import titans_ext
-from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
+from titans_ext.reference import (linear_memory_chunked, linear_memory_recurrent, mlp_memory_chunked,
+                                  mlp_memory_recurrent)
 
 from .timing import markdown_table, median_ms
 
@@ -35,6 +37,15 @@ def memory_inputs(B, T, H, D, requires_grad=True):
     return [x.requires_grad_(requires_grad) for x in (q, k, v, theta, eta, alpha)]
 
 
+def mlp_weights(B, H, D, expansion, requires_grad=True):
+    """Initial weights (W1, W2) of the MLP memory, learned parameters: gradients flow to them."""
+    g = torch.Generator().manual_seed(1)
+    N = expansion * D
+    w1 = torch.randn(B, H, N, D, generator=g) * D ** -0.5
+    w2 = torch.randn(B, H, D, N, generator=g) * N ** -0.5
+    return tuple(w.requires_grad_(requires_grad) for w in (w1, w2))
+
+
 def op_fwd_bwd(fn, inputs, **kwargs):
     def run():
         o, _ = fn(*inputs, **kwargs)
@@ -42,12 +53,12 @@ def op_fwd_bwd(fn, inputs, **kwargs):
     return run
 
 
-def titans_pytorch_fwd_bwd(B, T, H, D, C, depth):
+def titans_pytorch_fwd_bwd(B, T, H, D, C, depth, expansion):
     from titans_pytorch import MemoryMLP, NeuralMemory
 
     torch.manual_seed(0)
     model = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=C, batch_size=C,
-                         model=MemoryMLP(dim=D, depth=depth, expansion_factor=4.0))
+                         model=MemoryMLP(dim=D, depth=depth, expansion_factor=float(expansion)))
     x = torch.randn(B, T, H * D, requires_grad=True)
 
     def run():
@@ -63,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--expansion", type=int, default=4, help="hidden width / D of the MLP memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-token-loop", action="store_true", help="skip the slow token-by-token reference")
@@ -73,18 +85,31 @@ def main(argv=None):
     B, T, H, D, C = args.batch, args.seq_len, args.heads, args.head_dim, args.chunk_size
     cpu = torch.device("cpu")
     inputs = memory_inputs(B, T, H, D)
-    cases = [
-        ("linear_memory", "titans_ext (C++)", op_fwd_bwd(titans_ext.linear_memory, inputs, chunk_size=C)),
-        ("linear_memory", "PyTorch chunked reference", op_fwd_bwd(linear_memory_chunked, inputs, chunk_size=C)),
-    ]
-    if not args.skip_token_loop:
-        cases.append(("linear_memory", "token-by-token reference",
-                      op_fwd_bwd(linear_memory_recurrent, inputs, chunk_size=C)))
+    mlp_args = dict(weights=mlp_weights(B, H, D, args.expansion), chunk_size=C)
+    implementations = {
+        "linear_memory": [("titans_ext (C++)", titans_ext.linear_memory, {"chunk_size": C}),
+                          ("PyTorch chunked reference", linear_memory_chunked, {"chunk_size": C}),
+                          ("token-by-token reference", linear_memory_recurrent, {"chunk_size": C})],
+        "mlp_memory": [("titans_ext (C++)", titans_ext.mlp_memory, mlp_args),
+                       ("PyTorch chunked reference", mlp_memory_chunked, mlp_args),
+                       ("token-by-token reference", mlp_memory_recurrent, mlp_args)],
+    }
     try:
         import titans_pytorch  # noqa: F401
-        cases.append(("linear_memory", "titans-pytorch NeuralMemory, depth 1", titans_pytorch_fwd_bwd(B, T, H, D, C, 1)))
+        has_titans_pytorch = True
     except ImportError:
+        has_titans_pytorch = False
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)")
+    # titans-pytorch's counterpart of each op: its MemoryMLP of depth 1 (linear) or 2.
+    titans_pytorch_depth = {"linear_memory": 1, "mlp_memory": 2}
+    cases = []
+    for op, impls in implementations.items():
+        cases += [(op, impl, op_fwd_bwd(fn, inputs, **kwargs)) for impl, fn, kwargs in impls
+                  if not (args.skip_token_loop and "token" in impl)]
+        if has_titans_pytorch:
+            depth = titans_pytorch_depth[op]
+            cases.append((op, f"titans-pytorch NeuralMemory, depth {depth}",
+                          titans_pytorch_fwd_bwd(B, T, H, D, C, depth, args.expansion)))
 
     results = []
     for op, impl, fn in cases:

@@ -1,6 +1,7 @@
 """titans_ext: fast kernels for Titans-style neural long-term memory.
 
-Ops: :func:`linear_memory` (matrix memory), with a C++ CPU path and CUDA kernels.
+Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
+path and CUDA kernels.
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 """
 
@@ -14,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         f"installed torch ({torch.__version__}): pip install --no-build-isolation --no-deps -e ."
     ) from exc
 
-from .ops import linear_memory
+from .ops import linear_memory, mlp_memory
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory"]
+__all__ = ["linear_memory", "mlp_memory"]

@@ -19,40 +19,13 @@
 #include <vector>
 
 #include "cpu/chunk_gates.h"
+#include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
 
 namespace titans::cpu {
 namespace {
-
-template <typename T>
-T dot(const T* x, const T* y, index_t n) {
-  T acc = 0;
-  for (index_t i = 0; i < n; ++i) acc += x[i] * y[i];
-  return acc;
-}
-
-// The rows of one per-token tensor for one (batch, head): row t starts at ptr + t * stride.
-template <typename T>
-struct TokenRows {
-  T* ptr = nullptr;
-  index_t stride = 0;
-  T* row(int t) const { return ptr + t * stride; }
-  TokenRows from(int t) const { return {ptr ? row(t) : nullptr, stride}; }
-};
-
-template <typename T>
-TokenRows<const T> token_rows(const TokenTensor& x, int b, int h) {
-  return {static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride, x.seq_stride};
-}
-
-// A contiguous [B, T, H, D] tensor (outputs, delta); nullptr stays nullptr.
-template <typename P>
-TokenRows<P> contiguous_rows(P* base, const LinearMemoryParams& p, int b, int h, int D) {
-  if (!base) return {};
-  return {base + (index_t(b) * p.seqlen * p.heads + h) * D, index_t(p.heads) * D};
-}
 
 // Inputs of one (batch, head), shifted with at(t0) to a chunk's first token.
 template <typename T>
@@ -110,38 +83,18 @@ struct Workspace {
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
-  T *gate_grad;                   // dtheta, deta, dalpha of the chunk: [3 C]
 
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk, CDv = size_t(C) * Dv;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC, CDv, CDv,
                             2 * sq, 2 * sq, 2 * sq, 2 * sq, 2 * CDv, CC, CC, CDv, size_t(C) * Dk,
-                            3 * size_t(C) + CC, 2 * size_t(C + 2), 3 * size_t(C)};
-    T** slots[] = {&theta, &eta,   &alpha,      &a,    &g,          &P,      &c,      &sig,
-                   &R,     &E,     &state,      &state_grad, &start, &start_grad, &wide, &square,
-                   &square2, &narrow, &narrow2, &coef_grad, &gate_scratch, &gate_grad};
-    static_assert(sizeof(sizes) / sizeof(sizes[0]) == sizeof(slots) / sizeof(slots[0]));
-    size_t total = 0;
-    for (size_t s : sizes) total += s;
-    buffer.assign(total, T(0));
-    T* next = buffer.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = next;
-      next += sizes[i];
-    }
+                            3 * size_t(C) + CC, 2 * size_t(C + 2)};
+    T** const slots[] = {&theta, &eta,   &alpha,      &a,    &g,          &P,      &c,      &sig,
+                         &R,     &E,     &state,      &state_grad, &start, &start_grad, &wide, &square,
+                         &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
+    carve_buffer(buffer, sizes, slots);
   }
 };
-
-// Loads the gates of tokens 0..L-1 of x and builds their coefficient tables.
-template <typename T>
-void load_chunk_gates(const HeadInputs<T>& x, int L, Workspace<T>& ws) {
-  for (int t = 0; t < L; ++t) {
-    ws.theta[t] = *x.theta.row(t);
-    ws.eta[t] = *x.eta.row(t);
-    ws.alpha[t] = *x.alpha.row(t);
-  }
-  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
-}
 
 // R = K M0^T - V and E = f(R) for tokens 0..L-1 of x (L x Dv each).
 template <typename T, typename Objective>
@@ -266,7 +219,7 @@ void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, in
   const index_t state_size = index_t(Dv) * Dk;
   T* M = MS;
   T* S = MS + state_size;
-  load_chunk_gates(x, L, ws);
+  load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
   chunk_errors(objective, x, L, Dk, Dv, M, ws.R, ws.E);
   if (token_reads) {
     // [Q M0^T | Q S0^T] in one product against the stacked state.
@@ -318,7 +271,7 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
   T* d_c = d_sig_last + C;
 
   // A. Recompute the residuals, errors and gate tables.
-  load_chunk_gates(x, L, ws);
+  load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
   T* E = ws.E;
   chunk_errors(objective, x, L, Dk, Dv, M0, ws.R, E);
   std::fill(d_a, d_a + 3 * C + C * C, T(0));
@@ -405,16 +358,8 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
   chunk_errors_backward(objective, x, grads, L, Dk, Dv, M0, ws.R, dE, dMS0);
 
   // E. Gate gradients.
-  T* chunk_dtheta = ws.gate_grad;
-  T* chunk_deta = chunk_dtheta + C;
-  T* chunk_dalpha = chunk_deta + C;
   chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                      ws.gate_scratch, chunk_dtheta, chunk_deta, chunk_dalpha);
-  for (int t = 0; t < L; ++t) {
-    *grads.dtheta.row(t) = chunk_dtheta[t];
-    *grads.deta.row(t) = chunk_deta[t];
-    *grads.dalpha.row(t) = chunk_dalpha[t];
-  }
+                      ws.gate_scratch, grads.dtheta.ptr, grads.deta.ptr, grads.dalpha.ptr, grads.dtheta.stride);
 }
 
 // ---- Whole sequences of one (batch, head).

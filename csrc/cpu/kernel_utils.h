@@ -1,0 +1,75 @@
+// Small helpers shared by the CPU chunk kernels (torch-free): access to one (batch, head)
+// sequence of a [B, T, H, ...] tensor, per-thread scratch, a chunk's gate tables, a dot product.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "cpu/chunk_gates.h"
+#include "titans_params.h"
+
+namespace titans::cpu {
+
+// Token 0 of head h in batch b; token t's features start t * seq_stride further.
+template <typename T>
+const T* head_rows(const TokenTensor& x, int b, int h) {
+  return static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride;
+}
+
+// The rows of one per-token tensor for one (batch, head): row t starts at ptr + t * stride.
+// from(t) shifts to token t (a chunk's first token); a null ptr stays null (an absent tensor).
+template <typename T>
+struct TokenRows {
+  T* ptr = nullptr;
+  index_t stride = 0;
+  T* row(int t) const { return ptr + t * stride; }
+  TokenRows from(int t) const { return {ptr ? row(t) : nullptr, stride}; }
+};
+
+template <typename T>
+TokenRows<const T> token_rows(const TokenTensor& x, int b, int h) {
+  return {head_rows<T>(x, b, h), x.seq_stride};
+}
+
+// Head h of batch b in a contiguous [B, T, H, D] tensor (outputs, gradients, delta) of a
+// kernel with params p (seqlen, heads); nullptr stays nullptr.
+template <typename P, typename Params>
+TokenRows<P> contiguous_rows(P* base, const Params& p, int b, int h, int D) {
+  if (!base) return {};
+  return {base + (index_t(b) * p.seqlen * p.heads + h) * D, index_t(p.heads) * D};
+}
+
+// Carves one zero-filled buffer into consecutive slots of the given sizes (size 0: nullptr).
+template <typename T, size_t kSlots>
+void carve_buffer(std::vector<T>& buffer, const size_t (&sizes)[kSlots], T** const (&slots)[kSlots]) {
+  size_t total = 0;
+  for (size_t s : sizes) total += s;
+  buffer.assign(total, T(0));
+  T* next = buffer.data();
+  for (size_t i = 0; i < kSlots; ++i) {
+    *slots[i] = sizes[i] ? next : nullptr;
+    next += sizes[i];
+  }
+}
+
+// Loads the gates of L tokens (rows 0 .. L-1 of theta, eta, alpha) into ws.theta, ws.eta,
+// ws.alpha and builds the chunk's gate tables (chunk_gates.h) in ws.a, ws.g, ws.P, ws.c, ws.sig.
+template <typename T, typename Workspace>
+void load_chunk_gates(const TokenRows<const T>& theta, const TokenRows<const T>& eta,
+                      const TokenRows<const T>& alpha, int L, Workspace& ws) {
+  for (int t = 0; t < L; ++t) {
+    ws.theta[t] = *theta.row(t);
+    ws.eta[t] = *eta.row(t);
+    ws.alpha[t] = *alpha.row(t);
+  }
+  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
+}
+
+template <typename T>
+T dot(const T* x, const T* y, index_t n) {
+  T acc = 0;
+  for (index_t i = 0; i < n; ++i) acc += x[i] * y[i];
+  return acc;
+}
+
+}  // namespace titans::cpu
