@@ -93,8 +93,9 @@ struct LinearMemoryBwdParams : LinearMemoryParams {
 };
 
 // Deep memory M(x) = x + W2 act(W1 x) with W1: [N, D], W2: [D, N] (N = E * D) and a momentum
-// per weight, S1 and S2 (shared/design/mlp_dual_form.md). Every token's gradient of
-// ||M(k_t) - v_t||^2 is taken at the chunk-start weights; both weights share the gates:
+// per weight, S1 and S2 (shared/design/mlp_dual_form.md). Every token's gradient of the
+// objective's loss at M(k_t) - v_t (||.||^2 for l2) is taken at the chunk-start weights; both
+// weights share the gates:
 //   S_t = eta_t S_{t-1} - theta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t   (each of W1, W2)
 //   o_t = M_t(q_t) ("token") or M_{chunk start}(q_t) ("chunk_start").
 enum class MlpActivation : int {
@@ -113,6 +114,10 @@ struct MlpMemoryParams {
 
   // Inputs: q, k, v [B, T, H, D], gates theta, eta, alpha [B, T, H].
   TokenTensor q, k, v, theta, eta, alpha;
+
+  // Objective and retention as for the linear memory (delta: [B, T, H, D]); the retention acts on
+  // W1 and W2 separately ("kl": a softmax over each row), never on the momenta.
+  MirasParams miras;
 
   // Initial state, contiguous: w1_0, s1_0 [B, H, N, D]; w2_0, s2_0 [B, H, D, N]. The momenta
   // may be nullptr (zeros). Not __restrict__: a caller may pass one buffer twice.
@@ -153,6 +158,8 @@ struct MlpMemoryBwdParams : MlpMemoryParams {
   void* dw2_0_ptr = nullptr;
   void* ds1_0_ptr = nullptr;
   void* ds2_0_ptr = nullptr;
+  // Gradient of miras.delta_ptr, contiguous [B, T, H, D]; set when delta_ptr is.
+  void* d_delta_ptr = nullptr;
 };
 
 }  // namespace titans

@@ -52,6 +52,11 @@ const void* data_or_null(const std::optional<at::Tensor>& x) {
   return x ? x->data_ptr() : nullptr;
 }
 
+// The gradient of delta, shaped like the compute-dtype delta_c, or an empty tensor without delta.
+at::Tensor delta_gradient(const std::optional<at::Tensor>& delta_c, const at::TensorOptions& opts) {
+  return delta_c ? at::empty(delta_c->sizes(), opts) : at::empty({0}, opts);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
@@ -108,7 +113,7 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.dalpha_ptr = dalpha.data_ptr();
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
-  auto d_delta = delta_c ? at::empty(delta_c->sizes(), opts) : at::empty({0}, opts);
+  auto d_delta = delta_gradient(delta_c, opts);
   params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_bwd_cpu", [&] {
@@ -125,15 +130,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& s1,
     const std::optional<at::Tensor>& s2, int64_t chunk_size, bool read_token, c10::string_view activation,
-    bool save_states) {
+    bool save_states, int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
+    int64_t retention, double retention_q) {
   TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", w1.sizes());
   const int64_t hidden = w1.size(2);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto w1_c = *in.state(w1), w2_c = *in.state(w2);
-  const auto s1_c = in.state(s1), s2_c = in.state(s2);
+  const auto s1_c = in.state(s1), s2_c = in.state(s2), delta_c = in.state(delta);
 
   MlpMemoryParams params = in.mlp_params(hidden, chunk_size, read_token, activation);
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   params.w1_0_ptr = w1_c.data_ptr();
   params.w2_0_ptr = w2_c.data_ptr();
   params.s1_0_ptr = data_or_null(s1_c);
@@ -161,23 +168,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
+           at::Tensor, at::Tensor, at::Tensor>
 mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
                    const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
                    const at::Tensor& d_o, const std::optional<at::Tensor>& d_w1_final,
                    const std::optional<at::Tensor>& d_w2_final, const std::optional<at::Tensor>& d_s1_final,
                    const std::optional<at::Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size, bool read_token,
-                   c10::string_view activation) {
+                   c10::string_view activation, int64_t objective, double p, double eps,
+                   const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
                         chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dw1_c = in.state(d_w1_final), dw2_c = in.state(d_w2_final);
-  const auto ds1_c = in.state(d_s1_final), ds2_c = in.state(d_s2_final);
+  const auto ds1_c = in.state(d_s1_final), ds2_c = in.state(d_s2_final), delta_c = in.state(delta);
   const auto states_c = chunk_states.to(in.dtype).contiguous();
   const auto d_o_c = with_unit_inner_stride(d_o.to(in.dtype));
 
   MlpMemoryBwdParams params;
   static_cast<MlpMemoryParams&>(params) = in.mlp_params(hidden, chunk_size, read_token, activation);
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
               "mlp_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   TORCH_CHECK(d_o_c.sizes() == q.sizes(), "mlp_memory_bwd: d_o must have the shape of q / o");
@@ -203,6 +212,8 @@ mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   params.dw2_0_ptr = dw2.data_ptr();
   params.ds1_0_ptr = ds1.data_ptr();
   params.ds2_0_ptr = ds2.data_ptr();
+  auto d_delta = delta_gradient(delta_c, opts);
+  params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "mlp_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
@@ -212,7 +223,7 @@ mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return {dq.to(q.scalar_type()),         dk.to(k.scalar_type()),       dv.to(v.scalar_type()),
           dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()),   dalpha.to(alpha.scalar_type()),
           dw1,                            dw2,                          ds1,
-          ds2};
+          ds2,                            delta ? d_delta.to(delta->scalar_type()) : d_delta};
 }
 
 }  // namespace
@@ -220,8 +231,9 @@ mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 // Schemas: one forward and one backward op per memory. The forward also returns what the
 // backward needs (the chunk-start states), so autograd can be attached in Python with
 // torch.library.register_autograd and both directions stay visible to torch.compile.
-// The trailing MIRAS arguments (codes of titans_params.h; delta contiguous [B, T, H, Dv] or None)
-// default to the l2 objective and retention. d_delta is empty when delta is None.
+// The trailing MIRAS arguments of every op (codes of titans_params.h; delta contiguous
+// [B, T, H, Dv] or None) default to the l2 objective and retention. d_delta is empty when delta
+// is None.
 #define TITANS_MIRAS_ARGS \
   "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
 
@@ -240,14 +252,14 @@ TORCH_LIBRARY(titans_ext, m) {
   m.def(
       "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "
-      "bool save_states) "
+      "bool save_states, " TITANS_MIRAS_ARGS ") "
       "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)");
   m.def(
       "mlp_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_w1_final, Tensor? d_w2_final, Tensor? d_s1_final, "
-      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation) "
+      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_MIRAS_ARGS ") "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
-      "Tensor ds1, Tensor ds2)");
+      "Tensor ds1, Tensor ds2, Tensor d_delta)");
 }
 
 TORCH_LIBRARY_IMPL(titans_ext, CPU, m) {

@@ -39,6 +39,53 @@ TokenRows<P> contiguous_rows(P* base, const Params& p, int b, int h, int D) {
   return {base + (index_t(b) * p.seqlen * p.heads + h) * D, index_t(p.heads) * D};
 }
 
+// Inputs of one (batch, head) of a memory kernel, shifted with at(t) to a chunk's first token.
+// delta (the MIRAS objective's threshold) has a null ptr when the objective has none.
+template <typename T>
+struct HeadInputs {
+  TokenRows<const T> q, k, v, theta, eta, alpha, delta;
+  HeadInputs at(int t) const {
+    return {q.from(t), k.from(t), v.from(t), theta.from(t), eta.from(t), alpha.from(t), delta.from(t)};
+  }
+};
+
+// One (batch, head) sequence: its index bh = b * heads + h and its inputs. Params: a memory
+// kernel's params (titans_params.h); dv: the width of v and delta.
+template <typename T>
+struct Head {
+  int b, h;
+  index_t bh;
+  HeadInputs<T> inputs;
+
+  template <typename Params>
+  Head(const Params& p, index_t bh_, int dv)
+      : b(int(bh_ / p.heads)), h(int(bh_ % p.heads)), bh(bh_),
+        inputs{token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
+               token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
+               contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, dv)} {}
+};
+
+// Gradients of one (batch, head), laid out like HeadInputs (d_delta: null without delta).
+template <typename T>
+struct HeadGrads {
+  TokenRows<T> dq, dk, dv, dtheta, deta, dalpha, d_delta;
+  HeadGrads at(int t) const {
+    return {dq.from(t), dk.from(t), dv.from(t), dtheta.from(t), deta.from(t), dalpha.from(t), d_delta.from(t)};
+  }
+};
+
+// BwdParams: a memory kernel's backward params, whose gradients are contiguous [B, T, H, ...].
+template <typename T, typename BwdParams>
+HeadGrads<T> head_grads(const BwdParams& p, int b, int h, int dk, int dv) {
+  return {contiguous_rows(static_cast<T*>(p.dq_ptr), p, b, h, dk),
+          contiguous_rows(static_cast<T*>(p.dk_ptr), p, b, h, dk),
+          contiguous_rows(static_cast<T*>(p.dv_ptr), p, b, h, dv),
+          contiguous_rows(static_cast<T*>(p.dtheta_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.deta_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.dalpha_ptr), p, b, h, 1),
+          contiguous_rows(static_cast<T*>(p.d_delta_ptr), p, b, h, dv)};
+}
+
 // Carves one zero-filled buffer into consecutive slots of the given sizes (size 0: nullptr).
 template <typename T, size_t kSlots>
 void carve_buffer(std::vector<T>& buffer, const size_t (&sizes)[kSlots], T** const (&slots)[kSlots]) {

@@ -27,49 +27,6 @@
 namespace titans::cpu {
 namespace {
 
-// Inputs of one (batch, head), shifted with at(t0) to a chunk's first token.
-template <typename T>
-struct HeadInputs {
-  TokenRows<const T> q, k, v, theta, eta, alpha, delta;
-  HeadInputs at(int t) const {
-    return {q.from(t), k.from(t), v.from(t), theta.from(t), eta.from(t), alpha.from(t), delta.from(t)};
-  }
-};
-
-// One (batch, head) sequence: its index bh = b * heads + h and its inputs.
-template <typename T>
-struct Head {
-  int b, h;
-  index_t bh;
-  HeadInputs<T> inputs;
-
-  Head(const LinearMemoryParams& p, index_t bh_)
-      : b(int(bh_ / p.heads)), h(int(bh_ % p.heads)), bh(bh_),
-        inputs{token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
-               token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
-               contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, p.dv)} {}
-};
-
-// Gradients of one (batch, head), same layout.
-template <typename T>
-struct HeadGrads {
-  TokenRows<T> dq, dk, dv, dtheta, deta, dalpha, d_delta;
-  HeadGrads at(int t) const {
-    return {dq.from(t), dk.from(t), dv.from(t), dtheta.from(t), deta.from(t), dalpha.from(t), d_delta.from(t)};
-  }
-};
-
-template <typename T>
-HeadGrads<T> head_grads(const LinearMemoryBwdParams& p, int b, int h) {
-  return {contiguous_rows(static_cast<T*>(p.dq_ptr), p, b, h, p.dk),
-          contiguous_rows(static_cast<T*>(p.dk_ptr), p, b, h, p.dk),
-          contiguous_rows(static_cast<T*>(p.dv_ptr), p, b, h, p.dv),
-          contiguous_rows(static_cast<T*>(p.dtheta_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.deta_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.dalpha_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.d_delta_ptr), p, b, h, p.dv)};
-}
-
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
 template <typename T>
 struct Workspace {
@@ -139,75 +96,34 @@ void read_state_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, c
   matmul(true, false, Dv, Dk, L, T(1), dO.ptr, dO.stride, x.q.ptr, x.q.stride, T(1), dM, Dk);
 }
 
-// ---- Retention "kl": Memora's lag token (token 0 of x) from MS = [M; S], in place:
-//   S <- eta S - theta e k^T  (e = f(M k - v)),   M <- rowsoftmax((1 - alpha) log max(M, floor) + S).
+// ---- Retention "kl": Memora's lag token (token 0 of x) from MS = [M; S], in place (kl_step
+// with the inner gradient e k^T, e = f(M k - v)). Leaves the token's residual and error in ws.R, ws.E.
 
 template <typename T, typename Objective>
 void kl_lag_step(const Objective& objective, const HeadInputs<T>& x, int Dk, int Dv, T* MS, Workspace<T>& ws) {
-  const index_t state_size = index_t(Dv) * Dk;
-  T* M = MS;
-  T* S = MS + state_size;
-  chunk_errors(objective, x, 1, Dk, Dv, M, ws.R, ws.E);
-  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
-  const T* k = x.k.row(0);
-  for (int i = 0; i < Dv; ++i) {
-    T* m = M + i * Dk;
-    T* s = S + i * Dk;
-    T row_max = -INFINITY;
-    for (int j = 0; j < Dk; ++j) {
-      s[j] = eta * s[j] - theta * ws.E[i] * k[j];
-      m[j] = beta * std::log(std::max(m[j], T(kKlLogFloor))) + s[j];
-      row_max = std::max(row_max, m[j]);
-    }
-    T total = 0;
-    for (int j = 0; j < Dk; ++j) total += (m[j] = std::exp(m[j] - row_max));
-    for (int j = 0; j < Dk; ++j) m[j] /= total;
-  }
+  chunk_errors(objective, x, 1, Dk, Dv, MS, ws.R, ws.E);
+  kl_step(MS, MS + index_t(Dv) * Dk, Dv, Dk, ws.E, x.k.row(0), *x.theta.row(0), *x.eta.row(0),
+          T(1) - *x.alpha.row(0));
 }
 
-// Backward of kl_lag_step. MS_prev: its input; MS1: its output; dMS1: the output's cotangent
-// (consumed). Writes the input's cotangent to dMS_prev and token 0's gradients; ws.R and ws.E
-// must hold the lag token's residual and error (kl_lag_step leaves them there).
+// Backward of kl_lag_step. MS_prev: its input; MS1: its output; dMS: the output's cotangent,
+// turned in place into the input's. Writes token 0's gradients; ws.R and ws.E must hold the lag
+// token's residual and error (as kl_lag_step leaves them).
 template <typename T, typename Objective>
 void kl_lag_step_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int Dk,
-                          int Dv, const T* MS_prev, const T* MS1, T* dMS1, T* dMS_prev, Workspace<T>& ws) {
+                          int Dv, const T* MS_prev, const T* MS1, T* dMS, Workspace<T>& ws) {
   const index_t state_size = index_t(Dv) * Dk;
-  const T* M_prev = MS_prev;
-  const T* S_prev = MS_prev + state_size;
-  const T* M1 = MS1;
-  T* dZ = dMS1;  // the softmax backward turns dM1 into the logits' cotangent in place
-  T* dS1 = dMS1 + state_size;
-  T* dM_prev = dMS_prev;
-  T* dS_prev = dMS_prev + state_size;
-  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
-  const T* k = x.k.row(0);
   T* dk = grads.dk.row(0);
   T* de = ws.narrow;  // [Dv]: cotangent of the lag token's error
   std::fill(dk, dk + Dk, T(0));
-  T d_beta = 0, d_eta = 0, d_theta = 0;
-  for (int i = 0; i < Dv; ++i) {
-    const index_t row = index_t(i) * Dk;
-    const T row_dot = dot(dZ + row, M1 + row, Dk);
-    T dsk = 0;  // (dS1 k)_i
-    for (int j = 0; j < Dk; ++j) {
-      const index_t ij = row + j;
-      dZ[ij] = M1[ij] * (dZ[ij] - row_dot);
-      dS1[ij] += dZ[ij];  // the logits are (1 - alpha) log M_prev + S1
-      const T clamped = std::max(M_prev[ij], T(kKlLogFloor));
-      d_beta += dZ[ij] * std::log(clamped);
-      dM_prev[ij] = M_prev[ij] >= T(kKlLogFloor) ? beta * dZ[ij] / M_prev[ij] : T(0);
-      dS_prev[ij] = eta * dS1[ij];
-      d_eta += dS1[ij] * S_prev[ij];
-      dsk += dS1[ij] * k[j];
-      dk[j] -= theta * dS1[ij] * ws.E[i];
-    }
-    d_theta -= ws.E[i] * dsk;
-    de[i] = -theta * dsk;
-  }
-  *grads.dalpha.row(0) = -d_beta;
-  *grads.deta.row(0) = d_eta;
-  *grads.dtheta.row(0) = d_theta;
-  chunk_errors_backward(objective, x, grads, 1, Dk, Dv, M_prev, ws.R, de, dM_prev);
+  std::fill(de, de + Dv, T(0));
+  KlGateGrads<T> gate_grads;
+  kl_step_backward(MS_prev, MS_prev + state_size, MS1, Dv, Dk, ws.E, x.k.row(0), *x.theta.row(0), *x.eta.row(0),
+                   T(1) - *x.alpha.row(0), dMS, dMS + state_size, de, dk, gate_grads);
+  *grads.dalpha.row(0) = -gate_grads.beta;
+  *grads.deta.row(0) = gate_grads.eta;
+  *grads.dtheta.row(0) = gate_grads.theta;
+  chunk_errors_backward(objective, x, grads, 1, Dk, Dv, MS_prev, ws.R, de, dMS);
 }
 
 // ---- One chunk of L tokens (tokens 0..L-1 of x) from MS = [M0; S0]: errors, token reads (when
@@ -417,7 +333,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
   const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const RetentionKind retention = p.miras.retention;
   const TokenRows<const T> d_o = token_rows<T>(p.d_o, head.b, head.h);
-  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h);
+  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h, Dk, Dv);
 
   T* dMS = ws.state;         // cotangent of the current chunk's end state
   T* dMS0 = ws.start_grad;   // cotangent of the state its linear part starts from
@@ -451,17 +367,15 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
     } else {
       std::memcpy(dMS0, dMS, 2 * state_size * sizeof(T));
     }
-    T* d_chunk_memory = dMS0;
     if (retention == RetentionKind::kl) {
       if (p.read_token) read_state_backward(x, dO, grads, 1, Dk, Dv, MS0, dMS0);
       // The lag token's residual and error, overwritten by chunk_backward, are needed again.
       chunk_errors(objective, x, 1, Dk, Dv, saved, ws.R, ws.E);
-      kl_lag_step_backward(objective, x, grads, Dk, Dv, saved, MS0, dMS0, dMS, ws);
-      d_chunk_memory = dMS;
+      kl_lag_step_backward(objective, x, grads, Dk, Dv, saved, MS0, dMS0, ws);
     }
-    if (!p.read_token) read_state_backward(x, dO, grads, L, Dk, Dv, chunk_memory, d_chunk_memory);
+    if (!p.read_token) read_state_backward(x, dO, grads, L, Dk, Dv, chunk_memory, dMS0);
     if (retention == RetentionKind::lq) lq_rescale_backward(saved, state_size, T(p.miras.q), dMS0);
-    if (retention != RetentionKind::kl) std::swap(dMS, dMS0);  // kl wrote the carried cotangent to dMS
+    std::swap(dMS, dMS0);
   }
   std::memcpy(static_cast<T*>(p.dm0_ptr) + bh * state_size, dMS, state_size * sizeof(T));
   std::memcpy(static_cast<T*>(p.ds0_ptr) + bh * state_size, dMS + state_size, state_size * sizeof(T));
@@ -474,7 +388,7 @@ void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      forward_head<T>(params, objective, Head<T>(params, bh), ws);
+      forward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);
   });
 }
 
@@ -483,7 +397,7 @@ void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, in
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      backward_head<T>(params, objective, Head<T>(params, bh), ws);
+      backward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);
   });
 }
 

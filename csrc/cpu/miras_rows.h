@@ -1,8 +1,9 @@
 // MIRAS helpers shared by the CPU memory kernels (torch-free): the objective applied to the
-// residual rows of a chunk, and the "lq" retention's rescale of one weight matrix
-// (shared/design/miras.md §2).
+// residual rows of a chunk, the "lq" retention's rescale of one weight matrix and the "kl"
+// retention's softmax step on one weight matrix (shared/design/miras.md §2).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "objectives.h"
@@ -69,6 +70,61 @@ void lq_rescale_backward(const T* M, index_t n, T q, T* dM) {
   for (index_t i = 0; i < n; ++i) dM_dot_M += dM[i] * M[i];
   const T coef = dM_dot_M * (T(2) - q) * std::pow(sum, (T(2) - T(2) * q) / q);
   for (index_t i = 0; i < n; ++i) dM[i] = rho * dM[i] + coef * sign_of(M[i]) * std::pow(std::fabs(M[i]), q - T(1));
+}
+
+// ---- Retention "kl": Memora's step (the lag token of a chunk) on one weight matrix M [rows, cols]
+// with momentum S, whose inner gradient is the rank-1 u = x y^T (e k^T for the linear memory,
+// dz k^T and e h^T for the MLP's two weights), in place:
+//   S <- eta S - theta x y^T,   M <- rowsoftmax(beta log max(M, kKlLogFloor) + S),  beta = 1 - alpha.
+
+template <typename T>
+void kl_step(T* M, T* S, int rows, int cols, const T* x, const T* y, T theta, T eta, T beta) {
+  for (int i = 0; i < rows; ++i) {
+    T* m = M + index_t(i) * cols;
+    T* s = S + index_t(i) * cols;
+    T row_max = -INFINITY;
+    for (int j = 0; j < cols; ++j) {
+      s[j] = eta * s[j] - theta * x[i] * y[j];
+      m[j] = beta * std::log(std::max(m[j], T(kKlLogFloor))) + s[j];
+      row_max = std::max(row_max, m[j]);
+    }
+    T total = 0;
+    for (int j = 0; j < cols; ++j) total += (m[j] = std::exp(m[j] - row_max));
+    for (int j = 0; j < cols; ++j) m[j] /= total;
+  }
+}
+
+// Cotangents of the gates of kl steps, summed over the matrices that share them.
+template <typename T>
+struct KlGateGrads {
+  T theta = 0, eta = 0, beta = 0;
+};
+
+// Backward of kl_step. M_prev, S_prev: its inputs; M1: its output M. dM, dS: the cotangents of
+// its outputs, turned in place into those of its inputs. Adds the cotangents of x, y to dx [rows],
+// dy [cols] and those of the gates to grads. The clamp passes no gradient below kKlLogFloor.
+template <typename T>
+void kl_step_backward(const T* M_prev, const T* S_prev, const T* M1, int rows, int cols, const T* x, const T* y,
+                      T theta, T eta, T beta, T* dM, T* dS, T* dx, T* dy, KlGateGrads<T>& grads) {
+  for (int i = 0; i < rows; ++i) {
+    const index_t row = index_t(i) * cols;
+    T row_dot = 0;
+    for (int j = 0; j < cols; ++j) row_dot += dM[row + j] * M1[row + j];
+    T ds_y = 0;  // (dS_total y)_i
+    for (int j = 0; j < cols; ++j) {
+      const index_t ij = row + j;
+      const T d_logit = M1[ij] * (dM[ij] - row_dot);  // softmax backward
+      const T ds = dS[ij] + d_logit;                  // the logits contain the new S
+      grads.beta += d_logit * std::log(std::max(M_prev[ij], T(kKlLogFloor)));
+      grads.eta += ds * S_prev[ij];
+      dM[ij] = M_prev[ij] >= T(kKlLogFloor) ? beta * d_logit / M_prev[ij] : T(0);
+      dS[ij] = eta * ds;
+      ds_y += ds * y[j];
+      dy[j] -= theta * ds * x[i];
+    }
+    grads.theta -= x[i] * ds_y;
+    dx[i] -= theta * ds_y;
+  }
 }
 
 }  // namespace titans::cpu

@@ -1,16 +1,20 @@
 // CPU kernels of the deep memory M(x) = x + W2 act(W1 x): the chunked dual form of
-// shared/design/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time.
+// shared/design/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time,
+// with the MIRAS objectives and retentions of miras.md §2.
 //
 // Per chunk of L tokens, from the chunk-start weights W1 [N, D], W2 [D, N] and momenta S1, S2
 // (rows = tokens, `x * A` scales row t of A by x_t):
-//   key path    Z = K W1^T, H = act(Z), E = 2 (K + H W2^T - V), G = E W2, DZ = G .* act'(Z)
-//               (row t of DZ, E: the errors at the hidden and output layer of token t's loss)
+//   key path    Z = K W1^T, H = act(Z), R = K + H W2^T - V, E = f(R), G = E W2, DZ = G .* act'(Z)
+//               (row t of DZ, E: the errors at the hidden and output layer of token t's loss;
+//               f = 2r for the l2 objective, objectives.h)
 //   read token  Zq = a * (Q W1^T) + g * (Q S1^T) + ((Q K^T) .* c) DZ,   Hq = act(Zq)
 //               O  = Q + a * (Hq W2^T) + g * (Hq S2^T) + ((Hq H^T) .* c) E
 //   read start  O  = Q + act(Q W1^T) W2^T
 //   chunk end   W1' = a_L W1 + g_L S1 + (m * DZ)^T K,   S1' = p_L S1 + (s * DZ)^T K
 //               W2' = a_L W2 + g_L S2 + (m * E)^T H,    S2' = p_L S2 + (s * E)^T H
-// with a, g, c, P and sig the gate tables of chunk_gates.h and m, s their last rows.
+// with a, g, c, P and sig the gate tables of chunk_gates.h and m, s their last rows. The
+// retention acts at the chunk start on W1 and W2 separately: "lq" rescales each, "kl" runs the
+// chunk's first token as Memora's softmax step on each (per row) and the rest as an ordinary chunk.
 //
 // A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
 // [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
@@ -26,6 +30,8 @@
 #include "cpu/chunk_gates.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
+#include "cpu/miras_rows.h"
+#include "objectives.h"
 
 namespace titans::cpu {
 namespace {
@@ -129,84 +135,157 @@ struct Workspace {
   T *c, *sig;                          // [C * C] gate tables
   T *QK, *QKc, *HH, *HHc;              // [C * C]: Q K^T, Hq H^T and their products with c
   T *Z, *H, *G, *DZ, *act1;            // [C, N] key path; act1 = act'(Z)
-  T *E;                                // [C, D]
+  T *R, *E;                            // [C, D]: residuals M(k) - v and errors f(R)
   T *X, *wide;                         // [C, 2N]: [Q W1^T | Q S1^T]; pair products
   T *Zq, *Hq;                          // [C, N] query path
   T *state;                            // [4, N * D]: the state (forward), its cotangent (backward)
+  T *start;                            // [4, N * D]: a state a chunk starts from or reads (retention)
   T *act2, *actq1;                     // [C, N] (backward): act''(Z), act'(Zq)
   T *dE, *dH, *dDZ, *dHq, *dA;         // [C, D], [C, N] x 3, [C * C] (backward)
   T *coef_grad, *gate_scratch;         // d_a, d_g, d_sig_last [C] x 3 + d_c [C * C]; [2 (C + 2)]
 
   Workspace(int C, int D, int N, bool backward) {
-    const size_t c1 = C, CC = c1 * C, CN = c1 * N, CD = c1 * D, bwd = backward ? 1 : 0;
-    const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, 2 * CN, 2 * CN,
-                            CN, CN, 4 * size_t(N) * D, bwd * CN, bwd * CN, bwd * CD, bwd * CN, bwd * CN,
-                            bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2)};
-    T** const slots[] = {&theta, &eta, &alpha, &a,    &g,     &P,   &c,   &sig, &QK,  &QKc, &HH,
-                   &HHc,   &Z,   &H,     &G,    &DZ,    &act1, &E,  &X,   &wide, &Zq, &Hq,
-                   &state, &act2, &actq1, &dE,  &dH,    &dDZ, &dHq, &dA,  &coef_grad, &gate_scratch};
+    const size_t c1 = C, CC = c1 * C, CN = c1 * N, CD = c1 * D, bwd = backward ? 1 : 0, S4 = 4 * size_t(N) * D;
+    const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, CD,
+                            2 * CN, 2 * CN, CN, CN, S4, S4, bwd * CN, bwd * CN, bwd * CD, bwd * CN,
+                            bwd * CN, bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2)};
+    T** const slots[] = {&theta, &eta, &alpha, &a,     &g,     &P,    &c,   &sig, &QK,  &QKc,      &HH,
+                         &HHc,   &Z,   &H,     &G,     &DZ,    &act1, &R,   &E,   &X,   &wide,     &Zq,
+                         &Hq,    &state, &start, &act2, &actq1, &dE,  &dH,  &dDZ, &dHq, &dA, &coef_grad,
+                         &gate_scratch};
     carve_buffer(buffer, sizes, slots);
   }
 };
 
-// Key path: Z, H, act'(Z), E, G, DZ (and act''(Z) for the backward) at the chunk-start weights.
-template <typename T>
-void key_path(const MlpMemoryParams& p, int L, TokenRows<const T> K, TokenRows<const T> V, const T* state, Workspace<T>& ws,
-              bool for_backward) {
+// Key path: Z, H, act'(Z), the residuals R = K + H W2^T - V, the errors E = f(R) (the objective),
+// G and DZ (and act''(Z) for the backward) at the chunk-start weights, for tokens 0..L-1 of x.
+template <typename T, typename Objective>
+void key_path(const MlpMemoryParams& p, const Objective& objective, int L, const HeadInputs<T>& x,
+              const T* state, Workspace<T>& ws, bool for_backward) {
   const int D = p.dim, N = p.hidden;
-  const index_t block = index_t(N) * D;
   const T* W1 = state;
-  const T* W2 = state + 2 * block;
-  matmul(false, true, L, N, D, T(1), K.ptr, K.stride, W1, D, T(0), ws.Z, N);
+  const T* W2 = state + 2 * index_t(N) * D;
+  matmul(false, true, L, N, D, T(1), x.k.ptr, x.k.stride, W1, D, T(0), ws.Z, N);
   activation(p.activation, index_t(L) * N, ws.Z, ws.H, ws.act1, for_backward ? ws.act2 : nullptr);
-  matmul(false, true, L, D, N, T(2), ws.H, N, W2, N, T(0), ws.E, D);
-  for (int t = 0; t < L; ++t)
-    for (int j = 0; j < D; ++j) ws.E[t * D + j] += T(2) * (K.ptr[t * K.stride + j] - V.ptr[t * V.stride + j]);
+  matmul(false, true, L, D, N, T(1), ws.H, N, W2, N, T(0), ws.R, D);
+  for (int t = 0; t < L; ++t) {
+    T* r = ws.R + t * D;
+    const T* k = x.k.row(t);
+    const T* v = x.v.row(t);
+    for (int j = 0; j < D; ++j) r[j] += k[j] - v[j];
+    objective_error_row(objective, r, x.delta.ptr ? x.delta.row(t) : nullptr, D, ws.E + t * D);
+  }
   matmul(false, false, L, N, D, T(1), ws.E, D, W2, N, T(0), ws.G, N);
   for (index_t i = 0; i < index_t(L) * N; ++i) ws.DZ[i] = ws.G[i] * ws.act1[i];
 }
 
-// Query path: Zq, Hq (and act'(Zq) for the backward); for read "token" also the masked
-// products Q K^T .* c and Hq H^T .* c, with their unmasked factors.
-template <typename T>
-void query_path(const MlpMemoryParams& p, int L, TokenRows<const T> Q, TokenRows<const T> K, const T* state, Workspace<T>& ws,
-                bool for_backward) {
+// Backward of key_path, from the cotangents of DZ (ws.dDZ), E (ws.dE) and H (ws.dH), all consumed:
+// sets dV and d delta, adds to dK and to the chunk-start state's cotangent dstate.
+template <typename T, typename Objective>
+void key_path_backward(const MlpMemoryParams& p, const Objective& objective, int L, const HeadInputs<T>& x,
+                       const HeadGrads<T>& grads, const T* state, T* dstate, Workspace<T>& ws) {
   const int D = p.dim, N = p.hidden;
-  T* act_first = for_backward ? ws.actq1 : nullptr;
-  if (!p.read_token) {
-    matmul(false, true, L, N, D, T(1), Q.ptr, Q.stride, state, D, T(0), ws.Zq, N);
-    activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, act_first, static_cast<T*>(nullptr));
-    return;
+  const index_t block = index_t(N) * D;
+  const T* W1 = state;
+  const T* W2 = state + 2 * block;
+  T* dW1 = dstate;
+  T* dW2 = dstate + 2 * block;
+  // DZ = G .* act'(Z): G becomes dG and dDZ becomes dZ (its act'' part).
+  T* dG = ws.G;
+  T* dZ = ws.dDZ;
+  for (index_t i = 0; i < index_t(L) * N; ++i) {
+    const T d = ws.dDZ[i];
+    dZ[i] = d * ws.G[i] * ws.act2[i];
+    dG[i] = d * ws.act1[i];
   }
-  matmul(false, true, L, 2 * N, D, T(1), Q.ptr, Q.stride, state, D, T(0), ws.X, 2 * N);
-  matmul(false, true, L, L, D, T(1), Q.ptr, Q.stride, K.ptr, K.stride, T(0), ws.QK, L);
+  matmul(false, true, L, D, N, T(1), dG, N, W2, N, T(1), ws.dE, D);
+  matmul(true, false, D, N, L, T(1), ws.E, D, dG, N, T(1), dW2, N);
+  // E = f(R), R = K + H W2^T - V: dE becomes dR = dE .* f'(R) (objective_error_row_backward).
+  T* dR = ws.dE;
+  for (int t = 0; t < L; ++t) {
+    T* dr = dR + t * D;
+    objective_error_row_backward(objective, ws.R + t * D, x.delta.ptr ? x.delta.row(t) : nullptr, D, dr,
+                                 grads.d_delta.ptr ? grads.d_delta.row(t) : nullptr);
+    T* dk = grads.dk.row(t);
+    T* dv = grads.dv.row(t);
+    for (int j = 0; j < D; ++j) {
+      dv[j] = -dr[j];
+      dk[j] += dr[j];
+    }
+  }
+  matmul(false, false, L, N, D, T(1), dR, D, W2, N, T(1), ws.dH, N);
+  matmul(true, false, D, N, L, T(1), dR, D, ws.H, N, T(1), dW2, N);
+  for (index_t i = 0; i < index_t(L) * N; ++i) dZ[i] += ws.dH[i] * ws.act1[i];
+  matmul(false, false, L, D, N, T(1), dZ, N, W1, D, T(1), grads.dk.ptr, grads.dk.stride);
+  matmul(true, false, N, D, L, T(1), dZ, N, x.k.ptr, x.k.stride, T(1), dW1, D);
+}
+
+// Query path of read "token" (the dual form): Zq, Hq (and act'(Zq) for the backward) and the
+// masked products Q K^T .* c and Hq H^T .* c, with their unmasked factors.
+template <typename T>
+void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, const T* state, Workspace<T>& ws,
+                      bool for_backward) {
+  const int D = p.dim, N = p.hidden;
+  matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
+  matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L);
   // c is zero above the diagonal, so the products are causal.
   for (int i = 0; i < L * L; ++i) ws.QKc[i] = ws.QK[i] * ws.c[i];
   combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
   matmul(false, false, L, N, L, T(1), ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N);
-  activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, act_first, static_cast<T*>(nullptr));
+  activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
   matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L);
   for (int i = 0; i < L * L; ++i) ws.HHc[i] = ws.HH[i] * ws.c[i];
 }
 
-// O = Q + ... (both read modes), written with row stride ldo.
+// Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + ((Hq H^T) .* c) E, after token_query_path.
 template <typename T>
-void chunk_output(const MlpMemoryParams& p, int L, TokenRows<const T> Q, const T* state, Workspace<T>& ws, T* O, index_t ldo) {
+void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, Workspace<T>& ws,
+                const TokenRows<T>& O) {
   const int D = p.dim, N = p.hidden;
-  const T* W2S2 = state + 2 * index_t(N) * D;
-  for (int t = 0; t < L; ++t) std::memcpy(O + t * ldo, Q.ptr + t * Q.stride, D * sizeof(T));
-  if (p.read_token) {
-    matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, W2S2, N, T(0), ws.wide, 2 * D);
-    combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O, ldo);
-    matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O, ldo);
-  } else {
-    matmul(false, true, L, D, N, T(1), ws.Hq, N, W2S2, N, T(1), O, ldo);
-  }
+  for (int t = 0; t < L; ++t) std::memcpy(O.row(t), Q.row(t), D * sizeof(T));
+  matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, state + 2 * index_t(N) * D, N, T(0), ws.wide, 2 * D);
+  combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O.ptr, O.stride);
+  matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride);
+}
+
+// Zq = Q W1^T, Hq = act(Zq) (and act'(Zq) for the backward) at the weights of state.
+template <typename T>
+void plain_query_path(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, Workspace<T>& ws,
+                      bool for_backward) {
+  const int D = p.dim, N = p.hidden;
+  matmul(false, true, L, N, D, T(1), Q.ptr, Q.stride, state, D, T(0), ws.Zq, N);
+  activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
+}
+
+// O = Q + act(Q W1^T) W2^T at the weights of state: read "chunk_start", and a kl lag token's read.
+template <typename T>
+void plain_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, Workspace<T>& ws,
+                const TokenRows<T>& O) {
+  const int D = p.dim, N = p.hidden;
+  plain_query_path(p, L, Q, state, ws, false);
+  for (int t = 0; t < L; ++t) std::memcpy(O.row(t), Q.row(t), D * sizeof(T));
+  matmul(false, true, L, D, N, T(1), ws.Hq, N, state + 2 * index_t(N) * D, N, T(1), O.ptr, O.stride);
+}
+
+// Backward of plain_read: sets dQ, adds to the cotangent dstate of the weights read.
+template <typename T>
+void plain_read_backward(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const TokenRows<const T>& dO,
+                         const TokenRows<T>& dQ, const T* state, T* dstate, Workspace<T>& ws) {
+  const int D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  plain_query_path(p, L, Q, state, ws, true);
+  T* dZq = ws.dHq;  // dHq becomes dZq = dHq .* act'(Zq) in place
+  matmul(false, false, L, N, D, T(1), dO.ptr, dO.stride, state + 2 * block, N, T(0), ws.dHq, N);
+  matmul(true, false, D, N, L, T(1), dO.ptr, dO.stride, ws.Hq, N, T(1), dstate + 2 * block, N);
+  for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
+  for (int t = 0; t < L; ++t) std::memcpy(dQ.row(t), dO.row(t), D * sizeof(T));
+  matmul(false, false, L, D, N, T(1), dZq, N, state, D, T(1), dQ.ptr, dQ.stride);
+  matmul(true, false, N, D, L, T(1), dZq, N, Q.ptr, Q.stride, T(1), dstate, D);
 }
 
 // The chunk-end state, in place.
 template <typename T>
-void update_state(const MlpMemoryParams& p, int L, TokenRows<const T> K, T* state, Workspace<T>& ws) {
+void update_state(const MlpMemoryParams& p, int L, const TokenRows<const T>& K, T* state, Workspace<T>& ws) {
   const int D = p.dim, N = p.hidden;
   const index_t block = index_t(N) * D;
   const T* m = ws.c + (L - 1) * L;
@@ -225,6 +304,182 @@ void update_state(const MlpMemoryParams& p, int L, TokenRows<const T> K, T* stat
   matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.H, N, T(1), state + 2 * block, N);
 }
 
+// One chunk of L tokens (tokens 0..L-1 of x) from state: its token reads (when token_reads) and
+// its end state, written over state. The retention step happened before.
+template <typename T, typename Objective>
+void chunk_forward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x, int L,
+                   bool token_reads, const TokenRows<T>& O, T* state, Workspace<T>& ws) {
+  load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
+  key_path(p, objective, L, x, state, ws, false);
+  if (token_reads) {
+    token_query_path(p, L, x, state, ws, false);
+    token_read(p, L, x.q, state, ws, O);
+  }
+  update_state(p, L, x.k, state, ws);
+}
+
+// Backward of chunk_forward (mlp_dual_form.md §4): dstate, the cotangent of the chunk-end state,
+// becomes in place that of the chunk-start state; writes the gradients of tokens 0..L-1 (dQ only
+// with token_reads).
+template <typename T, typename Objective>
+void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x,
+                    const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L, bool token_reads,
+                    const T* state, T* dstate, Workspace<T>& ws) {
+  const int C = p.chunk_size, D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  const T* W1 = state;
+  const T* S1 = state + block;
+  const T* W2 = state + 2 * block;
+  const T* S2 = state + 3 * block;
+  T* dW1 = dstate;
+  T* dW2 = dstate + 2 * block;
+  const TokenRows<const T>& Q = x.q;
+  const TokenRows<const T>& K = x.k;
+  T* dK = grads.dk.ptr;
+  const index_t dks = grads.dk.stride;
+  T* d_a = ws.coef_grad;
+  T* d_g = d_a + C;
+  T* d_sig_last = d_g + C;
+  T* d_c = d_sig_last + C;
+
+  // Recompute the chunk's activations from its start state.
+  load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
+  key_path(p, objective, L, x, state, ws, true);
+  if (token_reads) token_query_path(p, L, x, state, ws, true);
+  std::fill(d_a, d_a + 3 * C + C * C, T(0));
+  const T* m = ws.c + (L - 1) * L;
+  const T* s = ws.sig + (L - 1) * L;
+  T* d_c_last = d_c + (L - 1) * L;
+
+  // End-state paths, from the cotangent of the chunk-end state (still in dstate).
+  // [K dW1'^T | K dS1'^T] gives dDZ and the c, sig cotangents of row L.
+  matmul(false, true, L, 2 * N, D, T(1), K.ptr, K.stride, dstate, D, T(0), ws.wide, 2 * N);
+  combine_pair(L, N, ws.wide, m, s, T(0), ws.dDZ, N);
+  for (int t = 0; t < L; ++t) {
+    d_c_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N, N);
+    d_sig_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N + N, N);
+  }
+  // [H dW2'^T | H dS2'^T] gives dE.
+  matmul(false, true, L, 2 * D, N, T(1), ws.H, N, dstate + 2 * block, N, T(0), ws.wide, 2 * D);
+  combine_pair(L, D, ws.wide, m, s, T(0), ws.dE, D);
+  for (int t = 0; t < L; ++t) {
+    d_c_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D, D);
+    d_sig_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D + D, D);
+  }
+  // dK = [m * DZ | s * DZ] [dW1'; dS1'],  dH = [m * E | s * E] [dW2'; dS2'].
+  scale_rows_pair(L, N, ws.DZ, index_t(N), m, s, ws.wide);
+  matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, dstate, D, T(0), dK, dks);
+  scale_rows_pair(L, D, ws.E, index_t(D), m, s, ws.wide);
+  matmul(false, false, L, N, 2 * D, T(1), ws.wide, 2 * D, dstate + 2 * block, N, T(0), ws.dH, N);
+  d_a[L - 1] += dot(dW1, W1, block) + dot(dW2, W2, block);
+  d_g[L - 1] += dot(dW1, S1, block) + dot(dW2, S2, block);
+  const T d_P_last = dot(dW1 + block, S1, block) + dot(dW2 + block, S2, block);
+  // From here dstate accumulates the cotangent of the chunk-start state.
+  const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
+  for (T* dW : {dW1, dW2}) {
+    T* dS = dW + block;
+    for (index_t i = 0; i < block; ++i) {
+      dS[i] = g_L * dW[i] + p_L * dS[i];
+      dW[i] = a_L * dW[i];
+    }
+  }
+
+  // Token read-out paths; dHq becomes dZq = dHq .* act'(Zq) in place.
+  if (token_reads) {
+    T* dQ = grads.dq.ptr;
+    const index_t dqs = grads.dq.stride;
+    const T* dOp = dO.ptr;
+    const index_t dos = dO.stride;
+    T* dZq = ws.dHq;
+    for (int t = 0; t < L; ++t) std::memcpy(dQ + t * dqs, dOp + t * dos, D * sizeof(T));
+    // [dO W2 | dO S2] gives dHq and, against Hq, the a and g cotangents.
+    matmul(false, false, L, N, D, T(1), dOp, dos, W2, N, T(0), ws.wide, 2 * N);
+    matmul(false, false, L, N, D, T(1), dOp, dos, S2, N, T(0), ws.wide + N, 2 * N);
+    for (int t = 0; t < L; ++t) {
+      d_a[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N, N);
+      d_g[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N + N, N);
+    }
+    combine_pair(L, N, ws.wide, ws.a, ws.g, T(0), ws.dHq, N);
+    // [dW2; dS2] += [a * dO | g * dO]^T Hq.
+    scale_rows_pair(L, D, dOp, dos, ws.a, ws.g, ws.wide);
+    matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dW2, N);
+    // Masked product (Hq H^T .* c) E: dA = dO E^T (its causal part is used).
+    T* dA = ws.dA;
+    matmul(false, true, L, L, D, T(1), dOp, dos, ws.E, D, T(0), dA, L);
+    for (int t = 0; t < L; ++t)
+      for (int i = 0; i <= t; ++i) d_c[t * L + i] += dA[t * L + i] * ws.HH[t * L + i];
+    for (int i = 0; i < L * L; ++i) dA[i] *= ws.c[i];
+    matmul(true, false, L, D, L, T(1), ws.HHc, L, dOp, dos, T(1), ws.dE, D);
+    matmul(false, false, L, N, L, T(1), dA, L, ws.H, N, T(1), ws.dHq, N);
+    matmul(true, false, L, N, L, T(1), dA, L, ws.Hq, N, T(1), ws.dH, N);
+    for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
+    // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
+    // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
+    for (int t = 0; t < L; ++t) {
+      d_a[t] += dot(dZq + t * N, ws.X + t * 2 * N, N);
+      d_g[t] += dot(dZq + t * N, ws.X + t * 2 * N + N, N);
+    }
+    scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
+    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, W1, D, T(1), dQ, dqs);
+    matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dW1, D);
+    // Masked product (Q K^T .* c) DZ: dB = dZq DZ^T.
+    T* dB = ws.dA;
+    matmul(false, true, L, L, N, T(1), dZq, N, ws.DZ, N, T(0), dB, L);
+    for (int t = 0; t < L; ++t)
+      for (int i = 0; i <= t; ++i) d_c[t * L + i] += dB[t * L + i] * ws.QK[t * L + i];
+    for (int i = 0; i < L * L; ++i) dB[i] *= ws.c[i];
+    matmul(true, false, L, N, L, T(1), ws.QKc, L, dZq, N, T(1), ws.dDZ, N);
+    matmul(false, false, L, D, L, T(1), dB, L, K.ptr, K.stride, T(1), dQ, dqs);
+    matmul(true, false, L, D, L, T(1), dB, L, Q.ptr, Q.stride, T(1), dK, dks);
+  }
+
+  key_path_backward(p, objective, L, x, grads, state, dstate, ws);
+  chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
+                      ws.gate_scratch, grads.dtheta.ptr, grads.deta.ptr, grads.dalpha.ptr, grads.dtheta.stride);
+}
+
+// ---- Retention "kl": Memora's lag token (token 0 of x) on each weight with its momentum, in
+// place (kl_step with the inner gradients u1 = dz k^T and u2 = e h^T at the previous weights).
+
+template <typename T, typename Objective>
+void kl_lag_step(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x, T* state,
+                 Workspace<T>& ws) {
+  const int D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  key_path(p, objective, 1, x, state, ws, false);
+  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
+  kl_step(state, state + block, N, D, ws.DZ, x.k.row(0), theta, eta, beta);
+  kl_step(state + 2 * block, state + 3 * block, D, N, ws.E, ws.H, theta, eta, beta);
+}
+
+// Backward of kl_lag_step. state_prev: its input; state1: its output; dstate: the output's
+// cotangent, turned in place into the input's. Writes token 0's gradients except dq.
+template <typename T, typename Objective>
+void kl_lag_step_backward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x,
+                          const HeadGrads<T>& grads, const T* state_prev, const T* state1, T* dstate,
+                          Workspace<T>& ws) {
+  const int D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  key_path(p, objective, 1, x, state_prev, ws, true);
+  const T theta = *x.theta.row(0), eta = *x.eta.row(0), beta = T(1) - *x.alpha.row(0);
+  T* dk = grads.dk.row(0);
+  std::fill(dk, dk + D, T(0));
+  std::fill(ws.dDZ, ws.dDZ + N, T(0));
+  std::fill(ws.dE, ws.dE + D, T(0));
+  std::fill(ws.dH, ws.dH + N, T(0));
+  KlGateGrads<T> gate_grads;
+  kl_step_backward(state_prev, state_prev + block, state1, N, D, ws.DZ, x.k.row(0), theta, eta, beta, dstate,
+                   dstate + block, ws.dDZ, dk, gate_grads);
+  kl_step_backward(state_prev + 2 * block, state_prev + 3 * block, state1 + 2 * block, D, N, ws.E, ws.H, theta, eta,
+                   beta, dstate + 2 * block, dstate + 3 * block, ws.dE, ws.dH, gate_grads);
+  *grads.dalpha.row(0) = -gate_grads.beta;
+  *grads.deta.row(0) = gate_grads.eta;
+  *grads.dtheta.row(0) = gate_grads.theta;
+  key_path_backward(p, objective, 1, x, grads, state_prev, dstate, ws);
+}
+
+// ---- Whole sequences of one (batch, head).
+
 // The four blocks of a state in [W1 | S1 | W2 | S2] order: from the (batch, head) at element
 // offset of four [B, H, ...] tensors (nullptr: zeros), or into them (nullptr: not wanted).
 template <typename T>
@@ -242,17 +497,23 @@ void store_state(const T* state, index_t offset, index_t block, void* const (&bl
     if (blocks[i]) std::memcpy(static_cast<T*>(blocks[i]) + offset, state + i * block, block * sizeof(T));
 }
 
+// The "lq" rescale of W1 and W2 (not of the momenta), and its backward on the cotangent dstate.
 template <typename T>
-void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
+void lq_rescale_weights(T* state, index_t block, T q) {
+  for (T* W : {state, state + 2 * block}) lq_rescale(W, block, q);
+}
+
+template <typename T>
+void lq_rescale_weights_backward(const T* state, index_t block, T q, T* dstate) {
+  for (int w : {0, 2}) lq_rescale_backward(state + w * block, block, q, dstate + w * block);
+}
+
+template <typename T, typename Objective>
+void forward_head(const MlpMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, D = p.dim, N = p.hidden;
-  const index_t block = index_t(N) * D;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
-  const auto theta = token_rows<T>(p.theta, b, h), eta = token_rows<T>(p.eta, b, h), alpha = token_rows<T>(p.alpha, b, h);
-  const index_t o_stride = index_t(p.heads) * D;
-  T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * p.seqlen * p.heads + h) * D;
+  const index_t block = index_t(N) * D, bh = head.bh;
+  const RetentionKind retention = p.miras.retention;
+  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, D);
 
   T* state = ws.state;
   load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, state);
@@ -267,186 +528,69 @@ void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
       T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
       std::memcpy(saved, state, 4 * block * sizeof(T));
     }
-    load_chunk_gates(theta.from(t0), eta.from(t0), alpha.from(t0), L, ws);
-    const TokenRows<const T> Q{q + t0 * p.q.seq_stride, p.q.seq_stride};
-    const TokenRows<const T> K{k + t0 * p.k.seq_stride, p.k.seq_stride};
-    const TokenRows<const T> V{v + t0 * p.v.seq_stride, p.v.seq_stride};
-    key_path(p, L, K, V, state, ws, false);
-    query_path(p, L, Q, K, state, ws, false);
-    chunk_output(p, L, Q, state, ws, o + t0 * o_stride, o_stride);
-    update_state(p, L, K, state, ws);
+    const HeadInputs<T> x = head.inputs.at(t0);
+    const TokenRows<T> O = o.from(t0);
+    // The chunk_start reads see the weights before the chunk: after the lq rescale, before kl's lag token.
+    const T* chunk_weights = state;
+    int lag = 0;
+    if (retention == RetentionKind::lq) {
+      lq_rescale_weights(state, block, T(p.miras.q));
+    } else if (retention == RetentionKind::kl) {
+      std::memcpy(ws.start, state, 4 * block * sizeof(T));
+      chunk_weights = ws.start;
+      kl_lag_step(p, objective, x, state, ws);
+      if (p.read_token) plain_read(p, 1, x.q, state, ws, O);
+      lag = 1;
+    }
+    if (!p.read_token) plain_read(p, L, x.q, chunk_weights, ws, O);
+    if (L > lag) chunk_forward(p, objective, x.at(lag), L - lag, p.read_token, O.from(lag), state, ws);
   }
   store_state(state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
 // Reverse pass over the chunks of one (batch, head), carrying the state cotangent
 // dstate = [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
-template <typename T>
-void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) {
+template <typename T, typename Objective>
+void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, D = p.dim, N = p.hidden;
-  const index_t block = index_t(N) * D;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
-  const auto theta = token_rows<T>(p.theta, b, h), eta = token_rows<T>(p.eta, b, h), alpha = token_rows<T>(p.alpha, b, h);
-  const T* d_o = head_rows<T>(p.d_o, b, h);
-  const index_t os = index_t(p.heads) * D;  // row stride of the contiguous gradients
-  const index_t gate_offset = index_t(b) * p.seqlen * p.heads + h;
-  T* dq = static_cast<T*>(p.dq_ptr) + gate_offset * D;
-  T* dk = static_cast<T*>(p.dk_ptr) + gate_offset * D;
-  T* dv = static_cast<T*>(p.dv_ptr) + gate_offset * D;
-  T* dtheta = static_cast<T*>(p.dtheta_ptr) + gate_offset;
-  T* deta = static_cast<T*>(p.deta_ptr) + gate_offset;
-  T* dalpha = static_cast<T*>(p.dalpha_ptr) + gate_offset;
+  const index_t block = index_t(N) * D, bh = head.bh;
+  const RetentionKind retention = p.miras.retention;
+  const TokenRows<const T> d_o = token_rows<T>(p.d_o, head.b, head.h);
+  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h, D, D);
 
   T* dstate = ws.state;
   load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
-  T* dW1 = dstate;
-  T* dW2 = dstate + 2 * block;
-
-  T* d_a = ws.coef_grad;
-  T* d_g = d_a + C;
-  T* d_sig_last = d_g + C;
-  T* d_c = d_sig_last + C;
 
   for (int n = p.n_chunks - 1; n >= 0; --n) {
     const int t0 = n * C, L = std::min(C, p.seqlen - t0);
-    const T* state = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
-    const T* W1 = state;
-    const T* S1 = state + block;
-    const T* W2 = state + 2 * block;
-    const T* S2 = state + 3 * block;
-    const TokenRows<const T> Q{q + t0 * p.q.seq_stride, p.q.seq_stride};
-    const TokenRows<const T> K{k + t0 * p.k.seq_stride, p.k.seq_stride};
-    const TokenRows<const T> V{v + t0 * p.v.seq_stride, p.v.seq_stride};
-    const T* dO = d_o + t0 * p.d_o.seq_stride;
-    const index_t dos = p.d_o.seq_stride;
-    T* dQ = dq + t0 * os;
-    T* dK = dk + t0 * os;
-    T* dV = dv + t0 * os;
-
-    // Recompute the chunk's activations from its start state.
-    load_chunk_gates(theta.from(t0), eta.from(t0), alpha.from(t0), L, ws);
-    key_path(p, L, K, V, state, ws, true);
-    query_path(p, L, Q, K, state, ws, true);
-    std::fill(d_a, d_a + 3 * C + C * C, T(0));
-    const T* m = ws.c + (L - 1) * L;
-    const T* s = ws.sig + (L - 1) * L;
-    T* d_c_last = d_c + (L - 1) * L;
-
-    // End-state paths, from the cotangent of the chunk-end state (still in dstate).
-    // [K dW1'^T | K dS1'^T] gives dDZ and the c, sig cotangents of row L.
-    matmul(false, true, L, 2 * N, D, T(1), K.ptr, K.stride, dstate, D, T(0), ws.wide, 2 * N);
-    combine_pair(L, N, ws.wide, m, s, T(0), ws.dDZ, N);
-    for (int t = 0; t < L; ++t) {
-      d_c_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N, N);
-      d_sig_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N + N, N);
+    const T* saved = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
+    const HeadInputs<T> x = head.inputs.at(t0);
+    const TokenRows<const T> dO = d_o.from(t0);
+    const HeadGrads<T> grads = all_grads.at(t0);
+    // Recompute the state the chunk's dual form starts from and the weights chunk_start reads.
+    const T* start = saved;
+    const T* chunk_weights = saved;
+    int lag = 0;
+    if (retention != RetentionKind::l2) {
+      std::memcpy(ws.start, saved, 4 * block * sizeof(T));
+      start = ws.start;
     }
-    // [H dW2'^T | H dS2'^T] gives dE.
-    matmul(false, true, L, 2 * D, N, T(1), ws.H, N, dstate + 2 * block, N, T(0), ws.wide, 2 * D);
-    combine_pair(L, D, ws.wide, m, s, T(0), ws.dE, D);
-    for (int t = 0; t < L; ++t) {
-      d_c_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D, D);
-      d_sig_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D + D, D);
-    }
-    // dK = [m * DZ | s * DZ] [dW1'; dS1'],  dH = [m * E | s * E] [dW2'; dS2'].
-    scale_rows_pair(L, N, ws.DZ, index_t(N), m, s, ws.wide);
-    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, dstate, D, T(0), dK, os);
-    scale_rows_pair(L, D, ws.E, index_t(D), m, s, ws.wide);
-    matmul(false, false, L, N, 2 * D, T(1), ws.wide, 2 * D, dstate + 2 * block, N, T(0), ws.dH, N);
-    d_a[L - 1] += dot(dW1, W1, block) + dot(dW2, W2, block);
-    d_g[L - 1] += dot(dW1, S1, block) + dot(dW2, S2, block);
-    const T d_P_last = dot(dW1 + block, S1, block) + dot(dW2 + block, S2, block);
-    // From here dstate accumulates the cotangent of the chunk-start state.
-    const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
-    for (T* dW : {dW1, dW2}) {
-      T* dS = dW + block;
-      for (index_t i = 0; i < block; ++i) {
-        dS[i] = g_L * dW[i] + p_L * dS[i];
-        dW[i] = a_L * dW[i];
-      }
+    if (retention == RetentionKind::lq) {
+      lq_rescale_weights(ws.start, block, T(p.miras.q));
+      chunk_weights = ws.start;
+    } else if (retention == RetentionKind::kl) {
+      kl_lag_step(p, objective, x, ws.start, ws);
+      lag = 1;
     }
 
-    // Read-out paths; dHq becomes dZq = dHq .* act'(Zq) in place.
-    T* dZq = ws.dHq;
-    for (int t = 0; t < L; ++t) std::memcpy(dQ + t * os, dO + t * dos, D * sizeof(T));
-    if (p.read_token) {
-      // [dO W2 | dO S2] gives dHq and, against Hq, the a and g cotangents.
-      matmul(false, false, L, N, D, T(1), dO, dos, W2, N, T(0), ws.wide, 2 * N);
-      matmul(false, false, L, N, D, T(1), dO, dos, S2, N, T(0), ws.wide + N, 2 * N);
-      for (int t = 0; t < L; ++t) {
-        d_a[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N, N);
-        d_g[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N + N, N);
-      }
-      combine_pair(L, N, ws.wide, ws.a, ws.g, T(0), ws.dHq, N);
-      // [dW2; dS2] += [a * dO | g * dO]^T Hq.
-      scale_rows_pair(L, D, dO, dos, ws.a, ws.g, ws.wide);
-      matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dW2, N);
-      // Masked product (Hq H^T .* c) E: dA = dO E^T (its causal part is used).
-      T* dA = ws.dA;
-      matmul(false, true, L, L, D, T(1), dO, dos, ws.E, D, T(0), dA, L);
-      for (int t = 0; t < L; ++t)
-        for (int i = 0; i <= t; ++i) d_c[t * L + i] += dA[t * L + i] * ws.HH[t * L + i];
-      for (int i = 0; i < L * L; ++i) dA[i] *= ws.c[i];
-      matmul(true, false, L, D, L, T(1), ws.HHc, L, dO, dos, T(1), ws.dE, D);
-      matmul(false, false, L, N, L, T(1), dA, L, ws.H, N, T(1), ws.dHq, N);
-      matmul(true, false, L, N, L, T(1), dA, L, ws.Hq, N, T(1), ws.dH, N);
-      for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
-      // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
-      // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
-      for (int t = 0; t < L; ++t) {
-        d_a[t] += dot(dZq + t * N, ws.X + t * 2 * N, N);
-        d_g[t] += dot(dZq + t * N, ws.X + t * 2 * N + N, N);
-      }
-      scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
-      matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, W1, D, T(1), dQ, os);
-      matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dW1, D);
-      // Masked product (Q K^T .* c) DZ: dB = dZq DZ^T.
-      T* dB = ws.dA;
-      matmul(false, true, L, L, N, T(1), dZq, N, ws.DZ, N, T(0), dB, L);
-      for (int t = 0; t < L; ++t)
-        for (int i = 0; i <= t; ++i) d_c[t * L + i] += dB[t * L + i] * ws.QK[t * L + i];
-      for (int i = 0; i < L * L; ++i) dB[i] *= ws.c[i];
-      matmul(true, false, L, N, L, T(1), ws.QKc, L, dZq, N, T(1), ws.dDZ, N);
-      matmul(false, false, L, D, L, T(1), dB, L, K.ptr, K.stride, T(1), dQ, os);
-      matmul(true, false, L, D, L, T(1), dB, L, Q.ptr, Q.stride, T(1), dK, os);
-    } else {
-      matmul(false, false, L, N, D, T(1), dO, dos, W2, N, T(0), ws.dHq, N);
-      matmul(true, false, D, N, L, T(1), dO, dos, ws.Hq, N, T(1), dW2, N);
-      for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
-      matmul(false, false, L, D, N, T(1), dZq, N, W1, D, T(1), dQ, os);
-      matmul(true, false, N, D, L, T(1), dZq, N, Q.ptr, Q.stride, T(1), dW1, D);
+    if (L > lag)
+      chunk_backward(p, objective, x.at(lag), dO.from(lag), grads.at(lag), L - lag, p.read_token, start, dstate, ws);
+    if (retention == RetentionKind::kl) {
+      if (p.read_token) plain_read_backward(p, 1, x.q, dO, grads.dq, start, dstate, ws);
+      kl_lag_step_backward(p, objective, x, grads, saved, start, dstate, ws);
     }
-
-    // Key path, backwards. DZ = G .* act'(Z): G becomes dG and dDZ becomes dZ (its act'' part).
-    T* dG = ws.G;
-    T* dZ = ws.dDZ;
-    for (index_t i = 0; i < index_t(L) * N; ++i) {
-      const T d = ws.dDZ[i];
-      dZ[i] = d * ws.G[i] * ws.act2[i];
-      dG[i] = d * ws.act1[i];
-    }
-    matmul(false, true, L, D, N, T(1), dG, N, W2, N, T(1), ws.dE, D);
-    matmul(true, false, D, N, L, T(1), ws.E, D, dG, N, T(1), dW2, N);
-    // E = 2 (K + H W2^T - V): dE becomes dY = 2 dE, the cotangent of K + H W2^T - V.
-    T* dY = ws.dE;
-    for (int t = 0; t < L; ++t)
-      for (int j = 0; j < D; ++j) {
-        const T d = T(2) * ws.dE[t * D + j];
-        dY[t * D + j] = d;
-        dV[t * os + j] = -d;
-        dK[t * os + j] += d;
-      }
-    matmul(false, false, L, N, D, T(1), dY, D, W2, N, T(1), ws.dH, N);
-    matmul(true, false, D, N, L, T(1), dY, D, ws.H, N, T(1), dW2, N);
-    for (index_t i = 0; i < index_t(L) * N; ++i) dZ[i] += ws.dH[i] * ws.act1[i];
-    matmul(false, false, L, D, N, T(1), dZ, N, W1, D, T(1), dK, os);
-    matmul(true, false, N, D, L, T(1), dZ, N, K.ptr, K.stride, T(1), dW1, D);
-
-    chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                        ws.gate_scratch, dtheta + t0 * p.heads, deta + t0 * p.heads, dalpha + t0 * p.heads,
-                        index_t(p.heads));
+    if (!p.read_token) plain_read_backward(p, L, x.q, dO, grads.dq, chunk_weights, dstate, ws);
+    if (retention == RetentionKind::lq) lq_rescale_weights_backward(saved, block, T(p.miras.q), dstate);
   }
   store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
@@ -456,15 +600,19 @@ void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) 
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false);
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    forward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+      forward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);
+  });
 }
 
 template <typename T>
 void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true);
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    backward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+      backward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);
+  });
 }
 
 template void mlp_memory_fwd<float>(const MlpMemoryParams&, int64_t, int64_t);

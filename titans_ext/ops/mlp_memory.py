@@ -8,7 +8,7 @@ torch.compile and checked by ``torch.library.opcheck``.
 
 import torch
 
-from .checks import check_mlp_inputs, state_dtype_for
+from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
 
 
 def _state_shapes(q, hidden):
@@ -18,7 +18,7 @@ def _state_shapes(q, hidden):
 
 @torch.library.register_fake("titans_ext::mlp_memory_fwd")
 def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
-                         save_states):
+                         save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
     B, T, H, D = q.shape
     N = w1.shape[2]
     state_dtype = state_dtype_for(q.dtype)
@@ -33,43 +33,49 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
 
 @torch.library.register_fake("titans_ext::mlp_memory_bwd")
 def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final,
-                         d_s2_final, hidden, chunk_size, read_token, activation):
+                         d_s2_final, hidden, chunk_size, read_token, activation, objective=0, p=2.0, eps=0.0,
+                         delta=None, retention=0, retention_q=2.0):
     state_dtype = state_dtype_for(q.dtype)
     shape1, shape2 = _state_shapes(q, hidden)
     dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2)
+            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2,
+            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs
-    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5])
+    q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs[:14]
+    objective, p, eps, delta, retention, retention_q = inputs[14:]  # the schema's defaults are filled in
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5], delta)
     ctx.hidden, ctx.chunk_size, ctx.read_token, ctx.activation = w1.shape[2], chunk_size, read_token, activation
+    ctx.miras = (objective, p, eps, retention, retention_q)
     ctx.has_momentum = (s1 is not None, s2 is not None)
 
 
 def _backward(ctx, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, _d_chunk_states):
-    q, k, v, theta, eta, alpha, chunk_states = ctx.saved_tensors
+    q, k, v, theta, eta, alpha, chunk_states, delta = ctx.saved_tensors
     if chunk_states.numel() == 0 and q.shape[1] > 0:
         raise RuntimeError("mlp_memory_fwd ran with save_states=False, so it cannot be differentiated; "
                            "call titans_ext.mlp_memory, which saves them when a gradient is needed")
     if d_o is None:
         d_o = q.new_zeros(q.shape)
+    objective, p, eps, retention, retention_q = ctx.miras
     grads = torch.ops.titans_ext.mlp_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final,
                                                 d_w2_final, d_s1_final, d_s2_final, ctx.hidden, ctx.chunk_size,
-                                                ctx.read_token, ctx.activation)
-    dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1, ds2 = grads
+                                                ctx.read_token, ctx.activation, objective, p, eps, delta, retention,
+                                                retention_q)
+    dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1, ds2, d_delta = grads
     has_s1, has_s2 = ctx.has_momentum
     return (dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1 if has_s1 else None, ds2 if has_s2 else None,
-            None, None, None, None)
+            None, None, None, None, None, None, None, None if delta is None else d_delta, None, None)
 
 
 torch.library.register_autograd("titans_ext::mlp_memory_fwd", _backward, setup_context=_setup_context)
 
 
 def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None, output_final_state=False,
-               read="token", activation="gelu"):
+               read="token", activation="gelu", objective="l2", retention="l2"):
     r"""Titans deep (MLP) long-term memory ``M(x) = x + W2 act(W1 x)``, chunked.
 
     For each batch and head, the weights ``W1: [N, D]``, ``W2: [D, N]`` (hidden width
@@ -77,7 +83,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     With ``t0`` the first token of t's chunk (chunks of ``chunk_size`` tokens from position 0
     of this call; the last may be short), for each weight W with momentum S::
 
-        u_t = grad_W ||M(k_t) - v_t||^2 at the weights of step t0 - 1   # chunk-start gradient
+        u_t = grad_W l(M(k_t) - v_t) at the weights of step t0 - 1     # chunk-start gradient
         S_t = eta_t S_{t-1} - theta_t u_t                               # surprise with momentum
         W_t = (1 - alpha_t) W_{t-1} + S_t                               # forget gate
         o_t = M_t(q_t)   (read="token")   or   M_{t0-1}(q_t)   (read="chunk_start")
@@ -85,6 +91,27 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     ``chunk_size=1`` is the exact per-token recurrence. Token reads use the dual form
     (per-token weights are never materialized). The C++ backward is handwritten, including the
     second derivative of the activation that the inner gradient brings in.
+
+    MIRAS options (``shared/design/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
+
+    - ``objective``: the per-token loss l, whose gradient in the residual r = M(k_t) - v_t is the
+      error map f(r) (backpropagated through the MLP to both weights): ``"l2"`` (l = ||r||^2,
+      f = 2r), ``("lp", p)`` / ``("lp", p, eps)``, ``("huber", delta)``, ``("pseudo_huber", delta)``,
+      ``("yaad", delta)``, with the f of :func:`titans_ext.linear_memory`. ``delta`` (> 0) is a float
+      or a tensor broadcastable to ``[B, T, H]`` or, 4-d, to ``[B, T, H, D]``; it receives a
+      gradient when it requires one.
+    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1: at every chunk start
+      each weight (W1 and W2 separately, not the momenta) is rescaled by ``||W||_q^(2-q)``
+      (entrywise norm; a zero weight is left as it is); the returned weights are the
+      un-normalized accumulators, so a stream split at a chunk boundary equals one call;
+      ``"kl"`` (Memora): the chunk's first token takes, for each weight with its momentum,
+      ``W = softmax((1 - alpha) log max(W, 1e-6) + S)`` over each row (W1: over the D inputs of a
+      hidden unit; W2: over the N hidden units feeding an output), with its own gradient at the
+      previous weights; the rest of the chunk is the step above from those weights. Each row is
+      then a probability vector, so every hidden unit reads a convex combination of x and every
+      output a convex combination of hidden activations; the residual x + ... is unchanged. The
+      initial weights need a positive entry in every row. ``read="chunk_start"`` reads the weights
+      before the chunk's first token.
 
     Args:
         q: queries ``[B, T, H, D]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
@@ -103,15 +130,18 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
         ``((W1_T, W2_T), (S1_T, S2_T))`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to
-        q, k, v, the gates, the initial weights and the momenta, through both outputs.
+        q, k, v, the gates, the initial weights, the momenta and delta, through both outputs.
     """
-    check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
+    B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
     state_dtype = state_dtype_for(q.dtype)
+    objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
+                                                   memory_name="weights")
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     w1, w2 = (w.to(state_dtype) for w in weights)
     s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2))
+        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2, delta))
     o, w1_final, w2_final, s1_final, s2_final, _ = torch.ops.titans_ext.mlp_memory_fwd(
-        q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad)
+        q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad,
+        objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
     return o, (((w1_final, w2_final), (s1_final, s2_final)) if output_final_state else None)

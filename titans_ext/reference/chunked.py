@@ -121,55 +121,80 @@ def mlp_activation_derivative(name, x):
 
 
 def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None,
-                       output_final_state=False, read="token", activation="gelu"):
+                       output_final_state=False, read="token", activation="gelu", objective="l2", retention="l2"):
     """Deep memory ``M(x) = x + W2 act(W1 x)``, chunk by chunk, with the dual form for token reads.
 
     Same signature and semantics as :func:`titans_ext.mlp_memory`. Per chunk (``mlp_dual_form.md``
     §3), with the chunk-start weights W1, W2 and momenta S1, S2: the key path gives the hidden
-    activations H, the errors Ecal and the hidden-layer errors DZ of all tokens at once; token t's
-    weights ``W_t = a_t W + g_t S + sum_{i<=t} c[t, i] u_i`` are never built, their read-out is
-    expressed with the masked products ``(Q K^T) .* c`` and ``(Hq H^T) .* c``.
+    activations H, the errors Ecal = f(K + H W2^T - V) and the hidden-layer errors DZ of all tokens
+    at once; token t's weights ``W_t = a_t W + g_t S + sum_{i<=t} c[t, i] u_i`` are never built,
+    their read-out is expressed with the masked products ``(Q K^T) .* c`` and ``(Hq H^T) .* c``.
+    The retention acts at the chunk start on each weight, as in :func:`linear_memory_chunked`.
     """
     B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read,
                                      activation, momentum)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, dtype,
+                                                   memory_name="weights")
     act = mlp_activation(activation)
     # [B, H, T, D] and [B, H, T]: chunks are slices of the time axis.
     q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     theta, eta, alpha = (x.to(dtype).transpose(1, 2) for x in (theta, eta, alpha))
+    delta = None if delta is None else delta.transpose(1, 2)
     W1, W2 = (w.to(dtype) for w in weights)
     if momentum is None:
         S1, S2 = torch.zeros_like(W1), torch.zeros_like(W2)
     else:
         S1, S2 = (s.to(dtype) for s in momentum)
 
-    def t(x):
-        return x.transpose(-1, -2)
+    def key_path(sl, W1, W2):
+        """Every token's inner gradient at W1, W2: u2_i = e_i h_i^T and u1_i = dz_i k_i^T."""
+        K = k[:, :, sl]
+        Z = K @ _t(W1)
+        Hk = act(Z)
+        Ecal = objective_error(objective, K + Hk @ _t(W2) - v[:, :, sl], None if delta is None else delta[:, :, sl])
+        return Hk, Ecal, (Ecal @ W2) * mlp_activation_derivative(activation, Z)
+
+    def plain_read(sl, W1, W2):
+        Q = q[:, :, sl]
+        return Q + act(Q @ _t(W1)) @ _t(W2)
 
     outputs = []
     for start in range(0, T, chunk_size):
-        sl = slice(start, min(start + chunk_size, T))
-        Q, K, V = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-        a, g, c, m_end, p = chunk_gate_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
-        # Key path: every token's inner gradient at the chunk-start weights,
-        # u2_i = e_i h_i^T and u1_i = dz_i k_i^T.
-        Z = K @ t(W1)
-        Hk = act(Z)
-        Ecal = 2 * (K + Hk @ t(W2) - V)
-        DZ = (Ecal @ W2) * mlp_activation_derivative(activation, Z)
-        if read == "token":
-            a_, g_ = a[..., None], g[..., None]
-            Zq = a_ * (Q @ t(W1)) + g_ * (Q @ t(S1)) + ((Q @ t(K)) * c) @ DZ
-            Hq = act(Zq)
-            O = Q + a_ * (Hq @ t(W2)) + g_ * (Hq @ t(S2)) + ((Hq @ t(Hk)) * c) @ Ecal
-        else:
-            O = Q + act(Q @ t(W1)) @ t(W2)
-        outputs.append(O)
-        a_end, g_end, p = (x[..., None, None] for x in (a[..., -1], g[..., -1], p))
-        c_end, m_end = c[..., -1, :, None], m_end[..., None]
-        W1, S1, W2, S2 = (a_end * W1 + g_end * S1 + t(DZ) @ (c_end * K),
-                          p * S1 + t(DZ) @ (m_end * K),
-                          a_end * W2 + g_end * S2 + t(Ecal) @ (c_end * Hk),
-                          p * S2 + t(Ecal) @ (m_end * Hk))
+        end = min(start + chunk_size, T)
+        if retention.kind == "lq":
+            W1, W2 = lq_rescale(W1, retention.q), lq_rescale(W2, retention.q)
+        chunk_weights, rest, reads = (W1, W2), start, []
+        if retention.kind == "kl":  # the lag token: Memora's exact step from the previous weights
+            t = slice(start, start + 1)
+            Hk, Ecal, DZ = key_path(t, W1, W2)
+            th, et, al = (x[:, :, t, None] for x in (theta, eta, alpha))
+            S1 = et * S1 - th * _t(DZ) @ k[:, :, t]
+            S2 = et * S2 - th * _t(Ecal) @ Hk
+            W1, W2 = kl_update(W1, S1, al), kl_update(W2, S2, al)
+            reads.append(plain_read(t, W1, W2))
+            rest += 1
+        sl = slice(rest, end)
+        if rest < end:
+            Q, K = q[:, :, sl], k[:, :, sl]
+            a, g, c, m_end, p = chunk_gate_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
+            Hk, Ecal, DZ = key_path(sl, W1, W2)
+            if read == "token":
+                a_, g_ = a[..., None], g[..., None]
+                Zq = a_ * (Q @ _t(W1)) + g_ * (Q @ _t(S1)) + ((Q @ _t(K)) * c) @ DZ
+                Hq = act(Zq)
+                reads.append(Q + a_ * (Hq @ _t(W2)) + g_ * (Hq @ _t(S2)) + ((Hq @ _t(Hk)) * c) @ Ecal)
+            a_end, g_end, p = (x[..., None, None] for x in (a[..., -1], g[..., -1], p))
+            c_end, m_end = c[..., -1, :, None], m_end[..., None]
+            W1, S1, W2, S2 = (a_end * W1 + g_end * S1 + _t(DZ) @ (c_end * K),
+                              p * S1 + _t(DZ) @ (m_end * K),
+                              a_end * W2 + g_end * S2 + _t(Ecal) @ (c_end * Hk),
+                              p * S2 + _t(Ecal) @ (m_end * Hk))
+        outputs.append(plain_read(slice(start, end), *chunk_weights) if read == "chunk_start"
+                       else torch.cat(reads, dim=2))
     o = torch.cat(outputs, dim=2).transpose(1, 2) if outputs else q.new_zeros(B, 0, H, D)
     return o, (((W1, W2), (S1, S2)) if output_final_state else None)
+
+
+def _t(x):
+    return x.transpose(-1, -2)

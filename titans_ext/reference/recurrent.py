@@ -99,7 +99,8 @@ def mlp_memory_recurrent(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, 
     B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read,
                                      activation, momentum)
     dtype = _compute_dtype(q)
-    objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, dtype)
+    objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, dtype,
+                                                   memory_name="weights")
     W = [w.to(dtype) for w in weights]
     S = [torch.zeros_like(w) for w in W] if momentum is None else [s.to(dtype) for s in momentum]
     o, W, S = _token_loop(lambda W, x: mlp_apply(*W, x, activation), W, S, q, k, v, theta, eta, alpha, delta,
