@@ -12,7 +12,8 @@ then, fewer than a chunk. A call replays those tokens from the boundary together
 so at most ``chunk_size - 1`` tokens are recomputed per call.
 """
 
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +28,23 @@ MEMORY_KINDS = ("linear", "mlp")
 
 
 def map_tensors(fn, obj):
-    """Applies ``fn`` to every tensor in a nest of tuples and lists (None and numbers pass through)."""
+    """Applies ``fn`` to every tensor in a nest of dataclasses, tuples and lists (the rest passes through)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: map_tensors(fn, getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj)})
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, item) for item in obj)
     return obj
 
 
 def detach_state(state):
-    """A copy of a streaming state (a dataclass, or a list of them) cut from the autograd graph.
+    """A copy of a streaming state (any nest of state dataclasses) cut from the autograd graph.
 
     Use it between segments of truncated backpropagation through time.
     """
-    if isinstance(state, list):
-        return [detach_state(s) for s in state]
-    fields = {name: map_tensors(torch.Tensor.detach, value) for name, value in vars(state).items()}
-    return replace(state, **fields)
+    return map_tensors(torch.Tensor.detach, state)
 
 
 @dataclass
