@@ -28,7 +28,7 @@ def test_recall_task_sequences():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"seq_len": 63}, "seq_len"), ({"n_pairs": 40}, "n_pairs"), ({"n_keys": 0}, "n_keys"),
+    ({"seq_len": 63}, "seq_len"), ({"n_pairs": 70}, "n_pairs"), ({"n_keys": 0}, "n_keys"),
     ({"n_pairs": 20, "n_keys": 10}, "n_pairs")])
 def test_recall_task_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
