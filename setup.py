@@ -65,7 +65,9 @@ def _extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     # Python's sysconfig flags carry -g; -g0 makes the torch-including units ~2x faster to build.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx_flags = opt + ["-fvisibility=hidden"]
+    # -fno-trapping-math: lets loops with clamped float -> int conversions (the MLP kernel's exp)
+    # vectorize; results are unchanged, only floating-point traps are assumed off, as in torch.
+    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math"]
     macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [str(CSRC)]
 
@@ -101,14 +103,27 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             py_limited_api=True,
         )
-    return [ext]
+    # The CUDA kernels' sources compiled by the host compiler against the device layer's CPU
+    # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them.
+    emulation = CppExtension(
+        "titans_ext._emu",
+        glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
+        include_dirs=include_dirs,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=True,
+    )
+    return [ext, emulation]
 
 
 def main():
+    # _extensions() first: importing torch.utils.cpp_extension fixes its CUDA_HOME, which
+    # _cuda_wanted() must have set before.
+    ext_modules = _extensions()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        ext_modules=_extensions(),
+        ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

@@ -66,4 +66,67 @@ struct LinearMemoryBwdParams : LinearMemoryParams {
   void* ds0_ptr = nullptr;
 };
 
+// Deep memory M(x) = x + W2 act(W1 x) with W1: [N, D], W2: [D, N] (N = E * D) and a momentum
+// per weight, S1 and S2 (shared/design/mlp_dual_form.md). Every token's gradient of
+// ||M(k_t) - v_t||^2 is taken at the chunk-start weights; both weights share the gates:
+//   S_t = eta_t S_{t-1} - theta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t   (each of W1, W2)
+//   o_t = M_t(q_t) ("token") or M_{chunk start}(q_t) ("chunk_start").
+enum class MlpActivation : int {
+  kGelu = 0,  // exact (erf) GELU
+  kSilu = 1,
+};
+
+struct MlpMemoryParams {
+  int batch = 0, seqlen = 0, heads = 0;
+  int dim = 0;     // D: head dim of q, k, v (Dk == Dv)
+  int hidden = 0;  // N = E * D: hidden width
+  int chunk_size = 0;
+  int n_chunks = 0;  // ceil(seqlen / chunk_size)
+  bool read_token = true;
+  MlpActivation activation = MlpActivation::kGelu;
+
+  // Inputs: q, k, v [B, T, H, D], gates theta, eta, alpha [B, T, H].
+  TokenTensor q, k, v, theta, eta, alpha;
+
+  // Initial state, contiguous: w1_0, s1_0 [B, H, N, D]; w2_0, s2_0 [B, H, D, N]. The momenta
+  // may be nullptr (zeros). Not __restrict__: a caller may pass one buffer twice.
+  const void* w1_0_ptr = nullptr;
+  const void* w2_0_ptr = nullptr;
+  const void* s1_0_ptr = nullptr;
+  const void* s2_0_ptr = nullptr;
+
+  // Outputs. o: contiguous [B, T, H, D]; final state contiguous like the initial one.
+  void* o_ptr = nullptr;
+  void* w1_final_ptr = nullptr;
+  void* w2_final_ptr = nullptr;
+  void* s1_final_ptr = nullptr;
+  void* s2_final_ptr = nullptr;
+  // The chunk-start states the backward needs: contiguous [B, H, n_chunks, 4, N * D], index
+  // 0..3: W1 [N, D], S1 [N, D], W2 [D, N], S2 [D, N]. nullptr when no backward will run.
+  void* chunk_states_ptr = nullptr;
+};
+
+struct MlpMemoryBwdParams : MlpMemoryParams {
+  // Cotangents of the outputs: d_o strided like the inputs ([B, T, H, D]); the final-state
+  // cotangents contiguous like the final state, or nullptr (zero cotangent).
+  TokenTensor d_o;
+  const void* d_w1_final_ptr = nullptr;
+  const void* d_w2_final_ptr = nullptr;
+  const void* d_s1_final_ptr = nullptr;
+  const void* d_s2_final_ptr = nullptr;
+
+  // Gradients, all contiguous: dq, dk, dv [B, T, H, D], dtheta, deta, dalpha [B, T, H],
+  // dw1_0, ds1_0 [B, H, N, D], dw2_0, ds2_0 [B, H, D, N].
+  void* dq_ptr = nullptr;
+  void* dk_ptr = nullptr;
+  void* dv_ptr = nullptr;
+  void* dtheta_ptr = nullptr;
+  void* deta_ptr = nullptr;
+  void* dalpha_ptr = nullptr;
+  void* dw1_0_ptr = nullptr;
+  void* dw2_0_ptr = nullptr;
+  void* ds1_0_ptr = nullptr;
+  void* ds2_0_ptr = nullptr;
+};
+
 }  // namespace titans

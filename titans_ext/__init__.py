@@ -1,6 +1,7 @@
 """titans_ext: fast kernels for Titans-style neural long-term memory.
 
-Ops: :func:`linear_memory` (matrix memory), with a C++ CPU path and CUDA kernels.
+Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
+path and CUDA kernels.
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
 Demo: ``python -m titans_ext demo``.
@@ -16,10 +17,10 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         f"installed torch ({torch.__version__}): pip install --no-build-isolation --no-deps -e ."
     ) from exc
 
-from .ops import linear_memory
+from .ops import linear_memory, mlp_memory
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState", "NeuralMemory",
-           "SWABlock", "TitansLM", "detach_state"]
+__all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",
+           "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

@@ -2,13 +2,21 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include "titans_params.h"
 
 namespace titans {
+
+// Kernels compute in fp32 (fp64 when q is fp64) and keep gates and state in that type.
+inline at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Kernels index every per-token tensor by (batch, seq, head) strides and read the feature
 // dimension contiguously; other layouts (e.g. slices of a larger buffer) are kept as views.
@@ -55,18 +63,14 @@ inline void check_linear_memory_args(const at::Tensor& q, const at::Tensor& k, c
   check_state("initial or final state", s, B, H, v.size(3), Dk, q.device());
 }
 
-// Sizes and input pointers; outputs are set by the caller. States must be contiguous.
-inline LinearMemoryParams linear_memory_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& theta, const at::Tensor& eta,
-                                               const at::Tensor& alpha, const std::optional<at::Tensor>& m0,
-                                               const std::optional<at::Tensor>& s0, int64_t chunk_size,
-                                               bool read_token) {
-  LinearMemoryParams p;
+// The fields every memory's params share: sizes, chunking, read mode and the per-token inputs.
+template <typename Params>
+void fill_sequence_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha, int64_t chunk_size,
+                          bool read_token) {
   p.batch = int(q.size(0));
   p.seqlen = int(q.size(1));
   p.heads = int(q.size(2));
-  p.dk = int(q.size(3));
-  p.dv = int(v.size(3));
   p.chunk_size = int(chunk_size);
   p.n_chunks = int((p.seqlen + chunk_size - 1) / chunk_size);
   p.read_token = read_token;
@@ -76,8 +80,79 @@ inline LinearMemoryParams linear_memory_params(const at::Tensor& q, const at::Te
   p.theta = token_tensor(theta);
   p.eta = token_tensor(eta);
   p.alpha = token_tensor(alpha);
+}
+
+// Sizes and input pointers; outputs are set by the caller. States must be contiguous.
+inline LinearMemoryParams linear_memory_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& theta, const at::Tensor& eta,
+                                               const at::Tensor& alpha, const std::optional<at::Tensor>& m0,
+                                               const std::optional<at::Tensor>& s0, int64_t chunk_size,
+                                               bool read_token) {
+  LinearMemoryParams p;
+  fill_sequence_params(p, q, k, v, theta, eta, alpha, chunk_size, read_token);
+  p.dk = int(q.size(3));
+  p.dv = int(v.size(3));
   p.m0_ptr = m0 ? m0->data_ptr() : nullptr;
   p.s0_ptr = s0 ? s0->data_ptr() : nullptr;
+  return p;
+}
+
+struct LinearMemoryFwdOutputs {
+  at::Tensor o, m_final, s_final, chunk_states;
+};
+
+// Allocates the forward's outputs and points `p` at them: o [B, T, H, Dv] in o_dtype, the states
+// with state_options; chunk_states is [B, H, N, 2, Dv, Dk] when save_states, else an empty [0].
+inline LinearMemoryFwdOutputs linear_memory_fwd_outputs(LinearMemoryParams& p, const at::TensorOptions& state_options,
+                                                        at::ScalarType o_dtype, bool save_states) {
+  LinearMemoryFwdOutputs out;
+  out.o = at::empty({p.batch, p.seqlen, p.heads, p.dv}, state_options.dtype(o_dtype));
+  out.m_final = at::empty({p.batch, p.heads, p.dv, p.dk}, state_options);
+  out.s_final = at::empty({p.batch, p.heads, p.dv, p.dk}, state_options);
+  out.chunk_states = save_states ? at::empty({p.batch, p.heads, p.n_chunks, 2, p.dv, p.dk}, state_options)
+                                 : at::empty({0}, state_options);
+  p.o_ptr = out.o.data_ptr();
+  p.m_final_ptr = out.m_final.data_ptr();
+  p.s_final_ptr = out.s_final.data_ptr();
+  p.chunk_states_ptr = save_states ? out.chunk_states.data_ptr() : nullptr;
+  return out;
+}
+
+// The MLP memory's activation by name (the schema passes a string).
+inline MlpActivation mlp_activation(c10::string_view name) {
+  if (name == "gelu") return MlpActivation::kGelu;
+  if (name == "silu") return MlpActivation::kSilu;
+  TORCH_CHECK(false, "activation must be \"gelu\" or \"silu\", got \"", std::string(name), "\"");
+}
+
+// The MLP memory's inputs: those of the linear memory with Dk == Dv = D, plus a [B, H, N, D]
+// or [B, H, D, N] shape for each weight / momentum given (nullopt: not given).
+inline void check_mlp_memory_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                  const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& w2,
+                                  const std::optional<at::Tensor>& s1, const std::optional<at::Tensor>& s2,
+                                  int64_t hidden, int64_t chunk_size) {
+  check_linear_memory_args(q, k, v, theta, eta, alpha, std::nullopt, std::nullopt, chunk_size);
+  const auto B = q.size(0), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(v.size(3) == D, "the MLP memory needs Dk == Dv, got Dk = ", D, ", Dv = ", v.size(3));
+  TORCH_CHECK(hidden >= 1 && hidden % D == 0, "the hidden width must be a positive multiple of D = ", D, ", got ",
+              hidden);
+  check_state("W1 / S1 (or their cotangents)", w1, B, H, hidden, D, q.device());
+  check_state("W1 / S1 (or their cotangents)", s1, B, H, hidden, D, q.device());
+  check_state("W2 / S2 (or their cotangents)", w2, B, H, D, hidden, q.device());
+  check_state("W2 / S2 (or their cotangents)", s2, B, H, D, hidden, q.device());
+}
+
+// Sizes and input pointers; outputs and state pointers are set by the caller.
+inline MlpMemoryParams mlp_memory_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                         int64_t hidden, int64_t chunk_size, bool read_token,
+                                         c10::string_view activation) {
+  MlpMemoryParams p;
+  fill_sequence_params(p, q, k, v, theta, eta, alpha, chunk_size, read_token);
+  p.dim = int(q.size(3));
+  p.hidden = int(hidden);
+  p.activation = mlp_activation(activation);
   return p;
 }
 

@@ -14,6 +14,8 @@
 // gate in [0, 1]. It costs L^2 multiply-adds, negligible beside the chunk's matmuls.
 #pragma once
 
+#include "titans_params.h"
+
 namespace titans::cpu {
 
 // Tables for a chunk of L tokens (row t = token t of the chunk, 0-based). a, g, P: [L];
@@ -45,11 +47,12 @@ void chunk_gate_tables(int L, const T* theta, const T* eta, const T* alpha, T* a
 // triangle used), d_sig_last [L] (of the last row of sig: the chunk-end momentum
 // coefficients) and d_P_last (of P_{L-1}). Runs the adjoint of the row recurrence backwards
 // over rows; each column (a, g, and c_i / sig_i per token i) is an independent scalar chain.
-// scratch: 2 * (L + 2) elements. Writes dtheta, deta, dalpha [L].
+// scratch: 2 * (L + 2) elements. Writes dtheta, deta, dalpha for tokens t = 0..L-1 at
+// t * out_stride (the gradients are [B, T, H] tensors: out_stride = H).
 template <typename T>
 void chunk_gate_backward(int L, const T* eta, const T* alpha, const T* a, const T* g, const T* P,
                          const T* c, const T* sig, const T* d_a, const T* d_g, const T* d_c, const T* d_sig_last,
-                         T d_P_last, T* scratch, T* dtheta, T* deta, T* dalpha) {
+                         T d_P_last, T* scratch, T* dtheta, T* deta, T* dalpha, index_t out_stride) {
   // Column j: 0 -> a (mu = a, sigma = 0), 1 -> g (mu = g, sigma = P), 2 + i -> c_i (mu = c, sigma = sig).
   T* mu_bar = scratch;
   T* sig_bar = scratch + L + 2;
@@ -92,9 +95,9 @@ void chunk_gate_backward(int L, const T* eta, const T* alpha, const T* a, const 
         d_eta += sig_bar[2 + i] * sig_prev[i];
       }
     }
-    dalpha[t] = -d_beta;
-    deta[t] = d_eta;
-    dtheta[t] = -sig_bar[2 + t];
+    dalpha[t * out_stride] = -d_beta;
+    deta[t * out_stride] = d_eta;
+    dtheta[t * out_stride] = -sig_bar[2 + t];
   }
 }
 

@@ -15,27 +15,29 @@
 #include <vector>
 
 #include "cpu/chunk_gates.h"
+#include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
 
 namespace titans::cpu {
 namespace {
 
+// One (batch, head) sequence: its index and the first rows of its q, k, v.
 template <typename T>
-const T* head_rows(const TokenTensor& x, int b, int h) {
-  return static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride;
-}
+struct HeadInputs {
+  int b, h;
+  index_t bh;
+  const T *q, *k, *v;
 
-template <typename T>
-void gather_gate(const TokenTensor& gate, int b, int h, int t0, int L, T* out) {
-  const T* base = head_rows<T>(gate, b, h);
-  for (int t = 0; t < L; ++t) out[t] = base[(t0 + t) * gate.seq_stride];
-}
+  HeadInputs(const LinearMemoryParams& p, int b_, int h_)
+      : b(b_), h(h_), bh(index_t(b_) * p.heads + h_), q(head_rows<T>(p.q, b_, h_)), k(head_rows<T>(p.k, b_, h_)),
+        v(head_rows<T>(p.v, b_, h_)) {}
+};
 
+// dst = the bh-th [n] block of a contiguous state tensor, or zeros when there is none.
 template <typename T>
-T dot(const T* x, const T* y, int n) {
-  T acc = 0;
-  for (int i = 0; i < n; ++i) acc += x[i] * y[i];
-  return acc;
+void load_state(const void* src, index_t bh, index_t n, T* dst) {
+  if (src) std::memcpy(dst, static_cast<const T*>(src) + bh * n, n * sizeof(T));
+  else std::fill(dst, dst + n, T(0));
 }
 
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
@@ -49,34 +51,17 @@ struct Workspace {
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
-  T *gate_grad;                   // dtheta, deta, dalpha of the chunk: [3 C]
 
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC,
                             size_t(C) * Dv, 2 * sq, 2 * sq, size_t(C) * 2 * Dv, CC, CC,
-                            size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2), 3 * size_t(C)};
-    T** slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
-                   &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch, &gate_grad};
-    size_t total = 0;
-    for (size_t s : sizes) total += s;
-    buffer.assign(total, T(0));
-    T* next = buffer.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *slots[i] = next;
-      next += sizes[i];
-    }
+                            size_t(C) * Dv, size_t(C) * Dk, 3 * size_t(C) + CC, 2 * size_t(C + 2)};
+    T** const slots[] = {&theta, &eta, &alpha, &a, &g, &P, &c, &sig, &E, &state, &state_grad,
+                   &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
+    carve_buffer(buffer, sizes, slots);
   }
 };
-
-// Loads the chunk's gates and builds its coefficient tables.
-template <typename T>
-void load_chunk_gates(const LinearMemoryParams& p, int b, int h, int t0, int L, Workspace<T>& ws) {
-  gather_gate(p.theta, b, h, t0, L, ws.theta);
-  gather_gate(p.eta, b, h, t0, L, ws.eta);
-  gather_gate(p.alpha, b, h, t0, L, ws.alpha);
-  chunk_gate_tables(L, ws.theta, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig);
-}
 
 // E = 2 (K M0^T - V), L x Dv.
 template <typename T>
@@ -88,23 +73,18 @@ void chunk_errors(int L, int Dk, int Dv, const T* K, index_t k_stride, const T* 
 }
 
 template <typename T>
-void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
+void forward_head(const LinearMemoryParams& p, const HeadInputs<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
+  const int b = head.b, h = head.h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const index_t o_stride = index_t(p.heads) * Dv;
   T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * T_len * p.heads + h) * Dv;
 
   T* MS = ws.state;
   T* M = MS;
   T* S = MS + state_size;
-  if (p.m0_ptr) std::memcpy(M, static_cast<const T*>(p.m0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(M, M + state_size, T(0));
-  if (p.s0_ptr) std::memcpy(S, static_cast<const T*>(p.s0_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(S, S + state_size, T(0));
+  load_state(p.m0_ptr, bh, state_size, M);
+  load_state(p.s0_ptr, bh, state_size, S);
 
   for (int n = 0; n < p.n_chunks; ++n) {
     const int t0 = n * C, L = std::min(C, T_len - t0);
@@ -113,9 +93,9 @@ void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
       std::memcpy(saved, MS, 2 * state_size * sizeof(T));
     }
     load_chunk_gates(p, b, h, t0, L, ws);
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
+    const T* Q = head.q + t0 * p.q.seq_stride;
+    const T* K = head.k + t0 * p.k.seq_stride;
+    const T* V = head.v + t0 * p.v.seq_stride;
     T* O = o + t0 * o_stride;
     chunk_errors(L, Dk, Dv, K, p.k.seq_stride, V, p.v.seq_stride, M, ws.E);
 
@@ -157,13 +137,10 @@ void forward_head(const LinearMemoryParams& p, int b, int h, Workspace<T>& ws) {
 // Reverse pass over the chunks of one (batch, head), carrying the state cotangent
 // (dM, dS) = dMS. Steps A-E refer to backward_linear.md §1.
 template <typename T>
-void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& ws) {
+void backward_head(const LinearMemoryBwdParams& p, const HeadInputs<T>& head, Workspace<T>& ws) {
   const int C = p.chunk_size, Dk = p.dk, Dv = p.dv, T_len = p.seqlen;
-  const index_t state_size = index_t(Dv) * Dk;
-  const index_t bh = index_t(b) * p.heads + h;
-  const T* q = head_rows<T>(p.q, b, h);
-  const T* k = head_rows<T>(p.k, b, h);
-  const T* v = head_rows<T>(p.v, b, h);
+  const int b = head.b, h = head.h;
+  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
   const T* d_o = head_rows<T>(p.d_o, b, h);
   const index_t qk_stride = index_t(p.heads) * Dk, v_stride = index_t(p.heads) * Dv;
   const index_t gate_offset = index_t(b) * T_len * p.heads + h;
@@ -176,11 +153,8 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
 
   T* dMS = ws.state;  // cotangent of the current chunk's end state
   T* dMS0 = ws.state_grad;  // cotangent of its start state, built during the step
-  if (p.d_m_final_ptr) std::memcpy(dMS, static_cast<const T*>(p.d_m_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS, dMS + state_size, T(0));
-  if (p.d_s_final_ptr)
-    std::memcpy(dMS + state_size, static_cast<const T*>(p.d_s_final_ptr) + bh * state_size, state_size * sizeof(T));
-  else std::fill(dMS + state_size, dMS + 2 * state_size, T(0));
+  load_state(p.d_m_final_ptr, bh, state_size, dMS);
+  load_state(p.d_s_final_ptr, bh, state_size, dMS + state_size);
 
   T* d_a = ws.coef_grad;
   T* d_g = d_a + C;
@@ -194,9 +168,9 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
     const T* S0 = MS0 + state_size;
     const T* dM = dMS;
     const T* dS = dMS + state_size;
-    const T* Q = q + t0 * p.q.seq_stride;
-    const T* K = k + t0 * p.k.seq_stride;
-    const T* V = v + t0 * p.v.seq_stride;
+    const T* Q = head.q + t0 * p.q.seq_stride;
+    const T* K = head.k + t0 * p.k.seq_stride;
+    const T* V = head.v + t0 * p.v.seq_stride;
     const T* dO = d_o + t0 * p.d_o.seq_stride;
     const index_t dos = p.d_o.seq_stride;
     T* dQ = dq + t0 * qk_stride;
@@ -294,17 +268,9 @@ void backward_head(const LinearMemoryBwdParams& p, int b, int h, Workspace<T>& w
     matmul(true, false, Dv, Dk, L, T(2), dE, Dv, K, p.k.seq_stride, T(1), dMS0, Dk);
 
     // E. Gate gradients.
-    T* chunk_dtheta = ws.gate_grad;
-    T* chunk_deta = chunk_dtheta + C;
-    T* chunk_dalpha = chunk_deta + C;
+    const index_t gate_at = index_t(t0) * p.heads;
     chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
-                        ws.gate_scratch, chunk_dtheta, chunk_deta, chunk_dalpha);
-    for (int t = 0; t < L; ++t) {
-      const index_t at = index_t(t0 + t) * p.heads;
-      dtheta[at] = chunk_dtheta[t];
-      deta[at] = chunk_deta[t];
-      dalpha[at] = chunk_dalpha[t];
-    }
+                        ws.gate_scratch, dtheta + gate_at, deta + gate_at, dalpha + gate_at, index_t(p.heads));
     std::swap(dMS, dMS0);
   }
   std::memcpy(static_cast<T*>(p.dm0_ptr) + bh * state_size, dMS, state_size * sizeof(T));
@@ -317,14 +283,14 @@ template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    forward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+    forward_head<T>(params, HeadInputs<T>(params, int(bh / params.heads), int(bh % params.heads)), ws);
 }
 
 template <typename T>
 void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-    backward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+    backward_head<T>(params, HeadInputs<T>(params, int(bh / params.heads), int(bh % params.heads)), ws);
 }
 
 template void linear_memory_fwd<float>(const LinearMemoryParams&, int64_t, int64_t);

@@ -34,25 +34,27 @@ struct Vec<double> {
 // give the FMA units six independent chains.
 constexpr int kTileRows = 6;
 
-// acc[r] = sum_k A[r, k] * B[k, 0:width] for R rows of A (row stride lda) and one vector-wide
-// column block of B (row stride ldb).
+// acc[r] = sum_k A[r, k] * B[k, 0:width] for R rows of A (element (r, k) at r * a_row + k * a_col,
+// so a transposed A needs no packing: it is read as scalars anyway) and one vector-wide column
+// block of B (row stride ldb).
 template <typename T, int R>
-TITANS_ALWAYS_INLINE void micro_tile(int K, const T* A, index_t lda, const T* B, index_t ldb,
+TITANS_ALWAYS_INLINE void micro_tile(int K, const T* A, index_t a_row, index_t a_col, const T* B, index_t ldb,
                                      typename Vec<T>::type* acc) {
   using V = typename Vec<T>::type;
   for (int r = 0; r < R; ++r) acc[r] = V{};
   for (int k = 0; k < K; ++k) {
     V b;
     std::memcpy(&b, B + k * ldb, sizeof(V));
-    for (int r = 0; r < R; ++r) acc[r] += A[r * lda + k] * b;
+    const T* a = A + k * a_col;
+    for (int r = 0; r < R; ++r) acc[r] += a[r * a_row] * b;
   }
 }
 
-// C = beta C + alpha A B with A: M x K (row stride lda), B: K x N whose rows can be read
+// C = beta C + alpha A B with A: M x K (strides a_row, a_col), B: K x N whose rows can be read
 // vector-wide up to the next multiple of the vector width (row stride ldb).
 template <typename T>
-TITANS_ALWAYS_INLINE void matmul_padded_b(int M, int N, int K, T alpha, const T* A, index_t lda, const T* B,
-                                          index_t ldb, T beta, T* C, index_t ldc) {
+TITANS_ALWAYS_INLINE void matmul_padded_b(int M, int N, int K, T alpha, const T* A, index_t a_row, index_t a_col,
+                                          const T* B, index_t ldb, T beta, T* C, index_t ldc) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::kWidth;
   V acc[kTileRows];
@@ -60,15 +62,15 @@ TITANS_ALWAYS_INLINE void matmul_padded_b(int M, int N, int K, T alpha, const T*
     const int cols = std::min(W, N - j0);
     for (int i0 = 0; i0 < M; i0 += kTileRows) {
       const int rows = std::min(kTileRows, M - i0);
-      const T* a = A + i0 * lda;
+      const T* a = A + i0 * a_row;
       const T* b = B + j0;
       switch (rows) {
-        case 6: micro_tile<T, 6>(K, a, lda, b, ldb, acc); break;
-        case 5: micro_tile<T, 5>(K, a, lda, b, ldb, acc); break;
-        case 4: micro_tile<T, 4>(K, a, lda, b, ldb, acc); break;
-        case 3: micro_tile<T, 3>(K, a, lda, b, ldb, acc); break;
-        case 2: micro_tile<T, 2>(K, a, lda, b, ldb, acc); break;
-        default: micro_tile<T, 1>(K, a, lda, b, ldb, acc); break;
+        case 6: micro_tile<T, 6>(K, a, a_row, a_col, b, ldb, acc); break;
+        case 5: micro_tile<T, 5>(K, a, a_row, a_col, b, ldb, acc); break;
+        case 4: micro_tile<T, 4>(K, a, a_row, a_col, b, ldb, acc); break;
+        case 3: micro_tile<T, 3>(K, a, a_row, a_col, b, ldb, acc); break;
+        case 2: micro_tile<T, 2>(K, a, a_row, a_col, b, ldb, acc); break;
+        default: micro_tile<T, 1>(K, a, a_row, a_col, b, ldb, acc); break;
       }
       for (int r = 0; r < rows; ++r) {
         T out[W];
@@ -85,14 +87,16 @@ TITANS_ALWAYS_INLINE void matmul_padded_b(int M, int N, int K, T alpha, const T*
 }
 
 // Overloads, not a template: target_clones applies to plain functions.
-TITANS_ISA_CLONES void matmul_padded_b_isa(int M, int N, int K, float alpha, const float* A, index_t lda,
-                                           const float* B, index_t ldb, float beta, float* C, index_t ldc) {
-  matmul_padded_b<float>(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+TITANS_ISA_CLONES void matmul_padded_b_isa(int M, int N, int K, float alpha, const float* A, index_t a_row,
+                                           index_t a_col, const float* B, index_t ldb, float beta, float* C,
+                                           index_t ldc) {
+  matmul_padded_b<float>(M, N, K, alpha, A, a_row, a_col, B, ldb, beta, C, ldc);
 }
 
-TITANS_ISA_CLONES void matmul_padded_b_isa(int M, int N, int K, double alpha, const double* A, index_t lda,
-                                           const double* B, index_t ldb, double beta, double* C, index_t ldc) {
-  matmul_padded_b<double>(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+TITANS_ISA_CLONES void matmul_padded_b_isa(int M, int N, int K, double alpha, const double* A, index_t a_row,
+                                           index_t a_col, const double* B, index_t ldb, double beta, double* C,
+                                           index_t ldc) {
+  matmul_padded_b<double>(M, N, K, alpha, A, a_row, a_col, B, ldb, beta, C, ldc);
 }
 
 template <typename T>
@@ -104,28 +108,28 @@ void matmul_impl(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const
       for (int j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
     return;
   }
-  // Per-thread panels: the kernels call this from at::parallel_for workers.
-  thread_local std::vector<T> a_panel, b_panel;
+  // The micro-kernel reads B rows vector-wide: pack B when it is transposed or its width is not
+  // a whole number of vectors (padding columns are zero: computed, never stored). Per-thread
+  // panel: the kernels call this from at::parallel_for workers.
   constexpr int W = Vec<T>::kWidth;
-  if (trans_a) {
-    a_panel.resize(static_cast<size_t>(M) * K);
-    for (int k = 0; k < K; ++k)
-      for (int i = 0; i < M; ++i) a_panel[static_cast<size_t>(i) * K + k] = A[k * lda + i];
-    A = a_panel.data();
-    lda = K;
-  }
-  // The micro-kernel reads B rows vector-wide: pack when B is transposed or its width is not a
-  // whole number of vectors (the padding is zero, so padded columns are never wrong, only unused).
   if (trans_b || N % W != 0) {
+    thread_local std::vector<T> b_panel;
     const int padded = (N + W - 1) / W * W;
-    b_panel.assign(static_cast<size_t>(K) * padded, T(0));
-    for (int k = 0; k < K; ++k)
-      for (int j = 0; j < N; ++j)
-        b_panel[static_cast<size_t>(k) * padded + j] = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+    b_panel.resize(static_cast<size_t>(K) * padded);
+    for (int k = 0; k < K; ++k) {
+      T* row = b_panel.data() + static_cast<size_t>(k) * padded;
+      if (trans_b) {
+        for (int j = 0; j < N; ++j) row[j] = B[j * ldb + k];
+      } else {
+        std::memcpy(row, B + k * ldb, sizeof(T) * N);
+      }
+      std::fill(row + N, row + padded, T(0));
+    }
     B = b_panel.data();
     ldb = padded;
   }
-  matmul_padded_b_isa(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  const index_t a_row = trans_a ? 1 : lda, a_col = trans_a ? lda : 1;
+  matmul_padded_b_isa(M, N, K, alpha, A, a_row, a_col, B, ldb, beta, C, ldc);
 }
 
 }  // namespace

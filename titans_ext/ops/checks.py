@@ -16,14 +16,18 @@ def _shape(t):
     return list(t.shape)
 
 
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(name, t, ndim=None, dtypes=FLOAT_DTYPES):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {_shape(t)}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {_dtype_name(t.dtype)}")
 
 
 def check_shape(name, t, expected, dims):
@@ -59,7 +63,7 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
     for name, t in (("k", k), ("v", v), *gates.items()):
         check_device(name, t, q.device)
         if t.dtype != q.dtype and not (name in gates and t.dtype in (torch.float32, torch.float64)):
-            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {_dtype_name(q.dtype)} (the dtype of q), got {_dtype_name(t.dtype)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     if chunk_size < 1:

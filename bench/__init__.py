@@ -1,0 +1,1 @@
+"""Benchmarks (not installed): run from the repository root, e.g. ``python -m bench.cpu``."""

@@ -1,0 +1,169 @@
+"""GPU benchmark: fwd+bwd of titans_ext.linear_memory against its peers, bf16.
+
+    python -m bench.gpu [--seq-lens 2048 8192 32768] [--out $OUT/gpu.md]
+
+Shape (issue 6): B=4, H=8, D=64, chunk 64, bf16 inputs. Rows, each timed in this run on this
+device (CUDA events through median_ms: warm-up, then the median of several runs):
+- titans_ext.linear_memory (forward alone and fwd+bwd);
+- flash-linear-attention (pip fla-core) ``chunk_ttt_linear`` and ``chunk_gated_delta_rule``;
+- titans-pytorch ``NeuralMemory`` with a depth-1 memory and ``batch_size`` = chunk size
+  (it includes its projections; skipped above --titans-pytorch-max-len, it is slow);
+- PyTorch SDPA, causal (flash backend), as the attention yardstick.
+Missing peers are reported and skipped. The forward's achieved bandwidth is bytes that must
+move (q, k, v, o in bf16, gates in fp32) over time, against a measured device-to-device copy.
+"""
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import titans_ext
+
+from .timing import markdown_table, median_ms
+
+
+def linear_memory_inputs(B, T, H, D, device, dtype=torch.bfloat16):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=device, generator=g).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, D, device=device, generator=g), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, device=device, generator=g).to(dtype)
+    theta = torch.rand(B, T, H, device=device, generator=g) * 0.1
+    eta = torch.rand(B, T, H, device=device, generator=g) * 0.9
+    alpha = torch.rand(B, T, H, device=device, generator=g) * 0.1
+    return [x.requires_grad_() for x in (q, k, v, theta, eta, alpha)]
+
+
+def fwd_bwd(forward):
+    def run():
+        out = forward()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def titans_ext_cases(B, T, H, D, C, device):
+    x = linear_memory_inputs(B, T, H, D, device)
+
+    def forward():
+        return titans_ext.linear_memory(*x, chunk_size=C)[0]
+
+    def forward_only():
+        with torch.no_grad():
+            titans_ext.linear_memory(*x, chunk_size=C)
+
+    return [("titans_ext linear_memory", fwd_bwd(forward)), ("titans_ext linear_memory (fwd only)", forward_only)]
+
+
+def fla_cases(B, T, H, D, C, device):
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.ttt import chunk_ttt_linear
+    except ImportError as exc:
+        print(f"flash-linear-attention (fla-core) not importable ({exc}): its rows are skipped")
+        return []
+    q, k, v, theta, eta, alpha = [x.detach() for x in linear_memory_inputs(B, T, H, D, device)]
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    w = torch.ones(H, D, device=device, requires_grad=True)
+    b = torch.zeros(H, D, device=device, requires_grad=True)
+    ttt_eta = (theta[..., None] * 0 + 0.1).to(torch.bfloat16).requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, H, device=device)).requires_grad_()
+    beta = torch.rand(B, T, H, device=device).to(torch.bfloat16).requires_grad_()
+
+    def ttt():
+        return chunk_ttt_linear(q, k, v, w, b, eta=ttt_eta, chunk_size=16)[0]
+
+    def gdn():
+        return chunk_gated_delta_rule(q, k, v, g, beta)[0]
+
+    return [("fla chunk_ttt_linear", fwd_bwd(ttt)), ("fla chunk_gated_delta_rule", fwd_bwd(gdn))]
+
+
+def titans_pytorch_cases(B, T, H, D, C, device, max_len):
+    if T > max_len:
+        return []
+    try:
+        from titans_pytorch import MemoryMLP, NeuralMemory
+    except ImportError as exc:
+        print(f"titans-pytorch not importable ({exc}): its rows are skipped")
+        return []
+    model = NeuralMemory(dim=H * D, heads=H, dim_head=D, chunk_size=C, batch_size=C,
+                         model=MemoryMLP(dim=D, depth=1)).to(device)
+    x = torch.randn(B, T, H * D, device=device, requires_grad=True)
+    return [("titans-pytorch NeuralMemory, depth 1", fwd_bwd(lambda: model(x)[0]))]
+
+
+def sdpa_cases(B, T, H, D, device):
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def attention():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return [("SDPA flash, causal", fwd_bwd(attention))]
+
+
+def copy_bandwidth(device, n_bytes=1 << 30):
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * n_bytes / (ms * 1e-3)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--titans-pytorch-max-len", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="bench/results/gpu.md")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda")
+    B, H, D, C = args.batch, args.heads, args.head_dim, args.chunk_size
+    peak = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name(device)}: device-to-device copy {peak / 1e12:.2f} TB/s")
+    results = []
+    for T in args.seq_lens:
+        cases = (titans_ext_cases(B, T, H, D, C, device) + fla_cases(B, T, H, D, C, device)
+                 + titans_pytorch_cases(B, T, H, D, C, device, args.titans_pytorch_max_len)
+                 + sdpa_cases(B, T, H, D, device))
+        for name, fn in cases:
+            try:
+                ms = median_ms(fn, device, warmup=3, repeats=args.repeats)
+            except Exception as exc:  # a peer failing at one size must not hide the other rows
+                print(f"T={T} {name}: failed ({type(exc).__name__}: {exc})")
+                continue
+            results.append({"T": T, "impl": name, "ms": ms})
+            print(f"T={T:6d} {name:40s} {ms:9.3f} ms", flush=True)
+        torch.cuda.empty_cache()
+
+    # Bytes a forward must move: q, k, v, o (bf16) and three fp32 gates per token-head.
+    rows = []
+    for r in results:
+        ours = next(x["ms"] for x in results if x["T"] == r["T"] and x["impl"] == "titans_ext linear_memory")
+        extra = ""
+        if r["impl"].endswith("(fwd only)"):
+            n_bytes = B * r["T"] * H * (4 * D * 2 + 3 * 4)
+            extra = f"{n_bytes / (r['ms'] * 1e-3) / peak * 100:.0f}% of copy bandwidth"
+        ratio = "" if "fwd only" in r["impl"] else f"{r['ms'] / ours:.2f}x"
+        rows.append((r["T"], r["impl"], f"{r['ms']:.3f}", ratio, extra))
+    title = (f"GPU fwd+bwd, B={B}, H={H}, D={D}, chunk {C}, bf16, {torch.cuda.get_device_name(device)}, "
+             f"torch {torch.__version__}, {datetime.date.today().isoformat()}; ratio = time / titans_ext time "
+             f"at the same T (> 1: titans_ext is faster)")
+    table = markdown_table(["T", "implementation", "median ms", "ratio", "forward bandwidth"], rows)
+    print("\n" + title + "\n\n" + table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(title + "\n\n" + table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "copy_bytes_per_s": peak,
+                                                    "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

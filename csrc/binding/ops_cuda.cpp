@@ -1,0 +1,31 @@
+// CUDA implementations of the titans_ext operators (schemas in ops.cpp). Compiled by g++, not
+// nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (build.md §3).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "binding/linear_memory_device.h"
+
+namespace titans {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
+    int64_t chunk_size, bool read_token, bool save_states) {
+  // Otherwise the kernel would be launched on the current device, not q's.
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
+                                  [&](const LinearMemoryParams& params, InputType type) {
+                                    C10_CUDA_CHECK(static_cast<cudaError_t>(
+                                        linear_memory_fwd_launch(params, type, stream)));
+                                  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) { m.impl("linear_memory_fwd", &linear_memory_fwd_cuda); }
+
+}  // namespace titans

@@ -1,0 +1,181 @@
+// titans_ext._emu: the CUDA kernels' sources run on the CPU through the device layer's SIMT
+// emulation (csrc/device/emu/), as titans_emu:: operators. Built in every build, so CI without
+// a GPU runs the CUDA kernels' code:
+//   - the device layer's self-test kernels (csrc/device/selftest/), for python_tests/test_device_emulation.py;
+//   - linear_memory_fwd with the schema and output contract of titans_ext::linear_memory_fwd.
+// Emulation errors (barrier divergence, shared memory out of bounds, ...) raise RuntimeError
+// naming the kernel, block and thread. Inputs are CPU tensors.
+#include <Python.h>
+
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "binding/linear_memory_device.h"
+#include "device/selftest/selftest.h"
+
+// runtime.h is torch-free and defines no macros, unlike the device layer's emu.h.
+#include "device/emu/runtime.h"
+
+namespace titans {
+namespace {
+
+using selftest::HalfKind;
+using selftest::MmaKind;
+using selftest::ShuffleKind;
+
+at::Tensor checked_float(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  return x.contiguous();
+}
+
+at::Tensor block_reduce_sum(const at::Tensor& x, int64_t threads) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(threads > 0 && (threads & (threads - 1)) == 0, "threads must be a power of two");
+  auto out = at::empty({(x.numel() + threads - 1) / threads}, x_c.options());
+  selftest::block_reduce_sum(x_c.data_ptr<float>(), out.data_ptr<float>(), int(x.numel()), int(threads), nullptr);
+  return out;
+}
+
+ShuffleKind shuffle_kind(const std::string& kind) {
+  if (kind == "idx") return ShuffleKind::kIdx;
+  if (kind == "up") return ShuffleKind::kUp;
+  if (kind == "down") return ShuffleKind::kDown;
+  TORCH_CHECK(kind == "xor", "kind must be idx, up, down or xor, got ", kind);
+  return ShuffleKind::kXor;
+}
+
+at::Tensor warp_shuffle(const at::Tensor& x, const std::string& kind, int64_t arg, int64_t width) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() % 32 == 0 && x.numel() <= 1024, "x must hold whole warps (at most 1024 lanes)");
+  auto out = at::empty_like(x_c);
+  selftest::warp_shuffle(x_c.data_ptr<float>(), out.data_ptr<float>(), int(x.numel()), shuffle_kind(kind), int(arg),
+                         int(width), nullptr);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> warp_reduce(const at::Tensor& x) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() % 32 == 0 && x.numel() <= 1024, "x must hold whole warps (at most 1024 lanes)");
+  auto sum = at::empty_like(x_c), max = at::empty_like(x_c);
+  auto ballot = at::empty(x_c.sizes(), x_c.options().dtype(at::kInt));
+  selftest::warp_reduce(x_c.data_ptr<float>(), sum.data_ptr<float>(), max.data_ptr<float>(), ballot.data_ptr<int32_t>(),
+                        int(x.numel()), nullptr);
+  return {sum, max, ballot};
+}
+
+at::Tensor neighbour_exchange(const at::Tensor& x, bool with_barrier) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() == 256, "x must have 256 elements");
+  auto out = at::empty_like(x_c);
+  selftest::neighbour_exchange(x_c.data_ptr<float>(), out.data_ptr<float>(), with_barrier, nullptr);
+  return out;
+}
+
+at::Tensor shared_read_shifted(int64_t shift) {
+  auto out = at::empty({64}, at::kFloat);
+  selftest::shared_read_shifted(out.data_ptr<float>(), int(shift), nullptr);
+  return out;
+}
+
+void partial_barrier(int64_t threads_at_barrier) { selftest::partial_barrier(int(threads_at_barrier), nullptr); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> atomics(const at::Tensor& values, int64_t bins) {
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kInt, "values must be an int32 CPU tensor");
+  TORCH_CHECK(bins > 0 && bins <= 256, "bins must be in 1..256");
+  const auto values_c = values.contiguous();
+  TORCH_CHECK(values_c.numel() == 0 || (values_c.min().item<int>() >= 0 && values_c.max().item<int>() < bins),
+              "values must lie in [0, bins)");
+  auto histogram = at::zeros({bins}, values_c.options());
+  auto sum = at::zeros({}, values_c.options().dtype(at::kFloat));
+  auto max = at::zeros({}, values_c.options());
+  selftest::atomics(values_c.data_ptr<int32_t>(), int(values_c.numel()), histogram.data_ptr<int32_t>(), int(bins),
+                    sum.data_ptr<float>(), max.data_ptr<int32_t>(), nullptr);
+  return {histogram, sum, max};
+}
+
+MmaKind mma_kind(const std::string& kind) {
+  if (kind == "m16n8k16_bf16") return MmaKind::kM16N8K16Bf16;
+  if (kind == "m16n8k16_fp16") return MmaKind::kM16N8K16Fp16;
+  TORCH_CHECK(kind == "m16n8k8_tf32", "kind must be m16n8k16_bf16, m16n8k16_fp16 or m16n8k8_tf32, got ", kind);
+  return MmaKind::kM16N8K8Tf32;
+}
+
+at::Tensor mma(const std::string& kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  const MmaKind k = mma_kind(kind);
+  const int64_t K = k == MmaKind::kM16N8K8Tf32 ? 8 : 16;
+  const auto a_c = checked_float(a, "a"), b_c = checked_float(b, "b"), c_c = checked_float(c, "c");
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, K}) && b.sizes() == at::IntArrayRef({K, 8}) &&
+                  c.sizes() == at::IntArrayRef({16, 8}),
+              "expected a [16, ", K, "], b [", K, ", 8], c [16, 8]");
+  auto d = at::empty_like(c_c);
+  selftest::mma(k, a_c.data_ptr<float>(), b_c.data_ptr<float>(), c_c.data_ptr<float>(), d.data_ptr<float>(), nullptr);
+  return d;
+}
+
+at::Tensor mma_fragment_layout(const std::string& kind, const std::string& operand) {
+  TORCH_CHECK(operand == "a" || operand == "b" || operand == "c", "operand must be a, b or c");
+  const int which = operand == "a" ? 0 : operand == "b" ? 1 : 2;
+  int32_t table[32 * 8 * 2];
+  const int elements = selftest::mma_fragment_layout(mma_kind(kind), which, table);
+  return at::empty({32, elements, 2}, at::kInt).copy_(
+      at::from_blob(table, {32, elements, 2}, at::TensorOptions().dtype(at::kInt)));
+}
+
+std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be bfloat16 or float16");
+  const auto x_c = checked_float(x, "x");
+  auto narrow = at::empty(x_c.sizes(), x_c.options().dtype(dtype));
+  auto back = at::empty_like(x_c);
+  selftest::half_round_trip(dtype == at::kBFloat16 ? HalfKind::kBFloat16 : HalfKind::kFloat16, x_c.data_ptr<float>(),
+                            static_cast<uint16_t*>(narrow.data_ptr()), back.data_ptr<float>(), int(x_c.numel()),
+                            nullptr);
+  return {narrow, back};
+}
+
+void set_schedule(int64_t seed) { device::emu::set_schedule(seed); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
+    int64_t chunk_size, bool read_token, bool save_states) {
+  TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
+  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
+                                  [](const LinearMemoryParams& params, InputType type) {
+                                    linear_memory_fwd_launch(params, type, nullptr);
+                                  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(titans_emu, m) {
+  m.def("set_schedule(int seed) -> ()", &set_schedule);
+  m.def("block_reduce_sum(Tensor x, int threads) -> Tensor", &block_reduce_sum);
+  m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor", &warp_shuffle);
+  m.def("warp_reduce(Tensor x) -> (Tensor sum, Tensor max, Tensor ballot)", &warp_reduce);
+  m.def("neighbour_exchange(Tensor x, bool with_barrier) -> Tensor", &neighbour_exchange);
+  m.def("shared_read_shifted(int shift) -> Tensor", &shared_read_shifted);
+  m.def("partial_barrier(int threads_at_barrier) -> ()", &partial_barrier);
+  m.def("atomics(Tensor values, int bins) -> (Tensor histogram, Tensor sum, Tensor max)", &atomics);
+  m.def("mma(str kind, Tensor a, Tensor b, Tensor c) -> Tensor", &mma);
+  m.def("mma_fragment_layout(str kind, str operand) -> Tensor", &mma_fragment_layout);
+  m.def("half_round_trip(Tensor x, ScalarType dtype) -> (Tensor narrow, Tensor back)", &half_round_trip);
+  m.def(
+      "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states) "
+      "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)",
+      &linear_memory_fwd);
+}
+
+}  // namespace titans
+
+// `import titans_ext._emu` loads this library and so registers the titans_emu:: operators.
+extern "C" PyMODINIT_FUNC PyInit__emu(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_emu", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,480 @@
+// CPU kernels of the deep memory M(x) = x + W2 act(W1 x): the chunked dual form of
+// shared/design/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time.
+//
+// Per chunk of L tokens, from the chunk-start weights W1 [N, D], W2 [D, N] and momenta S1, S2
+// (rows = tokens, `x * A` scales row t of A by x_t):
+//   key path    Z = K W1^T, H = act(Z), E = 2 (K + H W2^T - V), G = E W2, DZ = G .* act'(Z)
+//               (row t of DZ, E: the errors at the hidden and output layer of token t's loss)
+//   read token  Zq = a * (Q W1^T) + g * (Q S1^T) + ((Q K^T) .* c) DZ,   Hq = act(Zq)
+//               O  = Q + a * (Hq W2^T) + g * (Hq S2^T) + ((Hq H^T) .* c) E
+//   read start  O  = Q + act(Q W1^T) W2^T
+//   chunk end   W1' = a_L W1 + g_L S1 + (m * DZ)^T K,   S1' = p_L S1 + (s * DZ)^T K
+//               W2' = a_L W2 + g_L S2 + (m * E)^T H,    S2' = p_L S2 + (s * E)^T H
+// with a, g, c, P and sig the gate tables of chunk_gates.h and m, s their last rows.
+//
+// A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
+// [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
+#include "cpu/mlp_memory.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/chunk_gates.h"
+#include "cpu/kernel_utils.h"
+#include "cpu/matmul.h"
+
+namespace titans::cpu {
+namespace {
+
+// exp(x) for the fp32 activations, written so that loops over it vectorize (libm's expf and
+// erff are scalar calls, and were a fifth of the kernel's time): x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n built in the exponent
+// bits. Inputs are clamped to [-87, 88], where the result is a normal float.
+inline float exp_vectorizable(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Round to nearest through the float mantissa (SSE2 has no vector round instruction).
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23
+  const float n = (x * 1.44269504f + round_magic) - round_magic;
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split: hi part exact in n * hi
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+// fp64 keeps libm: the fp64 tests compare with the references at 1e-10.
+inline double exp_vectorizable(double x) { return std::exp(x); }
+
+// GELU's Phi(x) and phi(x). In fp32, erf by Abramowitz & Stegun 7.1.26 (absolute error
+// <= 1.5e-7), which shares its exp(-x^2 / 2) with phi.
+inline void normal_cdf_pdf(float x, float& cdf, float& pdf) {
+  const float e = exp_vectorizable(-0.5f * x * x);
+  const float z = std::abs(x) * 0.707106781f;
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float erf_abs = 1.0f - poly * e;
+  cdf = 0.5f + 0.5f * std::copysign(erf_abs, x);
+  pdf = 0.398942280f * e;
+}
+inline void normal_cdf_pdf(double x, double& cdf, double& pdf) {
+  cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752440));
+  pdf = 0.39894228040143267794 * std::exp(-0.5 * x * x);
+}
+
+// act and its first kOrder derivatives elementwise over n values (one loop per order, so
+// that each vectorizes without per-element branches).
+template <int kOrder, typename T>
+void activation_derivatives(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second) {
+  if (kind == MlpActivation::kGelu) {
+    for (index_t i = 0; i < n; ++i) {
+      const T xi = x[i];
+      T cdf, pdf;
+      normal_cdf_pdf(xi, cdf, pdf);
+      value[i] = xi * cdf;
+      if constexpr (kOrder >= 1) first[i] = cdf + xi * pdf;
+      if constexpr (kOrder >= 2) second[i] = pdf * (T(2) - xi * xi);
+    }
+  } else {
+    for (index_t i = 0; i < n; ++i) {
+      const T xi = x[i];
+      const T s = T(1) / (T(1) + exp_vectorizable(-xi));
+      value[i] = xi * s;
+      if constexpr (kOrder >= 1) first[i] = s * (T(1) + xi * (T(1) - s));
+      if constexpr (kOrder >= 2) second[i] = s * (T(1) - s) * (T(2) + xi * (T(1) - T(2) * s));
+    }
+  }
+}
+
+// act, act' and act'' elementwise; first and second may be nullptr (not needed; second only
+// with first). The backward needs act'' only at the key pre-activations Z (mlp_dual_form.md §4).
+template <typename T>
+void activation(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second) {
+  if (second) activation_derivatives<2>(kind, n, x, value, first, second);
+  else if (first) activation_derivatives<1>(kind, n, x, value, first, second);
+  else activation_derivatives<0>(kind, n, x, value, first, second);
+}
+
+// out = [x * A | y * A] (L x 2W, row stride 2W) from A (L x W, row stride lda).
+template <typename T>
+void scale_rows_pair(int L, int W, const T* A, index_t lda, const T* x, const T* y, T* out) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < W; ++j) {
+      out[t * 2 * W + j] = x[t] * A[t * lda + j];
+      out[t * 2 * W + W + j] = y[t] * A[t * lda + j];
+    }
+}
+
+// out = beta * out + x * A_left + y * A_right, with A = [A_left | A_right] (L x 2W, row stride
+// 2W) and out L x W (row stride ldo).
+template <typename T>
+void combine_pair(int L, int W, const T* A, const T* x, const T* y, T beta, T* out, index_t ldo) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < W; ++j)
+      out[t * ldo + j] = beta * out[t * ldo + j] + x[t] * A[t * 2 * W + j] + y[t] * A[t * 2 * W + W + j];
+}
+
+// Per-thread scratch, sized once per kernel call for chunks of up to C tokens. The buffers
+// marked (backward) are empty in the forward.
+template <typename T>
+struct Workspace {
+  std::vector<T> buffer;
+  T *theta, *eta, *alpha, *a, *g, *P;  // [C]: gates and gate tables of the chunk
+  T *c, *sig;                          // [C * C] gate tables
+  T *QK, *QKc, *HH, *HHc;              // [C * C]: Q K^T, Hq H^T and their products with c
+  T *Z, *H, *G, *DZ, *act1;            // [C, N] key path; act1 = act'(Z)
+  T *E;                                // [C, D]
+  T *X, *wide;                         // [C, 2N]: [Q W1^T | Q S1^T]; pair products
+  T *Zq, *Hq;                          // [C, N] query path
+  T *state;                            // [4, N * D]: the state (forward), its cotangent (backward)
+  T *act2, *actq1;                     // [C, N] (backward): act''(Z), act'(Zq)
+  T *dE, *dH, *dDZ, *dHq, *dA;         // [C, D], [C, N] x 3, [C * C] (backward)
+  T *coef_grad, *gate_scratch;         // d_a, d_g, d_sig_last [C] x 3 + d_c [C * C]; [2 (C + 2)]
+
+  Workspace(int C, int D, int N, bool backward) {
+    const size_t c1 = C, CC = c1 * C, CN = c1 * N, CD = c1 * D, bwd = backward ? 1 : 0;
+    const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, 2 * CN, 2 * CN,
+                            CN, CN, 4 * size_t(N) * D, bwd * CN, bwd * CN, bwd * CD, bwd * CN, bwd * CN,
+                            bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2)};
+    T** const slots[] = {&theta, &eta, &alpha, &a,    &g,     &P,   &c,   &sig, &QK,  &QKc, &HH,
+                   &HHc,   &Z,   &H,     &G,    &DZ,    &act1, &E,  &X,   &wide, &Zq, &Hq,
+                   &state, &act2, &actq1, &dE,  &dH,    &dDZ, &dHq, &dA,  &coef_grad, &gate_scratch};
+    carve_buffer(buffer, sizes, slots);
+  }
+};
+
+// One chunk's tokens of one (batch, head): row t at ptr + t * stride.
+template <typename T>
+struct Rows {
+  const T* ptr;
+  index_t stride;
+};
+
+// Key path: Z, H, act'(Z), E, G, DZ (and act''(Z) for the backward) at the chunk-start weights.
+template <typename T>
+void key_path(const MlpMemoryParams& p, int L, Rows<T> K, Rows<T> V, const T* state, Workspace<T>& ws,
+              bool for_backward) {
+  const int D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  const T* W1 = state;
+  const T* W2 = state + 2 * block;
+  matmul(false, true, L, N, D, T(1), K.ptr, K.stride, W1, D, T(0), ws.Z, N);
+  activation(p.activation, index_t(L) * N, ws.Z, ws.H, ws.act1, for_backward ? ws.act2 : nullptr);
+  matmul(false, true, L, D, N, T(2), ws.H, N, W2, N, T(0), ws.E, D);
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < D; ++j) ws.E[t * D + j] += T(2) * (K.ptr[t * K.stride + j] - V.ptr[t * V.stride + j]);
+  matmul(false, false, L, N, D, T(1), ws.E, D, W2, N, T(0), ws.G, N);
+  for (index_t i = 0; i < index_t(L) * N; ++i) ws.DZ[i] = ws.G[i] * ws.act1[i];
+}
+
+// Query path: Zq, Hq (and act'(Zq) for the backward); for read "token" also the masked
+// products Q K^T .* c and Hq H^T .* c, with their unmasked factors.
+template <typename T>
+void query_path(const MlpMemoryParams& p, int L, Rows<T> Q, Rows<T> K, const T* state, Workspace<T>& ws,
+                bool for_backward) {
+  const int D = p.dim, N = p.hidden;
+  T* act_first = for_backward ? ws.actq1 : nullptr;
+  if (!p.read_token) {
+    matmul(false, true, L, N, D, T(1), Q.ptr, Q.stride, state, D, T(0), ws.Zq, N);
+    activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, act_first, static_cast<T*>(nullptr));
+    return;
+  }
+  matmul(false, true, L, 2 * N, D, T(1), Q.ptr, Q.stride, state, D, T(0), ws.X, 2 * N);
+  matmul(false, true, L, L, D, T(1), Q.ptr, Q.stride, K.ptr, K.stride, T(0), ws.QK, L);
+  // c is zero above the diagonal, so the products are causal.
+  for (int i = 0; i < L * L; ++i) ws.QKc[i] = ws.QK[i] * ws.c[i];
+  combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
+  matmul(false, false, L, N, L, T(1), ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N);
+  activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, act_first, static_cast<T*>(nullptr));
+  matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L);
+  for (int i = 0; i < L * L; ++i) ws.HHc[i] = ws.HH[i] * ws.c[i];
+}
+
+// O = Q + ... (both read modes), written with row stride ldo.
+template <typename T>
+void chunk_output(const MlpMemoryParams& p, int L, Rows<T> Q, const T* state, Workspace<T>& ws, T* O, index_t ldo) {
+  const int D = p.dim, N = p.hidden;
+  const T* W2S2 = state + 2 * index_t(N) * D;
+  for (int t = 0; t < L; ++t) std::memcpy(O + t * ldo, Q.ptr + t * Q.stride, D * sizeof(T));
+  if (p.read_token) {
+    matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, W2S2, N, T(0), ws.wide, 2 * D);
+    combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O, ldo);
+    matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O, ldo);
+  } else {
+    matmul(false, true, L, D, N, T(1), ws.Hq, N, W2S2, N, T(1), O, ldo);
+  }
+}
+
+// The chunk-end state, in place.
+template <typename T>
+void update_state(const MlpMemoryParams& p, int L, Rows<T> K, T* state, Workspace<T>& ws) {
+  const int D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  const T* m = ws.c + (L - 1) * L;
+  const T* s = ws.sig + (L - 1) * L;
+  const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
+  for (T* W : {state, state + 2 * block}) {
+    T* S = W + block;
+    for (index_t i = 0; i < block; ++i) {
+      W[i] = a_L * W[i] + g_L * S[i];
+      S[i] = p_L * S[i];
+    }
+  }
+  scale_rows_pair(L, N, ws.DZ, index_t(N), m, s, ws.wide);
+  matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, K.ptr, K.stride, T(1), state, D);
+  scale_rows_pair(L, D, ws.E, index_t(D), m, s, ws.wide);
+  matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.H, N, T(1), state + 2 * block, N);
+}
+
+// The four blocks of a state in [W1 | S1 | W2 | S2] order: from the (batch, head) at element
+// offset of four [B, H, ...] tensors (nullptr: zeros), or into them (nullptr: not wanted).
+template <typename T>
+void load_state(const void* const (&blocks)[4], index_t offset, index_t block, T* state) {
+  for (int i = 0; i < 4; ++i) {
+    T* dst = state + i * block;
+    if (blocks[i]) std::memcpy(dst, static_cast<const T*>(blocks[i]) + offset, block * sizeof(T));
+    else std::fill(dst, dst + block, T(0));
+  }
+}
+
+template <typename T>
+void store_state(const T* state, index_t offset, index_t block, void* const (&blocks)[4]) {
+  for (int i = 0; i < 4; ++i)
+    if (blocks[i]) std::memcpy(static_cast<T*>(blocks[i]) + offset, state + i * block, block * sizeof(T));
+}
+
+template <typename T>
+void forward_head(const MlpMemoryParams& p, int b, int h, Workspace<T>& ws) {
+  const int C = p.chunk_size, D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  const index_t bh = index_t(b) * p.heads + h;
+  const T* q = head_rows<T>(p.q, b, h);
+  const T* k = head_rows<T>(p.k, b, h);
+  const T* v = head_rows<T>(p.v, b, h);
+  const index_t o_stride = index_t(p.heads) * D;
+  T* o = static_cast<T*>(p.o_ptr) + (index_t(b) * p.seqlen * p.heads + h) * D;
+
+  T* state = ws.state;
+  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, state);
+
+  for (int n = 0; n < p.n_chunks; ++n) {
+    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
+    // The backward cannot rebuild chunk-start states from the end state (the chunk map is
+    // nonlinear in the weights), so all of them are kept: 4 N D values per chunk, i.e.
+    // 4 N D / C per token (4 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every
+    // n-th state and re-running the forward of the chunks in between is the next step.
+    if (p.chunk_states_ptr) {
+      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
+      std::memcpy(saved, state, 4 * block * sizeof(T));
+    }
+    load_chunk_gates(p, b, h, t0, L, ws);
+    const Rows<T> Q{q + t0 * p.q.seq_stride, p.q.seq_stride};
+    const Rows<T> K{k + t0 * p.k.seq_stride, p.k.seq_stride};
+    const Rows<T> V{v + t0 * p.v.seq_stride, p.v.seq_stride};
+    key_path(p, L, K, V, state, ws, false);
+    query_path(p, L, Q, K, state, ws, false);
+    chunk_output(p, L, Q, state, ws, o + t0 * o_stride, o_stride);
+    update_state(p, L, K, state, ws);
+  }
+  store_state(state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
+}
+
+// Reverse pass over the chunks of one (batch, head), carrying the state cotangent
+// dstate = [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
+template <typename T>
+void backward_head(const MlpMemoryBwdParams& p, int b, int h, Workspace<T>& ws) {
+  const int C = p.chunk_size, D = p.dim, N = p.hidden;
+  const index_t block = index_t(N) * D;
+  const index_t bh = index_t(b) * p.heads + h;
+  const T* q = head_rows<T>(p.q, b, h);
+  const T* k = head_rows<T>(p.k, b, h);
+  const T* v = head_rows<T>(p.v, b, h);
+  const T* d_o = head_rows<T>(p.d_o, b, h);
+  const index_t os = index_t(p.heads) * D;  // row stride of the contiguous gradients
+  const index_t gate_offset = index_t(b) * p.seqlen * p.heads + h;
+  T* dq = static_cast<T*>(p.dq_ptr) + gate_offset * D;
+  T* dk = static_cast<T*>(p.dk_ptr) + gate_offset * D;
+  T* dv = static_cast<T*>(p.dv_ptr) + gate_offset * D;
+  T* dtheta = static_cast<T*>(p.dtheta_ptr) + gate_offset;
+  T* deta = static_cast<T*>(p.deta_ptr) + gate_offset;
+  T* dalpha = static_cast<T*>(p.dalpha_ptr) + gate_offset;
+
+  T* dstate = ws.state;
+  load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
+  T* dW1 = dstate;
+  T* dW2 = dstate + 2 * block;
+
+  T* d_a = ws.coef_grad;
+  T* d_g = d_a + C;
+  T* d_sig_last = d_g + C;
+  T* d_c = d_sig_last + C;
+
+  for (int n = p.n_chunks - 1; n >= 0; --n) {
+    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
+    const T* state = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
+    const T* W1 = state;
+    const T* S1 = state + block;
+    const T* W2 = state + 2 * block;
+    const T* S2 = state + 3 * block;
+    const Rows<T> Q{q + t0 * p.q.seq_stride, p.q.seq_stride};
+    const Rows<T> K{k + t0 * p.k.seq_stride, p.k.seq_stride};
+    const Rows<T> V{v + t0 * p.v.seq_stride, p.v.seq_stride};
+    const T* dO = d_o + t0 * p.d_o.seq_stride;
+    const index_t dos = p.d_o.seq_stride;
+    T* dQ = dq + t0 * os;
+    T* dK = dk + t0 * os;
+    T* dV = dv + t0 * os;
+
+    // Recompute the chunk's activations from its start state.
+    load_chunk_gates(p, b, h, t0, L, ws);
+    key_path(p, L, K, V, state, ws, true);
+    query_path(p, L, Q, K, state, ws, true);
+    std::fill(d_a, d_a + 3 * C + C * C, T(0));
+    const T* m = ws.c + (L - 1) * L;
+    const T* s = ws.sig + (L - 1) * L;
+    T* d_c_last = d_c + (L - 1) * L;
+
+    // End-state paths, from the cotangent of the chunk-end state (still in dstate).
+    // [K dW1'^T | K dS1'^T] gives dDZ and the c, sig cotangents of row L.
+    matmul(false, true, L, 2 * N, D, T(1), K.ptr, K.stride, dstate, D, T(0), ws.wide, 2 * N);
+    combine_pair(L, N, ws.wide, m, s, T(0), ws.dDZ, N);
+    for (int t = 0; t < L; ++t) {
+      d_c_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N, N);
+      d_sig_last[t] += dot(ws.DZ + t * N, ws.wide + t * 2 * N + N, N);
+    }
+    // [H dW2'^T | H dS2'^T] gives dE.
+    matmul(false, true, L, 2 * D, N, T(1), ws.H, N, dstate + 2 * block, N, T(0), ws.wide, 2 * D);
+    combine_pair(L, D, ws.wide, m, s, T(0), ws.dE, D);
+    for (int t = 0; t < L; ++t) {
+      d_c_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D, D);
+      d_sig_last[t] += dot(ws.E + t * D, ws.wide + t * 2 * D + D, D);
+    }
+    // dK = [m * DZ | s * DZ] [dW1'; dS1'],  dH = [m * E | s * E] [dW2'; dS2'].
+    scale_rows_pair(L, N, ws.DZ, index_t(N), m, s, ws.wide);
+    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, dstate, D, T(0), dK, os);
+    scale_rows_pair(L, D, ws.E, index_t(D), m, s, ws.wide);
+    matmul(false, false, L, N, 2 * D, T(1), ws.wide, 2 * D, dstate + 2 * block, N, T(0), ws.dH, N);
+    d_a[L - 1] += dot(dW1, W1, block) + dot(dW2, W2, block);
+    d_g[L - 1] += dot(dW1, S1, block) + dot(dW2, S2, block);
+    const T d_P_last = dot(dW1 + block, S1, block) + dot(dW2 + block, S2, block);
+    // From here dstate accumulates the cotangent of the chunk-start state.
+    const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
+    for (T* dW : {dW1, dW2}) {
+      T* dS = dW + block;
+      for (index_t i = 0; i < block; ++i) {
+        dS[i] = g_L * dW[i] + p_L * dS[i];
+        dW[i] = a_L * dW[i];
+      }
+    }
+
+    // Read-out paths; dHq becomes dZq = dHq .* act'(Zq) in place.
+    T* dZq = ws.dHq;
+    for (int t = 0; t < L; ++t) std::memcpy(dQ + t * os, dO + t * dos, D * sizeof(T));
+    if (p.read_token) {
+      // [dO W2 | dO S2] gives dHq and, against Hq, the a and g cotangents.
+      matmul(false, false, L, N, D, T(1), dO, dos, W2, N, T(0), ws.wide, 2 * N);
+      matmul(false, false, L, N, D, T(1), dO, dos, S2, N, T(0), ws.wide + N, 2 * N);
+      for (int t = 0; t < L; ++t) {
+        d_a[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N, N);
+        d_g[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N + N, N);
+      }
+      combine_pair(L, N, ws.wide, ws.a, ws.g, T(0), ws.dHq, N);
+      // [dW2; dS2] += [a * dO | g * dO]^T Hq.
+      scale_rows_pair(L, D, dO, dos, ws.a, ws.g, ws.wide);
+      matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dW2, N);
+      // Masked product (Hq H^T .* c) E: dA = dO E^T (its causal part is used).
+      T* dA = ws.dA;
+      matmul(false, true, L, L, D, T(1), dO, dos, ws.E, D, T(0), dA, L);
+      for (int t = 0; t < L; ++t)
+        for (int i = 0; i <= t; ++i) d_c[t * L + i] += dA[t * L + i] * ws.HH[t * L + i];
+      for (int i = 0; i < L * L; ++i) dA[i] *= ws.c[i];
+      matmul(true, false, L, D, L, T(1), ws.HHc, L, dO, dos, T(1), ws.dE, D);
+      matmul(false, false, L, N, L, T(1), dA, L, ws.H, N, T(1), ws.dHq, N);
+      matmul(true, false, L, N, L, T(1), dA, L, ws.Hq, N, T(1), ws.dH, N);
+      for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
+      // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
+      // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
+      for (int t = 0; t < L; ++t) {
+        d_a[t] += dot(dZq + t * N, ws.X + t * 2 * N, N);
+        d_g[t] += dot(dZq + t * N, ws.X + t * 2 * N + N, N);
+      }
+      scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
+      matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, W1, D, T(1), dQ, os);
+      matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dW1, D);
+      // Masked product (Q K^T .* c) DZ: dB = dZq DZ^T.
+      T* dB = ws.dA;
+      matmul(false, true, L, L, N, T(1), dZq, N, ws.DZ, N, T(0), dB, L);
+      for (int t = 0; t < L; ++t)
+        for (int i = 0; i <= t; ++i) d_c[t * L + i] += dB[t * L + i] * ws.QK[t * L + i];
+      for (int i = 0; i < L * L; ++i) dB[i] *= ws.c[i];
+      matmul(true, false, L, N, L, T(1), ws.QKc, L, dZq, N, T(1), ws.dDZ, N);
+      matmul(false, false, L, D, L, T(1), dB, L, K.ptr, K.stride, T(1), dQ, os);
+      matmul(true, false, L, D, L, T(1), dB, L, Q.ptr, Q.stride, T(1), dK, os);
+    } else {
+      matmul(false, false, L, N, D, T(1), dO, dos, W2, N, T(0), ws.dHq, N);
+      matmul(true, false, D, N, L, T(1), dO, dos, ws.Hq, N, T(1), dW2, N);
+      for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
+      matmul(false, false, L, D, N, T(1), dZq, N, W1, D, T(1), dQ, os);
+      matmul(true, false, N, D, L, T(1), dZq, N, Q.ptr, Q.stride, T(1), dW1, D);
+    }
+
+    // Key path, backwards. DZ = G .* act'(Z): G becomes dG and dDZ becomes dZ (its act'' part).
+    T* dG = ws.G;
+    T* dZ = ws.dDZ;
+    for (index_t i = 0; i < index_t(L) * N; ++i) {
+      const T d = ws.dDZ[i];
+      dZ[i] = d * ws.G[i] * ws.act2[i];
+      dG[i] = d * ws.act1[i];
+    }
+    matmul(false, true, L, D, N, T(1), dG, N, W2, N, T(1), ws.dE, D);
+    matmul(true, false, D, N, L, T(1), ws.E, D, dG, N, T(1), dW2, N);
+    // E = 2 (K + H W2^T - V): dE becomes dY = 2 dE, the cotangent of K + H W2^T - V.
+    T* dY = ws.dE;
+    for (int t = 0; t < L; ++t)
+      for (int j = 0; j < D; ++j) {
+        const T d = T(2) * ws.dE[t * D + j];
+        dY[t * D + j] = d;
+        dV[t * os + j] = -d;
+        dK[t * os + j] += d;
+      }
+    matmul(false, false, L, N, D, T(1), dY, D, W2, N, T(1), ws.dH, N);
+    matmul(true, false, D, N, L, T(1), dY, D, ws.H, N, T(1), dW2, N);
+    for (index_t i = 0; i < index_t(L) * N; ++i) dZ[i] += ws.dH[i] * ws.act1[i];
+    matmul(false, false, L, D, N, T(1), dZ, N, W1, D, T(1), dK, os);
+    matmul(true, false, N, D, L, T(1), dZ, N, K.ptr, K.stride, T(1), dW1, D);
+
+    chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
+                        ws.gate_scratch, dtheta + t0 * p.heads, deta + t0 * p.heads, dalpha + t0 * p.heads,
+                        index_t(p.heads));
+  }
+  store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
+}
+
+}  // namespace
+
+template <typename T>
+void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
+  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false);
+  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+    forward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+}
+
+template <typename T>
+void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
+  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true);
+  for (int64_t bh = bh_begin; bh < bh_end; ++bh)
+    backward_head<T>(params, int(bh / params.heads), int(bh % params.heads), ws);
+}
+
+template void mlp_memory_fwd<float>(const MlpMemoryParams&, int64_t, int64_t);
+template void mlp_memory_fwd<double>(const MlpMemoryParams&, int64_t, int64_t);
+template void mlp_memory_bwd<float>(const MlpMemoryBwdParams&, int64_t, int64_t);
+template void mlp_memory_bwd<double>(const MlpMemoryBwdParams&, int64_t, int64_t);
+
+}  // namespace titans::cpu

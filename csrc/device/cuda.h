@@ -1,0 +1,62 @@
+// nvcc side of the device layer: every name maps straight to CUDA.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+// Shared memory is declared through the layer so that the emulation can bounds-check it.
+#define TITANS_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#define TITANS_DYNAMIC_SHARED(T, name)                                         \
+  extern __shared__ __align__(16) unsigned char titans_dynamic_shared_bytes[]; \
+  T* name = reinterpret_cast<T*>(titans_dynamic_shared_bytes)
+
+namespace titans {
+namespace device {
+
+using Stream = cudaStream_t;
+using Error = cudaError_t;
+constexpr Error kSuccess = cudaSuccess;
+
+// A pointer into shared memory (a checked view in the emulation).
+template <typename T>
+using SharedPtr = T*;
+
+using bf16 = __nv_bfloat16;
+using fp16 = __half;
+
+__device__ __forceinline__ bf16 float_to_bf16_rn(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ fp16 float_to_fp16_rn(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ float bf16_to_float(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float fp16_to_float(fp16 x) { return __half2float(x); }
+__device__ __forceinline__ uint16_t bits_of(bf16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits_of(fp16 x) { return __half_as_ushort(x); }
+
+// fp32 -> tf32 (round to nearest, ties away from zero), kept in a 32-bit register for the MMA.
+__device__ __forceinline__ uint32_t float_to_tf32_rna(float x) {
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(out) : "f"(x));
+  return out;
+}
+
+// The one launch helper: kernel<<<grid, block, smem_bytes, stream>>>(args...). The name is for
+// the emulation's error messages.
+template <typename... KernelArgs, typename... Args>
+inline Error launch(const char* /*kernel_name*/, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                    size_t smem_bytes, Stream stream, Args&&... args) {
+  // Above 48 KiB a kernel must opt in to its dynamic shared memory size.
+  if (smem_bytes > 48 * 1024) {
+    Error err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
+}  // namespace device
+}  // namespace titans

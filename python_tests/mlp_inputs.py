@@ -1,0 +1,52 @@
+"""Input factory and gradient harness for the MLP-memory tests (the linear ones are in utils)."""
+
+import torch
+
+from utils import random_cotangents
+
+OUT_NAMES = ["o", "W1_T", "W2_T", "S1_T", "S2_T"]
+GRAD_NAMES = ["dq", "dk", "dv", "dtheta", "deta", "dalpha", "dW1", "dW2", "dS1", "dS2"]
+
+
+def mlp_inputs(B, T, H, D, E, dtype=torch.float32, seed=0, momentum=True):
+    """Random q, k, v, gates, initial weights and momenta.
+
+    q and k are l2-normalized and theta is moderate, as in the layers: with raw keys the inner
+    steps of the token loop itself can diverge (mlp_dual_form.md §3). Weights are scaled so the
+    MLP's output has the size of its input.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def gate(lo, hi):
+        return lo + (hi - lo) * torch.rand(B, T, H, generator=g, dtype=torch.float64)
+
+    q = torch.nn.functional.normalize(rand(B, T, H, D), dim=-1)
+    k = torch.nn.functional.normalize(rand(B, T, H, D), dim=-1)
+    v = rand(B, T, H, D, scale=0.5)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = [x.to(dtype) for x in (q, k, v)] + [x.to(state_dtype) for x in (gate(0, 0.3), gate(0.5, 1), gate(0, 0.2))]
+    N = E * D
+    weights = (rand(B, H, N, D, scale=D ** -0.5).to(state_dtype), rand(B, H, D, N, scale=N ** -0.5).to(state_dtype))
+    moments = None
+    if momentum:
+        moments = (rand(B, H, N, D, scale=0.1 * D ** -0.5).to(state_dtype),
+                   rand(B, H, D, N, scale=0.1 * N ** -0.5).to(state_dtype))
+    return inputs, weights, moments
+
+
+def mlp_outputs_and_grads(fn, inputs, weights, momentum, **kwargs):
+    """Runs fn(*inputs, weights, momentum=..., output_final_state=True), backpropagates a
+    random functional of o AND the final state; returns [o, W1_T, W2_T, S1_T, S2_T, grads of
+    inputs, weights and momenta]."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    w_leaves = tuple(x.detach().clone().requires_grad_() for x in weights)
+    m_leaves = None if momentum is None else tuple(x.detach().clone().requires_grad_() for x in momentum)
+    o, ((W1, W2), (S1, S2)) = fn(*leaves, w_leaves, momentum=m_leaves, output_final_state=True, **kwargs)
+    outs = [o, W1, W2, S1, S2]
+    loss = sum((a.double() * b.double()).sum() for a, b in zip(outs, random_cotangents(outs)))
+    wrt = leaves + list(w_leaves) + (list(m_leaves) if m_leaves else [])
+    grads = torch.autograd.grad(loss, wrt)
+    return [x.detach() for x in outs] + list(grads)

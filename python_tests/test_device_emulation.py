@@ -1,0 +1,222 @@
+"""The device layer's own tests: its self-test kernels run under the CPU SIMT emulation
+(``titans_ext._emu``), and nvcc compiles every CUDA kernel source for sm_80 and sm_90a.
+
+Expected values are computed here independently, from CUDA's documented semantics and the PTX
+ISA's fragment tables, not from the layer's own tables.
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import titans_ext._emu  # noqa: F401  (registers the titans_emu:: operators)
+
+emu = torch.ops.titans_emu
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def deterministic_schedule():
+    emu.set_schedule(-1)
+    yield
+    emu.set_schedule(-1)
+
+
+# --- barriers and shared memory ----------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 3])
+@pytest.mark.parametrize("threads", [32, 256])
+def test_block_reduction_through_shared_memory(threads, seed):
+    emu.set_schedule(seed)
+    x = torch.randint(-50, 50, (3 * threads - 5,)).float()  # integers: the sums are exact
+    out = emu.block_reduce_sum(x, threads)
+    expected = torch.nn.functional.pad(x, (0, 5)).view(3, threads).sum(1)
+    assert torch.equal(out, expected)
+
+
+def test_missing_barrier_is_caught_by_the_reordering_mode():
+    x = torch.arange(256, dtype=torch.float32)
+    expected = 2 * torch.cat([x[:1], x[:-1]])
+    # In thread order every left neighbour has already written its slot: the bug stays hidden.
+    assert torch.equal(emu.neighbour_exchange(x, False), expected)
+    for seed in (0, 1, 2):
+        emu.set_schedule(seed)
+        wrong = (emu.neighbour_exchange(x, False) != expected).sum().item()
+        assert wrong > 10, f"seed {seed}: the reordered schedule should expose the missing barrier"
+        assert torch.equal(emu.neighbour_exchange(x, True), expected)
+
+
+@pytest.mark.parametrize("shift, thread, index", [(3, 61, 64), (-1, 0, -1)])
+def test_shared_memory_out_of_bounds_is_reported(shift, thread, index):
+    message = (rf"kernel 'shared_read_shifted', block \(0, 0, 0\), thread \({thread}, 0, 0\): "
+               rf"shared memory out of bounds: tile\[{index}\], valid indices 0..63")
+    with pytest.raises(RuntimeError, match=message):
+        emu.shared_read_shifted(shift)
+    assert torch.equal(emu.shared_read_shifted(0), torch.arange(64, dtype=torch.float32))
+
+
+def test_barrier_not_reached_by_every_thread_is_reported():
+    with pytest.raises(RuntimeError, match=r"kernel 'partial_barrier', block \(0, 0, 0\), thread \(16, 0, 0\): "
+                                           r"exited without reaching the __syncthreads\(\) at .*selftest_kernels.cuh"):
+        emu.partial_barrier(16)
+    emu.partial_barrier(64)
+
+
+def test_atomics_on_shared_and_global_memory():
+    values = torch.randint(0, 37, (1000,), dtype=torch.int32)
+    histogram, total, maximum = emu.atomics(values, 37)
+    assert torch.equal(histogram, torch.bincount(values, minlength=37).int())
+    assert total.item() == values.sum().item()
+    assert maximum.item() == values.max().item()
+
+
+# --- warp operations ---------------------------------------------------------------------------
+
+def _shuffle_source(lane, kind, arg, width):
+    """The lane whose value `lane` receives (CUDA programming guide, warp shuffle functions)."""
+    start = lane // width * width
+    if kind == "idx":
+        return start + arg % width
+    if kind == "up":
+        return lane - arg if lane - start >= arg else lane
+    if kind == "down":
+        return lane + arg if lane - start + arg < width else lane
+    src = lane ^ arg
+    return src if src < start + width else lane
+
+
+@pytest.mark.parametrize("kind, arg, width", [
+    ("idx", 5, 32), ("idx", 35, 32), ("idx", 3, 8),
+    ("up", 1, 32), ("up", 3, 8),
+    ("down", 1, 32), ("down", 5, 16),
+    ("xor", 1, 32), ("xor", 16, 32), ("xor", 6, 4),
+])
+def test_warp_shuffle(kind, arg, width):
+    x = torch.randn(64)
+    out = emu.warp_shuffle(x, kind, arg, width)
+    for lane in range(64):
+        warp, lane_in_warp = divmod(lane, 32)
+        src = warp * 32 + _shuffle_source(lane_in_warp, kind, arg, width)
+        assert out[lane] == x[src], f"lane {lane}: expected lane {src}'s value"
+
+
+def test_warp_reductions_and_ballot():
+    x = torch.randint(-9, 10, (96,)).float()
+    total, maximum, ballot = emu.warp_reduce(x)
+    for w in range(3):
+        lanes = slice(32 * w, 32 * (w + 1))
+        assert (total[lanes] == x[lanes].sum()).all()
+        assert (maximum[lanes] == x[lanes].max()).all()
+        bits = sum(1 << i for i in range(32) if x[32 * w + i] > 0)
+        assert ((ballot[lanes].long() & 0xFFFFFFFF) == bits).all()
+
+
+# --- tensor-core MMA -----------------------------------------------------------------------------
+
+def _ptx_fragment_table(kind, operand):
+    """(row, col) per [lane][element], transcribed from the PTX ISA sections "Matrix Fragments for
+    mma.m16n8k16 with floating point type" and "Matrix Fragments for mma.m16n8k8" (.tf32)."""
+    table = []
+    for lane in range(32):
+        group, tig = lane >> 2, lane % 4
+        if operand == "c":
+            table.append([(group if i < 2 else group + 8, tig * 2 + (i & 1)) for i in range(4)])
+        elif kind == "m16n8k8_tf32" and operand == "a":
+            table.append([(group if i in (0, 2) else group + 8, tig if i in (0, 1) else tig + 4) for i in range(4)])
+        elif kind == "m16n8k8_tf32":
+            table.append([(tig if i == 0 else tig + 4, group) for i in range(2)])
+        elif operand == "a":
+            table.append([(group if i < 2 or 4 <= i < 6 else group + 8,
+                           tig * 2 + (i & 1) if i < 4 else tig * 2 + (i & 1) + 8) for i in range(8)])
+        else:
+            table.append([(tig * 2 + (i & 1) if i < 2 else tig * 2 + (i & 1) + 8, group) for i in range(4)])
+    return torch.tensor(table, dtype=torch.int32)
+
+
+MMA_KINDS = ["m16n8k16_bf16", "m16n8k16_fp16", "m16n8k8_tf32"]
+
+
+@pytest.mark.parametrize("operand", ["a", "b", "c"])
+@pytest.mark.parametrize("kind", MMA_KINDS)
+def test_mma_fragment_layouts_match_the_ptx_isa(kind, operand):
+    table = emu.mma_fragment_layout(kind, operand)
+    assert torch.equal(table, _ptx_fragment_table(kind, operand))
+    k = 8 if kind == "m16n8k8_tf32" else 16
+    rows, cols = {"a": (16, k), "b": (k, 8), "c": (16, 8)}[operand]
+    cells = table.view(-1, 2).tolist()
+    assert sorted(map(tuple, cells)) == [(r, c) for r in range(rows) for c in range(cols)]  # each element once
+
+
+def _round_tf32(x):
+    """fp32 -> tf32, round to nearest with ties away from zero (cvt.rna.tf32.f32), as float32."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = ((bits + 0x1000) & 0xFFFFE000)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("kind", MMA_KINDS)
+def test_mma_matches_a_plain_matmul(kind):
+    g = torch.Generator().manual_seed(0)
+    k = 8 if kind == "m16n8k8_tf32" else 16
+    a, b, c = torch.randn(16, k, generator=g), torch.randn(k, 8, generator=g), torch.randn(16, 8, generator=g)
+    d = emu.mma(kind, a, b, c)
+    if kind == "m16n8k8_tf32":
+        a_in, b_in = _round_tf32(a), _round_tf32(b)
+    else:
+        dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float16
+        a_in, b_in = a.to(dtype).float(), b.to(dtype).float()
+    expected = a_in.double() @ b_in.double() + c.double()
+    assert (d.double() - expected).abs().max() < 1e-5 * (1 + expected.abs().max())
+    # Inputs are rounded to the MMA's type: fp32 inputs would give a visibly different product.
+    assert (d.double() - (a.double() @ b.double() + c.double())).abs().max() > 1e-4
+
+
+# --- bf16 / fp16 conversions --------------------------------------------------------------------
+
+def _conversion_inputs():
+    specials = torch.tensor([
+        0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"),
+        3.4e38, -3.4e38, 65504.0, 65519.0, 65520.0, 70000.0,  # fp16 max, last finite, first inf
+        1e-40, -1e-40, 1.4e-45, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 1e-8,  # subnormals, fp16 underflow
+        1.00390625, 1.01171875, 1.0009765625, 1.0029296875,  # ties (bf16 and fp16) to even
+    ], dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(2000, generator=g) * torch.exp2(torch.randint(-30, 30, (2000,), generator=g).float())
+    # Random bit patterns cover every exponent, subnormals and NaNs included.
+    bits = torch.randint(-2**31, 2**31 - 1, (2000,), generator=g, dtype=torch.int64).to(torch.int32)
+    return torch.cat([specials, wide, bits.view(torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_round_trip_matches_torch_rounding(dtype):
+    x = _conversion_inputs()
+    narrow, back = emu.half_round_trip(x, dtype)
+    expected = x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.isnan(narrow[nan].float()).all() and torch.isnan(back[nan]).all()
+    assert torch.equal(narrow[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert torch.equal(back[~nan], expected[~nan].float())
+
+
+# --- nvcc -----------------------------------------------------------------------------------------
+
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + sorted((ROOT / "csrc" / "device").rglob("*.cu"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nvcc_compiles_every_kernel_for_sm80_and_sm90a(source, tmp_path):
+    # Only csrc/ on the include path: this also proves the kernel sources include no torch header.
+    # The __CUDA_NO_* macros are the ones torch's CUDAExtension builds with.
+    no_implicit_halves = [f"-D__CUDA_NO_{what}__" for what in
+                          ("HALF_OPERATORS", "HALF_CONVERSIONS", "BFLOAT16_CONVERSIONS", "HALF2_OPERATORS")]
+    cmd = ["nvcc", "-std=c++17", "--expt-relaxed-constexpr", *no_implicit_halves, "-I", str(ROOT / "csrc"),
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+           "-c", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not re.search(r"warning", result.stderr), result.stderr

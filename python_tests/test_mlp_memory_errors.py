@@ -1,0 +1,114 @@
+"""Bad input to mlp_memory gets a ValueError/TypeError naming the argument.
+
+The MLP-specific checks, and the checks mlp_memory shares with linear_memory (the same
+function validates both, so one case per kind of error suffices here).
+"""
+
+import pytest
+import torch
+
+import titans_ext
+
+from mlp_inputs import mlp_inputs
+
+NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
+
+
+def _args():
+    # B=2, T=10, H=3, D=4, E=2.
+    inputs, weights, momentum = mlp_inputs(2, 10, 3, 4, 2)
+    return dict(zip(NAMES, inputs)), list(weights), list(momentum)
+
+
+def _call(args, weights, momentum=None, **kwargs):
+    return titans_ext.mlp_memory(*args.values(), weights, momentum=momentum, **kwargs)
+
+
+def test_dk_must_equal_dv():
+    args, weights, _ = _args()
+    args["v"] = torch.zeros(2, 10, 3, 5)
+    with pytest.raises(ValueError, match=r"v: the MLP memory needs Dk == Dv .* got Dk=4, Dv=5"):
+        _call(args, weights)
+
+
+@pytest.mark.parametrize("index, bad, error, match", [
+    (0, lambda w: w[..., :6, :], ValueError, r"weights\[0\]: expected shape \[B, H, E\*D, D\] with E\*D a positive "
+                                             r"multiple of D=4, got \[2, 3, 6, 4\]"),
+    (0, lambda w: w[..., :3], ValueError, r"weights\[0\]: expected shape \[B, H, E\*D, D\] = \[2, 3, 8, 4\]"),
+    (0, lambda w: w[:1], ValueError, r"weights\[0\]: expected shape \[B, H, E\*D, D\] = \[2, 3, 8, 4\]"),
+    (0, lambda w: w[0], ValueError, r"weights\[0\]: expected a 4-d tensor"),
+    (1, lambda w: w.transpose(-1, -2), ValueError, r"weights\[1\]: expected shape \[B, H, D, E\*D\] = \[2, 3, 4, 8\]"),
+    (1, lambda w: w.to(torch.int64), TypeError, r"weights\[1\]: expected dtype in"),
+    (1, lambda w: w.to("meta"), ValueError, r"weights\[1\]: expected a tensor on cpu"),
+])
+def test_bad_weights(index, bad, error, match):
+    args, weights, _ = _args()
+    weights[index] = bad(weights[index])
+    with pytest.raises(error, match=match):
+        _call(args, weights)
+
+
+def test_weights_must_be_a_pair():
+    args, weights, _ = _args()
+    with pytest.raises(TypeError, match=r"weights: expected a pair \(W1 \[B, H, E\*D, D\], W2 \[B, H, D, E\*D\]\)"):
+        _call(args, weights[0])
+
+
+def test_bad_momentum():
+    args, weights, momentum = _args()
+    with pytest.raises(ValueError, match=r"momentum\[0\]: expected shape \[B, H, E\*D, D\] = \[2, 3, 8, 4\]"):
+        _call(args, weights, momentum=(momentum[0][..., :3], momentum[1]))
+    with pytest.raises(ValueError, match=r"momentum\[1\]: expected shape \[B, H, D, E\*D\] = \[2, 3, 4, 8\]"):
+        _call(args, weights, momentum=(momentum[0], momentum[0]))
+    with pytest.raises(TypeError, match=r"momentum: expected a pair \(S1, S2\) or None"):
+        _call(args, weights, momentum=momentum[0])
+
+
+def test_unknown_activation():
+    args, weights, _ = _args()
+    with pytest.raises(ValueError, match=r"activation: expected one of \('gelu', 'silu'\), got 'relu'"):
+        _call(args, weights, activation="relu")
+
+
+@pytest.mark.parametrize("name, bad, error, match", [
+    ("q", lambda a: a["q"][0], ValueError, r"q: expected a 4-d tensor"),
+    ("k", lambda a: a["k"][:, :9], ValueError, r"k: expected shape \[B, T, H, Dk\] = \[2, 10, 3, 4\]"),
+    ("eta", lambda a: a["eta"][1:], ValueError, r"eta: expected shape \[B, T, H\] = \[2, 10, 3\]"),
+    ("alpha", lambda a: a["alpha"].to(torch.int64), TypeError, r"alpha: expected dtype in"),
+    ("k", lambda a: a["k"].double(), TypeError, r"k: expected dtype (torch\.)?float32 \(the dtype of q\)"),
+    ("v", lambda a: a["v"].tolist(), TypeError, r"v: expected a torch.Tensor, got list"),
+    ("k", lambda a: a["k"].to("meta"), ValueError, r"k: expected a tensor on cpu"),
+])
+def test_bad_tensor(name, bad, error, match):
+    args, weights, _ = _args()
+    args[name] = bad(args)
+    with pytest.raises(error, match=match):
+        _call(args, weights)
+
+
+@pytest.mark.parametrize("gate", ["theta", "eta", "alpha"])
+def test_non_finite_gates(gate):
+    args, weights, _ = _args()
+    args[gate][1, 4, 2] = float("nan")
+    with pytest.raises(ValueError, match=f"{gate}: gates must be finite"):
+        _call(args, weights)
+
+
+@pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_chunk_size(chunk_size, error):
+    args, weights, _ = _args()
+    with pytest.raises(error, match="chunk_size: expected an int >= 1"):
+        _call(args, weights, chunk_size=chunk_size)
+
+
+def test_unknown_read_mode():
+    args, weights, _ = _args()
+    with pytest.raises(ValueError, match=r"read: expected one of \('token', 'chunk_start'\), got 'last'"):
+        _call(args, weights, read="last")
+
+
+def test_binding_rejects_unknown_activation():
+    """Direct torch.ops calls skip the Python checks; the binding still refuses."""
+    args, weights, _ = _args()
+    with pytest.raises(RuntimeError, match=r"activation must be \"gelu\" or \"silu\""):
+        torch.ops.titans_ext.mlp_memory_fwd(*args.values(), *weights, None, None, 4, True, "tanh", False)

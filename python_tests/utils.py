@@ -1,0 +1,81 @@
+"""Shared test helpers: input factories and the closeness rule.
+
+Closeness rule (flash-linear-attention's): the relative RMS error
+``rms(ref - out) / rms(ref)`` must stay below a per-dtype bound. Bounds used across the suite:
+float64 1e-10 (the kernels and the references differ only in summation order), float32
+2e-5 for values / 1e-4 for gradients, bf16 inputs 1e-2 (inputs are rounded, state is fp32).
+"""
+
+import torch
+
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+def shape_id(shape):
+    """pytest id of a (B, T, H, Dk, Dv, chunk_size) case."""
+    return "B{}-T{}-H{}-Dk{}-Dv{}-C{}".format(*shape)
+
+
+def err_ratio(ref, out):
+    ref, out = ref.double(), out.double()
+    return ((ref - out).pow(2).mean().sqrt() / (ref.pow(2).mean().sqrt() + 1e-30)).item()
+
+
+def assert_close(name, ref, out, ratio):
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output"
+    assert not torch.isnan(ref).any(), f"{name}: NaN in the reference"
+    if ref.numel() == 0:
+        return
+    err = err_ratio(ref, out)
+    assert err <= ratio, f"{name}: relative RMS error {err:.3e} > {ratio:.1e} (max abs diff {(ref.double() - out.double()).abs().max().item():.3e})"
+
+
+def memory_inputs(B, T, H, Dk, Dv, dtype=torch.float32, seed=0, theta_max=0.3, state=True, device="cpu"):
+    """Random q, k, v, gates and an initial state; keys are l2-normalized as the layers do."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q = rand(B, T, H, Dk)
+    k = torch.nn.functional.normalize(rand(B, T, H, Dk), dim=-1)
+    v = rand(B, T, H, Dv)
+    theta = torch.rand(B, T, H, generator=g, dtype=torch.float64) * theta_max
+    eta = torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    alpha = torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.5
+    inputs = [x.to(dtype) for x in (q, k, v)] + [x.to(dtype if dtype == torch.float64 else torch.float32)
+                                                 for x in (theta, eta, alpha)]
+    inputs = [x.to(device) for x in inputs]
+    init = None
+    if state:
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        init = tuple((0.3 * rand(B, H, Dv, Dk)).to(state_dtype).to(device) for _ in range(2))
+    return inputs, init
+
+
+def random_cotangents(tensors, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(t.device) for t in tensors]
+
+
+def outputs_and_grads(fn, inputs, init, **kwargs):
+    """Runs fn(*inputs, initial_state=init, output_final_state=True), backpropagates a random
+    functional of o AND the final state, returns [o, M_T, S_T, grads of inputs and init]."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    init_leaves = None if init is None else tuple(x.detach().clone().requires_grad_() for x in init)
+    o, (m, s) = fn(*leaves, initial_state=init_leaves, output_final_state=True, **kwargs)
+    outs = [o, m, s]
+    cot = random_cotangents(outs)
+    loss = sum((a.double() * b.double()).sum() for a, b in zip(outs, cot))
+    wrt = leaves + (list(init_leaves) if init_leaves else [])
+    grads = torch.autograd.grad(loss, wrt)
+    return [x.detach() for x in outs] + list(grads)
+
+
+GRAD_NAMES = ["dq", "dk", "dv", "dtheta", "deta", "dalpha", "dM0", "dS0"]

@@ -1,0 +1,117 @@
+"""``titans_ext.mlp_memory``: the public op, its fake (meta) kernel and its autograd.
+
+The compiled library registers ``titans_ext::mlp_memory_fwd`` and ``titans_ext::mlp_memory_bwd``
+(csrc/binding/ops.cpp). The forward returns the chunk-start states the backward needs; autograd
+is attached here with ``torch.library.register_autograd``, so both directions are visible to
+torch.compile and checked by ``torch.library.opcheck``.
+"""
+
+import torch
+
+from .checks import check_mlp_inputs, state_dtype_for
+
+
+def _state_shapes(q, hidden):
+    B, _, H, D = q.shape
+    return (B, H, hidden, D), (B, H, D, hidden)
+
+
+@torch.library.register_fake("titans_ext::mlp_memory_fwd")
+def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
+                         save_states):
+    B, T, H, D = q.shape
+    N = w1.shape[2]
+    state_dtype = state_dtype_for(q.dtype)
+    shape1, shape2 = _state_shapes(q, N)
+    w1_final, s1_final = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
+    w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
+    n_chunks = (T + chunk_size - 1) // chunk_size
+    states_shape = (B, H, n_chunks, 4, N * D) if save_states else (0,)
+    return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
+            q.new_empty(states_shape, dtype=state_dtype))
+
+
+@torch.library.register_fake("titans_ext::mlp_memory_bwd")
+def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final,
+                         d_s2_final, hidden, chunk_size, read_token, activation):
+    state_dtype = state_dtype_for(q.dtype)
+    shape1, shape2 = _state_shapes(q, hidden)
+    dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
+    dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
+            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5])
+    ctx.hidden, ctx.chunk_size, ctx.read_token, ctx.activation = w1.shape[2], chunk_size, read_token, activation
+    ctx.has_momentum = (s1 is not None, s2 is not None)
+
+
+def _backward(ctx, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, _d_chunk_states):
+    q, k, v, theta, eta, alpha, chunk_states = ctx.saved_tensors
+    if chunk_states.numel() == 0 and q.shape[1] > 0:
+        raise RuntimeError("mlp_memory_fwd ran with save_states=False, so it cannot be differentiated; "
+                           "call titans_ext.mlp_memory, which saves them when a gradient is needed")
+    if d_o is None:
+        d_o = q.new_zeros(q.shape)
+    grads = torch.ops.titans_ext.mlp_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final,
+                                                d_w2_final, d_s1_final, d_s2_final, ctx.hidden, ctx.chunk_size,
+                                                ctx.read_token, ctx.activation)
+    dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1, ds2 = grads
+    has_s1, has_s2 = ctx.has_momentum
+    return (dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1 if has_s1 else None, ds2 if has_s2 else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("titans_ext::mlp_memory_fwd", _backward, setup_context=_setup_context)
+
+
+def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None, output_final_state=False,
+               read="token", activation="gelu"):
+    r"""Titans deep (MLP) long-term memory ``M(x) = x + W2 act(W1 x)``, chunked.
+
+    For each batch and head, the weights ``W1: [N, D]``, ``W2: [D, N]`` (hidden width
+    ``N = E * D``) and their momenta ``S1, S2`` learn at test time from the key/value stream.
+    With ``t0`` the first token of t's chunk (chunks of ``chunk_size`` tokens from position 0
+    of this call; the last may be short), for each weight W with momentum S::
+
+        u_t = grad_W ||M(k_t) - v_t||^2 at the weights of step t0 - 1   # chunk-start gradient
+        S_t = eta_t S_{t-1} - theta_t u_t                               # surprise with momentum
+        W_t = (1 - alpha_t) W_{t-1} + S_t                               # forget gate
+        o_t = M_t(q_t)   (read="token")   or   M_{t0-1}(q_t)   (read="chunk_start")
+
+    ``chunk_size=1`` is the exact per-token recurrence. Token reads use the dual form
+    (per-token weights are never materialized). The C++ backward is handwritten, including the
+    second derivative of the activation that the inner gradient brings in.
+
+    Args:
+        q: queries ``[B, T, H, D]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
+        k: keys ``[B, T, H, D]`` (same dtype as q). Normalized keys keep the inner steps stable.
+        v: values ``[B, T, H, D]`` (same dtype as q).
+        theta: inner learning rate ``[B, T, H]``, >= 0.
+        eta: momentum decay ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
+        chunk_size: tokens per chunk (>= 1).
+        momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
+        output_final_state: also return the final weights and momenta.
+        read: ``"token"`` or ``"chunk_start"``.
+        activation: ``"gelu"`` (exact, erf) or ``"silu"``.
+
+    Returns:
+        ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
+        ``((W1_T, W2_T), (S1_T, S2_T))`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to
+        q, k, v, the gates, the initial weights and the momenta, through both outputs.
+    """
+    check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
+    state_dtype = state_dtype_for(q.dtype)
+    theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
+    w1, w2 = (w.to(state_dtype) for w in weights)
+    s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2))
+    o, w1_final, w2_final, s1_final, s2_final, _ = torch.ops.titans_ext.mlp_memory_fwd(
+        q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad)
+    return o, (((w1_final, w2_final), (s1_final, s2_final)) if output_final_state else None)
