@@ -41,7 +41,24 @@ class _Block(nn.Module):
         return x + self.ff(self.ff_norm(x))
 
 
-class LMMBlock(_Block):
+class _MixerBlock(_Block):
+    """``x + mixer(norm(x))``, then the feed-forward; the state is the mixer's."""
+
+    def __init__(self, dim, mixer):
+        super().__init__(dim)
+        self.norm = nn.RMSNorm(dim)
+        self.mixer = mixer
+
+    def initial_state(self, batch_size, dtype=torch.float32, device=None):
+        return self.mixer.initial_state(batch_size, dtype, device)
+
+    def forward(self, x, state=None):
+        check_input("x", x, self.dim)
+        y, state = self.mixer(self.norm(x), state)
+        return self.feed_forward(x + y), state
+
+
+class LMMBlock(_MixerBlock):
     """The memory alone (LMM): ``x + NeuralMemory(norm(x))``, then the feed-forward.
 
     State: a :class:`MemoryState`. ``memory_options``: a dict of :class:`NeuralMemory` arguments
@@ -49,37 +66,17 @@ class LMMBlock(_Block):
     """
 
     def __init__(self, dim, memory_options=None):
-        super().__init__(dim)
-        self.norm = nn.RMSNorm(dim)
-        self.memory = NeuralMemory(dim, **(memory_options or {}))
-
-    def initial_state(self, batch_size, dtype=torch.float32, device=None):
-        return self.memory.initial_state(batch_size, dtype, device)
-
-    def forward(self, x, state=None):
-        check_input("x", x, self.dim)
-        y, state = self.memory(self.norm(x), state)
-        return self.feed_forward(x + y), state
+        super().__init__(dim, NeuralMemory(dim, **(memory_options or {})))
 
 
-class SWABlock(_Block):
+class SWABlock(_MixerBlock):
     """Sliding-window attention with persistent tokens, then the feed-forward; no memory.
 
     The baseline a Titans block is compared with. State: an :class:`AttentionCache`.
     """
 
     def __init__(self, dim, heads=4, window=64, persistent_tokens=4):
-        super().__init__(dim)
-        self.norm = nn.RMSNorm(dim)
-        self.attention = SlidingWindowAttention(dim, heads, window, persistent_tokens)
-
-    def initial_state(self, batch_size, dtype=torch.float32, device=None):
-        return self.attention.initial_state(batch_size, dtype, device)
-
-    def forward(self, x, state=None):
-        check_input("x", x, self.dim)
-        y, state = self.attention(self.norm(x), state)
-        return self.feed_forward(x + y), state
+        super().__init__(dim, SlidingWindowAttention(dim, heads, window, persistent_tokens))
 
 
 @dataclass
@@ -90,21 +87,28 @@ class HybridState:
     attention: AttentionCache
 
 
-class MALBlock(_Block):
-    """Memory as a layer (MAL): ``x + NeuralMemory(norm(x))``, then sliding-window attention
-    with persistent tokens on the result, then the feed-forward. State: :class:`HybridState`.
-    """
+class _HybridBlock(_Block):
+    """A memory and a sliding-window attention side by side in one block (MAG, MAL)."""
 
-    def __init__(self, dim, heads=4, window=64, persistent_tokens=4, memory_options=None):
+    def __init__(self, dim, heads, window, persistent_tokens, memory_options):
         super().__init__(dim)
-        self.memory_norm = nn.RMSNorm(dim)
         self.memory = NeuralMemory(dim, **(memory_options or {}))
-        self.attention_norm = nn.RMSNorm(dim)
         self.attention = SlidingWindowAttention(dim, heads, window, persistent_tokens)
 
     def initial_state(self, batch_size, dtype=torch.float32, device=None):
         return HybridState(self.memory.initial_state(batch_size, dtype, device),
                            self.attention.initial_state(batch_size, dtype, device))
+
+
+class MALBlock(_HybridBlock):
+    """Memory as a layer (MAL): ``x + NeuralMemory(norm(x))``, then sliding-window attention
+    with persistent tokens on the result, then the feed-forward. State: :class:`HybridState`.
+    """
+
+    def __init__(self, dim, heads=4, window=64, persistent_tokens=4, memory_options=None):
+        super().__init__(dim, heads, window, persistent_tokens, memory_options)
+        self.memory_norm = nn.RMSNorm(dim)
+        self.attention_norm = nn.RMSNorm(dim)
 
     def forward(self, x, state=None):
         check_input("x", x, self.dim)
@@ -115,7 +119,7 @@ class MALBlock(_Block):
         return self.feed_forward(x + y), HybridState(memory_state, attention_cache)
 
 
-class MAGBlock(_Block):
+class MAGBlock(_HybridBlock):
     """Memory as a gate (MAG): sliding-window attention with persistent tokens and the memory
     read the same normalized input side by side; the branch adds ``RMSNorm(attn) *
     sigmoid(RMSNorm(memory))`` (learned per-channel norm weights) to the residual, then the
@@ -123,16 +127,10 @@ class MAGBlock(_Block):
     """
 
     def __init__(self, dim, heads=4, window=64, persistent_tokens=4, memory_options=None):
-        super().__init__(dim)
+        super().__init__(dim, heads, window, persistent_tokens, memory_options)
         self.norm = nn.RMSNorm(dim)
-        self.attention = SlidingWindowAttention(dim, heads, window, persistent_tokens)
-        self.memory = NeuralMemory(dim, **(memory_options or {}))
         self.attention_out_norm = nn.RMSNorm(dim)
         self.memory_out_norm = nn.RMSNorm(dim)
-
-    def initial_state(self, batch_size, dtype=torch.float32, device=None):
-        return HybridState(self.memory.initial_state(batch_size, dtype, device),
-                           self.attention.initial_state(batch_size, dtype, device))
 
     def forward(self, x, state=None):
         check_input("x", x, self.dim)
