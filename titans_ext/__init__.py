@@ -3,6 +3,8 @@
 Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
 path and CUDA kernels.
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
+Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
+Demo: ``python -m titans_ext demo``.
 """
 
 import torch
@@ -16,6 +18,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from .ops import linear_memory, mlp_memory
+from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
+                    detach_state)
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory", "mlp_memory"]
+__all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",
+           "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

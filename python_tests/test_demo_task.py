@@ -1,0 +1,65 @@
+"""The demo's recall task, its training loop and the command line."""
+
+import pytest
+import torch
+
+from titans_ext.__main__ import main
+from titans_ext.demo.recall import IGNORE, RecallTask
+from titans_ext.demo.run import distance_edges
+from titans_ext.demo.train import recall_by_distance, recall_loss, train
+from titans_ext.model import TitansLM
+
+
+def test_recall_task_sequences():
+    task = RecallTask(seq_len=64, n_pairs=3, n_keys=8, n_values=5, n_noise=4)
+    tokens, targets, distances = task.sample(6, torch.Generator().manual_seed(0))
+    assert tokens.shape == targets.shape == distances.shape == (6, 64)
+    assert tokens.min() >= 0 and tokens.max() < task.vocab_size
+    for row in range(6):
+        asked = (targets[row] != IGNORE).nonzero().flatten()
+        assert len(asked) == 3 and asked.min() >= 64 - 6  # the questions close the sequence
+        for position in asked.tolist():
+            key, value, distance = tokens[row, position], targets[row, position], distances[row, position]
+            write = position - distance
+            assert tokens[row, write] == key and tokens[row, write + 1] == value == tokens[row, position + 1]
+            assert 0 <= key < 8 and 8 <= value < 13
+        keys = tokens[row][tokens[row] < 8]
+        assert len(keys) == 6 and len(set(keys.tolist())) == 3  # each key written once and asked once
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seq_len": 63}, "seq_len"), ({"n_pairs": 70}, "n_pairs"), ({"n_keys": 0}, "n_keys"),
+    ({"n_pairs": 20, "n_keys": 10}, "n_pairs")])
+def test_recall_task_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RecallTask(**kwargs)
+
+
+def test_short_training_reduces_the_loss():
+    torch.manual_seed(0)
+    task = RecallTask(seq_len=32, n_pairs=2, n_keys=8, n_values=8, n_noise=8)
+    model = TitansLM(task.vocab_size, dim=32, depth=1, block="mal", heads=2, window=8, chunk_size=4)
+    batch = task.sample(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = recall_loss(model, batch[0], batch[1]).item()
+    losses = train(model, task, steps=40, batch_size=16, lr=1e-2, seed=2)
+    with torch.no_grad():
+        after = recall_loss(model, batch[0], batch[1]).item()
+    assert len(losses) == 40
+    assert after < before - 1.0, (before, after)
+    accuracies, counts = recall_by_distance(model, task, distance_edges(8, 32), n_sequences=16)
+    assert len(accuracies) == len(counts) == 3 and sum(counts) == 32
+
+
+def test_distance_edges():
+    assert distance_edges(16, 128) == [0, 16, 32, 64, 128]
+    assert distance_edges(16, 100) == [0, 16, 32, 64, 100]
+
+
+def test_demo_command_runs(tmp_path, capsys):
+    out = tmp_path / "plot.png"
+    main(["demo", "--steps", "2", "--seq-len", "32", "--window", "8", "--pairs", "2", "--dim", "16",
+          "--batch-size", "4", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "recall accuracy by distance" in printed and "no memory" in printed and str(out) in printed
+    assert out.stat().st_size > 0

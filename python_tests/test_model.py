@@ -1,0 +1,214 @@
+"""Model API: shapes and dtypes, streaming == parallel, cached == uncached generation, gradients
+to every parameter, stability of the defaults at T = 4096, and argument errors."""
+
+import random
+
+import pytest
+import torch
+
+import titans_ext
+from titans_ext.model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
+                              detach_state)
+
+BLOCK_KINDS = ("mac", "mag", "mal", "lmm", "swa")
+needs_mlp_op = pytest.mark.skipif(not hasattr(titans_ext, "mlp_memory"),
+                                  reason="titans_ext.mlp_memory is not in this build yet")
+MEMORY_KINDS = ("linear", pytest.param("mlp", marks=needs_mlp_op))
+
+
+def small_block(kind, memory="linear"):
+    options = {"heads": 2, "head_dim": 8, "chunk_size": 4, "memory": memory}
+    if kind == "lmm":
+        return LMMBlock(16, options)
+    if kind == "swa":
+        return SWABlock(16, heads=2, window=6)
+    block = {"mac": MACBlock, "mag": MAGBlock, "mal": MALBlock}[kind]
+    return block(16, 2, 8, 3, options)
+
+
+def small_lm(kind, memory="linear"):
+    return TitansLM(40, dim=16, depth=2, block=kind, heads=2, window=8, persistent_tokens=3, memory=memory,
+                    memory_heads=2, chunk_size=4)
+
+
+def run_in_pieces(module, x, piece_lengths):
+    """Outputs of ``module`` fed ``x`` in consecutive pieces, with the state carried."""
+    outputs, state, start = [], None, 0
+    for length in piece_lengths:
+        y, state = module(x[:, start:start + length], state)
+        outputs.append(y)
+        start += length
+    return torch.cat(outputs, dim=1), state
+
+
+def random_pieces(total, rng, longest=9):
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(1, longest), total - sum(lengths)))
+    return lengths
+
+
+# --- shapes and dtypes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neural_memory_shapes_and_dtypes(memory, dtype):
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=4).to(dtype)
+    x = torch.randn(3, 10, 16, dtype=dtype)
+    y, state = layer(x)
+    assert y.shape == (3, 10, 16) and y.dtype == dtype
+    assert isinstance(state, MemoryState) and state.position == 10 and state.n_pending == 2
+    weights = state.memory[0] if memory == "linear" else state.memory[0][0]
+    assert weights.dtype == torch.float32 and weights.shape[:2] == (3, 2)
+    assert state.conv_cache.shape == (3, 3, 3 * 2 * 8)
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_shapes_and_dtypes(kind, dtype):
+    block = small_block(kind).to(dtype)
+    y, _ = block(torch.randn(2, 13, 16, dtype=dtype))
+    assert y.shape == (2, 13, 16) and y.dtype == dtype and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_lm_shapes(kind):
+    model = small_lm(kind)
+    logits, state = model(torch.randint(0, 40, (2, 11)))
+    assert logits.shape == (2, 11, 40) and logits.dtype == torch.float32
+    assert isinstance(state, list) and len(state) == 2
+
+
+# --- streaming equals one parallel call ----------------------------------------------------------
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 5])
+def test_neural_memory_streaming_equals_parallel(memory, chunk_size):
+    torch.manual_seed(0)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=chunk_size).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)  # 23: not a multiple of any chunk size above
+    y, state = layer(x)
+    y_tokens, state_tokens = run_in_pieces(layer, x, [1] * 23)
+    y_pieces, state_pieces = run_in_pieces(layer, x, random_pieces(23, random.Random(chunk_size)))
+    torch.testing.assert_close(y_tokens, y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y_pieces, y, rtol=1e-10, atol=1e-10)
+    for other in (state_tokens, state_pieces):
+        torch.testing.assert_close(other.memory, state.memory, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_lm_streaming_equals_parallel(kind):
+    torch.manual_seed(1)
+    model = small_lm(kind).double()
+    tokens = torch.randint(0, 40, (2, 21))
+    logits, _ = model(tokens)
+    for lengths in ([1] * 21, random_pieces(21, random.Random(2))):
+        streamed, _ = run_in_pieces(model, tokens, lengths)
+        torch.testing.assert_close(streamed, logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_cached_generation_equals_uncached(kind):
+    torch.manual_seed(2)
+    model = small_lm(kind).double()
+    prompt = torch.randint(0, 40, (2, 6))
+    cached = model.generate(prompt, 12)
+    assert cached.shape == (2, 18) and torch.equal(cached[:, :6], prompt)
+    assert torch.equal(cached, model.generate(prompt, 12, use_cache=False))
+    sampled = [model.generate(prompt, 8, temperature=1.0, use_cache=use_cache,
+                              generator=torch.Generator().manual_seed(3)) for use_cache in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_detached_state_continues_the_stream():
+    torch.manual_seed(3)
+    model = small_lm("mag")
+    tokens = torch.randint(0, 40, (1, 14))
+    _, state = model(tokens[:, :9])
+    detached = detach_state(state)
+    assert all(not t.requires_grad for t in _tensors(detached))
+    continued, _ = model(tokens[:, 9:], detached)
+    logits, _ = model(tokens)
+    torch.testing.assert_close(continued, logits[:, 9:], rtol=1e-5, atol=1e-5)
+
+
+def _tensors(obj):
+    found = []
+    titans_ext.model.memory.map_tensors(found.append, obj)
+    return found
+
+
+# --- gradients -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, memory", [(kind, "linear") for kind in BLOCK_KINDS] + [
+    pytest.param(kind, "mlp", marks=needs_mlp_op) for kind in BLOCK_KINDS if kind != "swa"])
+def test_gradients_reach_every_parameter(kind, memory):
+    torch.manual_seed(4)
+    model = small_lm(kind, memory)
+    logits, _ = model(torch.randint(0, 40, (2, 19)))
+    logits.pow(2).mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+# --- stability of the defaults -------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_defaults_are_finite_at_long_sequences(memory, dtype):
+    torch.manual_seed(5)
+    layer = NeuralMemory(32, heads=2, memory=memory).to(dtype)
+    x = torch.randn(1, 4096, 32, dtype=dtype, requires_grad=True)
+    y, _ = layer(x)
+    y.float().pow(2).mean().backward()
+    assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p.grad.float()).all(), name
+
+
+def test_saturated_gates_stay_finite():
+    """The default max_lr bounds the inner steps for any gate values (here all at their bounds)."""
+    torch.manual_seed(6)
+    layer = NeuralMemory(32, heads=2, chunk_size=64)
+    with torch.no_grad():
+        layer.gate_proj.weight.zero_()
+        layer.gate_proj.bias.view(3, 2).copy_(torch.tensor([[20.0], [20.0], [-20.0]]))
+    y, state = layer(torch.randn(1, 4096, 32))
+    assert torch.isfinite(y).all() and state.memory[0].abs().max() < 10
+
+
+# --- argument errors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"heads": 0}, ValueError, "heads"),
+    ({"memory": "deep"}, ValueError, "memory"),
+    ({"chunk_size": 2.5}, TypeError, "chunk_size"),
+    ({"max_lr": -1.0}, ValueError, "max_lr"),
+    ({"max_momentum": 1.5}, ValueError, "max_momentum"),
+    ({"max_momentum": 1.0}, ValueError, "max_lr"),
+    ({"activation": "relu"}, ValueError, "activation"),
+])
+def test_neural_memory_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeuralMemory(16, **kwargs)
+
+
+def test_model_argument_errors():
+    with pytest.raises(ValueError, match="block"):
+        TitansLM(10, block="transformer")
+    with pytest.raises(ValueError, match="segment_size"):
+        MACBlock(16, 2, 6, 2, {"chunk_size": 4})
+    with pytest.raises(ValueError, match="heads"):
+        SWABlock(16, heads=3)
+    layer = NeuralMemory(16, heads=2)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        layer(torch.randn(2, 5, 8))
+    model = small_lm("lmm")
+    with pytest.raises(ValueError, match="tokens: token ids must lie in"):
+        model(torch.tensor([[0, 40]]))
+    with pytest.raises(TypeError, match="tokens: expected integer"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="state"):
+        model(torch.zeros(1, 3, dtype=torch.long), state=[None])
+    with pytest.raises(ValueError, match="prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
