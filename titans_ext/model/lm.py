@@ -23,14 +23,15 @@ class TitansLM(nn.Module):
         heads: attention heads.
         window: attention window (MAG, MAL, SWA) or segment length (MAC).
         persistent_tokens: learned persistent-memory tokens prepended to each attention.
-        memory: ``"linear"`` or ``"mlp"``; memory_heads / memory_head_dim: its heads and head
-            width (default ``heads`` and ``dim // memory_heads``); chunk_size: the memory op's
-            chunk; expansion: the MLP memory's hidden width factor; memory_options: any other
-            :class:`~titans_ext.model.NeuralMemory` arguments (e.g. ``max_lr``).
+        memory: ``"linear"`` or ``"mlp"`` (default ``"linear"``, or the preset's); memory_heads /
+            memory_head_dim: its heads and head width (default ``heads`` and ``dim // memory_heads``);
+            chunk_size: the memory op's chunk; expansion: the MLP memory's hidden width factor;
+            memory_options: any other :class:`~titans_ext.model.NeuralMemory` arguments (e.g.
+            ``max_lr``, or ``preset="moneta"`` for a MIRAS memory).
     """
 
     def __init__(self, vocab_size, dim=64, depth=2, block="mag", heads=4, window=64, persistent_tokens=4,
-                 memory="linear", memory_heads=None, memory_head_dim=None, chunk_size=16, expansion=2,
+                 memory=None, memory_heads=None, memory_head_dim=None, chunk_size=16, expansion=2,
                  **memory_options):
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
