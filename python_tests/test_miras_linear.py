@@ -10,22 +10,11 @@ import torch
 import titans_ext
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
+from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
 from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, random_cotangents
 
 F64 = TOLERANCE[torch.float64]
 NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES + ["d_delta"]
-
-OBJECTIVES = {
-    "l2": lambda delta: "l2",
-    "lp3": lambda delta: ("lp", 3),
-    "lp4": lambda delta: ("lp", 4.0, 0.0),
-    "lp1.5": lambda delta: ("lp", 1.5, 1e-3),
-    "lp1": lambda delta: ("lp", 1, 1e-2),
-    "huber": lambda delta: ("huber", delta),
-    "pseudo_huber": lambda delta: ("pseudo_huber", delta),
-    "yaad": lambda delta: ("yaad", delta),
-}
-RETENTIONS = {"l2": "l2", "lq4": ("lq", 4), "lq3": ("lq", 3.0), "kl": "kl"}
 
 
 def _inputs(T=19, B=2, H=2, Dk=5, Dv=4, seed=0, retention="l2"):
@@ -64,15 +53,11 @@ def _compare(ref, out, ratio=F64):
         assert_close(name, r, o, ratio)
 
 
-def _needs_delta(objective):
-    return objective in ("huber", "pseudo_huber", "yaad")
-
-
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_objective_matches_token_loop(objective, read):
     inputs, init = _inputs()
-    delta = _delta("token", inputs) if _needs_delta(objective) else None
+    delta = _delta("token", inputs) if needs_delta(objective) else None
     ref = _run(linear_memory_recurrent, inputs, init, objective, delta, chunk_size=4, read=read)
     out = _run(titans_ext.linear_memory, inputs, init, objective, delta, chunk_size=4, read=read)
     _compare(ref, out)
@@ -106,7 +91,7 @@ def test_delta_as_float_and_per_head():
                                                   ("lp3", "kl"), ("pseudo_huber", "kl"), ("yaad", "kl")])
 def test_retention_matches_token_loop(objective, retention, read):
     inputs, init = _inputs(retention=retention)
-    delta = _delta("channel", inputs) if _needs_delta(objective) else None
+    delta = _delta("channel", inputs) if needs_delta(objective) else None
     kwargs = dict(chunk_size=4, read=read, retention=RETENTIONS[retention])
     ref = _run(linear_memory_recurrent, inputs, init, objective, delta, **kwargs)
     out = _run(titans_ext.linear_memory, inputs, init, objective, delta, **kwargs)
@@ -136,7 +121,7 @@ def test_retention_without_initial_state(retention):
 @pytest.mark.parametrize("objective, retention", [("huber", "lq4"), ("yaad", "kl"), ("lp1.5", "l2")])
 def test_chunked_reference_matches_token_loop(objective, retention):
     inputs, init = _inputs(T=14, retention=retention)
-    delta = _delta("channel", inputs) if _needs_delta(objective) else None
+    delta = _delta("channel", inputs) if needs_delta(objective) else None
     kwargs = dict(chunk_size=4, retention=RETENTIONS[retention])
     _compare(_run(linear_memory_recurrent, inputs, init, objective, delta, **kwargs),
              _run(linear_memory_chunked, inputs, init, objective, delta, **kwargs), 1e-9)
@@ -163,7 +148,7 @@ def test_residuals_exactly_at_delta(objective):
 @pytest.mark.parametrize("objective, retention", [("lp3", "lq4"), ("huber", "kl"), ("yaad", "l2")])
 def test_stream_split_at_chunk_boundary_equals_one_call(objective, retention, read):
     inputs, init = _inputs(T=20, retention=retention)
-    delta = _delta("channel", inputs).requires_grad_() if _needs_delta(objective) else None
+    delta = _delta("channel", inputs).requires_grad_() if needs_delta(objective) else None
     leaves = [x.clone().requires_grad_() for x in inputs]
     init_leaves = tuple(x.clone().requires_grad_() for x in init)
     kwargs = dict(chunk_size=4, read=read, retention=RETENTIONS[retention], output_final_state=True)

@@ -11,23 +11,12 @@ import torch
 import titans_ext
 from titans_ext.reference import mlp_memory_chunked, mlp_memory_recurrent
 
+from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
 from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
 from utils import TOLERANCE, assert_close, random_cotangents
 
 F64 = TOLERANCE[torch.float64]
 NAMES = OUT_NAMES + GRAD_NAMES + ["d_delta"]
-
-OBJECTIVES = {
-    "l2": lambda delta: "l2",
-    "lp3": lambda delta: ("lp", 3),
-    "lp4": lambda delta: ("lp", 4.0, 0.0),
-    "lp1.5": lambda delta: ("lp", 1.5, 1e-3),
-    "lp1": lambda delta: ("lp", 1, 1e-2),
-    "huber": lambda delta: ("huber", delta),
-    "pseudo_huber": lambda delta: ("pseudo_huber", delta),
-    "yaad": lambda delta: ("yaad", delta),
-}
-RETENTIONS = {"l2": "l2", "lq4": ("lq", 4), "lq3": ("lq", 3.0), "kl": "kl"}
 
 
 def _inputs(T=11, B=2, H=2, D=4, E=2, seed=0, retention="l2"):
@@ -47,10 +36,6 @@ def _delta(objective, kind, inputs, seed=3):
     g = torch.Generator().manual_seed(seed)
     shape = (B, T, H) if kind == "token" else (B, T, H, D)
     return low + width * torch.rand(shape, generator=g, dtype=torch.float64)
-
-
-def _needs_delta(objective):
-    return objective in ("huber", "pseudo_huber", "yaad")
 
 
 def _run(fn, inputs, weights, momentum, objective, delta=None, **kwargs):
@@ -77,7 +62,7 @@ def _compare(ref, out, ratio=F64):
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_objective_matches_token_loop(objective, read):
     inputs, weights, momentum = _inputs()
-    delta = _delta(objective, "token", inputs) if _needs_delta(objective) else None
+    delta = _delta(objective, "token", inputs) if needs_delta(objective) else None
     kwargs = dict(chunk_size=4, read=read)
     ref = _run(mlp_memory_recurrent, inputs, weights, momentum, objective, delta, **kwargs)
     out = _run(titans_ext.mlp_memory, inputs, weights, momentum, objective, delta, **kwargs)
@@ -100,7 +85,7 @@ def test_delta_shapes(objective, delta_kind):
                                                   ("lp3", "kl"), ("pseudo_huber", "kl"), ("yaad", "kl")])
 def test_retention_matches_token_loop(objective, retention, read):
     inputs, weights, momentum = _inputs(retention=retention)
-    delta = _delta(objective, "channel", inputs) if _needs_delta(objective) else None
+    delta = _delta(objective, "channel", inputs) if needs_delta(objective) else None
     kwargs = dict(chunk_size=4, read=read, retention=RETENTIONS[retention])
     ref = _run(mlp_memory_recurrent, inputs, weights, momentum, objective, delta, **kwargs)
     out = _run(titans_ext.mlp_memory, inputs, weights, momentum, objective, delta, **kwargs)
@@ -121,7 +106,7 @@ def test_kl_chunk_sizes(chunk_size):
 @pytest.mark.parametrize("objective, retention", [("huber", "lq4"), ("yaad", "kl"), ("lp1.5", "l2")])
 def test_chunked_reference_matches_token_loop(objective, retention, read):
     inputs, weights, momentum = _inputs(retention=retention)
-    delta = _delta(objective, "channel", inputs) if _needs_delta(objective) else None
+    delta = _delta(objective, "channel", inputs) if needs_delta(objective) else None
     kwargs = dict(chunk_size=4, read=read, retention=RETENTIONS[retention])
     _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, objective, delta, **kwargs),
              _run(mlp_memory_chunked, inputs, weights, momentum, objective, delta, **kwargs), 1e-9)
@@ -148,7 +133,7 @@ def test_residuals_exactly_at_delta(objective):
 @pytest.mark.parametrize("objective, retention", [("lp3", "lq4"), ("huber", "kl"), ("yaad", "l2")])
 def test_stream_split_at_chunk_boundary_equals_one_call(objective, retention, read):
     inputs, weights, momentum = _inputs(T=14, retention=retention)
-    delta = _delta(objective, "channel", inputs).requires_grad_() if _needs_delta(objective) else None
+    delta = _delta(objective, "channel", inputs).requires_grad_() if needs_delta(objective) else None
     leaves = [x.clone().requires_grad_() for x in inputs]
     w_leaves = tuple(x.clone().requires_grad_() for x in weights)
     m_leaves = tuple(x.clone().requires_grad_() for x in momentum)

@@ -9,8 +9,8 @@
 //   O   = Q M0^T                                                    (read "chunk_start")
 //   M_L = a_L M0 + g_L S0 + (diag(m) E)^T K,  S_L = p S0 + (diag(s) E)^T K
 // with m, s the last rows of the gate tables c, sig (chunk_gates.h) and f the objective
-// (objectives.h). The retention acts at the chunk start only: "lq" rescales M0, "kl" runs the
-// chunk's first token as Memora's exact softmax step and the rest as an ordinary chunk.
+// (objectives.h). The retention acts at the chunk start only (chunk_loop.h): "lq" rescales M0,
+// "kl" runs the chunk's first token as Memora's exact softmax step and the rest as an ordinary chunk.
 #include "cpu/linear_memory.h"
 
 #include <algorithm>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/chunk_gates.h"
+#include "cpu/chunk_loop.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
 #include "cpu/miras_rows.h"
@@ -35,8 +36,7 @@ struct Workspace {
   T *theta, *eta, *alpha;         // [C] gates of the chunk
   T *a, *g, *P, *c, *sig;         // gate tables: [C] x 3, [C * C] x 2
   T *R, *E;                       // residuals and errors: [C, Dv] each
-  T *state, *state_grad;          // [2, Dv, Dk] each: carried state / its cotangent
-  T *start, *start_grad;          // [2, Dv, Dk] each: the state after the retention step, its cotangent
+  T *state, *start;               // [2, Dv, Dk] each: carried state or its cotangent; chunk_loop.h's scratch
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
@@ -44,11 +44,10 @@ struct Workspace {
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk, CDv = size_t(C) * Dv;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC, CDv, CDv,
-                            2 * sq, 2 * sq, 2 * sq, 2 * sq, 2 * CDv, CC, CC, CDv, size_t(C) * Dk,
-                            3 * size_t(C) + CC, 2 * size_t(C + 2)};
-    T** const slots[] = {&theta, &eta,   &alpha,      &a,    &g,          &P,      &c,      &sig,
-                         &R,     &E,     &state,      &state_grad, &start, &start_grad, &wide, &square,
-                         &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
+                            2 * sq, 2 * sq, 2 * CDv, CC, CC, CDv, size_t(C) * Dk, 3 * size_t(C) + CC,
+                            2 * size_t(C + 2)};
+    T** const slots[] = {&theta, &eta, &alpha, &a,      &g,     &P,      &c,       &sig,      &R,        &E,
+                         &state, &start, &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
     carve_buffer(buffer, sizes, slots);
   }
 };
@@ -97,7 +96,7 @@ void read_state_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, c
 }
 
 // ---- Retention "kl": Memora's lag token (token 0 of x) from MS = [M; S], in place (kl_step
-// with the inner gradient e k^T, e = f(M k - v)). Leaves the token's residual and error in ws.R, ws.E.
+// with the inner gradient e k^T, e = f(M k - v)).
 
 template <typename T, typename Objective>
 void kl_lag_step(const Objective& objective, const HeadInputs<T>& x, int Dk, int Dv, T* MS, Workspace<T>& ws) {
@@ -107,12 +106,12 @@ void kl_lag_step(const Objective& objective, const HeadInputs<T>& x, int Dk, int
 }
 
 // Backward of kl_lag_step. MS_prev: its input; MS1: its output; dMS: the output's cotangent,
-// turned in place into the input's. Writes token 0's gradients; ws.R and ws.E must hold the lag
-// token's residual and error (as kl_lag_step leaves them).
+// turned in place into the input's. Writes token 0's gradients except dq.
 template <typename T, typename Objective>
 void kl_lag_step_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int Dk,
                           int Dv, const T* MS_prev, const T* MS1, T* dMS, Workspace<T>& ws) {
   const index_t state_size = index_t(Dv) * Dk;
+  chunk_errors(objective, x, 1, Dk, Dv, MS_prev, ws.R, ws.E);
   T* dk = grads.dk.row(0);
   T* de = ws.narrow;  // [Dv]: cotangent of the lag token's error
   std::fill(dk, dk + Dk, T(0));
@@ -165,19 +164,19 @@ void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, in
   matmul(true, false, 2 * Dv, Dk, L, T(1), ES, 2 * Dv, x.k.ptr, x.k.stride, T(1), MS, Dk);
 }
 
-// Backward of chunk_forward: from the end-state cotangent dMS (and dO when token_reads), writes
-// the start-state cotangent dMS0 and the gradients of tokens 0..L-1. Steps A-E of
-// backward_linear.md §1.
+// Backward of chunk_forward: dMS, the end-state cotangent, becomes in place the start-state
+// cotangent (from it and dO when token_reads); writes the gradients of tokens 0..L-1. Steps A-E
+// of backward_linear.md §1.
 template <typename T, typename Objective>
 void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const TokenRows<const T>& dO,
-                    const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0,
-                    const T* dMS, T* dMS0, Workspace<T>& ws) {
+                    const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0, T* dMS,
+                    Workspace<T>& ws) {
   const int C = ws.C;
   const index_t state_size = index_t(Dv) * Dk;
   const T* M0 = MS0;
   const T* S0 = MS0 + state_size;
-  const T* dM = dMS;
-  const T* dS = dMS + state_size;
+  T* dM = dMS;
+  T* dS = dMS + state_size;
   const T* Q = x.q.ptr;
   const T* K = x.k.ptr;
   const index_t qs = x.q.stride, ks = x.k.stride;
@@ -219,9 +218,10 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
   d_a[L - 1] += dot(dM, M0, state_size);
   d_g[L - 1] += dot(dM, S0, state_size);
   const T d_P_last = dot(dS, S0, state_size);
+  // From here dMS accumulates the cotangent of the chunk-start state.
   for (index_t i = 0; i < state_size; ++i) {
-    dMS0[i] = a_L * dM[i];
-    dMS0[state_size + i] = g_L * dM[i] + p_L * dS[i];
+    dS[i] = g_L * dM[i] + p_L * dS[i];
+    dM[i] = a_L * dM[i];
   }
 
   // C. Token read-out paths.
@@ -267,11 +267,11 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
         AG[t * 2 * Dv + j] = ws.a[t] * dO.row(t)[j];
         AG[t * 2 * Dv + Dv + j] = ws.g[t] * dO.row(t)[j];
       }
-    matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, qs, T(1), dMS0, Dk);
+    matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, qs, T(1), dMS, Dk);
   }
 
   // D. Through E = f(K M0^T - V).
-  chunk_errors_backward(objective, x, grads, L, Dk, Dv, M0, ws.R, dE, dMS0);
+  chunk_errors_backward(objective, x, grads, L, Dk, Dv, M0, ws.R, dE, dMS);
 
   // E. Gate gradients.
   chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
@@ -280,105 +280,74 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
 
 // ---- Whole sequences of one (batch, head).
 
+// The linear memory's chunk algebra on a state MS = [M; S], for chunk_loop.h.
+template <typename T, typename Objective>
+struct LinearSteps {
+  const Objective& objective;
+  Workspace<T>& ws;
+  int Dk, Dv;
+  T q;  // lq's exponent
+  index_t state_size;
+
+  LinearSteps(const LinearMemoryParams& p, const Objective& objective_, Workspace<T>& ws_)
+      : objective(objective_), ws(ws_), Dk(p.dk), Dv(p.dv), q(T(p.miras.q)), state_size(2 * index_t(p.dv) * p.dk) {}
+
+  void rescale(T* MS) const { lq_rescale(MS, index_t(Dv) * Dk, q); }
+  void rescale_backward(const T* MS, T* dMS) const { lq_rescale_backward(MS, index_t(Dv) * Dk, q, dMS); }
+  void lag_step(const HeadInputs<T>& x, T* MS) const { kl_lag_step(objective, x, Dk, Dv, MS, ws); }
+  void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* MS_prev, const T* MS1,
+                         T* dMS) const {
+    kl_lag_step_backward(objective, x, grads, Dk, Dv, MS_prev, MS1, dMS, ws);
+  }
+  void read(const HeadInputs<T>& x, int L, const T* MS, const TokenRows<T>& O) const {
+    read_state(x, L, Dk, Dv, MS, O);
+  }
+  void read_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
+                     const T* MS, T* dMS) const {
+    read_state_backward(x, dO, grads, L, Dk, Dv, MS, dMS);
+  }
+  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* MS) const {
+    chunk_forward(objective, x, L, Dk, Dv, token_reads, O, MS, ws);
+  }
+  void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
+                      bool token_reads, const T* MS, T* dMS) const {
+    cpu::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, dMS, ws);
+  }
+};
+
 template <typename T>
 void load_state(const void* src, index_t bh, index_t state_size, T fill, T* dst) {
   if (src) std::memcpy(dst, static_cast<const T*>(src) + bh * state_size, state_size * sizeof(T));
   else std::fill(dst, dst + state_size, fill);
 }
 
-template <typename T, typename Objective>
-void forward_head(const LinearMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
-  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
-  const RetentionKind retention = p.miras.retention;
-  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, Dv);
-
-  T* MS = ws.state;
-  load_state(p.m0_ptr, bh, state_size, retention == RetentionKind::kl ? T(1) / T(Dk) : T(0), MS);
-  load_state(p.s0_ptr, bh, state_size, T(0), MS + state_size);
-
-  for (int n = 0; n < p.n_chunks; ++n) {
-    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
-    if (p.chunk_states_ptr) {
-      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
-      std::memcpy(saved, MS, 2 * state_size * sizeof(T));
-    }
-    const HeadInputs<T> x = head.inputs.at(t0);
-    const TokenRows<T> O = o.from(t0);
-    // The chunk_start reads see the memory before the chunk: after the lq rescale, before kl's lag token.
-    const T* chunk_memory = MS;
-    int lag = 0;
-    if (retention == RetentionKind::lq) {
-      lq_rescale(MS, state_size, T(p.miras.q));
-    } else if (retention == RetentionKind::kl) {
-      std::memcpy(ws.start, MS, state_size * sizeof(T));
-      chunk_memory = ws.start;
-      kl_lag_step(objective, x, Dk, Dv, MS, ws);
-      if (p.read_token) read_state(x, 1, Dk, Dv, MS, O);
-      lag = 1;
-    }
-    if (!p.read_token) read_state(x, L, Dk, Dv, chunk_memory, O);
-    if (L > lag) chunk_forward(objective, x.at(lag), L - lag, Dk, Dv, p.read_token, O.from(lag), MS, ws);
-  }
-  if (p.m_final_ptr) std::memcpy(static_cast<T*>(p.m_final_ptr) + bh * state_size, MS, state_size * sizeof(T));
-  if (p.s_final_ptr)
-    std::memcpy(static_cast<T*>(p.s_final_ptr) + bh * state_size, MS + state_size, state_size * sizeof(T));
+template <typename T>
+void store_state(const T* src, index_t bh, index_t state_size, void* dst) {
+  if (dst) std::memcpy(static_cast<T*>(dst) + bh * state_size, src, state_size * sizeof(T));
 }
 
-// Reverse pass over the chunks of one (batch, head), carrying the cotangent of the chunk-end
-// state (dM, dS) in ws.state.
+template <typename T, typename Objective>
+void forward_head(const LinearMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
+  const index_t state_size = index_t(p.dv) * p.dk, bh = head.bh;
+  T* MS = ws.state;
+  load_state(p.m0_ptr, bh, state_size, p.miras.retention == RetentionKind::kl ? T(1) / T(p.dk) : T(0), MS);
+  load_state(p.s0_ptr, bh, state_size, T(0), MS + state_size);
+  forward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head.inputs, bh,
+                 contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, p.dv), MS, ws.start);
+  store_state(MS, bh, state_size, p.m_final_ptr);
+  store_state(MS + state_size, bh, state_size, p.s_final_ptr);
+}
+
 template <typename T, typename Objective>
 void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const int C = p.chunk_size, Dk = p.dk, Dv = p.dv;
-  const index_t state_size = index_t(Dv) * Dk, bh = head.bh;
-  const RetentionKind retention = p.miras.retention;
-  const TokenRows<const T> d_o = token_rows<T>(p.d_o, head.b, head.h);
-  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h, Dk, Dv);
-
-  T* dMS = ws.state;         // cotangent of the current chunk's end state
-  T* dMS0 = ws.start_grad;   // cotangent of the state its linear part starts from
+  const index_t state_size = index_t(p.dv) * p.dk, bh = head.bh;
+  T* dMS = ws.state;
   load_state(p.d_m_final_ptr, bh, state_size, T(0), dMS);
   load_state(p.d_s_final_ptr, bh, state_size, T(0), dMS + state_size);
-
-  for (int n = p.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
-    const T* saved = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 2 * state_size;
-    const HeadInputs<T> x = head.inputs.at(t0);
-    const TokenRows<const T> dO = d_o.from(t0);
-    const HeadGrads<T> grads = all_grads.at(t0);
-    // Recompute the state the chunk's linear part starts from (MS0) and what chunk_start reads.
-    const T* MS0 = saved;
-    const T* chunk_memory = saved;
-    int lag = 0;
-    if (retention == RetentionKind::lq) {
-      std::memcpy(ws.start, saved, 2 * state_size * sizeof(T));
-      lq_rescale(ws.start, state_size, T(p.miras.q));
-      MS0 = chunk_memory = ws.start;
-    } else if (retention == RetentionKind::kl) {
-      std::memcpy(ws.start, saved, 2 * state_size * sizeof(T));
-      kl_lag_step(objective, x, Dk, Dv, ws.start, ws);
-      MS0 = ws.start;
-      lag = 1;
-    }
-
-    if (L > lag) {
-      chunk_backward(objective, x.at(lag), dO.from(lag), grads.at(lag), L - lag, Dk, Dv, p.read_token, MS0, dMS,
-                     dMS0, ws);
-    } else {
-      std::memcpy(dMS0, dMS, 2 * state_size * sizeof(T));
-    }
-    if (retention == RetentionKind::kl) {
-      if (p.read_token) read_state_backward(x, dO, grads, 1, Dk, Dv, MS0, dMS0);
-      // The lag token's residual and error, overwritten by chunk_backward, are needed again.
-      chunk_errors(objective, x, 1, Dk, Dv, saved, ws.R, ws.E);
-      kl_lag_step_backward(objective, x, grads, Dk, Dv, saved, MS0, dMS0, ws);
-    }
-    if (!p.read_token) read_state_backward(x, dO, grads, L, Dk, Dv, chunk_memory, dMS0);
-    if (retention == RetentionKind::lq) lq_rescale_backward(saved, state_size, T(p.miras.q), dMS0);
-    std::swap(dMS, dMS0);
-  }
-  std::memcpy(static_cast<T*>(p.dm0_ptr) + bh * state_size, dMS, state_size * sizeof(T));
-  std::memcpy(static_cast<T*>(p.ds0_ptr) + bh * state_size, dMS + state_size, state_size * sizeof(T));
+  backward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
+                  head_grads<T>(p, head.b, head.h, p.dk, p.dv), dMS, ws.start);
+  store_state(dMS, bh, state_size, p.dm0_ptr);
+  store_state(dMS + state_size, bh, state_size, p.ds0_ptr);
 }
 
 }  // namespace

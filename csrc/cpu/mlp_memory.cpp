@@ -13,8 +13,9 @@
 //   chunk end   W1' = a_L W1 + g_L S1 + (m * DZ)^T K,   S1' = p_L S1 + (s * DZ)^T K
 //               W2' = a_L W2 + g_L S2 + (m * E)^T H,    S2' = p_L S2 + (s * E)^T H
 // with a, g, c, P and sig the gate tables of chunk_gates.h and m, s their last rows. The
-// retention acts at the chunk start on W1 and W2 separately: "lq" rescales each, "kl" runs the
-// chunk's first token as Memora's softmax step on each (per row) and the rest as an ordinary chunk.
+// retention acts at the chunk start (chunk_loop.h) on W1 and W2 separately: "lq" rescales each,
+// "kl" runs the chunk's first token as Memora's softmax step on each (per row) and the rest as an
+// ordinary chunk.
 //
 // A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
 // [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "cpu/chunk_gates.h"
+#include "cpu/chunk_loop.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/matmul.h"
 #include "cpu/miras_rows.h"
@@ -139,7 +141,7 @@ struct Workspace {
   T *X, *wide;                         // [C, 2N]: [Q W1^T | Q S1^T]; pair products
   T *Zq, *Hq;                          // [C, N] query path
   T *state;                            // [4, N * D]: the state (forward), its cotangent (backward)
-  T *start;                            // [4, N * D]: a state a chunk starts from or reads (retention)
+  T *start;                            // [4, N * D]: chunk_loop.h's scratch state
   T *act2, *actq1;                     // [C, N] (backward): act''(Z), act'(Zq)
   T *dE, *dH, *dDZ, *dHq, *dA;         // [C, D], [C, N] x 3, [C * C] (backward)
   T *coef_grad, *gate_scratch;         // d_a, d_g, d_sig_last [C] x 3 + d_c [C * C]; [2 (C + 2)]
@@ -480,6 +482,45 @@ void kl_lag_step_backward(const MlpMemoryParams& p, const Objective& objective, 
 
 // ---- Whole sequences of one (batch, head).
 
+// The MLP memory's chunk algebra on a state [W1 | S1 | W2 | S2], for chunk_loop.h. The lq rescale
+// acts on W1 and W2, not on the momenta.
+template <typename T, typename Objective>
+struct MlpSteps {
+  const MlpMemoryParams& p;
+  const Objective& objective;
+  Workspace<T>& ws;
+  index_t block, state_size;  // N * D, 4 N * D
+
+  MlpSteps(const MlpMemoryParams& p_, const Objective& objective_, Workspace<T>& ws_)
+      : p(p_), objective(objective_), ws(ws_), block(index_t(p_.hidden) * p_.dim), state_size(4 * block) {}
+
+  void rescale(T* state) const {
+    for (index_t w : {0, 2}) lq_rescale(state + w * block, block, T(p.miras.q));
+  }
+  void rescale_backward(const T* state, T* dstate) const {
+    for (index_t w : {0, 2}) lq_rescale_backward(state + w * block, block, T(p.miras.q), dstate + w * block);
+  }
+  void lag_step(const HeadInputs<T>& x, T* state) const { kl_lag_step(p, objective, x, state, ws); }
+  void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* state_prev, const T* state1,
+                         T* dstate) const {
+    kl_lag_step_backward(p, objective, x, grads, state_prev, state1, dstate, ws);
+  }
+  void read(const HeadInputs<T>& x, int L, const T* state, const TokenRows<T>& O) const {
+    plain_read(p, L, x.q, state, ws, O);
+  }
+  void read_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
+                     const T* state, T* dstate) const {
+    plain_read_backward(p, L, x.q, dO, grads.dq, state, dstate, ws);
+  }
+  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* state) const {
+    chunk_forward(p, objective, x, L, token_reads, O, state, ws);
+  }
+  void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
+                      bool token_reads, const T* state, T* dstate) const {
+    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, dstate, ws);
+  }
+};
+
 // The four blocks of a state in [W1 | S1 | W2 | S2] order: from the (batch, head) at element
 // offset of four [B, H, ...] tensors (nullptr: zeros), or into them (nullptr: not wanted).
 template <typename T>
@@ -497,101 +538,27 @@ void store_state(const T* state, index_t offset, index_t block, void* const (&bl
     if (blocks[i]) std::memcpy(static_cast<T*>(blocks[i]) + offset, state + i * block, block * sizeof(T));
 }
 
-// The "lq" rescale of W1 and W2 (not of the momenta), and its backward on the cotangent dstate.
-template <typename T>
-void lq_rescale_weights(T* state, index_t block, T q) {
-  for (T* W : {state, state + 2 * block}) lq_rescale(W, block, q);
-}
-
-template <typename T>
-void lq_rescale_weights_backward(const T* state, index_t block, T q, T* dstate) {
-  for (int w : {0, 2}) lq_rescale_backward(state + w * block, block, q, dstate + w * block);
-}
-
+// The backward cannot rebuild chunk-start states from the end state (the chunk map is nonlinear
+// in the weights), so all of them are kept: 4 N D values per chunk, i.e. 4 N D / C per token
+// (4 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every n-th state and re-running
+// the forward of the chunks in between is the next step.
 template <typename T, typename Objective>
 void forward_head(const MlpMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const int C = p.chunk_size, D = p.dim, N = p.hidden;
-  const index_t block = index_t(N) * D, bh = head.bh;
-  const RetentionKind retention = p.miras.retention;
-  const TokenRows<T> o = contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, D);
-
-  T* state = ws.state;
-  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, state);
-
-  for (int n = 0; n < p.n_chunks; ++n) {
-    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
-    // The backward cannot rebuild chunk-start states from the end state (the chunk map is
-    // nonlinear in the weights), so all of them are kept: 4 N D values per chunk, i.e.
-    // 4 N D / C per token (4 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every
-    // n-th state and re-running the forward of the chunks in between is the next step.
-    if (p.chunk_states_ptr) {
-      T* saved = static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
-      std::memcpy(saved, state, 4 * block * sizeof(T));
-    }
-    const HeadInputs<T> x = head.inputs.at(t0);
-    const TokenRows<T> O = o.from(t0);
-    // The chunk_start reads see the weights before the chunk: after the lq rescale, before kl's lag token.
-    const T* chunk_weights = state;
-    int lag = 0;
-    if (retention == RetentionKind::lq) {
-      lq_rescale_weights(state, block, T(p.miras.q));
-    } else if (retention == RetentionKind::kl) {
-      std::memcpy(ws.start, state, 4 * block * sizeof(T));
-      chunk_weights = ws.start;
-      kl_lag_step(p, objective, x, state, ws);
-      if (p.read_token) plain_read(p, 1, x.q, state, ws, O);
-      lag = 1;
-    }
-    if (!p.read_token) plain_read(p, L, x.q, chunk_weights, ws, O);
-    if (L > lag) chunk_forward(p, objective, x.at(lag), L - lag, p.read_token, O.from(lag), state, ws);
-  }
-  store_state(state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
+  const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;
+  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, ws.state);
+  forward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head.inputs, bh,
+                 contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, p.dim), ws.state, ws.start);
+  store_state(ws.state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
-// Reverse pass over the chunks of one (batch, head), carrying the state cotangent
-// dstate = [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
+// Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
 template <typename T, typename Objective>
 void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const int C = p.chunk_size, D = p.dim, N = p.hidden;
-  const index_t block = index_t(N) * D, bh = head.bh;
-  const RetentionKind retention = p.miras.retention;
-  const TokenRows<const T> d_o = token_rows<T>(p.d_o, head.b, head.h);
-  const HeadGrads<T> all_grads = head_grads<T>(p, head.b, head.h, D, D);
-
+  const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;
   T* dstate = ws.state;
   load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
-
-  for (int n = p.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * C, L = std::min(C, p.seqlen - t0);
-    const T* saved = static_cast<const T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * 4 * block;
-    const HeadInputs<T> x = head.inputs.at(t0);
-    const TokenRows<const T> dO = d_o.from(t0);
-    const HeadGrads<T> grads = all_grads.at(t0);
-    // Recompute the state the chunk's dual form starts from and the weights chunk_start reads.
-    const T* start = saved;
-    const T* chunk_weights = saved;
-    int lag = 0;
-    if (retention != RetentionKind::l2) {
-      std::memcpy(ws.start, saved, 4 * block * sizeof(T));
-      start = ws.start;
-    }
-    if (retention == RetentionKind::lq) {
-      lq_rescale_weights(ws.start, block, T(p.miras.q));
-      chunk_weights = ws.start;
-    } else if (retention == RetentionKind::kl) {
-      kl_lag_step(p, objective, x, ws.start, ws);
-      lag = 1;
-    }
-
-    if (L > lag)
-      chunk_backward(p, objective, x.at(lag), dO.from(lag), grads.at(lag), L - lag, p.read_token, start, dstate, ws);
-    if (retention == RetentionKind::kl) {
-      if (p.read_token) plain_read_backward(p, 1, x.q, dO, grads.dq, start, dstate, ws);
-      kl_lag_step_backward(p, objective, x, grads, saved, start, dstate, ws);
-    }
-    if (!p.read_token) plain_read_backward(p, L, x.q, dO, grads.dq, chunk_weights, dstate, ws);
-    if (retention == RetentionKind::lq) lq_rescale_weights_backward(saved, block, T(p.miras.q), dstate);
-  }
+  backward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
+                  head_grads<T>(p, head.b, head.h, p.dim, p.dim), dstate, ws.start);
   store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
 
