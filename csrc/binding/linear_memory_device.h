@@ -26,13 +26,20 @@ inline InputType input_type(const at::Tensor& x) {
   }
 }
 
-// The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for them
-// before dispatch, this guards direct calls of the operators.
+// The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for the
+// first two before dispatch, this guards direct calls of the operators.
 inline void check_device_limits(const at::Tensor& q, int64_t chunk_size) {
   TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize, "linear_memory: chunk_size must be in 1..",
               kCudaMaxChunkSize, " for the CUDA kernels (16, 32 and 64 are the tuned sizes), got ", chunk_size);
   TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMaxKeyDim, "linear_memory: the CUDA kernels support Dk <= ",
               kCudaMaxKeyDim, ", got q of shape ", q.sizes());
+}
+
+// Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
+inline void check_shared_memory(const char* op, size_t bytes, int64_t chunk_size, const at::Tensor& q) {
+  TORCH_CHECK(bytes <= kCudaMaxSharedBytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
+              q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
+              kCudaMaxSharedBytes, " of an H100 block; use a smaller chunk_size (or fp32 inputs)");
 }
 
 // Validates, allocates the outputs and calls launch(params, input_type). The kernel reads q, k, v
@@ -52,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_dev
   const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
+  check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type), chunk_size, q);
   const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), save_states);
   launch(params, type);
   return {out.o, out.m_final, out.s_final, out.chunk_states};
@@ -89,6 +97,7 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
                                                                   std::nullopt, chunk_size, read_token);
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
               "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type), chunk_size, q);
   params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
@@ -109,7 +118,7 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params);
+  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, type);
   const auto dq_part = at::empty({sizes.dqk_part}, opts), dk_part = at::empty({sizes.dqk_part}, opts);
   const auto coef_part = at::empty({sizes.coef_part}, opts);
   LinearMemoryBwdWorkspace workspace;

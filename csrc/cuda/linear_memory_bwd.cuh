@@ -526,44 +526,39 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
 }
 
-template <typename input_t, int kTileV>
-device::Error linear_memory_bwd_launch_typed(const LinearMemoryBwdParams& params,
-                                             const LinearMemoryBwdWorkspace& workspace, device::Stream stream) {
-  using Ktraits = lm::Traits<input_t, kTileV>;
-  using compute_t = typename Ktraits::compute_t;
-  const int n_tiles = (params.dv + kTileV - 1) / kTileV;
-  const LinearMemoryBwdSmem layout(params.dk, params.chunk_size, kTileV, Ktraits::kNThreads / device::kWarpSize);
-  device::Error err = device::launch("linear_memory_bwd_reverse", linear_memory_bwd_reverse_kernel<Ktraits>,
-                                     dim3(n_tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                                     layout.carver.bytes<compute_t, input_t>(), stream, params, workspace);
-  if (err != device::kSuccess || params.n_chunks == 0) return err;
-  const LinearMemoryGatesSmem gates_layout(params.chunk_size);
-  return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
-                        dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                        gates_layout.carver.bytes<compute_t, input_t>(), stream, params, workspace, n_tiles);
-}
-
-template <typename input_t>
-device::Error linear_memory_bwd_dispatch_tile(const LinearMemoryBwdParams& params,
-                                              const LinearMemoryBwdWorkspace& workspace, device::Stream stream) {
-  return linear_memory_value_tile(params.dk) == 32
-             ? linear_memory_bwd_launch_typed<input_t, 32>(params, workspace, stream)
-             : linear_memory_bwd_launch_typed<input_t, 16>(params, workspace, stream);
-}
-
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
                              InputType input_type, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  switch (input_type) {
-    case InputType::kFloat32: return static_cast<int>(linear_memory_bwd_dispatch_tile<float>(params, workspace, stream));
-    case InputType::kFloat64:
-      return static_cast<int>(linear_memory_bwd_dispatch_tile<double>(params, workspace, stream));
-    case InputType::kBFloat16:
-      return static_cast<int>(linear_memory_bwd_dispatch_tile<device::bf16>(params, workspace, stream));
-    case InputType::kFloat16:
-      return static_cast<int>(linear_memory_bwd_dispatch_tile<device::fp16>(params, workspace, stream));
-  }
-  return -1;
+  return static_cast<int>(lm::dispatch(
+      input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+        using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+        using compute_t = typename Ktraits::compute_t;
+        using input_t = typename Ktraits::input_t;
+        const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
+        const LinearMemoryBwdSmem layout(params.dk, params.chunk_size, Ktraits::kTileV,
+                                         Ktraits::kNThreads / device::kWarpSize);
+        device::Error err = device::launch("linear_memory_bwd_reverse", linear_memory_bwd_reverse_kernel<Ktraits>,
+                                           dim3(n_tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                                           layout.carver.bytes<compute_t, input_t>(), stream, params, workspace);
+        if (err != device::kSuccess || params.n_chunks == 0) return err;
+        const LinearMemoryGatesSmem gates_layout(params.chunk_size);
+        return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
+                              dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                              gates_layout.carver.bytes<compute_t, input_t>(), stream, params, workspace, n_tiles);
+      }));
+}
+
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
+  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+    using compute_t = typename Ktraits::compute_t;
+    using input_t = typename Ktraits::input_t;
+    const size_t reverse = LinearMemoryBwdSmem(params.dk, params.chunk_size, Ktraits::kTileV,
+                                               Ktraits::kNThreads / device::kWarpSize)
+                               .carver.bytes<compute_t, input_t>();
+    const size_t gates = LinearMemoryGatesSmem(params.chunk_size).carver.bytes<compute_t, input_t>();
+    return reverse > gates ? reverse : gates;
+  });
 }
 
 }  // namespace titans

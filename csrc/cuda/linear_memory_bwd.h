@@ -30,8 +30,8 @@ struct LinearMemoryBwdWorkspaceSizes {
 // constexpr: the kernels call it too (nvcc --expt-relaxed-constexpr).
 constexpr int linear_memory_coef_size(int chunk) { return chunk * chunk + 3 * chunk + 1; }
 
-inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p) {
-  const int tile = linear_memory_value_tile(p.dk);
+inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p, InputType type) {
+  const int tile = linear_memory_value_tile(p.dk, type);
   const int tiles = (p.dv + tile - 1) / tile;
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
   return {tiles, tiles > 1 ? tiles * tokens * p.dk : 0,
@@ -42,5 +42,8 @@ inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const Lin
 // in the compute dtype). Same return convention as linear_memory_fwd_launch.
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
                              InputType input_type, CUstream_st* stream);
+
+// Dynamic shared memory of the backward's largest block (checked like the forward's).
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
 
 }  // namespace titans

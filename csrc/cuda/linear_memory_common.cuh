@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <type_traits>
 
+#include "cuda/linear_memory_fwd.h"
 #include "device/device.h"
 #include "titans_params.h"
 
@@ -116,6 +117,22 @@ struct Traits {
   static constexpr int kNThreads = 128;   // 4 warps share each product's 16x8 tiles
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
+
+// Host side: calls f(input_t{}, std::integral_constant<int, kTileV>{}) for the runtime input type
+// and value tile (16 or 32), so each launch is written once for every instantiation.
+template <class F>
+auto dispatch(InputType type, int tile_v, const F& f) {
+  const auto with_tile = [&](auto tag) {
+    return tile_v == 32 ? f(tag, std::integral_constant<int, 32>{}) : f(tag, std::integral_constant<int, 16>{});
+  };
+  switch (type) {
+    case InputType::kFloat64: return with_tile(double{});
+    case InputType::kBFloat16: return with_tile(device::bf16{});
+    case InputType::kFloat16: return with_tile(device::fp16{});
+    case InputType::kFloat32: break;
+  }
+  return with_tile(float{});
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tile loops

@@ -203,31 +203,25 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
   }
 }
 
-template <typename input_t, int kTileV>
-device::Error linear_memory_fwd_launch_typed(const LinearMemoryParams& params, device::Stream stream) {
-  using Ktraits = lm::Traits<input_t, kTileV>;
-  using compute_t = typename Ktraits::compute_t;
-  const LinearMemoryFwdSmem layout(params.dk, params.chunk_size, kTileV);
-  const dim3 grid((params.dv + kTileV - 1) / kTileV, params.heads, params.batch);
-  return device::launch("linear_memory_fwd", linear_memory_fwd_kernel<Ktraits>, grid, dim3(Ktraits::kNThreads),
-                        layout.carver.bytes<compute_t, input_t>(), stream, params);
-}
-
-template <typename input_t>
-device::Error linear_memory_fwd_dispatch_tile(const LinearMemoryParams& params, device::Stream stream) {
-  return linear_memory_value_tile(params.dk) == 32 ? linear_memory_fwd_launch_typed<input_t, 32>(params, stream)
-                                                   : linear_memory_fwd_launch_typed<input_t, 16>(params, stream);
-}
-
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  switch (input_type) {
-    case InputType::kFloat32: return static_cast<int>(linear_memory_fwd_dispatch_tile<float>(params, stream));
-    case InputType::kFloat64: return static_cast<int>(linear_memory_fwd_dispatch_tile<double>(params, stream));
-    case InputType::kBFloat16: return static_cast<int>(linear_memory_fwd_dispatch_tile<device::bf16>(params, stream));
-    case InputType::kFloat16: return static_cast<int>(linear_memory_fwd_dispatch_tile<device::fp16>(params, stream));
-  }
-  return -1;
+  return static_cast<int>(lm::dispatch(
+      input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+        using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+        const LinearMemoryFwdSmem layout(params.dk, params.chunk_size, Ktraits::kTileV);
+        const dim3 grid((params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV, params.heads, params.batch);
+        return device::launch("linear_memory_fwd", linear_memory_fwd_kernel<Ktraits>, grid, dim3(Ktraits::kNThreads),
+                              layout.carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>(), stream,
+                              params);
+      }));
+}
+
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
+  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+    return LinearMemoryFwdSmem(params.dk, params.chunk_size, Ktraits::kTileV)
+        .carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>();
+  });
 }
 
 }  // namespace titans
