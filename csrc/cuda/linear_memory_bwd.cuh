@@ -110,15 +110,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const index_t state_offset = (bh * dv + v0) * dk;
   const auto* dm_final = static_cast<const compute_t*>(params.d_m_final_ptr);
   const auto* ds_final = static_cast<const compute_t*>(params.d_s_final_ptr);
-  for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-    dm[idx] = dm_final ? dm_final[state_offset + idx] : compute_t(0);
-    ds[idx] = ds_final ? ds_final[state_offset + idx] : compute_t(0);
-  }
+  lm::load_state_pair(dm_final, ds_final, state_offset, rows * dk, dm, ds);
 
-  const auto* v_in = static_cast<const input_t*>(params.v.ptr);
-  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
-  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
-  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
   const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
   auto* dv_out = static_cast<input_t*>(params.dv_ptr);
   // dQ and dK: final when Dv is one tile, else this tile's slice of the partial sums.
@@ -153,37 +146,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
     lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
     lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
-      const int t = idx / rows, r = idx % rows;
-      err[t * kTileV + r] = device::cast<compute_t>(v_in[lm::token_offset(params.v, b, t0 + t, h) + v0 + r]);
-    }
-    for (int t = tid; t < L; t += blockDim.x) {
-      theta[t] = theta_in[lm::token_offset(params.theta, b, t0 + t, h)];
-      eta[t] = eta_in[lm::token_offset(params.eta, b, t0 + t, h)];
-      beta[t] = compute_t(1) - alpha_in[lm::token_offset(params.alpha, b, t0 + t, h)];
-    }
+    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
     const index_t chunk_offset = ((bh * params.n_chunks + n) * 2) * dv * dk;
-    for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-      m0[idx] = chunk_states[chunk_offset + index_t(v0) * dk + idx];
-      s0[idx] = chunk_states[chunk_offset + index_t(dv + v0) * dk + idx];
-    }
+    lm::load_state_pair(chunk_states + chunk_offset, chunk_states + chunk_offset + index_t(dv) * dk,
+                        index_t(v0) * dk, rows * dk, m0, s0);
     __syncthreads();
 
     // A. Recompute the gate tables and E; the products of the carried cotangent and of the
     //    chunk-start state with K and Q.
-    for (int col = tid; col < L + 2; col += blockDim.x) {
-      lm::gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
-        if (col < L) {
-          c[t * C + col] = mu;
-          if (t == L - 1) m_end[col] = mu, s_end[col] = sigma;
-        } else if (col == L) {
-          a[t] = mu;
-        } else {
-          g[t] = mu;
-          if (t == L - 1) p[0] = sigma;
-        }
-      });
-    }
+    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
     lm::for_each_tile(L, rows, [&](int r0, int c0) {
       acc_t acc[4] = {};
       lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return M0(j, d); });
@@ -355,10 +326,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
   auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
   auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
-  for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-    dm0[state_offset + idx] = dm[idx];
-    ds0[state_offset + idx] = ds[idx];
-  }
+  lm::store_state_pair(dm, ds, state_offset, rows * dk, dm0, ds0);
 }
 
 // Shared memory of the gate kernel.
@@ -443,14 +411,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       dk_out[at] = device::cast<input_t>(sum_k);
     }
   }
-  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
-  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
-  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
-  for (int t = tid; t < L; t += blockDim.x) {
-    theta[t] = theta_in[lm::token_offset(params.theta, b, t0 + t, h)];
-    eta[t] = eta_in[lm::token_offset(params.eta, b, t0 + t, h)];
-    beta[t] = compute_t(1) - alpha_in[lm::token_offset(params.alpha, b, t0 + t, h)];
-  }
+  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
   __syncthreads();
 
   // 2. The forward rows of every column.

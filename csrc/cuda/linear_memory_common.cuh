@@ -187,6 +187,27 @@ __device__ __forceinline__ void gate_column(int col, int L, const Gate& theta, c
   }
 }
 
+// The tables the forward and the reverse pass use: c [t * C + i] (zeros above the diagonal), a, g,
+// the chunk-end rows m = c[L-1], s = sig[L-1] and p = P(1..L) (p[0]). One thread per column.
+template <typename T, class Ptr>
+__device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta, const Ptr& eta, const Ptr& beta,
+                                                  const Ptr& c, const Ptr& a, const Ptr& g, const Ptr& m_end,
+                                                  const Ptr& s_end, const Ptr& p) {
+  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
+    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
+      if (col < L) {
+        c[t * C + col] = mu;
+        if (t == L - 1) m_end[col] = mu, s_end[col] = sigma;
+      } else if (col == L) {
+        a[t] = mu;
+      } else {
+        g[t] = mu;
+        if (t == L - 1) p[0] = sigma;
+      }
+    });
+  }
+}
+
 // Deterministic block-wide sums of N values per thread: warp butterflies, then the warps' partial
 // sums added in warp order by every thread. scratch holds N * warps values. Contains barriers.
 template <int N, typename T, class Scratch>
@@ -271,6 +292,54 @@ __device__ __forceinline__ void stage_rows(const TokenTensor& x, int b, int h, i
   for (int idx = threadIdx.x; idx < L * width; idx += blockDim.x) {
     const int t = idx / width, col = idx % width;
     dst[t * row_stride + col] = src[token_offset(x, b, t0 + t, h) + col0 + col];
+  }
+}
+
+// Stages the gates of tokens t0..t0+L-1 into shared memory (beta = 1 - alpha).
+template <typename compute_t, class Ptr>
+__device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, int b, int h, int t0, int L,
+                                            const Ptr& theta, const Ptr& eta, const Ptr& beta) {
+  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
+  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
+  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    theta[t] = theta_in[token_offset(params.theta, b, t0 + t, h)];
+    eta[t] = eta_in[token_offset(params.eta, b, t0 + t, h)];
+    beta[t] = compute_t(1) - alpha_in[token_offset(params.alpha, b, t0 + t, h)];
+  }
+}
+
+// Stages the gates and the value tile [v0, v0 + rows) of V (converted to compute_t, row stride
+// tile_v) of tokens t0..t0+L-1.
+template <typename input_t, typename compute_t, class Ptr>
+__device__ __forceinline__ void stage_gates_and_values(const LinearMemoryParams& params, int b, int h, int t0, int L,
+                                                       int v0, int rows, int tile_v, const Ptr& theta,
+                                                       const Ptr& eta, const Ptr& beta, const Ptr& values) {
+  const auto* v_in = static_cast<const input_t*>(params.v.ptr);
+  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
+    const int t = idx / rows, r = idx % rows;
+    values[t * tile_v + r] = device::cast<compute_t>(v_in[token_offset(params.v, b, t0 + t, h) + v0 + r]);
+  }
+  stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+}
+
+// dst0[i], dst1[i] = src0[offset + i], src1[offset + i] for i < n; a null source gives zeros.
+template <typename T, class Ptr>
+__device__ __forceinline__ void load_state_pair(const T* src0, const T* src1, index_t offset, int n, const Ptr& dst0,
+                                                const Ptr& dst1) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    dst0[i] = src0 ? src0[offset + i] : T(0);
+    dst1[i] = src1 ? src1[offset + i] : T(0);
+  }
+}
+
+// dst0[offset + i], dst1[offset + i] = src0[i], src1[i] for i < n.
+template <typename T, class Ptr>
+__device__ __forceinline__ void store_state_pair(const Ptr& src0, const Ptr& src1, index_t offset, int n, T* dst0,
+                                                 T* dst1) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    dst0[offset + i] = src0[i];
+    dst1[offset + i] = src1[i];
   }
 }
 

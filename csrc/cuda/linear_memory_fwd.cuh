@@ -49,7 +49,6 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
   using acc_t = typename Policy::acc_t;
   constexpr int kTileV = Ktraits::kTileV;
 
-  const int tid = threadIdx.x;
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
   const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
@@ -76,15 +75,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
   const index_t state_offset = (bh * dv + v0) * dk;
   const auto* m0 = static_cast<const compute_t*>(params.m0_ptr);
   const auto* s0 = static_cast<const compute_t*>(params.s0_ptr);
-  for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-    m[idx] = m0 ? m0[state_offset + idx] : compute_t(0);
-    s[idx] = s0 ? s0[state_offset + idx] : compute_t(0);
-  }
+  lm::load_state_pair(m0, s0, state_offset, rows * dk, m, s);
 
-  const auto* v_in = static_cast<const input_t*>(params.v.ptr);
-  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
-  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
-  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
   auto* o_out = static_cast<input_t*>(params.o_ptr);
   auto* chunk_states = static_cast<compute_t*>(params.chunk_states_ptr);
 
@@ -101,32 +93,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
     // 1. Stage the chunk: K and Q rows, V's tile (into err), the gates.
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
     lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
-    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
-      const int t = idx / rows, r = idx % rows;
-      err[t * kTileV + r] = device::cast<compute_t>(v_in[lm::token_offset(params.v, b, t0 + t, h) + v0 + r]);
-    }
-    for (int t = tid; t < L; t += blockDim.x) {
-      theta[t] = theta_in[lm::token_offset(params.theta, b, t0 + t, h)];
-      eta[t] = eta_in[lm::token_offset(params.eta, b, t0 + t, h)];
-      beta[t] = compute_t(1) - alpha_in[lm::token_offset(params.alpha, b, t0 + t, h)];
-    }
+    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
     __syncthreads();
 
     // 2. Gate tables, and E = 2 (K M0^T - V) in place over V's tile (each element is read and
     //    written by the lane that owns its accumulator).
-    for (int col = tid; col < L + 2; col += blockDim.x) {
-      lm::gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
-        if (col < L) {
-          coef[t * C + col] = mu;
-          if (t == L - 1) m_end[col] = mu, s_end[col] = sigma;
-        } else if (col == L) {
-          a[t] = mu;
-        } else {
-          g[t] = mu;
-          if (t == L - 1) p[0] = sigma;
-        }
-      });
-    }
+    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, coef, a, g, m_end, s_end, p);
     lm::for_each_tile(L, rows, [&](int r0, int c0) {
       acc_t acc[4] = {};
       lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, Mt);
@@ -148,10 +120,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
     }
     if (chunk_states) {
       const index_t chunk_offset = ((bh * params.n_chunks + n) * 2) * dv * dk;
-      for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-        chunk_states[chunk_offset + index_t(v0) * dk + idx] = m[idx];
-        chunk_states[chunk_offset + index_t(dv + v0) * dk + idx] = s[idx];
-      }
+      lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
+                           chunk_states + chunk_offset + index_t(dv) * dk);
     }
     __syncthreads();
 
@@ -197,10 +167,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
 
   auto* m_final = static_cast<compute_t*>(params.m_final_ptr);
   auto* s_final = static_cast<compute_t*>(params.s_final_ptr);
-  for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-    m_final[state_offset + idx] = m[idx];
-    s_final[state_offset + idx] = s[idx];
-  }
+  lm::store_state_pair(m, s, state_offset, rows * dk, m_final, s_final);
 }
 
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream) {
