@@ -24,8 +24,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cud
                                   });
 }
 
+LinearMemoryGrads linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                         const at::Tensor& chunk_states, const at::Tensor& d_o,
+                                         const std::optional<at::Tensor>& d_m_final,
+                                         const std::optional<at::Tensor>& d_s_final, int64_t chunk_size,
+                                         bool read_token) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return linear_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
+      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type) {
+        C10_CUDA_CHECK(static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, stream)));
+      });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) { m.impl("linear_memory_fwd", &linear_memory_fwd_cuda); }
+TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
+  m.impl("linear_memory_fwd", &linear_memory_fwd_cuda);
+  m.impl("linear_memory_bwd", &linear_memory_bwd_cuda);
+}
 
 }  // namespace titans

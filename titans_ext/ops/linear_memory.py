@@ -10,6 +10,19 @@ import torch
 
 from .checks import check_linear_inputs, state_dtype_for
 
+# Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
+# dimension of the state rows live in shared memory. Dv is split into tiles and is not limited.
+CUDA_MAX_CHUNK_SIZE = 64
+CUDA_MAX_KEY_DIM = 128
+
+
+def _check_cuda_limits(q, chunk_size):
+    if chunk_size > CUDA_MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
+                         f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
+    if q.shape[-1] > CUDA_MAX_KEY_DIM:
+        raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
+
 
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states):
@@ -76,12 +89,13 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
+            On CUDA, Dk <= 128.
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
         alpha: forget gate ``[B, T, H]``, in [0, 1].
-        chunk_size: tokens per chunk (>= 1).
+        chunk_size: tokens per chunk (>= 1; on CUDA 1..64, with 16, 32 and 64 the tuned sizes).
         initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros.
         output_final_state: also return ``(M_T, S_T)``.
         read: ``"token"`` or ``"chunk_start"``.
@@ -92,6 +106,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         gates and the initial state, through both outputs.
     """
     check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
+    if q.is_cuda:
+        _check_cuda_limits(q, chunk_size)
     state_dtype = state_dtype_for(q.dtype)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
