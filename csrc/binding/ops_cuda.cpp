@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "binding/linear_memory_device.h"
@@ -10,14 +11,19 @@
 namespace titans {
 namespace {
 
+// The CUDA kernels take the schemas' MIRAS arguments but implement only their defaults.
+void check_default_miras(int64_t objective, const std::optional<at::Tensor>& delta, int64_t retention) {
+  TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
+              "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run on "
+              "the CPU kernels)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
     int64_t chunk_size, bool read_token, bool save_states, int64_t objective, double /*p*/, double /*eps*/,
-    const std::optional<at::Tensor>& /*delta*/, int64_t retention, double /*retention_q*/) {
-  TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && retention == int64_t(RetentionKind::l2),
-              "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run on "
-              "the CPU kernels)");
+    const std::optional<at::Tensor>& delta, int64_t retention, double /*retention_q*/) {
+  check_default_miras(objective, delta, retention);
   // Otherwise the kernel would be launched on the current device, not q's.
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -28,8 +34,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cud
                                   });
 }
 
+// The gradients of linear_memory_bwd's schema: those of linear_memory_bwd_device and an empty d_delta.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
+                       const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
+                       const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
+                       const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token,
+                       int64_t objective, double /*p*/, double /*eps*/, const std::optional<at::Tensor>& delta,
+                       int64_t retention, double /*retention_q*/) {
+  check_default_miras(objective, delta, retention);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LinearMemoryGrads grads = linear_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
+      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type) {
+        C10_CUDA_CHECK(static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, stream)));
+      });
+  const at::Tensor& dm0 = std::get<6>(grads);
+  return std::tuple_cat(grads, std::make_tuple(at::empty({0}, dm0.options())));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) { m.impl("linear_memory_fwd", &linear_memory_fwd_cuda); }
+TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
+  m.impl("linear_memory_fwd", &linear_memory_fwd_cuda);
+  m.impl("linear_memory_bwd", &linear_memory_bwd_cuda);
+}
 
 }  // namespace titans

@@ -2,7 +2,8 @@
 // emulation (csrc/device/emu/), as titans_emu:: operators. Built in every build, so CI without
 // a GPU runs the CUDA kernels' code:
 //   - the device layer's self-test kernels (csrc/device/selftest/), for python_tests/test_device_emulation.py;
-//   - linear_memory_fwd with the schema and output contract of titans_ext::linear_memory_fwd.
+//   - linear_memory_fwd and linear_memory_bwd with the schemas and output contracts of
+//     titans_ext::linear_memory_fwd / titans_ext::linear_memory_bwd.
 // Emulation errors (barrier divergence, shared memory out of bounds, ...) raise RuntimeError
 // naming the kernel, block and thread. Inputs are CPU tensors.
 #include <Python.h>
@@ -151,6 +152,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
                                   });
 }
 
+LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                    const at::Tensor& chunk_states, const at::Tensor& d_o,
+                                    const std::optional<at::Tensor>& d_m_final,
+                                    const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token) {
+  TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_bwd runs on CPU tensors");
+  return linear_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
+      [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type) {
+        linear_memory_bwd_launch(params, workspace, type, nullptr);
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(titans_emu, m) {
@@ -170,6 +184,11 @@ TORCH_LIBRARY(titans_emu, m) {
       "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states) "
       "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)",
       &linear_memory_fwd);
+  m.def(
+      "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)",
+      &linear_memory_bwd);
 }
 
 }  // namespace titans

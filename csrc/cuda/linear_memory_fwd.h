@@ -1,8 +1,10 @@
-// Entry point of the CUDA linear_memory forward (linear_memory_fwd.cuh). The same source is
-// built by nvcc into titans_ext._C (linear_memory_fwd.cu) and by the host compiler into the
-// CPU emulation titans_ext._emu (csrc/emu/linear_memory_fwd_emu.cpp). Torch-free and free of
-// CUDA headers, so both bindings can include it.
+// Entry points of the CUDA linear_memory kernels (linear_memory_fwd.cuh, linear_memory_bwd.cuh).
+// The same sources are built by nvcc into titans_ext._C (csrc/cuda/*.cu) and by the host compiler
+// into the CPU emulation titans_ext._emu (csrc/emu/*_emu.cpp). Torch-free and free of CUDA
+// headers, so both bindings can include it.
 #pragma once
+
+#include <cstddef>
 
 #include "titans_params.h"
 
@@ -13,8 +15,24 @@ namespace titans {
 // q, k, v's dtype; o is written in it. Gates and states are fp64 for kFloat64 inputs, else fp32.
 enum class InputType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
+// Limits of the CUDA kernels: one chunk's tiles and the block's rows of the state live in shared
+// memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
+constexpr int kCudaMaxChunkSize = 64;
+constexpr int kCudaMaxKeyDim = 128;
+// Dynamic shared memory of one block on an H100 (sm_90); an A100 block has 163 KiB.
+constexpr size_t kCudaMaxSharedBytes = 227 * 1024;
+
+// Rows of M and S (value features) per block: the Dv split of the sequential passes. Smaller
+// tiles for wide keys and for fp64 keep the backward's shared memory within an H100 block.
+inline int linear_memory_value_tile(int dk, InputType type) {
+  return dk <= 64 && type != InputType::kFloat64 ? 32 : 16;
+}
+
 // Fills o, m_final, s_final and (when non-null) chunk_states of `params`. Returns the launch's
 // cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a kernel error.
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream);
+
+// Dynamic shared memory of the forward's blocks (the binding checks it against kCudaMaxSharedBytes).
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
 
 }  // namespace titans

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace titans {
 namespace device {
@@ -57,6 +58,14 @@ __device__ __forceinline__ To cast(From x) { return Cast<To>::from(x); }
 template <typename Half>
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return static_cast<uint32_t>(bits_of(cast<Half>(lo))) | (static_cast<uint32_t>(bits_of(cast<Half>(hi))) << 16);
+}
+
+// The float value of a tf32 held in a 32-bit register (float_to_tf32_rna's result): the bits are
+// already a float with the low 13 mantissa bits zero. Used to split x into tf32 hi + lo parts.
+__device__ __forceinline__ float tf32_to_float(uint32_t bits) {
+  float x;
+  memcpy(&x, &bits, sizeof(x));
+  return x;
 }
 
 }  // namespace device

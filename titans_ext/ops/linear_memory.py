@@ -10,6 +10,25 @@ import torch
 
 from .checks import check_linear_inputs, check_miras_args, state_dtype_for
 
+# Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
+# dimension of the state rows live in shared memory. Dv is split into tiles and is not limited.
+CUDA_MAX_CHUNK_SIZE = 64
+CUDA_MAX_KEY_DIM = 128
+
+
+def _check_cuda_limits(q, chunk_size, objective, retention):
+    if objective.kind != "l2":
+        raise ValueError(f'objective: the CUDA kernels support only "l2" so far, got {objective.kind!r} '
+                         "(the MIRAS objectives run on the CPU kernels)")
+    if retention.kind != "l2":
+        raise ValueError(f'retention: the CUDA kernels support only "l2" so far, got {retention.kind!r} '
+                         "(the MIRAS retentions run on the CPU kernels)")
+    if chunk_size > CUDA_MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
+                         f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
+    if q.shape[-1] > CUDA_MAX_KEY_DIM:
+        raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
+
 
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
@@ -101,12 +120,13 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
+            On CUDA, Dk <= 128.
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
         alpha: forget gate ``[B, T, H]``, in [0, 1].
-        chunk_size: tokens per chunk (>= 1).
+        chunk_size: tokens per chunk (>= 1; on CUDA 1..64, with 16, 32 and 64 the tuned sizes).
         initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros.
         output_final_state: also return ``(M_T, S_T)``.
         read: ``"token"`` or ``"chunk_start"``.
@@ -121,6 +141,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
     objective, retention, delta = check_miras_args(objective, retention,
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
+    if q.is_cuda:
+        _check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(

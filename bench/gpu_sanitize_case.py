@@ -1,0 +1,44 @@
+"""A small CUDA case for compute-sanitizer (memcheck, racecheck): forward and backward of
+titans_ext.linear_memory for shapes that exercise every code path of the kernels (both read
+modes, bf16 / fp32 / fp64, several value tiles with a partial last one, a short last chunk,
+Dk = 128, T = 1). Run by bench/gpu_check.sh; exits non-zero if a result is not finite.
+
+    compute-sanitizer --tool memcheck python3 -m bench.gpu_sanitize_case
+"""
+
+import torch
+
+import titans_ext
+
+# (B, T, H, Dk, Dv, chunk_size, dtype, read)
+CASES = [
+    (1, 70, 2, 64, 40, 32, torch.bfloat16, "token"),
+    (1, 37, 1, 128, 24, 16, torch.float32, "chunk_start"),
+    (1, 20, 1, 16, 16, 64, torch.float64, "token"),
+    (2, 1, 1, 32, 8, 16, torch.float16, "token"),
+]
+
+
+def run(B, T, H, Dk, Dv, C, dtype, read):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", generator=g)).requires_grad_()
+
+    q, k, v = rand(B, T, H, Dk).to(dtype), rand(B, T, H, Dk).to(dtype), rand(B, T, H, Dv).to(dtype)
+    gates = [torch.rand(B, T, H, device="cuda", generator=g) * s for s in (0.3, 1.0, 0.5)]
+    init = tuple(rand(B, H, Dv, Dk, scale=0.3).to(torch.float64 if dtype == torch.float64 else torch.float32)
+                 for _ in range(2))
+    leaves = [x.detach().requires_grad_() for x in [q, k, v, *gates, *init]]
+    o, (m, s) = titans_ext.linear_memory(*leaves[:6], chunk_size=C, initial_state=tuple(leaves[6:]),
+                                         output_final_state=True, read=read)
+    grads = torch.autograd.grad(o.float().square().sum() + m.sum() + s.sum(), leaves)
+    torch.cuda.synchronize()
+    bad = [i for i, x in enumerate([o, m, s, *grads]) if not torch.isfinite(x).all()]
+    assert not bad, f"non-finite results {bad} for {(B, T, H, Dk, Dv, C, dtype, read)}"
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        run(*case)
+    print(f"{len(CASES)} linear_memory cases ran (forward and backward)")

@@ -1,0 +1,525 @@
+// CUDA backward of the linear memory, written only against the device layer, so the emulation runs
+// this exact source in CI. Included by exactly one TU per build. Formulas: backward_linear.md
+// §1 (steps A-E), §2 (gate gradients), §3 (reverse pass, Dv split).
+//
+// Two kernels:
+// 1. linear_memory_bwd_reverse_kernel, one block per (value tile, head, batch), walks the chunks in
+//    reverse carrying this tile's rows of the state cotangent (dM, dS) in shared memory (the
+//    transposed chunk map multiplies on the right, so value tiles are independent, like the
+//    forward). Per chunk it reloads the saved chunk-start state (M0, S0), recomputes E, the gate
+//    tables and Q K^T, and produces everything value-local exactly (dV, the carried cotangent,
+//    dM0 and dS0 at the end) and the value tile's partial sums of what contracts over Dv (dQ, dK
+//    and the gate-coefficient cotangents d_c, d_a, d_g, d_s, d_p).
+// 2. linear_memory_bwd_gates_kernel, one block per (chunk, head, batch), adds the tiles' partial
+//    sums in tile order (deterministic, no atomics), writes dQ and dK, and turns the coefficient
+//    cotangents into dtheta, deta, dalpha by the reverse column recurrence (one thread per column,
+//    then row sums in a fixed order).
+// All products run on tensor cores through the operand policy of linear_memory_common.cuh;
+// cotangents, the carried (dM, dS) and every reduction stay in the compute dtype.
+#pragma once
+
+#include "cuda/linear_memory_bwd.h"
+#include "cuda/linear_memory_common.cuh"
+
+namespace titans {
+
+// Shared memory of the reverse kernel (offsets in elements of each region's type).
+struct LinearMemoryBwdSmem {
+  lm::SmemCarver carver;
+  int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
+  int dm, ds;               // [kTileV, Dk]: the carried cotangent, updated in place to dM0, dS0
+  int err;                  // [C, kTileV]: V's tile, then E in place
+  int d_e;                  // [C, kTileV]: dE
+  int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
+  int qms;                  // [C, 2 kTileV]: Q M0^T | Q S0^T (token read)
+  int gq;                   // [C, C]: G = Q K^T, then W = G .* c
+  int dw;                   // [C, C]: dW = tril(dO E^T), then dG = dW .* c
+  int c;                    // [C, C]: gate table c
+  int a, g, m_end, s_end;   // [C]
+  int theta, eta, beta;     // [C]
+  int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
+  int p;                    // [2]
+  int scratch;              // [3 * warps]: block sums
+  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
+  __host__ __device__ LinearMemoryBwdSmem(int dk, int chunk, int tile_v, int warps) {
+    m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
+    dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
+    err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v);
+    xy = carver.compute(chunk * 2 * tile_v), qms = carver.compute(chunk * 2 * tile_v);
+    gq = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
+    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
+    dc_last = carver.compute(chunk);
+    p = carver.compute(2);
+    scratch = carver.compute(2 * ((3 * warps + 1) / 2));  // even, so the input region stays aligned
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+  }
+};
+
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads)
+    linear_memory_bwd_reverse_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
+  using input_t = typename Ktraits::input_t;
+  using compute_t = typename Ktraits::compute_t;
+  using Policy = typename Ktraits::Policy;
+  using acc_t = typename Policy::acc_t;
+  constexpr int kTileV = Ktraits::kTileV;
+  constexpr int kWarps = Ktraits::kNThreads / device::kWarpSize;
+
+  const int tid = threadIdx.x;
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int n_tiles = gridDim.x;
+  const int v0 = tile * kTileV;
+  const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
+  const int dk = params.dk, dv = params.dv, C = params.chunk_size;
+  const bool token_read = params.read_token;
+
+  const LinearMemoryBwdSmem layout(dk, C, kTileV, kWarps);
+  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const auto m0 = smem.compute(layout.m0);
+  const auto s0 = smem.compute(layout.s0);
+  const auto dm = smem.compute(layout.dm);
+  const auto ds = smem.compute(layout.ds);
+  const auto err = smem.compute(layout.err);
+  const auto d_e = smem.compute(layout.d_e);
+  const auto xy = smem.compute(layout.xy);
+  const auto qms = smem.compute(layout.qms);
+  const auto gq = smem.compute(layout.gq);
+  const auto dw = smem.compute(layout.dw);
+  const auto c = smem.compute(layout.c);
+  const auto a = smem.compute(layout.a);
+  const auto g = smem.compute(layout.g);
+  const auto m_end = smem.compute(layout.m_end);
+  const auto s_end = smem.compute(layout.s_end);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  const auto d_a = smem.compute(layout.d_a);
+  const auto d_g = smem.compute(layout.d_g);
+  const auto d_s = smem.compute(layout.d_s);
+  const auto dc_last = smem.compute(layout.dc_last);
+  const auto p = smem.compute(layout.p);
+  const auto scratch = smem.compute(layout.scratch);
+  const auto q_s = smem.input(layout.q);
+  const auto k_s = smem.input(layout.k);
+  const auto do_s = smem.input(layout.d_o);
+
+  // The cotangent of the final state (zero when the final state is not used), this tile's rows.
+  const index_t bh = index_t(b) * params.heads + h;
+  const index_t state_offset = (bh * dv + v0) * dk;
+  const auto* dm_final = static_cast<const compute_t*>(params.d_m_final_ptr);
+  const auto* ds_final = static_cast<const compute_t*>(params.d_s_final_ptr);
+  lm::load_state_pair(dm_final, ds_final, state_offset, rows * dk, dm, ds);
+
+  const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
+  auto* dv_out = static_cast<input_t*>(params.dv_ptr);
+  // dQ and dK: final when Dv is one tile, else this tile's slice of the partial sums.
+  const index_t part_offset = index_t(tile) * params.batch * params.seqlen * params.heads * dk;
+  auto* dq_part = static_cast<compute_t*>(workspace.dq_part);
+  auto* dk_part = static_cast<compute_t*>(workspace.dk_part);
+  const auto write_qk_grad = [&](void* final_ptr, compute_t* part, index_t offset, compute_t value) {
+    if (n_tiles == 1) static_cast<input_t*>(final_ptr)[offset] = device::cast<input_t>(value);
+    else part[part_offset + offset] = value;
+  };
+  const int coef_size = linear_memory_coef_size(C);
+  auto* coef_part = static_cast<compute_t*>(workspace.coef_part);
+
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
+  const auto E = [&](int t, int j) { return err[t * kTileV + j]; };
+  const auto M0 = [&](int j, int d) { return m0[j * dk + d]; };
+  const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
+  // [Z0; Z1]^T for two [rows, Dk] states stacked along the value index: [Dk, 2 rows].
+  const auto stacked_t = [&](const device::SharedPtr<compute_t>& z0, const device::SharedPtr<compute_t>& z1) {
+    return [&, z0, z1](int d, int col) { return col < rows ? z0[col * dk + d] : z1[(col - rows) * dk + d]; };
+  };
+  // Column col of a stacked [C, 2 rows] product lives at col (first half) or kTileV + col - rows.
+  const auto stacked_col = [&](int col) { return col < rows ? col : kTileV + col - rows; };
+
+  for (int n = params.n_chunks - 1; n >= 0; --n) {
+    const int t0 = n * C;
+    const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+
+    // A. Stage the chunk and its saved start state.
+    lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+    lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+    lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
+    const index_t chunk_offset = ((bh * params.n_chunks + n) * 2) * dv * dk;
+    lm::load_state_pair(chunk_states + chunk_offset, chunk_states + chunk_offset + index_t(dv) * dk,
+                        index_t(v0) * dk, rows * dk, m0, s0);
+    __syncthreads();
+
+    // A. Recompute the gate tables and E; the products of the carried cotangent and of the
+    //    chunk-start state with K and Q.
+    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
+    lm::for_each_tile(L, rows, [&](int r0, int c0) {
+      acc_t acc[4] = {};
+      lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return M0(j, d); });
+      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+        err[t * kTileV + j] = compute_t(2) * (compute_t(acc[i]) - err[t * kTileV + j]);
+      });
+    });
+    lm::for_each_tile(L, 2 * rows, [&](int r0, int c0) {
+      acc_t acc[4] = {};
+      lm::mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, K, stacked_t(dm, ds));
+      lm::for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
+        xy[t * 2 * kTileV + stacked_col(col)] = compute_t(acc[i]);
+      });
+    });
+    if (token_read) {
+      lm::for_each_tile(L, L, [&](int r0, int c0) {
+        acc_t acc[4] = {};
+        lm::mma_accumulate<Policy>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); });
+        lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
+          gq[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
+        });
+      });
+      lm::for_each_tile(L, 2 * rows, [&](int r0, int c0) {
+        acc_t acc[4] = {};
+        lm::mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, Q, stacked_t(m0, s0));
+        lm::for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
+          qms[t * 2 * kTileV + stacked_col(col)] = compute_t(acc[i]);
+        });
+      });
+    }
+    __syncthreads();
+
+    // B, C. End-state paths: dE = diag(m) X + diag(s) Y and the row-wise coefficient cotangents
+    //    <e_t, x_t>, <e_t, y_t>; read-out: <dO_t, (Q M0^T)_t>, <dO_t, (Q S0^T)_t> and dW.
+    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
+      const int t = idx / rows, j = idx % rows;
+      d_e[t * kTileV + j] = m_end[t] * xy[t * 2 * kTileV + j] + s_end[t] * xy[t * 2 * kTileV + kTileV + j];
+    }
+    for (int t = tid; t < L; t += blockDim.x) {
+      compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
+      for (int j = 0; j < rows; ++j) {
+        ex += E(t, j) * xy[t * 2 * kTileV + j];
+        ey += E(t, j) * xy[t * 2 * kTileV + kTileV + j];
+        if (token_read) {
+          oqm += dO(t, j) * qms[t * 2 * kTileV + j];
+          oqs += dO(t, j) * qms[t * 2 * kTileV + kTileV + j];
+        }
+      }
+      dc_last[t] = ex, d_s[t] = ey, d_a[t] = oqm, d_g[t] = oqs;
+    }
+    if (token_read) {
+      lm::for_each_tile(L, L, [&](int r0, int c0) {
+        acc_t acc[4] = {};
+        lm::mma_accumulate<Policy>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); });
+        lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
+          dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
+        });
+      });
+    }
+    // Whole-state dot products <dM, M0>, <dM, S0>, <dS, S0> (the barrier of this step).
+    compute_t sums[3] = {};
+    for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
+      sums[0] += dm[idx] * m0[idx];
+      sums[1] += dm[idx] * s0[idx];
+      sums[2] += ds[idx] * s0[idx];
+    }
+    lm::block_sum(sums, scratch);
+
+    // C. This tile's coefficient cotangents: d_c = dW .* G (+ row L-1: <e_i, x_i>), d_a, d_g
+    //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c and W = G .* c in place.
+    compute_t* coef_out = coef_part + (((index_t(tile) * params.batch + b) * params.heads + h) * params.n_chunks + n) *
+                                          coef_size;
+    for (int idx = tid; idx < C * C; idx += blockDim.x) {
+      const int t = idx / C, i = idx % C;
+      compute_t value = 0;
+      if (t < L && i <= t) {
+        if (token_read) {
+          value = dw[idx] * gq[idx];
+          dw[idx] *= c[idx];
+          gq[idx] *= c[idx];
+        }
+        if (t == L - 1) value += dc_last[i];
+      }
+      coef_out[idx] = value;
+    }
+    for (int t = tid; t < C; t += blockDim.x) {
+      const bool last = t == L - 1;
+      coef_out[C * C + t] = t < L ? d_a[t] + (last ? sums[0] : compute_t(0)) : compute_t(0);
+      coef_out[C * C + C + t] = t < L ? d_g[t] + (last ? sums[1] : compute_t(0)) : compute_t(0);
+      coef_out[C * C + 2 * C + t] = t < L ? d_s[t] : compute_t(0);
+    }
+    if (tid == 0) coef_out[C * C + 3 * C] = sums[2];
+    __syncthreads();
+
+    // C. dE += W^T dO (token read).
+    if (token_read) {
+      lm::for_each_tile(L, rows, [&](int r0, int c0) {
+        acc_t acc[4] = {};
+        lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return gq[i * C + t]; }, dO);
+        lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { d_e[t * kTileV + j] += compute_t(acc[i]); });
+      });
+      __syncthreads();
+    }
+
+    // D. dV = -2 dE; this tile's parts of
+    //    dQ = dG K + diag(a) dO M0 + diag(g) dO S0              (chunk_start: dO M0)
+    //    dK = diag(m) E dM + diag(s) E dS + dG^T Q + 2 dE M0    (chunk_start: no dG^T Q)
+    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
+      const int t = idx / rows, j = idx % rows;
+      dv_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+          device::cast<input_t>(compute_t(-2) * d_e[t * kTileV + j]);
+    }
+    lm::for_each_tile(L, dk, [&](int r0, int c0) {
+      acc_t r[4] = {}, u[4] = {}, gk[4] = {};
+      lm::mma_accumulate<Policy>(r, r0, c0, L, dk, rows, dO, M0);
+      if (token_read) {
+        lm::mma_accumulate<Policy>(u, r0, c0, L, dk, rows, dO, S0);
+        lm::mma_accumulate<Policy>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K);
+      }
+      lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+        const compute_t value = token_read ? a[t] * compute_t(r[i]) + g[t] * compute_t(u[i]) + compute_t(gk[i])
+                                           : compute_t(r[i]);
+        write_qk_grad(params.dq_ptr, dq_part,
+                      lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+      });
+    });
+    lm::for_each_tile(L, dk, [&](int r0, int c0) {
+      acc_t x[4] = {}, y[4] = {}, rest[4] = {};
+      lm::mma_accumulate<Policy>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; });
+      lm::mma_accumulate<Policy>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; });
+      lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, rows,
+                                 [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0);
+      if (token_read)
+        lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q);
+      lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+        const compute_t value = m_end[t] * compute_t(x[i]) + s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
+        write_qk_grad(params.dk_ptr, dk_part,
+                      lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+      });
+    });
+    // The dK products read dM and dS, which the next step overwrites.
+    __syncthreads();
+
+    // D, B, C. The cotangent of the chunk-start state, in place (the lane owning (j, d) of both
+    //    products reads the old dM, dS there and writes the new ones):
+    //    dM0 = a_L dM + 2 dE^T K + (diag(a) dO)^T Q ,  dS0 = g_L dM + p dS + (diag(g) dO)^T Q
+    //    (chunk_start read: dM0 = a_L dM + 2 dE^T K + dO^T Q, dS0 = g_L dM + p dS).
+    const compute_t a_L = a[L - 1], g_L = g[L - 1], p_L = p[0];
+    lm::for_each_tile(rows, dk, [&](int r0, int c0) {
+      acc_t am[4] = {}, as[4] = {};
+      lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; },
+                                 K);
+      if (token_read) {
+        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return a[t] * dO(t, j); }, Q);
+        lm::mma_accumulate<Policy>(as, r0, c0, rows, dk, L, [&](int j, int t) { return g[t] * dO(t, j); }, Q);
+      } else {
+        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO(t, j); }, Q);
+      }
+      lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
+        const int idx = j * dk + d;
+        const compute_t dm_old = dm[idx], ds_old = ds[idx];
+        dm[idx] = a_L * dm_old + compute_t(am[i]);
+        ds[idx] = g_L * dm_old + p_L * ds_old + compute_t(as[i]);
+      });
+    });
+    // The next chunk's staging overwrites what this step reads.
+    __syncthreads();
+  }
+
+  auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
+  auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
+  lm::store_state_pair(dm, ds, state_offset, rows * dk, dm0, ds0);
+}
+
+// Shared memory of the gate kernel.
+struct LinearMemoryGatesSmem {
+  lm::SmemCarver carver;
+  int d_c;                  // [C, C]: summed coefficient cotangent of c
+  int c, sig;               // [C, C]: gate tables, then (in place) the per-row products of the adjoint
+  int d_a, d_g, d_s;        // [C]
+  int a, g, P;              // [C]
+  int theta, eta, beta;     // [C]
+  int prod_a, prod_gb, prod_ge;  // [C]: the a and g columns' products
+  int d_p;                  // [2]
+  __host__ __device__ explicit LinearMemoryGatesSmem(int chunk) {
+    d_c = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk), sig = carver.compute(chunk * chunk);
+    d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
+    a = carver.compute(chunk), g = carver.compute(chunk), P = carver.compute(chunk);
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    prod_a = carver.compute(chunk), prod_gb = carver.compute(chunk), prod_ge = carver.compute(chunk);
+    d_p = carver.compute(2);
+  }
+};
+
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads)
+    linear_memory_bwd_gates_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int n_tiles) {
+  using input_t = typename Ktraits::input_t;
+  using compute_t = typename Ktraits::compute_t;
+
+  const int tid = threadIdx.x;
+  const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int C = params.chunk_size, dk = params.dk, t0 = n * C;
+  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+
+  const LinearMemoryGatesSmem layout(C);
+  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const auto d_c = smem.compute(layout.d_c);
+  const auto c = smem.compute(layout.c);
+  const auto sig = smem.compute(layout.sig);
+  const auto d_a = smem.compute(layout.d_a);
+  const auto d_g = smem.compute(layout.d_g);
+  const auto d_s = smem.compute(layout.d_s);
+  const auto a = smem.compute(layout.a);
+  const auto g = smem.compute(layout.g);
+  const auto P = smem.compute(layout.P);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  const auto prod_a = smem.compute(layout.prod_a);
+  const auto prod_gb = smem.compute(layout.prod_gb);
+  const auto prod_ge = smem.compute(layout.prod_ge);
+  const auto d_p = smem.compute(layout.d_p);
+
+  // 1. Add the value tiles' partial sums, in tile order.
+  const int coef_size = linear_memory_coef_size(C);
+  const auto* coef_part = static_cast<const compute_t*>(workspace.coef_part);
+  const index_t tile_stride = index_t(params.batch) * params.heads * params.n_chunks * coef_size;
+  const index_t coef_offset = ((index_t(b) * params.heads + h) * params.n_chunks + n) * coef_size;
+  for (int idx = tid; idx < coef_size; idx += blockDim.x) {
+    compute_t sum = 0;
+    for (int tile = 0; tile < n_tiles; ++tile) sum += coef_part[tile * tile_stride + coef_offset + idx];
+    if (idx < C * C) d_c[idx] = sum;
+    else if (idx < C * C + C) d_a[idx - C * C] = sum;
+    else if (idx < C * C + 2 * C) d_g[idx - C * C - C] = sum;
+    else if (idx < C * C + 3 * C) d_s[idx - C * C - 2 * C] = sum;
+    else d_p[0] = sum;
+  }
+  if (n_tiles > 1) {
+    const auto* dq_part = static_cast<const compute_t*>(workspace.dq_part);
+    const auto* dk_part = static_cast<const compute_t*>(workspace.dk_part);
+    auto* dq = static_cast<input_t*>(params.dq_ptr);
+    auto* dk_out = static_cast<input_t*>(params.dk_ptr);
+    const index_t part_stride = index_t(params.batch) * params.seqlen * params.heads * dk;
+    for (int idx = tid; idx < L * dk; idx += blockDim.x) {
+      const int t = idx / dk, d = idx % dk;
+      const index_t at = lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d;
+      compute_t sum_q = 0, sum_k = 0;
+      for (int tile = 0; tile < n_tiles; ++tile) {
+        sum_q += dq_part[tile * part_stride + at];
+        sum_k += dk_part[tile * part_stride + at];
+      }
+      dq[at] = device::cast<input_t>(sum_q);
+      dk_out[at] = device::cast<input_t>(sum_k);
+    }
+  }
+  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  __syncthreads();
+
+  // 2. The forward rows of every column.
+  for (int col = tid; col < L + 2; col += blockDim.x) {
+    lm::gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
+      if (col < L) {
+        c[t * C + col] = mu;
+        sig[t * C + col] = sigma;
+      } else if (col == L) {
+        a[t] = mu;
+      } else {
+        g[t] = mu;
+        P[t] = sigma;
+      }
+    });
+  }
+  __syncthreads();
+
+  // 3. The adjoint recurrence, one thread per column, rows L-1 down to the column's first row
+  //    (backward_linear.md §2):
+  //      mubar_t = dmu_t + beta_{t+1} mubar_{t+1},   sigbar_t = mubar_t + eta_{t+1} sigbar_{t+1},
+  //    and the products mubar_t mu_{t-1}, sigbar_t sigma_{t-1} whose row sums are dbeta_t, deta_t.
+  //    Row t of a c column is overwritten with its products once row t + 1 has read it.
+  auto* dtheta = static_cast<compute_t*>(params.dtheta_ptr);
+  auto* deta = static_cast<compute_t*>(params.deta_ptr);
+  auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
+  const auto gate_offset = [&](int t) { return (index_t(b) * params.seqlen + t0 + t) * params.heads + h; };
+  for (int col = tid; col < L + 2; col += blockDim.x) {
+    const auto dmu = [&](int t) { return col < L ? d_c[t * C + col] : col == L ? d_a[t] : d_g[t]; };
+    compute_t mubar = dmu(L - 1);
+    compute_t sigbar = mubar + (col < L ? d_s[col] : col == L ? compute_t(0) : d_p[0]);
+    const int first = col < L ? col : 0;
+    for (int t = L - 1; t >= first; --t) {
+      if (t < L - 1) {
+        mubar = dmu(t) + beta[t + 1] * mubar;
+        sigbar = mubar + eta[t + 1] * sigbar;
+      }
+      // mu_{-1} = (a: 1, g: 0, c: 0), sigma_{-1} = (a: 0, g: 1, c: 0).
+      compute_t mu_prev, sigma_prev;
+      if (t == 0) {
+        mu_prev = col == L ? compute_t(1) : compute_t(0);
+        sigma_prev = col == L + 1 ? compute_t(1) : compute_t(0);
+      } else if (col < L) {
+        mu_prev = c[(t - 1) * C + col];
+        sigma_prev = sig[(t - 1) * C + col];
+      } else {
+        mu_prev = col == L ? a[t - 1] : g[t - 1];
+        sigma_prev = col == L ? compute_t(0) : P[t - 1];
+      }
+      if (col < L) {
+        c[t * C + col] = mubar * mu_prev;
+        sig[t * C + col] = sigbar * sigma_prev;
+      } else if (col == L) {
+        prod_a[t] = mubar * mu_prev;
+      } else {
+        prod_gb[t] = mubar * mu_prev;
+        prod_ge[t] = sigbar * sigma_prev;
+      }
+    }
+    if (col < L) dtheta[gate_offset(col)] = -sigbar;  // the loop ended at t = col
+  }
+  __syncthreads();
+
+  // 4. dbeta_t and deta_t: row sums of the products (c columns past the row are exact zeros).
+  for (int t = tid; t < L; t += blockDim.x) {
+    compute_t d_beta = prod_a[t] + prod_gb[t], d_eta = prod_ge[t];
+    for (int col = 0; col < L; ++col) {
+      d_beta += c[t * C + col];
+      d_eta += sig[t * C + col];
+    }
+    dalpha[gate_offset(t)] = -d_beta;
+    deta[gate_offset(t)] = d_eta;
+  }
+}
+
+int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
+                             InputType input_type, CUstream_st* stream) {
+  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
+  return static_cast<int>(lm::dispatch(
+      input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+        using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+        using compute_t = typename Ktraits::compute_t;
+        using input_t = typename Ktraits::input_t;
+        const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
+        const LinearMemoryBwdSmem layout(params.dk, params.chunk_size, Ktraits::kTileV,
+                                         Ktraits::kNThreads / device::kWarpSize);
+        device::Error err = device::launch("linear_memory_bwd_reverse", linear_memory_bwd_reverse_kernel<Ktraits>,
+                                           dim3(n_tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                                           layout.carver.bytes<compute_t, input_t>(), stream, params, workspace);
+        if (err != device::kSuccess || params.n_chunks == 0) return err;
+        const LinearMemoryGatesSmem gates_layout(params.chunk_size);
+        return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
+                              dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                              gates_layout.carver.bytes<compute_t, input_t>(), stream, params, workspace, n_tiles);
+      }));
+}
+
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
+  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+    using compute_t = typename Ktraits::compute_t;
+    using input_t = typename Ktraits::input_t;
+    const size_t reverse = LinearMemoryBwdSmem(params.dk, params.chunk_size, Ktraits::kTileV,
+                                               Ktraits::kNThreads / device::kWarpSize)
+                               .carver.bytes<compute_t, input_t>();
+    const size_t gates = LinearMemoryGatesSmem(params.chunk_size).carver.bytes<compute_t, input_t>();
+    return reverse > gates ? reverse : gates;
+  });
+}
+
+}  // namespace titans

@@ -1,0 +1,49 @@
+// Entry point of the CUDA linear_memory backward (linear_memory_bwd.cuh). Torch-free and free of
+// CUDA headers, so both bindings (CUDA and emulation) can include it.
+#pragma once
+
+#include "cuda/linear_memory_fwd.h"
+#include "titans_params.h"
+
+namespace titans {
+
+// Scratch the backward needs beside its outputs, in the compute dtype (fp32; fp64 for fp64
+// inputs). The reverse pass runs per value tile; dQ, dK and the gate-coefficient cotangents are
+// sums over Dv, so each tile writes its partial sums and a second kernel adds them in tile order
+// (deterministic, no atomics).
+//   dq_part, dk_part: [value_tiles, B, T, H, Dk]; only when value_tiles > 1 (else the reverse
+//                     pass writes dq, dk directly);
+//   coef_part:        [value_tiles, B, H, n_chunks, coef_size] with coef_size = C * C + 3 C + 1
+//                     (d_c lower triangle, d_a, d_g, d_s, d_p of each chunk).
+struct LinearMemoryBwdWorkspace {
+  void* dq_part = nullptr;
+  void* dk_part = nullptr;
+  void* coef_part = nullptr;
+};
+
+struct LinearMemoryBwdWorkspaceSizes {
+  int value_tiles;
+  int64_t dqk_part;   // elements of dq_part and of dk_part each (0 when value_tiles == 1)
+  int64_t coef_part;  // elements of coef_part
+};
+
+// constexpr: the kernels call it too (nvcc --expt-relaxed-constexpr).
+constexpr int linear_memory_coef_size(int chunk) { return chunk * chunk + 3 * chunk + 1; }
+
+inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p, InputType type) {
+  const int tile = linear_memory_value_tile(p.dk, type);
+  const int tiles = (p.dv + tile - 1) / tile;
+  const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
+  return {tiles, tiles > 1 ? tiles * tokens * p.dk : 0,
+          int64_t(tiles) * p.batch * p.heads * p.n_chunks * linear_memory_coef_size(p.chunk_size)};
+}
+
+// Fills every gradient of `params` (dq, dk, dv in the input dtype; dtheta, deta, dalpha, dm0, ds0
+// in the compute dtype). Same return convention as linear_memory_fwd_launch.
+int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
+                             InputType input_type, CUstream_st* stream);
+
+// Dynamic shared memory of the backward's largest block (checked like the forward's).
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
+
+}  // namespace titans

@@ -1,0 +1,347 @@
+// Building blocks shared by the CUDA linear_memory kernels (forward, backward, gate backward),
+// written only against the device layer, so the emulation runs them unchanged.
+//
+// - Operand policies: how a 16x8 output tile's k-step runs on the tensor cores for each input
+//   dtype (shared/design/kernels.md §5.1, §6.1.8-9):
+//     bf16 -> mma.m16n8k16 bf16, fp32 accumulate. q, k, v, dO are exact; fp32 operands (states,
+//             errors, coefficient-weighted terms) are rounded to bf16 (what fla/FlashQLA do).
+//     fp16 -> mma.m16n8k8 tf32, fp32 accumulate. Every fp16 value is exact in tf32 (same 10-bit
+//             mantissa), and fp32 operands keep fp32's range, so cotangents and states cannot
+//             overflow as they could in fp16 operands.
+//     fp32 -> 3xTF32: x = hi + lo (both tf32), hi*hi + hi*lo + lo*hi on mma.m16n8k8: about fp32
+//             accuracy (plain tf32 would cost ~3e-4 relative error) at 3 MMAs per k-step.
+//     fp64 -> scalar fp64 FMAs with the same tile ownership (no fp64 tensor-core path).
+// - Tile loops: an M x N product is cut into 16x8 tiles dealt round-robin to the block's warps;
+//   an element's accumulator lives in exactly one lane, which lets epilogues update their output
+//   in place. Operands are callables A(r, k), B(k, c) returning compute_t, so transposes, row
+//   scalings and concatenations cost no copies; reads outside M x K / K x N give 0.
+// - The gate tables of a chunk by column chains (backward_linear.md §0).
+// - A shared-memory carve-up that is identical on host (sizes) and device (pointers).
+#pragma once
+
+#include <cstddef>
+#include <type_traits>
+
+#include "cuda/linear_memory_fwd.h"
+#include "device/device.h"
+#include "titans_params.h"
+
+namespace titans {
+namespace lm {
+
+// ---------------------------------------------------------------------------------------------
+// Operand policies
+
+struct Bf16Operands {
+  using acc_t = float;
+  static constexpr int kK = 16;
+  template <class A, class B>
+  __device__ __forceinline__ static void step(float (&acc)[4], const A& a, const B& b, int r0, int c0, int k0) {
+    const int lane = device::lane_id();
+    uint32_t af[4], bf[2];
+    for (int i = 0; i < 4; ++i) {  // elements 2i and 2i+1 are neighbours along k
+      const device::FragmentCoord at = device::mma_m16n8k16_a_coord(lane, 2 * i);
+      af[i] = device::pack_half2<device::bf16>(a(r0 + at.row, k0 + at.col), a(r0 + at.row, k0 + at.col + 1));
+    }
+    for (int i = 0; i < 2; ++i) {
+      const device::FragmentCoord at = device::mma_m16n8k16_b_coord(lane, 2 * i);
+      bf[i] = device::pack_half2<device::bf16>(b(k0 + at.row, c0 + at.col), b(k0 + at.row + 1, c0 + at.col));
+    }
+    device::mma_m16n8k16_bf16(acc, af, bf, acc);
+  }
+};
+
+template <bool kSplit>
+struct Tf32Operands {
+  using acc_t = float;
+  static constexpr int kK = 8;
+  template <class A, class B>
+  __device__ __forceinline__ static void step(float (&acc)[4], const A& a, const B& b, int r0, int c0, int k0) {
+    const int lane = device::lane_id();
+    float av[4], bv[2];
+    uint32_t ah[4], bh[2];
+    for (int i = 0; i < 4; ++i) {
+      const device::FragmentCoord at = device::mma_m16n8k8_tf32_a_coord(lane, i);
+      av[i] = a(r0 + at.row, k0 + at.col);
+      ah[i] = device::float_to_tf32_rna(av[i]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const device::FragmentCoord at = device::mma_m16n8k8_tf32_b_coord(lane, i);
+      bv[i] = b(k0 + at.row, c0 + at.col);
+      bh[i] = device::float_to_tf32_rna(bv[i]);
+    }
+    if constexpr (kSplit) {
+      // The small cross terms first, so the big product is added to an accumulator that already
+      // holds them (the usual 3xTF32 order).
+      uint32_t al[4], bl[2];
+      for (int i = 0; i < 4; ++i) al[i] = device::float_to_tf32_rna(av[i] - device::tf32_to_float(ah[i]));
+      for (int i = 0; i < 2; ++i) bl[i] = device::float_to_tf32_rna(bv[i] - device::tf32_to_float(bh[i]));
+      device::mma_m16n8k8_tf32(acc, al, bh, acc);
+      device::mma_m16n8k8_tf32(acc, ah, bl, acc);
+    }
+    device::mma_m16n8k8_tf32(acc, ah, bh, acc);
+  }
+};
+
+struct Fp64Operands {
+  using acc_t = double;
+  static constexpr int kK = 8;
+  template <class A, class B>
+  __device__ __forceinline__ static void step(double (&acc)[4], const A& a, const B& b, int r0, int c0, int k0) {
+    const int lane = device::lane_id();
+    for (int i = 0; i < 4; ++i) {
+      const device::FragmentCoord at = device::mma_m16n8_c_coord(lane, i);
+      for (int k = k0; k < k0 + kK; ++k) acc[i] += a(r0 + at.row, k) * b(k, c0 + at.col);
+    }
+  }
+};
+
+template <typename input_t>
+struct OperandPolicy;
+template <>
+struct OperandPolicy<device::bf16> { using type = Bf16Operands; };
+template <>
+struct OperandPolicy<device::fp16> { using type = Tf32Operands<false>; };
+template <>
+struct OperandPolicy<float> { using type = Tf32Operands<true>; };
+template <>
+struct OperandPolicy<double> { using type = Fp64Operands; };
+
+// Compile-time configuration of a linear_memory kernel.
+template <typename input_t_, int kTileV_>
+struct Traits {
+  using input_t = input_t_;
+  // fp64 inputs are computed, and their gates and state kept, in fp64; all others in fp32.
+  using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
+  using Policy = typename OperandPolicy<input_t>::type;
+  static constexpr int kNThreads = 128;   // 4 warps share each product's 16x8 tiles
+  static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
+};
+
+// Host side: calls f(input_t{}, std::integral_constant<int, kTileV>{}) for the runtime input type
+// and value tile (16 or 32), so each launch is written once for every instantiation.
+template <class F>
+auto dispatch(InputType type, int tile_v, const F& f) {
+  const auto with_tile = [&](auto tag) {
+    return tile_v == 32 ? f(tag, std::integral_constant<int, 32>{}) : f(tag, std::integral_constant<int, 16>{});
+  };
+  switch (type) {
+    case InputType::kFloat64: return with_tile(double{});
+    case InputType::kBFloat16: return with_tile(device::bf16{});
+    case InputType::kFloat16: return with_tile(device::fp16{});
+    case InputType::kFloat32: break;
+  }
+  return with_tile(float{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loops
+
+// Calls body(r0, c0) for every 16x8 tile of an M x N output; tiles go round-robin to the warps,
+// so the loop is warp-uniform as mma.sync requires.
+template <class Body>
+__device__ __forceinline__ void for_each_tile(int M, int N, const Body& body) {
+  const int tiles_n = (N + 7) / 8, tiles = (M + 15) / 16 * tiles_n;
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int tile = device::warp_id(); tile < tiles; tile += n_warps) body(tile / tiles_n * 16, tile % tiles_n * 8);
+}
+
+// acc += A[r0:r0+16, 0:K] B[0:K, c0:c0+8] for an M x K by K x N product.
+template <class Policy, class A, class B>
+__device__ __forceinline__ void mma_accumulate(typename Policy::acc_t (&acc)[4], int r0, int c0, int M, int N, int K,
+                                               const A& a, const B& b) {
+  using acc_t = typename Policy::acc_t;
+  const auto a_in = [&](int r, int k) -> acc_t { return r < M && k < K ? acc_t(a(r, k)) : acc_t(0); };
+  const auto b_in = [&](int k, int c) -> acc_t { return k < K && c < N ? acc_t(b(k, c)) : acc_t(0); };
+  for (int k0 = 0; k0 < K; k0 += Policy::kK) Policy::step(acc, a_in, b_in, r0, c0, k0);
+}
+
+// Calls out(r, c, i) for this lane's accumulator elements i of the tile at (r0, c0) inside M x N.
+template <class Out>
+__device__ __forceinline__ void for_each_element(int r0, int c0, int M, int N, const Out& out) {
+  const int lane = device::lane_id();
+  for (int i = 0; i < 4; ++i) {
+    const device::FragmentCoord at = device::mma_m16n8_c_coord(lane, i);
+    if (r0 + at.row < M && c0 + at.col < N) out(r0 + at.row, c0 + at.col, i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gate tables
+
+// One column of the chunk's gate recurrence (backward_linear.md §0): columns 0..L-1 are c_i,
+// column L is a, column L + 1 is g (its sigma is P(1..t)). Per row t:
+//   sigma_t = eta_t sigma_{t-1} - theta_t [t == col],   mu_t = beta_t mu_{t-1} + sigma_t,
+// and emit(t, mu_t, sigma_t) is called. The multiplicative form never divides, is exact for
+// gates equal to 0 or 1, and cannot amplify rounding (every factor is in [0, 1]). Rows above the
+// diagonal of a c column come out as exact zeros.
+template <typename T, class Gate, class Emit>
+__device__ __forceinline__ void gate_column(int col, int L, const Gate& theta, const Gate& eta, const Gate& beta,
+                                            const Emit& emit) {
+  T mu = col == L ? T(1) : T(0);
+  T sigma = col == L + 1 ? T(1) : T(0);
+  for (int t = 0; t < L; ++t) {
+    sigma = eta[t] * sigma - (col == t ? theta[t] : T(0));
+    mu = beta[t] * mu + sigma;
+    emit(t, mu, sigma);
+  }
+}
+
+// The tables the forward and the reverse pass use: c [t * C + i] (zeros above the diagonal), a, g,
+// the chunk-end rows m = c[L-1], s = sig[L-1] and p = P(1..L) (p[0]). One thread per column.
+template <typename T, class Ptr>
+__device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta, const Ptr& eta, const Ptr& beta,
+                                                  const Ptr& c, const Ptr& a, const Ptr& g, const Ptr& m_end,
+                                                  const Ptr& s_end, const Ptr& p) {
+  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
+    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
+      if (col < L) {
+        c[t * C + col] = mu;
+        if (t == L - 1) m_end[col] = mu, s_end[col] = sigma;
+      } else if (col == L) {
+        a[t] = mu;
+      } else {
+        g[t] = mu;
+        if (t == L - 1) p[0] = sigma;
+      }
+    });
+  }
+}
+
+// Deterministic block-wide sums of N values per thread: warp butterflies, then the warps' partial
+// sums added in warp order by every thread. scratch holds N * warps values. Contains barriers.
+template <int N, typename T, class Scratch>
+__device__ __forceinline__ void block_sum(T (&values)[N], const Scratch& scratch) {
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int i = 0; i < N; ++i) values[i] = device::warp_reduce_sum(values[i]);
+  if (device::lane_id() == 0)
+    for (int i = 0; i < N; ++i) scratch[i * n_warps + device::warp_id()] = values[i];
+  __syncthreads();
+  for (int i = 0; i < N; ++i) {
+    values[i] = T(0);
+    for (int w = 0; w < n_warps; ++w) values[i] += scratch[i * n_warps + w];
+  }
+  __syncthreads();  // scratch may be reused at once
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory
+
+// Carves the dynamic shared memory into arrays of compute_t followed by arrays of input_t (the
+// staged q, k, v, dO tiles keep their own, often narrower, dtype). Offsets are in elements of
+// each type; the same code runs on the host (to size the launch) and on the device.
+struct SmemCarver {
+  int compute_elems = 0, input_elems = 0;
+  __host__ __device__ int compute(int n) {
+    const int at = compute_elems;
+    compute_elems += n;
+    return at;
+  }
+  __host__ __device__ int input(int n) {
+    const int at = input_elems;
+    input_elems += n;
+    return at;
+  }
+  template <typename compute_t, typename input_t>
+  __host__ __device__ size_t bytes() const {
+    return size_t(compute_elems) * sizeof(compute_t) + size_t(input_elems) * sizeof(input_t);
+  }
+};
+
+// The launch's dynamic shared memory as an array of T (a function of its own, so that each type's
+// extern declaration sits in its own scope).
+template <typename T>
+__device__ __forceinline__ device::SharedPtr<T> dynamic_shared() {
+  TITANS_DYNAMIC_SHARED(T, base);
+  return base;
+}
+
+// Pointers for a carve-up: compute_t arrays at the start, input_t arrays after them. compute_t is
+// a multiple of input_t in size for every dtype pair used, so the input region stays aligned.
+template <typename compute_t, typename input_t>
+struct SmemBase {
+  static_assert(sizeof(compute_t) % sizeof(input_t) == 0, "input arrays must stay aligned");
+  device::SharedPtr<compute_t> compute_base;
+  device::SharedPtr<input_t> input_base;
+  int input_start;  // in input_t elements
+  __device__ explicit SmemBase(const SmemCarver& carver)
+      : compute_base(dynamic_shared<compute_t>()), input_base(dynamic_shared<input_t>()),
+        input_start(carver.compute_elems * int(sizeof(compute_t) / sizeof(input_t))) {}
+  __device__ device::SharedPtr<compute_t> compute(int offset) const { return compute_base + offset; }
+  __device__ device::SharedPtr<input_t> input(int offset) const { return input_base + (input_start + offset); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-token indexing
+
+__device__ __forceinline__ index_t token_offset(const TokenTensor& x, int b, int t, int h) {
+  return index_t(b) * x.batch_stride + index_t(t) * x.seq_stride + index_t(h) * x.head_stride;
+}
+
+// Offset of (b, t, h, feature 0) in a contiguous [B, T, H, D] tensor.
+__device__ __forceinline__ index_t contiguous_token_offset(int b, int t, int h, int seqlen, int heads, int d) {
+  return ((index_t(b) * seqlen + t) * heads + h) * d;
+}
+
+// Copies L rows of `width` features starting at feature `col0` of a token tensor into a
+// [rows, row_stride] shared array (input dtype, unconverted).
+template <typename input_t, class Dst>
+__device__ __forceinline__ void stage_rows(const TokenTensor& x, int b, int h, int t0, int L, int col0, int width,
+                                           int row_stride, const Dst& dst) {
+  const auto* src = static_cast<const input_t*>(x.ptr);
+  for (int idx = threadIdx.x; idx < L * width; idx += blockDim.x) {
+    const int t = idx / width, col = idx % width;
+    dst[t * row_stride + col] = src[token_offset(x, b, t0 + t, h) + col0 + col];
+  }
+}
+
+// Stages the gates of tokens t0..t0+L-1 into shared memory (beta = 1 - alpha).
+template <typename compute_t, class Ptr>
+__device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, int b, int h, int t0, int L,
+                                            const Ptr& theta, const Ptr& eta, const Ptr& beta) {
+  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
+  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
+  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    theta[t] = theta_in[token_offset(params.theta, b, t0 + t, h)];
+    eta[t] = eta_in[token_offset(params.eta, b, t0 + t, h)];
+    beta[t] = compute_t(1) - alpha_in[token_offset(params.alpha, b, t0 + t, h)];
+  }
+}
+
+// Stages the gates and the value tile [v0, v0 + rows) of V (converted to compute_t, row stride
+// tile_v) of tokens t0..t0+L-1.
+template <typename input_t, typename compute_t, class Ptr>
+__device__ __forceinline__ void stage_gates_and_values(const LinearMemoryParams& params, int b, int h, int t0, int L,
+                                                       int v0, int rows, int tile_v, const Ptr& theta,
+                                                       const Ptr& eta, const Ptr& beta, const Ptr& values) {
+  const auto* v_in = static_cast<const input_t*>(params.v.ptr);
+  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
+    const int t = idx / rows, r = idx % rows;
+    values[t * tile_v + r] = device::cast<compute_t>(v_in[token_offset(params.v, b, t0 + t, h) + v0 + r]);
+  }
+  stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+}
+
+// dst0[i], dst1[i] = src0[offset + i], src1[offset + i] for i < n; a null source gives zeros.
+template <typename T, class Ptr>
+__device__ __forceinline__ void load_state_pair(const T* src0, const T* src1, index_t offset, int n, const Ptr& dst0,
+                                                const Ptr& dst1) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    dst0[i] = src0 ? src0[offset + i] : T(0);
+    dst1[i] = src1 ? src1[offset + i] : T(0);
+  }
+}
+
+// dst0[offset + i], dst1[offset + i] = src0[i], src1[i] for i < n.
+template <typename T, class Ptr>
+__device__ __forceinline__ void store_state_pair(const Ptr& src0, const Ptr& src1, index_t offset, int n, T* dst0,
+                                                 T* dst1) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    dst0[offset + i] = src0[i];
+    dst1[offset + i] = src1[i];
+  }
+}
+
+}  // namespace lm
+}  // namespace titans

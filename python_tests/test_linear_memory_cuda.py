@@ -1,0 +1,190 @@
+"""titans_ext.linear_memory on CUDA tensors (csrc/cuda/linear_memory_{fwd,bwd}.cuh) against autograd of
+the float64 token-loop reference on the CPU. Skipped without a GPU; the same kernels run under the
+CPU emulation in test_linear_memory_emulated*.py.
+
+Closeness rule (utils.TOLERANCE, relative RMS error as flash-linear-attention tests): fp64 1e-10,
+fp32 1e-4 (3xTF32 products), bf16 and fp16 1e-2 (bf16 / tf32 MMA operands, fp32 state).
+"""
+
+import pytest
+import torch
+
+import titans_ext
+from titans_ext.reference import linear_memory_recurrent
+
+from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, outputs_and_grads, shape_id
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES
+
+
+def _reference(inputs, init, **kwargs):
+    cpu = [x.detach().cpu().double() for x in inputs]
+    cpu_init = None if init is None else tuple(x.detach().cpu().double() for x in init)
+    return outputs_and_grads(linear_memory_recurrent, cpu, cpu_init, **kwargs)
+
+
+def _compare(ref, out, ratio, names=NAMES):
+    for name, r, o in zip(names, ref, out):
+        assert_close(name, r, o.cpu(), ratio)
+
+
+# (B, T, H, Dk, Dv, chunk_size): short last chunks, Dk != Dv both ways, several value tiles with a
+# partial last one, Dk = 128, an odd chunk size.
+SHAPES = [
+    (2, 100, 3, 64, 64, 64),
+    (1, 77, 2, 16, 40, 16),
+    (2, 130, 2, 128, 64, 32),
+    (1, 45, 1, 24, 100, 64),
+    (1, 33, 2, 32, 16, 7),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_values_and_grads_match_float64_reference(shape, read, dtype):
+    B, T, H, Dk, Dv, C = shape
+    inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda")
+    ref = _reference(inputs, init, chunk_size=C, read=read)
+    # The loss sees the outputs in their own dtype: rounding o to bf16 is part of the op.
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=C, read=read)
+    _compare(ref, out, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+def test_float64(read):
+    inputs, init = memory_inputs(2, 70, 2, 16, 24, torch.float64, device="cuda")
+    ref = _reference(inputs, init, chunk_size=16, read=read)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16, read=read)
+    _compare(ref, out, TOLERANCE[torch.float64])
+
+
+def test_without_initial_state():
+    inputs, _ = memory_inputs(2, 90, 2, 64, 64, torch.float32, state=False, device="cuda")
+    ref = _reference(inputs, None, chunk_size=64)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, None, chunk_size=64)
+    _compare(ref, out, TOLERANCE[torch.float32], names=NAMES[:9])
+
+
+def test_exact_zero_gates():
+    inputs, init = memory_inputs(1, 80, 2, 32, 32, torch.float32, device="cuda")
+    inputs[4][:, ::5] = 0.0
+    inputs[5][:, 3::11] = 1.0
+    ref = _reference(inputs, init, chunk_size=16)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16)
+    _compare(ref, out, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_tiny_sequences(T):
+    inputs, init = memory_inputs(2, T, 2, 16, 16, torch.float32, device="cuda")
+    ref = _reference(inputs, init, chunk_size=64)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=64)
+    _compare(ref, out, TOLERANCE[torch.float32])
+
+
+def test_state_carried_across_calls_equals_one_call():
+    inputs, init = memory_inputs(2, 192, 2, 64, 64, torch.float32, device="cuda")
+    o_full, (m_full, s_full) = titans_ext.linear_memory(*inputs, chunk_size=64, initial_state=init,
+                                                        output_final_state=True)
+    o1, state = titans_ext.linear_memory(*[x[:, :128] for x in inputs], chunk_size=64, initial_state=init,
+                                         output_final_state=True)
+    o2, (m2, s2) = titans_ext.linear_memory(*[x[:, 128:] for x in inputs], chunk_size=64, initial_state=state,
+                                            output_final_state=True)
+    # Same kernels, same chunk boundaries: the split run repeats the one-shot run's arithmetic.
+    assert torch.equal(o_full, torch.cat([o1, o2], dim=1))
+    assert torch.equal(m_full, m2) and torch.equal(s_full, s2)
+
+
+def test_strided_inputs():
+    inputs, init = memory_inputs(2, 70, 3, 32, 32, torch.float32, device="cuda")
+    wide = [torch.cat([x, torch.full_like(x, float("nan"))], dim=2)[:, :, :3] for x in inputs]
+    assert not any(x.is_contiguous() for x in wide)
+    ref = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=32)
+    out = outputs_and_grads(titans_ext.linear_memory, wide, init, chunk_size=32)
+    _compare([x.cpu() for x in ref], out, 1e-12)
+
+
+def test_backward_is_deterministic():
+    inputs, init = memory_inputs(2, 300, 4, 64, 96, torch.bfloat16, device="cuda")
+    first = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=64)
+    second = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=64)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_long_sequence_is_finite_and_close_to_the_cpu_op():
+    inputs, init = memory_inputs(1, 8192, 2, 64, 64, torch.bfloat16, device="cuda")
+    cpu_inputs = [x.cpu() for x in inputs]
+    cpu_init = tuple(x.cpu() for x in init)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=64)
+    ref = outputs_and_grads(titans_ext.linear_memory, cpu_inputs, cpu_init, chunk_size=64)
+    for name, r, o in zip(NAMES, ref, out):
+        assert torch.isfinite(o).all(), name
+        assert_close(name, r, o.cpu(), TOLERANCE[torch.bfloat16])
+
+
+def test_runs_on_the_current_stream():
+    inputs, init = memory_inputs(1, 64, 2, 64, 64, torch.bfloat16, device="cuda")
+    expected, _ = titans_ext.linear_memory(*inputs, initial_state=init)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        o, _ = titans_ext.linear_memory(*inputs, initial_state=init)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(o, expected)
+
+
+def test_limits_raise_value_errors():
+    inputs, init = memory_inputs(1, 10, 1, 16, 16, torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="chunk_size"):
+        titans_ext.linear_memory(*inputs, chunk_size=128)
+    wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="Dk <= 128"):
+        titans_ext.linear_memory(*wide, chunk_size=16)
+    with pytest.raises(ValueError, match="objective: the CUDA kernels support only"):
+        titans_ext.linear_memory(*inputs, chunk_size=16, objective=("huber", 0.5))
+    with pytest.raises(ValueError, match="retention: the CUDA kernels support only"):
+        titans_ext.linear_memory(*inputs, chunk_size=16, retention=("lq", 4))
+    with pytest.raises(RuntimeError, match="only objective=\"l2\" and retention=\"l2\""):  # the op itself
+        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 1, 3.0)
+
+
+def _opcheck_args(requires_grad):
+    inputs, init = memory_inputs(2, 37, 2, 32, 24, torch.float32, device="cuda")
+    tensors = [x.requires_grad_(requires_grad) for x in inputs + list(init)]
+    return (*tensors, 16, True, True)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_forward(requires_grad):
+    torch.library.opcheck(torch.ops.titans_ext.linear_memory_fwd.default, _opcheck_args(requires_grad))
+
+
+def test_opcheck_backward():
+    q, k, v, theta, eta, alpha, m0, s0, C, read_token, _ = _opcheck_args(False)
+    o, m, s, states = torch.ops.titans_ext.linear_memory_fwd(q, k, v, theta, eta, alpha, m0, s0, C, read_token, True)
+    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(m), None, C, read_token)
+    torch.library.opcheck(torch.ops.titans_ext.linear_memory_bwd.default, args)
+
+
+def test_torch_compile_fullgraph():
+    inputs, init = memory_inputs(1, 100, 2, 64, 64, torch.float32, device="cuda")
+
+    def step(q, k, v, theta, eta, alpha, m0, s0):
+        o, (m, s) = titans_ext.linear_memory(q, k, v, theta.sigmoid(), eta, alpha, chunk_size=64,
+                                             initial_state=(m0, s0), output_final_state=True)
+        return o.square().sum() + m.sum() + s.sum()
+
+    leaves = [x.clone().requires_grad_() for x in inputs + list(init)]
+    eager_loss = step(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    compiled = torch.compile(step, fullgraph=True)
+    leaves_c = [x.detach().clone().requires_grad_() for x in leaves]
+    loss = compiled(*leaves_c)
+    grads = torch.autograd.grad(loss, leaves_c)
+    assert_close("loss", eager_loss, loss, 1e-6)
+    for name, a, b in zip(GRAD_NAMES, eager_grads, grads):
+        assert_close(name, a, b, 1e-5)
