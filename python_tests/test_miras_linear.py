@@ -10,8 +10,8 @@ import torch
 import titans_ext
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
-from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, random_cotangents
+from miras_cases import OBJECTIVES, RETENTIONS, compare, needs_delta, values_and_grads
+from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs
 
 F64 = TOLERANCE[torch.float64]
 NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES + ["d_delta"]
@@ -42,15 +42,12 @@ def _run(fn, inputs, init, objective, delta=None, **kwargs):
     o, (m, s) = fn(*leaves, initial_state=init_leaves, output_final_state=True,
                    objective=OBJECTIVES[objective](delta_leaf), **kwargs)
     outs = [o, m, s]
-    loss = sum((a * b).sum() for a, b in zip(outs, random_cotangents(outs)))
     wrt = leaves + list(init_leaves or []) + ([delta_leaf] if delta is not None else [])
-    return [x.detach() for x in outs] + list(torch.autograd.grad(loss, wrt))
+    return values_and_grads(outs, wrt)
 
 
 def _compare(ref, out, ratio=F64):
-    assert len(ref) == len(out)
-    for name, r, o in zip(NAMES, ref, out):
-        assert_close(name, r, o, ratio)
+    compare(NAMES, ref, out, ratio)
 
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])

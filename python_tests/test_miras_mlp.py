@@ -11,9 +11,9 @@ import torch
 import titans_ext
 from titans_ext.reference import mlp_memory_chunked, mlp_memory_recurrent
 
-from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
+from miras_cases import OBJECTIVES, RETENTIONS, compare, needs_delta, values_and_grads
 from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
-from utils import TOLERANCE, assert_close, random_cotangents
+from utils import TOLERANCE, assert_close
 
 F64 = TOLERANCE[torch.float64]
 NAMES = OUT_NAMES + GRAD_NAMES + ["d_delta"]
@@ -47,15 +47,12 @@ def _run(fn, inputs, weights, momentum, objective, delta=None, **kwargs):
     o, ((W1, W2), (S1, S2)) = fn(*leaves, w_leaves, momentum=m_leaves, output_final_state=True,
                                  objective=OBJECTIVES[objective](delta_leaf), **kwargs)
     outs = [o, W1, W2, S1, S2]
-    loss = sum((a * b).sum() for a, b in zip(outs, random_cotangents(outs)))
     wrt = leaves + list(w_leaves) + list(m_leaves) + ([delta_leaf] if delta is not None else [])
-    return [x.detach() for x in outs] + list(torch.autograd.grad(loss, wrt))
+    return values_and_grads(outs, wrt)
 
 
 def _compare(ref, out, ratio=F64):
-    assert len(ref) == len(out)
-    for name, r, o in zip(NAMES, ref, out):
-        assert_close(name, r, o, ratio)
+    compare(NAMES, ref, out, ratio)
 
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
