@@ -78,40 +78,42 @@ def _extensions():
     cuda_sources = glob("cuda/*.cu") + glob("binding/*_cuda.cpp")
     if use_cuda and not cuda_sources:
         use_cuda, why_not = False, "no CUDA sources in csrc/cuda"
+    # at::parallel_for, which splits the CPU kernels over (batch, head), is an OpenMP region
+    # inlined from ATen's headers: compiled without -fopenmp it silently runs on one thread.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    common = dict(include_dirs=include_dirs, py_limited_api=True)
     if use_cuda:
         archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
         # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (build.md §3).
-        sources += cuda_sources
         nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
         ext = CUDAExtension(
             "titans_ext._C",
-            sources,
-            include_dirs=include_dirs,
+            sources + cuda_sources,
             define_macros=macros + [("TITANS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            py_limited_api=True,
+            extra_compile_args={"cxx": cxx_flags + openmp, "nvcc": nvcc_flags},
+            extra_link_args=openmp,
+            **common,
         )
     else:
         print(f"titans_ext: building CPU-only ({why_not})")
         ext = CppExtension(
             "titans_ext._C",
             sources,
-            include_dirs=include_dirs,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags},
-            py_limited_api=True,
+            extra_compile_args={"cxx": cxx_flags + openmp},
+            extra_link_args=openmp,
+            **common,
         )
     # The CUDA kernels' sources compiled by the host compiler against the device layer's CPU
     # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them.
     emulation = CppExtension(
         "titans_ext._emu",
         glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
-        include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags},
-        py_limited_api=True,
+        **common,
     )
     return [ext, emulation]
 
