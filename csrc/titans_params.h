@@ -40,13 +40,10 @@ struct MirasParams {
   double q = 2;
 };
 
-// Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
-//   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective),
-//   S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
-//   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
-struct LinearMemoryParams {
+// What every memory's params share: sizes, chunking, read mode, the per-token inputs and the
+// MIRAS options (the flash-attention habit of a base struct per family of fields).
+struct SequenceParams {
   int batch = 0, seqlen = 0, heads = 0;
-  int dk = 0, dv = 0;
   int chunk_size = 0;
   int n_chunks = 0;  // ceil(seqlen / chunk_size)
   bool read_token = true;
@@ -55,6 +52,29 @@ struct LinearMemoryParams {
   TokenTensor q, k, v, theta, eta, alpha;
 
   MirasParams miras;
+};
+
+// What every memory's backward shares: the output cotangent and the per-token input gradients.
+struct SequenceGradParams {
+  // d_o strided like o ([B, T, H, Dv]).
+  TokenTensor d_o;
+  // All contiguous: dq, dk [B, T, H, Dk], dv [B, T, H, Dv], dtheta, deta, dalpha [B, T, H],
+  // d_delta like miras.delta_ptr (set when delta_ptr is).
+  void* dq_ptr = nullptr;
+  void* dk_ptr = nullptr;
+  void* dv_ptr = nullptr;
+  void* dtheta_ptr = nullptr;
+  void* deta_ptr = nullptr;
+  void* dalpha_ptr = nullptr;
+  void* d_delta_ptr = nullptr;
+};
+
+// Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
+//   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective),
+//   S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
+//   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
+struct LinearMemoryParams : SequenceParams {
+  int dk = 0, dv = 0;
 
   // Initial state, contiguous [B, H, Dv, Dk]; nullptr means zeros (a uniform 1/Dk memory with
   // retention kl).
@@ -71,25 +91,13 @@ struct LinearMemoryParams {
   void* chunk_states_ptr = nullptr;
 };
 
-struct LinearMemoryBwdParams : LinearMemoryParams {
-  // Cotangents of the outputs: d_o strided like o's inputs ([B, T, H, Dv]); d_m_final and
-  // d_s_final contiguous [B, H, Dv, Dk] or nullptr (zero cotangent).
-  TokenTensor d_o;
+struct LinearMemoryBwdParams : LinearMemoryParams, SequenceGradParams {
+  // Cotangents of the final state, contiguous [B, H, Dv, Dk], or nullptr (zero cotangent).
   const void* d_m_final_ptr = nullptr;
   const void* d_s_final_ptr = nullptr;
-
-  // Gradients, all contiguous: dq, dk [B, T, H, Dk], dv [B, T, H, Dv],
-  // dtheta, deta, dalpha [B, T, H], dm0, ds0 [B, H, Dv, Dk].
-  void* dq_ptr = nullptr;
-  void* dk_ptr = nullptr;
-  void* dv_ptr = nullptr;
-  void* dtheta_ptr = nullptr;
-  void* deta_ptr = nullptr;
-  void* dalpha_ptr = nullptr;
+  // Gradients of the initial state, contiguous [B, H, Dv, Dk].
   void* dm0_ptr = nullptr;
   void* ds0_ptr = nullptr;
-  // Gradient of miras.delta_ptr, contiguous [B, T, H, Dv]; set when delta_ptr is.
-  void* d_delta_ptr = nullptr;
 };
 
 // Deep memory M(x) = x + W2 act(W1 x) with W1: [N, D], W2: [D, N] (N = E * D) and a momentum
@@ -98,26 +106,17 @@ struct LinearMemoryBwdParams : LinearMemoryParams {
 // weights share the gates:
 //   S_t = eta_t S_{t-1} - theta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t   (each of W1, W2)
 //   o_t = M_t(q_t) ("token") or M_{chunk start}(q_t) ("chunk_start").
+// The objective's delta is [B, T, H, D]; the retention acts on W1 and W2 separately ("kl": a
+// softmax over each row), never on the momenta.
 enum class MlpActivation : int {
   kGelu = 0,  // exact (erf) GELU
   kSilu = 1,
 };
 
-struct MlpMemoryParams {
-  int batch = 0, seqlen = 0, heads = 0;
+struct MlpMemoryParams : SequenceParams {
   int dim = 0;     // D: head dim of q, k, v (Dk == Dv)
   int hidden = 0;  // N = E * D: hidden width
-  int chunk_size = 0;
-  int n_chunks = 0;  // ceil(seqlen / chunk_size)
-  bool read_token = true;
   MlpActivation activation = MlpActivation::kGelu;
-
-  // Inputs: q, k, v [B, T, H, D], gates theta, eta, alpha [B, T, H].
-  TokenTensor q, k, v, theta, eta, alpha;
-
-  // Objective and retention as for the linear memory (delta: [B, T, H, D]); the retention acts on
-  // W1 and W2 separately ("kl": a softmax over each row), never on the momenta.
-  MirasParams miras;
 
   // Initial state, contiguous: w1_0, s1_0 [B, H, N, D]; w2_0, s2_0 [B, H, D, N]. The momenta
   // may be nullptr (zeros). Not __restrict__: a caller may pass one buffer twice.
@@ -137,29 +136,17 @@ struct MlpMemoryParams {
   void* chunk_states_ptr = nullptr;
 };
 
-struct MlpMemoryBwdParams : MlpMemoryParams {
-  // Cotangents of the outputs: d_o strided like the inputs ([B, T, H, D]); the final-state
-  // cotangents contiguous like the final state, or nullptr (zero cotangent).
-  TokenTensor d_o;
+struct MlpMemoryBwdParams : MlpMemoryParams, SequenceGradParams {
+  // Cotangents of the final state, contiguous like it, or nullptr (zero cotangent).
   const void* d_w1_final_ptr = nullptr;
   const void* d_w2_final_ptr = nullptr;
   const void* d_s1_final_ptr = nullptr;
   const void* d_s2_final_ptr = nullptr;
-
-  // Gradients, all contiguous: dq, dk, dv [B, T, H, D], dtheta, deta, dalpha [B, T, H],
-  // dw1_0, ds1_0 [B, H, N, D], dw2_0, ds2_0 [B, H, D, N].
-  void* dq_ptr = nullptr;
-  void* dk_ptr = nullptr;
-  void* dv_ptr = nullptr;
-  void* dtheta_ptr = nullptr;
-  void* deta_ptr = nullptr;
-  void* dalpha_ptr = nullptr;
+  // Gradients of the initial state: dw1_0, ds1_0 [B, H, N, D], dw2_0, ds2_0 [B, H, D, N].
   void* dw1_0_ptr = nullptr;
   void* dw2_0_ptr = nullptr;
   void* ds1_0_ptr = nullptr;
   void* ds2_0_ptr = nullptr;
-  // Gradient of miras.delta_ptr, contiguous [B, T, H, D]; set when delta_ptr is.
-  void* d_delta_ptr = nullptr;
 };
 
 }  // namespace titans

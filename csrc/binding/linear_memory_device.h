@@ -103,18 +103,10 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
   params.d_s_final_ptr = ds_c ? ds_c->data_ptr() : nullptr;
 
-  const auto in_opts = q.options();
+  // The kernels write dq, dk, dv in the input dtype and everything else in the compute dtype.
   const auto opts = q.options().dtype(dtype);
-  auto dq = at::empty(q.sizes(), in_opts), dk = at::empty(k.sizes(), in_opts), dv = at::empty(v.sizes(), in_opts);
-  auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty(theta.sizes(), opts);
-  auto dalpha = at::empty(theta.sizes(), opts);
+  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, std::nullopt, q.options(), opts);
   auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
-  params.dq_ptr = dq.data_ptr();
-  params.dk_ptr = dk.data_ptr();
-  params.dv_ptr = dv.data_ptr();
-  params.dtheta_ptr = dtheta.data_ptr();
-  params.deta_ptr = deta.data_ptr();
-  params.dalpha_ptr = dalpha.data_ptr();
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
@@ -126,8 +118,8 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   workspace.dk_part = dk_part.data_ptr();
   workspace.coef_part = coef_part.data_ptr();
   launch(params, workspace, type);
-  return {dq, dk, dv, dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()), dalpha.to(alpha.scalar_type()),
-          dm0, ds0};
+  return {g.dq, g.dk, g.dv, g.dtheta.to(theta.scalar_type()), g.deta.to(eta.scalar_type()),
+          g.dalpha.to(alpha.scalar_type()), dm0, ds0};
 }
 
 }  // namespace titans

@@ -43,6 +43,15 @@ struct ComputeInputs {
     return linear_memory_params(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token);
   }
 
+  // Gradients computed in the compute dtype, returned in the dtypes of the inputs they belong to.
+  static SequenceGrads input_dtypes(const SequenceGrads& g, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+                                    const at::Tensor& alpha, const std::optional<at::Tensor>& delta) {
+    return {g.dq.to(q.scalar_type()),         g.dk.to(k.scalar_type()),     g.dv.to(v.scalar_type()),
+            g.dtheta.to(theta.scalar_type()), g.deta.to(eta.scalar_type()), g.dalpha.to(alpha.scalar_type()),
+            delta ? g.d_delta.to(delta->scalar_type()) : g.d_delta};
+  }
+
   MlpMemoryParams mlp_params(int64_t hidden, int64_t chunk_size, bool read_token, c10::string_view activation) const {
     return mlp_memory_params(q, k, v, theta, eta, alpha, hidden, chunk_size, read_token, activation);
   }
@@ -53,10 +62,6 @@ const void* data_or_null(const std::optional<at::Tensor>& x) {
 }
 
 // The gradient of delta, shaped like the compute-dtype delta_c, or an empty tensor without delta.
-at::Tensor delta_gradient(const std::optional<at::Tensor>& delta_c, const at::TensorOptions& opts) {
-  return delta_c ? at::empty(delta_c->sizes(), opts) : at::empty({0}, opts);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
@@ -102,28 +107,19 @@ linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   params.d_s_final_ptr = data_or_null(ds_c);
 
   const auto opts = in.q.options();
-  auto dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
-  auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty_like(dtheta), dalpha = at::empty_like(dtheta);
+  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, opts, opts);
   auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
-  params.dq_ptr = dq.data_ptr();
-  params.dk_ptr = dk.data_ptr();
-  params.dv_ptr = dv.data_ptr();
-  params.dtheta_ptr = dtheta.data_ptr();
-  params.deta_ptr = deta.data_ptr();
-  params.dalpha_ptr = dalpha.data_ptr();
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
-  auto d_delta = delta_gradient(delta_c, opts);
-  params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::linear_memory_bwd<scalar_t>(params, begin, end);
     });
   });
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
-          dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()), dalpha.to(alpha.scalar_type()), dm0, ds0,
-          delta ? d_delta.to(delta->scalar_type()) : d_delta};
+  const auto in_dtypes = in.input_dtypes(g, q, k, v, theta, eta, alpha, delta);
+  return {in_dtypes.dq, in_dtypes.dk, in_dtypes.dv, in_dtypes.dtheta, in_dtypes.deta, in_dtypes.dalpha, dm0, ds0,
+          in_dtypes.d_delta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_memory_fwd_cpu(
@@ -198,32 +194,22 @@ mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   params.d_s2_final_ptr = data_or_null(ds2_c);
 
   const auto opts = in.q.options();
-  auto dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts), dv = at::empty(v.sizes(), opts);
-  auto dtheta = at::empty(theta.sizes(), opts), deta = at::empty_like(dtheta), dalpha = at::empty_like(dtheta);
+  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, opts, opts);
   auto dw1 = at::empty({params.batch, params.heads, hidden, params.dim}, opts), ds1 = at::empty_like(dw1);
   auto dw2 = at::empty({params.batch, params.heads, params.dim, hidden}, opts), ds2 = at::empty_like(dw2);
-  params.dq_ptr = dq.data_ptr();
-  params.dk_ptr = dk.data_ptr();
-  params.dv_ptr = dv.data_ptr();
-  params.dtheta_ptr = dtheta.data_ptr();
-  params.deta_ptr = deta.data_ptr();
-  params.dalpha_ptr = dalpha.data_ptr();
   params.dw1_0_ptr = dw1.data_ptr();
   params.dw2_0_ptr = dw2.data_ptr();
   params.ds1_0_ptr = ds1.data_ptr();
   params.ds2_0_ptr = ds2.data_ptr();
-  auto d_delta = delta_gradient(delta_c, opts);
-  params.d_delta_ptr = delta_c ? d_delta.data_ptr() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES(in.dtype, "mlp_memory_bwd_cpu", [&] {
     at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
       cpu::mlp_memory_bwd<scalar_t>(params, begin, end);
     });
   });
-  return {dq.to(q.scalar_type()),         dk.to(k.scalar_type()),       dv.to(v.scalar_type()),
-          dtheta.to(theta.scalar_type()), deta.to(eta.scalar_type()),   dalpha.to(alpha.scalar_type()),
-          dw1,                            dw2,                          ds1,
-          ds2,                            delta ? d_delta.to(delta->scalar_type()) : d_delta};
+  const auto in_dtypes = in.input_dtypes(g, q, k, v, theta, eta, alpha, delta);
+  return {in_dtypes.dq, in_dtypes.dk, in_dtypes.dv, in_dtypes.dtheta, in_dtypes.deta, in_dtypes.dalpha,
+          dw1,          dw2,          ds1,          ds2,              in_dtypes.d_delta};
 }
 
 }  // namespace

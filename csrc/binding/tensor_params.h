@@ -63,11 +63,10 @@ inline void check_linear_memory_args(const at::Tensor& q, const at::Tensor& k, c
   check_state("initial or final state", s, B, H, v.size(3), Dk, q.device());
 }
 
-// The fields every memory's params share: sizes, chunking, read mode and the per-token inputs.
-template <typename Params>
-void fill_sequence_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha, int64_t chunk_size,
-                          bool read_token) {
+// The fields every memory's params share (SequenceParams) but the MIRAS options.
+inline void fill_sequence_params(SequenceParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                 int64_t chunk_size, bool read_token) {
   p.batch = int(q.size(0));
   p.seqlen = int(q.size(1));
   p.heads = int(q.size(2));
@@ -80,6 +79,36 @@ void fill_sequence_params(Params& p, const at::Tensor& q, const at::Tensor& k, c
   p.theta = token_tensor(theta);
   p.eta = token_tensor(eta);
   p.alpha = token_tensor(alpha);
+}
+
+// The gradients of the per-token inputs, which every memory's backward returns.
+struct SequenceGrads {
+  at::Tensor dq, dk, dv, dtheta, deta, dalpha, d_delta;
+};
+
+// Allocates the per-token input gradients and points `g` at them: dq, dk, dv like q, k, v with
+// token_options; the gates' and delta's with gate_options (d_delta: an empty [0] without delta).
+inline SequenceGrads allocate_sequence_grads(SequenceGradParams& g, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& theta,
+                                             const std::optional<at::Tensor>& delta,
+                                             const at::TensorOptions& token_options,
+                                             const at::TensorOptions& gate_options) {
+  SequenceGrads out;
+  out.dq = at::empty(q.sizes(), token_options);
+  out.dk = at::empty(k.sizes(), token_options);
+  out.dv = at::empty(v.sizes(), token_options);
+  out.dtheta = at::empty(theta.sizes(), gate_options);
+  out.deta = at::empty(theta.sizes(), gate_options);
+  out.dalpha = at::empty(theta.sizes(), gate_options);
+  out.d_delta = delta ? at::empty(delta->sizes(), gate_options) : at::empty({0}, gate_options);
+  g.dq_ptr = out.dq.data_ptr();
+  g.dk_ptr = out.dk.data_ptr();
+  g.dv_ptr = out.dv.data_ptr();
+  g.dtheta_ptr = out.dtheta.data_ptr();
+  g.deta_ptr = out.deta.data_ptr();
+  g.dalpha_ptr = out.dalpha.data_ptr();
+  g.d_delta_ptr = delta ? out.d_delta.data_ptr() : nullptr;
+  return out;
 }
 
 // Sizes and input pointers; outputs are set by the caller. States must be contiguous.
