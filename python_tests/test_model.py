@@ -11,9 +11,7 @@ from titans_ext.model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryStat
                               detach_state)
 
 BLOCK_KINDS = ("mac", "mag", "mal", "lmm", "swa")
-needs_mlp_op = pytest.mark.skipif(not hasattr(titans_ext, "mlp_memory"),
-                                  reason="titans_ext.mlp_memory is not in this build yet")
-MEMORY_KINDS = ("linear", pytest.param("mlp", marks=needs_mlp_op))
+MEMORY_KINDS = ("linear", "mlp")
 
 
 def small_block(kind, memory="linear"):
@@ -141,7 +139,7 @@ def _tensors(obj):
 # --- gradients -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, memory", [(kind, "linear") for kind in BLOCK_KINDS] + [
-    pytest.param(kind, "mlp", marks=needs_mlp_op) for kind in BLOCK_KINDS if kind != "swa"])
+    (kind, "mlp") for kind in BLOCK_KINDS if kind != "swa"])
 def test_gradients_reach_every_parameter(kind, memory):
     torch.manual_seed(4)
     model = small_lm(kind, memory)
