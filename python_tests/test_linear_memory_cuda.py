@@ -12,7 +12,8 @@ import torch
 import titans_ext
 from titans_ext.reference import linear_memory_recurrent
 
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, outputs_and_grads, shape_id
+from utils import (GRAD_NAMES, TOLERANCE, assert_close, assert_compile_matches_eager, memory_inputs,
+                   opcheck_linear_memory, outputs_and_grads, shape_id)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -152,22 +153,8 @@ def test_limits_raise_value_errors():
         torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 1, 3.0)
 
 
-def _opcheck_args(requires_grad):
-    inputs, init = memory_inputs(2, 37, 2, 32, 24, torch.float32, device="cuda")
-    tensors = [x.requires_grad_(requires_grad) for x in inputs + list(init)]
-    return (*tensors, 16, True, True)
-
-
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_forward(requires_grad):
-    torch.library.opcheck(torch.ops.titans_ext.linear_memory_fwd.default, _opcheck_args(requires_grad))
-
-
-def test_opcheck_backward():
-    q, k, v, theta, eta, alpha, m0, s0, C, read_token, _ = _opcheck_args(False)
-    o, m, s, states = torch.ops.titans_ext.linear_memory_fwd(q, k, v, theta, eta, alpha, m0, s0, C, read_token, True)
-    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(m), None, C, read_token)
-    torch.library.opcheck(torch.ops.titans_ext.linear_memory_bwd.default, args)
+def test_opcheck():
+    opcheck_linear_memory((2, 37, 2, 32, 24), chunk_size=16, device="cuda")
 
 
 def test_torch_compile_fullgraph():
@@ -178,13 +165,4 @@ def test_torch_compile_fullgraph():
                                              initial_state=(m0, s0), output_final_state=True)
         return o.square().sum() + m.sum() + s.sum()
 
-    leaves = [x.clone().requires_grad_() for x in inputs + list(init)]
-    eager_loss = step(*leaves)
-    eager_grads = torch.autograd.grad(eager_loss, leaves)
-    compiled = torch.compile(step, fullgraph=True)
-    leaves_c = [x.detach().clone().requires_grad_() for x in leaves]
-    loss = compiled(*leaves_c)
-    grads = torch.autograd.grad(loss, leaves_c)
-    assert_close("loss", eager_loss, loss, 1e-6)
-    for name, a, b in zip(GRAD_NAMES, eager_grads, grads):
-        assert_close(name, a, b, 1e-5)
+    assert_compile_matches_eager(step, inputs + list(init), GRAD_NAMES)
