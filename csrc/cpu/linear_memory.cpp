@@ -21,6 +21,7 @@
 #include "cpu/chunk_gates.h"
 #include "cpu/chunk_loop.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/masked_product.h"
 #include "cpu/matmul.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
@@ -38,16 +39,17 @@ struct Workspace {
   T *R, *E;                       // residuals and errors: [C, Dv] each
   T *state, *start;               // [2, Dv, Dk] each: carried state or its cotangent; chunk_loop.h's scratch
   T *wide, *square, *square2;     // [C, 2 Dv], [C, C], [C, C]
+  T *square3;                     // [C, C] (backward)
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
 
   Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk, CDv = size_t(C) * Dv;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC, CDv, CDv,
-                            2 * sq, 2 * sq, 2 * CDv, CC, CC, CDv, size_t(C) * Dk, 3 * size_t(C) + CC,
+                            2 * sq, 2 * sq, 2 * CDv, CC, CC, CC, CDv, size_t(C) * Dk, 3 * size_t(C) + CC,
                             2 * size_t(C + 2)};
     T** const slots[] = {&theta, &eta, &alpha, &a,      &g,     &P,      &c,       &sig,      &R,        &E,
-                         &state, &start, &wide, &square, &square2, &narrow, &narrow2, &coef_grad, &gate_scratch};
+                         &state, &start, &wide, &square, &square2, &square3, &narrow, &narrow2, &coef_grad, &gate_scratch};
     carve_buffer(buffer, sizes, slots);
   }
 };
@@ -229,24 +231,7 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
     const index_t dos = dO.stride;
     T* dQ = grads.dq.ptr;
     const index_t dqs = grads.dq.stride;
-    T* G = ws.square;
-    T* dW = ws.square2;
-    matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L);
-    matmul(false, true, L, L, Dv, T(1), dO.ptr, dos, E, Dv, T(0), dW, L);
-    // In place: d_c takes dW .* G first, then G becomes W = G .* c and dW becomes dG = dW .* c.
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i < L; ++i) {
-        const int ti = t * L + i;
-        if (i > t) {  // the read is causal: upper triangles of W and dG are zero
-          dW[ti] = G[ti] = T(0);
-          continue;
-        }
-        d_c[ti] += dW[ti] * G[ti];
-        G[ti] *= ws.c[ti];
-        dW[ti] *= ws.c[ti];
-      }
-    matmul(true, false, L, Dv, L, T(1), G, L, dO.ptr, dos, T(1), dE, Dv);  // dE += W^T dO
-    // R = dO M0, U = dO S0 (L x Dk each), then dQ = diag(a) R + diag(g) U + dG K.
+    // R = dO M0, U = dO S0 (L x Dk each): dQ = diag(a) R + diag(g) U, then the masked product's part.
     T* RU = ws.narrow2;
     matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, M0, Dk, T(0), RU, Dk);
     for (int t = 0; t < L; ++t) {
@@ -258,8 +243,13 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
       d_g[t] += dot(RU + t * Dk, Q + t * qs, Dk);
       for (int j = 0; j < Dk; ++j) dQ[t * dqs + j] += ws.g[t] * RU[t * Dk + j];
     }
-    matmul(false, false, L, Dk, L, T(1), dW, L, K, ks, T(1), dQ, dqs);
-    matmul(true, false, L, Dk, L, T(1), dW, L, Q, qs, T(1), grads.dk.ptr, grads.dk.stride);
+    // (Q K^T .* c) E: dE, dQ, dK and the cotangent of c.
+    T* G = ws.square;
+    T* W = ws.square2;
+    matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L);
+    for (int i = 0; i < L * L; ++i) W[i] = G[i] * ws.c[i];
+    masked_product_backward<T>(L, Dk, Dv, ws.c, G, W, {dO.ptr, dos}, {E, Dv}, {Q, qs}, {K, ks}, d_c, {dE, Dv},
+                               {dQ, dqs}, {grads.dk.ptr, grads.dk.stride}, ws.square3);
     // [dM0 | dS0] += [diag(a) dO | diag(g) dO]^T Q.
     T* AG = ws.wide;
     for (int t = 0; t < L; ++t)

@@ -31,6 +31,7 @@
 #include "cpu/chunk_gates.h"
 #include "cpu/chunk_loop.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/masked_product.h"
 #include "cpu/matmul.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
@@ -405,15 +406,9 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
     // [dW2; dS2] += [a * dO | g * dO]^T Hq.
     scale_rows_pair(L, D, dOp, dos, ws.a, ws.g, ws.wide);
     matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dW2, N);
-    // Masked product (Hq H^T .* c) E: dA = dO E^T (its causal part is used).
-    T* dA = ws.dA;
-    matmul(false, true, L, L, D, T(1), dOp, dos, ws.E, D, T(0), dA, L);
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i <= t; ++i) d_c[t * L + i] += dA[t * L + i] * ws.HH[t * L + i];
-    for (int i = 0; i < L * L; ++i) dA[i] *= ws.c[i];
-    matmul(true, false, L, D, L, T(1), ws.HHc, L, dOp, dos, T(1), ws.dE, D);
-    matmul(false, false, L, N, L, T(1), dA, L, ws.H, N, T(1), ws.dHq, N);
-    matmul(true, false, L, N, L, T(1), dA, L, ws.Hq, N, T(1), ws.dH, N);
+    // Masked product (Hq H^T .* c) E.
+    masked_product_backward<T>(L, N, D, ws.c, ws.HH, ws.HHc, {dOp, dos}, {ws.E, D}, {ws.Hq, N}, {ws.H, N}, d_c,
+                               {ws.dE, D}, {ws.dHq, N}, {ws.dH, N}, ws.dA);
     for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
     // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
     // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
@@ -424,15 +419,8 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
     scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
     matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, W1, D, T(1), dQ, dqs);
     matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dW1, D);
-    // Masked product (Q K^T .* c) DZ: dB = dZq DZ^T.
-    T* dB = ws.dA;
-    matmul(false, true, L, L, N, T(1), dZq, N, ws.DZ, N, T(0), dB, L);
-    for (int t = 0; t < L; ++t)
-      for (int i = 0; i <= t; ++i) d_c[t * L + i] += dB[t * L + i] * ws.QK[t * L + i];
-    for (int i = 0; i < L * L; ++i) dB[i] *= ws.c[i];
-    matmul(true, false, L, N, L, T(1), ws.QKc, L, dZq, N, T(1), ws.dDZ, N);
-    matmul(false, false, L, D, L, T(1), dB, L, K.ptr, K.stride, T(1), dQ, dqs);
-    matmul(true, false, L, D, L, T(1), dB, L, Q.ptr, Q.stride, T(1), dK, dks);
+    // Masked product (Q K^T .* c) DZ.
+    masked_product_backward<T>(L, D, N, ws.c, ws.QK, ws.QKc, {dZq, N}, {ws.DZ, N}, Q, K, d_c, {ws.dDZ, N}, {dQ, dqs}, {dK, dks}, ws.dA);
   }
 
   key_path_backward(p, objective, L, x, grads, state, dstate, ws);
