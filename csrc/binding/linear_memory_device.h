@@ -60,9 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_dev
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type), chunk_size, q);
-  const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), save_states);
+  // The chunk-start states are written in every case: the output kernel reads them.
+  const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), true);
   launch(params, type);
-  return {out.o, out.m_final, out.s_final, out.chunk_states};
+  return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : at::empty({0}, out.m_final.options())};
 }
 
 using LinearMemoryGrads =

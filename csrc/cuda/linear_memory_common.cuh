@@ -208,6 +208,63 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
   }
 }
 
+// The chunk-end row of the gate tables alone (what the sequential passes need): m_end[i] =
+// c[L-1][i] and s_end[i] = sigma of column i at row L-1, ends = {a[L-1], g[L-1], p}.
+template <typename T, class Ptr>
+__device__ __forceinline__ void chunk_gate_end_rows(int L, const Ptr& theta, const Ptr& eta, const Ptr& beta,
+                                                    const Ptr& m_end, const Ptr& s_end, const Ptr& ends) {
+  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
+    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
+      if (t != L - 1) return;
+      if (col < L) m_end[col] = mu, s_end[col] = sigma;
+      else if (col == L) ends[0] = mu;
+      else ends[1] = mu, ends[2] = sigma;
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk products shared by the kernels (each call is one tile loop, no barrier)
+
+// E = 2 (K M0^T - V) for the block's value tile, in place over V's tile err [L, tile_v]: each
+// element is read and written by the lane that owns its accumulator.
+template <class Policy, typename T, class KOp, class Ptr>
+__device__ __forceinline__ void errors_in_place(int L, int rows, int dk, int tile_v, const KOp& K, const Ptr& m0,
+                                                const Ptr& err) {
+  for_each_tile(L, rows, [&](int r0, int c0) {
+    typename Policy::acc_t acc[4] = {};
+    mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; });
+    for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+      err[t * tile_v + j] = T(2) * (T(acc[i]) - err[t * tile_v + j]);
+    });
+  });
+}
+
+// G = Q K^T with the entries above the diagonal set to zero, into g [L, C].
+template <class Policy, typename T, class QOp, class KOp, class Ptr>
+__device__ __forceinline__ void causal_scores(int L, int C, int dk, const QOp& Q, const KOp& K, const Ptr& g) {
+  for_each_tile(L, L, [&](int r0, int c0) {
+    typename Policy::acc_t acc[4] = {};
+    mma_accumulate<Policy>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); });
+    for_each_element(r0, c0, L, L, [&](int t, int i, int e) { g[t * C + i] = i <= t ? T(acc[e]) : T(0); });
+  });
+}
+
+// X [L, 2 tile_v] = A [Z0; Z1]^T for two [rows, Dk] states stacked along the value index: X's
+// columns 0..rows-1 hold A Z0^T and columns tile_v..tile_v+rows-1 hold A Z1^T.
+template <class Policy, typename T, class AOp, class Ptr>
+__device__ __forceinline__ void stacked_state_product(int L, int rows, int dk, int tile_v, const AOp& A,
+                                                      const Ptr& z0, const Ptr& z1, const Ptr& x) {
+  const auto stacked_t = [&](int d, int col) { return col < rows ? z0[col * dk + d] : z1[(col - rows) * dk + d]; };
+  for_each_tile(L, 2 * rows, [&](int r0, int c0) {
+    typename Policy::acc_t acc[4] = {};
+    mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, A, stacked_t);
+    for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
+      x[t * 2 * tile_v + (col < rows ? col : tile_v + col - rows)] = T(acc[i]);
+    });
+  });
+}
+
 // Deterministic block-wide sums of N values per thread: warp butterflies, then the warps' partial
 // sums added in warp order by every thread. scratch holds N * warps values. Contains barriers.
 template <int N, typename T, class Scratch>
@@ -282,6 +339,19 @@ __device__ __forceinline__ index_t token_offset(const TokenTensor& x, int b, int
 __device__ __forceinline__ index_t contiguous_token_offset(int b, int t, int h, int seqlen, int heads, int d) {
   return ((index_t(b) * seqlen + t) * heads + h) * d;
 }
+
+// Offset of chunk n's start state in a contiguous [B, H, n_chunks, 2, Dv, Dk] buffer (M, then S
+// at + Dv * Dk): the forward's chunk states and the backward's chunk cotangents.
+__device__ __forceinline__ index_t chunk_state_offset(const LinearMemoryParams& p, index_t bh, int n) {
+  return (bh * p.n_chunks + n) * 2 * index_t(p.dv) * p.dk;
+}
+
+// The parallel kernels' blocks: grid.x enumerates (chunk, value tile) with the tiles of one chunk
+// adjacent (they read the same Q, K and gates), grid.y the head and grid.z the batch.
+struct ChunkTileBlock {
+  int n, tile;
+  __device__ explicit ChunkTileBlock(int tiles) : n(blockIdx.x / tiles), tile(blockIdx.x % tiles) {}
+};
 
 // Copies L rows of `width` features starting at feature `col0` of a token tensor into a
 // [rows, row_stride] shared array (input dtype, unconverted).

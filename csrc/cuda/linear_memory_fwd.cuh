@@ -1,18 +1,21 @@
 // CUDA forward of the linear memory, written only against the device layer (device/device.h), so
 // the emulation runs this exact source in CI. Included by exactly one TU per build.
 //
-// One block per (value tile, head, batch): the block keeps its kTileV rows of the memory M and the
-// momentum S in shared memory (fp32; fp64 for fp64 inputs) and walks the chunks in order. Value
-// tiles never communicate: row j of M and S evolves from row j of E only (kernels.md §5.4). Per
-// chunk of L tokens (shared/design README §2, backward_linear.md §0), all products on tensor cores
-// through the operand policy of linear_memory_common.cuh:
-//   E = 2 (K M0^T - V)                                  errors at the chunk-start memory
-//   a, g, c, m = c[L-1], s, p                           gate tables by column chains
-//   O = diag(a) Q M0^T + diag(g) Q S0^T + (Q K^T .* c) E        (read_token)
-//   O = Q M0^T                                                   (chunk_start read)
-//   M_L = a_L M0 + g_L S0 + E^T diag(m) K ,   S_L = p S0 + E^T diag(s) K
-// The chunk-start states are written for the backward. Every block recomputes the gate tables
-// and Q K^T of its chunk (O(L^2 Dk), small next to the state products).
+// The decomposition of shared/design README §2 (kernels.md §1.2, §6.1): only the chunk-to-chunk
+// step is sequential, so it gets a kernel of its own that does nothing else, and the outputs,
+// which need only each chunk's start state, are computed in parallel afterwards.
+// 1. linear_memory_fwd_state_kernel, one block per (value tile, head, batch), walks the chunks in
+//    order keeping its kTileV rows of M and S in shared memory (value tiles never communicate:
+//    row j of M and S evolves from row j of E only). Per chunk of L tokens:
+//      E = 2 (K M0^T - V)                                     errors at the chunk-start memory
+//      m = c[L-1], s, a_L, g_L, p                             chunk-end gate rows
+//      M_L = a_L M0 + g_L S0 + E^T diag(m) K ,  S_L = p S0 + E^T diag(s) K
+//    and it writes every chunk-start state (M0, S0): the output kernel and the backward read them.
+// 2. linear_memory_fwd_output_kernel, one block per (chunk, value tile, head, batch), all in
+//    parallel: from the chunk's start state,
+//      O = diag(a) Q M0^T + diag(g) Q S0^T + (Q K^T .* c) E      (token read)
+//      O = Q M0^T                                                 (chunk_start read)
+// All products run on tensor cores through the operand policy of linear_memory_common.cuh.
 #pragma once
 
 #include "cuda/linear_memory_common.cuh"
@@ -20,29 +23,27 @@
 
 namespace titans {
 
-// The block's dynamic shared memory (offsets in elements of each region's type).
-struct LinearMemoryFwdSmem {
+// Shared memory of the sequential kernel (offsets in elements of each region's type).
+struct LinearMemoryFwdStateSmem {
   lm::SmemCarver carver;
   int m, s;                 // [kTileV, Dk]: the block's rows of M and S
   int err;                  // [C, kTileV]: V's tile, then E in place
-  int coef;                 // [C, C]: c, then W = c .* (Q K^T) in place (token read)
-  int a, g, m_end, s_end;   // [C] each
-  int theta, eta, beta;     // [C] each: the chunk's gates, beta = 1 - alpha
-  int p;                    // [1]
-  int q, k;                 // input region, [C, Dk]: the chunk's queries and keys
-  __host__ __device__ LinearMemoryFwdSmem(int dk, int chunk, int tile_v) {
+  int m_end, s_end;         // [C]
+  int theta, eta, beta;     // [C]: the chunk's gates, beta = 1 - alpha
+  int ends;                 // [4]: a_L, g_L, p (and one to keep the input region aligned)
+  int k;                    // input region, [C, Dk]: the chunk's keys
+  __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk, int tile_v) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
-    coef = carver.compute(chunk * chunk);
-    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
+    m_end = carver.compute(chunk), s_end = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    p = carver.compute(2);  // even, so the input region stays aligned for any pair of dtypes
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk);
+    ends = carver.compute(4);
+    k = carver.input(chunk * dk);
   }
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(LinearMemoryParams params) {
+__global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_state_kernel(LinearMemoryParams params) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
@@ -53,101 +54,44 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
   const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
 
-  const LinearMemoryFwdSmem layout(dk, C, kTileV);
+  const LinearMemoryFwdStateSmem layout(dk, C, kTileV);
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
-  const auto coef = smem.compute(layout.coef);
-  const auto a = smem.compute(layout.a);
-  const auto g = smem.compute(layout.g);
   const auto m_end = smem.compute(layout.m_end);
   const auto s_end = smem.compute(layout.s_end);
   const auto theta = smem.compute(layout.theta);
   const auto eta = smem.compute(layout.eta);
   const auto beta = smem.compute(layout.beta);
-  const auto p = smem.compute(layout.p);
-  const auto q_s = smem.input(layout.q);
+  const auto ends = smem.compute(layout.ends);
   const auto k_s = smem.input(layout.k);
 
   // This block's rows [v0, v0 + rows) of the contiguous [B, H, Dv, Dk] states.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  const auto* m0 = static_cast<const compute_t*>(params.m0_ptr);
-  const auto* s0 = static_cast<const compute_t*>(params.s0_ptr);
-  lm::load_state_pair(m0, s0, state_offset, rows * dk, m, s);
-
-  auto* o_out = static_cast<input_t*>(params.o_ptr);
+  lm::load_state_pair(static_cast<const compute_t*>(params.m0_ptr), static_cast<const compute_t*>(params.s0_ptr),
+                      state_offset, rows * dk, m, s);
   auto* chunk_states = static_cast<compute_t*>(params.chunk_states_ptr);
-
-  // Operand views of the staged tiles (row-major, converted to compute_t on read).
-  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
   const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
-  const auto Mt = [&](int d, int j) { return m[j * dk + d]; };  // M0^T: [Dk, rows]
-  const auto St = [&](int d, int j) { return s[j * dk + d]; };
 
   for (int n = 0; n < params.n_chunks; ++n) {
     const int t0 = n * C;
     const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
 
-    // 1. Stage the chunk: K and Q rows, V's tile (into err), the gates.
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-    lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
     lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
     __syncthreads();
 
-    // 2. Gate tables, and E = 2 (K M0^T - V) in place over V's tile (each element is read and
-    //    written by the lane that owns its accumulator).
-    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, coef, a, g, m_end, s_end, p);
-    lm::for_each_tile(L, rows, [&](int r0, int c0) {
-      acc_t acc[4] = {};
-      lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, Mt);
-      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-        err[t * kTileV + j] = compute_t(2) * (compute_t(acc[i]) - err[t * kTileV + j]);
-      });
-    });
+    lm::chunk_gate_end_rows<compute_t>(L, theta, eta, beta, m_end, s_end, ends);
+    lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m, err);
+    const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
+    lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
+                         chunk_states + chunk_offset + index_t(dv) * dk);
     __syncthreads();
 
-    // 3. W = c .* (Q K^T), causal (token read); save the chunk-start state for the backward.
-    if (params.read_token) {
-      lm::for_each_tile(L, L, [&](int r0, int c0) {
-        acc_t acc[4] = {};
-        lm::mma_accumulate<Policy>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); });
-        lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
-          coef[t * C + i] = i <= t ? compute_t(acc[e]) * coef[t * C + i] : compute_t(0);
-        });
-      });
-    }
-    if (chunk_states) {
-      const index_t chunk_offset = ((bh * params.n_chunks + n) * 2) * dv * dk;
-      lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
-                           chunk_states + chunk_offset + index_t(dv) * dk);
-    }
-    __syncthreads();
-
-    // 4. Outputs, from the chunk-start state. The gate rows scale separate accumulators, so
-    //    a and g never round into the MMA operands.
-    lm::for_each_tile(L, rows, [&](int r0, int c0) {
-      acc_t qm[4] = {}, qs[4] = {}, we[4] = {};
-      lm::mma_accumulate<Policy>(qm, r0, c0, L, rows, dk, Q, Mt);
-      if (params.read_token) {
-        lm::mma_accumulate<Policy>(qs, r0, c0, L, rows, dk, Q, St);
-        lm::mma_accumulate<Policy>(we, r0, c0, L, rows, L, [&](int t, int i) { return coef[t * C + i]; },
-                                   [&](int i, int j) { return err[i * kTileV + j]; });
-      }
-      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-        const compute_t out = params.read_token
-                                  ? a[t] * compute_t(qm[i]) + g[t] * compute_t(qs[i]) + compute_t(we[i])
-                                  : compute_t(qm[i]);
-        o_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-            device::cast<input_t>(out);
-      });
-    });
-    // 4 reads M0 and S0, which 5 overwrites.
-    __syncthreads();
-
-    // 5. Step to the chunk end: the lane owning (j, d) of both products updates M and S there.
-    const compute_t a_L = a[L - 1], g_L = g[L - 1], p_L = p[0];
+    // The lane owning (j, d) of both products updates M and S there.
+    const compute_t a_L = ends[0], g_L = ends[1], p_L = ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t em[4] = {}, es[4] = {};
       lm::mma_accumulate<Policy>(em, r0, c0, rows, dk, L, [&](int j, int t) { return m_end[t] * err[t * kTileV + j]; },
@@ -161,33 +105,149 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_kernel(L
         s[idx] = p_L * s_old + compute_t(es[i]);
       });
     });
-    // The next chunk's staging overwrites what 5 reads.
+    // The next chunk's staging overwrites what the update reads.
     __syncthreads();
   }
 
-  auto* m_final = static_cast<compute_t*>(params.m_final_ptr);
-  auto* s_final = static_cast<compute_t*>(params.s_final_ptr);
-  lm::store_state_pair(m, s, state_offset, rows * dk, m_final, s_final);
+  lm::store_state_pair(m, s, state_offset, rows * dk, static_cast<compute_t*>(params.m_final_ptr),
+                       static_cast<compute_t*>(params.s_final_ptr));
+}
+
+// Shared memory of the output kernel.
+struct LinearMemoryFwdOutputSmem {
+  lm::SmemCarver carver;
+  int m, s;                 // [kTileV, Dk]: the chunk-start state's rows
+  int err;                  // [C, kTileV]: V's tile, then E in place
+  int scores, coef;         // [C, C]: G = Q K^T (causal) and the gate table c
+  int a, g, m_end, s_end;   // [C]
+  int theta, eta, beta;     // [C]
+  int p;                    // [2]
+  int q, k;                 // input region, [C, Dk]
+  __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) {
+    m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
+    err = carver.compute(chunk * tile_v);
+    scores = carver.compute(chunk * chunk), coef = carver.compute(chunk * chunk);
+    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    p = carver.compute(2);
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk);
+  }
+};
+
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_kernel(LinearMemoryParams params) {
+  using input_t = typename Ktraits::input_t;
+  using compute_t = typename Ktraits::compute_t;
+  using Policy = typename Ktraits::Policy;
+  using acc_t = typename Policy::acc_t;
+  constexpr int kTileV = Ktraits::kTileV;
+
+  const int dk = params.dk, dv = params.dv, C = params.chunk_size;
+  const lm::ChunkTileBlock block((dv + kTileV - 1) / kTileV);
+  const int n = block.n, v0 = block.tile * kTileV, h = blockIdx.y, b = blockIdx.z;
+  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
+  const int t0 = n * C;
+  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const bool token_read = params.read_token;
+
+  const LinearMemoryFwdOutputSmem layout(dk, C, kTileV);
+  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const auto m = smem.compute(layout.m);
+  const auto s = smem.compute(layout.s);
+  const auto err = smem.compute(layout.err);
+  const auto scores = smem.compute(layout.scores);
+  const auto coef = smem.compute(layout.coef);
+  const auto a = smem.compute(layout.a);
+  const auto g = smem.compute(layout.g);
+  const auto m_end = smem.compute(layout.m_end);
+  const auto s_end = smem.compute(layout.s_end);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  const auto p = smem.compute(layout.p);
+  const auto q_s = smem.input(layout.q);
+  const auto k_s = smem.input(layout.k);
+
+  const index_t bh = index_t(b) * params.heads + h;
+  const index_t chunk_offset = lm::chunk_state_offset(params, bh, n) + index_t(v0) * dk;
+  const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto Mt = [&](int d, int j) { return m[j * dk + d]; };  // M0^T: [Dk, rows]
+  const auto St = [&](int d, int j) { return s[j * dk + d]; };
+
+  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  if (token_read) {
+    lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
+    lm::load_state_pair(chunk_states + chunk_offset, chunk_states + chunk_offset + index_t(dv) * dk, 0, rows * dk, m,
+                        s);
+  } else {
+    for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) m[i] = chunk_states[chunk_offset + i];
+  }
+  __syncthreads();
+
+  if (token_read) {
+    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, coef, a, g, m_end, s_end, p);
+    lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m, err);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+    __syncthreads();
+  }
+
+  // The gate rows scale separate accumulators, so a and g never round into the MMA operands.
+  auto* o_out = static_cast<input_t*>(params.o_ptr);
+  lm::for_each_tile(L, rows, [&](int r0, int c0) {
+    acc_t qm[4] = {}, qs[4] = {}, we[4] = {};
+    lm::mma_accumulate<Policy>(qm, r0, c0, L, rows, dk, Q, Mt);
+    if (token_read) {
+      lm::mma_accumulate<Policy>(qs, r0, c0, L, rows, dk, Q, St);
+      lm::mma_accumulate<Policy>(we, r0, c0, L, rows, L,
+                                 [&](int t, int i) { return coef[t * C + i] * scores[t * C + i]; },
+                                 [&](int i, int j) { return err[i * kTileV + j]; });
+    }
+    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+      const compute_t out = token_read ? a[t] * compute_t(qm[i]) + g[t] * compute_t(qs[i]) + compute_t(we[i])
+                                       : compute_t(qm[i]);
+      o_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+          device::cast<input_t>(out);
+    });
+  });
+}
+
+// Host side: calls f(Ktraits, state kernel smem, output kernel smem) for the runtime input type.
+template <class F>
+auto linear_memory_fwd_dispatch(const LinearMemoryParams& params, InputType input_type, const F& f) {
+  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
+    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
+    using compute_t = typename Ktraits::compute_t;
+    using input_t = typename Ktraits::input_t;
+    return f(Ktraits{},
+             LinearMemoryFwdStateSmem(params.dk, params.chunk_size, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
+             LinearMemoryFwdOutputSmem(params.dk, params.chunk_size, Ktraits::kTileV)
+                 .carver.bytes<compute_t, input_t>());
+  });
 }
 
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  return static_cast<int>(lm::dispatch(
-      input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
-        using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
-        const LinearMemoryFwdSmem layout(params.dk, params.chunk_size, Ktraits::kTileV);
-        const dim3 grid((params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV, params.heads, params.batch);
-        return device::launch("linear_memory_fwd", linear_memory_fwd_kernel<Ktraits>, grid, dim3(Ktraits::kNThreads),
-                              layout.carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>(), stream,
-                              params);
+  return static_cast<int>(
+      linear_memory_fwd_dispatch(params, input_type, [&](auto ktraits, size_t state_smem, size_t output_smem) {
+        using Ktraits = decltype(ktraits);
+        const int tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
+        const device::Error err =
+            device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
+                           dim3(tiles, params.heads, params.batch), dim3(Ktraits::kNThreads), state_smem, stream,
+                           params);
+        if (err != device::kSuccess || params.n_chunks == 0) return err;
+        return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
+                              dim3(params.n_chunks * tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                              output_smem, stream, params);
       }));
 }
 
 size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
-  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
-    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
-    return LinearMemoryFwdSmem(params.dk, params.chunk_size, Ktraits::kTileV)
-        .carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>();
+  return linear_memory_fwd_dispatch(params, input_type, [](auto, size_t state_smem, size_t output_smem) {
+    return state_smem > output_smem ? state_smem : output_smem;
   });
 }
 

@@ -28,11 +28,13 @@ inline int linear_memory_value_tile(int dk, InputType type) {
   return dk <= 64 && type != InputType::kFloat64 ? 32 : 16;
 }
 
-// Fills o, m_final, s_final and (when non-null) chunk_states of `params`. Returns the launch's
-// cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a kernel error.
+// Fills o, m_final, s_final and chunk_states of `params`; chunk_states ([B, H, n_chunks, 2, Dv,
+// Dk], compute dtype) is required: the output kernel reads the chunk-start states from it. Returns
+// the launch's cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a
+// kernel error.
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream);
 
-// Dynamic shared memory of the forward's blocks (the binding checks it against kCudaMaxSharedBytes).
+// Dynamic shared memory of the forward's largest block (the binding checks it against kCudaMaxSharedBytes).
 size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
 
 }  // namespace titans
