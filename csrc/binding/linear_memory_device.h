@@ -114,7 +114,9 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, type);
   const auto dq_part = at::empty({sizes.dqk_part}, opts), dk_part = at::empty({sizes.dqk_part}, opts);
   const auto coef_part = at::empty({sizes.coef_part}, opts);
+  const auto chunk_cotangents = at::empty({sizes.chunk_cotangents}, opts);
   LinearMemoryBwdWorkspace workspace;
+  workspace.chunk_cotangents = chunk_cotangents.data_ptr();
   workspace.dq_part = dq_part.data_ptr();
   workspace.dk_part = dk_part.data_ptr();
   workspace.coef_part = coef_part.data_ptr();

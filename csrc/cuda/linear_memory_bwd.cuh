@@ -2,15 +2,21 @@
 // this exact source in CI. Included by exactly one TU per build. Formulas: backward_linear.md
 // §1 (steps A-E), §2 (gate gradients), §3 (reverse pass, Dv split).
 //
-// Two kernels:
-// 1. linear_memory_bwd_reverse_kernel, one block per (value tile, head, batch), walks the chunks in
-//    reverse carrying this tile's rows of the state cotangent (dM, dS) in shared memory (the
-//    transposed chunk map multiplies on the right, so value tiles are independent, like the
-//    forward). Per chunk it reloads the saved chunk-start state (M0, S0), recomputes E, the gate
-//    tables and Q K^T, and produces everything value-local exactly (dV, the carried cotangent,
-//    dM0 and dS0 at the end) and the value tile's partial sums of what contracts over Dv (dQ, dK
+// The forward's decomposition, mirrored (kernels.md §1.2, §6.1): a reverse sequential pass that
+// does only what carries the state cotangent from chunk to chunk, then everything else in parallel.
+// 1. linear_memory_bwd_state_kernel, one block per (value tile, head, batch), walks the chunks in
+//    reverse carrying this tile's rows of the cotangent (dM, dS) of the chunk-end state in shared
+//    memory (the transposed chunk map multiplies on the right, so value tiles are independent).
+//    Per chunk it writes the carried (dM, dS) for kernel 2 and steps it to the chunk start:
+//      dE  = diag(m) K dM^T + diag(s) K dS^T + (Q K^T .* c)^T dO          (the last term: token read)
+//      dM0 = a_L dM + 2 dE^T K + (diag(a) dO)^T Q ,  dS0 = g_L dM + p dS + (diag(g) dO)^T Q
+//    (chunk_start read: dM0 = a_L dM + 2 dE^T K + dO^T Q, dS0 = g_L dM + p dS). Neither M0 nor E
+//    is needed on this path.
+// 2. linear_memory_bwd_chunk_kernel, one block per (chunk, value tile, head, batch), all in
+//    parallel: from the saved chunk-start state and the carried cotangent it produces everything
+//    value-local exactly (dV) and the value tile's partial sums of what contracts over Dv (dQ, dK
 //    and the gate-coefficient cotangents d_c, d_a, d_g, d_s, d_p).
-// 2. linear_memory_bwd_gates_kernel, one block per (chunk, head, batch), adds the tiles' partial
+// 3. linear_memory_bwd_gates_kernel, one block per (chunk, head, batch), adds the tiles' partial
 //    sums in tile order (deterministic, no atomics), writes dQ and dK, and turns the coefficient
 //    cotangents into dtheta, deta, dalpha by the reverse column recurrence (one thread per column,
 //    then row sums in a fixed order).
@@ -23,70 +29,66 @@
 
 namespace titans {
 
-// Shared memory of the reverse kernel (offsets in elements of each region's type).
-struct LinearMemoryBwdSmem {
+// dE = diag(m) X + diag(s) Y (+ (G .* c)^T dO, token read) for the block's value tile, from
+// X | Y = K [dM; dS]^T (xy, [L, 2 tile_v]) and the causal scores G.
+template <class Policy, typename T, class DOp, class Ptr>
+__device__ __forceinline__ void errors_cotangent(int L, int rows, int C, int tile_v, bool token_read,
+                                                 const Ptr& m_end, const Ptr& s_end, const Ptr& xy,
+                                                 const Ptr& scores, const Ptr& c, const DOp& dO, const Ptr& d_e) {
+  lm::for_each_tile(L, rows, [&](int r0, int c0) {
+    typename Policy::acc_t acc[4] = {};
+    if (token_read)
+      lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return scores[i * C + t] * c[i * C + t]; },
+                                 dO);
+    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+      d_e[t * tile_v + j] = m_end[t] * xy[t * 2 * tile_v + j] + s_end[t] * xy[t * 2 * tile_v + tile_v + j] + T(acc[i]);
+    });
+  });
+}
+
+// Shared memory of the reverse sequential kernel (offsets in elements of each region's type).
+struct LinearMemoryBwdStateSmem {
   lm::SmemCarver carver;
-  int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
-  int dm, ds;               // [kTileV, Dk]: the carried cotangent, updated in place to dM0, dS0
-  int err;                  // [C, kTileV]: V's tile, then E in place
-  int d_e;                  // [C, kTileV]: dE
+  int dm, ds;               // [kTileV, Dk]: the carried cotangent
+  int d_e;                  // [C, kTileV]
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
-  int qms;                  // [C, 2 kTileV]: Q M0^T | Q S0^T (token read)
-  int gq;                   // [C, C]: G = Q K^T, then W = G .* c
-  int dw;                   // [C, C]: dW = tril(dO E^T), then dG = dW .* c
-  int c;                    // [C, C]: gate table c
+  int scores, c;            // [C, C]: G = Q K^T (causal) and the gate table c
   int a, g, m_end, s_end;   // [C]
   int theta, eta, beta;     // [C]
-  int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
   int p;                    // [2]
-  int scratch;              // [3 * warps]: block sums
   int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdSmem(int dk, int chunk, int tile_v, int warps) {
-    m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
+  __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk, int tile_v) {
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
-    err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v);
-    xy = carver.compute(chunk * 2 * tile_v), qms = carver.compute(chunk * 2 * tile_v);
-    gq = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
+    d_e = carver.compute(chunk * tile_v), xy = carver.compute(chunk * 2 * tile_v);
+    scores = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
     a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
-    dc_last = carver.compute(chunk);
     p = carver.compute(2);
-    scratch = carver.compute(2 * ((3 * warps + 1) / 2));  // even, so the input region stays aligned
     q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
   }
 };
 
 template <typename Ktraits>
 __global__ void __launch_bounds__(Ktraits::kNThreads)
-    linear_memory_bwd_reverse_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
+    linear_memory_bwd_state_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
   using acc_t = typename Policy::acc_t;
   constexpr int kTileV = Ktraits::kTileV;
-  constexpr int kWarps = Ktraits::kNThreads / device::kWarpSize;
 
-  const int tid = threadIdx.x;
-  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int n_tiles = gridDim.x;
-  const int v0 = tile * kTileV;
+  const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
   const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
   const bool token_read = params.read_token;
 
-  const LinearMemoryBwdSmem layout(dk, C, kTileV, kWarps);
+  const LinearMemoryBwdStateSmem layout(dk, C, kTileV);
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
-  const auto m0 = smem.compute(layout.m0);
-  const auto s0 = smem.compute(layout.s0);
   const auto dm = smem.compute(layout.dm);
   const auto ds = smem.compute(layout.ds);
-  const auto err = smem.compute(layout.err);
   const auto d_e = smem.compute(layout.d_e);
   const auto xy = smem.compute(layout.xy);
-  const auto qms = smem.compute(layout.qms);
-  const auto gq = smem.compute(layout.gq);
-  const auto dw = smem.compute(layout.dw);
+  const auto scores = smem.compute(layout.scores);
   const auto c = smem.compute(layout.c);
   const auto a = smem.compute(layout.a);
   const auto g = smem.compute(layout.g);
@@ -95,12 +97,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto theta = smem.compute(layout.theta);
   const auto eta = smem.compute(layout.eta);
   const auto beta = smem.compute(layout.beta);
-  const auto d_a = smem.compute(layout.d_a);
-  const auto d_g = smem.compute(layout.d_g);
-  const auto d_s = smem.compute(layout.d_s);
-  const auto dc_last = smem.compute(layout.dc_last);
   const auto p = smem.compute(layout.p);
-  const auto scratch = smem.compute(layout.scratch);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
@@ -108,200 +105,36 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   // The cotangent of the final state (zero when the final state is not used), this tile's rows.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  const auto* dm_final = static_cast<const compute_t*>(params.d_m_final_ptr);
-  const auto* ds_final = static_cast<const compute_t*>(params.d_s_final_ptr);
-  lm::load_state_pair(dm_final, ds_final, state_offset, rows * dk, dm, ds);
-
-  const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
-  auto* dv_out = static_cast<input_t*>(params.dv_ptr);
-  // dQ and dK: final when Dv is one tile, else this tile's slice of the partial sums.
-  const index_t part_offset = index_t(tile) * params.batch * params.seqlen * params.heads * dk;
-  auto* dq_part = static_cast<compute_t*>(workspace.dq_part);
-  auto* dk_part = static_cast<compute_t*>(workspace.dk_part);
-  const auto write_qk_grad = [&](void* final_ptr, compute_t* part, index_t offset, compute_t value) {
-    if (n_tiles == 1) static_cast<input_t*>(final_ptr)[offset] = device::cast<input_t>(value);
-    else part[part_offset + offset] = value;
-  };
-  const int coef_size = linear_memory_coef_size(C);
-  auto* coef_part = static_cast<compute_t*>(workspace.coef_part);
+  lm::load_state_pair(static_cast<const compute_t*>(params.d_m_final_ptr),
+                      static_cast<const compute_t*>(params.d_s_final_ptr), state_offset, rows * dk, dm, ds);
+  auto* cotangents = static_cast<compute_t*>(workspace.chunk_cotangents);
 
   const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
   const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
   const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
-  const auto E = [&](int t, int j) { return err[t * kTileV + j]; };
-  const auto M0 = [&](int j, int d) { return m0[j * dk + d]; };
-  const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
-  // [Z0; Z1]^T for two [rows, Dk] states stacked along the value index: [Dk, 2 rows].
-  const auto stacked_t = [&](const device::SharedPtr<compute_t>& z0, const device::SharedPtr<compute_t>& z1) {
-    return [&, z0, z1](int d, int col) { return col < rows ? z0[col * dk + d] : z1[(col - rows) * dk + d]; };
-  };
-  // Column col of a stacked [C, 2 rows] product lives at col (first half) or kTileV + col - rows.
-  const auto stacked_col = [&](int col) { return col < rows ? col : kTileV + col - rows; };
 
   for (int n = params.n_chunks - 1; n >= 0; --n) {
     const int t0 = n * C;
     const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
 
-    // A. Stage the chunk and its saved start state.
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
     lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
     lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
-    const index_t chunk_offset = ((bh * params.n_chunks + n) * 2) * dv * dk;
-    lm::load_state_pair(chunk_states + chunk_offset, chunk_states + chunk_offset + index_t(dv) * dk,
-                        index_t(v0) * dk, rows * dk, m0, s0);
+    lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
     __syncthreads();
 
-    // A. Recompute the gate tables and E; the products of the carried cotangent and of the
-    //    chunk-start state with K and Q.
     lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
-    lm::for_each_tile(L, rows, [&](int r0, int c0) {
-      acc_t acc[4] = {};
-      lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return M0(j, d); });
-      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-        err[t * kTileV + j] = compute_t(2) * (compute_t(acc[i]) - err[t * kTileV + j]);
-      });
-    });
-    lm::for_each_tile(L, 2 * rows, [&](int r0, int c0) {
-      acc_t acc[4] = {};
-      lm::mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, K, stacked_t(dm, ds));
-      lm::for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
-        xy[t * 2 * kTileV + stacked_col(col)] = compute_t(acc[i]);
-      });
-    });
-    if (token_read) {
-      lm::for_each_tile(L, L, [&](int r0, int c0) {
-        acc_t acc[4] = {};
-        lm::mma_accumulate<Policy>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); });
-        lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
-          gq[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
-        });
-      });
-      lm::for_each_tile(L, 2 * rows, [&](int r0, int c0) {
-        acc_t acc[4] = {};
-        lm::mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, Q, stacked_t(m0, s0));
-        lm::for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
-          qms[t * 2 * kTileV + stacked_col(col)] = compute_t(acc[i]);
-        });
-      });
-    }
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
+    if (token_read) lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+    const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
+    lm::store_state_pair(dm, ds, index_t(v0) * dk, rows * dk, cotangents + chunk_offset,
+                         cotangents + chunk_offset + index_t(dv) * dk);
     __syncthreads();
 
-    // B, C. End-state paths: dE = diag(m) X + diag(s) Y and the row-wise coefficient cotangents
-    //    <e_t, x_t>, <e_t, y_t>; read-out: <dO_t, (Q M0^T)_t>, <dO_t, (Q S0^T)_t> and dW.
-    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
-      const int t = idx / rows, j = idx % rows;
-      d_e[t * kTileV + j] = m_end[t] * xy[t * 2 * kTileV + j] + s_end[t] * xy[t * 2 * kTileV + kTileV + j];
-    }
-    for (int t = tid; t < L; t += blockDim.x) {
-      compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
-      for (int j = 0; j < rows; ++j) {
-        ex += E(t, j) * xy[t * 2 * kTileV + j];
-        ey += E(t, j) * xy[t * 2 * kTileV + kTileV + j];
-        if (token_read) {
-          oqm += dO(t, j) * qms[t * 2 * kTileV + j];
-          oqs += dO(t, j) * qms[t * 2 * kTileV + kTileV + j];
-        }
-      }
-      dc_last[t] = ex, d_s[t] = ey, d_a[t] = oqm, d_g[t] = oqs;
-    }
-    if (token_read) {
-      lm::for_each_tile(L, L, [&](int r0, int c0) {
-        acc_t acc[4] = {};
-        lm::mma_accumulate<Policy>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); });
-        lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
-          dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
-        });
-      });
-    }
-    // Whole-state dot products <dM, M0>, <dM, S0>, <dS, S0> (the barrier of this step).
-    compute_t sums[3] = {};
-    for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
-      sums[0] += dm[idx] * m0[idx];
-      sums[1] += dm[idx] * s0[idx];
-      sums[2] += ds[idx] * s0[idx];
-    }
-    lm::block_sum(sums, scratch);
-
-    // C. This tile's coefficient cotangents: d_c = dW .* G (+ row L-1: <e_i, x_i>), d_a, d_g
-    //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c and W = G .* c in place.
-    compute_t* coef_out = coef_part + (((index_t(tile) * params.batch + b) * params.heads + h) * params.n_chunks + n) *
-                                          coef_size;
-    for (int idx = tid; idx < C * C; idx += blockDim.x) {
-      const int t = idx / C, i = idx % C;
-      compute_t value = 0;
-      if (t < L && i <= t) {
-        if (token_read) {
-          value = dw[idx] * gq[idx];
-          dw[idx] *= c[idx];
-          gq[idx] *= c[idx];
-        }
-        if (t == L - 1) value += dc_last[i];
-      }
-      coef_out[idx] = value;
-    }
-    for (int t = tid; t < C; t += blockDim.x) {
-      const bool last = t == L - 1;
-      coef_out[C * C + t] = t < L ? d_a[t] + (last ? sums[0] : compute_t(0)) : compute_t(0);
-      coef_out[C * C + C + t] = t < L ? d_g[t] + (last ? sums[1] : compute_t(0)) : compute_t(0);
-      coef_out[C * C + 2 * C + t] = t < L ? d_s[t] : compute_t(0);
-    }
-    if (tid == 0) coef_out[C * C + 3 * C] = sums[2];
+    errors_cotangent<Policy, compute_t>(L, rows, C, kTileV, token_read, m_end, s_end, xy, scores, c, dO, d_e);
     __syncthreads();
 
-    // C. dE += W^T dO (token read).
-    if (token_read) {
-      lm::for_each_tile(L, rows, [&](int r0, int c0) {
-        acc_t acc[4] = {};
-        lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return gq[i * C + t]; }, dO);
-        lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { d_e[t * kTileV + j] += compute_t(acc[i]); });
-      });
-      __syncthreads();
-    }
-
-    // D. dV = -2 dE; this tile's parts of
-    //    dQ = dG K + diag(a) dO M0 + diag(g) dO S0              (chunk_start: dO M0)
-    //    dK = diag(m) E dM + diag(s) E dS + dG^T Q + 2 dE M0    (chunk_start: no dG^T Q)
-    for (int idx = tid; idx < L * rows; idx += blockDim.x) {
-      const int t = idx / rows, j = idx % rows;
-      dv_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-          device::cast<input_t>(compute_t(-2) * d_e[t * kTileV + j]);
-    }
-    lm::for_each_tile(L, dk, [&](int r0, int c0) {
-      acc_t r[4] = {}, u[4] = {}, gk[4] = {};
-      lm::mma_accumulate<Policy>(r, r0, c0, L, dk, rows, dO, M0);
-      if (token_read) {
-        lm::mma_accumulate<Policy>(u, r0, c0, L, dk, rows, dO, S0);
-        lm::mma_accumulate<Policy>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K);
-      }
-      lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
-        const compute_t value = token_read ? a[t] * compute_t(r[i]) + g[t] * compute_t(u[i]) + compute_t(gk[i])
-                                           : compute_t(r[i]);
-        write_qk_grad(params.dq_ptr, dq_part,
-                      lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
-      });
-    });
-    lm::for_each_tile(L, dk, [&](int r0, int c0) {
-      acc_t x[4] = {}, y[4] = {}, rest[4] = {};
-      lm::mma_accumulate<Policy>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; });
-      lm::mma_accumulate<Policy>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; });
-      lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, rows,
-                                 [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0);
-      if (token_read)
-        lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q);
-      lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
-        const compute_t value = m_end[t] * compute_t(x[i]) + s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
-        write_qk_grad(params.dk_ptr, dk_part,
-                      lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
-      });
-    });
-    // The dK products read dM and dS, which the next step overwrites.
-    __syncthreads();
-
-    // D, B, C. The cotangent of the chunk-start state, in place (the lane owning (j, d) of both
-    //    products reads the old dM, dS there and writes the new ones):
-    //    dM0 = a_L dM + 2 dE^T K + (diag(a) dO)^T Q ,  dS0 = g_L dM + p dS + (diag(g) dO)^T Q
-    //    (chunk_start read: dM0 = a_L dM + 2 dE^T K + dO^T Q, dS0 = g_L dM + p dS).
+    // The lane owning (j, d) of both products reads the old dM, dS there and writes the new ones.
     const compute_t a_L = a[L - 1], g_L = g[L - 1], p_L = p[0];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
@@ -324,9 +157,231 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     __syncthreads();
   }
 
-  auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
-  auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
-  lm::store_state_pair(dm, ds, state_offset, rows * dk, dm0, ds0);
+  lm::store_state_pair(dm, ds, state_offset, rows * dk, static_cast<compute_t*>(params.dm0_ptr),
+                       static_cast<compute_t*>(params.ds0_ptr));
+}
+
+// Shared memory of the parallel chunk kernel.
+struct LinearMemoryBwdChunkSmem {
+  lm::SmemCarver carver;
+  int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
+  int dm, ds;               // [kTileV, Dk]: the cotangent of the chunk-end state
+  int err;                  // [C, kTileV]: V's tile, then E in place
+  int d_e;                  // [C, kTileV]: dE
+  int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
+  int qms;                  // [C, 2 kTileV]: Q M0^T | Q S0^T (token read)
+  int scores;               // [C, C]: G = Q K^T (causal)
+  int dw;                   // [C, C]: dW = tril(dO E^T), then dG = dW .* c
+  int c;                    // [C, C]: gate table c
+  int a, g, m_end, s_end;   // [C]
+  int theta, eta, beta;     // [C]
+  int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
+  int p;                    // [2]
+  int scratch;              // [3 * warps]: block sums
+  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
+  __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps) {
+    m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
+    dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
+    err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v);
+    xy = carver.compute(chunk * 2 * tile_v), qms = carver.compute(chunk * 2 * tile_v);
+    scores = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
+    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
+    dc_last = carver.compute(chunk);
+    p = carver.compute(2);
+    scratch = carver.compute(2 * ((3 * warps + 1) / 2));  // even, so the input region stays aligned
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+  }
+};
+
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads)
+    linear_memory_bwd_chunk_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
+  using input_t = typename Ktraits::input_t;
+  using compute_t = typename Ktraits::compute_t;
+  using Policy = typename Ktraits::Policy;
+  using acc_t = typename Policy::acc_t;
+  constexpr int kTileV = Ktraits::kTileV;
+  constexpr int kWarps = Ktraits::kNThreads / device::kWarpSize;
+
+  const int tid = threadIdx.x;
+  const int dk = params.dk, dv = params.dv, C = params.chunk_size;
+  const int n_tiles = (dv + kTileV - 1) / kTileV;
+  const lm::ChunkTileBlock block(n_tiles);
+  const int n = block.n, tile = block.tile, v0 = tile * kTileV, h = blockIdx.y, b = blockIdx.z;
+  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
+  const int t0 = n * C;
+  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const bool token_read = params.read_token;
+
+  const LinearMemoryBwdChunkSmem layout(dk, C, kTileV, kWarps);
+  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const auto m0 = smem.compute(layout.m0);
+  const auto s0 = smem.compute(layout.s0);
+  const auto dm = smem.compute(layout.dm);
+  const auto ds = smem.compute(layout.ds);
+  const auto err = smem.compute(layout.err);
+  const auto d_e = smem.compute(layout.d_e);
+  const auto xy = smem.compute(layout.xy);
+  const auto qms = smem.compute(layout.qms);
+  const auto scores = smem.compute(layout.scores);
+  const auto dw = smem.compute(layout.dw);
+  const auto c = smem.compute(layout.c);
+  const auto a = smem.compute(layout.a);
+  const auto g = smem.compute(layout.g);
+  const auto m_end = smem.compute(layout.m_end);
+  const auto s_end = smem.compute(layout.s_end);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  const auto d_a = smem.compute(layout.d_a);
+  const auto d_g = smem.compute(layout.d_g);
+  const auto d_s = smem.compute(layout.d_s);
+  const auto dc_last = smem.compute(layout.dc_last);
+  const auto p = smem.compute(layout.p);
+  const auto scratch = smem.compute(layout.scratch);
+  const auto q_s = smem.input(layout.q);
+  const auto k_s = smem.input(layout.k);
+  const auto do_s = smem.input(layout.d_o);
+
+  auto* dv_out = static_cast<input_t*>(params.dv_ptr);
+  // dQ and dK: final when Dv is one tile, else this tile's slice of the partial sums.
+  const index_t part_offset = index_t(tile) * params.batch * params.seqlen * params.heads * dk;
+  auto* dq_part = static_cast<compute_t*>(workspace.dq_part);
+  auto* dk_part = static_cast<compute_t*>(workspace.dk_part);
+  const auto write_qk_grad = [&](void* final_ptr, compute_t* part, index_t offset, compute_t value) {
+    if (n_tiles == 1) static_cast<input_t*>(final_ptr)[offset] = device::cast<input_t>(value);
+    else part[part_offset + offset] = value;
+  };
+
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
+  const auto E = [&](int t, int j) { return err[t * kTileV + j]; };
+  const auto M0 = [&](int j, int d) { return m0[j * dk + d]; };
+  const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
+
+  // A. Stage the chunk, its saved start state and the cotangent of its end state.
+  lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
+  const index_t bh = index_t(b) * params.heads + h;
+  const index_t chunk_offset = lm::chunk_state_offset(params, bh, n) + index_t(v0) * dk;
+  const index_t s_offset = chunk_offset + index_t(dv) * dk;
+  const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
+  const auto* cotangents = static_cast<const compute_t*>(workspace.chunk_cotangents);
+  lm::load_state_pair(chunk_states + chunk_offset, chunk_states + s_offset, 0, rows * dk, m0, s0);
+  lm::load_state_pair(cotangents + chunk_offset, cotangents + s_offset, 0, rows * dk, dm, ds);
+  __syncthreads();
+
+  // A. Recompute the gate tables and E; the products of the cotangent and of the chunk-start
+  //    state with K and Q.
+  lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
+  lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m0, err);
+  lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
+  if (token_read) {
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms);
+  }
+  __syncthreads();
+
+  // B, C. dE, the row-wise coefficient cotangents <e_t, x_t>, <e_t, y_t>, <dO_t, (Q M0^T)_t>,
+  //    <dO_t, (Q S0^T)_t> and dW.
+  errors_cotangent<Policy, compute_t>(L, rows, C, kTileV, token_read, m_end, s_end, xy, scores, c, dO, d_e);
+  for (int t = tid; t < L; t += blockDim.x) {
+    compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
+    for (int j = 0; j < rows; ++j) {
+      ex += E(t, j) * xy[t * 2 * kTileV + j];
+      ey += E(t, j) * xy[t * 2 * kTileV + kTileV + j];
+      if (token_read) {
+        oqm += dO(t, j) * qms[t * 2 * kTileV + j];
+        oqs += dO(t, j) * qms[t * 2 * kTileV + kTileV + j];
+      }
+    }
+    dc_last[t] = ex, d_s[t] = ey, d_a[t] = oqm, d_g[t] = oqs;
+  }
+  if (token_read) {
+    lm::for_each_tile(L, L, [&](int r0, int c0) {
+      acc_t acc[4] = {};
+      lm::mma_accumulate<Policy>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); });
+      lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
+        dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
+      });
+    });
+  }
+  // Whole-state dot products <dM, M0>, <dM, S0>, <dS, S0> (the barrier of this step).
+  compute_t sums[3] = {};
+  for (int idx = tid; idx < rows * dk; idx += blockDim.x) {
+    sums[0] += dm[idx] * m0[idx];
+    sums[1] += dm[idx] * s0[idx];
+    sums[2] += ds[idx] * s0[idx];
+  }
+  lm::block_sum(sums, scratch);
+
+  // C. This tile's coefficient cotangents: d_c = dW .* G (+ row L-1: <e_i, x_i>), d_a, d_g
+  //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c in place.
+  const int coef_size = linear_memory_coef_size(C);
+  compute_t* coef_out = static_cast<compute_t*>(workspace.coef_part) +
+                        (((index_t(tile) * params.batch + b) * params.heads + h) * params.n_chunks + n) * coef_size;
+  for (int idx = tid; idx < C * C; idx += blockDim.x) {
+    const int t = idx / C, i = idx % C;
+    compute_t value = 0;
+    if (t < L && i <= t) {
+      if (token_read) {
+        value = dw[idx] * scores[idx];
+        dw[idx] *= c[idx];
+      }
+      if (t == L - 1) value += dc_last[i];
+    }
+    coef_out[idx] = value;
+  }
+  for (int t = tid; t < C; t += blockDim.x) {
+    const bool last = t == L - 1;
+    coef_out[C * C + t] = t < L ? d_a[t] + (last ? sums[0] : compute_t(0)) : compute_t(0);
+    coef_out[C * C + C + t] = t < L ? d_g[t] + (last ? sums[1] : compute_t(0)) : compute_t(0);
+    coef_out[C * C + 2 * C + t] = t < L ? d_s[t] : compute_t(0);
+  }
+  if (tid == 0) coef_out[C * C + 3 * C] = sums[2];
+  __syncthreads();
+
+  // D. dV = -2 dE; this tile's parts of
+  //    dQ = dG K + diag(a) dO M0 + diag(g) dO S0              (chunk_start: dO M0)
+  //    dK = diag(m) E dM + diag(s) E dS + dG^T Q + 2 dE M0    (chunk_start: no dG^T Q)
+  for (int idx = tid; idx < L * rows; idx += blockDim.x) {
+    const int t = idx / rows, j = idx % rows;
+    dv_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+        device::cast<input_t>(compute_t(-2) * d_e[t * kTileV + j]);
+  }
+  lm::for_each_tile(L, dk, [&](int r0, int c0) {
+    acc_t r[4] = {}, u[4] = {}, gk[4] = {};
+    lm::mma_accumulate<Policy>(r, r0, c0, L, dk, rows, dO, M0);
+    if (token_read) {
+      lm::mma_accumulate<Policy>(u, r0, c0, L, dk, rows, dO, S0);
+      lm::mma_accumulate<Policy>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K);
+    }
+    lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+      const compute_t value = token_read ? a[t] * compute_t(r[i]) + g[t] * compute_t(u[i]) + compute_t(gk[i])
+                                         : compute_t(r[i]);
+      write_qk_grad(params.dq_ptr, dq_part,
+                    lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+    });
+  });
+  lm::for_each_tile(L, dk, [&](int r0, int c0) {
+    acc_t x[4] = {}, y[4] = {}, rest[4] = {};
+    lm::mma_accumulate<Policy>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; });
+    lm::mma_accumulate<Policy>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; });
+    lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, rows,
+                               [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0);
+    if (token_read)
+      lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q);
+    lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+      const compute_t value = m_end[t] * compute_t(x[i]) + s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
+      write_qk_grad(params.dk_ptr, dk_part,
+                    lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+    });
+  });
 }
 
 // Shared memory of the gate kernel.
@@ -487,38 +542,49 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
 }
 
-int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  return static_cast<int>(lm::dispatch(
-      input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
-        using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
-        using compute_t = typename Ktraits::compute_t;
-        using input_t = typename Ktraits::input_t;
-        const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
-        const LinearMemoryBwdSmem layout(params.dk, params.chunk_size, Ktraits::kTileV,
-                                         Ktraits::kNThreads / device::kWarpSize);
-        device::Error err = device::launch("linear_memory_bwd_reverse", linear_memory_bwd_reverse_kernel<Ktraits>,
-                                           dim3(n_tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                                           layout.carver.bytes<compute_t, input_t>(), stream, params, workspace);
-        if (err != device::kSuccess || params.n_chunks == 0) return err;
-        const LinearMemoryGatesSmem gates_layout(params.chunk_size);
-        return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
-                              dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                              gates_layout.carver.bytes<compute_t, input_t>(), stream, params, workspace, n_tiles);
-      }));
-}
-
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
+// Host side: calls f(Ktraits, smem bytes of the state, chunk and gate kernels) for the runtime
+// input type.
+template <class F>
+auto linear_memory_bwd_dispatch(const LinearMemoryParams& params, InputType input_type, const F& f) {
   return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
     using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
     using compute_t = typename Ktraits::compute_t;
     using input_t = typename Ktraits::input_t;
-    const size_t reverse = LinearMemoryBwdSmem(params.dk, params.chunk_size, Ktraits::kTileV,
-                                               Ktraits::kNThreads / device::kWarpSize)
-                               .carver.bytes<compute_t, input_t>();
-    const size_t gates = LinearMemoryGatesSmem(params.chunk_size).carver.bytes<compute_t, input_t>();
-    return reverse > gates ? reverse : gates;
+    const int dk = params.dk, C = params.chunk_size;
+    return f(Ktraits{}, LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
+             LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)
+                 .carver.bytes<compute_t, input_t>(),
+             LinearMemoryGatesSmem(C).carver.bytes<compute_t, input_t>());
+  });
+}
+
+int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
+                             InputType input_type, CUstream_st* stream) {
+  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
+  return static_cast<int>(linear_memory_bwd_dispatch(
+      params, input_type, [&](auto ktraits, size_t state_smem, size_t chunk_smem, size_t gates_smem) {
+        using Ktraits = decltype(ktraits);
+        const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
+        const dim3 threads(Ktraits::kNThreads);
+        device::Error err = device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
+                                           dim3(n_tiles, params.heads, params.batch), threads, state_smem, stream,
+                                           params, workspace);
+        if (err != device::kSuccess || params.n_chunks == 0) return err;
+        err = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>,
+                             dim3(params.n_chunks * n_tiles, params.heads, params.batch), threads, chunk_smem, stream,
+                             params, workspace);
+        if (err != device::kSuccess) return err;
+        return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
+                              dim3(params.n_chunks, params.heads, params.batch), threads, gates_smem, stream, params,
+                              workspace, n_tiles);
+      }));
+}
+
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
+  return linear_memory_bwd_dispatch(params, input_type, [](auto, size_t state_smem, size_t chunk_smem,
+                                                           size_t gates_smem) {
+    const size_t largest = state_smem > chunk_smem ? state_smem : chunk_smem;
+    return largest > gates_smem ? largest : gates_smem;
   });
 }
 

@@ -8,14 +8,18 @@
 namespace titans {
 
 // Scratch the backward needs beside its outputs, in the compute dtype (fp32; fp64 for fp64
-// inputs). The reverse pass runs per value tile; dQ, dK and the gate-coefficient cotangents are
-// sums over Dv, so each tile writes its partial sums and a second kernel adds them in tile order
+// inputs).
+//   chunk_cotangents: [B, H, n_chunks, 2, Dv, Dk], the cotangent (dM, dS) of each chunk's end
+//                     state, written by the reverse pass for the parallel chunk kernel.
+// The chunk kernel runs per value tile; dQ, dK and the gate-coefficient cotangents are sums over
+// Dv, so each tile writes its partial sums and the gate kernel adds them in tile order
 // (deterministic, no atomics).
-//   dq_part, dk_part: [value_tiles, B, T, H, Dk]; only when value_tiles > 1 (else the reverse
-//                     pass writes dq, dk directly);
+//   dq_part, dk_part: [value_tiles, B, T, H, Dk]; only when value_tiles > 1 (else the chunk
+//                     kernel writes dq, dk directly);
 //   coef_part:        [value_tiles, B, H, n_chunks, coef_size] with coef_size = C * C + 3 C + 1
 //                     (d_c lower triangle, d_a, d_g, d_s, d_p of each chunk).
 struct LinearMemoryBwdWorkspace {
+  void* chunk_cotangents = nullptr;
   void* dq_part = nullptr;
   void* dk_part = nullptr;
   void* coef_part = nullptr;
@@ -23,8 +27,9 @@ struct LinearMemoryBwdWorkspace {
 
 struct LinearMemoryBwdWorkspaceSizes {
   int value_tiles;
-  int64_t dqk_part;   // elements of dq_part and of dk_part each (0 when value_tiles == 1)
-  int64_t coef_part;  // elements of coef_part
+  int64_t chunk_cotangents;  // elements of chunk_cotangents
+  int64_t dqk_part;          // elements of dq_part and of dk_part each (0 when value_tiles == 1)
+  int64_t coef_part;         // elements of coef_part
 };
 
 // constexpr: the kernels call it too (nvcc --expt-relaxed-constexpr).
@@ -34,7 +39,7 @@ inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const Lin
   const int tile = linear_memory_value_tile(p.dk, type);
   const int tiles = (p.dv + tile - 1) / tile;
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  return {tiles, tiles > 1 ? tiles * tokens * p.dk : 0,
+  return {tiles, int64_t(p.batch) * p.heads * p.n_chunks * 2 * p.dv * p.dk, tiles > 1 ? tiles * tokens * p.dk : 0,
           int64_t(tiles) * p.batch * p.heads * p.n_chunks * linear_memory_coef_size(p.chunk_size)};
 }
 
