@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (issue 6): at most 550 s of step limits, usually far less:
+# One prepared run for a lent GPU (issue 6): at most 540 s of step limits, usually far less:
 #   1. installs the carried peer wheels from .whl/ (bench/fetch_gpu_wheels.sh, run beforehand here);
 #   2. builds titans_ext in place against the machine's torch, CUDA kernels for sm_90a;
-#   3. the CUDA tests and the emulation tests of the kernels;
+#   3. the CUDA tests (CI runs the emulated ones);
 #   4. compute-sanitizer memcheck and racecheck on a small forward + backward case
 #      (bench/gpu_sanitize_case.py);
-#   5. the benchmark (bench/gpu.py): fwd+bwd against fla, titans-pytorch and SDPA.
+#   5. the kernel-by-kernel profile (bench/gpu_profile.py);
+#   6. the benchmark (bench/gpu.py): fwd+bwd against fla, titans-pytorch and SDPA.
 # Logs and results go to $OUT (the device tool's output folder; bench/results/gpu_check otherwise).
 # A short summary is printed last. Device tool call (from the checkout's root):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -49,19 +50,18 @@ if ! step build 150 bash -c setup; then
   exit 1
 fi
 step tests_cuda 110 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_linear_memory_cuda.py
-step tests_emu 50 "$PY" -m pytest -q -p no:cacheprovider -n 8 python_tests/test_linear_memory_emulated_bwd.py \
-  python_tests/test_linear_memory_emulated.py
 sanitize() {
   local rc=0 tool
   for tool in memcheck racecheck; do
     echo "--- compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 --kernel-name kns=linear_memory "$PY" -m bench.gpu_sanitize_case \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.gpu_sanitize_case \
       || rc=1
   done
   return $rc
 }
 export -f sanitize
 step sanitizer 90 bash -c sanitize
+step profile 40 "$PY" -m bench.gpu_profile --out "$OUT/profile.md"
 step bench 150 "$PY" -m bench.gpu --out "$OUT/gpu.md"
 
 echo
@@ -70,4 +70,5 @@ head -n 3 "$OUT/build.log"
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | tail -n 4
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log"
+[[ -f "$OUT/profile.md" ]] && cat "$OUT/profile.md"
 [[ -f "$OUT/gpu.md" ]] && cat "$OUT/gpu.md"
