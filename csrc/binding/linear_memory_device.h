@@ -42,8 +42,9 @@ inline void check_shared_memory(const char* op, size_t bytes, int64_t chunk_size
               kCudaMaxSharedBytes, " of an H100 block; use a smaller chunk_size (or fp32 inputs)");
 }
 
-// Validates, allocates the outputs and calls launch(params, input_type). The kernel reads q, k, v
-// in their own dtype (o is written in it) and gates and states in the compute dtype.
+// Validates, allocates the outputs and the workspace, and calls launch(params, workspace,
+// input_type). The kernel reads q, k, v in their own dtype (o is written in it) and gates and
+// states in the compute dtype.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_device(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
@@ -62,7 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_dev
   check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type), chunk_size, q);
   // The chunk-start states are written in every case: the output kernel reads them.
   const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), true);
-  launch(params, type);
+  const auto gate_rows = at::empty({linear_memory_gate_rows_elems(params)}, q.options().dtype(dtype));
+  LinearMemoryFwdWorkspace workspace;
+  workspace.gate_rows = gate_rows.data_ptr();
+  launch(params, workspace, type);
   return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : at::empty({0}, out.m_final.options())};
 }
 
@@ -114,8 +118,12 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, type);
   const auto dq_part = at::empty({sizes.dqk_part}, opts), dk_part = at::empty({sizes.dqk_part}, opts);
   const auto coef_part = at::empty({sizes.coef_part}, opts);
+  const auto gate_rows = at::empty({sizes.gate_rows}, opts);
+  const auto errors_local = at::empty({sizes.errors_local}, opts);
   const auto chunk_cotangents = at::empty({sizes.chunk_cotangents}, opts);
   LinearMemoryBwdWorkspace workspace;
+  workspace.gate_rows = gate_rows.data_ptr();
+  workspace.errors_local = errors_local.data_ptr();
   workspace.chunk_cotangents = chunk_cotangents.data_ptr();
   workspace.dq_part = dq_part.data_ptr();
   workspace.dk_part = dk_part.data_ptr();

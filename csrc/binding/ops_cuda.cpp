@@ -28,9 +28,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cud
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  [&](const LinearMemoryParams& params, InputType type) {
+                                  [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
+                                      InputType type) {
                                     C10_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, type, stream)));
+                                        linear_memory_fwd_launch(params, workspace, type, stream)));
                                   });
 }
 

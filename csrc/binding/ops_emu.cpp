@@ -147,9 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
     int64_t chunk_size, bool read_token, bool save_states) {
   TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  [](const LinearMemoryParams& params, InputType type) {
-                                    linear_memory_fwd_launch(params, type, nullptr);
-                                  });
+                                  [](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
+                                     InputType type) { linear_memory_fwd_launch(params, workspace, type, nullptr); });
 }
 
 LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -2,18 +2,22 @@
 // this exact source in CI. Included by exactly one TU per build. Formulas: backward_linear.md
 // §1 (steps A-E), §2 (gate gradients), §3 (reverse pass, Dv split).
 //
-// The forward's decomposition, mirrored (kernels.md §1.2, §6.1): a reverse sequential pass that
-// does only what carries the state cotangent from chunk to chunk, then everything else in parallel.
+// The forward's decomposition, mirrored (kernels.md §1.2, §6.1): the reverse sequential pass does
+// only what carries the state cotangent from chunk to chunk; everything else runs in parallel
+// before it (what does not depend on the cotangent) or after it.
+// 0. linear_memory_gate_rows (linear_memory_common.cuh) and linear_memory_bwd_local_kernel, in
+//    parallel over chunks: the gate rows the reverse pass needs, and U = (Q K^T .* c)^T dO, the
+//    read-out's share of dE (token read), one block per (chunk, value tile, head, batch).
 // 1. linear_memory_bwd_state_kernel, one block per (value tile, head, batch), walks the chunks in
 //    reverse carrying this tile's rows of the cotangent (dM, dS) of the chunk-end state in shared
 //    memory (the transposed chunk map multiplies on the right, so value tiles are independent).
 //    Per chunk it writes the carried (dM, dS) for kernel 2 and steps it to the chunk start:
-//      dE  = diag(m) K dM^T + diag(s) K dS^T + (Q K^T .* c)^T dO          (the last term: token read)
+//      dE  = diag(m) K dM^T + diag(s) K dS^T + U
 //      dM0 = a_L dM + 2 dE^T K + (diag(a) dO)^T Q ,  dS0 = g_L dM + p dS + (diag(g) dO)^T Q
-//    (chunk_start read: dM0 = a_L dM + 2 dE^T K + dO^T Q, dS0 = g_L dM + p dS). Neither M0 nor E
-//    is needed on this path.
-// 2. linear_memory_bwd_chunk_kernel, one block per (chunk, value tile, head, batch), all in
-//    parallel: from the saved chunk-start state and the carried cotangent it produces everything
+//    (chunk_start read: U = 0, dM0 = a_L dM + 2 dE^T K + dO^T Q, dS0 = g_L dM + p dS). Neither
+//    M0 nor E is needed on this path.
+// 2. linear_memory_bwd_chunk_kernel, one block per (chunk, value tile, head, batch), in parallel:
+//    from the saved chunk-start state and the carried cotangent it produces everything
 //    value-local exactly (dV) and the value tile's partial sums of what contracts over Dv (dQ, dK
 //    and the gate-coefficient cotangents d_c, d_a, d_g, d_s, d_p).
 // 3. linear_memory_bwd_gates_kernel, one block per (chunk, head, batch), adds the tiles' partial
@@ -29,19 +33,100 @@
 
 namespace titans {
 
-// dE = diag(m) X + diag(s) Y (+ (G .* c)^T dO, token read) for the block's value tile, from
-// X | Y = K [dM; dS]^T (xy, [L, 2 tile_v]) and the causal scores G.
-template <class Policy, typename T, class DOp, class Ptr>
-__device__ __forceinline__ void errors_cotangent(int L, int rows, int C, int tile_v, bool token_read,
-                                                 const Ptr& m_end, const Ptr& s_end, const Ptr& xy,
-                                                 const Ptr& scores, const Ptr& c, const DOp& dO, const Ptr& d_e) {
+// dE = diag(m) X + diag(s) Y + U for the block's value tile, from X | Y = K [dM; dS]^T (xy,
+// [L, 2 tile_v]) and U = (Q K^T .* c)^T dO (token read; zero for the chunk_start read).
+template <typename T, class Ptr>
+__device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bool token_read, const Ptr& m_end,
+                                                 const Ptr& s_end, const Ptr& xy, const Ptr& u, const Ptr& d_e) {
+  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
+    const int t = idx / rows, j = idx % rows;
+    d_e[t * tile_v + j] = m_end[t] * xy[t * 2 * tile_v + j] + s_end[t] * xy[t * 2 * tile_v + tile_v + j] +
+                          (token_read ? u[t * tile_v + j] : T(0));
+  }
+}
+
+// Stages the block's value tile of U ([B, T, H, Dv], compute dtype) for tokens t0..t0+L-1.
+template <typename T, class Ptr>
+__device__ __forceinline__ void stage_local_errors(const LinearMemoryParams& params, const void* u, int b, int h,
+                                                   int t0, int L, int v0, int rows, int tile_v, const Ptr& dst) {
+  const T* src = static_cast<const T*>(u);
+  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
+    const int t = idx / rows, j = idx % rows;
+    dst[t * tile_v + j] = src[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, params.dv) + v0 + j];
+  }
+}
+
+// Shared memory of the kernel of the read-out's share of dE.
+struct LinearMemoryBwdLocalSmem {
+  lm::SmemCarver carver;
+  int scores, c;            // [C, C]: G = Q K^T (causal) and the gate table c
+  int a, g, m_end, s_end;   // [C]
+  int theta, eta, beta;     // [C]
+  int p;                    // [1]
+  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
+  __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk, int tile_v) {
+    scores = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
+    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    p = carver.compute(1);
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+  }
+};
+
+// U = (Q K^T .* c)^T dO, the part of dE that the read-out contributes (token read), which does not
+// depend on the carried cotangent: computed in parallel before the reverse pass, which then only
+// adds it.
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads)
+    linear_memory_bwd_local_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
+  using input_t = typename Ktraits::input_t;
+  using compute_t = typename Ktraits::compute_t;
+  using Policy = typename Ktraits::Policy;
+  constexpr int kTileV = Ktraits::kTileV;
+
+  const int dk = params.dk, dv = params.dv, C = params.chunk_size;
+  const lm::ChunkTileBlock block((dv + kTileV - 1) / kTileV);
+  const int n = block.n, v0 = block.tile * kTileV, h = blockIdx.y, b = blockIdx.z;
+  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
+  const int t0 = n * C;
+  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+
+  const LinearMemoryBwdLocalSmem layout(dk, C, kTileV);
+  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const auto scores = smem.compute(layout.scores);
+  const auto c = smem.compute(layout.c);
+  const auto a = smem.compute(layout.a);
+  const auto g = smem.compute(layout.g);
+  const auto m_end = smem.compute(layout.m_end);
+  const auto s_end = smem.compute(layout.s_end);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  const auto p = smem.compute(layout.p);
+  const auto q_s = smem.input(layout.q);
+  const auto k_s = smem.input(layout.k);
+  const auto do_s = smem.input(layout.d_o);
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
+
+  lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  __syncthreads();
+
+  lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
+  lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+  __syncthreads();
+
+  auto* u = static_cast<compute_t*>(workspace.errors_local);
   lm::for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    if (token_read)
-      lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return scores[i * C + t] * c[i * C + t]; },
-                                 dO);
-    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-      d_e[t * tile_v + j] = m_end[t] * xy[t * 2 * tile_v + j] + s_end[t] * xy[t * 2 * tile_v + tile_v + j] + T(acc[i]);
+    lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return scores[i * C + t] * c[i * C + t]; },
+                               dO);
+    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
+      u[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
     });
   });
 }
@@ -51,19 +136,15 @@ struct LinearMemoryBwdStateSmem {
   lm::SmemCarver carver;
   int dm, ds;               // [kTileV, Dk]: the carried cotangent
   int d_e;                  // [C, kTileV]
+  int u;                    // [C, kTileV]: the read-out's share of dE (token read)
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
-  int scores, c;            // [C, C]: G = Q K^T (causal) and the gate table c
-  int a, g, m_end, s_end;   // [C]
-  int theta, eta, beta;     // [C]
-  int p;                    // [2]
+  int gate_rows;            // [linear_memory_gate_rows_size(C)]
   int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
   __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk, int tile_v) {
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
-    d_e = carver.compute(chunk * tile_v), xy = carver.compute(chunk * 2 * tile_v);
-    scores = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
-    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    p = carver.compute(2);
+    d_e = carver.compute(chunk * tile_v), u = carver.compute(chunk * tile_v);
+    xy = carver.compute(chunk * 2 * tile_v);
+    gate_rows = carver.compute(linear_memory_gate_rows_size(chunk));
     q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
   }
 };
@@ -87,17 +168,10 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto dm = smem.compute(layout.dm);
   const auto ds = smem.compute(layout.ds);
   const auto d_e = smem.compute(layout.d_e);
+  const auto u = smem.compute(layout.u);
   const auto xy = smem.compute(layout.xy);
-  const auto scores = smem.compute(layout.scores);
-  const auto c = smem.compute(layout.c);
-  const auto a = smem.compute(layout.a);
-  const auto g = smem.compute(layout.g);
-  const auto m_end = smem.compute(layout.m_end);
-  const auto s_end = smem.compute(layout.s_end);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
-  const auto p = smem.compute(layout.p);
+  const auto gate_rows = smem.compute(layout.gate_rows);
+  const lm::GateRows<decltype(gate_rows)> gates(gate_rows, C);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
@@ -120,29 +194,28 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
     lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
     lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-    lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+    if (token_read) stage_local_errors<compute_t>(params, workspace.errors_local, b, h, t0, L, v0, rows, kTileV, u);
+    lm::load_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows);
     __syncthreads();
 
-    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
     lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
-    if (token_read) lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
     lm::store_state_pair(dm, ds, index_t(v0) * dk, rows * dk, cotangents + chunk_offset,
                          cotangents + chunk_offset + index_t(dv) * dk);
     __syncthreads();
 
-    errors_cotangent<Policy, compute_t>(L, rows, C, kTileV, token_read, m_end, s_end, xy, scores, c, dO, d_e);
+    errors_cotangent<compute_t>(L, rows, kTileV, token_read, gates.m_end, gates.s_end, xy, u, d_e);
     __syncthreads();
 
     // The lane owning (j, d) of both products reads the old dM, dS there and writes the new ones.
-    const compute_t a_L = a[L - 1], g_L = g[L - 1], p_L = p[0];
+    const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
       lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; },
                                  K);
       if (token_read) {
-        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return a[t] * dO(t, j); }, Q);
-        lm::mma_accumulate<Policy>(as, r0, c0, rows, dk, L, [&](int j, int t) { return g[t] * dO(t, j); }, Q);
+        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return gates.a[t] * dO(t, j); }, Q);
+        lm::mma_accumulate<Policy>(as, r0, c0, rows, dk, L, [&](int j, int t) { return gates.g[t] * dO(t, j); }, Q);
       } else {
         lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO(t, j); }, Q);
       }
@@ -168,6 +241,7 @@ struct LinearMemoryBwdChunkSmem {
   int dm, ds;               // [kTileV, Dk]: the cotangent of the chunk-end state
   int err;                  // [C, kTileV]: V's tile, then E in place
   int d_e;                  // [C, kTileV]: dE
+  int u;                    // [C, kTileV]: the read-out's share of dE (token read)
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
   int qms;                  // [C, 2 kTileV]: Q M0^T | Q S0^T (token read)
   int scores;               // [C, C]: G = Q K^T (causal)
@@ -176,21 +250,21 @@ struct LinearMemoryBwdChunkSmem {
   int a, g, m_end, s_end;   // [C]
   int theta, eta, beta;     // [C]
   int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
-  int p;                    // [2]
+  int p;                    // [1]
   int scratch;              // [3 * warps]: block sums
   int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
   __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps) {
     m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
-    err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v);
+    err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v), u = carver.compute(chunk * tile_v);
     xy = carver.compute(chunk * 2 * tile_v), qms = carver.compute(chunk * 2 * tile_v);
     scores = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
     a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
     d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
     dc_last = carver.compute(chunk);
-    p = carver.compute(2);
-    scratch = carver.compute(2 * ((3 * warps + 1) / 2));  // even, so the input region stays aligned
+    p = carver.compute(1);
+    scratch = carver.compute(3 * warps);
     q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
   }
 };
@@ -223,6 +297,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto ds = smem.compute(layout.ds);
   const auto err = smem.compute(layout.err);
   const auto d_e = smem.compute(layout.d_e);
+  const auto u = smem.compute(layout.u);
   const auto xy = smem.compute(layout.xy);
   const auto qms = smem.compute(layout.qms);
   const auto scores = smem.compute(layout.scores);
@@ -267,6 +342,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
   lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
   lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
+  if (token_read) stage_local_errors<compute_t>(params, workspace.errors_local, b, h, t0, L, v0, rows, kTileV, u);
   const index_t bh = index_t(b) * params.heads + h;
   const index_t chunk_offset = lm::chunk_state_offset(params, bh, n) + index_t(v0) * dk;
   const index_t s_offset = chunk_offset + index_t(dv) * dk;
@@ -289,7 +365,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
   // B, C. dE, the row-wise coefficient cotangents <e_t, x_t>, <e_t, y_t>, <dO_t, (Q M0^T)_t>,
   //    <dO_t, (Q S0^T)_t> and dW.
-  errors_cotangent<Policy, compute_t>(L, rows, C, kTileV, token_read, m_end, s_end, xy, scores, c, dO, d_e);
+  errors_cotangent<compute_t>(L, rows, kTileV, token_read, m_end, s_end, xy, u, d_e);
   for (int t = tid; t < L; t += blockDim.x) {
     compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
     for (int j = 0; j < rows; ++j) {
@@ -393,14 +469,14 @@ struct LinearMemoryGatesSmem {
   int a, g, P;              // [C]
   int theta, eta, beta;     // [C]
   int prod_a, prod_gb, prod_ge;  // [C]: the a and g columns' products
-  int d_p;                  // [2]
+  int d_p;                  // [1]
   __host__ __device__ explicit LinearMemoryGatesSmem(int chunk) {
     d_c = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk), sig = carver.compute(chunk * chunk);
     d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
     a = carver.compute(chunk), g = carver.compute(chunk), P = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
     prod_a = carver.compute(chunk), prod_gb = carver.compute(chunk), prod_ge = carver.compute(chunk);
-    d_p = carver.compute(2);
+    d_p = carver.compute(1);
   }
 };
 
@@ -542,8 +618,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
 }
 
-// Host side: calls f(Ktraits, smem bytes of the state, chunk and gate kernels) for the runtime
-// input type.
+// Host side: calls f(Ktraits, smem bytes of the local, state, chunk and gate kernels) for the
+// runtime input type.
 template <class F>
 auto linear_memory_bwd_dispatch(const LinearMemoryParams& params, InputType input_type, const F& f) {
   return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
@@ -551,7 +627,8 @@ auto linear_memory_bwd_dispatch(const LinearMemoryParams& params, InputType inpu
     using compute_t = typename Ktraits::compute_t;
     using input_t = typename Ktraits::input_t;
     const int dk = params.dk, C = params.chunk_size;
-    return f(Ktraits{}, LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
+    return f(Ktraits{}, LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
+             LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
              LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)
                  .carver.bytes<compute_t, input_t>(),
              LinearMemoryGatesSmem(C).carver.bytes<compute_t, input_t>());
@@ -562,17 +639,25 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
                              InputType input_type, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   return static_cast<int>(linear_memory_bwd_dispatch(
-      params, input_type, [&](auto ktraits, size_t state_smem, size_t chunk_smem, size_t gates_smem) {
+      params, input_type,
+      [&](auto ktraits, size_t local_smem, size_t state_smem, size_t chunk_smem, size_t gates_smem) {
         using Ktraits = decltype(ktraits);
         const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
         const dim3 threads(Ktraits::kNThreads);
-        device::Error err = device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
-                                           dim3(n_tiles, params.heads, params.batch), threads, state_smem, stream,
-                                           params, workspace);
+        const dim3 chunk_tiles(params.n_chunks * n_tiles, params.heads, params.batch);
+        device::Error err = device::kSuccess;
+        if (params.n_chunks > 0) {
+          err = lm::launch_gate_rows<Ktraits>(params, workspace.gate_rows, stream);
+          if (err == device::kSuccess && params.read_token)
+            err = device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles,
+                                 threads, local_smem, stream, params, workspace);
+          if (err != device::kSuccess) return err;
+        }
+        err = device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
+                             dim3(n_tiles, params.heads, params.batch), threads, state_smem, stream, params, workspace);
         if (err != device::kSuccess || params.n_chunks == 0) return err;
-        err = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>,
-                             dim3(params.n_chunks * n_tiles, params.heads, params.batch), threads, chunk_smem, stream,
-                             params, workspace);
+        err = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles, threads,
+                             chunk_smem, stream, params, workspace);
         if (err != device::kSuccess) return err;
         return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
                               dim3(params.n_chunks, params.heads, params.batch), threads, gates_smem, stream, params,
@@ -581,10 +666,11 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
 }
 
 size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
-  return linear_memory_bwd_dispatch(params, input_type, [](auto, size_t state_smem, size_t chunk_smem,
-                                                           size_t gates_smem) {
-    const size_t largest = state_smem > chunk_smem ? state_smem : chunk_smem;
-    return largest > gates_smem ? largest : gates_smem;
+  return linear_memory_bwd_dispatch(params, input_type, [](auto, size_t local_smem, size_t state_smem,
+                                                           size_t chunk_smem, size_t gates_smem) {
+    size_t largest = local_smem;
+    for (const size_t bytes : {state_smem, chunk_smem, gates_smem}) largest = bytes > largest ? bytes : largest;
+    return largest;
   });
 }
 

@@ -9,6 +9,9 @@ namespace titans {
 
 // Scratch the backward needs beside its outputs, in the compute dtype (fp32; fp64 for fp64
 // inputs).
+//   gate_rows:        [B, H, n_chunks, linear_memory_gate_rows_size(C)], as in the forward;
+//   errors_local:     [B, T, H, Dv], U = (Q K^T .* c)^T dO per chunk, the read-out's share of dE
+//                     (token read only);
 //   chunk_cotangents: [B, H, n_chunks, 2, Dv, Dk], the cotangent (dM, dS) of each chunk's end
 //                     state, written by the reverse pass for the parallel chunk kernel.
 // The chunk kernel runs per value tile; dQ, dK and the gate-coefficient cotangents are sums over
@@ -19,6 +22,8 @@ namespace titans {
 //   coef_part:        [value_tiles, B, H, n_chunks, coef_size] with coef_size = C * C + 3 C + 1
 //                     (d_c lower triangle, d_a, d_g, d_s, d_p of each chunk).
 struct LinearMemoryBwdWorkspace {
+  void* gate_rows = nullptr;
+  void* errors_local = nullptr;
   void* chunk_cotangents = nullptr;
   void* dq_part = nullptr;
   void* dk_part = nullptr;
@@ -27,6 +32,8 @@ struct LinearMemoryBwdWorkspace {
 
 struct LinearMemoryBwdWorkspaceSizes {
   int value_tiles;
+  int64_t gate_rows;         // elements of gate_rows
+  int64_t errors_local;      // elements of errors_local (0 for the chunk_start read)
   int64_t chunk_cotangents;  // elements of chunk_cotangents
   int64_t dqk_part;          // elements of dq_part and of dk_part each (0 when value_tiles == 1)
   int64_t coef_part;         // elements of coef_part
@@ -39,7 +46,8 @@ inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const Lin
   const int tile = linear_memory_value_tile(p.dk, type);
   const int tiles = (p.dv + tile - 1) / tile;
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  return {tiles, int64_t(p.batch) * p.heads * p.n_chunks * 2 * p.dv * p.dk, tiles > 1 ? tiles * tokens * p.dk : 0,
+  return {tiles, linear_memory_gate_rows_elems(p), p.read_token ? tokens * p.dv : 0,
+          int64_t(p.batch) * p.heads * p.n_chunks * 2 * p.dv * p.dk, tiles > 1 ? tiles * tokens * p.dk : 0,
           int64_t(tiles) * p.batch * p.heads * p.n_chunks * linear_memory_coef_size(p.chunk_size)};
 }
 

@@ -208,19 +208,21 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
   }
 }
 
-// The chunk-end row of the gate tables alone (what the sequential passes need): m_end[i] =
-// c[L-1][i] and s_end[i] = sigma of column i at row L-1, ends = {a[L-1], g[L-1], p}.
+// The gate rows of a chunk (layout at linear_memory_gate_rows_size) as views into one array.
+template <class Ptr>
+struct GateRows {
+  Ptr m_end, s_end, a, g, ends;  // ends: a_L, g_L, p
+  __device__ GateRows(const Ptr& rows, int C) : m_end(rows), s_end(rows + C), a(rows + 2 * C), g(rows + 3 * C),
+                                                ends(rows + 4 * C) {}
+};
+
+// dst[0 .. gate_rows_size) = chunk n's gate rows.
 template <typename T, class Ptr>
-__device__ __forceinline__ void chunk_gate_end_rows(int L, const Ptr& theta, const Ptr& eta, const Ptr& beta,
-                                                    const Ptr& m_end, const Ptr& s_end, const Ptr& ends) {
-  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
-    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
-      if (t != L - 1) return;
-      if (col < L) m_end[col] = mu, s_end[col] = sigma;
-      else if (col == L) ends[0] = mu;
-      else ends[1] = mu, ends[2] = sigma;
-    });
-  }
+__device__ __forceinline__ void load_gate_rows(const void* gate_rows, const LinearMemoryParams& p, index_t bh, int n,
+                                               const Ptr& dst) {
+  const int size = linear_memory_gate_rows_size(p.chunk_size);
+  const T* src = static_cast<const T*>(gate_rows) + (bh * p.n_chunks + n) * size;
+  for (int i = threadIdx.x; i < size; i += blockDim.x) dst[i] = src[i];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,17 +288,20 @@ __device__ __forceinline__ void block_sum(T (&values)[N], const Scratch& scratch
 
 // Carves the dynamic shared memory into arrays of compute_t followed by arrays of input_t (the
 // staged q, k, v, dO tiles keep their own, often narrower, dtype). Offsets are in elements of
-// each type; the same code runs on the host (to size the launch) and on the device.
+// each type; the same code runs on the host (to size the launch) and on the device. Every array
+// starts 16-byte aligned (compute_t has at least 4 bytes, input_t at least 2), as 16-byte
+// vector accesses and cp.async need.
 struct SmemCarver {
+  static constexpr int kComputeAlign = 4, kInputAlign = 8;  // elements
   int compute_elems = 0, input_elems = 0;
   __host__ __device__ int compute(int n) {
     const int at = compute_elems;
-    compute_elems += n;
+    compute_elems += (n + kComputeAlign - 1) / kComputeAlign * kComputeAlign;
     return at;
   }
   __host__ __device__ int input(int n) {
     const int at = input_elems;
-    input_elems += n;
+    input_elems += (n + kInputAlign - 1) / kInputAlign * kInputAlign;
     return at;
   }
   template <typename compute_t, typename input_t>
@@ -314,7 +319,7 @@ __device__ __forceinline__ device::SharedPtr<T> dynamic_shared() {
 }
 
 // Pointers for a carve-up: compute_t arrays at the start, input_t arrays after them. compute_t is
-// a multiple of input_t in size for every dtype pair used, so the input region stays aligned.
+// a multiple of input_t in size for every dtype pair used.
 template <typename compute_t, typename input_t>
 struct SmemBase {
   static_assert(sizeof(compute_t) % sizeof(input_t) == 0, "input arrays must stay aligned");
@@ -379,17 +384,24 @@ __device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, in
   }
 }
 
-// Stages the gates and the value tile [v0, v0 + rows) of V (converted to compute_t, row stride
-// tile_v) of tokens t0..t0+L-1.
+// Stages the value tile [v0, v0 + rows) of V (converted to compute_t, row stride tile_v) of
+// tokens t0..t0+L-1.
 template <typename input_t, typename compute_t, class Ptr>
-__device__ __forceinline__ void stage_gates_and_values(const LinearMemoryParams& params, int b, int h, int t0, int L,
-                                                       int v0, int rows, int tile_v, const Ptr& theta,
-                                                       const Ptr& eta, const Ptr& beta, const Ptr& values) {
+__device__ __forceinline__ void stage_values(const LinearMemoryParams& params, int b, int h, int t0, int L, int v0,
+                                             int rows, int tile_v, const Ptr& values) {
   const auto* v_in = static_cast<const input_t*>(params.v.ptr);
   for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
     const int t = idx / rows, r = idx % rows;
     values[t * tile_v + r] = device::cast<compute_t>(v_in[token_offset(params.v, b, t0 + t, h) + v0 + r]);
   }
+}
+
+// Stages the gates and the value tile of tokens t0..t0+L-1.
+template <typename input_t, typename compute_t, class Ptr>
+__device__ __forceinline__ void stage_gates_and_values(const LinearMemoryParams& params, int b, int h, int t0, int L,
+                                                       int v0, int rows, int tile_v, const Ptr& theta,
+                                                       const Ptr& eta, const Ptr& beta, const Ptr& values) {
+  stage_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, tile_v, values);
   stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
 }
 
@@ -411,6 +423,59 @@ __device__ __forceinline__ void store_state_pair(const Ptr& src0, const Ptr& src
     dst0[offset + i] = src0[i];
     dst1[offset + i] = src1[i];
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gate-rows kernel (parallel over chunks; it runs before both sequential passes)
+
+// Shared memory: the chunk's theta, eta, beta.
+struct GateRowsSmem {
+  SmemCarver carver;
+  int theta, eta, beta;  // [C]
+  __host__ __device__ explicit GateRowsSmem(int chunk) {
+    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+  }
+};
+
+// One block per (chunk, head, batch), one thread per column of the chunk's gate recurrence.
+template <typename Ktraits>
+__global__ void __launch_bounds__(Ktraits::kNThreads) gate_rows_kernel(LinearMemoryParams params, void* gate_rows) {
+  using compute_t = typename Ktraits::compute_t;
+  const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = params.chunk_size, t0 = n * C;
+  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const GateRowsSmem layout(C);
+  const SmemBase<compute_t, typename Ktraits::input_t> smem(layout.carver);
+  const auto theta = smem.compute(layout.theta);
+  const auto eta = smem.compute(layout.eta);
+  const auto beta = smem.compute(layout.beta);
+  stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  __syncthreads();
+
+  const index_t bh = index_t(b) * params.heads + h;
+  compute_t* out = static_cast<compute_t*>(gate_rows) + (bh * params.n_chunks + n) * linear_memory_gate_rows_size(C);
+  const GateRows<compute_t*> rows(out, C);
+  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
+    gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
+      if (col < L) {
+        if (t == L - 1) rows.m_end[col] = mu, rows.s_end[col] = sigma;
+      } else if (col == L) {
+        rows.a[t] = mu;
+        if (t == L - 1) rows.ends[0] = mu;
+      } else {
+        rows.g[t] = mu;
+        if (t == L - 1) rows.ends[1] = mu, rows.ends[2] = sigma;
+      }
+    });
+  }
+}
+
+template <typename Ktraits>
+device::Error launch_gate_rows(const LinearMemoryParams& params, void* gate_rows, CUstream_st* stream) {
+  return device::launch("linear_memory_gate_rows", gate_rows_kernel<Ktraits>,
+                        dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
+                        GateRowsSmem(params.chunk_size)
+                            .carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>(),
+                        stream, params, gate_rows);
 }
 
 }  // namespace lm

@@ -4,11 +4,13 @@
 // The decomposition of shared/design README §2 (kernels.md §1.2, §6.1): only the chunk-to-chunk
 // step is sequential, so it gets a kernel of its own that does nothing else, and the outputs,
 // which need only each chunk's start state, are computed in parallel afterwards.
+// 0. linear_memory_gate_rows (linear_memory_common.cuh), parallel over chunks, writes the rows of
+//    the gate tables that kernel 1 needs, so that no gate recurrence sits on its chain.
 // 1. linear_memory_fwd_state_kernel, one block per (value tile, head, batch), walks the chunks in
 //    order keeping its kTileV rows of M and S in shared memory (value tiles never communicate:
 //    row j of M and S evolves from row j of E only). Per chunk of L tokens:
 //      E = 2 (K M0^T - V)                                     errors at the chunk-start memory
-//      m = c[L-1], s, a_L, g_L, p                             chunk-end gate rows
+//      m = c[L-1], s, a_L, g_L, p                             chunk-end gate rows (kernel 0)
 //      M_L = a_L M0 + g_L S0 + E^T diag(m) K ,  S_L = p S0 + E^T diag(s) K
 //    and it writes every chunk-start state (M0, S0): the output kernel and the backward read them.
 // 2. linear_memory_fwd_output_kernel, one block per (chunk, value tile, head, batch), all in
@@ -28,22 +30,19 @@ struct LinearMemoryFwdStateSmem {
   lm::SmemCarver carver;
   int m, s;                 // [kTileV, Dk]: the block's rows of M and S
   int err;                  // [C, kTileV]: V's tile, then E in place
-  int m_end, s_end;         // [C]
-  int theta, eta, beta;     // [C]: the chunk's gates, beta = 1 - alpha
-  int ends;                 // [4]: a_L, g_L, p (and one to keep the input region aligned)
+  int gate_rows;            // [linear_memory_gate_rows_size(C)]
   int k;                    // input region, [C, Dk]: the chunk's keys
   __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk, int tile_v) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
-    m_end = carver.compute(chunk), s_end = carver.compute(chunk);
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    ends = carver.compute(4);
+    gate_rows = carver.compute(linear_memory_gate_rows_size(chunk));
     k = carver.input(chunk * dk);
   }
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_state_kernel(LinearMemoryParams params) {
+__global__ void __launch_bounds__(Ktraits::kNThreads)
+    linear_memory_fwd_state_kernel(LinearMemoryParams params, LinearMemoryFwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
@@ -59,12 +58,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_state_ke
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
-  const auto m_end = smem.compute(layout.m_end);
-  const auto s_end = smem.compute(layout.s_end);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
-  const auto ends = smem.compute(layout.ends);
+  const auto gate_rows = smem.compute(layout.gate_rows);
+  const lm::GateRows<decltype(gate_rows)> gates(gate_rows, C);
   const auto k_s = smem.input(layout.k);
 
   // This block's rows [v0, v0 + rows) of the contiguous [B, H, Dv, Dk] states.
@@ -80,10 +75,10 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_state_ke
     const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
 
     lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
+    lm::stage_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, err);
+    lm::load_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows);
     __syncthreads();
 
-    lm::chunk_gate_end_rows<compute_t>(L, theta, eta, beta, m_end, s_end, ends);
     lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m, err);
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
     lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
@@ -91,13 +86,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_state_ke
     __syncthreads();
 
     // The lane owning (j, d) of both products updates M and S there.
-    const compute_t a_L = ends[0], g_L = ends[1], p_L = ends[2];
+    const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t em[4] = {}, es[4] = {};
-      lm::mma_accumulate<Policy>(em, r0, c0, rows, dk, L, [&](int j, int t) { return m_end[t] * err[t * kTileV + j]; },
-                                 K);
-      lm::mma_accumulate<Policy>(es, r0, c0, rows, dk, L, [&](int j, int t) { return s_end[t] * err[t * kTileV + j]; },
-                                 K);
+      lm::mma_accumulate<Policy>(em, r0, c0, rows, dk, L,
+                                 [&](int j, int t) { return gates.m_end[t] * err[t * kTileV + j]; }, K);
+      lm::mma_accumulate<Policy>(es, r0, c0, rows, dk, L,
+                                 [&](int j, int t) { return gates.s_end[t] * err[t * kTileV + j]; }, K);
       lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t m_old = m[idx], s_old = s[idx];
@@ -121,7 +116,7 @@ struct LinearMemoryFwdOutputSmem {
   int scores, coef;         // [C, C]: G = Q K^T (causal) and the gate table c
   int a, g, m_end, s_end;   // [C]
   int theta, eta, beta;     // [C]
-  int p;                    // [2]
+  int p;                    // [1]
   int q, k;                 // input region, [C, Dk]
   __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
@@ -129,7 +124,7 @@ struct LinearMemoryFwdOutputSmem {
     scores = carver.compute(chunk * chunk), coef = carver.compute(chunk * chunk);
     a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    p = carver.compute(2);
+    p = carver.compute(1);
     q = carver.input(chunk * dk), k = carver.input(chunk * dk);
   }
 };
@@ -228,16 +223,19 @@ auto linear_memory_fwd_dispatch(const LinearMemoryParams& params, InputType inpu
   });
 }
 
-int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream) {
+int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
+                             InputType input_type, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   return static_cast<int>(
       linear_memory_fwd_dispatch(params, input_type, [&](auto ktraits, size_t state_smem, size_t output_smem) {
         using Ktraits = decltype(ktraits);
         const int tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
-        const device::Error err =
-            device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
-                           dim3(tiles, params.heads, params.batch), dim3(Ktraits::kNThreads), state_smem, stream,
-                           params);
+        device::Error err = params.n_chunks == 0 ? device::kSuccess
+                                                 : lm::launch_gate_rows<Ktraits>(params, workspace.gate_rows, stream);
+        if (err != device::kSuccess) return err;
+        err = device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
+                             dim3(tiles, params.heads, params.batch), dim3(Ktraits::kNThreads), state_smem, stream,
+                             params, workspace);
         if (err != device::kSuccess || params.n_chunks == 0) return err;
         return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
                               dim3(params.n_chunks * tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),

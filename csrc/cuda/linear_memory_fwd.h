@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "titans_params.h"
 
@@ -28,11 +29,28 @@ inline int linear_memory_value_tile(int dk, InputType type) {
   return dk <= 64 && type != InputType::kFloat64 ? 32 : 16;
 }
 
+// What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
+// a parallel kernel before them so that no gate recurrence sits on their chain: per chunk, in the
+// compute dtype, m_end [C] | s_end [C] | a [C] | g [C] | a_L, g_L, p (and one pad, so that every
+// chunk's rows start 16-byte aligned).
+constexpr int linear_memory_gate_rows_size(int chunk) { return 4 * chunk + 4; }
+
+// Scratch of the forward, in the compute dtype:
+//   gate_rows: [B, H, n_chunks, linear_memory_gate_rows_size(C)].
+struct LinearMemoryFwdWorkspace {
+  void* gate_rows = nullptr;
+};
+
+inline int64_t linear_memory_gate_rows_elems(const LinearMemoryParams& p) {
+  return int64_t(p.batch) * p.heads * p.n_chunks * linear_memory_gate_rows_size(p.chunk_size);
+}
+
 // Fills o, m_final, s_final and chunk_states of `params`; chunk_states ([B, H, n_chunks, 2, Dv,
 // Dk], compute dtype) is required: the output kernel reads the chunk-start states from it. Returns
 // the launch's cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a
 // kernel error.
-int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, CUstream_st* stream);
+int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
+                             InputType input_type, CUstream_st* stream);
 
 // Dynamic shared memory of the forward's largest block (the binding checks it against kCudaMaxSharedBytes).
 size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
