@@ -175,6 +175,111 @@ def test_mma_matches_a_plain_matmul(kind):
     assert (d.double() - (a.double() @ b.double() + c.double())).abs().max() > 1e-4
 
 
+# --- ldmatrix -------------------------------------------------------------------------------------
+
+LDMATRIX_TILE = 512  # 16-bit elements of the self-test's shared tile
+
+
+def _ldmatrix_expected(tile, row_offsets, matrices, trans):
+    """Lane l's registers, from the PTX ISA section on ldmatrix: lanes 8i..8i+7 address rows
+    0..7 of matrix i; register i of lane l holds (row l // 4, columns 2 (l % 4) + 0, 1) of
+    matrix i, or with .trans (rows 2 (l % 4) + 0, 1, column l // 4); lower element in the low half."""
+    bits = tile.long() & 0xFFFF
+    out = torch.empty(32, matrices, dtype=torch.int64)
+    for lane in range(32):
+        for i in range(matrices):
+            pair = [2 * (lane % 4), 2 * (lane % 4) + 1]
+            cells = [(r, lane // 4) for r in pair] if trans else [(lane // 4, c) for c in pair]
+            lo, hi = (bits[row_offsets[8 * i + row] + col] for row, col in cells)
+            out[lane, i] = lo | hi << 16
+    return out
+
+
+def _ldmatrix_inputs(matrices):
+    g = torch.Generator().manual_seed(matrices)
+    tile = (torch.randperm(1 << 16, generator=g)[:LDMATRIX_TILE] - (1 << 15)).to(torch.int16)  # distinct
+    # Distinct 16-byte aligned rows in a scrambled order; the lanes that supply no row (x1: 8-31,
+    # x2: 16-31) pass the end of the tile, which holds no row: their addresses must be ignored.
+    row_offsets = torch.full((32,), LDMATRIX_TILE, dtype=torch.int32)
+    row_offsets[:8 * matrices] = 8 * torch.randperm(LDMATRIX_TILE // 8, generator=g)[:8 * matrices]
+    return tile, row_offsets
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("matrices", [1, 2, 4])
+def test_ldmatrix_matches_the_ptx_layout(matrices, trans):
+    tile, row_offsets = _ldmatrix_inputs(matrices)
+    registers = emu.ldmatrix(tile, row_offsets, matrices, trans)
+    assert torch.equal(registers.long() & 0xFFFFFFFF, _ldmatrix_expected(tile, row_offsets, matrices, trans))
+
+
+@pytest.mark.parametrize("lane, offset, message", [
+    (3, 4, r"thread \(3, 0, 0\): ldmatrix row address tile\[4\] is not 16-byte aligned"),
+    (9, LDMATRIX_TILE, r"thread \(9, 0, 0\): shared memory out of bounds: tile\[519\], valid indices 0..511"),
+])
+def test_ldmatrix_bad_row_address_is_reported(lane, offset, message):
+    tile, row_offsets = _ldmatrix_inputs(2)
+    row_offsets[lane] = offset
+    with pytest.raises(RuntimeError, match=r"kernel 'ldmatrix_x2', block \(0, 0, 0\), " + message):
+        emu.ldmatrix(tile, row_offsets, 2, False)
+
+
+def test_ldmatrix_fragments_feed_the_mma():
+    # A [16, 16] row-major through ldmatrix_x4 and B [16, 8] row-major through ldmatrix_x2_trans
+    # must give mma.m16n8k16 exactly the fragments of test_mma_matches_a_plain_matmul.
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g)
+    d = emu.ldmatrix_mma_bf16(a, b)
+    expected = a.bfloat16().double() @ b.bfloat16().double()
+    assert (d.double() - expected).abs().max() < 1e-5 * (1 + expected.abs().max())
+
+
+# --- cp.async --------------------------------------------------------------------------------------
+
+CP_ASYNC_CHUNK = 256
+
+
+@pytest.mark.parametrize("seed", [-1, 3])
+@pytest.mark.parametrize("bytes_per_copy", [4, 8, 16])
+def test_cp_async_double_buffered_pipeline(bytes_per_copy, seed):
+    emu.set_schedule(seed)
+    x = torch.randn(3 * CP_ASYNC_CHUNK)
+    out = emu.cp_async_pipeline(x, bytes_per_copy, True)
+    assert torch.equal(out, x.view(3, CP_ASYNC_CHUNK).flip(1).flatten())
+
+
+def test_missing_cp_async_wait_reads_shared_memory_before_the_copies_land():
+    x = torch.randn(3 * CP_ASYNC_CHUNK)
+    # The copies are performed only by the drain after the loop, so every read in the loop sees
+    # the fresh block's shared memory (0xff bytes: NaN) instead of x.
+    assert torch.isnan(emu.cp_async_pipeline(x, 16, False)).all()
+
+
+@pytest.mark.parametrize("src_offset, dst_offset", [(0, 0), (4, 4)])
+def test_cp_async_lands_at_the_wait(src_offset, dst_offset):
+    x = torch.randn(128 + src_offset)
+    assert torch.equal(emu.cp_async_one_group(x, src_offset, dst_offset, True, True), x[src_offset:])
+
+
+@pytest.mark.parametrize("src_offset, dst_offset, message", [
+    (1, 0, r"cp.async source \(global memory\) is not 16-byte aligned"),
+    (0, 2, r"cp.async destination stage\[2\] is not 16-byte aligned"),
+])
+def test_cp_async_misaligned_address_is_reported(src_offset, dst_offset, message):
+    x = torch.randn(128 + src_offset)
+    with pytest.raises(RuntimeError, match=r"kernel 'cp_async_one_group', block \(0, 0, 0\), thread \(0, 0, 0\): "
+                                           + message):
+        emu.cp_async_one_group(x, src_offset, dst_offset, True, True)
+
+
+# Without the wait the copy is never performed; without the commit cp.async.wait_group does not
+# cover it (it waits for committed groups only).
+@pytest.mark.parametrize("commit, wait", [(True, False), (False, True)], ids=["no-wait", "no-commit"])
+def test_cp_async_not_waited_for_at_exit_is_reported(commit, wait):
+    with pytest.raises(RuntimeError, match=r"thread \(0, 0, 0\): exited with cp.async copies not waited for \(1;"):
+        emu.cp_async_one_group(torch.randn(128), 0, 0, commit, wait)
+
+
 # --- bf16 / fp16 conversions --------------------------------------------------------------------
 
 def _conversion_inputs():

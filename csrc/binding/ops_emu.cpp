@@ -128,6 +128,52 @@ at::Tensor mma_fragment_layout(const std::string& kind, const std::string& opera
       at::from_blob(table, {32, elements, 2}, at::TensorOptions().dtype(at::kInt)));
 }
 
+at::Tensor ldmatrix(const at::Tensor& tile, const at::Tensor& row_offsets, int64_t matrices, bool trans) {
+  TORCH_CHECK(tile.device().is_cpu() && tile.scalar_type() == at::kShort &&
+                  tile.numel() == selftest::kLdmatrixTileElems,
+              "tile must be an int16 CPU tensor of ", selftest::kLdmatrixTileElems, " elements (16-bit patterns)");
+  TORCH_CHECK(row_offsets.device().is_cpu() && row_offsets.scalar_type() == at::kInt && row_offsets.numel() == 32,
+              "row_offsets must be an int32 CPU tensor of 32 elements");
+  TORCH_CHECK(matrices == 1 || matrices == 2 || matrices == 4, "matrices must be 1, 2 or 4");
+  const auto tile_c = tile.contiguous(), offsets_c = row_offsets.contiguous();
+  TORCH_CHECK(offsets_c.min().item<int>() >= 0 && offsets_c.max().item<int>() <= selftest::kLdmatrixTileElems,
+              "row_offsets must point into the tile");
+  auto out = at::empty({32, matrices}, offsets_c.options());
+  selftest::ldmatrix(static_cast<const uint16_t*>(tile_c.data_ptr()), offsets_c.data_ptr<int32_t>(), int(matrices),
+                     trans, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), nullptr);
+  return out;
+}
+
+at::Tensor ldmatrix_mma_bf16(const at::Tensor& a, const at::Tensor& b) {
+  const auto a_c = checked_float(a, "a"), b_c = checked_float(b, "b");
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 16}) && b.sizes() == at::IntArrayRef({16, 8}),
+              "expected a [16, 16], b [16, 8]");
+  auto d = at::empty({16, 8}, a_c.options());
+  selftest::ldmatrix_mma_bf16(a_c.data_ptr<float>(), b_c.data_ptr<float>(), d.data_ptr<float>(), nullptr);
+  return d;
+}
+
+at::Tensor cp_async_pipeline(const at::Tensor& x, int64_t bytes, bool with_wait) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() > 0 && x.numel() % selftest::kCpAsyncChunk == 0, "x must hold whole chunks of ",
+              selftest::kCpAsyncChunk);
+  TORCH_CHECK(bytes == 4 || bytes == 8 || bytes == 16, "bytes must be 4, 8 or 16");
+  auto out = at::empty_like(x_c);
+  selftest::cp_async_pipeline(x_c.data_ptr<float>(), out.data_ptr<float>(), int(x.numel() / selftest::kCpAsyncChunk),
+                              int(bytes), with_wait, nullptr);
+  return out;
+}
+
+at::Tensor cp_async_one_group(const at::Tensor& x, int64_t src_offset, int64_t dst_offset, bool commit, bool wait) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(src_offset >= 0 && x.numel() == 128 + src_offset, "x must hold 128 + src_offset floats");
+  TORCH_CHECK(dst_offset >= 0 && dst_offset <= 4, "dst_offset must be in 0..4");
+  auto out = at::empty({128}, x_c.options());
+  selftest::cp_async_one_group(x_c.data_ptr<float>(), out.data_ptr<float>(), int(src_offset), int(dst_offset), commit,
+                               wait, nullptr);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be bfloat16 or float16");
   const auto x_c = checked_float(x, "x");
@@ -177,6 +223,11 @@ TORCH_LIBRARY(titans_emu, m) {
   m.def("atomics(Tensor values, int bins) -> (Tensor histogram, Tensor sum, Tensor max)", &atomics);
   m.def("mma(str kind, Tensor a, Tensor b, Tensor c) -> Tensor", &mma);
   m.def("mma_fragment_layout(str kind, str operand) -> Tensor", &mma_fragment_layout);
+  m.def("ldmatrix(Tensor tile, Tensor row_offsets, int matrices, bool trans) -> Tensor", &ldmatrix);
+  m.def("ldmatrix_mma_bf16(Tensor a, Tensor b) -> Tensor", &ldmatrix_mma_bf16);
+  m.def("cp_async_pipeline(Tensor x, int bytes, bool with_wait) -> Tensor", &cp_async_pipeline);
+  m.def("cp_async_one_group(Tensor x, int src_offset, int dst_offset, bool commit, bool wait) -> Tensor",
+        &cp_async_one_group);
   m.def("half_round_trip(Tensor x, ScalarType dtype) -> (Tensor narrow, Tensor back)", &half_round_trip);
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "

@@ -9,8 +9,10 @@
 #include <cstdint>
 #include <utility>
 
-// Shared memory is declared through the layer so that the emulation can bounds-check it.
-#define TITANS_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+// Shared memory is declared through the layer so that the emulation can bounds-check it. Arrays
+// start on 16 bytes, as in the emulation, so ldmatrix rows and 16-byte cp.async copies can be
+// aligned (alignof(T) alone gives a bf16 array 2 bytes).
+#define TITANS_SHARED_ARRAY(T, name, n) __shared__ __align__(16) T name[n]
 #define TITANS_DYNAMIC_SHARED(T, name)                                         \
   extern __shared__ __align__(16) unsigned char titans_dynamic_shared_bytes[]; \
   T* name = reinterpret_cast<T*>(titans_dynamic_shared_bytes)
@@ -35,6 +37,12 @@ __device__ __forceinline__ float bf16_to_float(bf16 x) { return __bfloat162float
 __device__ __forceinline__ float fp16_to_float(fp16 x) { return __half2float(x); }
 __device__ __forceinline__ uint16_t bits_of(bf16 x) { return __bfloat16_as_ushort(x); }
 __device__ __forceinline__ uint16_t bits_of(fp16 x) { return __half_as_ushort(x); }
+
+// The 32-bit .shared address of a generic pointer into shared memory, as the PTX shared-memory
+// instructions (ldmatrix, cp.async) take it.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 
 // fp32 -> tf32 (round to nearest, ties away from zero), kept in a 32-bit register for the MMA.
 __device__ __forceinline__ uint32_t float_to_tf32_rna(float x) {

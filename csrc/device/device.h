@@ -2,8 +2,8 @@
 //
 // Kernels are plain CUDA C++ (threadIdx, __syncthreads, __shfl_xor_sync, atomicAdd, ...) plus a
 // few names of this layer: TITANS_SHARED_ARRAY / TITANS_DYNAMIC_SHARED for shared memory,
-// device::launch, the MMA wrappers (mma.h) and the bf16/fp16 helpers. The same source compiles
-// two ways:
+// device::launch, the MMA wrappers (mma.h), ldmatrix (ldmatrix.h), cp.async (cp_async.h) and
+// the bf16/fp16 helpers. The same source compiles two ways:
 //   - nvcc (__CUDACC__): cuda.h maps everything straight to CUDA, at no cost;
 //   - the host compiler: emu/emu.h maps it to the CPU SIMT emulation, which runs every block's
 //     threads as fibers with real barrier, warp-collective and bounds-checked shared memory
@@ -19,4 +19,6 @@
 #endif
 
 #include "device/common.h"
+#include "device/cp_async.h"
+#include "device/ldmatrix.h"
 #include "device/mma.h"

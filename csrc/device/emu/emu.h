@@ -53,11 +53,21 @@ class SharedPtr {
     if (n < 0 || n > size_) out_of_bounds(n);
     return SharedPtr(base_ + n, size_ - n, name_, offset_ + n);
   }
+  // The address of elements [0, count), bounds-checked once, for the wrappers that move whole
+  // rows or vectors as raw bytes (ldmatrix, cp.async).
+  T* span(std::ptrdiff_t count) const {
+    if (count > size_) out_of_bounds(count - 1);
+    return base_;
+  }
+  // "name[index]" of element i, for error messages.
+  std::string element_name(std::ptrdiff_t i) const {
+    return std::string(name_) + "[" + std::to_string(offset_ + i) + "]";
+  }
 
  private:
   [[noreturn]] void out_of_bounds(std::ptrdiff_t i) const {
-    emu::fail("shared memory out of bounds: " + std::string(name_) + "[" + std::to_string(offset_ + i) +
-              "], valid indices 0.." + std::to_string(offset_ + size_ - 1));
+    emu::fail("shared memory out of bounds: " + element_name(i) + ", valid indices 0.." +
+              std::to_string(offset_ + size_ - 1));
   }
   T* base_;
   std::ptrdiff_t size_;
@@ -84,6 +94,13 @@ T shuffle(unsigned mask, T value, int src_lane) {
   T out;
   std::memcpy(&out, slots + src_lane * kWarpSlotBytes, sizeof(T));
   return out;
+}
+
+// Shared memory is 16-byte aligned in the emulation as on the GPU (runtime.cpp), so host
+// addresses have the alignment that the instruction's shared or global address would have.
+inline void require_aligned(const void* address, size_t alignment, const std::string& what) {
+  if (reinterpret_cast<uintptr_t>(address) % alignment != 0)
+    fail(what + " is not " + std::to_string(alignment) + "-byte aligned");
 }
 
 inline int segment_start(int width) {

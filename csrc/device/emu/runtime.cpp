@@ -127,6 +127,9 @@ constexpr size_t kMaxSharedBytes = 227 * 1024;
 // Fresh shared memory is filled with 0xff bytes (a NaN as float, -1 as int), so a read before
 // any write in the block shows up instead of reading the previous block's values.
 constexpr unsigned char kSharedPoison = 0xff;
+// The block's shared memory is one heap buffer; ldmatrix and cp.async check their shared
+// addresses' alignment on the host address, so the buffer must be as aligned as the GPU's.
+static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "operator new must return 16-byte aligned memory");
 
 std::atomic<int64_t> g_schedule_seed{-1};
 
@@ -155,6 +158,12 @@ class Stack {
 
 enum class FiberState { kRunnable, kAtBlockBarrier, kAtWarpSync, kDone };
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
 struct Fiber {
   ThreadContext thread;
   Context context;
@@ -162,6 +171,16 @@ struct Fiber {
   const char* barrier_file = nullptr;  // where it waits at __syncthreads
   int barrier_line = 0;
   unsigned warp_mask = 0;  // the mask it waits with at a warp collective
+  // Its cp.async copies not yet performed: those issued since the last commit, and the
+  // committed groups, oldest first.
+  std::vector<AsyncCopy> uncommitted_copies;
+  std::vector<std::vector<AsyncCopy>> copy_groups;
+
+  size_t pending_copies() const {
+    size_t n = uncommitted_copies.size();
+    for (const std::vector<AsyncCopy>& group : copy_groups) n += group.size();
+    return n;
+  }
 };
 
 struct Warp {
@@ -342,6 +361,9 @@ void Block::after_switch(Fiber& f) {
       if (w.arrived != 0 && ((w.mask >> f.thread.lane) & 1u))
         error(f, "exited while its warp waits for it at a warp collective (mask 0x" +
                      [&] { std::ostringstream s; s << std::hex << w.mask; return s.str(); }() + ")");
+      if (const size_t pending = f.pending_copies())
+        error(f, "exited with cp.async copies not waited for (" + std::to_string(pending) +
+                     "; commit them, then cp_async_wait<0>())");
       break;
     }
     case FiberState::kAtBlockBarrier:
@@ -453,6 +475,27 @@ const unsigned char* warp_exchange(unsigned mask, const void* value, size_t byte
   std::memcpy(w.slots[parity][block.fiber().thread.lane], value, bytes);
   block.wait_at_warp(mask);
   return &w.slots[parity][0][0];
+}
+
+void async_copy(void* dst, const void* src, size_t bytes) {
+  Block::current().fiber().uncommitted_copies.push_back({dst, src, bytes});
+}
+
+void async_commit() {
+  Fiber& f = Block::current().fiber();
+  f.copy_groups.push_back(std::move(f.uncommitted_copies));
+  f.uncommitted_copies.clear();
+}
+
+void async_wait(int pending_groups) {
+  Fiber& f = Block::current().fiber();
+  const size_t pending = static_cast<size_t>(pending_groups);
+  if (f.copy_groups.size() <= pending) return;
+  const auto landed = f.copy_groups.end() - static_cast<std::ptrdiff_t>(pending);
+  // The source is read only now, the latest moment the GPU may read it.
+  for (auto group = f.copy_groups.begin(); group != landed; ++group)
+    for (const AsyncCopy& copy : *group) std::memcpy(copy.dst, copy.src, copy.bytes);
+  f.copy_groups.erase(f.copy_groups.begin(), landed);
 }
 
 void fail(const std::string& what) { throw std::runtime_error(what); }

@@ -57,6 +57,15 @@ void sync_warp(unsigned mask);
 // collective.
 constexpr size_t kWarpSlotBytes = 64;
 const unsigned char* warp_exchange(unsigned mask, const void* value, size_t bytes);
+// cp.async, per thread as on the GPU: async_copy queues a copy without performing it;
+// async_commit closes the queued copies into a group (an empty group if none), and
+// async_wait(n) performs the copies of every committed group but the newest n. Copies not yet
+// committed are not waited for (PTX cp.async.wait_group). A thread that exits with copies
+// still queued is reported as an error: on the GPU nothing would order them with any read of
+// their destination, so they are a missing commit or wait.
+void async_copy(void* dst, const void* src, size_t bytes);
+void async_commit();
+void async_wait(int pending_groups);
 // Raises an error for the current thread (an exception that the launch rethrows as KernelError).
 [[noreturn]] void fail(const std::string& what);
 // Shared memory of the current block: a static array (one per declaration site, the same

@@ -34,6 +34,25 @@ int atomics(const int32_t* values, int n, int32_t* histogram, int bins, float* s
 // One warp: D = A B + C with A [16, K] and B [K, 8] row-major fp32 (rounded to the MMA's input
 // type while the fragments are built lane by lane), C and D [16, 8] fp32.
 int mma(MmaKind kind, const float* a, const float* b, const float* c, float* d, CUstream_st* stream);
+// One warp: lane l passes row address tile + row_offsets[l] (in elements) of a shared copy of the
+// kLdmatrixTileElems 16-bit elements of `tile` to ldmatrix .x`matrices` (1, 2 or 4), .trans if
+// `trans`; out[l * matrices + i] = its register i.
+constexpr int kLdmatrixTileElems = 512;
+int ldmatrix(const uint16_t* tile, const int32_t* row_offsets, int matrices, bool trans, uint32_t* out,
+             CUstream_st* stream);
+// One warp: D = A B with A [16, 16] and B [16, 8] row-major fp32, stored as bf16 in shared memory
+// and loaded with ldmatrix_x4 (A) and ldmatrix_x2_trans (B); D [16, 8] fp32.
+int ldmatrix_mma_bf16(const float* a, const float* b, float* d, CUstream_st* stream);
+// One block streams x [chunks * kCpAsyncChunk] through two shared buffers with cp.async copies of
+// `bytes` (4, 8 or 16) each, loading chunk c + 1 while it reads chunk c; out = each chunk
+// reversed. Without the wait<1> in the loop no copy has landed when the block reads.
+constexpr int kCpAsyncChunk = 256;
+int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, CUstream_st* stream);
+// One warp: lane l copies x[4 l + src_offset ..) to a shared stage at 4 l + dst_offset with
+// cp_async_16, then commits if `commit` and waits for every committed group if `wait`; after a
+// barrier out[0..128) = stage[dst_offset ..). x holds 128 + src_offset floats.
+int cp_async_one_group(const float* x, float* out, int src_offset, int dst_offset, bool commit, bool wait,
+                       CUstream_st* stream);
 // x rounded to bf16 / fp16 (raw bits) and back to fp32.
 int half_round_trip(HalfKind kind, const float* x, uint16_t* bits, float* back, int n, CUstream_st* stream);
 

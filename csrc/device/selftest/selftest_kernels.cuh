@@ -199,6 +199,147 @@ int mma(MmaKind kind, const float* a, const float* b, const float* c, float* d, 
   return -1;
 }
 
+// The ldmatrix wrapper for a matrix count, with or without .trans.
+template <int kMatrices>
+__device__ void ldmatrix_xn(uint32_t (&r)[kMatrices], device::SharedPtr<uint16_t> row, bool trans) {
+  if constexpr (kMatrices == 1) {
+    trans ? device::ldmatrix_x1_trans(r, row) : device::ldmatrix_x1(r, row);
+  } else if constexpr (kMatrices == 2) {
+    trans ? device::ldmatrix_x2_trans(r, row) : device::ldmatrix_x2(r, row);
+  } else {
+    trans ? device::ldmatrix_x4_trans(r, row) : device::ldmatrix_x4(r, row);
+  }
+}
+
+template <int kMatrices>
+__global__ void ldmatrix_kernel(const uint16_t* tile_in, const int32_t* row_offsets, bool trans, uint32_t* out) {
+  TITANS_SHARED_ARRAY(uint16_t, tile, kLdmatrixTileElems);
+  const int lane = device::lane_id();
+  for (int i = lane; i < kLdmatrixTileElems; i += device::kWarpSize) tile[i] = tile_in[i];
+  __syncwarp();
+  uint32_t r[kMatrices];
+  ldmatrix_xn(r, tile + row_offsets[lane], trans);
+  for (int i = 0; i < kMatrices; ++i) out[lane * kMatrices + i] = r[i];
+}
+
+int ldmatrix(const uint16_t* tile, const int32_t* row_offsets, int matrices, bool trans, uint32_t* out,
+             CUstream_st* stream) {
+  switch (matrices) {
+    case 1:
+      return device::launch("ldmatrix_x1", ldmatrix_kernel<1>, dim3(1), dim3(32), 0, stream, tile, row_offsets, trans,
+                            out);
+    case 2:
+      return device::launch("ldmatrix_x2", ldmatrix_kernel<2>, dim3(1), dim3(32), 0, stream, tile, row_offsets, trans,
+                            out);
+    case 4:
+      return device::launch("ldmatrix_x4", ldmatrix_kernel<4>, dim3(1), dim3(32), 0, stream, tile, row_offsets, trans,
+                            out);
+  }
+  return -1;
+}
+
+__global__ void ldmatrix_mma_bf16_kernel(const float* a, const float* b, float* d) {
+  TITANS_SHARED_ARRAY(device::bf16, a_tile, 16 * 16);
+  TITANS_SHARED_ARRAY(device::bf16, b_tile, 16 * 8);
+  const int lane = device::lane_id();
+  for (int i = lane; i < 16 * 16; i += device::kWarpSize) a_tile[i] = device::cast<device::bf16>(a[i]);
+  for (int i = lane; i < 16 * 8; i += device::kWarpSize) b_tile[i] = device::cast<device::bf16>(b[i]);
+  __syncwarp();
+  uint32_t a_regs[4], b_regs[2];
+  // A's 8x8 quarters in fragment register order: rows 0-7 and 8-15 of columns 0-7 (lanes 0-15),
+  // then of columns 8-15 (lanes 16-31).
+  device::ldmatrix_x4(a_regs, a_tile + (lane % 16) * 16 + lane / 16 * 8);
+  // B is stored [K, N] row-major but the MMA takes it column-major, hence .trans; lanes 0-15
+  // address rows k = 0..15 (x2 ignores the other lanes' addresses).
+  device::ldmatrix_x2_trans(b_regs, b_tile + (lane % 16) * 8);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  device::mma_m16n8k16_bf16(acc, a_regs, b_regs, acc);
+  for (int i = 0; i < 4; ++i) {
+    const device::FragmentCoord at = device::mma_m16n8_c_coord(lane, i);
+    d[at.row * 8 + at.col] = acc[i];
+  }
+}
+
+int ldmatrix_mma_bf16(const float* a, const float* b, float* d, CUstream_st* stream) {
+  return device::launch("ldmatrix_mma_bf16", ldmatrix_mma_bf16_kernel, dim3(1), dim3(32), 0, stream, a, b, d);
+}
+
+// The cp.async wrapper of a copy size.
+template <int kBytes>
+__device__ void cp_async_bytes(device::SharedPtr<float> dst, const float* src) {
+  if constexpr (kBytes == 16) {
+    device::cp_async_16(dst, src);
+  } else if constexpr (kBytes == 8) {
+    device::cp_async_8(dst, src);
+  } else {
+    device::cp_async_4(dst, src);
+  }
+}
+
+constexpr int kCpAsyncThreads = 64;
+
+template <int kBytes>
+__global__ void cp_async_pipeline_kernel(const float* x, float* out, int chunks, bool with_wait) {
+  TITANS_SHARED_ARRAY(float, stage, 2 * kCpAsyncChunk);
+  constexpr int kFloats = kBytes / sizeof(float);
+  const int tid = threadIdx.x;
+  const auto load = [&](int chunk) {
+    for (int i = tid * kFloats; i < kCpAsyncChunk; i += blockDim.x * kFloats)
+      cp_async_bytes<kBytes>(stage + chunk % 2 * kCpAsyncChunk + i, x + chunk * kCpAsyncChunk + i);
+  };
+  load(0);
+  device::cp_async_commit();
+  for (int c = 0; c < chunks; ++c) {
+    if (c + 1 < chunks) load(c + 1);
+    // Committed even when empty on the last chunk, so the newest group is never chunk c's.
+    device::cp_async_commit();
+    if (with_wait) device::cp_async_wait<1>();
+    __syncthreads();
+    // Reversed: each thread reads elements that other threads copied.
+    for (int i = tid; i < kCpAsyncChunk; i += blockDim.x)
+      out[c * kCpAsyncChunk + i] = stage[c % 2 * kCpAsyncChunk + kCpAsyncChunk - 1 - i];
+    // The next iteration refills this buffer.
+    __syncthreads();
+  }
+  // A thread must not exit with copies in flight.
+  device::cp_async_wait<0>();
+}
+
+int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, CUstream_st* stream) {
+  switch (bytes) {
+    case 4:
+      return device::launch("cp_async_pipeline_4", cp_async_pipeline_kernel<4>, dim3(1), dim3(kCpAsyncThreads), 0,
+                            stream, x, out, chunks, with_wait);
+    case 8:
+      return device::launch("cp_async_pipeline_8", cp_async_pipeline_kernel<8>, dim3(1), dim3(kCpAsyncThreads), 0,
+                            stream, x, out, chunks, with_wait);
+    case 16:
+      return device::launch("cp_async_pipeline_16", cp_async_pipeline_kernel<16>, dim3(1), dim3(kCpAsyncThreads), 0,
+                            stream, x, out, chunks, with_wait);
+  }
+  return -1;
+}
+
+constexpr int kOneGroupFloats = 4 * device::kWarpSize;
+constexpr int kOneGroupMaxOffset = 4;
+
+__global__ void cp_async_one_group_kernel(const float* x, float* out, int src_offset, int dst_offset, bool commit,
+                                          bool wait) {
+  TITANS_SHARED_ARRAY(float, stage, kOneGroupFloats + kOneGroupMaxOffset);
+  const int lane = device::lane_id();
+  device::cp_async_16(stage + 4 * lane + dst_offset, x + 4 * lane + src_offset);
+  if (commit) device::cp_async_commit();
+  if (wait) device::cp_async_wait<0>();
+  __syncthreads();
+  for (int i = lane; i < kOneGroupFloats; i += device::kWarpSize) out[i] = stage[dst_offset + i];
+}
+
+int cp_async_one_group(const float* x, float* out, int src_offset, int dst_offset, bool commit, bool wait,
+                       CUstream_st* stream) {
+  return device::launch("cp_async_one_group", cp_async_one_group_kernel, dim3(1), dim3(device::kWarpSize), 0, stream,
+                        x, out, src_offset, dst_offset, commit, wait);
+}
+
 template <typename Half>
 __global__ void half_round_trip_kernel(const float* x, uint16_t* bits, float* back, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
