@@ -45,17 +45,6 @@ __device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bo
   }
 }
 
-// Stages the block's value tile of U ([B, T, H, Dv], compute dtype) for tokens t0..t0+L-1.
-template <typename T, class Ptr>
-__device__ __forceinline__ void stage_local_errors(const LinearMemoryParams& params, const void* u, int b, int h,
-                                                   int t0, int L, int v0, int rows, int tile_v, const Ptr& dst) {
-  const T* src = static_cast<const T*>(u);
-  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
-    const int t = idx / rows, j = idx % rows;
-    dst[t * tile_v + j] = src[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, params.dv) + v0 + j];
-  }
-}
-
 // Shared memory of the kernel of the read-out's share of dE.
 struct LinearMemoryBwdLocalSmem {
   lm::SmemCarver carver;
@@ -110,10 +99,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
   const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
 
-  lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
-  lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
   lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  lm::finish_staging();
   __syncthreads();
 
   lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
@@ -131,21 +121,24 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   });
 }
 
-// Shared memory of the reverse sequential kernel (offsets in elements of each region's type).
+// Shared memory of the reverse sequential kernel (offsets in elements of each region's type). The
+// staged tiles are double-buffered: chunk n - 1's load overlaps chunk n's products.
 struct LinearMemoryBwdStateSmem {
   lm::SmemCarver carver;
   int dm, ds;               // [kTileV, Dk]: the carried cotangent
   int d_e;                  // [C, kTileV]
-  int u;                    // [C, kTileV]: the read-out's share of dE (token read)
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
-  int gate_rows;            // [linear_memory_gate_rows_size(C)]
-  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk, int tile_v) {
+  int u;                    // 2 x [C, kTileV]: the read-out's share of dE (token read)
+  int gate_rows;            // 2 x [linear_memory_gate_rows_size(C)]
+  int q, k, d_o;            // input region: 2 x [C, Dk], 2 x [C, Dk], 2 x [C, kTileV]
+  int u_size, gate_rows_size, qk_size, d_o_size;  // one buffer of each
+  __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk, int tile_v)
+      : u_size(chunk * tile_v), gate_rows_size(linear_memory_gate_rows_size(chunk)), qk_size(chunk * dk),
+        d_o_size(chunk * tile_v) {
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
-    d_e = carver.compute(chunk * tile_v), u = carver.compute(chunk * tile_v);
-    xy = carver.compute(chunk * 2 * tile_v);
-    gate_rows = carver.compute(linear_memory_gate_rows_size(chunk));
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+    d_e = carver.compute(chunk * tile_v), xy = carver.compute(chunk * 2 * tile_v);
+    u = carver.compute(2 * u_size), gate_rows = carver.compute(2 * gate_rows_size);
+    q = carver.input(2 * qk_size), k = carver.input(2 * qk_size), d_o = carver.input(2 * d_o_size);
   }
 };
 
@@ -168,10 +161,9 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto dm = smem.compute(layout.dm);
   const auto ds = smem.compute(layout.ds);
   const auto d_e = smem.compute(layout.d_e);
-  const auto u = smem.compute(layout.u);
   const auto xy = smem.compute(layout.xy);
+  const auto u_s = smem.compute(layout.u);
   const auto gate_rows = smem.compute(layout.gate_rows);
-  const lm::GateRows<decltype(gate_rows)> gates(gate_rows, C);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
@@ -182,21 +174,27 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::load_state_pair(static_cast<const compute_t*>(params.d_m_final_ptr),
                       static_cast<const compute_t*>(params.d_s_final_ptr), state_offset, rows * dk, dm, ds);
   auto* cotangents = static_cast<compute_t*>(workspace.chunk_cotangents);
+  const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
-  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
-  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
-  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
-
-  for (int n = params.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * C;
-    const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
-
-    lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-    lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
-    lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-    if (token_read) stage_local_errors<compute_t>(params, workspace.errors_local, b, h, t0, L, v0, rows, kTileV, u);
-    lm::load_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows);
-    __syncthreads();
+  const auto stage = [&](int n, int buffer) {
+    const int t0 = n * C, L = chunk_len(n);
+    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s + buffer * layout.qk_size);
+    lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s + buffer * layout.qk_size);
+    lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s + buffer * layout.d_o_size);
+    if (token_read)
+      lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L,
+                                      v0, rows, kTileV, u_s + buffer * layout.u_size);
+    lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
+  };
+  lm::pipelined_chunk_loop(params.n_chunks, true, stage, [&](int n, int buffer) {
+    const int L = chunk_len(n);
+    const auto q_chunk = q_s + buffer * layout.qk_size;
+    const auto k_chunk = k_s + buffer * layout.qk_size;
+    const auto do_chunk = do_s + buffer * layout.d_o_size;
+    const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
+    const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_chunk[t * dk + d]); };
+    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * dk + d]); };
+    const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_chunk[t * kTileV + j]); };
 
     lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
@@ -204,7 +202,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
                          cotangents + chunk_offset + index_t(dv) * dk);
     __syncthreads();
 
-    errors_cotangent<compute_t>(L, rows, kTileV, token_read, gates.m_end, gates.s_end, xy, u, d_e);
+    errors_cotangent<compute_t>(L, rows, kTileV, token_read, gates.m_end, gates.s_end, xy,
+                                u_s + buffer * layout.u_size, d_e);
     __syncthreads();
 
     // The lane owning (j, d) of both products reads the old dM, dS there and writes the new ones.
@@ -226,9 +225,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
         ds[idx] = g_L * dm_old + p_L * ds_old + compute_t(as[i]);
       });
     });
-    // The next chunk's staging overwrites what this step reads.
-    __syncthreads();
-  }
+  });
 
   lm::store_state_pair(dm, ds, state_offset, rows * dk, static_cast<compute_t*>(params.dm0_ptr),
                        static_cast<compute_t*>(params.ds0_ptr));
@@ -239,7 +236,7 @@ struct LinearMemoryBwdChunkSmem {
   lm::SmemCarver carver;
   int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
   int dm, ds;               // [kTileV, Dk]: the cotangent of the chunk-end state
-  int err;                  // [C, kTileV]: V's tile, then E in place
+  int err;                  // [C, kTileV]: E
   int d_e;                  // [C, kTileV]: dE
   int u;                    // [C, kTileV]: the read-out's share of dE (token read)
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
@@ -252,7 +249,7 @@ struct LinearMemoryBwdChunkSmem {
   int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
   int p;                    // [1]
   int scratch;              // [3 * warps]: block sums
-  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
+  int q, k, v, d_o;         // input region: [C, Dk], [C, Dk], [C, kTileV], [C, kTileV]
   __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps) {
     m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
@@ -265,7 +262,8 @@ struct LinearMemoryBwdChunkSmem {
     dc_last = carver.compute(chunk);
     p = carver.compute(1);
     scratch = carver.compute(3 * warps);
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk);
+    v = carver.input(chunk * tile_v), d_o = carver.input(chunk * tile_v);
   }
 };
 
@@ -318,6 +316,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto scratch = smem.compute(layout.scratch);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
+  const auto v_s = smem.input(layout.v);
   const auto do_s = smem.input(layout.d_o);
 
   auto* dv_out = static_cast<input_t*>(params.dv_ptr);
@@ -338,24 +337,32 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
 
   // A. Stage the chunk, its saved start state and the cotangent of its end state.
-  lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
-  lm::stage_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-  lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
-  if (token_read) stage_local_errors<compute_t>(params, workspace.errors_local, b, h, t0, L, v0, rows, kTileV, u);
   const index_t bh = index_t(b) * params.heads + h;
   const index_t chunk_offset = lm::chunk_state_offset(params, bh, n) + index_t(v0) * dk;
   const index_t s_offset = chunk_offset + index_t(dv) * dk;
   const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
   const auto* cotangents = static_cast<const compute_t*>(workspace.chunk_cotangents);
-  lm::load_state_pair(chunk_states + chunk_offset, chunk_states + s_offset, 0, rows * dk, m0, s0);
-  lm::load_state_pair(cotangents + chunk_offset, cotangents + s_offset, 0, rows * dk, dm, ds);
+  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
+  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  if (token_read)
+    lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L, v0,
+                                    rows, kTileV, u);
+  lm::stage_span(chunk_states + chunk_offset, rows * dk, m0);
+  lm::stage_span(chunk_states + s_offset, rows * dk, s0);
+  lm::stage_span(cotangents + chunk_offset, rows * dk, dm);
+  lm::stage_span(cotangents + s_offset, rows * dk, ds);
+  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  lm::finish_staging();
   __syncthreads();
 
   // A. Recompute the gate tables and E; the products of the cotangent and of the chunk-start
   //    state with K and Q.
   lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
-  lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m0, err);
+  lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K,
+                                      [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0,
+                                      err);
   lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
   if (token_read) {
     lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);

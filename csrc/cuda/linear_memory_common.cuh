@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "cuda/linear_memory_fwd.h"
@@ -208,37 +209,17 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
   }
 }
 
-// The gate rows of a chunk (layout at linear_memory_gate_rows_size) as views into one array.
-template <class Ptr>
-struct GateRows {
-  Ptr m_end, s_end, a, g, ends;  // ends: a_L, g_L, p
-  __device__ GateRows(const Ptr& rows, int C) : m_end(rows), s_end(rows + C), a(rows + 2 * C), g(rows + 3 * C),
-                                                ends(rows + 4 * C) {}
-};
-
-// dst[0 .. gate_rows_size) = chunk n's gate rows.
-template <typename T, class Ptr>
-__device__ __forceinline__ void load_gate_rows(const void* gate_rows, const LinearMemoryParams& p, index_t bh, int n,
-                                               const Ptr& dst) {
-  const int size = linear_memory_gate_rows_size(p.chunk_size);
-  const T* src = static_cast<const T*>(gate_rows) + (bh * p.n_chunks + n) * size;
-  for (int i = threadIdx.x; i < size; i += blockDim.x) dst[i] = src[i];
-}
-
 // ---------------------------------------------------------------------------------------------
 // Chunk products shared by the kernels (each call is one tile loop, no barrier)
 
-// E = 2 (K M0^T - V) for the block's value tile, in place over V's tile err [L, tile_v]: each
-// element is read and written by the lane that owns its accumulator.
-template <class Policy, typename T, class KOp, class Ptr>
-__device__ __forceinline__ void errors_in_place(int L, int rows, int dk, int tile_v, const KOp& K, const Ptr& m0,
-                                                const Ptr& err) {
+// E = 2 (K M0^T - V) for the block's value tile, into err [L, tile_v].
+template <class Policy, typename T, class KOp, class VOp, class Ptr>
+__device__ __forceinline__ void chunk_errors(int L, int rows, int dk, int tile_v, const KOp& K, const VOp& V,
+                                             const Ptr& m0, const Ptr& err) {
   for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
     mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; });
-    for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-      err[t * tile_v + j] = T(2) * (T(acc[i]) - err[t * tile_v + j]);
-    });
+    for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { err[t * tile_v + j] = T(2) * (T(acc[i]) - V(t, j)); });
   });
 }
 
@@ -358,16 +339,94 @@ struct ChunkTileBlock {
   __device__ explicit ChunkTileBlock(int tiles) : n(blockIdx.x / tiles), tile(blockIdx.x % tiles) {}
 };
 
-// Copies L rows of `width` features starting at feature `col0` of a token tensor into a
-// [rows, row_stride] shared array (input dtype, unconverted).
-template <typename input_t, class Dst>
-__device__ __forceinline__ void stage_rows(const TokenTensor& x, int b, int h, int t0, int L, int col0, int width,
-                                           int row_stride, const Dst& dst) {
-  const auto* src = static_cast<const input_t*>(x.ptr);
-  for (int idx = threadIdx.x; idx < L * width; idx += blockDim.x) {
-    const int t = idx / width, col = idx % width;
-    dst[t * row_stride + col] = src[token_offset(x, b, t0 + t, h) + col0 + col];
+// Staging. Tiles go from global to shared memory through cp.async, so that the sequential
+// kernels can load chunk n + 1 while they compute on chunk n. A staging call only issues the
+// copies: the caller commits them (device::cp_async_commit), waits for them
+// (device::cp_async_wait) and then passes a __syncthreads before any thread reads the tile.
+// Rows whose starts are not all 16-byte aligned (odd feature counts, strided views) are copied
+// element by element instead, which is complete at once.
+
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Copies rows r < count of `width` elements, row r from src + row_offset(r), into
+// dst + r * dst_stride: in 16-byte pieces when `vectors` (the caller has checked that every row
+// start, in global and in shared memory, is 16-byte aligned and that width fills whole pieces).
+template <typename T, class RowOffset, class Dst>
+__device__ __forceinline__ void stage_rows_async(const T* src, const RowOffset& row_offset, int count, int width,
+                                                 int dst_stride, bool vectors, const Dst& dst) {
+  constexpr int kPiece = 16 / sizeof(T);
+  if (vectors) {
+    const int pieces = width / kPiece;
+    for (int idx = threadIdx.x; idx < count * pieces; idx += blockDim.x) {
+      const int r = idx / pieces, at = idx % pieces * kPiece;
+      device::cp_async_16(dst + (r * dst_stride + at), src + (row_offset(r) + at));
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < count * width; idx += blockDim.x) {
+      const int r = idx / width, col = idx % width;
+      dst[r * dst_stride + col] = src[row_offset(r) + col];
+    }
   }
+}
+
+// dst[0 .. n) = src[0 .. n) (dst 16-byte aligned, as every carved array is).
+template <typename T, class Dst>
+__device__ __forceinline__ void stage_span(const T* src, int n, const Dst& dst) {
+  const bool vectors = aligned16(src) && n % (16 / sizeof(T)) == 0;
+  stage_rows_async(src, [](int) { return index_t(0); }, 1, n, n, vectors, dst);
+}
+
+// Tokens t0..t0+L-1 of a token tensor, features [col0, col0 + width), into a [L, dst_stride]
+// array of its own dtype.
+template <typename T, class Dst>
+__device__ __forceinline__ void stage_token_rows(const TokenTensor& x, int b, int h, int t0, int L, int col0,
+                                                 int width, int dst_stride, const Dst& dst) {
+  constexpr int kPiece = 16 / sizeof(T);
+  const bool vectors = aligned16(x.ptr) && x.batch_stride % kPiece == 0 && x.seq_stride % kPiece == 0 &&
+                       x.head_stride % kPiece == 0 && col0 % kPiece == 0 && width % kPiece == 0 &&
+                       dst_stride % kPiece == 0;
+  stage_rows_async(static_cast<const T*>(x.ptr), [&](int t) { return token_offset(x, b, t0 + t, h) + col0; }, L,
+                   width, dst_stride, vectors, dst);
+}
+
+// The same for a contiguous [B, T, H, D] tensor (the backward's workspaces).
+template <typename T, class Dst>
+__device__ __forceinline__ void stage_contiguous_token_rows(const T* src, const LinearMemoryParams& p, int d, int b,
+                                                            int h, int t0, int L, int col0, int width, int dst_stride,
+                                                            const Dst& dst) {
+  constexpr int kPiece = 16 / sizeof(T);
+  const bool vectors = aligned16(src) && d % kPiece == 0 && col0 % kPiece == 0 && width % kPiece == 0 &&
+                       dst_stride % kPiece == 0;
+  stage_rows_async(src, [&](int t) { return contiguous_token_offset(b, t0 + t, h, p.seqlen, p.heads, d) + col0; }, L,
+                   width, dst_stride, vectors, dst);
+}
+
+// The chunk loop of a sequential kernel, software-pipelined over two buffers: chunk i + 1 (in walk
+// order; reverse: from the last chunk down) is staged by stage(n, buffer) while body(n, buffer)
+// computes on chunk i. body runs after a barrier that follows the wait for its chunk's copies, and
+// a barrier follows it, so the next stage may overwrite the buffer it read.
+template <class Stage, class Body>
+__device__ __forceinline__ void pipelined_chunk_loop(int n_chunks, bool reverse, const Stage& stage, const Body& body) {
+  const auto chunk = [&](int i) { return reverse ? n_chunks - 1 - i : i; };
+  if (n_chunks > 0) stage(chunk(0), 0);
+  device::cp_async_commit();
+  for (int i = 0; i < n_chunks; ++i) {
+    const int buffer = i & 1;
+    if (i + 1 < n_chunks) stage(chunk(i + 1), buffer ^ 1);
+    device::cp_async_commit();  // possibly an empty group, so that wait<1> always means "chunk i"
+    device::cp_async_wait<1>();
+    __syncthreads();
+    body(chunk(i), buffer);
+    __syncthreads();
+  }
+  device::cp_async_wait<0>();
+}
+
+// Completes this thread's staging at once (the parallel kernels, which stage once); a
+// __syncthreads must still follow before other threads read the tiles.
+__device__ __forceinline__ void finish_staging() {
+  device::cp_async_commit();
+  device::cp_async_wait<0>();
 }
 
 // Stages the gates of tokens t0..t0+L-1 into shared memory (beta = 1 - alpha).
@@ -382,27 +441,6 @@ __device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, in
     eta[t] = eta_in[token_offset(params.eta, b, t0 + t, h)];
     beta[t] = compute_t(1) - alpha_in[token_offset(params.alpha, b, t0 + t, h)];
   }
-}
-
-// Stages the value tile [v0, v0 + rows) of V (converted to compute_t, row stride tile_v) of
-// tokens t0..t0+L-1.
-template <typename input_t, typename compute_t, class Ptr>
-__device__ __forceinline__ void stage_values(const LinearMemoryParams& params, int b, int h, int t0, int L, int v0,
-                                             int rows, int tile_v, const Ptr& values) {
-  const auto* v_in = static_cast<const input_t*>(params.v.ptr);
-  for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
-    const int t = idx / rows, r = idx % rows;
-    values[t * tile_v + r] = device::cast<compute_t>(v_in[token_offset(params.v, b, t0 + t, h) + v0 + r]);
-  }
-}
-
-// Stages the gates and the value tile of tokens t0..t0+L-1.
-template <typename input_t, typename compute_t, class Ptr>
-__device__ __forceinline__ void stage_gates_and_values(const LinearMemoryParams& params, int b, int h, int t0, int L,
-                                                       int v0, int rows, int tile_v, const Ptr& theta,
-                                                       const Ptr& eta, const Ptr& beta, const Ptr& values) {
-  stage_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, tile_v, values);
-  stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
 }
 
 // dst0[i], dst1[i] = src0[offset + i], src1[offset + i] for i < n; a null source gives zeros.
@@ -423,6 +461,22 @@ __device__ __forceinline__ void store_state_pair(const Ptr& src0, const Ptr& src
     dst0[offset + i] = src0[i];
     dst1[offset + i] = src1[i];
   }
+}
+
+// The gate rows of a chunk (layout at linear_memory_gate_rows_size) as views into one array.
+template <class Ptr>
+struct GateRows {
+  Ptr m_end, s_end, a, g, ends;  // ends: a_L, g_L, p
+  __device__ GateRows(const Ptr& rows, int C) : m_end(rows), s_end(rows + C), a(rows + 2 * C), g(rows + 3 * C),
+                                                ends(rows + 4 * C) {}
+};
+
+// Stages chunk n's gate rows into dst[0 .. gate_rows_size) (see "Staging" above).
+template <typename T, class Ptr>
+__device__ __forceinline__ void stage_gate_rows(const void* gate_rows, const LinearMemoryParams& p, index_t bh, int n,
+                                                const Ptr& dst) {
+  const int size = linear_memory_gate_rows_size(p.chunk_size);
+  stage_span(static_cast<const T*>(gate_rows) + (bh * p.n_chunks + n) * size, size, dst);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,18 +25,21 @@
 
 namespace titans {
 
-// Shared memory of the sequential kernel (offsets in elements of each region's type).
+// Shared memory of the sequential kernel (offsets in elements of each region's type). The staged
+// tiles are double-buffered: chunk n + 1's load overlaps chunk n's products.
 struct LinearMemoryFwdStateSmem {
   lm::SmemCarver carver;
   int m, s;                 // [kTileV, Dk]: the block's rows of M and S
-  int err;                  // [C, kTileV]: V's tile, then E in place
-  int gate_rows;            // [linear_memory_gate_rows_size(C)]
-  int k;                    // input region, [C, Dk]: the chunk's keys
-  __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk, int tile_v) {
+  int err;                  // [C, kTileV]: E
+  int gate_rows;            // 2 x [linear_memory_gate_rows_size(C)]
+  int k, v;                 // input region, 2 x [C, Dk] and 2 x [C, kTileV]: keys, values' tile
+  int gate_rows_size, k_size, v_size;  // one buffer of each
+  __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk, int tile_v)
+      : gate_rows_size(linear_memory_gate_rows_size(chunk)), k_size(chunk * dk), v_size(chunk * tile_v) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
-    gate_rows = carver.compute(linear_memory_gate_rows_size(chunk));
-    k = carver.input(chunk * dk);
+    gate_rows = carver.compute(2 * gate_rows_size);
+    k = carver.input(2 * k_size), v = carver.input(2 * v_size);
   }
 };
 
@@ -59,8 +62,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
   const auto gate_rows = smem.compute(layout.gate_rows);
-  const lm::GateRows<decltype(gate_rows)> gates(gate_rows, C);
   const auto k_s = smem.input(layout.k);
+  const auto v_s = smem.input(layout.v);
 
   // This block's rows [v0, v0 + rows) of the contiguous [B, H, Dv, Dk] states.
   const index_t bh = index_t(b) * params.heads + h;
@@ -68,18 +71,23 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::load_state_pair(static_cast<const compute_t*>(params.m0_ptr), static_cast<const compute_t*>(params.s0_ptr),
                       state_offset, rows * dk, m, s);
   auto* chunk_states = static_cast<compute_t*>(params.chunk_states_ptr);
-  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
-  for (int n = 0; n < params.n_chunks; ++n) {
-    const int t0 = n * C;
-    const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const auto stage = [&](int n, int buffer) {
+    lm::stage_token_rows<input_t>(params.k, b, h, n * C, chunk_len(n), 0, dk, dk, k_s + buffer * layout.k_size);
+    lm::stage_token_rows<input_t>(params.v, b, h, n * C, chunk_len(n), v0, rows, kTileV,
+                                  v_s + buffer * layout.v_size);
+    lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
+  };
+  lm::pipelined_chunk_loop(params.n_chunks, false, stage, [&](int n, int buffer) {
+    const int L = chunk_len(n);
+    const auto k_chunk = k_s + buffer * layout.k_size;
+    const auto v_chunk = v_s + buffer * layout.v_size;
+    const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
+    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * dk + d]); };
+    const auto V = [&](int t, int j) { return device::cast<compute_t>(v_chunk[t * kTileV + j]); };
 
-    lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-    lm::stage_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, err);
-    lm::load_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows);
-    __syncthreads();
-
-    lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m, err);
+    lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K, V, m, err);
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
     lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
                          chunk_states + chunk_offset + index_t(dv) * dk);
@@ -100,9 +108,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
         s[idx] = p_L * s_old + compute_t(es[i]);
       });
     });
-    // The next chunk's staging overwrites what the update reads.
-    __syncthreads();
-  }
+  });
 
   lm::store_state_pair(m, s, state_offset, rows * dk, static_cast<compute_t*>(params.m_final_ptr),
                        static_cast<compute_t*>(params.s_final_ptr));
@@ -112,12 +118,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 struct LinearMemoryFwdOutputSmem {
   lm::SmemCarver carver;
   int m, s;                 // [kTileV, Dk]: the chunk-start state's rows
-  int err;                  // [C, kTileV]: V's tile, then E in place
+  int err;                  // [C, kTileV]: E
   int scores, coef;         // [C, C]: G = Q K^T (causal) and the gate table c
   int a, g, m_end, s_end;   // [C]
   int theta, eta, beta;     // [C]
   int p;                    // [1]
-  int q, k;                 // input region, [C, Dk]
+  int q, k, v;              // input region, [C, Dk], [C, Dk], [C, kTileV]
   __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
@@ -125,7 +131,7 @@ struct LinearMemoryFwdOutputSmem {
     a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
     theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
     p = carver.compute(1);
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk);
+    q = carver.input(chunk * dk), k = carver.input(chunk * dk), v = carver.input(chunk * tile_v);
   }
 };
 
@@ -162,29 +168,31 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   const auto p = smem.compute(layout.p);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
+  const auto v_s = smem.input(layout.v);
 
   const index_t bh = index_t(b) * params.heads + h;
-  const index_t chunk_offset = lm::chunk_state_offset(params, bh, n) + index_t(v0) * dk;
-  const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
+  const auto* m0 = static_cast<const compute_t*>(params.chunk_states_ptr) + lm::chunk_state_offset(params, bh, n) +
+                   index_t(v0) * dk;
   const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
   const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto V = [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); };
   const auto Mt = [&](int d, int j) { return m[j * dk + d]; };  // M0^T: [Dk, rows]
   const auto St = [&](int d, int j) { return s[j * dk + d]; };
 
-  lm::stage_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_span(m0, rows * dk, m);
   if (token_read) {
-    lm::stage_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-    lm::stage_gates_and_values<input_t, compute_t>(params, b, h, t0, L, v0, rows, kTileV, theta, eta, beta, err);
-    lm::load_state_pair(chunk_states + chunk_offset, chunk_states + chunk_offset + index_t(dv) * dk, 0, rows * dk, m,
-                        s);
-  } else {
-    for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) m[i] = chunk_states[chunk_offset + i];
+    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+    lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
+    lm::stage_span(m0 + index_t(dv) * dk, rows * dk, s);
+    lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
   }
+  lm::finish_staging();
   __syncthreads();
 
   if (token_read) {
     lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, coef, a, g, m_end, s_end, p);
-    lm::errors_in_place<Policy, compute_t>(L, rows, dk, kTileV, K, m, err);
+    lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K, V, m, err);
     lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
     __syncthreads();
   }
