@@ -27,6 +27,15 @@ def deterministic_schedule():
     emu.set_schedule(-1)
 
 
+@pytest.fixture
+def crowded_device():
+    """An emulated device that cannot hold every sequential block at once, so the sequential
+    kernels take their wide value tile (linear_memory_state_tile) even for small shapes."""
+    emu.set_concurrent_blocks(0)
+    yield
+    emu.set_concurrent_blocks(4 * 132)
+
+
 def cotangents(shapes, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -71,8 +80,9 @@ def check(inputs, init, chunk_size, read, ratio, final_cotangent=True):
 
 
 # (B, T, H, Dk, Dv, chunk_size): T not a multiple of the chunk (short last chunk, down to one
-# token), Dk != Dv (both ways), Dv over several value tiles with a partial last tile (32 rows per
-# tile for Dk <= 64, 16 above), an odd chunk size, a chunk longer than T, Dk > 64.
+# token), Dk != Dv (both ways), Dv over several value tiles with a partial last tile (the
+# parallel kernels take 32 rows per tile for Dk <= 64, 16 above; the sequential ones 16 here),
+# an odd chunk size, a chunk longer than T, Dk > 64.
 SHAPES = [
     (2, 37, 2, 8, 5, 16),
     (1, 65, 1, 12, 40, 32),
@@ -98,6 +108,14 @@ def test_float64_values_and_grads_match_token_loop(shape, read, with_state):
 def test_low_precision_inputs_match_float64_reference(dtype, chunk_size, read):
     inputs, init = memory_inputs(1, 50, 1, 16, 40, dtype)
     check(inputs, init, chunk_size, read, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_wide_state_tile_matches_float64_reference(crowded_device, dtype, read):
+    # 32 rows per sequential block (fp64 keeps 16): two tiles, the second partial.
+    inputs, init = memory_inputs(1, 50, 2, 16, 40, dtype)
+    check(inputs, init, 16, read, TOLERANCE[dtype])
 
 
 def test_without_final_state_cotangent():

@@ -18,6 +18,14 @@ void check_default_miras(int64_t objective, const std::optional<at::Tensor>& del
               "the CPU kernels)");
 }
 
+// Blocks of the sequential kernels the current device runs at once: they are small (4 warps,
+// well under a quarter of an SM's shared memory), so four per SM.
+int64_t concurrent_blocks() {
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return 4 * int64_t(sm_count);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
@@ -28,10 +36,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cud
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
+                                  concurrent_blocks(),
                                   [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                      InputType type) {
+                                      InputType type, int state_tile) {
                                     C10_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, workspace, type, stream)));
+                                        linear_memory_fwd_launch(params, workspace, type, state_tile, stream)));
                                   });
 }
 
@@ -48,8 +57,11 @@ linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const LinearMemoryGrads grads = linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type) {
-        C10_CUDA_CHECK(static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, stream)));
+      concurrent_blocks(),
+      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
+          int state_tile) {
+        C10_CUDA_CHECK(
+            static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, state_tile, stream)));
       });
   const at::Tensor& dm0 = std::get<6>(grads);
   return std::tuple_cat(grads, std::make_tuple(at::empty({0}, dm0.options())));

@@ -187,14 +187,23 @@ std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::Scal
 
 void set_schedule(int64_t seed) { device::emu::set_schedule(seed); }
 
+// What the emulated linear_memory ops tell linear_memory_state_tile about the device: an H100's
+// 132 SMs, four sequential blocks each, unless a test sets another count (to reach the wide tile
+// with small shapes).
+int64_t emulated_concurrent_blocks = 4 * 132;
+void set_concurrent_blocks(int64_t blocks) { emulated_concurrent_blocks = blocks; }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
     int64_t chunk_size, bool read_token, bool save_states) {
   TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
+                                  emulated_concurrent_blocks,
                                   [](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                     InputType type) { linear_memory_fwd_launch(params, workspace, type, nullptr); });
+                                     InputType type, int state_tile) {
+                                    linear_memory_fwd_launch(params, workspace, type, state_tile, nullptr);
+                                  });
 }
 
 LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -205,15 +214,16 @@ LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_bwd runs on CPU tensors");
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type) {
-        linear_memory_bwd_launch(params, workspace, type, nullptr);
-      });
+      emulated_concurrent_blocks,
+      [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
+         int state_tile) { linear_memory_bwd_launch(params, workspace, type, state_tile, nullptr); });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
+  m.def("set_concurrent_blocks(int blocks) -> ()", &set_concurrent_blocks);
   m.def("block_reduce_sum(Tensor x, int threads) -> Tensor", &block_reduce_sum);
   m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor", &warp_shuffle);
   m.def("warp_reduce(Tensor x) -> (Tensor sum, Tensor max, Tensor ballot)", &warp_reduce);

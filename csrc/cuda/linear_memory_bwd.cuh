@@ -625,60 +625,67 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
 }
 
-// Host side: calls f(Ktraits, smem bytes of the local, state, chunk and gate kernels) for the
-// runtime input type.
-template <class F>
-auto linear_memory_bwd_dispatch(const LinearMemoryParams& params, InputType input_type, const F& f) {
-  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
-    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
-    using compute_t = typename Ktraits::compute_t;
-    using input_t = typename Ktraits::input_t;
-    const int dk = params.dk, C = params.chunk_size;
-    return f(Ktraits{}, LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
-             LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
-             LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)
-                 .carver.bytes<compute_t, input_t>(),
-             LinearMemoryGatesSmem(C).carver.bytes<compute_t, input_t>());
-  });
-}
-
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, CUstream_st* stream) {
+                             InputType input_type, int state_tile, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  return static_cast<int>(linear_memory_bwd_dispatch(
-      params, input_type,
-      [&](auto ktraits, size_t local_smem, size_t state_smem, size_t chunk_smem, size_t gates_smem) {
-        using Ktraits = decltype(ktraits);
-        const int n_tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
-        const dim3 threads(Ktraits::kNThreads);
-        const dim3 chunk_tiles(params.n_chunks * n_tiles, params.heads, params.batch);
-        device::Error err = device::kSuccess;
-        if (params.n_chunks > 0) {
-          err = lm::launch_gate_rows<Ktraits>(params, workspace.gate_rows, stream);
-          if (err == device::kSuccess && params.read_token)
-            err = device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles,
-                                 threads, local_smem, stream, params, workspace);
-          if (err != device::kSuccess) return err;
-        }
-        err = device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
-                             dim3(n_tiles, params.heads, params.batch), threads, state_smem, stream, params, workspace);
-        if (err != device::kSuccess || params.n_chunks == 0) return err;
-        err = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles, threads,
-                             chunk_smem, stream, params, workspace);
-        if (err != device::kSuccess) return err;
-        return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
-                              dim3(params.n_chunks, params.heads, params.batch), threads, gates_smem, stream, params,
-                              workspace, n_tiles);
-      }));
+  const int dk = params.dk, C = params.chunk_size, tile = linear_memory_value_tile(dk, input_type);
+  const auto parallel = [&](auto launch) { return static_cast<int>(lm::dispatch(input_type, tile, launch)); };
+  // The parallel kernels' grid: (chunk, value tile) pairs x heads x batch.
+  const auto chunk_tiles = [&](auto ktraits) {
+    return dim3(params.n_chunks * lm::value_tiles<decltype(ktraits)>(params), params.heads, params.batch);
+  };
+  int err = 0;
+  if (params.n_chunks > 0) {
+    err = parallel([&](auto ktraits) {
+      device::Error e = lm::launch_gate_rows<decltype(ktraits)>(params, workspace.gate_rows, stream);
+      if (e != device::kSuccess || !params.read_token) return e;
+      using Ktraits = decltype(ktraits);
+      return device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles(ktraits),
+                            dim3(Ktraits::kNThreads),
+                            lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV)), stream, params,
+                            workspace);
+    });
+    if (err != 0) return err;
+  }
+  err = static_cast<int>(lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
+                          dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
+                          dim3(Ktraits::kNThreads),
+                          lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV)), stream, params,
+                          workspace);
+  }));
+  if (err != 0 || params.n_chunks == 0) return err;
+  return parallel([&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    const dim3 threads(Ktraits::kNThreads);
+    device::Error e = device::launch(
+        "linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles(ktraits), threads,
+        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)),
+        stream, params, workspace);
+    if (e != device::kSuccess) return e;
+    return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
+                          dim3(params.n_chunks, params.heads, params.batch), threads,
+                          lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C)), stream, params, workspace,
+                          lm::value_tiles<Ktraits>(params));
+  });
 }
 
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
-  return linear_memory_bwd_dispatch(params, input_type, [](auto, size_t local_smem, size_t state_smem,
-                                                           size_t chunk_smem, size_t gates_smem) {
-    size_t largest = local_smem;
-    for (const size_t bytes : {state_smem, chunk_smem, gates_smem}) largest = bytes > largest ? bytes : largest;
-    return largest;
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
+  const int dk = params.dk, C = params.chunk_size;
+  size_t largest = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem(dk, C, decltype(ktraits)::kTileV));
   });
+  lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    for (const size_t bytes :
+         {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV)),
+          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)),
+          lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C))})
+      largest = bytes > largest ? bytes : largest;
+    return 0;
+  });
+  return largest;
 }
 
 }  // namespace titans

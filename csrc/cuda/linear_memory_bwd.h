@@ -54,9 +54,9 @@ inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const Lin
 // Fills every gradient of `params` (dq, dk, dv in the input dtype; dtheta, deta, dalpha, dm0, ds0
 // in the compute dtype). Same return convention as linear_memory_fwd_launch.
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, CUstream_st* stream);
+                             InputType input_type, int state_tile, CUstream_st* stream);
 
 // Dynamic shared memory of the backward's largest block (checked like the forward's).
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile);
 
 }  // namespace titans

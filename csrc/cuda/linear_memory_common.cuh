@@ -119,12 +119,13 @@ struct Traits {
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
 
-// Host side: calls f(input_t{}, std::integral_constant<int, kTileV>{}) for the runtime input type
-// and value tile (16 or 32), so each launch is written once for every instantiation.
+// Host side: calls f(Traits<input_t, kTileV>{}) for the runtime input type and value tile (16 or
+// 32), so each launch is written once for every instantiation.
 template <class F>
 auto dispatch(InputType type, int tile_v, const F& f) {
   const auto with_tile = [&](auto tag) {
-    return tile_v == 32 ? f(tag, std::integral_constant<int, 32>{}) : f(tag, std::integral_constant<int, 16>{});
+    using input_t = decltype(tag);
+    return tile_v == 32 ? f(Traits<input_t, 32>{}) : f(Traits<input_t, 16>{});
   };
   switch (type) {
     case InputType::kFloat64: return with_tile(double{});
@@ -133,6 +134,18 @@ auto dispatch(InputType type, int tile_v, const F& f) {
     case InputType::kFloat32: break;
   }
   return with_tile(float{});
+}
+
+// Host side: the dynamic shared memory of a kernel's carve-up.
+template <typename Ktraits, class Layout>
+size_t smem_bytes(const Layout& layout) {
+  return layout.carver.template bytes<typename Ktraits::compute_t, typename Ktraits::input_t>();
+}
+
+// Host side: blocks of Ktraits::kTileV value features covering Dv.
+template <typename Ktraits>
+int value_tiles(const LinearMemoryParams& p) {
+  return (p.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,9 +540,7 @@ template <typename Ktraits>
 device::Error launch_gate_rows(const LinearMemoryParams& params, void* gate_rows, CUstream_st* stream) {
   return device::launch("linear_memory_gate_rows", gate_rows_kernel<Ktraits>,
                         dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                        GateRowsSmem(params.chunk_size)
-                            .carver.bytes<typename Ktraits::compute_t, typename Ktraits::input_t>(),
-                        stream, params, gate_rows);
+                        smem_bytes<Ktraits>(GateRowsSmem(params.chunk_size)), stream, params, gate_rows);
 }
 
 }  // namespace lm

@@ -217,44 +217,44 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   });
 }
 
-// Host side: calls f(Ktraits, state kernel smem, output kernel smem) for the runtime input type.
-template <class F>
-auto linear_memory_fwd_dispatch(const LinearMemoryParams& params, InputType input_type, const F& f) {
-  return lm::dispatch(input_type, linear_memory_value_tile(params.dk, input_type), [&](auto input_tag, auto tile_v) {
-    using Ktraits = lm::Traits<decltype(input_tag), decltype(tile_v)::value>;
-    using compute_t = typename Ktraits::compute_t;
-    using input_t = typename Ktraits::input_t;
-    return f(Ktraits{},
-             LinearMemoryFwdStateSmem(params.dk, params.chunk_size, Ktraits::kTileV).carver.bytes<compute_t, input_t>(),
-             LinearMemoryFwdOutputSmem(params.dk, params.chunk_size, Ktraits::kTileV)
-                 .carver.bytes<compute_t, input_t>());
-  });
-}
-
 int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                             InputType input_type, CUstream_st* stream) {
+                             InputType input_type, int state_tile, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  return static_cast<int>(
-      linear_memory_fwd_dispatch(params, input_type, [&](auto ktraits, size_t state_smem, size_t output_smem) {
-        using Ktraits = decltype(ktraits);
-        const int tiles = (params.dv + Ktraits::kTileV - 1) / Ktraits::kTileV;
-        device::Error err = params.n_chunks == 0 ? device::kSuccess
-                                                 : lm::launch_gate_rows<Ktraits>(params, workspace.gate_rows, stream);
-        if (err != device::kSuccess) return err;
-        err = device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
-                             dim3(tiles, params.heads, params.batch), dim3(Ktraits::kNThreads), state_smem, stream,
-                             params, workspace);
-        if (err != device::kSuccess || params.n_chunks == 0) return err;
-        return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
-                              dim3(params.n_chunks * tiles, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                              output_smem, stream, params);
-      }));
+  const int dk = params.dk, C = params.chunk_size, tile = linear_memory_value_tile(dk, input_type);
+  device::Error err = device::kSuccess;
+  if (params.n_chunks > 0) {
+    err = lm::dispatch(input_type, tile, [&](auto ktraits) {
+      return lm::launch_gate_rows<decltype(ktraits)>(params, workspace.gate_rows, stream);
+    });
+    if (err != device::kSuccess) return static_cast<int>(err);
+  }
+  err = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
+                          dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
+                          dim3(Ktraits::kNThreads),
+                          lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem(dk, C, Ktraits::kTileV)), stream, params,
+                          workspace);
+  });
+  if (err != device::kSuccess || params.n_chunks == 0) return static_cast<int>(err);
+  return static_cast<int>(lm::dispatch(input_type, tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
+                          dim3(params.n_chunks * lm::value_tiles<Ktraits>(params), params.heads, params.batch),
+                          dim3(Ktraits::kNThreads),
+                          lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem(dk, C, Ktraits::kTileV)), stream, params);
+  }));
 }
 
-size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type) {
-  return linear_memory_fwd_dispatch(params, input_type, [](auto, size_t state_smem, size_t output_smem) {
-    return state_smem > output_smem ? state_smem : output_smem;
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
+  const int dk = params.dk, C = params.chunk_size;
+  const size_t state = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem(dk, C, decltype(ktraits)::kTileV));
   });
+  const size_t output = lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem(dk, C, decltype(ktraits)::kTileV));
+  });
+  return state > output ? state : output;
 }
 
 }  // namespace titans

@@ -23,10 +23,21 @@ constexpr int kCudaMaxKeyDim = 128;
 // Dynamic shared memory of one block on an H100 (sm_90); an A100 block has 163 KiB.
 constexpr size_t kCudaMaxSharedBytes = 227 * 1024;
 
-// Rows of M and S (value features) per block: the Dv split of the sequential passes. Smaller
-// tiles for wide keys and for fp64 keep the backward's shared memory within an H100 block.
+// Value features per block of the parallel kernels (Dv is split into tiles; every tile recomputes
+// its chunk's Q K^T and gate tables, so wider is cheaper). Smaller tiles for wide keys and for
+// fp64 keep the backward's shared memory within an H100 block.
 inline int linear_memory_value_tile(int dk, InputType type) {
   return dk <= 64 && type != InputType::kFloat64 ? 32 : 16;
+}
+
+// Rows of M and S per block of the sequential passes. Each chunk step is a chain of products over
+// the block's rows, so a narrower tile shortens the chain, and as long as the device can hold
+// every block at once (B * H * ceil(Dv / 16) <= concurrent_blocks, e.g. 4 per SM) the sequential
+// kernels take 16 rows; beyond that, 32 halves the per-block overhead (staging the chunk's keys,
+// barriers), where shared memory allows it (Dk <= 64, not fp64).
+inline int linear_memory_state_tile(const LinearMemoryParams& p, InputType type, int64_t concurrent_blocks) {
+  const int64_t blocks = int64_t(p.batch) * p.heads * ((p.dv + 15) / 16);
+  return blocks <= concurrent_blocks || p.dk > 64 || type == InputType::kFloat64 ? 16 : 32;
 }
 
 // What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
@@ -49,10 +60,11 @@ inline int64_t linear_memory_gate_rows_elems(const LinearMemoryParams& p) {
 // Dk], compute dtype) is required: the output kernel reads the chunk-start states from it. Returns
 // the launch's cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a
 // kernel error.
+// state_tile: linear_memory_state_tile.
 int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                             InputType input_type, CUstream_st* stream);
+                             InputType input_type, int state_tile, CUstream_st* stream);
 
 // Dynamic shared memory of the forward's largest block (the binding checks it against kCudaMaxSharedBytes).
-size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type);
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile);
 
 }  // namespace titans
