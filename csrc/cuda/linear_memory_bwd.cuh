@@ -48,16 +48,11 @@ __device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bo
 // Shared memory of the kernel of the read-out's share of dE.
 struct LinearMemoryBwdLocalSmem {
   lm::SmemCarver carver;
-  int scores, c;            // [C, C]: G = Q K^T (causal) and the gate table c
-  int a, g, m_end, s_end;   // [C]
-  int theta, eta, beta;     // [C]
-  int p;                    // [1]
+  lm::GateTablesSmem tables;
+  int scores;               // [C, C]: G = Q K^T (causal)
   int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk, int tile_v) {
-    scores = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
-    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    p = carver.compute(1);
+  __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk, int tile_v) : tables(carver, chunk) {
+    scores = carver.compute(chunk * chunk);
     q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
   }
 };
@@ -83,15 +78,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const LinearMemoryBwdLocalSmem layout(dk, C, kTileV);
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto scores = smem.compute(layout.scores);
-  const auto c = smem.compute(layout.c);
-  const auto a = smem.compute(layout.a);
-  const auto g = smem.compute(layout.g);
-  const auto m_end = smem.compute(layout.m_end);
-  const auto s_end = smem.compute(layout.s_end);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
-  const auto p = smem.compute(layout.p);
+  const lm::GateTables<compute_t> tables(smem, layout.tables);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
@@ -102,19 +89,19 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
   lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
   lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
-  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  tables.stage(params, b, h, t0, L);
   lm::finish_staging();
   __syncthreads();
 
-  lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
+  tables.build(L, C);
   lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
   __syncthreads();
 
   auto* u = static_cast<compute_t*>(workspace.errors_local);
   lm::for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L, [&](int t, int i) { return scores[i * C + t] * c[i * C + t]; },
-                               dO);
+    lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L,
+                               [&](int t, int i) { return scores[i * C + t] * tables.c[i * C + t]; }, dO);
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
       u[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
     });
@@ -210,8 +197,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
-      lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; },
-                                 K);
+      lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L,
+                                 [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; }, K);
       if (token_read) {
         lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return gates.a[t] * dO(t, j); }, Q);
         lm::mma_accumulate<Policy>(as, r0, c0, rows, dk, L, [&](int j, int t) { return gates.g[t] * dO(t, j); }, Q);
@@ -234,6 +221,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 // Shared memory of the parallel chunk kernel.
 struct LinearMemoryBwdChunkSmem {
   lm::SmemCarver carver;
+  lm::GateTablesSmem tables;
   int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
   int dm, ds;               // [kTileV, Dk]: the cotangent of the chunk-end state
   int err;                  // [C, kTileV]: E
@@ -243,24 +231,18 @@ struct LinearMemoryBwdChunkSmem {
   int qms;                  // [C, 2 kTileV]: Q M0^T | Q S0^T (token read)
   int scores;               // [C, C]: G = Q K^T (causal)
   int dw;                   // [C, C]: dW = tril(dO E^T), then dG = dW .* c
-  int c;                    // [C, C]: gate table c
-  int a, g, m_end, s_end;   // [C]
-  int theta, eta, beta;     // [C]
   int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
-  int p;                    // [1]
   int scratch;              // [3 * warps]: block sums
   int q, k, v, d_o;         // input region: [C, Dk], [C, Dk], [C, kTileV], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps) {
+  __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps)
+      : tables(carver, chunk) {
     m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v), u = carver.compute(chunk * tile_v);
     xy = carver.compute(chunk * 2 * tile_v), qms = carver.compute(chunk * 2 * tile_v);
-    scores = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk), c = carver.compute(chunk * chunk);
-    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
+    scores = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk);
     d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
     dc_last = carver.compute(chunk);
-    p = carver.compute(1);
     scratch = carver.compute(3 * warps);
     q = carver.input(chunk * dk), k = carver.input(chunk * dk);
     v = carver.input(chunk * tile_v), d_o = carver.input(chunk * tile_v);
@@ -275,7 +257,6 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   using Policy = typename Ktraits::Policy;
   using acc_t = typename Policy::acc_t;
   constexpr int kTileV = Ktraits::kTileV;
-  constexpr int kWarps = Ktraits::kNThreads / device::kWarpSize;
 
   const int tid = threadIdx.x;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
@@ -287,7 +268,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
   const bool token_read = params.read_token;
 
-  const LinearMemoryBwdChunkSmem layout(dk, C, kTileV, kWarps);
+  const LinearMemoryBwdChunkSmem layout(dk, C, kTileV, Ktraits::kWarps);
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m0 = smem.compute(layout.m0);
   const auto s0 = smem.compute(layout.s0);
@@ -300,19 +281,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto qms = smem.compute(layout.qms);
   const auto scores = smem.compute(layout.scores);
   const auto dw = smem.compute(layout.dw);
-  const auto c = smem.compute(layout.c);
-  const auto a = smem.compute(layout.a);
-  const auto g = smem.compute(layout.g);
-  const auto m_end = smem.compute(layout.m_end);
-  const auto s_end = smem.compute(layout.s_end);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
+  const lm::GateTables<compute_t> tables(smem, layout.tables);
   const auto d_a = smem.compute(layout.d_a);
   const auto d_g = smem.compute(layout.d_g);
   const auto d_s = smem.compute(layout.d_s);
   const auto dc_last = smem.compute(layout.dc_last);
-  const auto p = smem.compute(layout.p);
   const auto scratch = smem.compute(layout.scratch);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
@@ -353,13 +326,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::stage_span(chunk_states + s_offset, rows * dk, s0);
   lm::stage_span(cotangents + chunk_offset, rows * dk, dm);
   lm::stage_span(cotangents + s_offset, rows * dk, ds);
-  lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+  tables.stage(params, b, h, t0, L);
   lm::finish_staging();
   __syncthreads();
 
   // A. Recompute the gate tables and E; the products of the cotangent and of the chunk-start
   //    state with K and Q.
-  lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p);
+  tables.build(L, C);
   lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K,
                                       [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0,
                                       err);
@@ -372,7 +345,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
   // B, C. dE, the row-wise coefficient cotangents <e_t, x_t>, <e_t, y_t>, <dO_t, (Q M0^T)_t>,
   //    <dO_t, (Q S0^T)_t> and dW.
-  errors_cotangent<compute_t>(L, rows, kTileV, token_read, m_end, s_end, xy, u, d_e);
+  errors_cotangent<compute_t>(L, rows, kTileV, token_read, tables.m_end, tables.s_end, xy, u, d_e);
   for (int t = tid; t < L; t += blockDim.x) {
     compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
     for (int j = 0; j < rows; ++j) {
@@ -414,7 +387,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     if (t < L && i <= t) {
       if (token_read) {
         value = dw[idx] * scores[idx];
-        dw[idx] *= c[idx];
+        dw[idx] *= tables.c[idx];
       }
       if (t == L - 1) value += dc_last[i];
     }
@@ -445,8 +418,9 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       lm::mma_accumulate<Policy>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K);
     }
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
-      const compute_t value = token_read ? a[t] * compute_t(r[i]) + g[t] * compute_t(u[i]) + compute_t(gk[i])
-                                         : compute_t(r[i]);
+      const compute_t value = token_read
+                                  ? tables.a[t] * compute_t(r[i]) + tables.g[t] * compute_t(u[i]) + compute_t(gk[i])
+                                  : compute_t(r[i]);
       write_qk_grad(params.dq_ptr, dq_part,
                     lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
     });
@@ -460,7 +434,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     if (token_read)
       lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q);
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
-      const compute_t value = m_end[t] * compute_t(x[i]) + s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
+      const compute_t value =
+          tables.m_end[t] * compute_t(x[i]) + tables.s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
       write_qk_grad(params.dk_ptr, dk_part,
                     lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
     });
@@ -661,7 +636,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     const dim3 threads(Ktraits::kNThreads);
     device::Error e = device::launch(
         "linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles(ktraits), threads,
-        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)),
+        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kWarps)),
         stream, params, workspace);
     if (e != device::kSuccess) return e;
     return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
@@ -680,7 +655,7 @@ size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType 
     using Ktraits = decltype(ktraits);
     for (const size_t bytes :
          {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV)),
-          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kNThreads / device::kWarpSize)),
+          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kWarps)),
           lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C))})
       largest = bytes > largest ? bytes : largest;
     return 0;

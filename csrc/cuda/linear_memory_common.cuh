@@ -116,6 +116,7 @@ struct Traits {
   using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
   using Policy = typename OperandPolicy<input_t>::type;
   static constexpr int kNThreads = 128;   // 4 warps share each product's 16x8 tiles
+  static constexpr int kWarps = kNThreads / device::kWarpSize;
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
 
@@ -455,6 +456,32 @@ __device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, in
     beta[t] = compute_t(1) - alpha_in[token_offset(params.alpha, b, t0 + t, h)];
   }
 }
+
+// The full gate tables of a chunk in shared memory (the parallel kernels): the chunk's gates and,
+// built from them, c [C, C], a, g, m_end, s_end, p (chunk_gate_tables).
+struct GateTablesSmem {
+  int c, a, g, m_end, s_end, theta, eta, beta, p;
+  __host__ __device__ GateTablesSmem(SmemCarver& carver, int chunk)
+      : c(carver.compute(chunk * chunk)), a(carver.compute(chunk)), g(carver.compute(chunk)),
+        m_end(carver.compute(chunk)), s_end(carver.compute(chunk)), theta(carver.compute(chunk)),
+        eta(carver.compute(chunk)), beta(carver.compute(chunk)), p(carver.compute(1)) {}
+};
+
+template <typename T>
+struct GateTables {
+  device::SharedPtr<T> c, a, g, m_end, s_end, theta, eta, beta, p;
+  template <class Base>
+  __device__ GateTables(const Base& smem, const GateTablesSmem& at)
+      : c(smem.compute(at.c)), a(smem.compute(at.a)), g(smem.compute(at.g)), m_end(smem.compute(at.m_end)),
+        s_end(smem.compute(at.s_end)), theta(smem.compute(at.theta)), eta(smem.compute(at.eta)),
+        beta(smem.compute(at.beta)), p(smem.compute(at.p)) {}
+  // The gates of tokens t0..t0+L-1 (plain loads, complete at once).
+  __device__ void stage(const LinearMemoryParams& params, int b, int h, int t0, int L) const {
+    stage_gates<T>(params, b, h, t0, L, theta, eta, beta);
+  }
+  // The tables, from the staged gates (after a barrier).
+  __device__ void build(int L, int C) const { chunk_gate_tables<T>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p); }
+};
 
 // dst0[i], dst1[i] = src0[offset + i], src1[offset + i] for i < n; a null source gives zeros.
 template <typename T, class Ptr>

@@ -117,20 +117,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 // Shared memory of the output kernel.
 struct LinearMemoryFwdOutputSmem {
   lm::SmemCarver carver;
+  lm::GateTablesSmem tables;
   int m, s;                 // [kTileV, Dk]: the chunk-start state's rows
   int err;                  // [C, kTileV]: E
-  int scores, coef;         // [C, C]: G = Q K^T (causal) and the gate table c
-  int a, g, m_end, s_end;   // [C]
-  int theta, eta, beta;     // [C]
-  int p;                    // [1]
+  int scores;               // [C, C]: G = Q K^T (causal)
   int q, k, v;              // input region, [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) {
+  __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) : tables(carver, chunk) {
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
-    scores = carver.compute(chunk * chunk), coef = carver.compute(chunk * chunk);
-    a = carver.compute(chunk), g = carver.compute(chunk), m_end = carver.compute(chunk), s_end = carver.compute(chunk);
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-    p = carver.compute(1);
+    scores = carver.compute(chunk * chunk);
     q = carver.input(chunk * dk), k = carver.input(chunk * dk), v = carver.input(chunk * tile_v);
   }
 };
@@ -157,15 +152,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
   const auto scores = smem.compute(layout.scores);
-  const auto coef = smem.compute(layout.coef);
-  const auto a = smem.compute(layout.a);
-  const auto g = smem.compute(layout.g);
-  const auto m_end = smem.compute(layout.m_end);
-  const auto s_end = smem.compute(layout.s_end);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
-  const auto p = smem.compute(layout.p);
+  const lm::GateTables<compute_t> tables(smem, layout.tables);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto v_s = smem.input(layout.v);
@@ -185,13 +172,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
     lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
     lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
     lm::stage_span(m0 + index_t(dv) * dk, rows * dk, s);
-    lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
+    tables.stage(params, b, h, t0, L);
   }
   lm::finish_staging();
   __syncthreads();
 
   if (token_read) {
-    lm::chunk_gate_tables<compute_t>(L, C, theta, eta, beta, coef, a, g, m_end, s_end, p);
+    tables.build(L, C);
     lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K, V, m, err);
     lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
     __syncthreads();
@@ -205,11 +192,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
     if (token_read) {
       lm::mma_accumulate<Policy>(qs, r0, c0, L, rows, dk, Q, St);
       lm::mma_accumulate<Policy>(we, r0, c0, L, rows, L,
-                                 [&](int t, int i) { return coef[t * C + i] * scores[t * C + i]; },
+                                 [&](int t, int i) { return tables.c[t * C + i] * scores[t * C + i]; },
                                  [&](int i, int j) { return err[i * kTileV + j]; });
     }
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
-      const compute_t out = token_read ? a[t] * compute_t(qm[i]) + g[t] * compute_t(qs[i]) + compute_t(we[i])
+      const compute_t out = token_read ? tables.a[t] * compute_t(qm[i]) + tables.g[t] * compute_t(qs[i]) +
+                                             compute_t(we[i])
                                        : compute_t(qm[i]);
       o_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
           device::cast<input_t>(out);
