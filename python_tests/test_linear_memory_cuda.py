@@ -62,6 +62,19 @@ def test_float64(read):
     _compare(ref, out, TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_state_tile(dtype):
+    # More sequential blocks of 16 rows than the device holds at once (4 per SM): the sequential
+    # kernels take 32-row value tiles (linear_memory_state_tile).
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H, Dv = 4, 40
+    B = 4 * sms // (H * 3) + 1  # ceil(40 / 16) = 3 blocks of 16 rows per head
+    inputs, init = memory_inputs(B, 37, H, 16, Dv, dtype, device="cuda")
+    ref = _reference(inputs, init, chunk_size=16)
+    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16)
+    _compare(ref, out, TOLERANCE[dtype])
+
+
 def test_without_initial_state():
     inputs, _ = memory_inputs(2, 90, 2, 64, 64, torch.float32, state=False, device="cuda")
     ref = _reference(inputs, None, chunk_size=64)
