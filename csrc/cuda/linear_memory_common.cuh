@@ -120,6 +120,20 @@ struct Traits {
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
 
+// Whether the sequential kernels read their MMA fragments with ldmatrix (mma_bf16_tiles): bf16
+// inputs whose key dimension and chunk are whole 16-element k-steps.
+template <typename Ktraits>
+__host__ __device__ constexpr bool uses_fragments(int dk, int chunk) {
+  return std::is_same<typename Ktraits::Policy, Bf16Operands>::value && dk % 16 == 0 && chunk % 16 == 0;
+}
+
+// Leading dimension of a staged [rows, width] tile of T: one 16-byte piece wider than the row,
+// so that consecutive rows start in different shared-memory banks.
+template <typename T>
+__host__ __device__ constexpr int padded(int width) {
+  return width + 16 / int(sizeof(T));
+}
+
 // Host side: calls f(Traits<input_t, kTileV>{}) for the runtime input type and value tile (16 or
 // 32), so each launch is written once for every instantiation.
 template <class F>
@@ -169,6 +183,52 @@ __device__ __forceinline__ void mma_accumulate(typename Policy::acc_t (&acc)[4],
   const auto a_in = [&](int r, int k) -> acc_t { return r < M && k < K ? acc_t(a(r, k)) : acc_t(0); };
   const auto b_in = [&](int k, int c) -> acc_t { return k < K && c < N ? acc_t(b(k, c)) : acc_t(0); };
   for (int k0 = 0; k0 < K; k0 += Policy::kK) Policy::step(acc, a_in, b_in, r0, c0, k0);
+}
+
+// bf16 products from ldmatrix fragments: the sequential kernels' path for bf16 inputs.
+//
+// Operands are bf16 tiles in shared memory, row-major with a leading dimension ld (a multiple of 8
+// elements, so that every ldmatrix row is 16-byte aligned; ld = width + 8 keeps the 8 rows of a
+// matrix in different banks): A [M, K] by its rows; B either by the rows of B^T ([N, K],
+// "n-major", e.g. a state M0 read as M0^T) or by its own rows ([K, N], "k-major", loaded
+// transposed). Nothing is bounds-checked: rows of A beyond M and of an n-major B beyond N only
+// reach discarded outputs, but the contraction runs to K rounded up to 16, so entries beyond K
+// must be zero in both operands (shared memory may hold NaN, and 0 * NaN is NaN).
+template <class Ptr>
+struct Bf16Tile {
+  Ptr base;
+  int ld;
+};
+
+// acc += A[r0:r0+16, 0:K] B[0:K, c0:c0+8] (fragment layouts: mma.h, ldmatrix.h).
+template <bool kBKMajor, class Ptr>
+__device__ __forceinline__ void mma_bf16_tiles(float (&acc)[4], int r0, int c0, int K, const Bf16Tile<Ptr>& a,
+                                               const Bf16Tile<Ptr>& b) {
+  const int lane = device::lane_id();
+  const int matrix = lane / 8, row = lane % 8;
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t af[4], bf[2];
+    // A's registers a0..a3: rows 0-7 | 8-15 of k 0-7, then of k 8-15.
+    device::ldmatrix_x4(af, a.base + ((r0 + matrix % 2 * 8 + row) * a.ld + k0 + matrix / 2 * 8));
+    // B's registers b0, b1: k 0-7, k 8-15 (lanes 16-31 repeat the addresses of lanes 0-15).
+    if constexpr (kBKMajor)
+      device::ldmatrix_x2_trans(bf, b.base + ((k0 + matrix % 2 * 8 + row) * b.ld + c0));
+    else
+      device::ldmatrix_x2(bf, b.base + ((c0 + row) * b.ld + k0 + matrix % 2 * 8));
+    device::mma_m16n8k16_bf16(acc, af, bf, acc);
+  }
+}
+
+// acc += A B for the 16x8 tile at (r0, c0) of an M x N product: through ldmatrix fragments of
+// the bf16 tiles when they are given (bf16 inputs only: non-null a_tile and b_tile), else through
+// the policy's loads of the operand views a(r, k), b(k, c). Both read the same bf16 values.
+template <class Policy, bool kBKMajor, class A, class B, class Tile>
+__device__ __forceinline__ void tile_product(typename Policy::acc_t (&acc)[4], int r0, int c0, int M, int N, int K,
+                                             const A& a, const B& b, const Tile* a_tile, const Tile* b_tile) {
+  if constexpr (std::is_same<Policy, Bf16Operands>::value) {
+    if (a_tile) return mma_bf16_tiles<kBKMajor>(acc, r0, c0, K, *a_tile, *b_tile);
+  }
+  mma_accumulate<Policy>(acc, r0, c0, M, N, K, a, b);
 }
 
 // Calls out(r, c, i) for this lane's accumulator elements i of the tile at (r0, c0) inside M x N.

@@ -27,19 +27,29 @@ namespace titans {
 
 // Shared memory of the sequential kernel (offsets in elements of each region's type). The staged
 // tiles are double-buffered: chunk n + 1's load overlaps chunk n's products.
+template <typename Ktraits>
 struct LinearMemoryFwdStateSmem {
+  using input_t = typename Ktraits::input_t;
   lm::SmemCarver carver;
+  int ldk, ldc;             // leading dimensions of the staged keys and of em, es
   int m, s;                 // [kTileV, Dk]: the block's rows of M and S
   int err;                  // [C, kTileV]: E
   int gate_rows;            // 2 x [linear_memory_gate_rows_size(C)]
-  int k, v;                 // input region, 2 x [C, Dk] and 2 x [C, kTileV]: keys, values' tile
+  int k, v;                 // input region, 2 x [C, ldk] and 2 x [C, kTileV]: keys, values' tile
+  int m_bf, em, es;         // input region, with fragments: [kTileV, ldk] bf16 copy of M; [kTileV,
+                            // ldc]: E^T diag(m) and E^T diag(s), the update's A operands
   int gate_rows_size, k_size, v_size;  // one buffer of each
-  __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk, int tile_v)
-      : gate_rows_size(linear_memory_gate_rows_size(chunk)), k_size(chunk * dk), v_size(chunk * tile_v) {
+  __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk)
+      : ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
+        gate_rows_size(linear_memory_gate_rows_size(chunk)), k_size(chunk * ldk), v_size(chunk * Ktraits::kTileV) {
+    constexpr int tile_v = Ktraits::kTileV;
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
     gate_rows = carver.compute(2 * gate_rows_size);
     k = carver.input(2 * k_size), v = carver.input(2 * v_size);
+    const bool fragments = lm::uses_fragments<Ktraits>(dk, chunk);
+    m_bf = carver.input(fragments ? tile_v * ldk : 0);
+    em = carver.input(fragments ? tile_v * ldc : 0), es = carver.input(fragments ? tile_v * ldc : 0);
   }
 };
 
@@ -55,8 +65,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
   const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
+  // bf16 inputs read their fragments with ldmatrix from bf16 tiles: a copy of M beside the fp32
+  // state, and the update's operands as E's epilogue rounds them. The scalar path rounds the same
+  // values, so both give the same bits.
+  const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
-  const LinearMemoryFwdStateSmem layout(dk, C, kTileV);
+  const LinearMemoryFwdStateSmem<Ktraits> layout(dk, C);
+  const int ldk = layout.ldk, ldc = layout.ldc;
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
@@ -64,19 +79,28 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto gate_rows = smem.compute(layout.gate_rows);
   const auto k_s = smem.input(layout.k);
   const auto v_s = smem.input(layout.v);
+  const auto m_bf = smem.input(layout.m_bf);
+  const auto em = smem.input(layout.em);
+  const auto es = smem.input(layout.es);
 
   // This block's rows [v0, v0 + rows) of the contiguous [B, H, Dv, Dk] states.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
   lm::load_state_pair(static_cast<const compute_t*>(params.m0_ptr), static_cast<const compute_t*>(params.s0_ptr),
                       state_offset, rows * dk, m, s);
+  if (fragments)  // each thread converts the elements it loaded
+    for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) m_bf[i / dk * ldk + i % dk] = device::cast<input_t>(m[i]);
   auto* chunk_states = static_cast<compute_t*>(params.chunk_states_ptr);
   const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
   const auto stage = [&](int n, int buffer) {
-    lm::stage_token_rows<input_t>(params.k, b, h, n * C, chunk_len(n), 0, dk, dk, k_s + buffer * layout.k_size);
-    lm::stage_token_rows<input_t>(params.v, b, h, n * C, chunk_len(n), v0, rows, kTileV,
-                                  v_s + buffer * layout.v_size);
+    const int L = chunk_len(n);
+    const auto k_buffer = k_s + buffer * layout.k_size;
+    lm::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, ldk, k_buffer);
+    // The fragments' contraction over the chunk runs to C: the keys past a short chunk are zeros.
+    if (fragments)
+      for (int i = L * ldk + threadIdx.x; i < C * ldk; i += blockDim.x) k_buffer[i] = device::cast<input_t>(0.f);
+    lm::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, rows, kTileV, v_s + buffer * layout.v_size);
     lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
   };
   lm::pipelined_chunk_loop(params.n_chunks, false, stage, [&](int n, int buffer) {
@@ -84,10 +108,29 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     const auto k_chunk = k_s + buffer * layout.k_size;
     const auto v_chunk = v_s + buffer * layout.v_size;
     const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
-    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * dk + d]); };
+    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * ldk + d]); };
     const auto V = [&](int t, int j) { return device::cast<compute_t>(v_chunk[t * kTileV + j]); };
+    const lm::Bf16Tile<decltype(k_chunk)> k_tile{k_chunk, ldk}, m_tile{m_bf, ldk}, em_tile{em, ldc}, es_tile{es, ldc};
 
-    lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K, V, m, err);
+    // E = 2 (K M0^T - V), and with fragments E^T diag(m), E^T diag(s) in bf16 (zeros past L).
+    lm::for_each_tile(L, rows, [&](int r0, int c0) {
+      acc_t acc[4] = {};
+      lm::tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m[j * dk + d]; },
+                                      fragments ? &k_tile : nullptr, &m_tile);
+      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+        const compute_t e = compute_t(2) * (compute_t(acc[i]) - V(t, j));
+        err[t * kTileV + j] = e;
+        if (fragments) {
+          em[j * ldc + t] = device::cast<input_t>(gates.m_end[t] * e);
+          es[j * ldc + t] = device::cast<input_t>(gates.s_end[t] * e);
+        }
+      });
+    });
+    if (fragments)
+      for (int i = threadIdx.x; i < kTileV * (C - L); i += blockDim.x) {
+        const int j = i / (C - L), t = L + i % (C - L);
+        em[j * ldc + t] = es[j * ldc + t] = device::cast<input_t>(0.f);
+      }
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
     lm::store_state_pair(m, s, index_t(v0) * dk, rows * dk, chunk_states + chunk_offset,
                          chunk_states + chunk_offset + index_t(dv) * dk);
@@ -96,16 +139,19 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     // The lane owning (j, d) of both products updates M and S there.
     const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
-      acc_t em[4] = {}, es[4] = {};
-      lm::mma_accumulate<Policy>(em, r0, c0, rows, dk, L,
-                                 [&](int j, int t) { return gates.m_end[t] * err[t * kTileV + j]; }, K);
-      lm::mma_accumulate<Policy>(es, r0, c0, rows, dk, L,
-                                 [&](int j, int t) { return gates.s_end[t] * err[t * kTileV + j]; }, K);
+      acc_t am[4] = {}, as[4] = {};
+      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
+                                     [&](int j, int t) { return gates.m_end[t] * err[t * kTileV + j]; }, K,
+                                     fragments ? &em_tile : nullptr, &k_tile);
+      lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L,
+                                     [&](int j, int t) { return gates.s_end[t] * err[t * kTileV + j]; }, K,
+                                     fragments ? &es_tile : nullptr, &k_tile);
       lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t m_old = m[idx], s_old = s[idx];
-        m[idx] = a_L * m_old + g_L * s_old + compute_t(em[i]);
-        s[idx] = p_L * s_old + compute_t(es[i]);
+        m[idx] = a_L * m_old + g_L * s_old + compute_t(am[i]);
+        s[idx] = p_L * s_old + compute_t(as[i]);
+        if (fragments) m_bf[j * ldk + d] = device::cast<input_t>(m[idx]);
       });
     });
   });
@@ -221,7 +267,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
     return device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
                           dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem(dk, C, Ktraits::kTileV)), stream, params,
+                          lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(dk, C)), stream, params,
                           workspace);
   });
   if (err != device::kSuccess || params.n_chunks == 0) return static_cast<int>(err);
@@ -237,7 +283,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
 size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
   const int dk = params.dk, C = params.chunk_size;
   const size_t state = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem(dk, C, decltype(ktraits)::kTileV));
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem<decltype(ktraits)>(dk, C));
   });
   const size_t output = lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
     return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem(dk, C, decltype(ktraits)::kTileV));
