@@ -34,14 +34,15 @@
 namespace titans {
 
 // dE = diag(m) X + diag(s) Y + U for the block's value tile, from X | Y = K [dM; dS]^T (xy,
-// [L, 2 tile_v]) and U = (Q K^T .* c)^T dO (token read; zero for the chunk_start read).
-template <typename T, class Ptr>
+// [L, 2 tile_v]) and U = (Q K^T .* c)^T dO (token read; zero for the chunk_start read): calls
+// emit(t, j, dE[t, j]) for t < L, j < rows.
+template <typename T, class Ptr, class Emit>
 __device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bool token_read, const Ptr& m_end,
-                                                 const Ptr& s_end, const Ptr& xy, const Ptr& u, const Ptr& d_e) {
+                                                 const Ptr& s_end, const Ptr& xy, const Ptr& u, const Emit& emit) {
   for (int idx = threadIdx.x; idx < L * rows; idx += blockDim.x) {
     const int t = idx / rows, j = idx % rows;
-    d_e[t * tile_v + j] = m_end[t] * xy[t * 2 * tile_v + j] + s_end[t] * xy[t * 2 * tile_v + tile_v + j] +
-                          (token_read ? u[t * tile_v + j] : T(0));
+    emit(t, j, m_end[t] * xy[t * 2 * tile_v + j] + s_end[t] * xy[t * 2 * tile_v + tile_v + j] +
+                   (token_read ? u[t * tile_v + j] : T(0)));
   }
 }
 
@@ -110,22 +111,33 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
 // Shared memory of the reverse sequential kernel (offsets in elements of each region's type). The
 // staged tiles are double-buffered: chunk n - 1's load overlaps chunk n's products.
+template <typename Ktraits>
 struct LinearMemoryBwdStateSmem {
+  using input_t = typename Ktraits::input_t;
   lm::SmemCarver carver;
+  int ldk, ldc;             // leading dimensions of the staged queries and keys, and of the A tiles
   int dm, ds;               // [kTileV, Dk]: the carried cotangent
   int d_e;                  // [C, kTileV]
   int xy;                   // [C, 2 kTileV]: X = K dM^T | Y = K dS^T
   int u;                    // 2 x [C, kTileV]: the read-out's share of dE (token read)
   int gate_rows;            // 2 x [linear_memory_gate_rows_size(C)]
-  int q, k, d_o;            // input region: 2 x [C, Dk], 2 x [C, Dk], 2 x [C, kTileV]
+  int q, k, d_o;            // input region: 2 x [C, ldk], 2 x [C, ldk], 2 x [C, kTileV]
+  int dmds_bf;              // input region, with fragments: [2 kTileV, ldk] bf16 copy of [dM; dS]
+  int de_t, ado_t, gdo_t;   // input region, with fragments: [kTileV, ldc] each, the update's A
+                            // operands 2 dE^T, (diag(a) dO)^T (chunk_start: dO^T), (diag(g) dO)^T
   int u_size, gate_rows_size, qk_size, d_o_size;  // one buffer of each
-  __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk, int tile_v)
-      : u_size(chunk * tile_v), gate_rows_size(linear_memory_gate_rows_size(chunk)), qk_size(chunk * dk),
-        d_o_size(chunk * tile_v) {
+  __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk)
+      : ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)), u_size(chunk * Ktraits::kTileV),
+        gate_rows_size(linear_memory_gate_rows_size(chunk)), qk_size(chunk * ldk), d_o_size(chunk * Ktraits::kTileV) {
+    constexpr int tile_v = Ktraits::kTileV;
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
     d_e = carver.compute(chunk * tile_v), xy = carver.compute(chunk * 2 * tile_v);
     u = carver.compute(2 * u_size), gate_rows = carver.compute(2 * gate_rows_size);
     q = carver.input(2 * qk_size), k = carver.input(2 * qk_size), d_o = carver.input(2 * d_o_size);
+    const bool fragments = lm::uses_fragments<Ktraits>(dk, chunk);
+    dmds_bf = carver.input(fragments ? 2 * tile_v * ldk : 0);
+    de_t = carver.input(fragments ? tile_v * ldc : 0), ado_t = carver.input(fragments ? tile_v * ldc : 0);
+    gdo_t = carver.input(fragments ? tile_v * ldc : 0);
   }
 };
 
@@ -142,8 +154,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
   const bool token_read = params.read_token;
+  // bf16 inputs read their fragments with ldmatrix, as in the forward's state kernel.
+  const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
-  const LinearMemoryBwdStateSmem layout(dk, C, kTileV);
+  const LinearMemoryBwdStateSmem<Ktraits> layout(dk, C);
+  const int ldk = layout.ldk, ldc = layout.ldc;
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto dm = smem.compute(layout.dm);
   const auto ds = smem.compute(layout.ds);
@@ -154,19 +169,38 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
+  const auto dmds_bf = smem.input(layout.dmds_bf);
+  const auto de_t = smem.input(layout.de_t);
+  const auto ado_t = smem.input(layout.ado_t);
+  const auto gdo_t = smem.input(layout.gdo_t);
 
   // The cotangent of the final state (zero when the final state is not used), this tile's rows.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
   lm::load_state_pair(static_cast<const compute_t*>(params.d_m_final_ptr),
                       static_cast<const compute_t*>(params.d_s_final_ptr), state_offset, rows * dk, dm, ds);
+  // dM in rows 0..rows-1 of the bf16 stack, dS in rows kTileV.. (a partial tile's other rows
+  // stay unused).
+  const auto set_stacked = [&](int j, int d, compute_t dm_value, compute_t ds_value) {
+    dmds_bf[j * ldk + d] = device::cast<input_t>(dm_value);
+    dmds_bf[(kTileV + j) * ldk + d] = device::cast<input_t>(ds_value);
+  };
+  if (fragments)  // each thread converts the elements it loaded
+    for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) set_stacked(i / dk, i % dk, dm[i], ds[i]);
   auto* cotangents = static_cast<compute_t*>(workspace.chunk_cotangents);
   const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
   const auto stage = [&](int n, int buffer) {
     const int t0 = n * C, L = chunk_len(n);
-    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s + buffer * layout.qk_size);
-    lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s + buffer * layout.qk_size);
+    const auto k_buffer = k_s + buffer * layout.qk_size, q_buffer = q_s + buffer * layout.qk_size;
+    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_buffer);
+    lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_buffer);
+    // The fragments' contraction over the chunk runs to C: the rows past a short chunk are zeros.
+    if (fragments)
+      for (int i = L * ldk + threadIdx.x; i < C * ldk; i += blockDim.x) {
+        k_buffer[i] = device::cast<input_t>(0.f);
+        q_buffer[i] = device::cast<input_t>(0.f);
+      }
     lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s + buffer * layout.d_o_size);
     if (token_read)
       lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L,
@@ -179,37 +213,66 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     const auto k_chunk = k_s + buffer * layout.qk_size;
     const auto do_chunk = do_s + buffer * layout.d_o_size;
     const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
-    const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_chunk[t * dk + d]); };
-    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * dk + d]); };
+    const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_chunk[t * ldk + d]); };
+    const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * ldk + d]); };
     const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_chunk[t * kTileV + j]); };
+    // The update's dO operands: diag(a) dO and diag(g) dO (token read), dO (chunk_start read).
+    const auto dO_a = [&](int t, int j) { return token_read ? gates.a[t] * dO(t, j) : dO(t, j); };
+    const auto dO_g = [&](int t, int j) { return gates.g[t] * dO(t, j); };
+    const lm::Bf16Tile<decltype(q_chunk)> q_tile{q_chunk, ldk}, k_tile{k_chunk, ldk}, dmds_tile{dmds_bf, ldk},
+        de_tile{de_t, ldc}, ado_tile{ado_t, ldc}, gdo_tile{gdo_t, ldc};
 
-    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
+    // X | Y = K [dM; dS]^T into xy's columns j (dM) and kTileV + j (dS). With fragments, the dO
+    // operands of the update in bf16, transposed, zeros past L.
+    lm::for_each_tile(L, 2 * kTileV, [&](int r0, int c0) {
+      acc_t acc[4] = {};
+      lm::tile_product<Policy, false>(
+          acc, r0, c0, L, 2 * kTileV, dk, K,
+          [&](int d, int col) {
+            const int j = col % kTileV;
+            return j >= rows ? compute_t(0) : col < kTileV ? dm[j * dk + d] : ds[j * dk + d];
+          },
+          fragments ? &k_tile : nullptr, &dmds_tile);
+      lm::for_each_element(r0, c0, L, 2 * kTileV, [&](int t, int col, int i) { xy[t * 2 * kTileV + col] = acc[i]; });
+    });
+    if (fragments)
+      for (int i = threadIdx.x; i < kTileV * C; i += blockDim.x) {
+        const int j = i / C, t = i % C;
+        const bool in = t < L && j < rows;
+        ado_t[j * ldc + t] = device::cast<input_t>(in ? dO_a(t, j) : compute_t(0));
+        gdo_t[j * ldc + t] = device::cast<input_t>(in && token_read ? dO_g(t, j) : compute_t(0));
+        if (t >= L) de_t[j * ldc + t] = device::cast<input_t>(0.f);
+      }
     const index_t chunk_offset = lm::chunk_state_offset(params, bh, n);
     lm::store_state_pair(dm, ds, index_t(v0) * dk, rows * dk, cotangents + chunk_offset,
                          cotangents + chunk_offset + index_t(dv) * dk);
     __syncthreads();
 
     errors_cotangent<compute_t>(L, rows, kTileV, token_read, gates.m_end, gates.s_end, xy,
-                                u_s + buffer * layout.u_size, d_e);
+                                u_s + buffer * layout.u_size, [&](int t, int j, compute_t value) {
+                                  d_e[t * kTileV + j] = value;
+                                  if (fragments) de_t[j * ldc + t] = device::cast<input_t>(compute_t(2) * value);
+                                });
     __syncthreads();
 
     // The lane owning (j, d) of both products reads the old dM, dS there and writes the new ones.
     const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
     lm::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
-      lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L,
-                                 [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; }, K);
-      if (token_read) {
-        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return gates.a[t] * dO(t, j); }, Q);
-        lm::mma_accumulate<Policy>(as, r0, c0, rows, dk, L, [&](int j, int t) { return gates.g[t] * dO(t, j); }, Q);
-      } else {
-        lm::mma_accumulate<Policy>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO(t, j); }, Q);
-      }
+      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
+                                     [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; }, K,
+                                     fragments ? &de_tile : nullptr, &k_tile);
+      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO_a(t, j); }, Q,
+                                     fragments ? &ado_tile : nullptr, &q_tile);
+      if (token_read)
+        lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L, [&](int j, int t) { return dO_g(t, j); }, Q,
+                                       fragments ? &gdo_tile : nullptr, &q_tile);
       lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t dm_old = dm[idx], ds_old = ds[idx];
         dm[idx] = a_L * dm_old + compute_t(am[i]);
         ds[idx] = g_L * dm_old + p_L * ds_old + compute_t(as[i]);
+        if (fragments) set_stacked(j, d, dm[idx], ds[idx]);
       });
     });
   });
@@ -345,7 +408,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
   // B, C. dE, the row-wise coefficient cotangents <e_t, x_t>, <e_t, y_t>, <dO_t, (Q M0^T)_t>,
   //    <dO_t, (Q S0^T)_t> and dW.
-  errors_cotangent<compute_t>(L, rows, kTileV, token_read, tables.m_end, tables.s_end, xy, u, d_e);
+  errors_cotangent<compute_t>(L, rows, kTileV, token_read, tables.m_end, tables.s_end, xy, u,
+                              [&](int t, int j, compute_t value) { d_e[t * kTileV + j] = value; });
   for (int t = tid; t < L; t += blockDim.x) {
     compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
     for (int j = 0; j < rows; ++j) {
@@ -627,7 +691,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     return device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
                           dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem(dk, C, Ktraits::kTileV)), stream, params,
+                          lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem<Ktraits>(dk, C)), stream, params,
                           workspace);
   }));
   if (err != 0 || params.n_chunks == 0) return err;
@@ -649,7 +713,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
 size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
   const int dk = params.dk, C = params.chunk_size;
   size_t largest = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem(dk, C, decltype(ktraits)::kTileV));
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(dk, C));
   });
   lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
