@@ -47,14 +47,21 @@ __device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bo
 }
 
 // Shared memory of the kernel of the read-out's share of dE.
+template <typename Ktraits>
 struct LinearMemoryBwdLocalSmem {
+  using input_t = typename Ktraits::input_t;
   lm::SmemCarver carver;
   lm::GateTablesSmem tables;
+  int ldk, ldc, ldv;        // leading dimensions of the staged q, k, dO and of the bf16 W^T
   int scores;               // [C, C]: G = Q K^T (causal)
-  int q, k, d_o;            // input region: [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk, int tile_v) : tables(carver, chunk) {
+  int q, k, d_o;            // input region: [C, ldk], [C, ldk], [C, ldv]
+  int wt_bf;                // input region, with fragments: [C, ldc], W^T = (G .* c)^T in bf16
+  __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk)
+      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
+        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
     scores = carver.compute(chunk * chunk);
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk), d_o = carver.input(chunk * tile_v);
+    q = carver.input(chunk * ldk), k = carver.input(chunk * ldk), d_o = carver.input(chunk * ldv);
+    wt_bf = carver.input(lm::uses_fragments<Ktraits>(dk, chunk) ? chunk * ldc : 0);
   }
 };
 
@@ -75,34 +82,52 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
   const int t0 = n * C;
   const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
-  const LinearMemoryBwdLocalSmem layout(dk, C, kTileV);
+  const LinearMemoryBwdLocalSmem<Ktraits> layout(dk, C);
+  const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto scores = smem.compute(layout.scores);
   const lm::GateTables<compute_t> tables(smem, layout.tables);
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto do_s = smem.input(layout.d_o);
-  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
-  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
-  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
+  const auto wt_bf = smem.input(layout.wt_bf);
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * ldk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * ldk + d]); };
+  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * ldv + j]); };
+  const lm::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, wt_tile{wt_bf, ldc}, do_tile{do_s, ldv};
 
-  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
-  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
+  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
   tables.stage(params, b, h, t0, L);
+  // The fragments' contraction over the chunk runs to a multiple of 16: dO's rows past L are zeros.
+  if (fragments)
+    for (int idx = L * ldv + threadIdx.x; idx < C * ldv; idx += blockDim.x) do_s[idx] = device::cast<input_t>(0.f);
   lm::finish_staging();
   __syncthreads();
 
   tables.build(L, C);
-  lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+  lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, fragments ? &q_tile : nullptr, &k_tile);
   __syncthreads();
+
+  // W^T in bf16 for the fragments: row t holds W[i, t] = c[i, t] G[i, t] for t <= i < L, else 0.
+  if (fragments) {
+    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
+      const int t = idx / C, i = idx % C;
+      wt_bf[t * ldc + i] =
+          device::cast<input_t>(i < L && t <= i ? scores[i * C + t] * tables.c[i * C + t] : compute_t(0));
+    }
+    __syncthreads();
+  }
 
   auto* u = static_cast<compute_t*>(workspace.errors_local);
   lm::for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    lm::mma_accumulate<Policy>(acc, r0, c0, L, rows, L,
-                               [&](int t, int i) { return scores[i * C + t] * tables.c[i * C + t]; }, dO);
+    lm::tile_product<Policy, true>(acc, r0, c0, L, rows, L,
+                                   [&](int t, int i) { return scores[i * C + t] * tables.c[i * C + t]; }, dO,
+                                   fragments ? &wt_tile : nullptr, &do_tile);
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
       u[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
     });
@@ -396,12 +421,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   // A. Recompute the gate tables and E; the products of the cotangent and of the chunk-start
   //    state with K and Q.
   tables.build(L, C);
-  lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K,
-                                      [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0,
-                                      err);
+  const lm::Bf16Tile<decltype(q_s)>* const no_fragments = nullptr;
+  lm::chunk_errors<Policy, compute_t>(
+      L, rows, dk, K, [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0, no_fragments,
+      no_fragments, [&](int t, int j, compute_t e) { err[t * kTileV + j] = e; });
   lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
   if (token_read) {
-    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, no_fragments, no_fragments);
     lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms);
   }
   __syncthreads();
@@ -681,7 +707,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
       using Ktraits = decltype(ktraits);
       return device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles(ktraits),
                             dim3(Ktraits::kNThreads),
-                            lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV)), stream, params,
+                            lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)), stream, params,
                             workspace);
     });
     if (err != 0) return err;
@@ -718,7 +744,7 @@ size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType 
   lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     for (const size_t bytes :
-         {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem(dk, C, Ktraits::kTileV)),
+         {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
           lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kWarps)),
           lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C))})
       largest = bytes > largest ? bytes : largest;

@@ -286,23 +286,27 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
 // ---------------------------------------------------------------------------------------------
 // Chunk products shared by the kernels (each call is one tile loop, no barrier)
 
-// E = 2 (K M0^T - V) for the block's value tile, into err [L, tile_v].
-template <class Policy, typename T, class KOp, class VOp, class Ptr>
-__device__ __forceinline__ void chunk_errors(int L, int rows, int dk, int tile_v, const KOp& K, const VOp& V,
-                                             const Ptr& m0, const Ptr& err) {
+// E = 2 (K M0^T - V) for the block's value tile: calls emit(t, j, E[t, j]) for t < L, j < rows.
+// With k_tile and m_tile (bf16 inputs: the keys and a bf16 copy of M0), through ldmatrix.
+template <class Policy, typename T, class KOp, class VOp, class Ptr, class Tile, class Emit>
+__device__ __forceinline__ void chunk_errors(int L, int rows, int dk, const KOp& K, const VOp& V, const Ptr& m0,
+                                             const Tile* k_tile, const Tile* m_tile, const Emit& emit) {
   for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    mma_accumulate<Policy>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; });
-    for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { err[t * tile_v + j] = T(2) * (T(acc[i]) - V(t, j)); });
+    tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; }, k_tile,
+                                m_tile);
+    for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { emit(t, j, T(2) * (T(acc[i]) - V(t, j))); });
   });
 }
 
-// G = Q K^T with the entries above the diagonal set to zero, into g [L, C].
-template <class Policy, typename T, class QOp, class KOp, class Ptr>
-__device__ __forceinline__ void causal_scores(int L, int C, int dk, const QOp& Q, const KOp& K, const Ptr& g) {
+// G = Q K^T with the entries above the diagonal set to zero, into g [L, C]; through ldmatrix
+// with q_tile and k_tile (bf16 inputs).
+template <class Policy, typename T, class QOp, class KOp, class Ptr, class Tile>
+__device__ __forceinline__ void causal_scores(int L, int C, int dk, const QOp& Q, const KOp& K, const Ptr& g,
+                                              const Tile* q_tile, const Tile* k_tile) {
   for_each_tile(L, L, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    mma_accumulate<Policy>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); });
+    tile_product<Policy, false>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); }, q_tile, k_tile);
     for_each_element(r0, c0, L, L, [&](int t, int i, int e) { g[t * C + i] = i <= t ? T(acc[e]) : T(0); });
   });
 }

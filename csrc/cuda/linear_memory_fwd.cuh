@@ -161,18 +161,29 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 }
 
 // Shared memory of the output kernel.
+template <typename Ktraits>
 struct LinearMemoryFwdOutputSmem {
+  using input_t = typename Ktraits::input_t;
   lm::SmemCarver carver;
   lm::GateTablesSmem tables;
+  int ldk, ldc, ldv;        // leading dimensions of the staged q, k, and of the bf16 W and E
   int m, s;                 // [kTileV, Dk]: the chunk-start state's rows
   int err;                  // [C, kTileV]: E
   int scores;               // [C, C]: G = Q K^T (causal)
-  int q, k, v;              // input region, [C, Dk], [C, Dk], [C, kTileV]
-  __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk, int tile_v) : tables(carver, chunk) {
+  int q, k, v;              // input region, [C, ldk], [C, ldk], [C, kTileV]
+  int m_bf, s_bf;           // input region, with fragments: [kTileV, ldk], bf16 copies of M0, S0
+  int w_bf, e_bf;           // input region, with fragments: [C, ldc] W = G .* c, [C, ldv] E
+  __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk)
+      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
+        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
+    constexpr int tile_v = Ktraits::kTileV;
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
     scores = carver.compute(chunk * chunk);
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk), v = carver.input(chunk * tile_v);
+    q = carver.input(chunk * ldk), k = carver.input(chunk * ldk), v = carver.input(chunk * tile_v);
+    const bool fragments = lm::uses_fragments<Ktraits>(dk, chunk);
+    m_bf = carver.input(fragments ? tile_v * ldk : 0), s_bf = carver.input(fragments ? tile_v * ldk : 0);
+    w_bf = carver.input(fragments ? chunk * ldc : 0), e_bf = carver.input(fragments ? chunk * ldv : 0);
   }
 };
 
@@ -191,8 +202,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   const int t0 = n * C;
   const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
   const bool token_read = params.read_token;
+  // bf16 inputs read their fragments with ldmatrix, from bf16 copies of the operands that are
+  // not staged in bf16 (rounded as the scalar path rounds them).
+  const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
-  const LinearMemoryFwdOutputSmem layout(dk, C, kTileV);
+  const LinearMemoryFwdOutputSmem<Ktraits> layout(dk, C);
+  const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
@@ -202,20 +217,27 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   const auto q_s = smem.input(layout.q);
   const auto k_s = smem.input(layout.k);
   const auto v_s = smem.input(layout.v);
+  const auto m_bf = smem.input(layout.m_bf);
+  const auto s_bf = smem.input(layout.s_bf);
+  const auto w_bf = smem.input(layout.w_bf);
+  const auto e_bf = smem.input(layout.e_bf);
 
   const index_t bh = index_t(b) * params.heads + h;
   const auto* m0 = static_cast<const compute_t*>(params.chunk_states_ptr) + lm::chunk_state_offset(params, bh, n) +
                    index_t(v0) * dk;
-  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
-  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * ldk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * ldk + d]); };
   const auto V = [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); };
   const auto Mt = [&](int d, int j) { return m[j * dk + d]; };  // M0^T: [Dk, rows]
   const auto St = [&](int d, int j) { return s[j * dk + d]; };
+  const lm::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, m_tile{m_bf, ldk}, s_tile{s_bf, ldk},
+      w_tile{w_bf, ldc}, e_tile{e_bf, ldv};
+  const auto* q_frag = fragments ? &q_tile : nullptr;
 
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
   lm::stage_span(m0, rows * dk, m);
   if (token_read) {
-    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
+    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
     lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
     lm::stage_span(m0 + index_t(dv) * dk, rows * dk, s);
     tables.stage(params, b, h, t0, L);
@@ -223,10 +245,33 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   lm::finish_staging();
   __syncthreads();
 
+  if (fragments)
+    for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) {
+      m_bf[i / dk * ldk + i % dk] = device::cast<input_t>(m[i]);
+      if (token_read) s_bf[i / dk * ldk + i % dk] = device::cast<input_t>(s[i]);
+    }
   if (token_read) {
     tables.build(L, C);
-    lm::chunk_errors<Policy, compute_t>(L, rows, dk, kTileV, K, V, m, err);
-    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, q_frag, &k_tile);
+  }
+  __syncthreads();
+
+  if (token_read) {
+    lm::chunk_errors<Policy, compute_t>(L, rows, dk, K, V, m, fragments ? &k_tile : nullptr, &m_tile,
+                                        [&](int t, int j, compute_t e) {
+                                          err[t * kTileV + j] = e;
+                                          if (fragments) e_bf[t * ldv + j] = device::cast<input_t>(e);
+                                        });
+    // With fragments, W and E in bf16 with zeros past L (the contraction over the chunk runs to
+    // a multiple of 16) and above the diagonal.
+    if (fragments) {
+      for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
+        const int t = idx / C, i = idx % C;
+        w_bf[t * ldc + i] =
+            device::cast<input_t>(t < L && i <= t ? tables.c[t * C + i] * scores[t * C + i] : compute_t(0));
+      }
+      for (int idx = L * ldv + threadIdx.x; idx < C * ldv; idx += blockDim.x) e_bf[idx] = device::cast<input_t>(0.f);
+    }
     __syncthreads();
   }
 
@@ -234,12 +279,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   auto* o_out = static_cast<input_t*>(params.o_ptr);
   lm::for_each_tile(L, rows, [&](int r0, int c0) {
     acc_t qm[4] = {}, qs[4] = {}, we[4] = {};
-    lm::mma_accumulate<Policy>(qm, r0, c0, L, rows, dk, Q, Mt);
+    lm::tile_product<Policy, false>(qm, r0, c0, L, rows, dk, Q, Mt, q_frag, &m_tile);
     if (token_read) {
-      lm::mma_accumulate<Policy>(qs, r0, c0, L, rows, dk, Q, St);
-      lm::mma_accumulate<Policy>(we, r0, c0, L, rows, L,
-                                 [&](int t, int i) { return tables.c[t * C + i] * scores[t * C + i]; },
-                                 [&](int i, int j) { return err[i * kTileV + j]; });
+      lm::tile_product<Policy, false>(qs, r0, c0, L, rows, dk, Q, St, q_frag, &s_tile);
+      lm::tile_product<Policy, true>(
+          we, r0, c0, L, rows, L, [&](int t, int i) { return tables.c[t * C + i] * scores[t * C + i]; },
+          [&](int i, int j) { return err[i * kTileV + j]; }, fragments ? &w_tile : nullptr, &e_tile);
     }
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
       const compute_t out = token_read ? tables.a[t] * compute_t(qm[i]) + tables.g[t] * compute_t(qs[i]) +
@@ -276,7 +321,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
     return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
                           dim3(params.n_chunks * lm::value_tiles<Ktraits>(params), params.heads, params.batch),
                           dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem(dk, C, Ktraits::kTileV)), stream, params);
+                          lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(dk, C)), stream, params);
   }));
 }
 
@@ -286,7 +331,7 @@ size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType 
     return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem<decltype(ktraits)>(dk, C));
   });
   const size_t output = lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem(dk, C, decltype(ktraits)::kTileV));
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem<decltype(ktraits)>(dk, C));
   });
   return state > output ? state : output;
 }
