@@ -247,19 +247,10 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     const lm::Bf16Tile<decltype(q_chunk)> q_tile{q_chunk, ldk}, k_tile{k_chunk, ldk}, dmds_tile{dmds_bf, ldk},
         de_tile{de_t, ldc}, ado_tile{ado_t, ldc}, gdo_tile{gdo_t, ldc};
 
-    // X | Y = K [dM; dS]^T into xy's columns j (dM) and kTileV + j (dS). With fragments, the dO
-    // operands of the update in bf16, transposed, zeros past L.
-    lm::for_each_tile(L, 2 * kTileV, [&](int r0, int c0) {
-      acc_t acc[4] = {};
-      lm::tile_product<Policy, false>(
-          acc, r0, c0, L, 2 * kTileV, dk, K,
-          [&](int d, int col) {
-            const int j = col % kTileV;
-            return j >= rows ? compute_t(0) : col < kTileV ? dm[j * dk + d] : ds[j * dk + d];
-          },
-          fragments ? &k_tile : nullptr, &dmds_tile);
-      lm::for_each_element(r0, c0, L, 2 * kTileV, [&](int t, int col, int i) { xy[t * 2 * kTileV + col] = acc[i]; });
-    });
+    // X | Y = K [dM; dS]^T. With fragments, the dO operands of the update in bf16, transposed,
+    // zeros past L.
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, fragments ? &k_tile : nullptr,
+                                                 &dmds_tile);
     if (fragments)
       for (int i = threadIdx.x; i < kTileV * C; i += blockDim.x) {
         const int j = i / C, t = i % C;
@@ -307,9 +298,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 }
 
 // Shared memory of the parallel chunk kernel.
+template <typename Ktraits>
 struct LinearMemoryBwdChunkSmem {
+  using input_t = typename Ktraits::input_t;
   lm::SmemCarver carver;
   lm::GateTablesSmem tables;
+  int ldk, ldc, ldv;        // leading dimensions of the staged q, k, v, dO and of the bf16 tiles
   int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
   int dm, ds;               // [kTileV, Dk]: the cotangent of the chunk-end state
   int err;                  // [C, kTileV]: E
@@ -321,9 +315,14 @@ struct LinearMemoryBwdChunkSmem {
   int dw;                   // [C, C]: dW = tril(dO E^T), then dG = dW .* c
   int d_a, d_g, d_s, dc_last;  // [C]: row-wise coefficient cotangents of this tile
   int scratch;              // [3 * warps]: block sums
-  int q, k, v, d_o;         // input region: [C, Dk], [C, Dk], [C, kTileV], [C, kTileV]
-  __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk, int tile_v, int warps)
-      : tables(carver, chunk) {
+  int q, k, v, d_o;         // input region: [C, ldk], [C, ldk], [C, kTileV], [C, ldv]
+  // Input region, with fragments (bf16): the stacks [M0; S0] and [dM; dS] ([2 kTileV, ldk], rows
+  // past a partial tile zero), E and 2 dE ([C, ldv]), dG and dG^T ([C, ldc]).
+  int states_bf, cotangents_bf, e_bf, de2_bf, dg_bf, dgt_bf;
+  __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk)
+      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
+        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
+    constexpr int tile_v = Ktraits::kTileV;
     m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v), d_e = carver.compute(chunk * tile_v), u = carver.compute(chunk * tile_v);
@@ -331,9 +330,14 @@ struct LinearMemoryBwdChunkSmem {
     scores = carver.compute(chunk * chunk), dw = carver.compute(chunk * chunk);
     d_a = carver.compute(chunk), d_g = carver.compute(chunk), d_s = carver.compute(chunk);
     dc_last = carver.compute(chunk);
-    scratch = carver.compute(3 * warps);
-    q = carver.input(chunk * dk), k = carver.input(chunk * dk);
-    v = carver.input(chunk * tile_v), d_o = carver.input(chunk * tile_v);
+    scratch = carver.compute(3 * Ktraits::kWarps);
+    q = carver.input(chunk * ldk), k = carver.input(chunk * ldk);
+    v = carver.input(chunk * tile_v), d_o = carver.input(chunk * ldv);
+    const bool fragments = lm::uses_fragments<Ktraits>(dk, chunk);
+    states_bf = carver.input(fragments ? 2 * tile_v * ldk : 0);
+    cotangents_bf = carver.input(fragments ? 2 * tile_v * ldk : 0);
+    e_bf = carver.input(fragments ? chunk * ldv : 0), de2_bf = carver.input(fragments ? chunk * ldv : 0);
+    dg_bf = carver.input(fragments ? chunk * ldc : 0), dgt_bf = carver.input(fragments ? chunk * ldc : 0);
   }
 };
 
@@ -355,8 +359,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const int t0 = n * C;
   const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
   const bool token_read = params.read_token;
+  // bf16 inputs read their fragments with ldmatrix, from bf16 copies of the operands that are
+  // not staged in bf16 (rounded as the scalar path rounds them).
+  const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
-  const LinearMemoryBwdChunkSmem layout(dk, C, kTileV, Ktraits::kWarps);
+  const LinearMemoryBwdChunkSmem<Ktraits> layout(dk, C);
+  const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m0 = smem.compute(layout.m0);
   const auto s0 = smem.compute(layout.s0);
@@ -379,6 +387,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const auto k_s = smem.input(layout.k);
   const auto v_s = smem.input(layout.v);
   const auto do_s = smem.input(layout.d_o);
+  const auto states_bf = smem.input(layout.states_bf);
+  const auto cotangents_bf = smem.input(layout.cotangents_bf);
+  const auto e_bf = smem.input(layout.e_bf);
+  const auto de2_bf = smem.input(layout.de2_bf);
+  const auto dg_bf = smem.input(layout.dg_bf);
+  const auto dgt_bf = smem.input(layout.dgt_bf);
 
   auto* dv_out = static_cast<input_t*>(params.dv_ptr);
   // dQ and dK: final when Dv is one tile, else this tile's slice of the partial sums.
@@ -390,12 +404,20 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     else part[part_offset + offset] = value;
   };
 
-  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * dk + d]); };
-  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * dk + d]); };
-  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * kTileV + j]); };
+  const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * ldk + d]); };
+  const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * ldk + d]); };
+  const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * ldv + j]); };
   const auto E = [&](int t, int j) { return err[t * kTileV + j]; };
   const auto M0 = [&](int j, int d) { return m0[j * dk + d]; };
   const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
+  using Tile = lm::Bf16Tile<decltype(q_s)>;
+  const int second_half = fragments ? kTileV * ldk : 0;  // the stacks are empty without fragments
+  const Tile q_tile{q_s, ldk}, k_tile{k_s, ldk}, do_tile{do_s, ldv}, states_tile{states_bf, ldk},
+      s0_tile{states_bf + second_half, ldk}, cotangents_tile{cotangents_bf, ldk},
+      ds_tile{cotangents_bf + second_half, ldk}, e_tile{e_bf, ldv}, de2_tile{de2_bf, ldv}, dg_tile{dg_bf, ldc},
+      dgt_tile{dgt_bf, ldc};
+  // The A operand's tile where fragments are read (nullptr: the scalar path).
+  const auto frag = [&](const Tile& a) { return fragments ? &a : nullptr; };
 
   // A. Stage the chunk, its saved start state and the cotangent of its end state.
   const index_t bh = index_t(b) * params.heads + h;
@@ -403,10 +425,10 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   const index_t s_offset = chunk_offset + index_t(dv) * dk;
   const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
   const auto* cotangents = static_cast<const compute_t*>(workspace.chunk_cotangents);
-  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, dk, k_s);
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, dk, q_s);
+  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
+  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
   lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
-  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s);
+  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
   if (token_read)
     lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L, v0,
                                     rows, kTileV, u);
@@ -415,27 +437,61 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::stage_span(cotangents + chunk_offset, rows * dk, dm);
   lm::stage_span(cotangents + s_offset, rows * dk, ds);
   tables.stage(params, b, h, t0, L);
+  // The fragments' contractions run to multiples of 16 (over tokens and over value rows): what
+  // lies past L tokens or past the tile's rows is zero in every bf16 operand.
+  if (fragments) {
+    const input_t zero = device::cast<input_t>(0.f);
+    for (int idx = L * ldk + tid; idx < C * ldk; idx += blockDim.x) {
+      k_s[idx] = zero;
+      q_s[idx] = zero;
+    }
+    for (int idx = tid; idx < C * (kTileV - rows); idx += blockDim.x) {
+      const int at = idx / (kTileV - rows) * ldv + rows + idx % (kTileV - rows);
+      do_s[at] = zero;
+      e_bf[at] = zero;
+      de2_bf[at] = zero;
+    }
+    for (int idx = rows * ldk + tid; idx < kTileV * ldk; idx += blockDim.x)
+      for (const auto& stack : {states_bf, cotangents_bf}) {
+        stack[idx] = zero;
+        stack[kTileV * ldk + idx] = zero;
+      }
+  }
   lm::finish_staging();
   __syncthreads();
 
-  // A. Recompute the gate tables and E; the products of the cotangent and of the chunk-start
-  //    state with K and Q.
   tables.build(L, C);
-  const lm::Bf16Tile<decltype(q_s)>* const no_fragments = nullptr;
+  if (fragments)
+    for (int i = tid; i < rows * dk; i += blockDim.x) {
+      const int at = i / dk * ldk + i % dk;
+      states_bf[at] = device::cast<input_t>(m0[i]);
+      states_bf[kTileV * ldk + at] = device::cast<input_t>(s0[i]);
+      cotangents_bf[at] = device::cast<input_t>(dm[i]);
+      cotangents_bf[kTileV * ldk + at] = device::cast<input_t>(ds[i]);
+    }
+  __syncthreads();
+
+  // A. E; the products of the cotangent and of the chunk-start state with K and Q.
   lm::chunk_errors<Policy, compute_t>(
-      L, rows, dk, K, [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0, no_fragments,
-      no_fragments, [&](int t, int j, compute_t e) { err[t * kTileV + j] = e; });
-  lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy);
+      L, rows, dk, K, [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0, frag(k_tile),
+      &states_tile, [&](int t, int j, compute_t e) {
+        err[t * kTileV + j] = e;
+        if (fragments) e_bf[t * ldv + j] = device::cast<input_t>(e);
+      });
+  lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, frag(k_tile), &cotangents_tile);
   if (token_read) {
-    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, no_fragments, no_fragments);
-    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, frag(q_tile), &k_tile);
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms, frag(q_tile), &states_tile);
   }
   __syncthreads();
 
   // B, C. dE, the row-wise coefficient cotangents <e_t, x_t>, <e_t, y_t>, <dO_t, (Q M0^T)_t>,
   //    <dO_t, (Q S0^T)_t> and dW.
   errors_cotangent<compute_t>(L, rows, kTileV, token_read, tables.m_end, tables.s_end, xy, u,
-                              [&](int t, int j, compute_t value) { d_e[t * kTileV + j] = value; });
+                              [&](int t, int j, compute_t value) {
+                                d_e[t * kTileV + j] = value;
+                                if (fragments) de2_bf[t * ldv + j] = device::cast<input_t>(compute_t(2) * value);
+                              });
   for (int t = tid; t < L; t += blockDim.x) {
     compute_t ex = 0, ey = 0, oqm = 0, oqs = 0;
     for (int j = 0; j < rows; ++j) {
@@ -451,7 +507,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   if (token_read) {
     lm::for_each_tile(L, L, [&](int r0, int c0) {
       acc_t acc[4] = {};
-      lm::mma_accumulate<Policy>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); });
+      lm::tile_product<Policy, false>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); },
+                                      frag(do_tile), &e_tile);
       lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
         dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
       });
@@ -467,7 +524,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::block_sum(sums, scratch);
 
   // C. This tile's coefficient cotangents: d_c = dW .* G (+ row L-1: <e_i, x_i>), d_a, d_g
-  //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c in place.
+  //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c in place (and in bf16, with
+  //    its transpose, for the fragments).
   const int coef_size = linear_memory_coef_size(C);
   compute_t* coef_out = static_cast<compute_t*>(workspace.coef_part) +
                         (((index_t(tile) * params.batch + b) * params.heads + h) * params.n_chunks + n) * coef_size;
@@ -482,6 +540,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       if (t == L - 1) value += dc_last[i];
     }
     coef_out[idx] = value;
+    if (fragments && token_read) {
+      const input_t d_g_ti = device::cast<input_t>(t < L && i <= t ? dw[idx] : compute_t(0));
+      dg_bf[t * ldc + i] = d_g_ti;
+      dgt_bf[i * ldc + t] = d_g_ti;
+    }
   }
   for (int t = tid; t < C; t += blockDim.x) {
     const bool last = t == L - 1;
@@ -502,10 +565,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
   lm::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t r[4] = {}, u[4] = {}, gk[4] = {};
-    lm::mma_accumulate<Policy>(r, r0, c0, L, dk, rows, dO, M0);
+    lm::tile_product<Policy, true>(r, r0, c0, L, dk, rows, dO, M0, frag(do_tile), &states_tile);
     if (token_read) {
-      lm::mma_accumulate<Policy>(u, r0, c0, L, dk, rows, dO, S0);
-      lm::mma_accumulate<Policy>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K);
+      lm::tile_product<Policy, true>(u, r0, c0, L, dk, rows, dO, S0, frag(do_tile), &s0_tile);
+      lm::tile_product<Policy, true>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K,
+                                     frag(dg_tile), &k_tile);
     }
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value = token_read
@@ -517,12 +581,16 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   });
   lm::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t x[4] = {}, y[4] = {}, rest[4] = {};
-    lm::mma_accumulate<Policy>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; });
-    lm::mma_accumulate<Policy>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; });
-    lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, rows,
-                               [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0);
+    lm::tile_product<Policy, true>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; },
+                                   frag(e_tile), &cotangents_tile);
+    lm::tile_product<Policy, true>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; },
+                                   frag(e_tile), &ds_tile);
+    lm::tile_product<Policy, true>(rest, r0, c0, L, dk, rows,
+                                   [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0,
+                                   frag(de2_tile), &states_tile);
     if (token_read)
-      lm::mma_accumulate<Policy>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q);
+      lm::tile_product<Policy, true>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q,
+                                     frag(dgt_tile), &q_tile);
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value =
           tables.m_end[t] * compute_t(x[i]) + tables.s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
@@ -726,7 +794,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     const dim3 threads(Ktraits::kNThreads);
     device::Error e = device::launch(
         "linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles(ktraits), threads,
-        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kWarps)),
+        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)),
         stream, params, workspace);
     if (e != device::kSuccess) return e;
     return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
@@ -745,7 +813,7 @@ size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType 
     using Ktraits = decltype(ktraits);
     for (const size_t bytes :
          {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
-          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem(dk, C, Ktraits::kTileV, Ktraits::kWarps)),
+          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)),
           lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C))})
       largest = bytes > largest ? bytes : largest;
     return 0;

@@ -312,17 +312,21 @@ __device__ __forceinline__ void causal_scores(int L, int C, int dk, const QOp& Q
 }
 
 // X [L, 2 tile_v] = A [Z0; Z1]^T for two [rows, Dk] states stacked along the value index: X's
-// columns 0..rows-1 hold A Z0^T and columns tile_v..tile_v+rows-1 hold A Z1^T.
-template <class Policy, typename T, class AOp, class Ptr>
+// column j holds A Z0[j]^T and column tile_v + j holds A Z1[j]^T (the columns of a partial
+// tile's missing rows are not meaningful). With a_tile and z_tile (bf16 inputs: A's rows and the
+// bf16 stack [Z0; Z1] in rows 0.. and tile_v..), through ldmatrix.
+template <class Policy, typename T, class AOp, class Ptr, class Tile>
 __device__ __forceinline__ void stacked_state_product(int L, int rows, int dk, int tile_v, const AOp& A,
-                                                      const Ptr& z0, const Ptr& z1, const Ptr& x) {
-  const auto stacked_t = [&](int d, int col) { return col < rows ? z0[col * dk + d] : z1[(col - rows) * dk + d]; };
-  for_each_tile(L, 2 * rows, [&](int r0, int c0) {
+                                                      const Ptr& z0, const Ptr& z1, const Ptr& x, const Tile* a_tile,
+                                                      const Tile* z_tile) {
+  const auto stacked_t = [&](int d, int col) {
+    const int j = col % tile_v;
+    return j >= rows ? T(0) : col < tile_v ? z0[j * dk + d] : z1[j * dk + d];
+  };
+  for_each_tile(L, 2 * tile_v, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    mma_accumulate<Policy>(acc, r0, c0, L, 2 * rows, dk, A, stacked_t);
-    for_each_element(r0, c0, L, 2 * rows, [&](int t, int col, int i) {
-      x[t * 2 * tile_v + (col < rows ? col : tile_v + col - rows)] = T(acc[i]);
-    });
+    tile_product<Policy, false>(acc, r0, c0, L, 2 * tile_v, dk, A, stacked_t, a_tile, z_tile);
+    for_each_element(r0, c0, L, 2 * tile_v, [&](int t, int col, int i) { x[t * 2 * tile_v + col] = T(acc[i]); });
   });
 }
 
