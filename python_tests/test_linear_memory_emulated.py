@@ -114,11 +114,13 @@ def test_strided_inputs():
     check(wide, init, 16, "token", TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 7])
-def test_reordered_schedule_gives_identical_results(seed):
+def test_reordered_schedule_gives_identical_results(seed, dtype):
     # Every value is computed by one thread in a fixed order, so any schedule that respects
-    # the barriers gives the same bits; a missing barrier would not.
-    inputs, init = memory_inputs(2, 45, 2, 8, 20, torch.float32)
+    # the barriers gives the same bits; a missing barrier would not. bf16 with Dk = 16 runs the
+    # ldmatrix fragment paths.
+    inputs, init = memory_inputs(2, 45, 2, 16 if dtype == torch.bfloat16 else 8, 20, dtype)
     expected = run_emulated(inputs, init, 16, "token")
     emu.set_schedule(seed)
     for name, e, out in zip(["o", "M_T", "S_T", "chunk_states"], expected, run_emulated(inputs, init, 16, "token")):

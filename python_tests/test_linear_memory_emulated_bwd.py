@@ -141,12 +141,15 @@ def test_strided_inputs():
     check(wide, init, 16, "token", TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 7])
-def test_reordered_schedule_gives_identical_gradients(seed):
+def test_reordered_schedule_gives_identical_gradients(seed, dtype):
     # Every value is computed by one thread in a fixed order and the value tiles' partial sums
     # are added in tile order, so any schedule that respects the barriers gives the same bits.
-    inputs, init = memory_inputs(1, 45, 2, 8, 40, torch.float32)
-    cot = cotangents([(1, 45, 2, 40), (1, 2, 40, 8), (1, 2, 40, 8)])
+    # bf16 with Dk = 16 runs the ldmatrix fragment paths.
+    inputs, init = memory_inputs(1, 45, 2, 16 if dtype == torch.bfloat16 else 8, 40, dtype)
+    Dk = inputs[0].shape[-1]
+    cot = cotangents([(1, 45, 2, 40), (1, 2, 40, Dk), (1, 2, 40, Dk)])
     expected = run_emulated(inputs, init, 16, "token", cot)
     emu.set_schedule(seed)
     values, grads = run_emulated(inputs, init, 16, "token", cot)
