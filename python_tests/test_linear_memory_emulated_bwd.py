@@ -27,13 +27,14 @@ def deterministic_schedule():
     emu.set_schedule(-1)
 
 
+H100 = (4 * 132, 227 * 1024)  # what the emulated ops tell the launchers by default
+
+
 @pytest.fixture
-def crowded_device():
-    """An emulated device that cannot hold every sequential block at once, so the sequential
-    kernels take their wide value tile (linear_memory_state_tile) even for small shapes."""
-    emu.set_concurrent_blocks(0)
-    yield
-    emu.set_concurrent_blocks(4 * 132)
+def device_limits():
+    """Sets the (concurrent sequential blocks, shared memory per block) the emulated ops report."""
+    yield emu.set_device_limits
+    emu.set_device_limits(*H100)
 
 
 def cotangents(shapes, seed=1):
@@ -112,10 +113,23 @@ def test_low_precision_inputs_match_float64_reference(dtype, chunk_size, read):
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_wide_state_tile_matches_float64_reference(crowded_device, dtype, read):
-    # 32 rows per sequential block (fp64 keeps 16): two tiles, the second partial.
+def test_wide_state_tile_matches_float64_reference(device_limits, dtype, read):
+    # A device that cannot hold every 16-row sequential block at once: 32 rows per sequential
+    # block (fp64 keeps 16), two tiles, the second partial.
+    device_limits(0, H100[1])
     inputs, init = memory_inputs(1, 50, 2, 16, 40, dtype)
     check(inputs, init, 16, read, TOLERANCE[dtype])
+
+
+def test_shared_memory_of_the_device_decides_the_parallel_tile(device_limits):
+    # An A100 block (163 KiB) does not hold the parallel backward kernel's 32-row tile for bf16,
+    # Dk = 64 and chunk 64: the launchers take 16 rows there, with the same results.
+    inputs, init = memory_inputs(1, 70, 1, 64, 40, torch.bfloat16)
+    device_limits(H100[0], 163 * 1024)
+    check(inputs, init, 64, "token", TOLERANCE[torch.bfloat16])
+    device_limits(H100[0], 32 * 1024)
+    with pytest.raises(RuntimeError, match="needs .* bytes of shared memory per block, more than the 32768 this device"):
+        emu.linear_memory_fwd(*inputs, *init, 64, True, True)
 
 
 def test_without_final_state_cotangent():

@@ -36,21 +36,21 @@ inline void check_device_limits(const at::Tensor& q, int64_t chunk_size) {
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
-inline void check_shared_memory(const char* op, size_t bytes, int64_t chunk_size, const at::Tensor& q) {
-  TORCH_CHECK(bytes <= kCudaMaxSharedBytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
+inline void check_shared_memory(const char* op, size_t bytes, const DeviceLimits& device, int64_t chunk_size,
+                                const at::Tensor& q) {
+  TORCH_CHECK(bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
               q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
-              kCudaMaxSharedBytes, " of an H100 block; use a smaller chunk_size (or fp32 inputs)");
+              device.max_shared_bytes, " this device allows; use a smaller chunk_size (or fp32 inputs)");
 }
 
-// Validates, allocates the outputs and the workspace, and calls launch(params, workspace,
-// input_type, state_tile). The kernel reads q, k, v in their own dtype (o is written in it) and
-// gates and states in the compute dtype. concurrent_blocks: how many blocks of the sequential
-// kernels the device runs at once (linear_memory_state_tile).
+// Validates, allocates the outputs and the workspace, chooses the value tiles for the device and
+// calls launch(params, workspace, input_type, tiles). The kernel reads q, k, v in their own dtype
+// (o is written in it) and gates and states in the compute dtype.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_device(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
     const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-    int64_t chunk_size, bool read_token, bool save_states, int64_t concurrent_blocks, const Launch& launch) {
+    int64_t chunk_size, bool read_token, bool save_states, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
   check_device_limits(q, chunk_size);
   const InputType type = input_type(q);
@@ -61,14 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_dev
   const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
-  const int state_tile = linear_memory_state_tile(params, type, concurrent_blocks);
-  check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type, state_tile), chunk_size, q);
+  const ValueTiles tiles = linear_memory_fwd_tiles(params, type, device);
+  check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type, tiles), device, chunk_size, q);
   // The chunk-start states are written in every case: the output kernel reads them.
   const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), true);
   const auto gate_rows = at::empty({linear_memory_gate_rows_elems(params)}, q.options().dtype(dtype));
   LinearMemoryFwdWorkspace workspace;
   workspace.gate_rows = gate_rows.data_ptr();
-  launch(params, workspace, type, state_tile);
+  launch(params, workspace, type, tiles);
   return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : at::empty({0}, out.m_final.options())};
 }
 
@@ -76,7 +76,7 @@ using LinearMemoryGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Validates, allocates the gradients and the workspace, and calls launch(params, workspace,
-// input_type, state_tile). Same output contract as the CPU op: dq, dk, dv in the input dtype,
+// input_type, tiles). Same output contract as the CPU op: dq, dk, dv in the input dtype,
 // gate gradients in the gates' dtype, dm0 and ds0 in the compute dtype.
 template <typename Launch>
 LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -84,7 +84,7 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& chunk_states, const at::Tensor& d_o,
                                            const std::optional<at::Tensor>& d_m_final,
                                            const std::optional<at::Tensor>& d_s_final, int64_t chunk_size,
-                                           bool read_token, int64_t concurrent_blocks, const Launch& launch) {
+                                           bool read_token, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
   check_device_limits(q, chunk_size);
   TORCH_CHECK(d_o.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
@@ -104,8 +104,8 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
                                                                   std::nullopt, chunk_size, read_token);
   TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
               "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
-  const int state_tile = linear_memory_state_tile(params, type, concurrent_blocks);
-  check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type, state_tile), chunk_size, q);
+  const ValueTiles tiles = linear_memory_bwd_tiles(params, type, device);
+  check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type, tiles), device, chunk_size, q);
   params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
@@ -118,7 +118,7 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, type);
+  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, tiles.parallel);
   const auto dq_part = at::empty({sizes.dqk_part}, opts), dk_part = at::empty({sizes.dqk_part}, opts);
   const auto coef_part = at::empty({sizes.coef_part}, opts);
   const auto gate_rows = at::empty({sizes.gate_rows}, opts);
@@ -131,7 +131,7 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   workspace.dq_part = dq_part.data_ptr();
   workspace.dk_part = dk_part.data_ptr();
   workspace.coef_part = coef_part.data_ptr();
-  launch(params, workspace, type, state_tile);
+  launch(params, workspace, type, tiles);
   return {g.dq, g.dk, g.dv, g.dtheta.to(theta.scalar_type()), g.deta.to(eta.scalar_type()),
           g.dalpha.to(alpha.scalar_type()), dm0, ds0};
 }

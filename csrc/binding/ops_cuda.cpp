@@ -18,12 +18,14 @@ void check_default_miras(int64_t objective, const std::optional<at::Tensor>& del
               "the CPU kernels)");
 }
 
-// Blocks of the sequential kernels the current device runs at once: they are small (4 warps,
-// well under a quarter of an SM's shared memory), so four per SM.
-int64_t concurrent_blocks() {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return 4 * int64_t(sm_count);
+// The current device's limits: four blocks of the sequential kernels per SM (they are small: 4
+// warps, well under a quarter of an SM's shared memory), and the opt-in shared memory per block.
+DeviceLimits device_limits() {
+  const int device = c10::cuda::current_device();
+  int sm_count = 0, shared_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return {4 * int64_t(sm_count), size_t(shared_bytes)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(
@@ -36,11 +38,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cud
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  concurrent_blocks(),
+                                  device_limits(),
                                   [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                      InputType type, int state_tile) {
+                                      InputType type, const ValueTiles& tiles) {
                                     C10_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, workspace, type, state_tile, stream)));
+                                        linear_memory_fwd_launch(params, workspace, type, tiles, stream)));
                                   });
 }
 
@@ -57,11 +59,10 @@ linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const LinearMemoryGrads grads = linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      concurrent_blocks(),
+      device_limits(),
       [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-          int state_tile) {
-        C10_CUDA_CHECK(
-            static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, state_tile, stream)));
+          const ValueTiles& tiles) {
+        C10_CUDA_CHECK(static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, tiles, stream)));
       });
   const at::Tensor& dm0 = std::get<6>(grads);
   return std::tuple_cat(grads, std::make_tuple(at::empty({0}, dm0.options())));

@@ -187,11 +187,13 @@ std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::Scal
 
 void set_schedule(int64_t seed) { device::emu::set_schedule(seed); }
 
-// What the emulated linear_memory ops tell linear_memory_state_tile about the device: an H100's
-// 132 SMs, four sequential blocks each, unless a test sets another count (to reach the wide tile
-// with small shapes).
-int64_t emulated_concurrent_blocks = 4 * 132;
-void set_concurrent_blocks(int64_t blocks) { emulated_concurrent_blocks = blocks; }
+// The device the emulated linear_memory ops describe to the launchers: an H100 (132 SMs, four
+// sequential blocks each, 227 KiB of shared memory per block), unless a test lowers the block
+// count (to reach the wide state tile with small shapes) or the shared memory.
+DeviceLimits emulated_device = {4 * 132, 227 * 1024};
+void set_device_limits(int64_t concurrent_blocks, int64_t max_shared_bytes) {
+  emulated_device = {concurrent_blocks, size_t(max_shared_bytes)};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
@@ -199,10 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
     int64_t chunk_size, bool read_token, bool save_states) {
   TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  emulated_concurrent_blocks,
+                                  emulated_device,
                                   [](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                     InputType type, int state_tile) {
-                                    linear_memory_fwd_launch(params, workspace, type, state_tile, nullptr);
+                                     InputType type, const ValueTiles& tiles) {
+                                    linear_memory_fwd_launch(params, workspace, type, tiles, nullptr);
                                   });
 }
 
@@ -214,16 +216,16 @@ LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(q.device().is_cpu(), "titans_emu::linear_memory_bwd runs on CPU tensors");
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      emulated_concurrent_blocks,
+      emulated_device,
       [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-         int state_tile) { linear_memory_bwd_launch(params, workspace, type, state_tile, nullptr); });
+         const ValueTiles& tiles) { linear_memory_bwd_launch(params, workspace, type, tiles, nullptr); });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
-  m.def("set_concurrent_blocks(int blocks) -> ()", &set_concurrent_blocks);
+  m.def("set_device_limits(int concurrent_blocks, int max_shared_bytes) -> ()", &set_device_limits);
   m.def("block_reduce_sum(Tensor x, int threads) -> Tensor", &block_reduce_sum);
   m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor", &warp_shuffle);
   m.def("warp_reduce(Tensor x) -> (Tensor sum, Tensor max, Tensor ballot)", &warp_reduce);

@@ -758,11 +758,38 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
 }
 
+// Dynamic shared memory of the sequential kernel and the largest of the parallel ones for a tile.
+inline size_t linear_memory_bwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
+  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+  });
+}
+inline size_t linear_memory_bwd_parallel_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
+  const int dk = params.dk, C = params.chunk_size;
+  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    size_t largest = lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C));
+    for (const size_t bytes : {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
+                               lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C))})
+      largest = bytes > largest ? bytes : largest;
+    return largest;
+  });
+}
+
+ValueTiles linear_memory_bwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device) {
+  const bool narrow_only = params.dk > 64 || input_type == InputType::kFloat64;
+  const bool wide_state = linear_memory_wide_state_tile(params, input_type, device) &&
+                          linear_memory_bwd_state_smem(params, input_type, 32) <= device.max_shared_bytes;
+  const bool wide_parallel =
+      !narrow_only && linear_memory_bwd_parallel_smem(params, input_type, 32) <= device.max_shared_bytes;
+  return {wide_state ? 32 : 16, wide_parallel ? 32 : 16};
+}
+
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, int state_tile, CUstream_st* stream) {
+                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  const int dk = params.dk, C = params.chunk_size, tile = linear_memory_value_tile(dk, input_type);
-  const auto parallel = [&](auto launch) { return static_cast<int>(lm::dispatch(input_type, tile, launch)); };
+  const int dk = params.dk, C = params.chunk_size;
+  const auto parallel = [&](auto launch) { return static_cast<int>(lm::dispatch(input_type, tiles.parallel, launch)); };
   // The parallel kernels' grid: (chunk, value tile) pairs x heads x batch.
   const auto chunk_tiles = [&](auto ktraits) {
     return dim3(params.n_chunks * lm::value_tiles<decltype(ktraits)>(params), params.heads, params.batch);
@@ -774,28 +801,26 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
       if (e != device::kSuccess || !params.read_token) return e;
       using Ktraits = decltype(ktraits);
       return device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles(ktraits),
-                            dim3(Ktraits::kNThreads),
-                            lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)), stream, params,
-                            workspace);
+                            dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
+                            stream, params, workspace);
     });
     if (err != 0) return err;
   }
-  err = static_cast<int>(lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+  err = static_cast<int>(lm::dispatch(input_type, tiles.state, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem<Ktraits>(dk, C)), stream, params,
-                          workspace);
+                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem<Ktraits>(dk, C)),
+                          stream, params, workspace);
   }));
   if (err != 0 || params.n_chunks == 0) return err;
   return parallel([&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     const dim3 threads(Ktraits::kNThreads);
-    device::Error e = device::launch(
-        "linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>, chunk_tiles(ktraits), threads,
-        lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)),
-        stream, params, workspace);
+    device::Error e = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>,
+                                     chunk_tiles(ktraits), threads,
+                                     lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)), stream, params,
+                                     workspace);
     if (e != device::kSuccess) return e;
     return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
                           dim3(params.n_chunks, params.heads, params.batch), threads,
@@ -804,21 +829,10 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
   });
 }
 
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
-  const int dk = params.dk, C = params.chunk_size;
-  size_t largest = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(dk, C));
-  });
-  lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
-    using Ktraits = decltype(ktraits);
-    for (const size_t bytes :
-         {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
-          lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)),
-          lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C))})
-      largest = bytes > largest ? bytes : largest;
-    return 0;
-  });
-  return largest;
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles) {
+  const size_t state = linear_memory_bwd_state_smem(params, input_type, tiles.state);
+  const size_t parallel = linear_memory_bwd_parallel_smem(params, input_type, tiles.parallel);
+  return state > parallel ? state : parallel;
 }
 
 }  // namespace titans

@@ -42,9 +42,9 @@ struct LinearMemoryBwdWorkspaceSizes {
 // constexpr: the kernels call it too (nvcc --expt-relaxed-constexpr).
 constexpr int linear_memory_coef_size(int chunk) { return chunk * chunk + 3 * chunk + 1; }
 
-inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p, InputType type) {
-  const int tile = linear_memory_value_tile(p.dk, type);
-  const int tiles = (p.dv + tile - 1) / tile;
+// parallel_tile: ValueTiles::parallel.
+inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p, int parallel_tile) {
+  const int tiles = (p.dv + parallel_tile - 1) / parallel_tile;
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
   return {tiles, linear_memory_gate_rows_elems(p), p.read_token ? tokens * p.dv : 0,
           int64_t(p.batch) * p.heads * p.n_chunks * 2 * p.dv * p.dk, tiles > 1 ? tiles * tokens * p.dk : 0,
@@ -53,10 +53,12 @@ inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const Lin
 
 // Fills every gradient of `params` (dq, dk, dv in the input dtype; dtheta, deta, dalpha, dm0, ds0
 // in the compute dtype). Same return convention as linear_memory_fwd_launch.
+ValueTiles linear_memory_bwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device);
+
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, int state_tile, CUstream_st* stream);
+                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream);
 
 // Dynamic shared memory of the backward's largest block (checked like the forward's).
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile);
+size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles);
 
 }  // namespace titans

@@ -296,43 +296,58 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   });
 }
 
+// Dynamic shared memory of the sequential and of the output kernel for the given tiles.
+inline size_t linear_memory_fwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
+  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+  });
+}
+inline size_t linear_memory_fwd_output_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
+  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+  });
+}
+
+ValueTiles linear_memory_fwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device) {
+  const bool narrow_only = params.dk > 64 || input_type == InputType::kFloat64;
+  const bool wide_state = linear_memory_wide_state_tile(params, input_type, device) &&
+                          linear_memory_fwd_state_smem(params, input_type, 32) <= device.max_shared_bytes;
+  const bool wide_parallel =
+      !narrow_only && linear_memory_fwd_output_smem(params, input_type, 32) <= device.max_shared_bytes;
+  return {wide_state ? 32 : 16, wide_parallel ? 32 : 16};
+}
+
 int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                             InputType input_type, int state_tile, CUstream_st* stream) {
+                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
-  const int dk = params.dk, C = params.chunk_size, tile = linear_memory_value_tile(dk, input_type);
+  const int dk = params.dk, C = params.chunk_size;
   device::Error err = device::kSuccess;
   if (params.n_chunks > 0) {
-    err = lm::dispatch(input_type, tile, [&](auto ktraits) {
+    err = lm::dispatch(input_type, tiles.parallel, [&](auto ktraits) {
       return lm::launch_gate_rows<decltype(ktraits)>(params, workspace.gate_rows, stream);
     });
     if (err != device::kSuccess) return static_cast<int>(err);
   }
-  err = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
+  err = lm::dispatch(input_type, tiles.state, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(dk, C)), stream, params,
-                          workspace);
+                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(dk, C)),
+                          stream, params, workspace);
   });
   if (err != device::kSuccess || params.n_chunks == 0) return static_cast<int>(err);
-  return static_cast<int>(lm::dispatch(input_type, tile, [&](auto ktraits) {
+  return static_cast<int>(lm::dispatch(input_type, tiles.parallel, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
                           dim3(params.n_chunks * lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads),
-                          lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(dk, C)), stream, params);
+                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(dk, C)),
+                          stream, params);
   }));
 }
 
-size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile) {
-  const int dk = params.dk, C = params.chunk_size;
-  const size_t state = lm::dispatch(input_type, state_tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem<decltype(ktraits)>(dk, C));
-  });
-  const size_t output = lm::dispatch(input_type, linear_memory_value_tile(dk, input_type), [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem<decltype(ktraits)>(dk, C));
-  });
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles) {
+  const size_t state = linear_memory_fwd_state_smem(params, input_type, tiles.state);
+  const size_t output = linear_memory_fwd_output_smem(params, input_type, tiles.parallel);
   return state > output ? state : output;
 }
 

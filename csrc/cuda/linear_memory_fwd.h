@@ -20,24 +20,30 @@ enum class InputType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
 constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
-// Dynamic shared memory of one block on an H100 (sm_90); an A100 block has 163 KiB.
-constexpr size_t kCudaMaxSharedBytes = 227 * 1024;
 
-// Value features per block of the parallel kernels (Dv is split into tiles; every tile recomputes
-// its chunk's Q K^T and gate tables, so wider is cheaper). Smaller tiles for wide keys and for
-// fp64 keep the backward's shared memory within an H100 block.
-inline int linear_memory_value_tile(int dk, InputType type) {
-  return dk <= 64 && type != InputType::kFloat64 ? 32 : 16;
-}
+// What the launchers are told of the device.
+struct DeviceLimits {
+  int64_t concurrent_blocks;  // blocks of the sequential kernels it runs at once (4 per SM)
+  size_t max_shared_bytes;    // dynamic shared memory one block may opt in to
+};
 
-// Rows of M and S per block of the sequential passes. Each chunk step is a chain of products over
-// the block's rows, so a narrower tile shortens the chain, and as long as the device can hold
-// every block at once (B * H * ceil(Dv / 16) <= concurrent_blocks, e.g. 4 per SM) the sequential
-// kernels take 16 rows; beyond that, 32 halves the per-block overhead (staging the chunk's keys,
-// barriers), where shared memory allows it (Dk <= 64, not fp64).
-inline int linear_memory_state_tile(const LinearMemoryParams& p, InputType type, int64_t concurrent_blocks) {
+// Value features (rows of M and S) per block, for the sequential and for the parallel kernels.
+// - Sequential: each chunk step is a chain of products over the block's rows, so a narrower tile
+//   shortens the chain; while the device can hold every block at once (B * H * ceil(Dv / 16) <=
+//   concurrent_blocks) they take 16 rows, beyond that 32, which halves the per-block overhead
+//   (staging the chunk's keys, barriers), for Dk <= 64 and not fp64.
+// - Parallel: every tile recomputes its chunk's Q K^T and gate tables, so wider is cheaper: 32
+//   where the kernels' shared memory fits the device at 32 (Dk <= 64, not fp64), else 16.
+// linear_memory_fwd_tiles / linear_memory_bwd_tiles choose them (they know the kernels' shared
+// memory); the shared memory of each kernel then follows from the tiles.
+struct ValueTiles {
+  int state, parallel;
+};
+
+// Whether the sequential kernels should take 32-row tiles (above; shared memory permitting).
+inline bool linear_memory_wide_state_tile(const LinearMemoryParams& p, InputType type, const DeviceLimits& device) {
   const int64_t blocks = int64_t(p.batch) * p.heads * ((p.dv + 15) / 16);
-  return blocks <= concurrent_blocks || p.dk > 64 || type == InputType::kFloat64 ? 16 : 32;
+  return blocks > device.concurrent_blocks && p.dk <= 64 && type != InputType::kFloat64;
 }
 
 // What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
@@ -60,11 +66,12 @@ inline int64_t linear_memory_gate_rows_elems(const LinearMemoryParams& p) {
 // Dk], compute dtype) is required: the output kernel reads the chunk-start states from it. Returns
 // the launch's cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a
 // kernel error.
-// state_tile: linear_memory_state_tile.
-int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                             InputType input_type, int state_tile, CUstream_st* stream);
+ValueTiles linear_memory_fwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device);
 
-// Dynamic shared memory of the forward's largest block (the binding checks it against kCudaMaxSharedBytes).
-size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, int state_tile);
+int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
+                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream);
+
+// Dynamic shared memory of the forward's largest block (the binding checks it against the device).
+size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles);
 
 }  // namespace titans
