@@ -760,13 +760,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
 // Dynamic shared memory of the sequential kernel and the largest of the parallel ones for a tile.
 inline size_t linear_memory_bwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
-  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+  return lm::dispatch<lm::kSequentialThreads>(input_type, tile, [&](auto ktraits) {
     return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
   });
 }
 inline size_t linear_memory_bwd_parallel_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
   const int dk = params.dk, C = params.chunk_size;
-  return lm::dispatch(input_type, tile, [&](auto ktraits) {
+  return lm::dispatch<lm::kParallelThreads>(input_type, tile, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     size_t largest = lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C));
     for (const size_t bytes : {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
@@ -789,7 +789,9 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
                              InputType input_type, const ValueTiles& tiles, CUstream_st* stream) {
   if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   const int dk = params.dk, C = params.chunk_size;
-  const auto parallel = [&](auto launch) { return static_cast<int>(lm::dispatch(input_type, tiles.parallel, launch)); };
+  const auto parallel = [&](auto launch) {
+    return static_cast<int>(lm::dispatch<lm::kParallelThreads>(input_type, tiles.parallel, launch));
+  };
   // The parallel kernels' grid: (chunk, value tile) pairs x heads x batch.
   const auto chunk_tiles = [&](auto ktraits) {
     return dim3(params.n_chunks * lm::value_tiles<decltype(ktraits)>(params), params.heads, params.batch);
@@ -806,7 +808,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     });
     if (err != 0) return err;
   }
-  err = static_cast<int>(lm::dispatch(input_type, tiles.state, [&](auto ktraits) {
+  err = static_cast<int>(lm::dispatch<lm::kSequentialThreads>(input_type, tiles.state, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),

@@ -108,20 +108,26 @@ struct OperandPolicy<float> { using type = Tf32Operands<true>; };
 template <>
 struct OperandPolicy<double> { using type = Fp64Operands; };
 
+// Threads per block; the warps share each product's 16x8 tiles. A sequential kernel's chunk step
+// is a short chain of small products separated by barriers, which four warps keep cheap; the
+// parallel kernels are throughput work whose shared memory allows one or two blocks per SM, so
+// they take eight warps to hide latency.
+constexpr int kSequentialThreads = 128, kParallelThreads = 256;
+
 // Compile-time configuration of a linear_memory kernel.
-template <typename input_t_, int kTileV_>
+template <typename input_t_, int kTileV_, int kNThreads_>
 struct Traits {
   using input_t = input_t_;
   // fp64 inputs are computed, and their gates and state kept, in fp64; all others in fp32.
   using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
   using Policy = typename OperandPolicy<input_t>::type;
-  static constexpr int kNThreads = 128;   // 4 warps share each product's 16x8 tiles
+  static constexpr int kNThreads = kNThreads_;
   static constexpr int kWarps = kNThreads / device::kWarpSize;
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
 
-// Whether the sequential kernels read their MMA fragments with ldmatrix (mma_bf16_tiles): bf16
-// inputs whose key dimension and chunk are whole 16-element k-steps.
+// Whether a kernel reads its MMA fragments with ldmatrix (mma_bf16_tiles): bf16 inputs whose key
+// dimension and chunk are whole 16-element k-steps.
 template <typename Ktraits>
 __host__ __device__ constexpr bool uses_fragments(int dk, int chunk) {
   return std::is_same<typename Ktraits::Policy, Bf16Operands>::value && dk % 16 == 0 && chunk % 16 == 0;
@@ -134,13 +140,13 @@ __host__ __device__ constexpr int padded(int width) {
   return width + 16 / int(sizeof(T));
 }
 
-// Host side: calls f(Traits<input_t, kTileV>{}) for the runtime input type and value tile (16 or
-// 32), so each launch is written once for every instantiation.
-template <class F>
+// Host side: calls f(Traits<input_t, kTileV, kNThreads>{}) for the runtime input type and value
+// tile (16 or 32), so each launch is written once for every instantiation.
+template <int kNThreads, class F>
 auto dispatch(InputType type, int tile_v, const F& f) {
   const auto with_tile = [&](auto tag) {
     using input_t = decltype(tag);
-    return tile_v == 32 ? f(Traits<input_t, 32>{}) : f(Traits<input_t, 16>{});
+    return tile_v == 32 ? f(Traits<input_t, 32, kNThreads>{}) : f(Traits<input_t, 16, kNThreads>{});
   };
   switch (type) {
     case InputType::kFloat64: return with_tile(double{});

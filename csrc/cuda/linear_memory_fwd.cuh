@@ -298,13 +298,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
 
 // Dynamic shared memory of the sequential and of the output kernel for the given tiles.
 inline size_t linear_memory_fwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
-  return lm::dispatch(input_type, tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+  return lm::dispatch<lm::kSequentialThreads>(input_type, tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(params.dk, params.chunk_size));
   });
 }
 inline size_t linear_memory_fwd_output_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
-  return lm::dispatch(input_type, tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryFwdOutputSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+  return lm::dispatch<lm::kParallelThreads>(input_type, tile, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(params.dk, params.chunk_size));
   });
 }
 
@@ -323,12 +325,12 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
   const int dk = params.dk, C = params.chunk_size;
   device::Error err = device::kSuccess;
   if (params.n_chunks > 0) {
-    err = lm::dispatch(input_type, tiles.parallel, [&](auto ktraits) {
+    err = lm::dispatch<lm::kParallelThreads>(input_type, tiles.parallel, [&](auto ktraits) {
       return lm::launch_gate_rows<decltype(ktraits)>(params, workspace.gate_rows, stream);
     });
     if (err != device::kSuccess) return static_cast<int>(err);
   }
-  err = lm::dispatch(input_type, tiles.state, [&](auto ktraits) {
+  err = lm::dispatch<lm::kSequentialThreads>(input_type, tiles.state, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
@@ -336,7 +338,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
                           stream, params, workspace);
   });
   if (err != device::kSuccess || params.n_chunks == 0) return static_cast<int>(err);
-  return static_cast<int>(lm::dispatch(input_type, tiles.parallel, [&](auto ktraits) {
+  return static_cast<int>(lm::dispatch<lm::kParallelThreads>(input_type, tiles.parallel, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
                           dim3(params.n_chunks * lm::value_tiles<Ktraits>(params), params.heads, params.batch),
