@@ -69,7 +69,7 @@ struct LinearMemoryBwdLocalSmem {
 // depend on the carried cotangent: computed in parallel before the reverse pass, which then only
 // adds it.
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads)
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     linear_memory_bwd_local_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   __syncthreads();
 
   tables.build(L, C);
-  lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, fragments ? &q_tile : nullptr, &k_tile);
+  lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, fragments, q_tile, k_tile);
   __syncthreads();
 
   // W^T in bf16 for the fragments: row t holds W[i, t] = c[i, t] G[i, t] for t <= i < L, else 0.
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     typename Policy::acc_t acc[4] = {};
     lm::tile_product<Policy, true>(acc, r0, c0, L, rows, L,
                                    [&](int t, int i) { return scores[i * C + t] * tables.c[i * C + t]; }, dO,
-                                   fragments ? &wt_tile : nullptr, &do_tile);
+                                   fragments, wt_tile, do_tile);
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
       u[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
     });
@@ -167,7 +167,7 @@ struct LinearMemoryBwdStateSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads)
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     linear_memory_bwd_state_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
@@ -249,8 +249,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
     // X | Y = K [dM; dS]^T. With fragments, the dO operands of the update in bf16, transposed,
     // zeros past L.
-    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, fragments ? &k_tile : nullptr,
-                                                 &dmds_tile);
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, fragments,
+                                                 k_tile, dmds_tile);
     if (fragments)
       for (int i = threadIdx.x; i < kTileV * C; i += blockDim.x) {
         const int j = i / C, t = i % C;
@@ -277,12 +277,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       acc_t am[4] = {}, as[4] = {};
       lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; }, K,
-                                     fragments ? &de_tile : nullptr, &k_tile);
+                                     fragments, de_tile, k_tile);
       lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO_a(t, j); }, Q,
-                                     fragments ? &ado_tile : nullptr, &q_tile);
+                                     fragments, ado_tile, q_tile);
       if (token_read)
         lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L, [&](int j, int t) { return dO_g(t, j); }, Q,
-                                       fragments ? &gdo_tile : nullptr, &q_tile);
+                                       fragments, gdo_tile, q_tile);
       lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t dm_old = dm[idx], ds_old = ds[idx];
@@ -342,7 +342,7 @@ struct LinearMemoryBwdChunkSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads)
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     linear_memory_bwd_chunk_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
@@ -416,8 +416,6 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       s0_tile{states_bf + second_half, ldk}, cotangents_tile{cotangents_bf, ldk},
       ds_tile{cotangents_bf + second_half, ldk}, e_tile{e_bf, ldv}, de2_tile{de2_bf, ldv}, dg_tile{dg_bf, ldc},
       dgt_tile{dgt_bf, ldc};
-  // The A operand's tile where fragments are read (nullptr: the scalar path).
-  const auto frag = [&](const Tile& a) { return fragments ? &a : nullptr; };
 
   // A. Stage the chunk, its saved start state and the cotangent of its end state.
   const index_t bh = index_t(b) * params.heads + h;
@@ -473,15 +471,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
 
   // A. E; the products of the cotangent and of the chunk-start state with K and Q.
   lm::chunk_errors<Policy, compute_t>(
-      L, rows, dk, K, [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0, frag(k_tile),
-      &states_tile, [&](int t, int j, compute_t e) {
+      L, rows, dk, K, [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); }, m0, fragments,
+      k_tile, states_tile, [&](int t, int j, compute_t e) {
         err[t * kTileV + j] = e;
         if (fragments) e_bf[t * ldv + j] = device::cast<input_t>(e);
       });
-  lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, frag(k_tile), &cotangents_tile);
+  lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, K, dm, ds, xy, fragments, k_tile, cotangents_tile);
   if (token_read) {
-    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, frag(q_tile), &k_tile);
-    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms, frag(q_tile), &states_tile);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, fragments, q_tile, k_tile);
+    lm::stacked_state_product<Policy, compute_t>(L, rows, dk, kTileV, Q, m0, s0, qms, fragments, q_tile, states_tile);
   }
   __syncthreads();
 
@@ -508,7 +506,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     lm::for_each_tile(L, L, [&](int r0, int c0) {
       acc_t acc[4] = {};
       lm::tile_product<Policy, false>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); },
-                                      frag(do_tile), &e_tile);
+                                      fragments, do_tile, e_tile);
       lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
         dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
       });
@@ -565,11 +563,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   }
   lm::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t r[4] = {}, u[4] = {}, gk[4] = {};
-    lm::tile_product<Policy, true>(r, r0, c0, L, dk, rows, dO, M0, frag(do_tile), &states_tile);
+    lm::tile_product<Policy, true>(r, r0, c0, L, dk, rows, dO, M0, fragments, do_tile, states_tile);
     if (token_read) {
-      lm::tile_product<Policy, true>(u, r0, c0, L, dk, rows, dO, S0, frag(do_tile), &s0_tile);
+      lm::tile_product<Policy, true>(u, r0, c0, L, dk, rows, dO, S0, fragments, do_tile, s0_tile);
       lm::tile_product<Policy, true>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K,
-                                     frag(dg_tile), &k_tile);
+                                     fragments, dg_tile, k_tile);
     }
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value = token_read
@@ -582,15 +580,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
   lm::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t x[4] = {}, y[4] = {}, rest[4] = {};
     lm::tile_product<Policy, true>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; },
-                                   frag(e_tile), &cotangents_tile);
+                                   fragments, e_tile, cotangents_tile);
     lm::tile_product<Policy, true>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; },
-                                   frag(e_tile), &ds_tile);
+                                   fragments, e_tile, ds_tile);
     lm::tile_product<Policy, true>(rest, r0, c0, L, dk, rows,
                                    [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0,
-                                   frag(de2_tile), &states_tile);
+                                   fragments, de2_tile, states_tile);
     if (token_read)
       lm::tile_product<Policy, true>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q,
-                                     frag(dgt_tile), &q_tile);
+                                     fragments, dgt_tile, q_tile);
     lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value =
           tables.m_end[t] * compute_t(x[i]) + tables.s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
@@ -621,7 +619,7 @@ struct LinearMemoryGatesSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads)
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     linear_memory_bwd_gates_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int n_tiles) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;

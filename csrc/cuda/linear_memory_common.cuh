@@ -123,6 +123,10 @@ struct Traits {
   using Policy = typename OperandPolicy<input_t>::type;
   static constexpr int kNThreads = kNThreads_;
   static constexpr int kWarps = kNThreads / device::kWarpSize;
+  // Blocks each SM should hold (__launch_bounds__): four sequential blocks (the state tile's rule),
+  // two parallel ones. It caps registers at 128 per thread; without it ptxas caps them at 64 and
+  // spills.
+  static constexpr int kMinBlocksPerSm = kNThreads == kSequentialThreads ? 4 : 2;
   static constexpr int kTileV = kTileV_;  // rows of M and S (value features) per block
 };
 
@@ -225,14 +229,15 @@ __device__ __forceinline__ void mma_bf16_tiles(float (&acc)[4], int r0, int c0, 
   }
 }
 
-// acc += A B for the 16x8 tile at (r0, c0) of an M x N product: through ldmatrix fragments of
-// the bf16 tiles when they are given (bf16 inputs only: non-null a_tile and b_tile), else through
-// the policy's loads of the operand views a(r, k), b(k, c). Both read the same bf16 values.
+// acc += A B for the 16x8 tile at (r0, c0) of an M x N product: with `fragments` (bf16 inputs
+// only) through ldmatrix fragments of the bf16 tiles, else through the policy's loads of the
+// operand views a(r, k), b(k, c). Both read the same bf16 values.
 template <class Policy, bool kBKMajor, class A, class B, class Tile>
 __device__ __forceinline__ void tile_product(typename Policy::acc_t (&acc)[4], int r0, int c0, int M, int N, int K,
-                                             const A& a, const B& b, const Tile* a_tile, const Tile* b_tile) {
+                                             const A& a, const B& b, bool fragments, const Tile& a_tile,
+                                             const Tile& b_tile) {
   if constexpr (std::is_same<Policy, Bf16Operands>::value) {
-    if (a_tile) return mma_bf16_tiles<kBKMajor>(acc, r0, c0, K, *a_tile, *b_tile);
+    if (fragments) return mma_bf16_tiles<kBKMajor>(acc, r0, c0, K, a_tile, b_tile);
   }
   mma_accumulate<Policy>(acc, r0, c0, M, N, K, a, b);
 }
@@ -293,45 +298,47 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
 // Chunk products shared by the kernels (each call is one tile loop, no barrier)
 
 // E = 2 (K M0^T - V) for the block's value tile: calls emit(t, j, E[t, j]) for t < L, j < rows.
-// With k_tile and m_tile (bf16 inputs: the keys and a bf16 copy of M0), through ldmatrix.
+// With fragments, through ldmatrix from k_tile and m_tile (the keys and a bf16 copy of M0).
 template <class Policy, typename T, class KOp, class VOp, class Ptr, class Tile, class Emit>
 __device__ __forceinline__ void chunk_errors(int L, int rows, int dk, const KOp& K, const VOp& V, const Ptr& m0,
-                                             const Tile* k_tile, const Tile* m_tile, const Emit& emit) {
+                                             bool fragments, const Tile& k_tile, const Tile& m_tile,
+                                             const Emit& emit) {
   for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; }, k_tile,
-                                m_tile);
+    tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m0[j * dk + d]; }, fragments,
+                                k_tile, m_tile);
     for_each_element(r0, c0, L, rows, [&](int t, int j, int i) { emit(t, j, T(2) * (T(acc[i]) - V(t, j))); });
   });
 }
 
-// G = Q K^T with the entries above the diagonal set to zero, into g [L, C]; through ldmatrix
-// with q_tile and k_tile (bf16 inputs).
+// G = Q K^T with the entries above the diagonal set to zero, into g [L, C]; with fragments,
+// through ldmatrix from q_tile and k_tile.
 template <class Policy, typename T, class QOp, class KOp, class Ptr, class Tile>
 __device__ __forceinline__ void causal_scores(int L, int C, int dk, const QOp& Q, const KOp& K, const Ptr& g,
-                                              const Tile* q_tile, const Tile* k_tile) {
+                                              bool fragments, const Tile& q_tile, const Tile& k_tile) {
   for_each_tile(L, L, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    tile_product<Policy, false>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); }, q_tile, k_tile);
+    tile_product<Policy, false>(acc, r0, c0, L, L, dk, Q, [&](int d, int i) { return K(i, d); }, fragments, q_tile,
+                                k_tile);
     for_each_element(r0, c0, L, L, [&](int t, int i, int e) { g[t * C + i] = i <= t ? T(acc[e]) : T(0); });
   });
 }
 
 // X [L, 2 tile_v] = A [Z0; Z1]^T for two [rows, Dk] states stacked along the value index: X's
 // column j holds A Z0[j]^T and column tile_v + j holds A Z1[j]^T (the columns of a partial
-// tile's missing rows are not meaningful). With a_tile and z_tile (bf16 inputs: A's rows and the
-// bf16 stack [Z0; Z1] in rows 0.. and tile_v..), through ldmatrix.
+// tile's missing rows are not meaningful). With fragments, through ldmatrix from a_tile (A's rows)
+// and z_tile (the bf16 stack [Z0; Z1] in rows 0.. and tile_v..).
 template <class Policy, typename T, class AOp, class Ptr, class Tile>
 __device__ __forceinline__ void stacked_state_product(int L, int rows, int dk, int tile_v, const AOp& A,
-                                                      const Ptr& z0, const Ptr& z1, const Ptr& x, const Tile* a_tile,
-                                                      const Tile* z_tile) {
+                                                      const Ptr& z0, const Ptr& z1, const Ptr& x, bool fragments,
+                                                      const Tile& a_tile, const Tile& z_tile) {
   const auto stacked_t = [&](int d, int col) {
     const int j = col % tile_v;
     return j >= rows ? T(0) : col < tile_v ? z0[j * dk + d] : z1[j * dk + d];
   };
   for_each_tile(L, 2 * tile_v, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    tile_product<Policy, false>(acc, r0, c0, L, 2 * tile_v, dk, A, stacked_t, a_tile, z_tile);
+    tile_product<Policy, false>(acc, r0, c0, L, 2 * tile_v, dk, A, stacked_t, fragments, a_tile, z_tile);
     for_each_element(r0, c0, L, 2 * tile_v, [&](int t, int col, int i) { x[t * 2 * tile_v + col] = T(acc[i]); });
   });
 }
@@ -607,7 +614,8 @@ struct GateRowsSmem {
 
 // One block per (chunk, head, batch), one thread per column of the chunk's gate recurrence.
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads) gate_rows_kernel(LinearMemoryParams params, void* gate_rows) {
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
+    gate_rows_kernel(LinearMemoryParams params, void* gate_rows) {
   using compute_t = typename Ktraits::compute_t;
   const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = params.chunk_size, t0 = n * C;
   const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;

@@ -54,7 +54,7 @@ struct LinearMemoryFwdStateSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads)
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     linear_memory_fwd_state_kernel(LinearMemoryParams params, LinearMemoryFwdWorkspace workspace) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
     lm::for_each_tile(L, rows, [&](int r0, int c0) {
       acc_t acc[4] = {};
       lm::tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m[j * dk + d]; },
-                                      fragments ? &k_tile : nullptr, &m_tile);
+                                      fragments, k_tile, m_tile);
       lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
         const compute_t e = compute_t(2) * (compute_t(acc[i]) - V(t, j));
         err[t * kTileV + j] = e;
@@ -142,10 +142,10 @@ __global__ void __launch_bounds__(Ktraits::kNThreads)
       acc_t am[4] = {}, as[4] = {};
       lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return gates.m_end[t] * err[t * kTileV + j]; }, K,
-                                     fragments ? &em_tile : nullptr, &k_tile);
+                                     fragments, em_tile, k_tile);
       lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return gates.s_end[t] * err[t * kTileV + j]; }, K,
-                                     fragments ? &es_tile : nullptr, &k_tile);
+                                     fragments, es_tile, k_tile);
       lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t m_old = m[idx], s_old = s[idx];
@@ -188,7 +188,8 @@ struct LinearMemoryFwdOutputSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_kernel(LinearMemoryParams params) {
+__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
+    linear_memory_fwd_output_kernel(LinearMemoryParams params) {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
@@ -232,7 +233,6 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   const auto St = [&](int d, int j) { return s[j * dk + d]; };
   const lm::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, m_tile{m_bf, ldk}, s_tile{s_bf, ldk},
       w_tile{w_bf, ldc}, e_tile{e_bf, ldv};
-  const auto* q_frag = fragments ? &q_tile : nullptr;
 
   lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
   lm::stage_span(m0, rows * dk, m);
@@ -252,12 +252,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
     }
   if (token_read) {
     tables.build(L, C);
-    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, q_frag, &k_tile);
+    lm::causal_scores<Policy, compute_t>(L, C, dk, Q, K, scores, fragments, q_tile, k_tile);
   }
   __syncthreads();
 
   if (token_read) {
-    lm::chunk_errors<Policy, compute_t>(L, rows, dk, K, V, m, fragments ? &k_tile : nullptr, &m_tile,
+    lm::chunk_errors<Policy, compute_t>(L, rows, dk, K, V, m, fragments, k_tile, m_tile,
                                         [&](int t, int j, compute_t e) {
                                           err[t * kTileV + j] = e;
                                           if (fragments) e_bf[t * ldv + j] = device::cast<input_t>(e);
@@ -279,12 +279,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads) linear_memory_fwd_output_k
   auto* o_out = static_cast<input_t*>(params.o_ptr);
   lm::for_each_tile(L, rows, [&](int r0, int c0) {
     acc_t qm[4] = {}, qs[4] = {}, we[4] = {};
-    lm::tile_product<Policy, false>(qm, r0, c0, L, rows, dk, Q, Mt, q_frag, &m_tile);
+    lm::tile_product<Policy, false>(qm, r0, c0, L, rows, dk, Q, Mt, fragments, q_tile, m_tile);
     if (token_read) {
-      lm::tile_product<Policy, false>(qs, r0, c0, L, rows, dk, Q, St, q_frag, &s_tile);
+      lm::tile_product<Policy, false>(qs, r0, c0, L, rows, dk, Q, St, fragments, q_tile, s_tile);
       lm::tile_product<Policy, true>(
           we, r0, c0, L, rows, L, [&](int t, int i) { return tables.c[t * C + i] * scores[t * C + i]; },
-          [&](int i, int j) { return err[i * kTileV + j]; }, fragments ? &w_tile : nullptr, &e_tile);
+          [&](int i, int j) { return err[i * kTileV + j]; }, fragments, w_tile, e_tile);
     }
     lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
       const compute_t out = token_read ? tables.a[t] * compute_t(qm[i]) + tables.g[t] * compute_t(qs[i]) +
