@@ -24,8 +24,10 @@
 //    sums in tile order (deterministic, no atomics), writes dQ and dK, and turns the coefficient
 //    cotangents into dtheta, deta, dalpha by the reverse column recurrence (one thread per column,
 //    then row sums in a fixed order).
-// All products run on tensor cores through the operand policy of linear_memory_common.cuh;
-// cotangents, the carried (dM, dS) and every reduction stay in the compute dtype.
+// All products run on tensor cores through the operand policy of linear_memory_common.cuh (bf16
+// inputs read their fragments with ldmatrix, mma_bf16_tiles); cotangents, the carried (dM, dS)
+// and every reduction stay in the compute dtype. Kernel 1 loads chunk n - 1 while it computes
+// chunk n (pipelined_chunk_loop).
 #pragma once
 
 #include "cuda/linear_memory_bwd.h"

@@ -17,7 +17,9 @@
 //    parallel: from the chunk's start state,
 //      O = diag(a) Q M0^T + diag(g) Q S0^T + (Q K^T .* c) E      (token read)
 //      O = Q M0^T                                                 (chunk_start read)
-// All products run on tensor cores through the operand policy of linear_memory_common.cuh.
+// All products run on tensor cores through the operand policy of linear_memory_common.cuh (bf16
+// inputs read their fragments with ldmatrix, mma_bf16_tiles); tiles are staged with cp.async,
+// and kernel 1 loads chunk n + 1 while it computes chunk n (pipelined_chunk_loop).
 #pragma once
 
 #include "cuda/linear_memory_common.cuh"
