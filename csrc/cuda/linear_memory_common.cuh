@@ -14,9 +14,13 @@
 // - Tile loops: an M x N product is cut into 16x8 tiles dealt round-robin to the block's warps;
 //   an element's accumulator lives in exactly one lane, which lets epilogues update their output
 //   in place. Operands are callables A(r, k), B(k, c) returning compute_t, so transposes, row
-//   scalings and concatenations cost no copies; reads outside M x K / K x N give 0.
-// - The gate tables of a chunk by column chains (backward_linear.md §0).
-// - A shared-memory carve-up that is identical on host (sizes) and device (pointers).
+//   scalings and concatenations cost no copies; reads outside M x K / K x N give 0. With bf16
+//   inputs the same products read their fragments with ldmatrix from bf16 tiles (tile_product):
+//   the kernels keep bf16 copies of the fp32 operands, rounded where those are formed.
+// - The gate tables of a chunk by column chains (backward_linear.md §0), and the gate-rows kernel
+//   that writes what the sequential kernels need of them.
+// - A shared-memory carve-up that is identical on host (sizes) and device (pointers), cp.async
+//   staging, and the double-buffered chunk loop of the sequential kernels.
 #pragma once
 
 #include <cstddef>
