@@ -777,12 +777,9 @@ inline size_t linear_memory_bwd_parallel_smem(const LinearMemoryParams& params, 
 }
 
 ValueTiles linear_memory_bwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device) {
-  const bool narrow_only = params.dk > 64 || input_type == InputType::kFloat64;
-  const bool wide_state = linear_memory_wide_state_tile(params, input_type, device) &&
-                          linear_memory_bwd_state_smem(params, input_type, 32) <= device.max_shared_bytes;
-  const bool wide_parallel =
-      !narrow_only && linear_memory_bwd_parallel_smem(params, input_type, 32) <= device.max_shared_bytes;
-  return {wide_state ? 32 : 16, wide_parallel ? 32 : 16};
+  return lm::choose_tiles(
+      params, input_type, device, [&](int tile) { return linear_memory_bwd_state_smem(params, input_type, tile); },
+      [&](int tile) { return linear_memory_bwd_parallel_smem(params, input_type, tile); });
 }
 
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,

@@ -604,6 +604,18 @@ __device__ __forceinline__ void stage_gate_rows(const void* gate_rows, const Lin
   stage_span(static_cast<const T*>(gate_rows) + (bh * p.n_chunks + n) * size, size, dst);
 }
 
+// Host side: the value tiles of ValueTiles' rule, given smem(tile), the largest dynamic shared
+// memory of the sequential (state_smem) and of the parallel (parallel_smem) kernels for a tile.
+template <class StateSmem, class ParallelSmem>
+ValueTiles choose_tiles(const LinearMemoryParams& params, InputType type, const DeviceLimits& device,
+                        const StateSmem& state_smem, const ParallelSmem& parallel_smem) {
+  const bool narrow_only = params.dk > 64 || type == InputType::kFloat64;
+  const bool wide_state =
+      linear_memory_wide_state_tile(params, type, device) && state_smem(32) <= device.max_shared_bytes;
+  const bool wide_parallel = !narrow_only && parallel_smem(32) <= device.max_shared_bytes;
+  return {wide_state ? 32 : 16, wide_parallel ? 32 : 16};
+}
+
 // ---------------------------------------------------------------------------------------------
 // The gate-rows kernel (parallel over chunks; it runs before both sequential passes)
 
