@@ -27,12 +27,12 @@ def deterministic_schedule():
     emu.set_schedule(-1)
 
 
-H100 = (4 * 132, 227 * 1024)  # what the emulated ops tell the launchers by default
+H100 = (132, 227 * 1024)  # SMs and shared memory per block the emulated ops report by default
 
 
 @pytest.fixture
 def device_limits():
-    """Sets the (concurrent sequential blocks, shared memory per block) the emulated ops report."""
+    """Sets the (SM count, shared memory per block) the emulated ops report."""
     yield emu.set_device_limits
     emu.set_device_limits(*H100)
 

@@ -33,6 +33,10 @@ inline void check_device_limits(const at::Tensor& q, int64_t chunk_size) {
               kCudaMaxChunkSize, " for the CUDA kernels (16, 32 and 64 are the tuned sizes), got ", chunk_size);
   TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMaxKeyDim, "linear_memory: the CUDA kernels support Dk <= ",
               kCudaMaxKeyDim, ", got q of shape ", q.sizes());
+  // Heads and batch are the grid's y and z dimensions.
+  TORCH_CHECK(q.size(0) <= kCudaMaxGridYZ && q.size(2) <= kCudaMaxGridYZ, "linear_memory: the CUDA kernels support ",
+              "batch and heads up to ", kCudaMaxGridYZ, " each, got q of shape ", q.sizes(),
+              " (fold the batch into fewer, longer sequences or process it in parts)");
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).

@@ -18,14 +18,14 @@ void check_default_miras(int64_t objective, const std::optional<at::Tensor>& del
               "the CPU kernels)");
 }
 
-// The current device's limits: four blocks of the sequential kernels per SM (they are small: 4
-// warps, well under a quarter of an SM's shared memory), and the opt-in shared memory per block.
+// The current device's SM count and shared memory (per block with opt-in, and per SM).
 DeviceLimits device_limits() {
   const int device = c10::cuda::current_device();
-  int sm_count = 0, shared_bytes = 0;
+  int sm_count = 0, block_bytes = 0, sm_bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return {4 * int64_t(sm_count), size_t(shared_bytes)};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return {sm_count, size_t(block_bytes), size_t(sm_bytes)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(

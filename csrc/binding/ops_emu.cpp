@@ -187,12 +187,13 @@ std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::Scal
 
 void set_schedule(int64_t seed) { device::emu::set_schedule(seed); }
 
-// The device the emulated linear_memory ops describe to the launchers: an H100 (132 SMs, four
-// sequential blocks each, 227 KiB of shared memory per block), unless a test lowers the block
-// count (to reach the wide state tile with small shapes) or the shared memory.
-DeviceLimits emulated_device = {4 * 132, 227 * 1024};
-void set_device_limits(int64_t concurrent_blocks, int64_t max_shared_bytes) {
-  emulated_device = {concurrent_blocks, size_t(max_shared_bytes)};
+// The device the emulated linear_memory ops describe to the launchers: an H100 (132 SMs, 227 KiB
+// of shared memory per block, 228 KiB per SM), unless a test sets fewer SMs (to reach the wide
+// state tile with small shapes) or less shared memory per block.
+constexpr size_t kH100SharedPerSm = 228 * 1024;
+DeviceLimits emulated_device = {132, 227 * 1024, kH100SharedPerSm};
+void set_device_limits(int64_t sm_count, int64_t max_shared_bytes) {
+  emulated_device = {sm_count, size_t(max_shared_bytes), kH100SharedPerSm};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd(
@@ -225,7 +226,7 @@ LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, co
 
 TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
-  m.def("set_device_limits(int concurrent_blocks, int max_shared_bytes) -> ()", &set_device_limits);
+  m.def("set_device_limits(int sm_count, int max_shared_bytes) -> ()", &set_device_limits);
   m.def("block_reduce_sum(Tensor x, int threads) -> Tensor", &block_reduce_sum);
   m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor", &warp_shuffle);
   m.def("warp_reduce(Tensor x) -> (Tensor sum, Tensor max, Tensor ballot)", &warp_reduce);

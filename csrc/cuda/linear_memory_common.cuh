@@ -609,9 +609,12 @@ __device__ __forceinline__ void stage_gate_rows(const void* gate_rows, const Lin
 template <class StateSmem, class ParallelSmem>
 ValueTiles choose_tiles(const LinearMemoryParams& params, InputType type, const DeviceLimits& device,
                         const StateSmem& state_smem, const ParallelSmem& parallel_smem) {
+  constexpr size_t kReservedPerBlock = 1024;  // shared memory the runtime keeps per resident block
   const bool narrow_only = params.dk > 64 || type == InputType::kFloat64;
-  const bool wide_state =
-      linear_memory_wide_state_tile(params, type, device) && state_smem(32) <= device.max_shared_bytes;
+  const int64_t per_sm = device.shared_bytes_per_sm / (state_smem(16) + kReservedPerBlock);
+  const int64_t resident = device.sm_count * (per_sm < 4 ? per_sm : 4);
+  const int64_t blocks = int64_t(params.batch) * params.heads * ((params.dv + 15) / 16);
+  const bool wide_state = !narrow_only && blocks > resident && state_smem(32) <= device.max_shared_bytes;
   const bool wide_parallel = !narrow_only && parallel_smem(32) <= device.max_shared_bytes;
   return {wide_state ? 32 : 16, wide_parallel ? 32 : 16};
 }

@@ -20,18 +20,21 @@ enum class InputType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 // memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
 constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
+constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch index the grid's y and z
 
 // What the launchers are told of the device.
 struct DeviceLimits {
-  int64_t concurrent_blocks;  // blocks of the sequential kernels it runs at once (4 per SM)
-  size_t max_shared_bytes;    // dynamic shared memory one block may opt in to
+  int64_t sm_count;
+  size_t max_shared_bytes;     // dynamic shared memory one block may opt in to
+  size_t shared_bytes_per_sm;  // shared memory of one SM, shared by its resident blocks
 };
 
 // Value features (rows of M and S) per block, for the sequential and for the parallel kernels.
 // - Sequential: each chunk step is a chain of products over the block's rows, so a narrower tile
-//   shortens the chain; while the device can hold every block at once (B * H * ceil(Dv / 16) <=
-//   concurrent_blocks) they take 16 rows, beyond that 32, which halves the per-block overhead
-//   (staging the chunk's keys, barriers), for Dk <= 64 and not fp64.
+//   shortens the chain; while the device holds every block at once (B * H * ceil(Dv / 16) blocks,
+//   at most 4 per SM and as many as the SM's shared memory takes) they take 16 rows, beyond that
+//   32, which halves the per-block overhead (staging the chunk's keys, barriers), for Dk <= 64
+//   and not fp64.
 // - Parallel: every tile recomputes its chunk's Q K^T and gate tables, so wider is cheaper: 32
 //   where the kernels' shared memory fits the device at 32 (Dk <= 64, not fp64), else 16.
 // linear_memory_fwd_tiles / linear_memory_bwd_tiles choose them (they know the kernels' shared
@@ -39,12 +42,6 @@ struct DeviceLimits {
 struct ValueTiles {
   int state, parallel;
 };
-
-// Whether the sequential kernels should take 32-row tiles (above; shared memory permitting).
-inline bool linear_memory_wide_state_tile(const LinearMemoryParams& p, InputType type, const DeviceLimits& device) {
-  const int64_t blocks = int64_t(p.batch) * p.heads * ((p.dv + 15) / 16);
-  return blocks > device.concurrent_blocks && p.dk <= 64 && type != InputType::kFloat64;
-}
 
 // What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
 // a parallel kernel before them so that no gate recurrence sits on their chain: per chunk, in the

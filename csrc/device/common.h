@@ -60,9 +60,11 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return static_cast<uint32_t>(bits_of(cast<Half>(lo))) | (static_cast<uint32_t>(bits_of(cast<Half>(hi))) << 16);
 }
 
-// The float value of a tf32 held in a 32-bit register (float_to_tf32_rna's result): the bits are
-// already a float with the low 13 mantissa bits zero. Used to split x into tf32 hi + lo parts.
+// The float value of a tf32 held in a 32-bit register (float_to_tf32_rna's result), read as the
+// tensor core reads it: the 19 tf32 bits, the low 13 mantissa bits cleared, so that the split of
+// x into tf32 hi + lo parts does not depend on what the conversion leaves there.
 __device__ __forceinline__ float tf32_to_float(uint32_t bits) {
+  bits &= 0xffffe000u;
   float x;
   memcpy(&x, &bits, sizeof(x));
   return x;

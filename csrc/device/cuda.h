@@ -56,10 +56,16 @@ __device__ __forceinline__ uint32_t float_to_tf32_rna(float x) {
 template <typename... KernelArgs, typename... Args>
 inline Error launch(const char* /*kernel_name*/, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                     size_t smem_bytes, Stream stream, Args&&... args) {
-  // Above 48 KiB a kernel must opt in to its dynamic shared memory size.
+  // Above 48 KiB a kernel must opt in to its dynamic shared memory. The opt-in is set to the
+  // device's maximum, the same value on every call, so host threads launching one kernel with
+  // different sizes cannot undo each other's opt-in between setting it and launching.
   if (smem_bytes > 48 * 1024) {
-    Error err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+    int device = 0, max_bytes = 0;
+    Error err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 max_bytes);
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
