@@ -79,11 +79,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   constexpr int kTileV = Ktraits::kTileV;
 
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
-  const lm::ChunkTileBlock block((dv + kTileV - 1) / kTileV);
-  const int n = block.n, v0 = block.tile * kTileV, h = blockIdx.y, b = blockIdx.z;
-  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
-  const int t0 = n * C;
-  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const lm::ChunkTileBlock block(params, kTileV);
+  const int v0 = block.v0, rows = block.rows, t0 = block.t0, L = block.L, h = blockIdx.y, b = blockIdx.z;
   const bool fragments = lm::uses_fragments<Ktraits>(dk, C);
 
   const LinearMemoryBwdLocalSmem<Ktraits> layout(dk, C);
@@ -178,7 +175,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   constexpr int kTileV = Ktraits::kTileV;
 
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
-  const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
+  const int rows = lm::tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
   const bool token_read = params.read_token;
   // bf16 inputs read their fragments with ldmatrix, as in the forward's state kernel.
@@ -215,10 +212,9 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   if (fragments)  // each thread converts the elements it loaded
     for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) set_stacked(i / dk, i % dk, dm[i], ds[i]);
   auto* cotangents = static_cast<compute_t*>(workspace.chunk_cotangents);
-  const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
   const auto stage = [&](int n, int buffer) {
-    const int t0 = n * C, L = chunk_len(n);
+    const int t0 = n * C, L = lm::chunk_length(params, n);
     const auto k_buffer = k_s + buffer * layout.qk_size, q_buffer = q_s + buffer * layout.qk_size;
     lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_buffer);
     lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_buffer);
@@ -235,7 +231,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
   };
   lm::pipelined_chunk_loop(params.n_chunks, true, stage, [&](int n, int buffer) {
-    const int L = chunk_len(n);
+    const int L = lm::chunk_length(params, n);
     const auto q_chunk = q_s + buffer * layout.qk_size;
     const auto k_chunk = k_s + buffer * layout.qk_size;
     const auto do_chunk = do_s + buffer * layout.d_o_size;
@@ -355,11 +351,9 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const int tid = threadIdx.x;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
   const int n_tiles = (dv + kTileV - 1) / kTileV;
-  const lm::ChunkTileBlock block(n_tiles);
-  const int n = block.n, tile = block.tile, v0 = tile * kTileV, h = blockIdx.y, b = blockIdx.z;
-  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
-  const int t0 = n * C;
-  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const lm::ChunkTileBlock block(params, kTileV);
+  const int n = block.n, tile = block.tile, v0 = block.v0, rows = block.rows, t0 = block.t0, L = block.L;
+  const int h = blockIdx.y, b = blockIdx.z;
   const bool token_read = params.read_token;
   // bf16 inputs read their fragments with ldmatrix, from bf16 copies of the operands that are
   // not staged in bf16 (rounded as the scalar path rounds them).
@@ -629,7 +623,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const int tid = threadIdx.x;
   const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int C = params.chunk_size, dk = params.dk, t0 = n * C;
-  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const int L = lm::chunk_length(params, n);
 
   const LinearMemoryGatesSmem layout(C);
   const lm::SmemBase<compute_t, input_t> smem(layout.carver);

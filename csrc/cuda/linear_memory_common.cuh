@@ -431,11 +431,25 @@ __device__ __forceinline__ index_t chunk_state_offset(const LinearMemoryParams& 
   return (bh * p.n_chunks + n) * 2 * index_t(p.dv) * p.dk;
 }
 
-// The parallel kernels' blocks: grid.x enumerates (chunk, value tile) with the tiles of one chunk
-// adjacent (they read the same Q, K and gates), grid.y the head and grid.z the batch.
+// Tokens in chunk n (the last chunk may be short).
+__device__ __forceinline__ int chunk_length(const LinearMemoryParams& p, int n) {
+  const int left = p.seqlen - n * p.chunk_size;
+  return left < p.chunk_size ? left : p.chunk_size;
+}
+
+// Value features in the tile starting at v0 (the last tile may be partial).
+__device__ __forceinline__ int tile_rows(const LinearMemoryParams& p, int v0, int tile_v) {
+  return p.dv - v0 < tile_v ? p.dv - v0 : tile_v;
+}
+
+// Where a block of a parallel kernel works: grid.x enumerates (chunk, value tile) with the tiles
+// of one chunk adjacent (they read the same Q, K and gates), grid.y the head and grid.z the batch.
 struct ChunkTileBlock {
-  int n, tile;
-  __device__ explicit ChunkTileBlock(int tiles) : n(blockIdx.x / tiles), tile(blockIdx.x % tiles) {}
+  int n, tile, v0, rows;  // chunk, value tile, its first feature and its feature count
+  int t0, L;              // the chunk's first token and its length
+  __device__ ChunkTileBlock(const LinearMemoryParams& p, int tile_v)
+      : n(blockIdx.x / ((p.dv + tile_v - 1) / tile_v)), tile(blockIdx.x % ((p.dv + tile_v - 1) / tile_v)),
+        v0(tile * tile_v), rows(tile_rows(p, v0, tile_v)), t0(n * p.chunk_size), L(chunk_length(p, n)) {}
 };
 
 // Staging. Tiles go from global to shared memory through cp.async, so that the sequential
@@ -637,7 +651,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     gate_rows_kernel(LinearMemoryParams params, void* gate_rows) {
   using compute_t = typename Ktraits::compute_t;
   const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = params.chunk_size, t0 = n * C;
-  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const int L = chunk_length(params, n);
   const GateRowsSmem layout(C);
   const SmemBase<compute_t, typename Ktraits::input_t> smem(layout.carver);
   const auto theta = smem.compute(layout.theta);

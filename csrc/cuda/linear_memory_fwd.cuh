@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   constexpr int kTileV = Ktraits::kTileV;
 
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
-  const int rows = params.dv - v0 < kTileV ? params.dv - v0 : kTileV;
+  const int rows = lm::tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
   // bf16 inputs read their fragments with ldmatrix from bf16 tiles: a copy of M beside the fp32
   // state, and the update's operands as E's epilogue rounds them. The scalar path rounds the same
@@ -93,10 +93,9 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   if (fragments)  // each thread converts the elements it loaded
     for (int i = threadIdx.x; i < rows * dk; i += blockDim.x) m_bf[i / dk * ldk + i % dk] = device::cast<input_t>(m[i]);
   auto* chunk_states = static_cast<compute_t*>(params.chunk_states_ptr);
-  const auto chunk_len = [&](int n) { return params.seqlen - n * C < C ? params.seqlen - n * C : C; };
 
   const auto stage = [&](int n, int buffer) {
-    const int L = chunk_len(n);
+    const int L = lm::chunk_length(params, n);
     const auto k_buffer = k_s + buffer * layout.k_size;
     lm::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, ldk, k_buffer);
     // The fragments' contraction over the chunk runs to C: the keys past a short chunk are zeros.
@@ -106,7 +105,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
   };
   lm::pipelined_chunk_loop(params.n_chunks, false, stage, [&](int n, int buffer) {
-    const int L = chunk_len(n);
+    const int L = lm::chunk_length(params, n);
     const auto k_chunk = k_s + buffer * layout.k_size;
     const auto v_chunk = v_s + buffer * layout.v_size;
     const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
@@ -199,11 +198,8 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   constexpr int kTileV = Ktraits::kTileV;
 
   const int dk = params.dk, dv = params.dv, C = params.chunk_size;
-  const lm::ChunkTileBlock block((dv + kTileV - 1) / kTileV);
-  const int n = block.n, v0 = block.tile * kTileV, h = blockIdx.y, b = blockIdx.z;
-  const int rows = dv - v0 < kTileV ? dv - v0 : kTileV;
-  const int t0 = n * C;
-  const int L = params.seqlen - t0 < C ? params.seqlen - t0 : C;
+  const lm::ChunkTileBlock block(params, kTileV);
+  const int n = block.n, v0 = block.v0, rows = block.rows, t0 = block.t0, L = block.L, h = blockIdx.y, b = blockIdx.z;
   const bool token_read = params.read_token;
   // bf16 inputs read their fragments with ldmatrix, from bf16 copies of the operands that are
   // not staged in bf16 (rounded as the scalar path rounds them).
