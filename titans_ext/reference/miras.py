@@ -45,13 +45,13 @@ def objective_error(objective, r, delta):
     return torch.where(inside, 2 * r, 2 * delta * torch.sign(r))
 
 
-def lq_rescale(memory, q):
-    """``M ||M||_q^(2-q)`` with the entrywise q-norm of each ``[..., Dv, Dk]`` matrix; a zero
-    matrix is left as it is (the scale has no limit there for q > 2)."""
-    power_sum = memory.abs().pow(q).sum(dim=(-2, -1), keepdim=True)
-    nonzero = power_sum > 0
-    scale = torch.where(nonzero, power_sum, torch.ones_like(power_sum)).pow((2 - q) / q)
-    return memory * torch.where(nonzero, scale, torch.ones_like(scale))
+def lq_scale(accumulator, q):
+    """The "lq" retention's scale rho0 = ``||A||_q^(2-q)`` of each ``[..., Dv, Dk]`` accumulator
+    (entrywise q-norm), shaped ``[..., 1, 1]``: the chunk's weights are ``rho0 * A``
+    (``docs/miras.md`` §2.3). It is 1 where A = 0, where the scale has no limit for q > 2."""
+    power_sum = accumulator.abs().pow(q).sum(dim=(-2, -1), keepdim=True)
+    # The where keeps pow's gradient finite at A = 0 (abs().pow(q)'s is 0 there for q > 1).
+    return torch.where(power_sum > 0, power_sum, torch.ones_like(power_sum)).pow((2 - q) / q)
 
 
 def kl_update(memory, momentum, alpha):
