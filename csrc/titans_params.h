@@ -34,7 +34,8 @@ struct MirasParams {
   double p = 2, eps = 0;
   // huber, pseudo_huber, yaad: the threshold, contiguous [B, T, H, Dv]; nullptr otherwise.
   const void* delta_ptr = nullptr;
-  // l2: the forget gate only. lq: at every chunk start M <- M ||M||_q^(2-q). kl: the chunk's first
+  // l2: the forget gate only. lq: the state M is the accumulator A; each chunk learns and reads with
+  // rho0 A, rho0 = ||A||_q^(2-q) at the chunk start (docs/miras.md §2.3). kl: the chunk's first
   // token takes Memora's step M <- rowsoftmax((1 - alpha) log max(M, kKlLogFloor) + S).
   RetentionKind retention = RetentionKind::l2;
   double q = 2;

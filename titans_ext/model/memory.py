@@ -161,8 +161,8 @@ class NeuralMemory(nn.Module):
         retention: the op's ``retention`` (default ``"l2"``, or the preset's). With ``"kl"`` the
             learned initial memory is held as logits and enters as their row softmax, so it
             stays a valid (positive, row-stochastic) memory while it is trained. With
-            ``("lq", q)`` each initial weight starts at unit q-norm, where the chunk-start
-            rescale is the identity.
+            ``("lq", q)`` each initial weight (an accumulator A) starts at unit q-norm, where its
+            scale ``rho0 = ||A||_q^(2-q)`` is 1.
         preset: ``"titans"``, ``"moneta"``, ``"yaad"``, ``"memora"`` or None (the arguments alone).
 
     ``forward(x, state=None) -> (y, state)``: ``state`` is a :class:`MemoryState` (None: the
@@ -240,8 +240,9 @@ class NeuralMemory(nn.Module):
             return [torch.randn(shape) if i == 0 and len(shapes) == 2 else torch.zeros(shape)
                     for i, shape in enumerate(shapes)]
         if retention == "lq":
-            # Unit q-norm per head: the rescale W ||W||_q^(2-q) maps q-norm s to 1/s, so a small
-            # weight (a zero one after its first update) would be blown up.
+            # Unit q-norm per head, where the weights rho0 A (docs/miras.md §2.3) equal the
+            # accumulator A. Their q-norm is ||A||_q^(3-q) (1/||A|| at q = 4), so a small
+            # accumulator (a zero one after its first update) would give huge weights.
             q = self.retention.q
             return [w / w.abs().pow(q).sum(dim=(1, 2), keepdim=True).pow(1 / q)
                     for w in (torch.randn(shape) for shape in shapes)]

@@ -100,7 +100,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     ``chunk_size=1`` is the exact per-token Titans recurrence.
 
-    MIRAS options (``shared/design/miras.md`` §2) change the error map f and the retention:
+    MIRAS options (``docs/miras.md`` §2) change the error map f and the retention:
 
     - ``objective``: ``"l2"`` (f = 2r); ``("lp", p)`` or ``("lp", p, eps)``: f = p r (r^2+eps)^(p/2-1),
       p >= 1, eps = 0 only for p >= 2; ``("huber", delta)``: f = 2 clamp(r, -delta, delta);
@@ -109,10 +109,14 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
       token's norm with each channel's delta). At a threshold the inside branch applies. ``delta``
       (> 0) is a float or a tensor broadcastable to ``[B, T, H]`` (scalar, per head, per token) or,
       4-d, to ``[B, T, H, Dv]``; it receives a gradient when it requires one.
-    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1: at every chunk start
-      M is rescaled by ``||M||_q^(2-q)`` (entrywise norm; a zero M is left as it is), and the chunk
-      runs from the rescaled M. The returned state is the un-normalized accumulator, so a stream
-      split at a chunk boundary equals one call; ``"kl"`` (Memora): the chunk's first token takes
+    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1 (Moneta,
+      ``docs/miras.md`` §2.3): M is the accumulator A of the paper's ``W = A / ||A||_q^(q-2)``.
+      Each chunk fixes ``rho0 = ||A_{t0-1}||_q^(2-q)`` at its start (entrywise norm of each batch
+      and head's matrix; 1 where it is zero) and learns and reads with the weights ``rho0 A``:
+      u_t is taken at ``rho0 A_{t0-1}``, ``o_t = rho0 A_t q_t`` (``read="chunk_start"``:
+      ``rho0 A_{t0-1} q_t``), and the lines above update A itself (S is not rescaled). The
+      returned state is ``(A_T, S_T)``, so a stream split at a chunk boundary equals one call;
+      ``"kl"`` (Memora): the chunk's first token takes
       ``M = softmax((1 - alpha) log max(M, 1e-6) + S)`` over Dk (rows), with its own gradient at the
       previous memory; the rest of the chunk is the linear step above from that M. The memory
       must start positive (default: uniform 1/Dk). ``read="chunk_start"`` reads the memory before

@@ -92,7 +92,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     (per-token weights are never materialized). The C++ backward is handwritten, including the
     second derivative of the activation that the inner gradient brings in.
 
-    MIRAS options (``shared/design/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
+    MIRAS options (``docs/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
 
     - ``objective``: the per-token loss l, whose gradient in the residual r = M(k_t) - v_t is the
       error map f(r) (backpropagated through the MLP to both weights): ``"l2"`` (l = ||r||^2,
@@ -100,12 +100,15 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
       ``("yaad", delta)``, with the f of :func:`titans_ext.linear_memory`. ``delta`` (> 0) is a float
       or a tensor broadcastable to ``[B, T, H]`` or, 4-d, to ``[B, T, H, D]``; it receives a
       gradient when it requires one.
-    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1: at every chunk start
-      each weight (W1 and W2 separately, not the momenta) is rescaled by ``||W||_q^(2-q)``
-      (entrywise norm; a zero weight is left as it is); the returned weights are the
-      un-normalized accumulators, so a stream split at a chunk boundary equals one call;
-      ``"kl"`` (Memora): the chunk's first token takes, for each weight with its momentum,
-      ``W = softmax((1 - alpha) log max(W, 1e-6) + S)`` over each row (W1: over the D inputs of a
+    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1 (Moneta,
+      ``docs/miras.md`` §2.3): W1 and W2 are accumulators A1, A2, each with its own scale
+      ``rho0 = ||A_{t0-1}||_q^(2-q)`` fixed at the chunk start (entrywise norm; 1 where the
+      matrix is zero). The chunk learns and reads with the weights ``rho0 A`` of each: u_t is
+      taken at ``rho0 A_{t0-1}``, token t reads ``M_t`` with weights ``rho0 A_t``
+      (``read="chunk_start"``: ``rho0 A_{t0-1}``), and the lines above update A itself (the
+      momenta are not rescaled). The returned weights are ``(A1_T, A2_T)``, so a stream split at a
+      chunk boundary equals one call; ``"kl"`` (Memora): the chunk's first token takes, for each
+      weight with its momentum, ``W = softmax((1 - alpha) log max(W, 1e-6) + S)`` over each row (W1: over the D inputs of a
       hidden unit; W2: over the N hidden units feeding an output), with its own gradient at the
       previous weights; the rest of the chunk is the step above from those weights. Each row is
       then a probability vector, so every hidden unit reads a convex combination of x and every
