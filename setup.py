@@ -22,7 +22,7 @@ CSRC = ROOT / "csrc"
 
 
 def _find_cuda_home():
-    """The real toolkit folder: an nvcc on PATH may be a wrapper outside it (build.md §3)."""
+    """The real toolkit folder: an nvcc on PATH may be a wrapper outside it (docs/build.md §3)."""
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     candidates = []
@@ -86,7 +86,7 @@ def _extensions():
         archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
-        # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (build.md §3).
+        # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (docs/build.md §3).
         nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
         ext = CUDAExtension(
             "titans_ext._C",

@@ -1,5 +1,5 @@
 // CUDA implementations of the titans_ext operators (schemas in ops.cpp). Compiled by g++, not
-// nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (build.md §3).
+// nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (docs/build.md §3).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

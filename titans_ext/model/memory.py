@@ -30,7 +30,7 @@ MEMORY_KINDS = ("linear", "mlp")
 DELTA_OBJECTIVES = ("huber", "pseudo_huber", "yaad")
 LEARNED = "learned"
 
-# The MIRAS models (shared/design/miras.md §3) as NeuralMemory defaults: memory, objective,
+# The MIRAS models (docs/miras.md §3) as NeuralMemory defaults: memory, objective,
 # retention and the momentum bound (the MIRAS models learn by plain gradient descent: eta = 0).
 PRESETS = {
     "titans": dict(memory="mlp", objective="l2", retention="l2", max_momentum=0.9),
@@ -126,7 +126,7 @@ class NeuralMemory(nn.Module):
     (2 * chunk_size))`` keeps the linear memory's chunk-to-chunk map non-expanding for any gate
     values even when all keys of a chunk coincide (the worst case), so long sequences stay finite.
 
-    Presets (``shared/design/miras.md`` §3; MIRAS, arXiv 2504.13173). ``preset`` picks the memory,
+    Presets (``docs/miras.md`` §3; MIRAS, arXiv 2504.13173). ``preset`` picks the memory,
     the objective, the retention and the momentum bound of a published model; arguments passed
     explicitly override its choices:
 

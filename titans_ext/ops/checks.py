@@ -129,11 +129,11 @@ def state_dtype_for(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# MIRAS options (shared/design/miras.md §2). The integer codes are the kernels' (enum
+# MIRAS options (docs/miras.md §2). The integer codes are the kernels' (enum
 # ObjectiveKind / RetentionKind in csrc/titans_params.h); keep the two lists in the same order.
 OBJECTIVES = ("l2", "lp", "huber", "pseudo_huber", "yaad")
 RETENTIONS = ("l2", "lq", "kl")
-# Entries of a "kl" memory are clamped to this before the log (miras.md §2.3).
+# Entries of a "kl" memory are clamped to this before the log (docs/miras.md §2.3).
 KL_LOG_FLOOR = 1e-6
 _DELTA_OBJECTIVES = ("huber", "pseudo_huber", "yaad")
 _OBJECTIVE_FORMS = ('"l2", ("lp", p), ("lp", p, eps), ("huber", delta), ("pseudo_huber", delta) '
