@@ -98,7 +98,11 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         M_t = (1 - alpha_t) M_{t-1} + S_t           # forget gate
         o_t = M_t q_t   (read="token")   or   M_{t0-1} q_t   (read="chunk_start")
 
-    ``chunk_size=1`` is the exact per-token Titans recurrence.
+    ``chunk_size=1`` is the exact per-token Titans recurrence. Conventions (``docs/peers.md``
+    §7): ``alpha`` is the fraction of the memory forgotten per token (flash-linear-attention's
+    log-decay is ``g = log1p(-alpha)``); the loss ``||M k_t - v_t||^2`` has no 1/2 and no 1/Dv
+    (fla's delta-rule ``beta = 2 theta``; titans-pytorch's mean-squared loss with learning rate
+    ``lr`` is ``theta = lr / Dv``); no scale is applied to q.
 
     MIRAS options (``docs/miras.md`` §2) change the error map f and the retention:
 
@@ -129,9 +133,15 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
-        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of M forgotten per token.
         chunk_size: tokens per chunk (>= 1; on CUDA 1..64, with 16, 32 and 64 the tuned sizes).
-        initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros.
+            The default, 64, is the largest chunk the CUDA kernels take (the fewest sequential
+            steps); the op does not bound the gates, so the caller bounds theta for the chunk
+            size it picks (``docs/design.md`` §4.1). ``NeuralMemory`` defaults to 16
+            (``docs/design.md`` §4.2).
+        initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros. The layout of
+            flash-linear-attention's state ``h [N, H, K, V]`` is the transpose:
+            ``M0 = h.transpose(-1, -2)``.
         output_final_state: also return ``(M_T, S_T)``.
         read: ``"token"`` or ``"chunk_start"``.
 

@@ -122,9 +122,10 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         v: values ``[B, T, H, D]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
-        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of each weight forgotten per token.
         weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
-        chunk_size: tokens per chunk (>= 1).
+        chunk_size: tokens per chunk (>= 1). The default, 64, matches :func:`titans_ext.linear_memory`;
+            ``NeuralMemory`` defaults to 16 (``docs/design.md`` §4.2).
         momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
