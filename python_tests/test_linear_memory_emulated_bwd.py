@@ -46,11 +46,12 @@ def cotangents(shapes, seed=1):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def run_emulated(inputs, init, chunk_size, read, cot, final_cotangent=True):
-    """Emulated forward, then backward with the cotangents (d_o, dM_T, dS_T)."""
+def run_emulated(inputs, init, chunk_size, read, cot, final_cotangent=True, layout=lambda x: x):
+    """Emulated forward, then backward with the cotangents (d_o, dM_T, dS_T); ``layout`` makes
+    the tensor d_o is passed as (by default d_o itself)."""
     m0, s0 = (None, None) if init is None else init
     o, m, s, states = emu.linear_memory_fwd(*inputs, m0, s0, chunk_size, read == "token", True)
-    d_o = cot[0].to(o.dtype)
+    d_o = layout(cot[0].to(o.dtype))
     d_m, d_s = (cot[1].to(m.dtype), cot[2].to(s.dtype)) if final_cotangent else (None, None)
     grads = emu.linear_memory_bwd(*inputs, states, d_o, d_m, d_s, chunk_size, read == "token")
     return [o, m, s], list(grads)
@@ -71,11 +72,11 @@ def reference(inputs, init, chunk_size, read, cot, final_cotangent=True):
     return [o.detach(), m.detach(), s.detach()], list(grads)
 
 
-def check(inputs, init, chunk_size, read, ratio, final_cotangent=True):
+def check(inputs, init, chunk_size, read, ratio, final_cotangent=True, layout=lambda x: x):
     B, T, H, Dk = inputs[0].shape
     Dv = inputs[2].shape[-1]
     cot = cotangents([(B, T, H, Dv), (B, H, Dv, Dk), (B, H, Dv, Dk)])
-    values, grads = run_emulated(inputs, init, chunk_size, read, cot, final_cotangent)
+    values, grads = run_emulated(inputs, init, chunk_size, read, cot, final_cotangent, layout)
     ref_values, ref_grads = reference(inputs, init, chunk_size, read, cot, final_cotangent)
     for name, r, out in zip(["o", "M_T", "S_T"], ref_values, values):
         assert_close(name, r, out, ratio)
@@ -157,6 +158,25 @@ def test_strided_inputs():
     wide = [torch.cat([x, torch.full_like(x, float("nan"))], dim=2)[:, :, :3] for x in inputs]
     assert not any(x.is_contiguous() for x in wide)
     check(wide, init, 16, "token", TOLERANCE[torch.float64])
+
+
+def misaligned(x):
+    """x as a view that starts one element into a wider buffer (NaN around it): rows keep unit
+    stride but no row start is 16-byte aligned."""
+    wide = torch.full((*x.shape[:-1], x.shape[-1] + 8), float("nan"), dtype=x.dtype)
+    wide[..., 1:1 + x.shape[-1]] = x
+    view = wide[..., 1:1 + x.shape[-1]]
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_inputs_are_staged_element_by_element(dtype):
+    # The kernels stage q, k, v and dO with 16-byte cp.async copies only where every row start
+    # is 16-byte aligned; the emulation raises on a misaligned cp.async, so these inputs must
+    # take the element copies. Five chunks: both sequential pipelines refill their buffers.
+    inputs, init = memory_inputs(1, 80, 2, 16, 24, dtype)
+    check([misaligned(x) for x in inputs], init, 16, "token", TOLERANCE[dtype], layout=misaligned)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
