@@ -348,8 +348,12 @@ def test_each_mode_is_reproducible_from_its_seed(mode):
     assert not same(outputs[0], outputs[2])
 
 
-def test_atomics_act_on_shared_memory_itself_under_write_visibility():
-    set_emulation_modes(4, ["write_visibility"])
+# write_visibility: an atomic acts on shared memory itself, not on the thread's pending copy.
+# block_interleaving: each block has its own static __shared__ histogram, also while another
+# block runs (one zeroing a histogram that another counts into would lose counts).
+@pytest.mark.parametrize("mode", ["write_visibility", "block_interleaving"])
+def test_shared_memory_atomics_under_hazard_modes(mode):
+    set_emulation_modes(4, [mode])
     values = torch.randint(0, 37, (1000,), dtype=torch.int32)
     histogram, _, _ = emu.atomics(values, 37)
     assert torch.equal(histogram, torch.bincount(values, minlength=37).int())

@@ -9,19 +9,10 @@ import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract 
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
-from utils import TOLERANCE, assert_close, emulation_seed, memory_inputs, set_emulation_modes, shape_id
+from utils import TOLERANCE, all_emulation_modes, assert_close, memory_inputs, set_emulation_modes, shape_id  # noqa: F401
 
 emu = torch.ops.titans_emu
-
-
-@pytest.fixture(autouse=True)
-def emulation_modes(request):
-    """Every emulation mode on, with a seed of the test's own (printed, to reproduce a failure)."""
-    seed = emulation_seed(request.node.nodeid)
-    print(f"emulation modes on, seed {seed}")
-    set_emulation_modes(seed)
-    yield seed
-    set_emulation_modes(-1)
+pytestmark = pytest.mark.usefixtures("all_emulation_modes")
 
 
 def run_emulated(inputs, init, chunk_size, read, save_states=True):

@@ -15,20 +15,11 @@ import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract 
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.reference import linear_memory_recurrent
 
-from utils import (GRAD_NAMES, TOLERANCE, assert_close, emulation_seed, memory_inputs, set_emulation_modes,
-                   shape_id)
+from utils import (GRAD_NAMES, TOLERANCE, all_emulation_modes, assert_close, memory_inputs,  # noqa: F401
+                   set_emulation_modes, shape_id)
 
 emu = torch.ops.titans_emu
-
-
-@pytest.fixture(autouse=True)
-def emulation_modes(request):
-    """Every emulation mode on, with a seed of the test's own (printed, to reproduce a failure)."""
-    seed = emulation_seed(request.node.nodeid)
-    print(f"emulation modes on, seed {seed}")
-    set_emulation_modes(seed)
-    yield seed
-    set_emulation_modes(-1)
+pytestmark = pytest.mark.usefixtures("all_emulation_modes")
 
 
 H100 = (132, 227 * 1024)  # SMs and shared memory per block the emulated ops report by default

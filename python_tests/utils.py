@@ -8,6 +8,7 @@ float64 1e-10 (the kernels and the references differ only in summation order), f
 
 import zlib
 
+import pytest
 import torch
 
 TOLERANCE = {
@@ -127,6 +128,12 @@ def set_emulation_modes(seed, modes=EMULATION_MODES):
         getattr(torch.ops.titans_emu, f"set_{mode}")(seed if mode in modes else -1)
 
 
-def emulation_seed(node_id):
-    """A seed of the emulation modes per test: stable across runs, different between tests."""
-    return zlib.crc32(node_id.encode()) % 1000
+@pytest.fixture
+def all_emulation_modes(request):
+    """Every emulation mode on for one test, with a seed of its own (stable across runs; printed,
+    so a failure can be reproduced); the orderly default again afterwards."""
+    seed = zlib.crc32(request.node.nodeid.encode()) % 1000
+    print(f"emulation modes on, seed {seed}")
+    set_emulation_modes(seed)
+    yield seed
+    set_emulation_modes(-1)
