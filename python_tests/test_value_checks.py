@@ -117,16 +117,24 @@ class _RaiseOnValueRead(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _refuse(method):
+    def refuse(self, *args, **kwargs):
+        raise ValueRead(f"Tensor.{method} reads tensor values")
+    return refuse
+
+
 @contextlib.contextmanager
-def no_value_reads(monkeypatch):
+def no_value_reads():
     """Raises ValueRead on any read of tensor data from Python or through the dispatcher."""
-    for method in ("tolist", "numpy", "__array__"):
-        def refuse(self, *args, _method=method, **kwargs):
-            raise ValueRead(f"Tensor.{_method} reads tensor values")
-        monkeypatch.setattr(torch.Tensor, method, refuse)
-    with _RaiseOnValueRead():
-        yield
-    monkeypatch.undo()
+    saved = {method: getattr(torch.Tensor, method) for method in ("tolist", "numpy", "__array__")}
+    try:
+        for method in saved:
+            setattr(torch.Tensor, method, _refuse(method))
+        with _RaiseOnValueRead():
+            yield
+    finally:
+        for method, original in saved.items():
+            setattr(torch.Tensor, method, original)
 
 
 def _linear_call():
@@ -180,13 +188,13 @@ CALLS = {
 
 
 @pytest.mark.parametrize("name", CALLS)
-def test_checks_off_read_no_tensor_value(monkeypatch, check_values, name):
+def test_checks_off_read_no_tensor_value(check_values, name):
     call = CALLS[name]()
     check_values("1")
     with pytest.raises(ValueRead):  # the guard sees the value checks' reads
-        with no_value_reads(monkeypatch):
+        with no_value_reads():
             call()
     check_values("0")
-    with no_value_reads(monkeypatch):
+    with no_value_reads():
         out = call()
         out.float().square().sum().backward()
