@@ -8,12 +8,14 @@
 // naming the kernel, block and thread. Inputs are CPU tensors.
 #include <Python.h>
 
+#include <limits>
 #include <string>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -29,6 +31,7 @@ namespace {
 using selftest::HalfKind;
 using selftest::MmaKind;
 using selftest::ShuffleKind;
+using selftest::WarpOrdering;
 
 at::Tensor checked_float(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
@@ -153,14 +156,14 @@ at::Tensor ldmatrix_mma_bf16(const at::Tensor& a, const at::Tensor& b) {
   return d;
 }
 
-at::Tensor cp_async_pipeline(const at::Tensor& x, int64_t bytes, bool with_wait) {
+at::Tensor cp_async_pipeline(const at::Tensor& x, int64_t bytes, bool with_wait, bool with_refill_barrier) {
   const auto x_c = checked_float(x, "x");
   TORCH_CHECK(x.numel() > 0 && x.numel() % selftest::kCpAsyncChunk == 0, "x must hold whole chunks of ",
               selftest::kCpAsyncChunk);
   TORCH_CHECK(bytes == 4 || bytes == 8 || bytes == 16, "bytes must be 4, 8 or 16");
   auto out = at::empty_like(x_c);
   selftest::cp_async_pipeline(x_c.data_ptr<float>(), out.data_ptr<float>(), int(x.numel() / selftest::kCpAsyncChunk),
-                              int(bytes), with_wait, nullptr);
+                              int(bytes), with_wait, with_refill_barrier, nullptr);
   return out;
 }
 
@@ -171,6 +174,30 @@ at::Tensor cp_async_one_group(const at::Tensor& x, int64_t src_offset, int64_t d
   auto out = at::empty({128}, x_c.options());
   selftest::cp_async_one_group(x_c.data_ptr<float>(), out.data_ptr<float>(), int(src_offset), int(dst_offset), commit,
                                wait, nullptr);
+  return out;
+}
+
+at::Tensor warp_shared_exchange(const at::Tensor& x, const std::string& ordering) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() == 32, "x must have 32 elements (one warp)");
+  TORCH_CHECK(ordering == "syncwarp" || ordering == "shuffle" || ordering == "ballot",
+              "ordering must be syncwarp, shuffle or ballot, got ", ordering);
+  const WarpOrdering kind = ordering == "syncwarp" ? WarpOrdering::kSyncwarp
+                            : ordering == "shuffle" ? WarpOrdering::kShuffle
+                                                    : WarpOrdering::kBallot;
+  auto out = at::empty_like(x_c);
+  selftest::warp_shared_exchange(x_c.data_ptr<float>(), out.data_ptr<float>(), kind, nullptr);
+  return out;
+}
+
+at::Tensor block_chain(const at::Tensor& x, bool one_launch) {
+  const auto x_c = checked_float(x, "x");
+  TORCH_CHECK(x.numel() > 0 && x.numel() % 32 == 0, "x must hold whole blocks of 32 elements");
+  const int64_t blocks = x.numel() / 32;
+  auto sums = at::full({blocks}, std::numeric_limits<float>::quiet_NaN(), x_c.options());
+  auto out = at::empty({blocks}, x_c.options());
+  selftest::block_chain(x_c.data_ptr<float>(), sums.data_ptr<float>(), out.data_ptr<float>(), int(blocks), one_launch,
+                        nullptr);
   return out;
 }
 
@@ -186,6 +213,9 @@ std::tuple<at::Tensor, at::Tensor> half_round_trip(const at::Tensor& x, at::Scal
 }
 
 void set_schedule(int64_t seed) { device::emu::set_schedule(seed); }
+void set_copy_landing(int64_t seed) { device::emu::set_copy_landing(seed); }
+void set_write_visibility(int64_t seed) { device::emu::set_write_visibility(seed); }
+void set_block_interleaving(int64_t seed) { device::emu::set_block_interleaving(seed); }
 
 // The device the emulated linear_memory ops describe to the launchers: an H100 (132 SMs, 227 KiB
 // of shared memory per block, 228 KiB per SM), unless a test sets fewer SMs (to reach the wide
@@ -226,6 +256,9 @@ LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, co
 
 TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
+  m.def("set_copy_landing(int seed) -> ()", &set_copy_landing);
+  m.def("set_write_visibility(int seed) -> ()", &set_write_visibility);
+  m.def("set_block_interleaving(int seed) -> ()", &set_block_interleaving);
   m.def("set_device_limits(int sm_count, int max_shared_bytes) -> ()", &set_device_limits);
   m.def("block_reduce_sum(Tensor x, int threads) -> Tensor", &block_reduce_sum);
   m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor", &warp_shuffle);
@@ -238,9 +271,12 @@ TORCH_LIBRARY(titans_emu, m) {
   m.def("mma_fragment_layout(str kind, str operand) -> Tensor", &mma_fragment_layout);
   m.def("ldmatrix(Tensor tile, Tensor row_offsets, int matrices, bool trans) -> Tensor", &ldmatrix);
   m.def("ldmatrix_mma_bf16(Tensor a, Tensor b) -> Tensor", &ldmatrix_mma_bf16);
-  m.def("cp_async_pipeline(Tensor x, int bytes, bool with_wait) -> Tensor", &cp_async_pipeline);
+  m.def("cp_async_pipeline(Tensor x, int bytes, bool with_wait, bool with_refill_barrier=True) -> Tensor",
+        &cp_async_pipeline);
   m.def("cp_async_one_group(Tensor x, int src_offset, int dst_offset, bool commit, bool wait) -> Tensor",
         &cp_async_one_group);
+  m.def("warp_shared_exchange(Tensor x, str ordering) -> Tensor", &warp_shared_exchange);
+  m.def("block_chain(Tensor x, bool one_launch) -> Tensor", &block_chain);
   m.def("half_round_trip(Tensor x, ScalarType dtype) -> (Tensor narrow, Tensor back)", &half_round_trip);
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "

@@ -149,6 +149,13 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
         ``(M_T, S_T)`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to q, k, v, the
         gates, the initial state and delta, through both outputs.
+
+    Raises:
+        ValueError / TypeError naming the argument, for shapes, dtypes and devices always, and for
+        values (gates finite and in their ranges, delta > 0, a "kl" memory with a positive entry
+        per row) where value checks run: on CPU tensors, or everywhere with the environment
+        variable ``TITANS_EXT_CHECK_VALUES=1`` (``=0``: nowhere). On a GPU they are off by
+        default, since reading values is a host sync (:func:`titans_ext.ops.checks.value_checks_enabled`).
     """
     B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     state_dtype = state_dtype_for(q.dtype)

@@ -135,6 +135,10 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
         ``((W1_T, W2_T), (S1_T, S2_T))`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to
         q, k, v, the gates, the initial weights, the momenta and delta, through both outputs.
+
+    Raises:
+        ValueError / TypeError naming the argument, as :func:`titans_ext.linear_memory` (value
+        checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
     B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
     state_dtype = state_dtype_for(q.dtype)
