@@ -51,7 +51,7 @@ def _check_finite_gates(gates):
             raise ValueError(f"{name}: gates must be finite (found NaN or inf)")
 
 
-def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
+def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_gate_values=True):
     check_tensor("q", q, 4)
     B, T, H, Dk = q.shape
     check_tensor("k", k, 4)
@@ -72,7 +72,8 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     if read not in READ_MODES:
         raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
-    _check_finite_gates(gates)
+    if check_gate_values:
+        _check_finite_gates(gates)
     return B, T, H, Dk, v.shape[-1]
 
 
@@ -86,9 +87,13 @@ def _check_state_pair(name, pair, shape, dims, device):
         check_device(label, t, device)
 
 
-def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state):
-    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``."""
-    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read)
+def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, check_gate_values=True):
+    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``.
+
+    ``check_gate_values=False`` leaves out the finiteness check of the gates (a host sync on GPUs),
+    for a caller that hands the same gates to the op, which checks them.
+    """
+    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_gate_values)
     if initial_state is not None:
         _check_state_pair("initial_state", initial_state, (B, H, Dv, Dk), ("B", "H", "Dv", "Dk"), q.device)
     return B, T, H, Dk, Dv
