@@ -17,6 +17,7 @@ sequences that do not fit one device and for R > 3, not a speed-up at R = 2.
 import argparse
 import datetime
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -108,6 +109,7 @@ def main():
         if (args.seq_len // w) % args.chunk_size:
             parser.error(f"--seq-len / {w} processes must be a multiple of --chunk-size")
 
+    load = os.getloadavg()[0]  # timings on a shared machine mean little without it
     torch.set_num_threads(1)
     inputs, init, cotangents = make_inputs(args.seq_len, args.dim)
     kwargs = dict(chunk_size=args.chunk_size)
@@ -132,7 +134,8 @@ def main():
         print(f"{world_size} processes: fwd {times['fwd']:.2f} ms, fwd+bwd {times['fwd+bwd']:.2f} ms, "
               f"worst relative RMS error {error:.1e}", flush=True)
 
-    machine = f"{platform.processor() or platform.machine()}, 1 thread per process, torch {torch.__version__}"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} "
+               f"at the start, 1 thread per process, torch {torch.__version__}")
     title = (f"Context parallel linear memory on the CPU, B={B}, T={args.seq_len}, H={H}, Dk=Dv={args.dim}, "
              f"chunk {args.chunk_size}, fp32 ({machine}; {datetime.date.today().isoformat()}); ratio = fwd+bwd "
              "time / one call's; error = worst relative RMS error of o, the final state and every gradient "
@@ -142,8 +145,8 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(title + "\n\n" + table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "single": single, "results": results},
-                                                   indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "load_average": load, "single": single,
+                                                    "results": results}, indent=2))
     print(f"\nwritten: {out}")
 
 
