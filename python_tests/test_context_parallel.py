@@ -6,7 +6,8 @@ Each process returns its shard's outputs, the final state (last rank) and the gr
 shard and of the initial state (rank 0); the tests compare them with one call of
 ``titans_ext.linear_memory`` on the whole sequence, backpropagating the same functional of the
 outputs and the final state. Closeness rule (``utils.py``): relative RMS error at most 1e-10 in
-float64 and 1e-5 in float32.
+float64 and 1e-5 in float32 (measured: ~3e-16 and ~3e-7), 1e-2 with bf16 inputs (measured ~3e-3:
+the outputs' dependence on the start state passes through the op's bf16 outputs).
 """
 
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ import torch.distributed as dist
 import titans_ext
 from titans_ext.distributed import linear_memory_cp, segment_map
 from launcher import run_distributed
-from utils import assert_close, memory_inputs, random_cotangents
+from utils import TOLERANCE, assert_close, memory_inputs, random_cotangents
 
 B, H, DK, DV = 2, 2, 8, 4
 WORLD_SIZE = 4
-CP_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+CP_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: TOLERANCE[torch.bfloat16]}
 INPUT_NAMES = ["dq", "dk", "dv", "dtheta", "deta", "dalpha"]
 BAD_SHARD = 6  # not a multiple of chunk_size 4
 
@@ -56,6 +57,7 @@ CASES = [
     Case((8, 13), torch.float64, "chunk_start", False),
     Case((8, 13), torch.float32, "token", True),
     Case((12, 5), torch.float32, "chunk_start", True),
+    Case((8, 13), torch.bfloat16, "token", True),
     Case((4, 12, 0, 7), torch.float64, "token", True),
     Case((4, 12, 0, 7), torch.float64, "chunk_start", True),
     Case((8, 4, 8, 8), torch.float32, "token", False),
