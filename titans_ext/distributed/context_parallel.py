@@ -98,8 +98,9 @@ def _check_args(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, obj
         raise ValueError(f'objective: context parallel supports only "l2", got {objective!r} (the other objectives '
                          "make a segment's map non-affine in its start state, so maps cannot be composed)")
     if parse_retention(retention).kind != "l2":
-        raise ValueError(f'retention: context parallel supports only "l2", got {retention!r} (lq and kl rescale the '
-                         "memory at every chunk start, so a segment's map is not affine in its start state)")
+        raise ValueError(f'retention: context parallel supports only "l2", got {retention!r} (lq rescales the memory and '
+                         "kl takes a softmax step at every chunk start, so a segment's map is not affine in its "
+                         "start state)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("group: torch.distributed is not initialized (call torch.distributed.init_process_group)")
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
