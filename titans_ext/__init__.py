@@ -4,6 +4,7 @@ Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory),
 path and CUDA kernels.
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
+Context parallel (one sequence split across processes): :mod:`titans_ext.distributed`.
 Demo: ``python -m titans_ext demo``.
 """
 
@@ -20,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from .ops import linear_memory, mlp_memory
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
+from . import distributed
 
 __version__ = "0.1.0"
 __all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",

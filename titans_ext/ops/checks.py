@@ -99,7 +99,7 @@ def check_gate_values(gates):
                          f"got values in [{g.min().item():g}, {g.max().item():g}]")
 
 
-def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
+def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values=True):
     check_tensor("q", q, 4)
     B, T, H, Dk = q.shape
     check_tensor("k", k, 4)
@@ -120,7 +120,8 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     if read not in READ_MODES:
         raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
-    check_gate_values(gates)
+    if check_values:
+        check_gate_values(gates)
     return B, T, H, Dk, v.shape[-1]
 
 
@@ -134,9 +135,13 @@ def _check_state_pair(name, pair, shape, dims, device):
         check_device(label, t, device)
 
 
-def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state):
-    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``."""
-    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read)
+def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, check_values=True):
+    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``.
+
+    ``check_values=False`` leaves out the gates' value checks (:func:`check_gate_values`), for a
+    caller that hands the same gates to the op, which checks them.
+    """
+    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
     if initial_state is not None:
         _check_state_pair("initial_state", initial_state, (B, H, Dv, Dk), ("B", "H", "Dv", "Dk"), q.device)
     return B, T, H, Dk, Dv

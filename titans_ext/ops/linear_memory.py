@@ -51,9 +51,10 @@ def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_f
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
     state = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), state, torch.empty_like(state),
-            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
+    # The kernels return contiguous gradients whatever the inputs' strides (empty_like would copy them).
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
+    return (*grads, state, torch.empty_like(state),
+            q.new_empty((0,), dtype=state_dtype) if delta is None else delta.new_empty(delta.shape))
 
 
 def _setup_context(ctx, inputs, output):

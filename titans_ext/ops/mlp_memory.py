@@ -39,9 +39,10 @@ def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_fin
     shape1, shape2 = _state_shapes(q, hidden)
     dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2,
-            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
+    # The kernel returns contiguous gradients whatever the inputs' strides (empty_like would copy them).
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
+    return (*grads, dw1, dw2, ds1, ds2,
+            q.new_empty((0,), dtype=state_dtype) if delta is None else delta.new_empty(delta.shape))
 
 
 def _setup_context(ctx, inputs, output):
