@@ -8,9 +8,13 @@ Environment switches:
     TITANS_EXT_CUDA_ARCHS  CUDA architectures, ";"-separated (default "8.0;9.0a").
     MAX_JOBS               parallel compile jobs (ninja).
     DEBUG                  1: -O0 -g instead of -O3 -g0.
+
+The compiled libraries use only the LibTorch stable ABI of torch TORCH_TARGET (below), so one
+build runs on every torch from that version on (with the CUDA major of the build).
 """
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +23,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+
+# The oldest torch whose stable ABI the libraries target (TORCH_TARGET_VERSION).
+TORCH_TARGET = (2, 11)
 
 
 def _find_cuda_home():
@@ -34,6 +41,12 @@ def _find_cuda_home():
         if (home / "include" / "cuda_runtime_api.h").exists():
             return str(home)
     return None
+
+
+def _torch_version(version):
+    """(major, minor) of a torch version string such as "2.14.1+cu130"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 def _cuda_wanted():
@@ -58,6 +71,12 @@ def _cuda_wanted():
 
 
 def _extensions():
+    import torch
+
+    target = ".".join(map(str, TORCH_TARGET))
+    if _torch_version(torch.__version__) < TORCH_TARGET:
+        sys.exit(f"titans_ext: the libraries target the LibTorch stable ABI of torch {target}; build them against "
+                 f"torch >= {target}, not {torch.__version__}")
     use_cuda, why_not = _cuda_wanted()
     # Imported after _cuda_wanted() has fixed CUDA_HOME.
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -67,7 +86,11 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math: lets loops with clamped float -> int conversions (the MLP kernel's exp)
     # vectorize; results are unchanged, only floating-point traps are assumed off, as in torch.
-    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math"]
+    # The bindings see only torch/csrc/stable and torch/headeronly: TORCH_STABLE_ONLY makes an ATen
+    # or c10 header an #error, and TORCH_TARGET_VERSION hides what is newer than the target.
+    target_version = (TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48)  # as torch/csrc/stable/version.h
+    stable_abi = ["-DTORCH_STABLE_ONLY", f"-DTORCH_TARGET_VERSION={target_version:#018x}"]
+    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math"] + stable_abi
     macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [str(CSRC)]
 
@@ -78,43 +101,27 @@ def _extensions():
     cuda_sources = glob("cuda/*.cu") + glob("binding/*_cuda.cpp")
     if use_cuda and not cuda_sources:
         use_cuda, why_not = False, "no CUDA sources in csrc/cuda"
-    # at::parallel_for, which splits the CPU kernels over (batch, head), is an OpenMP region
-    # inlined from ATen's headers: compiled without -fopenmp it silently runs on one thread.
-    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    common = dict(include_dirs=include_dirs, py_limited_api=True)
+    # No -fopenmp: the CPU ops split their work with torch::stable::parallel_for, which runs on
+    # torch's own thread pool inside libtorch.
+    common = dict(include_dirs=include_dirs, py_limited_api=True, extra_compile_args={"cxx": cxx_flags})
     if use_cuda:
         archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
         # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (docs/build.md §3).
         nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
-        ext = CUDAExtension(
-            "titans_ext._C",
-            sources + cuda_sources,
-            define_macros=macros + [("TITANS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags + openmp, "nvcc": nvcc_flags},
-            extra_link_args=openmp,
-            **common,
-        )
+        # USE_CUDA declares the CUDA entries of torch's C shim (the current stream) to ops_cuda.cpp.
+        ext = CUDAExtension("titans_ext._C", sources + cuda_sources, define_macros=macros,
+                            **{**common, "extra_compile_args": {"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": nvcc_flags}})
     else:
         print(f"titans_ext: building CPU-only ({why_not})")
-        ext = CppExtension(
-            "titans_ext._C",
-            sources,
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags + openmp},
-            extra_link_args=openmp,
-            **common,
-        )
+        ext = CppExtension("titans_ext._C", sources, define_macros=macros, **common)
     # The CUDA kernels' sources compiled by the host compiler against the device layer's CPU
-    # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them.
-    emulation = CppExtension(
-        "titans_ext._emu",
-        glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
-        define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags},
-        **common,
-    )
+    # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them. Its binding
+    # shares linear_memory_device.h with the CUDA one, so it is a stable-ABI library too.
+    emulation = CppExtension("titans_ext._emu",
+                             glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
+                             define_macros=macros, **common)
     return [ext, emulation]
 
 
