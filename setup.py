@@ -10,12 +10,14 @@ Environment switches:
     DEBUG                  1: -O0 -g instead of -O3 -g0.
 
 The compiled libraries use only the LibTorch stable ABI of torch TORCH_TARGET (below), so one
-build runs on every torch from that version on (with the CUDA major of the build).
+build runs on every torch from that version on (with the CUDA major of the build). The build
+writes titans_ext/_build_info.py, which `import titans_ext` checks against the installed torch.
 """
 
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +51,15 @@ def _torch_version(version):
     return int(major), int(minor)
 
 
+def _nvcc_version(cuda_home):
+    """The toolkit's "major.minor": what the kernels were compiled with and libcudart's major."""
+    out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    if not found:
+        sys.exit(f"titans_ext: cannot read the CUDA version from {cuda_home}/bin/nvcc --version")
+    return found.group(1)
+
+
 def _cuda_wanted():
     import torch
 
@@ -71,6 +82,7 @@ def _cuda_wanted():
 
 
 def _extensions():
+    """The extension modules and the build stamp (the contents of titans_ext/_build_info.py)."""
     import torch
 
     target = ".".join(map(str, TORCH_TARGET))
@@ -79,7 +91,7 @@ def _extensions():
                  f"torch >= {target}, not {torch.__version__}")
     use_cuda, why_not = _cuda_wanted()
     # Imported after _cuda_wanted() has fixed CUDA_HOME.
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
     # Python's sysconfig flags carry -g; -g0 makes the torch-including units ~2x faster to build.
@@ -104,9 +116,11 @@ def _extensions():
     # No -fopenmp: the CPU ops split their work with torch::stable::parallel_for, which runs on
     # torch's own thread pool inside libtorch.
     common = dict(include_dirs=include_dirs, py_limited_api=True, extra_compile_args={"cxx": cxx_flags})
+    build_info = dict(TORCH_TARGET=target, TORCH_BUILT_WITH=torch.__version__, CUDA_VERSION=None, CUDA_ARCHS=None)
     if use_cuda:
         archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        build_info.update(CUDA_VERSION=_nvcc_version(CUDA_HOME), CUDA_ARCHS=archs)
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")
         # nvcc compiles only csrc/cuda/*.cu, which never include a torch header (docs/build.md §3).
         nvcc_flags = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
@@ -122,18 +136,34 @@ def _extensions():
     emulation = CppExtension("titans_ext._emu",
                              glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
                              define_macros=macros, **common)
-    return [ext, emulation]
+    return [ext, emulation], build_info
+
+
+def _build_ext_with_stamp(build_info):
+    """torch's build_ext (ninja), which also writes titans_ext/_build_info.py beside the libraries:
+    into the source tree for in-place and editable builds, into the build folder for wheels."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            package = ROOT / "titans_ext" if self.inplace else Path(self.build_lib) / "titans_ext"
+            lines = [f"{name} = {value!r}\n" for name, value in build_info.items()]
+            stamp = package / "_build_info.py"
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text('"""What this build of titans_ext was compiled for (written by setup.py; checked by '
+                             'import titans_ext)."""\n\n' + "".join(lines))
+
+    return BuildExt
 
 
 def main():
     # _extensions() first: importing torch.utils.cpp_extension fixes its CUDA_HOME, which
     # _cuda_wanted() must have set before.
-    ext_modules = _extensions()
-    from torch.utils.cpp_extension import BuildExtension
-
+    ext_modules, build_info = _extensions()
     setup(
         ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": _build_ext_with_stamp(build_info)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
 

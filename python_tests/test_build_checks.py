@@ -1,15 +1,21 @@
-"""The compiled libraries link only torch's stable interfaces: the LibTorch stable ABI (a C shim),
-the stable Python ABI and torch's own thread pool."""
+"""What a build of titans_ext runs on: libraries that link only torch's stable interfaces, and the
+import check of the build stamp titans_ext/_build_info.py against the installed torch (the stamp
+is faked here), which turns a mismatch into one readable error."""
 
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import types
 
 import pytest
+import torch
 
 import titans_ext
 import titans_ext._emu
+from titans_ext import _build_info
+from titans_ext._compat import incompatibility
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not (shutil.which("nm") and shutil.which("readelf")),
@@ -26,3 +32,72 @@ def test_the_libraries_link_only_stable_interfaces(library):
                                        check=True).stdout)
     assert "libtorch_cpu.so" in needed
     assert not [lib for lib in needed if lib.startswith(("libgomp", "libomp", "libtorch_python", "libpython"))]
+
+
+# --- the build stamp against the installed torch ---
+
+def stamp(target="2.11", built_with="2.14.1+cu130", cuda=None, archs=None):
+    return types.SimpleNamespace(TORCH_TARGET=target, TORCH_BUILT_WITH=built_with, CUDA_VERSION=cuda,
+                                 CUDA_ARCHS=archs)
+
+
+CUDA_BUILD = stamp(cuda="13.0", archs="8.0;9.0a")
+
+
+def test_the_build_stamp_describes_this_build():
+    assert _build_info.TORCH_TARGET == "2.11"
+    assert _build_info.TORCH_BUILT_WITH == torch.__version__
+    assert (_build_info.CUDA_VERSION is None) == (_build_info.CUDA_ARCHS is None)
+    assert incompatibility(_build_info, torch.__version__, torch.version.cuda) is None
+
+
+@pytest.mark.parametrize("info, torch_version, torch_cuda", [
+    (stamp(), "2.11.0+cpu", None),            # the target itself
+    (stamp(), "2.14.1+cu130", "13.0"),         # a CPU-only build on a CUDA torch
+    (stamp(), "3.0.0", None),                  # any newer torch
+    (CUDA_BUILD, "2.11.0+cu130", "13.0"),
+    (CUDA_BUILD, "2.16.0", "13.2"),            # same CUDA major
+    (stamp(), "2.11.0a0+git1234", None),       # a pre-release of the target
+])
+def test_compatible_torch(info, torch_version, torch_cuda):
+    assert incompatibility(info, torch_version, torch_cuda) is None
+
+
+@pytest.mark.parametrize("info, torch_version, torch_cuda, expected", [
+    (stamp(), "2.10.0+cpu", None, r"needs torch >= 2\.11"),
+    (CUDA_BUILD, "2.9.1+cu128", "12.8", r"needs torch >= 2\.11"),
+    (CUDA_BUILD, "2.14.1+cu128", "12.8", r"need a CUDA 13 torch.*wheel for CUDA 12"),
+    (CUDA_BUILD, "2.14.1+cpu", None, r"need a CUDA 13 torch.*TITANS_EXT_CUDA=0"),
+])
+def test_incompatible_torch_says_what_was_built_and_what_is_installed(info, torch_version, torch_cuda, expected):
+    message = incompatibility(info, torch_version, torch_cuda)
+    assert message is not None
+    assert f"compiled against torch {info.TORCH_BUILT_WITH}" in message
+    assert f"torch >= {info.TORCH_TARGET}" in message
+    assert f"installed torch {torch_version}" in message
+    if info.CUDA_VERSION is not None:
+        assert "CUDA 13.0 build (archs 8.0;9.0a)" in message
+    assert re.search(expected, message), message
+
+
+def test_import_with_an_incompatible_stamp_raises_one_import_error():
+    """`import titans_ext` in a fresh interpreter whose build stamp targets a torch newer than the
+    installed one: the ImportError comes before any library is loaded."""
+    script = textwrap.dedent("""
+        import sys, types
+        import torch
+        fake = types.ModuleType("titans_ext._build_info")
+        fake.TORCH_TARGET, fake.TORCH_BUILT_WITH, fake.CUDA_VERSION, fake.CUDA_ARCHS = "99.0", "99.0.1", None, None
+        sys.modules["titans_ext._build_info"] = fake
+        try:
+            import titans_ext
+        except ImportError as error:
+            assert "titans_ext._C" not in sys.modules, "a library was loaded before the check"
+            print(error)
+        else:
+            raise SystemExit("no ImportError")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "needs torch >= 99.0" in result.stdout
+    assert f"installed torch {torch.__version__}" in result.stdout
