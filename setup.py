@@ -5,7 +5,8 @@
 Environment switches:
     TITANS_EXT_CUDA        auto (default) | 0 | 1. auto builds the CUDA kernels when the installed
                            torch is a CUDA build and nvcc is found; 1 fails if that is not so.
-    TITANS_EXT_CUDA_ARCHS  CUDA architectures, ";"-separated (default "8.0;9.0a").
+    TITANS_EXT_CUDA_ARCHS  CUDA architectures, ";"-separated (default "8.0;9.0a"), or "release"
+                           for the wheel's list "8.0;9.0a;10.0;12.0+PTX".
     MAX_JOBS               parallel compile jobs (ninja).
     DEBUG                  1: -O0 -g instead of -O3 -g0.
 
@@ -28,6 +29,11 @@ CSRC = ROOT / "csrc"
 
 # The oldest torch whose stable ABI the libraries target (TORCH_TARGET_VERSION).
 TORCH_TARGET = (2, 11)
+DEVELOPER_ARCHS = "8.0;9.0a"
+# sm_80 SASS also runs on sm_86/87/89, sm_100 on sm_103, sm_120 on sm_121; the compute_120 PTX
+# lets the driver compile the kernels for newer GPUs. 9.0a code runs only on sm_90 itself.
+RELEASE_ARCHS = "8.0;9.0a;10.0;12.0+PTX"
+ARCH_PATTERN = re.compile(r"\d+\.\d+[af]?(\+PTX)?")
 
 
 def _find_cuda_home():
@@ -49,6 +55,17 @@ def _torch_version(version):
     """(major, minor) of a torch version string such as "2.14.1+cu130"."""
     major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
     return int(major), int(minor)
+
+
+def _cuda_archs():
+    archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", DEVELOPER_ARCHS)
+    if archs == "release":
+        return RELEASE_ARCHS
+    bad = [a for a in archs.split(";") if not ARCH_PATTERN.fullmatch(a)]
+    if bad:
+        sys.exit(f"titans_ext: TITANS_EXT_CUDA_ARCHS must be \"release\" or \";\"-separated compute capabilities "
+                 f"such as 8.0, 9.0a or 12.0+PTX, got {archs!r}")
+    return archs
 
 
 def _nvcc_version(cuda_home):
@@ -118,7 +135,7 @@ def _extensions():
     common = dict(include_dirs=include_dirs, py_limited_api=True, extra_compile_args={"cxx": cxx_flags})
     build_info = dict(TORCH_TARGET=target, TORCH_BUILT_WITH=torch.__version__, CUDA_VERSION=None, CUDA_ARCHS=None)
     if use_cuda:
-        archs = os.environ.get("TITANS_EXT_CUDA_ARCHS", "8.0;9.0a")
+        archs = _cuda_archs()
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         build_info.update(CUDA_VERSION=_nvcc_version(CUDA_HOME), CUDA_ARCHS=archs)
         print(f"titans_ext: building CPU + CUDA kernels for archs {archs}")

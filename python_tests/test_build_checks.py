@@ -1,6 +1,7 @@
-"""What a build of titans_ext runs on: libraries that link only torch's stable interfaces, and the
+"""What a build of titans_ext runs on: libraries that link only torch's stable interfaces, the
 import check of the build stamp titans_ext/_build_info.py against the installed torch (the stamp
-is faked here), which turns a mismatch into one readable error."""
+is faked here) and the per-device check of the CUDA archs built (the device's compute capability
+is faked here), which turn a mismatch into one readable error."""
 
 import re
 import shutil
@@ -11,11 +12,13 @@ import types
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import titans_ext
 import titans_ext._emu
 from titans_ext import _build_info
 from titans_ext._compat import incompatibility
+from titans_ext.ops import cuda_arch
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not (shutil.which("nm") and shutil.which("readelf")),
@@ -101,3 +104,88 @@ def test_import_with_an_incompatible_stamp_raises_one_import_error():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "needs torch >= 99.0" in result.stdout
     assert f"installed torch {torch.__version__}" in result.stdout
+
+
+# --- the CUDA archs of a build against a device's compute capability ---
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.0;9.0a", (8, 0), True),
+    ("8.0;9.0a", (8, 6), True),     # sm_80 SASS runs on the later 8.x
+    ("8.0;9.0a", (8, 9), True),
+    ("8.0;9.0a", (9, 0), True),
+    ("8.0;9.0a", (7, 5), False),
+    ("8.0;9.0a", (10, 0), False),   # no Blackwell image, no PTX
+    ("8.0;9.0a", (12, 0), False),
+    ("9.0a", (9, 1), False),        # arch-specific: only sm_90
+    ("8.0;9.0a;10.0;12.0+PTX", (10, 0), True),
+    ("8.0;9.0a;10.0;12.0+PTX", (10, 3), True),
+    ("8.0;9.0a;10.0;12.0+PTX", (12, 1), True),
+    ("8.0;9.0a;10.0;12.0+PTX", (13, 0), True),  # compute_120 PTX, JIT-compiled by the driver
+    ("8.0;9.0a;10.0;12.0+PTX", (11, 0), False),
+    ("8.0;9.0a;10.0;12.0+PTX", (7, 5), False),
+    ("9.0a+PTX", (10, 0), False),   # arch-specific PTX does not carry forward
+])
+def test_which_devices_an_arch_list_covers(archs, capability, runs):
+    assert (cuda_arch.unsupported_reason(archs, capability, "cuda:0") is None) == runs
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """Fakes this build's CUDA archs and the capability query of device 0; returns the list of
+    devices queried."""
+
+    def set_device(archs, capability, name="NVIDIA Fake GPU"):
+        queries = []
+        monkeypatch.setattr(_build_info, "CUDA_ARCHS", archs)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: queries.append(index) or capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: name)
+        monkeypatch.setattr(cuda_arch, "_device_errors", {})
+        return queries
+
+    return set_device
+
+
+def test_unsupported_device_error_names_capability_archs_and_how_to_build(fake_device):
+    fake_device("8.0;9.0a", (10, 0), "NVIDIA B200")
+    with pytest.raises(RuntimeError) as error:
+        cuda_arch.check_cuda_device(torch.device("cuda", 0))
+    message = str(error.value)
+    assert "NVIDIA B200 (cuda:0), compute capability 10.0" in message
+    assert "archs 8.0;9.0a" in message
+    assert 'TITANS_EXT_CUDA_ARCHS="10.0" pip install --no-build-isolation --no-deps .' in message
+
+
+def test_a_gpu_older_than_the_kernels_is_told_to_use_the_cpu(fake_device):
+    fake_device("8.0;9.0a;10.0;12.0+PTX", (7, 5), "Tesla T4")
+    with pytest.raises(RuntimeError, match=r"compute capability 7\.5.*need compute capability 8\.0 or newer.*CPU"):
+        cuda_arch.check_cuda_device(torch.device("cuda", 0))
+
+
+def test_a_cpu_only_build_names_itself(fake_device):
+    fake_device(None, (9, 0))
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels.*TITANS_EXT_CUDA=1"):
+        cuda_arch.check_cuda_device(torch.device("cuda", 0))
+
+
+def test_the_capability_is_queried_once_per_device(fake_device):
+    queries = fake_device("8.0;9.0a", (9, 0))
+    for _ in range(3):
+        cuda_arch.check_cuda_device(torch.device("cuda", 0))
+    assert queries == [0]
+    queries = fake_device("8.0;9.0a", (7, 5))
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            cuda_arch.check_cuda_device(torch.device("cuda", 0))
+    assert queries == [0]
+
+
+@pytest.mark.parametrize("op", ["linear_memory", "mlp_memory"])
+def test_the_ops_check_the_device_at_their_first_cuda_call(fake_device, op):
+    """The public ops on (fake) CUDA tensors stop at the device check, before any kernel."""
+    fake_device("8.0;9.0a", (7, 5), "Tesla T4")
+    with FakeTensorMode():
+        args = [torch.empty(1, 8, 1, 4, device="cuda") for _ in range(3)] + [torch.empty(1, 8, 1, device="cuda")] * 3
+        if op == "mlp_memory":
+            args.append((torch.empty(1, 1, 8, 4, device="cuda"), torch.empty(1, 1, 4, 8, device="cuda")))
+        with pytest.raises(RuntimeError, match=r"Tesla T4 \(cuda:0\), compute capability 7\.5"):
+            getattr(titans_ext, op)(*args, chunk_size=4)
