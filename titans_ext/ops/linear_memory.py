@@ -9,6 +9,7 @@ so both directions are visible to torch.compile and checked by ``torch.library.o
 import torch
 
 from .checks import check_linear_inputs, check_miras_args, state_dtype_for
+from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
 # dimension of the state rows live in shared memory. Dv is split into tiles and is not limited.
@@ -33,6 +34,7 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
                             p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
@@ -158,6 +160,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         variable ``TITANS_EXT_CHECK_VALUES=1`` (``=0``: nowhere). On a GPU they are off by
         default, since reading values is a host sync (:func:`titans_ext.ops.checks.value_checks_enabled`).
     """
+    check_op_device(q)
     B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention,

@@ -9,6 +9,7 @@ torch.compile and checked by ``torch.library.opcheck``.
 import torch
 
 from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
+from .cuda_arch import check_fake_device, check_op_device
 
 
 def _state_shapes(q, hidden):
@@ -19,6 +20,7 @@ def _state_shapes(q, hidden):
 @torch.library.register_fake("titans_ext::mlp_memory_fwd")
 def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
                          save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
     B, T, H, D = q.shape
     N = w1.shape[2]
     state_dtype = state_dtype_for(q.dtype)
@@ -141,6 +143,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         ValueError / TypeError naming the argument, as :func:`titans_ext.linear_memory` (value
         checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
+    check_op_device(q)
     B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
