@@ -31,7 +31,12 @@
 #pragma once
 
 #include "cuda/linear_memory_bwd.h"
-#include "cuda/linear_memory_common.cuh"
+#include "cuda/common/smem.cuh"
+#include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
+#include "cuda/linear_memory_chunk.cuh"
+#include "cuda/linear_memory_gates.cuh"
+#include "cuda/linear_memory_launch.cuh"
 
 namespace titans {
 
@@ -52,15 +57,15 @@ __device__ __forceinline__ void errors_cotangent(int L, int rows, int tile_v, bo
 template <typename Ktraits>
 struct LinearMemoryBwdLocalSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   lm::GateTablesSmem tables;
   int ldk, ldc, ldv;        // leading dimensions of the staged q, k, dO and of the bf16 W^T
   int scores;               // [C, C]: G = Q K^T (causal)
   int q, k, d_o;            // input region: [C, ldk], [C, ldk], [C, ldv]
   int wt_bf;                // input region, with fragments: [C, ldc], W^T = (G .* c)^T in bf16
   __host__ __device__ LinearMemoryBwdLocalSmem(int dk, int chunk)
-      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
-        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
+      : tables(carver, chunk), ldk(kernel::padded<input_t>(dk)), ldc(kernel::padded<input_t>(chunk)),
+        ldv(kernel::padded<input_t>(Ktraits::kTileV)) {
     scores = carver.compute(chunk * chunk);
     q = carver.input(chunk * ldk), k = carver.input(chunk * ldk), d_o = carver.input(chunk * ldv);
     wt_bf = carver.input(lm::uses_fragments<Ktraits>(dk, chunk) ? chunk * ldc : 0);
@@ -85,7 +90,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   const LinearMemoryBwdLocalSmem<Ktraits> layout(dk, C);
   const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto scores = smem.compute(layout.scores);
   const lm::GateTables<compute_t> tables(smem, layout.tables);
   const auto q_s = smem.input(layout.q);
@@ -95,16 +100,16 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const auto Q = [&](int t, int d) { return device::cast<compute_t>(q_s[t * ldk + d]); };
   const auto K = [&](int t, int d) { return device::cast<compute_t>(k_s[t * ldk + d]); };
   const auto dO = [&](int t, int j) { return device::cast<compute_t>(do_s[t * ldv + j]); };
-  const lm::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, wt_tile{wt_bf, ldc}, do_tile{do_s, ldv};
+  const kernel::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, wt_tile{wt_bf, ldc}, do_tile{do_s, ldv};
 
-  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
-  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
+  kernel::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
+  kernel::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
+  kernel::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
   tables.stage(params, b, h, t0, L);
   // The fragments' contraction over the chunk runs to a multiple of 16: dO's rows past L are zeros.
   if (fragments)
     for (int idx = L * ldv + threadIdx.x; idx < C * ldv; idx += blockDim.x) do_s[idx] = device::cast<input_t>(0.f);
-  lm::finish_staging();
+  kernel::finish_staging();
   __syncthreads();
 
   tables.build(L, C);
@@ -122,13 +127,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   }
 
   auto* u = static_cast<compute_t*>(workspace.errors_local);
-  lm::for_each_tile(L, rows, [&](int r0, int c0) {
+  kernel::for_each_tile(L, rows, [&](int r0, int c0) {
     typename Policy::acc_t acc[4] = {};
-    lm::tile_product<Policy, true>(acc, r0, c0, L, rows, L,
+    kernel::tile_product<Policy, true>(acc, r0, c0, L, rows, L,
                                    [&](int t, int i) { return scores[i * C + t] * tables.c[i * C + t]; }, dO,
                                    fragments, wt_tile, do_tile);
-    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
-      u[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
+    kernel::for_each_element(r0, c0, L, rows, [&](int t, int j, int e) {
+      u[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] = compute_t(acc[e]);
     });
   });
 }
@@ -138,7 +143,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 template <typename Ktraits>
 struct LinearMemoryBwdStateSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   int ldk, ldc;             // leading dimensions of the staged queries and keys, and of the A tiles
   int dm, ds;               // [kTileV, Dk]: the carried cotangent
   int d_e;                  // [C, kTileV]
@@ -151,7 +156,7 @@ struct LinearMemoryBwdStateSmem {
                             // operands 2 dE^T, (diag(a) dO)^T (chunk_start: dO^T), (diag(g) dO)^T
   int u_size, gate_rows_size, qk_size, d_o_size;  // one buffer of each
   __host__ __device__ LinearMemoryBwdStateSmem(int dk, int chunk)
-      : ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)), u_size(chunk * Ktraits::kTileV),
+      : ldk(kernel::padded<input_t>(dk)), ldc(kernel::padded<input_t>(chunk)), u_size(chunk * Ktraits::kTileV),
         gate_rows_size(linear_memory_gate_rows_size(chunk)), qk_size(chunk * ldk), d_o_size(chunk * Ktraits::kTileV) {
     constexpr int tile_v = Ktraits::kTileV;
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   const LinearMemoryBwdStateSmem<Ktraits> layout(dk, C);
   const int ldk = layout.ldk, ldc = layout.ldc;
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto dm = smem.compute(layout.dm);
   const auto ds = smem.compute(layout.ds);
   const auto d_e = smem.compute(layout.d_e);
@@ -216,21 +221,21 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const auto stage = [&](int n, int buffer) {
     const int t0 = n * C, L = lm::chunk_length(params, n);
     const auto k_buffer = k_s + buffer * layout.qk_size, q_buffer = q_s + buffer * layout.qk_size;
-    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_buffer);
-    lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_buffer);
+    kernel::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_buffer);
+    kernel::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_buffer);
     // The fragments' contraction over the chunk runs to C: the rows past a short chunk are zeros.
     if (fragments)
       for (int i = L * ldk + threadIdx.x; i < C * ldk; i += blockDim.x) {
         k_buffer[i] = device::cast<input_t>(0.f);
         q_buffer[i] = device::cast<input_t>(0.f);
       }
-    lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s + buffer * layout.d_o_size);
+    kernel::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, kTileV, do_s + buffer * layout.d_o_size);
     if (token_read)
-      lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L,
+      kernel::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params.seqlen, params.heads, dv, b, h, t0, L,
                                       v0, rows, kTileV, u_s + buffer * layout.u_size);
     lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
   };
-  lm::pipelined_chunk_loop(params.n_chunks, true, stage, [&](int n, int buffer) {
+  kernel::pipelined_chunk_loop(params.n_chunks, true, stage, [&](int n, int buffer) {
     const int L = lm::chunk_length(params, n);
     const auto q_chunk = q_s + buffer * layout.qk_size;
     const auto k_chunk = k_s + buffer * layout.qk_size;
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     // The update's dO operands: diag(a) dO and diag(g) dO (token read), dO (chunk_start read).
     const auto dO_a = [&](int t, int j) { return token_read ? gates.a[t] * dO(t, j) : dO(t, j); };
     const auto dO_g = [&](int t, int j) { return gates.g[t] * dO(t, j); };
-    const lm::Bf16Tile<decltype(q_chunk)> q_tile{q_chunk, ldk}, k_tile{k_chunk, ldk}, dmds_tile{dmds_bf, ldk},
+    const kernel::Bf16Tile<decltype(q_chunk)> q_tile{q_chunk, ldk}, k_tile{k_chunk, ldk}, dmds_tile{dmds_bf, ldk},
         de_tile{de_t, ldc}, ado_tile{ado_t, ldc}, gdo_tile{gdo_t, ldc};
 
     // X | Y = K [dM; dS]^T. With fragments, the dO operands of the update in bf16, transposed,
@@ -271,17 +276,17 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
     // The lane owning (j, d) of both products reads the old dM, dS there and writes the new ones.
     const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
-    lm::for_each_tile(rows, dk, [&](int r0, int c0) {
+    kernel::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
-      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
+      kernel::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return compute_t(2) * d_e[t * kTileV + j]; }, K,
                                      fragments, de_tile, k_tile);
-      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO_a(t, j); }, Q,
+      kernel::tile_product<Policy, true>(am, r0, c0, rows, dk, L, [&](int j, int t) { return dO_a(t, j); }, Q,
                                      fragments, ado_tile, q_tile);
       if (token_read)
-        lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L, [&](int j, int t) { return dO_g(t, j); }, Q,
+        kernel::tile_product<Policy, true>(as, r0, c0, rows, dk, L, [&](int j, int t) { return dO_g(t, j); }, Q,
                                        fragments, gdo_tile, q_tile);
-      lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
+      kernel::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t dm_old = dm[idx], ds_old = ds[idx];
         dm[idx] = a_L * dm_old + compute_t(am[i]);
@@ -299,7 +304,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 template <typename Ktraits>
 struct LinearMemoryBwdChunkSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   lm::GateTablesSmem tables;
   int ldk, ldc, ldv;        // leading dimensions of the staged q, k, v, dO and of the bf16 tiles
   int m0, s0;               // [kTileV, Dk]: the chunk-start state's rows
@@ -318,8 +323,8 @@ struct LinearMemoryBwdChunkSmem {
   // past a partial tile zero), E and 2 dE ([C, ldv]), dG and dG^T ([C, ldc]).
   int states_bf, cotangents_bf, e_bf, de2_bf, dg_bf, dgt_bf;
   __host__ __device__ LinearMemoryBwdChunkSmem(int dk, int chunk)
-      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
-        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
+      : tables(carver, chunk), ldk(kernel::padded<input_t>(dk)), ldc(kernel::padded<input_t>(chunk)),
+        ldv(kernel::padded<input_t>(Ktraits::kTileV)) {
     constexpr int tile_v = Ktraits::kTileV;
     m0 = carver.compute(tile_v * dk), s0 = carver.compute(tile_v * dk);
     dm = carver.compute(tile_v * dk), ds = carver.compute(tile_v * dk);
@@ -361,7 +366,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   const LinearMemoryBwdChunkSmem<Ktraits> layout(dk, C);
   const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m0 = smem.compute(layout.m0);
   const auto s0 = smem.compute(layout.s0);
   const auto dm = smem.compute(layout.dm);
@@ -406,7 +411,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const auto E = [&](int t, int j) { return err[t * kTileV + j]; };
   const auto M0 = [&](int j, int d) { return m0[j * dk + d]; };
   const auto S0 = [&](int j, int d) { return s0[j * dk + d]; };
-  using Tile = lm::Bf16Tile<decltype(q_s)>;
+  using Tile = kernel::Bf16Tile<decltype(q_s)>;
   const int second_half = fragments ? kTileV * ldk : 0;  // the stacks are empty without fragments
   const Tile q_tile{q_s, ldk}, k_tile{k_s, ldk}, do_tile{do_s, ldv}, states_tile{states_bf, ldk},
       s0_tile{states_bf + second_half, ldk}, cotangents_tile{cotangents_bf, ldk},
@@ -419,17 +424,17 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const index_t s_offset = chunk_offset + index_t(dv) * dk;
   const auto* chunk_states = static_cast<const compute_t*>(params.chunk_states_ptr);
   const auto* cotangents = static_cast<const compute_t*>(workspace.chunk_cotangents);
-  lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
-  lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
-  lm::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
+  kernel::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
+  kernel::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
+  kernel::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
+  kernel::stage_token_rows<input_t>(params.d_o, b, h, t0, L, v0, rows, ldv, do_s);
   if (token_read)
-    lm::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params, dv, b, h, t0, L, v0,
+    kernel::stage_contiguous_token_rows(static_cast<const compute_t*>(workspace.errors_local), params.seqlen, params.heads, dv, b, h, t0, L, v0,
                                     rows, kTileV, u);
-  lm::stage_span(chunk_states + chunk_offset, rows * dk, m0);
-  lm::stage_span(chunk_states + s_offset, rows * dk, s0);
-  lm::stage_span(cotangents + chunk_offset, rows * dk, dm);
-  lm::stage_span(cotangents + s_offset, rows * dk, ds);
+  kernel::stage_span(chunk_states + chunk_offset, rows * dk, m0);
+  kernel::stage_span(chunk_states + s_offset, rows * dk, s0);
+  kernel::stage_span(cotangents + chunk_offset, rows * dk, dm);
+  kernel::stage_span(cotangents + s_offset, rows * dk, ds);
   tables.stage(params, b, h, t0, L);
   // The fragments' contractions run to multiples of 16 (over tokens and over value rows): what
   // lies past L tokens or past the tile's rows is zero in every bf16 operand.
@@ -451,7 +456,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
         stack[kTileV * ldk + idx] = zero;
       }
   }
-  lm::finish_staging();
+  kernel::finish_staging();
   __syncthreads();
 
   tables.build(L, C);
@@ -499,11 +504,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     dc_last[t] = ex, d_s[t] = ey, d_a[t] = oqm, d_g[t] = oqs;
   }
   if (token_read) {
-    lm::for_each_tile(L, L, [&](int r0, int c0) {
+    kernel::for_each_tile(L, L, [&](int r0, int c0) {
       acc_t acc[4] = {};
-      lm::tile_product<Policy, false>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); },
+      kernel::tile_product<Policy, false>(acc, r0, c0, L, L, rows, dO, [&](int j, int i) { return E(i, j); },
                                       fragments, do_tile, e_tile);
-      lm::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
+      kernel::for_each_element(r0, c0, L, L, [&](int t, int i, int e) {
         dw[t * C + i] = i <= t ? compute_t(acc[e]) : compute_t(0);
       });
     });
@@ -515,7 +520,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     sums[1] += dm[idx] * s0[idx];
     sums[2] += ds[idx] * s0[idx];
   }
-  lm::block_sum(sums, scratch);
+  kernel::block_sum(sums, scratch);
 
   // C. This tile's coefficient cotangents: d_c = dW .* G (+ row L-1: <e_i, x_i>), d_a, d_g
   //    (+ row L-1: <dM, M0>, <dM, S0>), d_s, d_p; then dG = dW .* c in place (and in bf16, with
@@ -554,49 +559,49 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   //    dK = diag(m) E dM + diag(s) E dS + dG^T Q + 2 dE M0    (chunk_start: no dG^T Q)
   for (int idx = tid; idx < L * rows; idx += blockDim.x) {
     const int t = idx / rows, j = idx % rows;
-    dv_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+    dv_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
         device::cast<input_t>(compute_t(-2) * d_e[t * kTileV + j]);
   }
-  lm::for_each_tile(L, dk, [&](int r0, int c0) {
+  kernel::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t r[4] = {}, u[4] = {}, gk[4] = {};
-    lm::tile_product<Policy, true>(r, r0, c0, L, dk, rows, dO, M0, fragments, do_tile, states_tile);
+    kernel::tile_product<Policy, true>(r, r0, c0, L, dk, rows, dO, M0, fragments, do_tile, states_tile);
     if (token_read) {
-      lm::tile_product<Policy, true>(u, r0, c0, L, dk, rows, dO, S0, fragments, do_tile, s0_tile);
-      lm::tile_product<Policy, true>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K,
+      kernel::tile_product<Policy, true>(u, r0, c0, L, dk, rows, dO, S0, fragments, do_tile, s0_tile);
+      kernel::tile_product<Policy, true>(gk, r0, c0, L, dk, L, [&](int t, int i) { return dw[t * C + i]; }, K,
                                      fragments, dg_tile, k_tile);
     }
-    lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+    kernel::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value = token_read
                                   ? tables.a[t] * compute_t(r[i]) + tables.g[t] * compute_t(u[i]) + compute_t(gk[i])
                                   : compute_t(r[i]);
       write_qk_grad(params.dq_ptr, dq_part,
-                    lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+                    kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
     });
   });
-  lm::for_each_tile(L, dk, [&](int r0, int c0) {
+  kernel::for_each_tile(L, dk, [&](int r0, int c0) {
     acc_t x[4] = {}, y[4] = {}, rest[4] = {};
-    lm::tile_product<Policy, true>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; },
+    kernel::tile_product<Policy, true>(x, r0, c0, L, dk, rows, E, [&](int j, int d) { return dm[j * dk + d]; },
                                    fragments, e_tile, cotangents_tile);
-    lm::tile_product<Policy, true>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; },
+    kernel::tile_product<Policy, true>(y, r0, c0, L, dk, rows, E, [&](int j, int d) { return ds[j * dk + d]; },
                                    fragments, e_tile, ds_tile);
-    lm::tile_product<Policy, true>(rest, r0, c0, L, dk, rows,
+    kernel::tile_product<Policy, true>(rest, r0, c0, L, dk, rows,
                                    [&](int t, int j) { return compute_t(2) * d_e[t * kTileV + j]; }, M0,
                                    fragments, de2_tile, states_tile);
     if (token_read)
-      lm::tile_product<Policy, true>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q,
+      kernel::tile_product<Policy, true>(rest, r0, c0, L, dk, L, [&](int t, int i) { return dw[i * C + t]; }, Q,
                                      fragments, dgt_tile, q_tile);
-    lm::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
+    kernel::for_each_element(r0, c0, L, dk, [&](int t, int d, int i) {
       const compute_t value =
           tables.m_end[t] * compute_t(x[i]) + tables.s_end[t] * compute_t(y[i]) + compute_t(rest[i]);
       write_qk_grad(params.dk_ptr, dk_part,
-                    lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
+                    kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d, value);
     });
   });
 }
 
 // Shared memory of the gate kernel.
 struct LinearMemoryGatesSmem {
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   int d_c;                  // [C, C]: summed coefficient cotangent of c
   int c, sig;               // [C, C]: gate tables, then (in place) the per-row products of the adjoint
   int d_a, d_g, d_s;        // [C]
@@ -626,7 +631,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const int L = lm::chunk_length(params, n);
 
   const LinearMemoryGatesSmem layout(C);
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto d_c = smem.compute(layout.d_c);
   const auto c = smem.compute(layout.c);
   const auto sig = smem.compute(layout.sig);
@@ -666,7 +671,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
     const index_t part_stride = index_t(params.batch) * params.seqlen * params.heads * dk;
     for (int idx = tid; idx < L * dk; idx += blockDim.x) {
       const int t = idx / dk, d = idx % dk;
-      const index_t at = lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d;
+      const index_t at = kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d;
       compute_t sum_q = 0, sum_k = 0;
       for (int tile = 0; tile < n_tiles; ++tile) {
         sum_q += dq_part[tile * part_stride + at];
@@ -755,16 +760,16 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 // Dynamic shared memory of the sequential kernel and the largest of the parallel ones for a tile.
 inline size_t linear_memory_bwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
   return lm::dispatch<lm::kSequentialThreads>(input_type, tile, [&](auto ktraits) {
-    return lm::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
+    return kernel::smem_bytes<decltype(ktraits)>(LinearMemoryBwdStateSmem<decltype(ktraits)>(params.dk, params.chunk_size));
   });
 }
 inline size_t linear_memory_bwd_parallel_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
   const int dk = params.dk, C = params.chunk_size;
   return lm::dispatch<lm::kParallelThreads>(input_type, tile, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    size_t largest = lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C));
-    for (const size_t bytes : {lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
-                               lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C))})
+    size_t largest = kernel::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C));
+    for (const size_t bytes : {kernel::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
+                               kernel::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C))})
       largest = bytes > largest ? bytes : largest;
     return largest;
   });
@@ -794,7 +799,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
       if (e != device::kSuccess || !params.read_token) return e;
       using Ktraits = decltype(ktraits);
       return device::launch("linear_memory_bwd_local", linear_memory_bwd_local_kernel<Ktraits>, chunk_tiles(ktraits),
-                            dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
+                            dim3(Ktraits::kNThreads), kernel::smem_bytes<Ktraits>(LinearMemoryBwdLocalSmem<Ktraits>(dk, C)),
                             stream, params, workspace);
     });
     if (err != 0) return err;
@@ -803,7 +808,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_bwd_state", linear_memory_bwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem<Ktraits>(dk, C)),
+                          dim3(Ktraits::kNThreads), kernel::smem_bytes<Ktraits>(LinearMemoryBwdStateSmem<Ktraits>(dk, C)),
                           stream, params, workspace);
   }));
   if (err != 0 || params.n_chunks == 0) return err;
@@ -812,12 +817,12 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMe
     const dim3 threads(Ktraits::kNThreads);
     device::Error e = device::launch("linear_memory_bwd_chunk", linear_memory_bwd_chunk_kernel<Ktraits>,
                                      chunk_tiles(ktraits), threads,
-                                     lm::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)), stream, params,
+                                     kernel::smem_bytes<Ktraits>(LinearMemoryBwdChunkSmem<Ktraits>(dk, C)), stream, params,
                                      workspace);
     if (e != device::kSuccess) return e;
     return device::launch("linear_memory_bwd_gates", linear_memory_bwd_gates_kernel<Ktraits>,
                           dim3(params.n_chunks, params.heads, params.batch), threads,
-                          lm::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C)), stream, params, workspace,
+                          kernel::smem_bytes<Ktraits>(LinearMemoryGatesSmem(C)), stream, params, workspace,
                           lm::value_tiles<Ktraits>(params));
   });
 }

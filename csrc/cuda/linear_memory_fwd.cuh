@@ -22,7 +22,12 @@
 // and kernel 1 loads chunk n + 1 while it computes chunk n (pipelined_chunk_loop).
 #pragma once
 
-#include "cuda/linear_memory_common.cuh"
+#include "cuda/common/smem.cuh"
+#include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
+#include "cuda/linear_memory_chunk.cuh"
+#include "cuda/linear_memory_gates.cuh"
+#include "cuda/linear_memory_launch.cuh"
 #include "cuda/linear_memory_fwd.h"
 
 namespace titans {
@@ -32,7 +37,7 @@ namespace titans {
 template <typename Ktraits>
 struct LinearMemoryFwdStateSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   int ldk, ldc;             // leading dimensions of the staged keys and of em, es
   int m, s;                 // [kTileV, Dk]: the block's rows of M and S
   int err;                  // [C, kTileV]: E
@@ -42,7 +47,7 @@ struct LinearMemoryFwdStateSmem {
                             // ldc]: E^T diag(m) and E^T diag(s), the update's A operands
   int gate_rows_size, k_size, v_size;  // one buffer of each
   __host__ __device__ LinearMemoryFwdStateSmem(int dk, int chunk)
-      : ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
+      : ldk(kernel::padded<input_t>(dk)), ldc(kernel::padded<input_t>(chunk)),
         gate_rows_size(linear_memory_gate_rows_size(chunk)), k_size(chunk * ldk), v_size(chunk * Ktraits::kTileV) {
     constexpr int tile_v = Ktraits::kTileV;
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
@@ -74,7 +79,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   const LinearMemoryFwdStateSmem<Ktraits> layout(dk, C);
   const int ldk = layout.ldk, ldc = layout.ldc;
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
@@ -97,28 +102,28 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const auto stage = [&](int n, int buffer) {
     const int L = lm::chunk_length(params, n);
     const auto k_buffer = k_s + buffer * layout.k_size;
-    lm::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, ldk, k_buffer);
+    kernel::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, ldk, k_buffer);
     // The fragments' contraction over the chunk runs to C: the keys past a short chunk are zeros.
     if (fragments)
       for (int i = L * ldk + threadIdx.x; i < C * ldk; i += blockDim.x) k_buffer[i] = device::cast<input_t>(0.f);
-    lm::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, rows, kTileV, v_s + buffer * layout.v_size);
+    kernel::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, rows, kTileV, v_s + buffer * layout.v_size);
     lm::stage_gate_rows<compute_t>(workspace.gate_rows, params, bh, n, gate_rows + buffer * layout.gate_rows_size);
   };
-  lm::pipelined_chunk_loop(params.n_chunks, false, stage, [&](int n, int buffer) {
+  kernel::pipelined_chunk_loop(params.n_chunks, false, stage, [&](int n, int buffer) {
     const int L = lm::chunk_length(params, n);
     const auto k_chunk = k_s + buffer * layout.k_size;
     const auto v_chunk = v_s + buffer * layout.v_size;
     const lm::GateRows<decltype(gate_rows)> gates(gate_rows + buffer * layout.gate_rows_size, C);
     const auto K = [&](int t, int d) { return device::cast<compute_t>(k_chunk[t * ldk + d]); };
     const auto V = [&](int t, int j) { return device::cast<compute_t>(v_chunk[t * kTileV + j]); };
-    const lm::Bf16Tile<decltype(k_chunk)> k_tile{k_chunk, ldk}, m_tile{m_bf, ldk}, em_tile{em, ldc}, es_tile{es, ldc};
+    const kernel::Bf16Tile<decltype(k_chunk)> k_tile{k_chunk, ldk}, m_tile{m_bf, ldk}, em_tile{em, ldc}, es_tile{es, ldc};
 
     // E = 2 (K M0^T - V), and with fragments E^T diag(m), E^T diag(s) in bf16 (zeros past L).
-    lm::for_each_tile(L, rows, [&](int r0, int c0) {
+    kernel::for_each_tile(L, rows, [&](int r0, int c0) {
       acc_t acc[4] = {};
-      lm::tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m[j * dk + d]; },
+      kernel::tile_product<Policy, false>(acc, r0, c0, L, rows, dk, K, [&](int d, int j) { return m[j * dk + d]; },
                                       fragments, k_tile, m_tile);
-      lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+      kernel::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
         const compute_t e = compute_t(2) * (compute_t(acc[i]) - V(t, j));
         err[t * kTileV + j] = e;
         if (fragments) {
@@ -139,15 +144,15 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
     // The lane owning (j, d) of both products updates M and S there.
     const compute_t a_L = gates.ends[0], g_L = gates.ends[1], p_L = gates.ends[2];
-    lm::for_each_tile(rows, dk, [&](int r0, int c0) {
+    kernel::for_each_tile(rows, dk, [&](int r0, int c0) {
       acc_t am[4] = {}, as[4] = {};
-      lm::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
+      kernel::tile_product<Policy, true>(am, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return gates.m_end[t] * err[t * kTileV + j]; }, K,
                                      fragments, em_tile, k_tile);
-      lm::tile_product<Policy, true>(as, r0, c0, rows, dk, L,
+      kernel::tile_product<Policy, true>(as, r0, c0, rows, dk, L,
                                      [&](int j, int t) { return gates.s_end[t] * err[t * kTileV + j]; }, K,
                                      fragments, es_tile, k_tile);
-      lm::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
+      kernel::for_each_element(r0, c0, rows, dk, [&](int j, int d, int i) {
         const int idx = j * dk + d;
         const compute_t m_old = m[idx], s_old = s[idx];
         m[idx] = a_L * m_old + g_L * s_old + compute_t(am[i]);
@@ -165,7 +170,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 template <typename Ktraits>
 struct LinearMemoryFwdOutputSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  kernel::SmemCarver carver;
   lm::GateTablesSmem tables;
   int ldk, ldc, ldv;        // leading dimensions of the staged q, k, and of the bf16 W and E
   int m, s;                 // [kTileV, Dk]: the chunk-start state's rows
@@ -175,8 +180,8 @@ struct LinearMemoryFwdOutputSmem {
   int m_bf, s_bf;           // input region, with fragments: [kTileV, ldk], bf16 copies of M0, S0
   int w_bf, e_bf;           // input region, with fragments: [C, ldc] W = G .* c, [C, ldv] E
   __host__ __device__ LinearMemoryFwdOutputSmem(int dk, int chunk)
-      : tables(carver, chunk), ldk(lm::padded<input_t>(dk)), ldc(lm::padded<input_t>(chunk)),
-        ldv(lm::padded<input_t>(Ktraits::kTileV)) {
+      : tables(carver, chunk), ldk(kernel::padded<input_t>(dk)), ldc(kernel::padded<input_t>(chunk)),
+        ldv(kernel::padded<input_t>(Ktraits::kTileV)) {
     constexpr int tile_v = Ktraits::kTileV;
     m = carver.compute(tile_v * dk), s = carver.compute(tile_v * dk);
     err = carver.compute(chunk * tile_v);
@@ -207,7 +212,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   const LinearMemoryFwdOutputSmem<Ktraits> layout(dk, C);
   const int ldk = layout.ldk, ldc = layout.ldc, ldv = layout.ldv;
-  const lm::SmemBase<compute_t, input_t> smem(layout.carver);
+  const kernel::SmemBase<compute_t, input_t> smem(layout.carver);
   const auto m = smem.compute(layout.m);
   const auto s = smem.compute(layout.s);
   const auto err = smem.compute(layout.err);
@@ -229,18 +234,18 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   const auto V = [&](int t, int j) { return device::cast<compute_t>(v_s[t * kTileV + j]); };
   const auto Mt = [&](int d, int j) { return m[j * dk + d]; };  // M0^T: [Dk, rows]
   const auto St = [&](int d, int j) { return s[j * dk + d]; };
-  const lm::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, m_tile{m_bf, ldk}, s_tile{s_bf, ldk},
+  const kernel::Bf16Tile<decltype(q_s)> q_tile{q_s, ldk}, k_tile{k_s, ldk}, m_tile{m_bf, ldk}, s_tile{s_bf, ldk},
       w_tile{w_bf, ldc}, e_tile{e_bf, ldv};
 
-  lm::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
-  lm::stage_span(m0, rows * dk, m);
+  kernel::stage_token_rows<input_t>(params.q, b, h, t0, L, 0, dk, ldk, q_s);
+  kernel::stage_span(m0, rows * dk, m);
   if (token_read) {
-    lm::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
-    lm::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
-    lm::stage_span(m0 + index_t(dv) * dk, rows * dk, s);
+    kernel::stage_token_rows<input_t>(params.k, b, h, t0, L, 0, dk, ldk, k_s);
+    kernel::stage_token_rows<input_t>(params.v, b, h, t0, L, v0, rows, kTileV, v_s);
+    kernel::stage_span(m0 + index_t(dv) * dk, rows * dk, s);
     tables.stage(params, b, h, t0, L);
   }
-  lm::finish_staging();
+  kernel::finish_staging();
   __syncthreads();
 
   if (fragments)
@@ -275,20 +280,20 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 
   // The gate rows scale separate accumulators, so a and g never round into the MMA operands.
   auto* o_out = static_cast<input_t*>(params.o_ptr);
-  lm::for_each_tile(L, rows, [&](int r0, int c0) {
+  kernel::for_each_tile(L, rows, [&](int r0, int c0) {
     acc_t qm[4] = {}, qs[4] = {}, we[4] = {};
-    lm::tile_product<Policy, false>(qm, r0, c0, L, rows, dk, Q, Mt, fragments, q_tile, m_tile);
+    kernel::tile_product<Policy, false>(qm, r0, c0, L, rows, dk, Q, Mt, fragments, q_tile, m_tile);
     if (token_read) {
-      lm::tile_product<Policy, false>(qs, r0, c0, L, rows, dk, Q, St, fragments, q_tile, s_tile);
-      lm::tile_product<Policy, true>(
+      kernel::tile_product<Policy, false>(qs, r0, c0, L, rows, dk, Q, St, fragments, q_tile, s_tile);
+      kernel::tile_product<Policy, true>(
           we, r0, c0, L, rows, L, [&](int t, int i) { return tables.c[t * C + i] * scores[t * C + i]; },
           [&](int i, int j) { return err[i * kTileV + j]; }, fragments, w_tile, e_tile);
     }
-    lm::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
+    kernel::for_each_element(r0, c0, L, rows, [&](int t, int j, int i) {
       const compute_t out = token_read ? tables.a[t] * compute_t(qm[i]) + tables.g[t] * compute_t(qs[i]) +
                                              compute_t(we[i])
                                        : compute_t(qm[i]);
-      o_out[lm::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+      o_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
           device::cast<input_t>(out);
     });
   });
@@ -298,13 +303,13 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
 inline size_t linear_memory_fwd_state_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
   return lm::dispatch<lm::kSequentialThreads>(input_type, tile, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    return lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(params.dk, params.chunk_size));
+    return kernel::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(params.dk, params.chunk_size));
   });
 }
 inline size_t linear_memory_fwd_output_smem(const LinearMemoryParams& params, InputType input_type, int tile) {
   return lm::dispatch<lm::kParallelThreads>(input_type, tile, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    return lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(params.dk, params.chunk_size));
+    return kernel::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(params.dk, params.chunk_size));
   });
 }
 
@@ -329,7 +334,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_state", linear_memory_fwd_state_kernel<Ktraits>,
                           dim3(lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(dk, C)),
+                          dim3(Ktraits::kNThreads), kernel::smem_bytes<Ktraits>(LinearMemoryFwdStateSmem<Ktraits>(dk, C)),
                           stream, params, workspace);
   });
   if (err != device::kSuccess || params.n_chunks == 0) return static_cast<int>(err);
@@ -337,7 +342,7 @@ int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemor
     using Ktraits = decltype(ktraits);
     return device::launch("linear_memory_fwd_output", linear_memory_fwd_output_kernel<Ktraits>,
                           dim3(params.n_chunks * lm::value_tiles<Ktraits>(params), params.heads, params.batch),
-                          dim3(Ktraits::kNThreads), lm::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(dk, C)),
+                          dim3(Ktraits::kNThreads), kernel::smem_bytes<Ktraits>(LinearMemoryFwdOutputSmem<Ktraits>(dk, C)),
                           stream, params);
   }));
 }

@@ -7,27 +7,19 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/common/launch.h"
 #include "titans_params.h"
 
 struct CUstream_st;  // cudaStream_t is a CUstream_st*
 
 namespace titans {
 
-// q, k, v's dtype; o is written in it. Gates and states are fp64 for kFloat64 inputs, else fp32.
-enum class InputType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // Limits of the CUDA kernels: one chunk's tiles and the block's rows of the state live in shared
 // memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
 constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
 constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch index the grid's y and z
-
-// What the launchers are told of the device.
-struct DeviceLimits {
-  int64_t sm_count;
-  size_t max_shared_bytes;     // dynamic shared memory one block may opt in to
-  size_t shared_bytes_per_sm;  // shared memory of one SM, shared by its resident blocks
-};
 
 // Value features (rows of M and S) per block, for the sequential and for the parallel kernels.
 // - Sequential: each chunk step is a chain of products over the block's rows, so a narrower tile
