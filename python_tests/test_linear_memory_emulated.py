@@ -80,9 +80,10 @@ def test_float32_matches_float64_reference(chunk_size, read):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_keep_their_dtype_and_fp32_state(dtype):
+    # o and the checkpoints in the inputs' dtype, the final state in fp32.
     inputs, init = memory_inputs(1, 40, 2, 16, 16, dtype)
     o, m, s, chunk_states = run_emulated(inputs, init, 16, "token")
-    assert o.dtype == dtype and m.dtype == s.dtype == chunk_states.dtype == torch.float32
+    assert o.dtype == chunk_states.dtype == dtype and m.dtype == s.dtype == torch.float32
     ref_o, ref_m, ref_s = reference(inputs, init, 16, "token")
     # The state is stored in fp32, but the products read it as bf16 (bf16 inputs) or tf32 (fp16
     # inputs) MMA operands, so it carries the inputs' tolerance.

@@ -39,16 +39,19 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
-inline void check_shared_memory(const char* op, size_t bytes, const DeviceLimits& device, int64_t chunk_size,
-                                const Tensor& q) {
-  STD_TORCH_CHECK(bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
-                  q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
-                  device.max_shared_bytes, " this device allows; use a smaller chunk_size (or fp32 inputs)");
+inline void check_shared_memory(const char* op, const LaunchPlan& plan, const DeviceLimits& device,
+                                int64_t chunk_size, const Tensor& q) {
+  const size_t bytes = plan.smem_bytes();
+  STD_TORCH_CHECK(plan.fits && bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ",
+                  q.size(3), " and ", q.scalar_type(), " inputs needs ", bytes,
+                  " bytes of shared memory per block, more than the ", device.max_shared_bytes,
+                  " this device allows; use a smaller chunk_size");
 }
 
-// Validates, allocates the outputs and the workspace, chooses the value tiles for the device and
-// calls launch(params, workspace, input_type, tiles). The kernel reads q, k, v in their own dtype
-// (o is written in it) and gates and states in the compute dtype.
+// Validates, allocates the outputs, plans the launch for the device and calls launch(params,
+// input_type, plan). The kernel reads q, k, v in their own dtype (o is written in it), gates and
+// states in the compute dtype, and writes the checkpoints (chunk_states) in q's dtype when
+// save_states; otherwise it allocates none.
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
@@ -63,15 +66,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
   const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype);
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
-  const ValueTiles tiles = linear_memory_fwd_tiles(params, type, device);
-  check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type, tiles), device, chunk_size, q);
-  // The chunk-start states are written in every case: the output kernel reads them.
-  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), true);
-  const Tensor gate_rows = empty_on(q, {linear_memory_gate_rows_elems(params)}, dtype);
-  LinearMemoryFwdWorkspace workspace;
-  workspace.gate_rows = gate_rows.data_ptr();
-  launch(params, workspace, type, tiles);
-  return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : empty_on(q, {0}, dtype)};
+  const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
+  check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
+  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states);
+  launch(params, type, plan);
+  return {out.o, out.m_final, out.s_final, out.chunk_states};
 }
 
 using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -105,7 +104,9 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
       states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
       "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   const ValueTiles tiles = linear_memory_bwd_tiles(params, type, device);
-  check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type, tiles), device, chunk_size, q);
+  LaunchPlan bwd_smem;
+  bwd_smem.add_kernel("linear_memory_bwd").smem_bytes = linear_memory_bwd_smem_bytes(params, type, tiles);
+  check_shared_memory("linear_memory_bwd", bwd_smem, device, chunk_size, q);
   params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = data_or_null(dm_c);

@@ -83,7 +83,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
   run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
     cpu::linear_memory_fwd<decltype(zero)>(params, begin, end);
   });
-  return {to_dtype(out.o, q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
+  // The checkpoints keep q's dtype on every device (the CUDA kernels' rule, linear_memory_launch.cuh).
+  return {to_dtype(out.o, q.scalar_type()), out.m_final, out.s_final, to_dtype(out.chunk_states, q.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_memory_bwd_cpu(

@@ -69,10 +69,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
   const CudaLaunchContext context(q);
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
                                   context.limits(),
-                                  [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                      InputType type, const ValueTiles& tiles) {
+                                  [&](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     STD_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, workspace, type, tiles, context.stream())));
+                                        linear_memory_fwd_launch(params, type, plan, context.stream())));
                                   });
 }
 

@@ -254,9 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd(const Tensor& q, co
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
                                   emulated_device,
-                                  [](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                     InputType type, const ValueTiles& tiles) {
-                                    linear_memory_fwd_launch(params, workspace, type, tiles, nullptr);
+                                  [](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
+                                    linear_memory_fwd_launch(params, type, plan, nullptr);
                                   });
 }
 

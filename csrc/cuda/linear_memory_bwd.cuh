@@ -30,13 +30,9 @@
 // chunk n (pipelined_chunk_loop).
 #pragma once
 
-#include "cuda/linear_memory_bwd.h"
-#include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
-#include "cuda/common/tile_loops.cuh"
-#include "cuda/linear_memory_chunk.cuh"
-#include "cuda/linear_memory_gates.cuh"
-#include "cuda/linear_memory_launch.cuh"
+#include "cuda/legacy_gates.cuh"
+#include "cuda/linear_memory_bwd.h"
 
 namespace titans {
 

@@ -7,6 +7,37 @@
 
 namespace titans {
 
+// Value features (rows of M and S) per block, for the sequential and for the parallel kernels.
+// - Sequential: each chunk step is a chain of products over the block's rows, so a narrower tile
+//   shortens the chain; while the device holds every block at once (B * H * ceil(Dv / 16) blocks,
+//   at most 4 per SM and as many as the SM's shared memory takes) they take 16 rows, beyond that
+//   32, which halves the per-block overhead (staging the chunk's keys, barriers), for Dk <= 64
+//   and not fp64.
+// - Parallel: every tile recomputes its chunk's Q K^T and gate tables, so wider is cheaper: 32
+//   where the kernels' shared memory fits the device at 32 (Dk <= 64, not fp64), else 16.
+// linear_memory_fwd_tiles / linear_memory_bwd_tiles choose them (they know the kernels' shared
+// memory); the shared memory of each kernel then follows from the tiles.
+struct ValueTiles {
+  int state, parallel;
+};
+
+// What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
+// a parallel kernel before them so that no gate recurrence sits on their chain: per chunk, in the
+// compute dtype, m_end [C] | s_end [C] | a [C] | g [C] | a_L, g_L, p (and one pad, so that every
+// chunk's rows start 16-byte aligned).
+constexpr int linear_memory_gate_rows_size(int chunk) { return 4 * chunk + 4; }
+
+// Scratch of the forward, in the compute dtype:
+//   gate_rows: [B, H, n_chunks, linear_memory_gate_rows_size(C)].
+struct LinearMemoryFwdWorkspace {
+  void* gate_rows = nullptr;
+};
+
+inline int64_t linear_memory_gate_rows_elems(const LinearMemoryParams& p) {
+  return int64_t(p.batch) * p.heads * p.n_chunks * linear_memory_gate_rows_size(p.chunk_size);
+}
+
+
 // Scratch the backward needs beside its outputs, in the compute dtype (fp32; fp64 for fp64
 // inputs).
 //   gate_rows:        [B, H, n_chunks, linear_memory_gate_rows_size(C)], as in the forward;

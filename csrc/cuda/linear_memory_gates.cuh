@@ -1,29 +1,26 @@
-// Gate algebra of the linear memory (docs/backward_linear.md §0, §2): the chunk's gate tables by
-// column chains, their staging, and the gate-rows kernel that writes what the sequential kernels
-// need of them.
+// Gate algebra of the linear memory (backward_linear.md §0, §2): a chunk's gate tables, built
+// from its gates by column chains, and the adjoint of those chains that turns the coefficient
+// cotangents into the gate gradients.
 #pragma once
 
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
-#include "cuda/linear_memory_launch.cuh"
 #include "device/device.h"
 #include "titans_params.h"
 
 namespace titans {
 namespace lm {
 
-using kernel::SmemBase;
-using kernel::SmemCarver;
 using kernel::token_offset;
 
-// One column of the chunk's gate recurrence (docs/backward_linear.md §0): columns 0..L-1 are c_i,
+// One column of the chunk's gate recurrence (backward_linear.md §0): columns 0..L-1 are c_i,
 // column L is a, column L + 1 is g (its sigma is P(1..t)). Per row t:
 //   sigma_t = eta_t sigma_{t-1} - theta_t [t == col],   mu_t = beta_t mu_{t-1} + sigma_t,
 // and emit(t, mu_t, sigma_t) is called. The multiplicative form never divides, is exact for
 // gates equal to 0 or 1, and cannot amplify rounding (every factor is in [0, 1]). Rows above the
 // diagonal of a c column come out as exact zeros.
-template <typename T, class Gate, class Emit>
-__device__ __forceinline__ void gate_column(int col, int L, const Gate& theta, const Gate& eta, const Gate& beta,
+template <typename T, class Theta, class Eta, class Beta, class Emit>
+__device__ __forceinline__ void gate_column(int col, int L, const Theta& theta, const Eta& eta, const Beta& beta,
                                             const Emit& emit) {
   T mu = col == L ? T(1) : T(0);
   T sigma = col == L + 1 ? T(1) : T(0);
@@ -34,133 +31,150 @@ __device__ __forceinline__ void gate_column(int col, int L, const Gate& theta, c
   }
 }
 
-// The tables the forward and the reverse pass use: c [t * C + i] (zeros above the diagonal), a, g,
-// the chunk-end rows m = c[L-1], s = sig[L-1] and p = P(1..L) (p[0]). One thread per column.
-template <typename T, class Ptr>
-__device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta, const Ptr& eta, const Ptr& beta,
-                                                  const Ptr& c, const Ptr& a, const Ptr& g, const Ptr& m_end,
-                                                  const Ptr& s_end, const Ptr& p) {
-  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
-    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
-      if (col < L) {
-        c[t * C + col] = mu;
-        if (t == L - 1) m_end[col] = mu, s_end[col] = sigma;
-      } else if (col == L) {
-        a[t] = mu;
-      } else {
-        g[t] = mu;
-        if (t == L - 1) p[0] = sigma;
-      }
-    });
-  }
-}
 
-// Stages the gates of tokens t0..t0+L-1 into shared memory (beta = 1 - alpha).
-template <typename compute_t, class Ptr>
-__device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, int b, int h, int t0, int L,
-                                            const Ptr& theta, const Ptr& eta, const Ptr& beta) {
-  const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
-  const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);
-  const auto* alpha_in = static_cast<const compute_t*>(params.alpha.ptr);
-  for (int t = threadIdx.x; t < L; t += blockDim.x) {
-    theta[t] = theta_in[token_offset(params.theta, b, t0 + t, h)];
-    eta[t] = eta_in[token_offset(params.eta, b, t0 + t, h)];
-    beta[t] = compute_t(1) - alpha_in[token_offset(params.alpha, b, t0 + t, h)];
-  }
-}
-
-// The full gate tables of a chunk in shared memory (the parallel kernels): the chunk's gates and,
-// built from them, c [C, C], a, g, m_end, s_end, p (chunk_gate_tables).
-struct GateTablesSmem {
-  int c, a, g, m_end, s_end, theta, eta, beta, p;
-  __host__ __device__ GateTablesSmem(SmemCarver& carver, int chunk)
-      : c(carver.compute(chunk * chunk)), a(carver.compute(chunk)), g(carver.compute(chunk)),
-        m_end(carver.compute(chunk)), s_end(carver.compute(chunk)), theta(carver.compute(chunk)),
-        eta(carver.compute(chunk)), beta(carver.compute(chunk)), p(carver.compute(1)) {}
-};
-
+// The gates of one chunk as staged, [theta | eta | alpha] with `stride` entries each
+// (kernel::stage_token_scalars); beta = 1 - alpha is formed where it is read.
 template <typename T>
-struct GateTables {
-  device::SharedPtr<T> c, a, g, m_end, s_end, theta, eta, beta, p;
-  template <class Base>
-  __device__ GateTables(const Base& smem, const GateTablesSmem& at)
-      : c(smem.compute(at.c)), a(smem.compute(at.a)), g(smem.compute(at.g)), m_end(smem.compute(at.m_end)),
-        s_end(smem.compute(at.s_end)), theta(smem.compute(at.theta)), eta(smem.compute(at.eta)),
-        beta(smem.compute(at.beta)), p(smem.compute(at.p)) {}
-  // The gates of tokens t0..t0+L-1 (plain loads, complete at once).
-  __device__ void stage(const LinearMemoryParams& params, int b, int h, int t0, int L) const {
-    stage_gates<T>(params, b, h, t0, L, theta, eta, beta);
+struct ChunkGates {
+  device::SharedPtr<T> theta, eta, alpha;
+  __device__ __forceinline__ ChunkGates(const device::SharedPtr<T>& base, int stride)
+      : theta(base), eta(base + stride), alpha(base + 2 * stride) {}
+  static constexpr int size(int stride) { return 3 * stride; }
+  __device__ __forceinline__ void stage(const LinearMemoryParams& p, int b, int h, int t0, int L) const {
+    kernel::stage_token_scalars<T>(p.theta, b, h, t0, L, theta);
+    kernel::stage_token_scalars<T>(p.eta, b, h, t0, L, eta);
+    kernel::stage_token_scalars<T>(p.alpha, b, h, t0, L, alpha);
   }
-  // The tables, from the staged gates (after a barrier).
-  __device__ void build(int L, int C) const { chunk_gate_tables<T>(L, C, theta, eta, beta, c, a, g, m_end, s_end, p); }
 };
 
-// The gate rows of a chunk (layout at linear_memory_gate_rows_size) as views into one array.
-template <class Ptr>
-struct GateRows {
-  Ptr m_end, s_end, a, g, ends;  // ends: a_L, g_L, p
-  __device__ GateRows(const Ptr& rows, int C) : m_end(rows), s_end(rows + C), a(rows + 2 * C), g(rows + 3 * C),
-                                                ends(rows + 4 * C) {}
-};
-
-// Stages chunk n's gate rows into dst[0 .. gate_rows_size) (see "Staging" above).
 template <typename T, class Ptr>
-__device__ __forceinline__ void stage_gate_rows(const void* gate_rows, const LinearMemoryParams& p, index_t bh, int n,
-                                                const Ptr& dst) {
-  const int size = linear_memory_gate_rows_size(p.chunk_size);
-  kernel::stage_span(static_cast<const T*>(gate_rows) + (bh * p.n_chunks + n) * size, size, dst);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The gate-rows kernel (parallel over chunks; it runs before both sequential passes)
-
-// Shared memory: the chunk's theta, eta, beta.
-struct GateRowsSmem {
-  SmemCarver carver;
-  int theta, eta, beta;  // [C]
-  __host__ __device__ explicit GateRowsSmem(int chunk) {
-    theta = carver.compute(chunk), eta = carver.compute(chunk), beta = carver.compute(chunk);
-  }
+struct OneMinus {
+  Ptr x;
+  __device__ __forceinline__ T operator[](int i) const { return T(1) - x[i]; }
 };
 
-// One block per (chunk, head, batch), one thread per column of the chunk's gate recurrence.
-template <typename Ktraits>
-__global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
-    gate_rows_kernel(LinearMemoryParams params, void* gate_rows) {
-  using compute_t = typename Ktraits::compute_t;
-  const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z, C = params.chunk_size, t0 = n * C;
-  const int L = chunk_length(params, n);
-  const GateRowsSmem layout(C);
-  const SmemBase<compute_t, typename Ktraits::input_t> smem(layout.carver);
-  const auto theta = smem.compute(layout.theta);
-  const auto eta = smem.compute(layout.eta);
-  const auto beta = smem.compute(layout.beta);
-  stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
-  __syncthreads();
+// The rows of a chunk's gate tables that every kernel reads (backward_linear.md §0), `stride`
+// entries each, zero from the chunk's length L on (the products run over whole k-steps):
+// a_t, g_t, the chunk-end rows m = c[L-1, :] and s = sig[L-1, :], then a_L, g_L, p.
+template <typename T>
+struct ChunkGateRows {
+  device::SharedPtr<T> a, g, m_end, s_end, ends;
+  __device__ __forceinline__ ChunkGateRows(const device::SharedPtr<T>& base, int stride)
+      : a(base), g(base + stride), m_end(base + 2 * stride), s_end(base + 3 * stride), ends(base + 4 * stride) {}
+  static constexpr int size(int stride) { return 4 * stride + 4; }
+  __device__ __forceinline__ T a_end() const { return ends[0]; }
+  __device__ __forceinline__ T g_end() const { return ends[1]; }
+  __device__ __forceinline__ T p_end() const { return ends[2]; }
+};
 
-  const index_t bh = index_t(b) * params.heads + h;
-  compute_t* out = static_cast<compute_t*>(gate_rows) + (bh * params.n_chunks + n) * linear_memory_gate_rows_size(C);
-  const GateRows<compute_t*> rows(out, C);
+// The full C x C tables (leading dimension ld): c, and for the gate adjoint (with_sig) sig and the
+// g column's P(1..t).
+template <typename T>
+struct ChunkGateTables {
+  device::SharedPtr<T> c, sig, P;
+  int ld;
+  bool with_sig;
+};
+
+// Builds a chunk's rows, and c (and sig, P with_sig) when `tables` is non-null, from its staged
+// gates: one thread per column of the recurrence (gate_column), so the loop is sequential only in
+// L. Rows past L up to `stride` are zeroed. No barrier inside; readers need one.
+template <typename T>
+__device__ __forceinline__ void build_gate_tables(int L, int stride, const ChunkGates<T>& gates,
+                                                  const ChunkGateRows<T>& rows, const ChunkGateTables<T>* tables) {
+  const OneMinus<T, device::SharedPtr<T>> beta{gates.alpha};
   for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
-    gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
+    gate_column<T>(col, L, gates.theta, gates.eta, beta, [&](int t, T mu, T sigma) {
       if (col < L) {
+        if (tables) {
+          tables->c[t * tables->ld + col] = mu;
+          if (tables->with_sig) tables->sig[t * tables->ld + col] = sigma;
+        }
         if (t == L - 1) rows.m_end[col] = mu, rows.s_end[col] = sigma;
       } else if (col == L) {
         rows.a[t] = mu;
         if (t == L - 1) rows.ends[0] = mu;
       } else {
         rows.g[t] = mu;
+        if (tables && tables->with_sig) tables->P[t] = sigma;
         if (t == L - 1) rows.ends[1] = mu, rows.ends[2] = sigma;
       }
     });
   }
+  if (L == 0 && threadIdx.x == 0) rows.ends[0] = T(1), rows.ends[1] = T(0), rows.ends[2] = T(1);
+  for (int idx = threadIdx.x; idx < 4 * (stride - L); idx += blockDim.x) {
+    const int t = L + idx % (stride - L);
+    (idx / (stride - L) == 0 ? rows.a : idx / (stride - L) == 1 ? rows.g : idx / (stride - L) == 2 ? rows.m_end
+                                                                                                   : rows.s_end)[t] = T(0);
+  }
 }
 
-template <typename Ktraits>
-device::Error launch_gate_rows(const LinearMemoryParams& params, void* gate_rows, CUstream_st* stream) {
-  return device::launch("linear_memory_gate_rows", gate_rows_kernel<Ktraits>,
-                        dim3(params.n_chunks, params.heads, params.batch), dim3(Ktraits::kNThreads),
-                        kernel::smem_bytes<Ktraits>(GateRowsSmem(params.chunk_size)), stream, params, gate_rows);
+// The coefficient cotangents of a chunk (backward_linear.md §1): d_c (lower triangle, leading
+// dimension ld), d_a, d_g, d_s [L] and d_p [1]; and the scratch of the adjoint, three [L] rows.
+template <typename T>
+struct GateCotangents {
+  device::SharedPtr<T> d_c;
+  int ld;
+  device::SharedPtr<T> d_a, d_g, d_s, d_p, prod_a, prod_gb, prod_ge;
+};
+
+// The gate gradients of a chunk by the reverse column recurrence (backward_linear.md §2), one
+// thread per column, rows L-1 down to the column's first row:
+//   mubar_t = dmu_t + beta_{t+1} mubar_{t+1},   sigbar_t = mubar_t + eta_{t+1} sigbar_{t+1},
+// with dtheta_i = -sigbar_i of column c_i; then dbeta_t = <mubar_t, mu_{t-1}> and
+// deta_t = <sigbar_t, sigma_{t-1}> as row sums of products written in place of the tables c and
+// sig (row t of a column is overwritten once row t + 1 has read it; c columns past the row are
+// exact zeros). write_theta(t, dtheta_t) and write_rows(t, deta_t, dalpha_t) store them. The
+// tables must be complete (a barrier before); contains one barrier; c and sig are consumed.
+template <typename T, class WriteTheta, class WriteRows>
+__device__ __forceinline__ void gate_adjoint(int L, const ChunkGates<T>& gates, const ChunkGateRows<T>& rows,
+                                             const ChunkGateTables<T>& tables, const GateCotangents<T>& cot,
+                                             const WriteTheta& write_theta, const WriteRows& write_rows) {
+  const int ld = tables.ld;
+  const OneMinus<T, device::SharedPtr<T>> beta{gates.alpha};
+  for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
+    const auto dmu = [&](int t) { return col < L ? cot.d_c[t * cot.ld + col] : col == L ? cot.d_a[t] : cot.d_g[t]; };
+    T mubar = dmu(L - 1);
+    T sigbar = mubar + (col < L ? cot.d_s[col] : col == L ? T(0) : cot.d_p[0]);
+    const int first = col < L ? col : 0;
+    for (int t = L - 1; t >= first; --t) {
+      if (t < L - 1) {
+        mubar = dmu(t) + beta[t + 1] * mubar;
+        sigbar = mubar + gates.eta[t + 1] * sigbar;
+      }
+      // mu_{-1} = (a: 1, g: 0, c: 0), sigma_{-1} = (a: 0, g: 1, c: 0).
+      T mu_prev, sigma_prev;
+      if (t == 0) {
+        mu_prev = col == L ? T(1) : T(0);
+        sigma_prev = col == L + 1 ? T(1) : T(0);
+      } else if (col < L) {
+        mu_prev = tables.c[(t - 1) * ld + col];
+        sigma_prev = tables.sig[(t - 1) * ld + col];
+      } else {
+        mu_prev = col == L ? rows.a[t - 1] : rows.g[t - 1];
+        sigma_prev = col == L ? T(0) : tables.P[t - 1];
+      }
+      if (col < L) {
+        tables.c[t * ld + col] = mubar * mu_prev;
+        tables.sig[t * ld + col] = sigbar * sigma_prev;
+      } else if (col == L) {
+        cot.prod_a[t] = mubar * mu_prev;
+      } else {
+        cot.prod_gb[t] = mubar * mu_prev;
+        cot.prod_ge[t] = sigbar * sigma_prev;
+      }
+    }
+    if (col < L) write_theta(col, -sigbar);  // the loop ended at t = col
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    T d_beta = cot.prod_a[t] + cot.prod_gb[t], d_eta = cot.prod_ge[t];
+    for (int col = 0; col < L; ++col) {
+      d_beta += tables.c[t * ld + col];
+      d_eta += tables.sig[t * ld + col];
+    }
+    write_rows(t, d_eta, -d_beta);
+  }
 }
 
 }  // namespace lm

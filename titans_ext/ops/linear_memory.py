@@ -42,8 +42,9 @@ def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read
     m_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
     s_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
     n_chunks = (T + chunk_size - 1) // chunk_size
+    # The checkpoints (chunk-start states) keep q's dtype, as the kernels write them on every device.
     shape = (B, H, n_chunks, 2, Dv, Dk) if save_states else (0,)
-    return o, m_final, s_final, q.new_empty(shape, dtype=state_dtype)
+    return o, m_final, s_final, q.new_empty(shape)
 
 
 @torch.library.register_fake("titans_ext::linear_memory_bwd")

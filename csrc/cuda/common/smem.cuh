@@ -1,42 +1,57 @@
-// Shared-memory carve-up: the same code runs on the host (to size a launch) and on the device (to
-// place the arrays), so the two can never disagree. Memory-type agnostic.
+// Shared-memory carve-up and the padded tile. Memory-type agnostic.
+//
+// A kernel describes its dynamic shared memory once, as a layout struct whose constructor carves
+// arrays and tiles out of an SmemLayout; the launcher builds it on the host to size the launch and
+// the kernel builds the same struct on the device to place the arrays, so the two never disagree.
 #pragma once
 
 #include <cstddef>
 
+#include "cuda/common/operands.cuh"
 #include "device/device.h"
 
 namespace titans {
 namespace kernel {
 
-// Leading dimension of a staged [rows, width] tile of T: one 16-byte piece wider than the row,
-// so that consecutive rows start in different shared-memory banks.
-template <typename T>
-__host__ __device__ constexpr int padded(int width) {
-  return width + 16 / int(sizeof(T));
-}
+__host__ __device__ constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
 
-// Carves the dynamic shared memory into arrays of compute_t followed by arrays of input_t (the
-// staged q, k, v, dO tiles keep their own, often narrower, dtype). Offsets are in elements of
-// each type; the same code runs on the host (to size the launch) and on the device. Every array
-// starts 16-byte aligned (compute_t has at least 4 bytes, input_t at least 2), as 16-byte
-// vector accesses and cp.async need.
-struct SmemCarver {
-  static constexpr int kComputeAlign = 4, kInputAlign = 8;  // elements
-  int compute_elems = 0, input_elems = 0;
-  __host__ __device__ int compute(int n) {
-    const int at = compute_elems;
-    compute_elems += (n + kComputeAlign - 1) / kComputeAlign * kComputeAlign;
+// Rows and columns of a tile's storage are whole MMA k-steps (16 covers bf16's k = 16 and tf32's
+// and fp64's k = 8), so that no product leaves a tile's storage.
+constexpr int kTileGranule = 16;
+
+// Where a padded tile lies in the carve-up (byte offset) and its storage: rows x cols elements
+// (both multiples of kTileGranule) with a leading dimension of ld.
+struct TileSlot {
+  int offset = 0, rows = 0, cols = 0, ld = 0;
+};
+
+// Byte offsets of arrays and tiles in the dynamic shared memory; every array starts 16-byte
+// aligned (cp.async and ldmatrix rows need it).
+struct SmemLayout {
+  int bytes = 0;
+  template <typename T>
+  __host__ __device__ int array(int n) {
+    const int at = round_up(bytes, 16);
+    bytes = at + n * int(sizeof(T));
     return at;
   }
-  __host__ __device__ int input(int n) {
-    const int at = input_elems;
-    input_elems += (n + kInputAlign - 1) / kInputAlign * kInputAlign;
-    return at;
+  // A tile of at least rows x cols. Its rows are one 16-byte piece longer than its columns, so
+  // that the 8 rows an ldmatrix reads fall in different banks.
+  template <typename T>
+  __host__ __device__ TileSlot tile(int rows, int cols) {
+    TileSlot s;
+    s.rows = round_up(rows, kTileGranule);
+    s.cols = round_up(cols, kTileGranule);
+    s.ld = s.cols + 16 / int(sizeof(T));
+    s.offset = array<T>(s.rows * s.ld);
+    return s;
   }
-  template <typename compute_t, typename input_t>
-  __host__ __device__ size_t bytes() const {
-    return size_t(compute_elems) * sizeof(compute_t) + size_t(input_elems) * sizeof(input_t);
+  // count tiles of the same shape, one after another (a ring of buffers, or a stack).
+  template <typename T>
+  __host__ __device__ TileSlot tiles(int count, int rows, int cols) {
+    TileSlot s = tile<T>(rows, cols);
+    bytes += (count - 1) * s.rows * s.ld * int(sizeof(T));
+    return s;
   }
 };
 
@@ -48,26 +63,48 @@ __device__ __forceinline__ device::SharedPtr<T> dynamic_shared() {
   return base;
 }
 
-// Pointers for a carve-up: compute_t arrays at the start, input_t arrays after them. compute_t is
-// a multiple of input_t in size for every dtype pair used.
-template <typename compute_t, typename input_t>
-struct SmemBase {
-  static_assert(sizeof(compute_t) % sizeof(input_t) == 0, "input arrays must stay aligned");
-  device::SharedPtr<compute_t> compute_base;
-  device::SharedPtr<input_t> input_base;
-  int input_start;  // in input_t elements
-  __device__ explicit SmemBase(const SmemCarver& carver)
-      : compute_base(dynamic_shared<compute_t>()), input_base(dynamic_shared<input_t>()),
-        input_start(carver.compute_elems * int(sizeof(compute_t) / sizeof(input_t))) {}
-  __device__ device::SharedPtr<compute_t> compute(int offset) const { return compute_base + offset; }
-  __device__ device::SharedPtr<input_t> input(int offset) const { return input_base + (input_start + offset); }
-};
-
-// Host side: the dynamic shared memory of a kernel's carve-up.
-template <typename Ktraits, class Layout>
-size_t smem_bytes(const Layout& layout) {
-  return layout.carver.template bytes<typename Ktraits::compute_t, typename Ktraits::input_t>();
+// The array of T at a byte offset of the carve-up.
+template <typename T>
+__device__ __forceinline__ device::SharedPtr<T> shared_array(int offset) {
+  return dynamic_shared<T>() + offset / int(sizeof(T));
 }
+
+// A matrix of T in shared memory whose storage covers whole MMA k-steps (TileSlot). Products read
+// it up to its storage's extent, so it owns one invariant: every element outside the part the
+// kernel writes (its logical rows x cols) is zero, because shared memory may hold NaN and 0 * NaN
+// is NaN. zero_outside establishes it after the logical part changes size (a short last chunk, a
+// partial value tile); staging copies write only the logical part, so zeros once written stay.
+template <typename T>
+struct PaddedTile {
+  device::SharedPtr<T> data;
+  int rows, cols, ld;  // storage
+
+  __device__ __forceinline__ PaddedTile(const device::SharedPtr<T>& data_, int rows_, int cols_, int ld_)
+      : data(data_), rows(rows_), cols(cols_), ld(ld_) {}
+  // Tile `index` of a TileSlot carved with tiles(count, ...).
+  __device__ __forceinline__ PaddedTile(const TileSlot& s, int index = 0)
+      : data(shared_array<T>(s.offset) + index * s.rows * s.ld), rows(s.rows), cols(s.cols), ld(s.ld) {}
+
+  __device__ __forceinline__ T& operator()(int r, int c) const { return data[r * ld + c]; }
+  __device__ __forceinline__ SmemMatrix<T> matrix() const { return {data, ld}; }
+  __device__ __forceinline__ SmemMatrix<T, true> transposed() const { return {data, ld}; }
+  // Rows r .. of the storage (a stack's part), as a tile of its own.
+  __device__ __forceinline__ PaddedTile rows_from(int r) const { return PaddedTile(data + r * ld, rows - r, cols, ld); }
+  // Columns c .. of the storage (c a multiple of kTileGranule), as a tile of its own.
+  __device__ __forceinline__ PaddedTile cols_from(int c) const { return PaddedTile(data + c, rows, cols - c, ld); }
+
+  // Zeros every element at row >= valid_rows or column >= valid_cols (block-wide; the caller's
+  // next barrier publishes it). Costs nothing when the logical part fills the storage.
+  __device__ __forceinline__ void zero_outside(int valid_rows, int valid_cols) const {
+    const T zero = device::cast<T>(0.f);
+    for (int idx = valid_rows * cols + threadIdx.x; idx < rows * cols; idx += blockDim.x) data[idx / cols * ld + idx % cols] = zero;
+    const int right = cols - valid_cols;
+    if (right > 0)
+      for (int idx = threadIdx.x; idx < valid_rows * right; idx += blockDim.x)
+        data[idx / right * ld + valid_cols + idx % right] = zero;
+  }
+  __device__ __forceinline__ void zero_all() const { zero_outside(0, 0); }
+};
 
 }  // namespace kernel
 }  // namespace titans

@@ -83,32 +83,54 @@ __device__ __forceinline__ void stage_contiguous_token_rows(const T* src, int se
                    width, dst_stride, vectors, dst);
 }
 
-// The chunk loop of a sequential kernel, software-pipelined over two buffers: chunk i + 1 (in walk
-// order; reverse: from the last chunk down) is staged by stage(n, buffer) while body(n, buffer)
-// computes on chunk i. body runs after a barrier that follows the wait for its chunk's copies, and
-// a barrier follows it, so the next stage may overwrite the buffer it read.
+// rows x width elements of a row-major matrix (leading dimension src_ld) into dst (leading
+// dimension dst_ld), in 16-byte pieces where every row start allows it.
+template <typename T, class Dst>
+__device__ __forceinline__ void stage_matrix(const T* src, int src_ld, int rows, int width, int dst_ld, const Dst& dst) {
+  constexpr int kPiece = 16 / sizeof(T);
+  const bool vectors = aligned16(src) && src_ld % kPiece == 0 && width % kPiece == 0 && dst_ld % kPiece == 0;
+  stage_rows_async(src, [&](int r) { return index_t(r) * src_ld; }, rows, width, dst_ld, vectors, dst);
+}
+
+// The software pipeline of a sequential kernel: step i + 1's copies are issued while step i
+// computes. At the top of step i every thread waits for its copies (step i's), a barrier publishes
+// them and guarantees that every thread is done with step i - 1, so stage(i + 1) may overwrite the
+// buffers step i - 1 read; then body(i) runs. Buffers alternate between even and odd steps. body
+// must not leave copies of its own pending; a barrier must follow the loop before its buffers are
+// reused.
 template <class Stage, class Body>
-__device__ __forceinline__ void pipelined_chunk_loop(int n_chunks, bool reverse, const Stage& stage, const Body& body) {
-  const auto chunk = [&](int i) { return reverse ? n_chunks - 1 - i : i; };
-  if (n_chunks > 0) stage(chunk(0), 0);
+__device__ __forceinline__ void pipelined_steps(int steps, const Stage& stage, const Body& body) {
+  if (steps > 0) stage(0);
   device::cp_async_commit();
-  for (int i = 0; i < n_chunks; ++i) {
-    const int buffer = i & 1;
-    if (i + 1 < n_chunks) stage(chunk(i + 1), buffer ^ 1);
-    device::cp_async_commit();  // possibly an empty group, so that wait<1> always means "chunk i"
-    device::cp_async_wait<1>();
+  for (int i = 0; i < steps; ++i) {
+    device::cp_async_wait<0>();
     __syncthreads();
-    body(chunk(i), buffer);
-    __syncthreads();
+    if (i + 1 < steps) stage(i + 1);
+    device::cp_async_commit();
+    body(i);
   }
   device::cp_async_wait<0>();
 }
 
-// Completes this thread's staging at once (the parallel kernels, which stage once); a
-// __syncthreads must still follow before other threads read the tiles.
+// Completes this thread's staging at once; a __syncthreads must still follow before other threads
+// read the tiles.
 __device__ __forceinline__ void finish_staging() {
   device::cp_async_commit();
   device::cp_async_wait<0>();
+}
+
+// Tokens t0..t0+L-1 of a [B, T, H] per-token scalar (a gate) into dst[0 .. L): element copies,
+// since consecutive tokens lie H elements apart.
+template <typename T, class Dst>
+__device__ __forceinline__ void stage_token_scalars(const TokenTensor& x, int b, int h, int t0, int L, const Dst& dst) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "gates are fp32 or fp64");
+  const T* src = static_cast<const T*>(x.ptr);
+  for (int t = threadIdx.x; t < L; t += blockDim.x) {
+    if constexpr (sizeof(T) == 4)
+      device::cp_async_4(dst + t, src + token_offset(x, b, t0 + t, h));
+    else
+      device::cp_async_8(dst + t, src + token_offset(x, b, t0 + t, h));
+  }
 }
 
 }  // namespace kernel
