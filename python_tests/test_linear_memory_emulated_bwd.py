@@ -83,7 +83,7 @@ def check(inputs, init, chunk_size, read, ratio, final_cotangent=True, layout=la
 SHAPES = [
     (2, 37, 2, 8, 5, 16),
     (1, 65, 1, 12, 40, 32),
-    (1, 45, 2, 32, 24, 64),
+    (1, 25, 2, 32, 24, 32),
     (1, 30, 1, 6, 9, 7),
     (1, 1, 1, 4, 4, 16),
     (1, 20, 1, 80, 20, 16),

@@ -75,9 +75,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
 
 using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Validates, allocates the gradients and the workspace, and calls launch(params, workspace,
-// input_type, tiles). Same output contract as the CPU op: dq, dk, dv in the input dtype,
-// gate gradients in the gates' dtype, dm0 and ds0 in the compute dtype.
+// Validates, allocates the gradients and the plan's buffer (the group cotangents, when the plan has
+// several groups: one allocation), and calls launch(params, input_type, plan, workspace). Same
+// output contract as the CPU op: dq, dk, dv in the input dtype, gate gradients in the gates'
+// dtype, dm0 and ds0 in the compute dtype. chunk_states: the forward's checkpoints (q's dtype).
 template <typename Launch>
 LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                            const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
@@ -95,7 +96,7 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, q.scalar_type()));
   const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
   const auto dm_c = contiguous_in(d_m_final, dtype), ds_c = contiguous_in(d_s_final, dtype);
-  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, dtype));
+  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, q.scalar_type()));
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
@@ -103,10 +104,8 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   STD_TORCH_CHECK(
       states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
       "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
-  const ValueTiles tiles = linear_memory_bwd_tiles(params, type, device);
-  LaunchPlan bwd_smem;
-  bwd_smem.add_kernel("linear_memory_bwd").smem_bytes = linear_memory_bwd_smem_bytes(params, type, tiles);
-  check_shared_memory("linear_memory_bwd", bwd_smem, device, chunk_size, q);
+  const LinearMemoryBwdPlan plan = linear_memory_bwd_plan(params, type, device, dm_c || ds_c);
+  check_shared_memory("linear_memory_bwd", plan, device, chunk_size, q);
   params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = data_or_null(dm_c);
@@ -119,21 +118,10 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, tiles.parallel);
-  const auto workspace_tensor = [&](int64_t elems) { return empty_on(q, {elems}, dtype); };
-  const Tensor dq_part = workspace_tensor(sizes.dqk_part), dk_part = workspace_tensor(sizes.dqk_part);
-  const Tensor coef_part = workspace_tensor(sizes.coef_part);
-  const Tensor gate_rows = workspace_tensor(sizes.gate_rows);
-  const Tensor errors_local = workspace_tensor(sizes.errors_local);
-  const Tensor chunk_cotangents = workspace_tensor(sizes.chunk_cotangents);
+  const Tensor buffer = empty_on(q, {plan.buffer_bytes()}, ScalarType::Byte);
   LinearMemoryBwdWorkspace workspace;
-  workspace.gate_rows = gate_rows.data_ptr();
-  workspace.errors_local = errors_local.data_ptr();
-  workspace.chunk_cotangents = chunk_cotangents.data_ptr();
-  workspace.dq_part = dq_part.data_ptr();
-  workspace.dk_part = dk_part.data_ptr();
-  workspace.coef_part = coef_part.data_ptr();
-  launch(params, workspace, type, tiles);
+  workspace.group_cotangents = plan.n_buffers > 0 ? buffer.data_ptr() : nullptr;
+  launch(params, type, plan, workspace);
   return {g.dq, g.dk, g.dv, to_dtype(g.dtheta, theta.scalar_type()), to_dtype(g.deta, eta.scalar_type()),
           to_dtype(g.dalpha, alpha.scalar_type()), dm0, ds0};
 }

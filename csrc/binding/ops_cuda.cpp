@@ -85,10 +85,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const CudaLaunchContext context(q);
   const LinearMemoryGrads grads = linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, context.limits(),
-      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-          const ValueTiles& tiles) {
+      [&](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
+          const LinearMemoryBwdWorkspace& workspace) {
         STD_CUDA_CHECK(
-            static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, tiles, context.stream())));
+            static_cast<cudaError_t>(linear_memory_bwd_launch(params, type, plan, workspace, context.stream())));
       });
   const Tensor& dm0 = std::get<6>(grads);
   return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));

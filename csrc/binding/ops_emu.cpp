@@ -267,8 +267,8 @@ LinearMemoryGrads linear_memory_bwd(const Tensor& q, const Tensor& k, const Tens
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
       emulated_device,
-      [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-         const ValueTiles& tiles) { linear_memory_bwd_launch(params, workspace, type, tiles, nullptr); });
+      [](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
+         const LinearMemoryBwdWorkspace& workspace) { linear_memory_bwd_launch(params, type, plan, workspace, nullptr); });
 }
 
 }  // namespace

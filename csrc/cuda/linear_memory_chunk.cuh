@@ -2,6 +2,7 @@
 // kernels.
 #pragma once
 
+#include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
 #include "device/device.h"
 #include "titans_params.h"
@@ -26,33 +27,32 @@ __device__ __forceinline__ int tile_rows(const LinearMemoryParams& p, int v0, in
   return p.dv - v0 < tile_v ? p.dv - v0 : tile_v;
 }
 
-// Where a block of a parallel kernel works: grid.x enumerates (chunk, value tile) with the tiles
-// of one chunk adjacent (they read the same Q, K and gates), grid.y the head and grid.z the batch.
-struct ChunkTileBlock {
-  int n, tile, v0, rows;  // chunk, value tile, its first feature and its feature count
-  int t0, L;              // the chunk's first token and its length
-  __device__ ChunkTileBlock(const LinearMemoryParams& p, int tile_v)
-      : n(blockIdx.x / ((p.dv + tile_v - 1) / tile_v)), tile(blockIdx.x % ((p.dv + tile_v - 1) / tile_v)),
-        v0(tile * tile_v), rows(tile_rows(p, v0, tile_v)), t0(n * p.chunk_size), L(chunk_length(p, n)) {}
-};
-
-// dst0[i], dst1[i] = src0[offset + i], src1[offset + i] for i < n; a null source gives zeros.
-template <typename T, class Ptr>
-__device__ __forceinline__ void load_state_pair(const T* src0, const T* src1, index_t offset, int n, const Ptr& dst0,
-                                                const Ptr& dst1) {
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    dst0[i] = src0 ? src0[offset + i] : T(0);
-    dst1[i] = src1 ? src1[offset + i] : T(0);
+// The stack [X; Y] of a block's rows [v0, v0 + rows) of two states of a [B, H, Dv, Dk] layout
+// (M and S, or their cotangents), each half kTileV rows: loaded from contiguous compute_t states at
+// `offset` (null: zeros) into the compute_t master (when kMaster; [2 kTileV, dk16]) and the operand
+// tile, zero past the rows and past Dk.
+template <int kTileV, bool kMaster, typename compute_t, typename operand_t>
+__device__ __forceinline__ void load_state_stack(const compute_t* first, const compute_t* second, index_t offset,
+                                                 int rows, int dk, int dk16,
+                                                 const device::SharedPtr<compute_t>& master,
+                                                 const kernel::PaddedTile<operand_t>& tile) {
+  for (int idx = threadIdx.x; idx < 2 * kTileV * dk16; idx += blockDim.x) {
+    const int r = idx / dk16, d = idx % dk16, j = r % kTileV;
+    const compute_t* src = r < kTileV ? first : second;
+    const compute_t value = j < rows && d < dk && src ? src[offset + index_t(j) * dk + d] : compute_t(0);
+    if constexpr (kMaster) master[idx] = value;
+    tile(r, d) = device::cast<operand_t>(value);
   }
 }
 
-// dst0[offset + i], dst1[offset + i] = src0[i], src1[i] for i < n.
-template <typename T, class Ptr>
-__device__ __forceinline__ void store_state_pair(const Ptr& src0, const Ptr& src1, index_t offset, int n, T* dst0,
-                                                 T* dst1) {
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    dst0[offset + i] = src0[i];
-    dst1[offset + i] = src1[i];
+// Stores rows [0, rows) of both halves of a stack, value(r, d) for stack row r, to two outputs of a
+// [.., Dv, Dk] layout at `offset` (the block's first row).
+template <int kTileV, typename out_t, class Value>
+__device__ __forceinline__ void store_state_stack(out_t* first, out_t* second, index_t offset, int rows, int dk,
+                                                  const Value& value) {
+  for (int idx = threadIdx.x; idx < 2 * rows * dk; idx += blockDim.x) {
+    const int which = idx / (rows * dk), j = idx % (rows * dk) / dk, d = idx % dk;
+    (which == 0 ? first : second)[offset + index_t(j) * dk + d] = device::cast<out_t>(value(which * kTileV + j, d));
   }
 }
 

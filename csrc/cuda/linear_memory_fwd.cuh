@@ -115,15 +115,9 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   // (and its operand copy), zero past the rows and past Dk.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  const compute_t* initial[2] = {static_cast<const compute_t*>(params.m0_ptr),
-                                 static_cast<const compute_t*>(params.s0_ptr)};
-  for (int idx = threadIdx.x; idx < 2 * kTileV * dk16; idx += blockDim.x) {
-    const int r = idx / dk16, d = idx % dk16, j = r % kTileV, which = r / kTileV;
-    const compute_t value =
-        j < rows && d < dk && initial[which] ? initial[which][state_offset + index_t(j) * dk + d] : compute_t(0);
-    if constexpr (T::kSeparateMaster) master[idx] = value;
-    state(0)(r, d) = device::cast<operand_t>(value);
-  }
+  load_state_stack<kTileV, T::kSeparateMaster>(static_cast<const compute_t*>(params.m0_ptr),
+                                               static_cast<const compute_t*>(params.s0_ptr), state_offset, rows, dk,
+                                               dk16, master, state(0));
   __syncthreads();
 
   // Element (r, d) of the stack [M; S] in compute_t, whose operand copy is `tile`.
@@ -192,11 +186,9 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
           },
           kernel::strip_count<2>(C16, kTileV));
     if (checkpoints) {
-      checkpoint_t* out = checkpoints + chunk_state_offset(params, bh, n) + index_t(v0) * dk;
-      for (int idx = threadIdx.x; idx < 2 * rows * dk; idx += blockDim.x) {
-        const int which = idx / (rows * dk), j = idx % (rows * dk) / dk, d = idx % dk;
-        out[which * index_t(dv) * dk + j * dk + d] = device::cast<checkpoint_t>(S0(which * kTileV + j, d));
-      }
+      checkpoint_t* at_chunk = checkpoints + chunk_state_offset(params, bh, n);
+      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
+                                [&](int r, int d) { return S0(r, d); });
     }
     __syncthreads();
 
@@ -247,11 +239,8 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   __syncthreads();
 
   const PaddedTile<operand_t> final_state = state(n_chunks & 1);
-  compute_t* finals[2] = {static_cast<compute_t*>(params.m_final_ptr), static_cast<compute_t*>(params.s_final_ptr)};
-  for (int idx = threadIdx.x; idx < 2 * rows * dk; idx += blockDim.x) {
-    const int which = idx / (rows * dk), j = idx % (rows * dk) / dk, d = idx % dk, r = which * kTileV + j;
-    finals[which][state_offset + index_t(j) * dk + d] = state_value(final_state, r, d);
-  }
+  store_state_stack<kTileV>(static_cast<compute_t*>(params.m_final_ptr), static_cast<compute_t*>(params.s_final_ptr),
+                            state_offset, rows, dk, [&](int r, int d) { return state_value(final_state, r, d); });
 }
 
 // Calls f(std::integral_constant<int, tile>{}) for a forward value tile.

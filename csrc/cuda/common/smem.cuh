@@ -88,8 +88,10 @@ struct PaddedTile {
   __device__ __forceinline__ T& operator()(int r, int c) const { return data[r * ld + c]; }
   __device__ __forceinline__ SmemMatrix<T> matrix() const { return {data, ld}; }
   __device__ __forceinline__ SmemMatrix<T, true> transposed() const { return {data, ld}; }
-  // Rows r .. of the storage (a stack's part), as a tile of its own.
+  // Rows r .. of the storage (a stack's parts from r on), as a tile of its own.
   __device__ __forceinline__ PaddedTile rows_from(int r) const { return PaddedTile(data + r * ld, rows - r, cols, ld); }
+  // Rows r .. r + count of the storage (one part of a stack), as a tile of its own.
+  __device__ __forceinline__ PaddedTile part(int r, int count) const { return PaddedTile(data + r * ld, count, cols, ld); }
   // Columns c .. of the storage (c a multiple of kTileGranule), as a tile of its own.
   __device__ __forceinline__ PaddedTile cols_from(int c) const { return PaddedTile(data + c, rows, cols - c, ld); }
 
