@@ -11,18 +11,18 @@
 
 namespace titans {
 
-inline InputType input_type(const Tensor& x) {
-  switch (x.scalar_type()) {
+inline InputType input_type(ScalarType dtype) {
+  switch (dtype) {
     case ScalarType::Float: return InputType::kFloat32;
     case ScalarType::Double: return InputType::kFloat64;
     case ScalarType::BFloat16: return InputType::kBFloat16;
     case ScalarType::Half: return InputType::kFloat16;
     default:
-      STD_TORCH_CHECK(false, "linear_memory: q, k, v must be float32, float64, bfloat16 or float16, got ",
-                      x.scalar_type());
+      STD_TORCH_CHECK(false, "linear_memory: q, k, v must be float32, float64, bfloat16 or float16, got ", dtype);
       return InputType::kFloat32;  // not reached
   }
 }
+inline InputType input_type(const Tensor& x) { return input_type(x.scalar_type()); }
 
 // The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for the
 // first two before dispatch, this guards direct calls of the operators.

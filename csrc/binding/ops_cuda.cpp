@@ -12,6 +12,7 @@
 #include <torch/csrc/stable/macros.h>
 
 #include "binding/linear_memory_device.h"
+#include "binding/linear_memory_plan.h"
 
 namespace titans {
 namespace {
@@ -94,7 +95,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));
 }
 
+// The plans for the current CUDA device.
+std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
+                               ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
+                               bool has_final_cotangent) {
+  int device = 0;
+  STD_CUDA_CHECK(cudaGetDevice(&device));
+  return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
+                                 has_initial_state, has_final_cotangent, device_limits(device));
+}
+
 }  // namespace
+
+// An operator of the CUDA build only (it describes the CUDA launches); it takes no tensor, so it
+// is defined here rather than in ops.cpp's schema list, with a kernel for every dispatch key.
+STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) { m.def(TITANS_LINEAR_MEMORY_PLAN_SCHEMA); }
+
+STABLE_TORCH_LIBRARY_IMPL(titans_ext, CompositeExplicitAutograd, m) {
+  m.impl("linear_memory_plan", TORCH_BOX(&linear_memory_plan));
+}
 
 STABLE_TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
   m.impl("linear_memory_fwd", TORCH_BOX(&linear_memory_fwd_cuda));

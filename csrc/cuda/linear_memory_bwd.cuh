@@ -64,6 +64,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
     int slice = 0;
     size_t smem = 0;
     for (const int s : {32, 16}) {
+      if (s == 32 && type == InputType::kFloat64) continue;  // lm::has_wide_slice
       smem = lm::chunks_smem_bytes(p, type, s, carry);
       if (!carry && s == 16) smallest_smem = smem;
       if (smem <= device.max_shared_bytes) {
@@ -74,8 +75,11 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
     if (slice > 0) {
       const int n_groups = n > 0 ? (n + group - 1) / group : 0;
       const int64_t blocks = int64_t(n_groups > 0 ? n_groups : 1) * heads;
-      double cost = double(kernel::waves(blocks, 1, device)) * group * lm::chunks_chunk_work(p, type) *
-                    lm::kCyclesPerMma;
+      // A chunk: its MMAs on the SM, or its barriers and the chain of its slices' products.
+      const int slices = (p.dv + slice - 1) / slice;
+      const double chain = slices * double(kernel::round_up(p.dk, 16) / 16 + kernel::round_up(3 * slice, 16) / 16);
+      double cost = double(kernel::waves(blocks, 1, device)) * group *
+                    lm::step_cycles(lm::chunks_chunk_work(p, type), 1, chain, 3 * slices + 5);
       int scan_tile = 16;
       if (n_groups > 1) {
         double scan_best = -1;
@@ -147,7 +151,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
       ++next;
       if (err != device::kSuccess) return err;
     }
-    return lm::dispatch_slice(plan.slice, [&](auto slice) {
+    return lm::dispatch_slice<input_t>(plan.slice, [&](auto slice) {
       constexpr int kSlice = decltype(slice)::value;
       return device::launch("linear_memory_bwd_chunks", lm::linear_memory_bwd_chunks_kernel<input_t, kSlice>,
                             dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),

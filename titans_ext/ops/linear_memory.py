@@ -6,6 +6,8 @@ states the backward needs; autograd is attached here with ``torch.library.regist
 so both directions are visible to torch.compile and checked by ``torch.library.opcheck``.
 """
 
+import json
+
 import torch
 
 from .checks import check_linear_inputs, check_miras_args, state_dtype_for
@@ -177,3 +179,25 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
         objective.eps, delta, retention.code, retention.q)
     return o, ((m_final, s_final) if output_final_state else None)
+
+
+def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
+                     save_states=True, has_initial_state=False, has_final_cotangent=False, emulated=False):
+    """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
+
+    Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
+    (a gradient will be taken), ``backward``, each with ``kernels`` (name, blocks, threads,
+    shared memory and the bytes it reads and writes in global memory, every tensor counted once)
+    and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
+    forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
+    the chosen value tile, chunk group and slice. For the current CUDA device, or with
+    ``emulated=True`` for the device the CPU emulation describes (an H100 unless
+    ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU.
+    """
+    if emulated:
+        import titans_ext._emu  # noqa: F401  (registers titans_emu::)
+        op = torch.ops.titans_emu.linear_memory_plan
+    else:
+        op = torch.ops.titans_ext.linear_memory_plan
+    return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
+                         has_initial_state, has_final_cotangent))

@@ -145,10 +145,11 @@ struct Tf32Mma {
 };
 
 // fp64: each lane multiplies the rows and columns of its own accumulator elements (the C layout of
-// mma.h: rows lane / 4 and lane / 4 + 8, columns 2 (lane % 4) and 2 (lane % 4) + 1).
+// mma.h: rows lane / 4 and lane / 4 + 8, columns 2 (lane % 4) and 2 (lane % 4) + 1), four k at a
+// time (its fragments are registers of doubles).
 struct Fp64Fma {
   using acc_t = double;
-  static constexpr int kK = 8;
+  static constexpr int kK = 4;
   struct AFragment {
     double x[2][kK];  // [row half][k]
   };
