@@ -96,7 +96,8 @@ def test_long_sequences_match_float64_reference(shape, dtype, read):
     # bf16 products read the state as bf16 operands, so the state carries the inputs' tolerance.
     for name, r, out in (("o", ref_o, o), ("M_T", ref_m, m), ("S_T", ref_s, s)):
         assert_close(name, r, out, TOLERANCE[dtype])
-    assert chunk_states.dtype == dtype  # checkpoints in the input dtype
+    # Checkpoints in the input dtype; bf16 keeps every other chunk's.
+    assert chunk_states.dtype == dtype and chunk_states.shape[2] == -(-T // C // (2 if dtype == torch.bfloat16 else 1))
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
@@ -180,7 +181,8 @@ def test_output_contract_matches_the_cpu_op():
 def test_launch_plan_of_the_forward():
     # B=8, H=16, T=8192, Dk=Dv=64, chunk 64, bf16 on an H100: one kernel, whole-Dv tiles (one
     # wave of 128 blocks); without a gradient it requests no checkpoint buffer and moves q, k, v,
-    # the gates and o only; with one it adds the checkpoints in bf16.
+    # the gates and o only; with one it adds the checkpoints in bf16, every other chunk's
+    # (128 MiB).
     B, T, H, D, C = 8, 8192, 16, 64, 64
     no_grad = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, save_states=False, emulated=True)["forward"]
     grad = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, save_states=True, emulated=True)["forward"]
@@ -189,5 +191,5 @@ def test_launch_plan_of_the_forward():
     # q, k, v, o in bf16 and three fp32 gates, plus the final state.
     assert per_token_head(no_grad) == pytest.approx(4 * D * 2 + 3 * 4, abs=5)
     checkpoints = sum(b["bytes"] for b in grad["buffers"] if b["name"] == "checkpoints")
-    assert checkpoints == B * H * (T // C) * 2 * D * D * 2
+    assert checkpoints == B * H * (T // C // 2) * 2 * D * D * 2 == 128 << 20
     assert per_token_head(grad) <= 0.8 * 1024

@@ -68,7 +68,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
-  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states);
+  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
+                                             linear_memory_checkpoints(params.n_chunks, type));
   launch(params, type, plan);
   return {out.o, out.m_final, out.s_final, out.chunk_states};
 }
@@ -101,9 +102,9 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
                                                                   std::nullopt, chunk_size, read_token);
-  STD_TORCH_CHECK(
-      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
-      "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads *
+                                          linear_memory_checkpoints(params.n_chunks, type) * 2 * params.dv * params.dk,
+                  "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   const LinearMemoryBwdPlan plan = linear_memory_bwd_plan(params, type, device, dm_c || ds_c);
   check_shared_memory("linear_memory_bwd", plan, device, chunk_size, q);
   params.chunk_states_ptr = states_c.data_ptr();

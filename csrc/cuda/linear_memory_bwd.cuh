@@ -126,8 +126,8 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   chunks.threads = lm::kChunkThreads;
   chunks.smem_bytes = plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry) : smallest_smem;
   chunks.blocks = int64_t(plan.n_groups > 0 ? plan.n_groups : 1) * heads;
-  chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) + int64_t(n) * 2 * state * in + group_cotangents +
-                      final_cotangent;
+  chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) +
+                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent;
   chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp;
   return plan;
 }

@@ -25,6 +25,12 @@
 //   tail:    d_c = dW .* G, dG = dW .* c;  dQ += dG K,  dK += dG^T Q;  the gate adjoint
 // The stacks let one product serve several terms: [dM; dS; M0; S0] is one tile, and dK reads its
 // first three quarters, dQ its last two, X | Y and E its quarters transposed.
+//
+// With 16-bit inputs the forward checkpoints every other chunk (Types::kCheckpointStride): an odd
+// chunk's start state is recomputed per slice, one chunk step from the checkpoint of the chunk
+// before it (its keys and gates are staged one chunk ahead, which the reverse walk needs next
+// anyway, and its values' slice beside the chunk's):
+//   E' = 2 (K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
 #pragma once
 
 #include "cuda/common/smem.cuh"
@@ -53,17 +59,21 @@ struct ChunksLayout {
   kernel::SmemLayout smem;
   int chunk16, dk16;
   int carry;                // compute_t [2 Dv, dk16]: [dM; dS] of every value feature (carry only)
-  kernel::TileSlot q, k;    // 2 x input_t [C, Dk]: the chunk's, and the next chunk's while it loads
-  int gates;                // 2 x ChunkGates
-  int rows;                 // ChunkGateRows
+  kernel::TileSlot q;       // 2 x input_t [C, Dk]: the chunk's, and the next chunk's while it loads
+  kernel::TileSlot k;       // kChunkBuffers x input_t [C, Dk]: the keys of the chunk, the next ...
+  int gates;                // kChunkBuffers x ChunkGates: ... and with recompute the one after
+  int rows, prev_rows;      // ChunkGateRows: the chunk's, and with recompute the chunk before's
   int c, sig, P;            // compute_t [C, C], [C, C], [C]: the full tables, then the adjoint's products
   int d_c, d_a, d_g, d_s, dc_last, d_p, prod;  // the coefficient cotangents; prod: 3 x [C]
   int scratch;              // compute_t [3 warps]: block sums
   int partials;             // compute_t [4][C][kSlice / 8]: a slice's row cotangents per 8 columns
   kernel::TileSlot w;       // operand_t [C, C]: W, then dG
   kernel::TileSlot v, d_o;  // 2 x input_t [C, kSlice]: a slice's values and output cotangent
+  kernel::TileSlot v_prev;  // 2 x input_t [C, kSlice]: with recompute, the chunk before's values
   kernel::TileSlot stack;   // 2 x operand_t [4 kSlice, Dk]: [dM; dS; M0; S0] of a slice
   kernel::TileSlot err, dk_lhs, dq_lhs;  // operand_t [C, kSlice], [C, 3 kSlice], [C, 2 kSlice]
+  static constexpr bool kRecompute = T::kCheckpointStride > 1;
+  static constexpr int kChunkBuffers = kRecompute ? 3 : 2;
   __host__ __device__ ChunksLayout(int dk, int dv, int chunk, bool token_read, bool with_carry)
       : chunk16(kernel::round_up(chunk, kernel::kTileGranule)), dk16(kernel::round_up(dk, kernel::kTileGranule)) {
     using compute_t = typename T::compute_t;
@@ -71,9 +81,10 @@ struct ChunksLayout {
     const int C16 = chunk16;
     carry = smem.array<compute_t>(with_carry ? 2 * dv * dk16 : 0);
     q = smem.tiles<input_t>(2, chunk, dk);
-    k = smem.tiles<input_t>(2, chunk, dk);
-    gates = smem.array<compute_t>(2 * ChunkGates<compute_t>::size(C16));
+    k = smem.tiles<input_t>(kChunkBuffers, chunk, dk);
+    gates = smem.array<compute_t>(kChunkBuffers * ChunkGates<compute_t>::size(C16));
     rows = smem.array<compute_t>(ChunkGateRows<compute_t>::size(C16));
+    prev_rows = smem.array<compute_t>(kRecompute ? ChunkGateRows<compute_t>::size(C16) : 0);
     c = smem.array<compute_t>(C16 * C16);
     sig = smem.array<compute_t>(C16 * C16);
     P = smem.array<compute_t>(C16);
@@ -85,6 +96,7 @@ struct ChunksLayout {
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
     v = smem.tiles<input_t>(2, chunk, kSlice);
     d_o = smem.tiles<input_t>(2, chunk, kSlice);
+    v_prev = smem.tiles<input_t>(2, kRecompute ? chunk : 0, kRecompute ? kSlice : 0);
     stack = smem.tiles<operand_t>(2, 4 * kSlice, dk);
     err = smem.tile<operand_t>(chunk, kSlice);
     dk_lhs = smem.tile<operand_t>(chunk, 3 * kSlice);
@@ -132,17 +144,23 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto chunk_of = [&](int i) { return g1 - 1 - i / n_slices; };
   const auto slice_rows = [&](int v0) { return dv - v0 < kSlice ? dv - v0 : kSlice; };
 
+  using Layout = ChunksLayout<input_t, kSlice>;
+  constexpr int kStride = T::kCheckpointStride, kChunkBuffers = Layout::kChunkBuffers;
   const auto carry = kernel::shared_array<compute_t>(at.carry);
-  const auto q_tile = [&](int i) { return PaddedTile<input_t>(at.q, i); };
-  const auto k_tile = [&](int i) { return PaddedTile<input_t>(at.k, i); };
+  // Buffers by the chunk's place in the block's walk, ci: q alternates, and with recompute the
+  // keys and gates run one chunk ahead in a ring of three (chunk ci + 1 is the one before chunk ci).
+  const auto q_tile = [&](int ci) { return PaddedTile<input_t>(at.q, ci % 2); };
+  const auto k_tile = [&](int ci) { return PaddedTile<input_t>(at.k, ci % kChunkBuffers); };
   const auto v_tile = [&](int i) { return PaddedTile<input_t>(at.v, i); };
+  const auto v_prev_tile = [&](int i) { return PaddedTile<input_t>(at.v_prev, i); };
   const auto do_tile = [&](int i) { return PaddedTile<input_t>(at.d_o, i); };
   const auto stack_tile = [&](int i) { return PaddedTile<operand_t>(at.stack, i); };
-  const auto gates = [&](int i) {
+  const auto gates = [&](int ci) {
     return ChunkGates<compute_t>(
-        kernel::shared_array<compute_t>(at.gates) + i % 2 * ChunkGates<compute_t>::size(C16), C16);
+        kernel::shared_array<compute_t>(at.gates) + ci % kChunkBuffers * ChunkGates<compute_t>::size(C16), C16);
   };
   const ChunkGateRows<compute_t> g_rows(kernel::shared_array<compute_t>(at.rows), C16);
+  const ChunkGateRows<compute_t> prev_rows(kernel::shared_array<compute_t>(at.prev_rows), C16);
   const ChunkGateTables<compute_t> tables{kernel::shared_array<compute_t>(at.c), kernel::shared_array<compute_t>(at.sig),
                                           kernel::shared_array<compute_t>(at.P), C16, true};
   const auto prod = kernel::shared_array<compute_t>(at.prod);
@@ -161,11 +179,12 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto partial = [&](int which, int t, int part) { return (which * C16 + t) * (kSlice / 8) + part; };
   const PaddedTile<operand_t> w(at.w), err(at.err), dk_lhs(at.dk_lhs), dq_lhs(at.dq_lhs);
 
+  for (int i = 0; i < kChunkBuffers; ++i) k_tile(i).zero_all();
   for (int i = 0; i < 2; ++i) {
     q_tile(i).zero_all();
-    k_tile(i).zero_all();
     v_tile(i).zero_all();
     do_tile(i).zero_all();
+    if (Layout::kRecompute) v_prev_tile(i).zero_all();
     stack_tile(i).zero_all();
   }
   // The cotangent of the end of the block's last chunk: the final state's, or the scan's store.
@@ -195,18 +214,33 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   auto* dk_out = static_cast<input_t*>(params.dk_ptr);
   auto* dv_out = static_cast<input_t*>(params.dv_ptr);
 
+  // The keys and gates of chunk m, for the walk's chunk ci.
+  const auto stage_keys = [&](int ci, int m) {
+    const int L = chunk_length(params, m);
+    const PaddedTile<input_t> k = k_tile(ci);
+    kernel::stage_token_rows<input_t>(params.k, b, h, m * C, L, 0, dk, k.ld, k.data);
+    if (L < C) k.zero_outside(L, k.cols);
+    gates(ci).stage(params, b, h, m * C, L);
+  };
   const auto stage = [&](int i) {
     const int n = chunk_of(i), slice = i % n_slices, L = chunk_length(params, n), v0 = slice * kSlice;
-    const int w_rows = slice_rows(v0), buffer = i & 1, chunk_buffer = (i / n_slices) & 1;
+    const int w_rows = slice_rows(v0), buffer = i & 1, ci = i / n_slices;
+    const bool recompute = n % kStride != 0;
     if (slice == 0) {
-      const PaddedTile<input_t> q = q_tile(chunk_buffer), k = k_tile(chunk_buffer);
-      kernel::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, k.ld, k.data);
+      const PaddedTile<input_t> q = q_tile(ci);
       kernel::stage_token_rows<input_t>(params.q, b, h, n * C, L, 0, dk, q.ld, q.data);
-      if (L < C) {
-        q.zero_outside(L, q.cols);
-        k.zero_outside(L, k.cols);
+      if (L < C) q.zero_outside(L, q.cols);
+      if (Layout::kRecompute) {
+        if (ci == 0) stage_keys(0, n);
+        if (n > g0 || recompute) stage_keys(ci + 1, n - 1);
+      } else {
+        stage_keys(ci, n);
       }
-      gates(chunk_buffer).stage(params, b, h, n * C, L);
+    }
+    if (recompute) {  // the chunk before's values, for its step to this chunk's start
+      const PaddedTile<input_t> v_prev = v_prev_tile(buffer);
+      kernel::stage_token_rows<input_t>(params.v, b, h, (n - 1) * C, C, v0, w_rows, v_prev.ld, v_prev.data);
+      if (w_rows < kSlice) v_prev.zero_outside(C, w_rows);
     }
     const PaddedTile<input_t> v = v_tile(buffer), d_o = do_tile(buffer);
     kernel::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, w_rows, v.ld, v.data);
@@ -215,9 +249,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       v.zero_outside(L, w_rows);
       d_o.zero_outside(L, w_rows);
     }
-    // The slice's rows of the checkpoint: M0, S0 into the stack's last two quarters.
+    // The slice's rows of the checkpoint (the chunk's start, or the chunk before's): M0, S0 into
+    // the stack's last two quarters.
     const PaddedTile<operand_t> stack = stack_tile(buffer);
-    const checkpoint_t* at_chunk = checkpoints + chunk_state_offset(params, bh, n) + index_t(v0) * dk;
+    const checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, bh, n, kStride) + index_t(v0) * dk;
     stage_state_rows(at_chunk, w_rows, dk, stack.rows_from(2 * kSlice));
     stage_state_rows(at_chunk + index_t(dv) * dk, w_rows, dk, stack.rows_from(3 * kSlice));
     // Without a carry (one chunk per block), the end cotangent's slice into the first two.
@@ -243,15 +278,17 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
 
   kernel::pipelined_steps(steps, stage, [&](int i) {
     const int n = chunk_of(i), slice = i % n_slices, L = chunk_length(params, n), v0 = slice * kSlice;
-    const int w_rows = slice_rows(v0), buffer = i & 1, chunk_buffer = (i / n_slices) & 1, t0 = n * C;
-    const auto Q = q_tile(chunk_buffer).matrix();
-    const auto K = k_tile(chunk_buffer).matrix();
+    const int w_rows = slice_rows(v0), buffer = i & 1, ci = i / n_slices, t0 = n * C;
+    const bool recompute = n % kStride != 0;
+    const auto Q = q_tile(ci).matrix();
+    const auto K = k_tile(ci).matrix();
     const PaddedTile<operand_t> stack = stack_tile(buffer);
     const PaddedTile<input_t> V = v_tile(buffer), dO = do_tile(buffer);
     const bool updates_carry = n > g0 || g0 == 0;  // the start cotangent is needed by a chunk or is dM0
 
     if (slice == 0) {  // the chunk's setup
-      build_gate_tables(L, C16, gates(chunk_buffer), g_rows, &tables);
+      build_gate_tables(L, C16, gates(ci), g_rows, &tables);
+      if (recompute) build_gate_tables<compute_t>(C, C16, gates(ci + 1), prev_rows, nullptr);
       if (token_read)
         g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
           kernel::zero(acc);
@@ -277,6 +314,38 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         stack(r, d) = device::cast<operand_t>(j < w_rows ? carry[(which * dv + v0 + j) * dk16 + d] : compute_t(0));
       }
     __syncthreads();
+
+    if (recompute) {  // the chunk's start state, one step from the checkpoint of the chunk before
+      const auto K_prev = k_tile(ci + 1).matrix();
+      const PaddedTile<input_t> V_prev = v_prev_tile(buffer);
+      const auto M_prev_t = stack.rows_from(2 * kSlice).transposed();
+      kernel::for_each_strip<2>(C16, kSlice, [&](int r0, int c0) {
+        acc_t acc[2][4];
+        kernel::zero(acc);
+        kernel::strip_mma<Policy>(K_prev, r0, c0, dk, kernel::times(acc, M_prev_t));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
+          const compute_t value = compute_t(2) * (compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)));
+          dk_lhs(t, j) = device::cast<operand_t>(prev_rows.m_end[t] * value);
+          dk_lhs(t, kSlice + j) = device::cast<operand_t>(prev_rows.s_end[t] * value);
+        });
+      });
+      __syncthreads();
+      const compute_t a_L = prev_rows.a_end(), g_L = prev_rows.g_end(), p_L = prev_rows.p_end();
+      kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
+        acc_t am[2][4], as[2][4];
+        kernel::zero(am);
+        kernel::zero(as);
+        kernel::strip_mma_shared_b<Policy, 2>(K_prev, r0, c0, C16, kernel::product<Policy>(am, dk_lhs.transposed()),
+                                              kernel::product<Policy>(as, dk_lhs.cols_from(kSlice).transposed()));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
+          const compute_t m_prev = device::cast<compute_t>(stack(2 * kSlice + j, d));
+          const compute_t s_prev = device::cast<compute_t>(stack(3 * kSlice + j, d));
+          stack(2 * kSlice + j, d) = device::cast<operand_t>(a_L * m_prev + g_L * s_prev + compute_t(am[s][e]));
+          stack(3 * kSlice + j, d) = device::cast<operand_t>(p_L * s_prev + compute_t(as[s][e]));
+        });
+      });
+      __syncthreads();
+    }
 
     // Phase 1: per 16 x 8 strip of the slice, everything with a row of tokens.
     const auto dMt = stack.transposed(), dSt = stack.rows_from(kSlice).transposed();
@@ -441,7 +510,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     auto* deta = static_cast<compute_t*>(params.deta_ptr);
     auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
     gate_adjoint(
-        L, gates(chunk_buffer), g_rows, tables, cot, [&](int t, compute_t value) { dtheta[gate_at(t)] = value; },
+        L, gates(ci), g_rows, tables, cot, [&](int t, compute_t value) { dtheta[gate_at(t)] = value; },
         [&](int t, compute_t d_eta, compute_t d_alpha) {
           deta[gate_at(t)] = d_eta;
           dalpha[gate_at(t)] = d_alpha;

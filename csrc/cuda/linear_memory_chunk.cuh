@@ -10,10 +10,10 @@
 namespace titans {
 namespace lm {
 
-// Offset of chunk n's start state in a contiguous [B, H, n_chunks, 2, Dv, Dk] buffer (M, then S
-// at + Dv * Dk): the forward's chunk states and the backward's chunk cotangents.
-__device__ __forceinline__ index_t chunk_state_offset(const LinearMemoryParams& p, index_t bh, int n) {
-  return (bh * p.n_chunks + n) * 2 * index_t(p.dv) * p.dk;
+// Offset of the checkpoint that holds chunk n's start state, or, when n is not a multiple of the
+// stride, the one before it, in [B, H, ceil(n_chunks / stride), 2, Dv, Dk].
+__device__ __forceinline__ index_t checkpoint_offset(const LinearMemoryParams& p, index_t bh, int n, int stride) {
+  return (bh * ((p.n_chunks + stride - 1) / stride) + n / stride) * 2 * index_t(p.dv) * p.dk;
 }
 
 // Tokens in chunk n (the last chunk may be short).

@@ -12,9 +12,10 @@
 // to chunk (E, then the update); the outputs and Q K^T run in the same phases as independent
 // products, and the next chunk's gate tables are built while the update runs, so neither sits on
 // the chain. The outputs never leave the chip as states: without a gradient nothing but q, k, v,
-// the gates and o moves (docs/design.md §3's bound), and with one the block also writes each chunk's
-// start state in the input dtype (the checkpoints the backward reads; for bf16 inputs exactly the
-// bf16 operands the products used, so the outputs are the same with or without them).
+// the gates and o moves (docs/design.md §3's bound), and with one the block also writes chunk
+// start states in the input dtype, every other chunk's for 16-bit inputs (the checkpoints the
+// backward reads, linear_memory_checkpoint_stride; for bf16 inputs exactly the bf16 operands the
+// products used, so the outputs are the same with or without them).
 //
 // Per chunk: a barrier publishes the chunk's staged tiles (cp.async, issued while the previous
 // chunk computed); phase A computes E (and diag(m) E, diag(s) E) and W = Q K^T .* c and writes the
@@ -185,8 +186,8 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
             });
           },
           kernel::strip_count<2>(C16, kTileV));
-    if (checkpoints) {
-      checkpoint_t* at_chunk = checkpoints + chunk_state_offset(params, bh, n);
+    if (checkpoints && n % T::kCheckpointStride == 0) {
+      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, bh, n, T::kCheckpointStride);
       store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
                                 [&](int r, int d) { return S0(r, d); });
     }
@@ -299,7 +300,7 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
   k.threads = lm::kForwardThreads;
   k.blocks = int64_t((p.dv + plan.tile_v - 1) / plan.tile_v) * p.heads * p.batch;
   k.bytes_read = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + (has_initial_state ? 2 * state_elems * cmp : 0);
-  const int64_t checkpoints = save_states ? int64_t(p.n_chunks) * 2 * state_elems * in : 0;
+  const int64_t checkpoints = save_states ? linear_memory_checkpoints(p.n_chunks, type) * 2 * state_elems * in : 0;
   k.bytes_written = tokens * p.dv * in + 2 * state_elems * cmp + checkpoints;
   if (save_states) plan.add_buffer("checkpoints", checkpoints);
   return plan;

@@ -20,10 +20,21 @@ constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
 constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch index the grid's y and z
 
+// The checkpoints the forward keeps for the backward: chunk_states [B, H, ceil(n_chunks / stride),
+// 2, Dv, Dk] in the input dtype, the start states (M, S) of chunks 0, stride, 2 stride, ... 16-bit
+// inputs keep every other one (the backward recomputes the others, one chunk step from the one
+// before), fp32 and fp64 inputs every one.
+inline int linear_memory_checkpoint_stride(InputType type) {
+  return type == InputType::kBFloat16 || type == InputType::kFloat16 ? 2 : 1;
+}
+inline int64_t linear_memory_checkpoints(int64_t n_chunks, InputType type) {
+  const int stride = linear_memory_checkpoint_stride(type);
+  return (n_chunks + stride - 1) / stride;
+}
+
 // The forward's launch: one kernel (linear_memory_fwd.cuh) over value tiles of tile_v rows. Its
-// buffer is the checkpoints when saving them: chunk_states [B, H, n_chunks, 2, Dv, Dk] in the
-// input dtype (the chunk-start M and S of every chunk, for the backward); without them the
-// forward needs no memory beyond its inputs and outputs.
+// buffer is the checkpoints when saving them; without them the forward needs no memory beyond its
+// inputs and outputs.
 struct LinearMemoryFwdPlan : LaunchPlan {
   int tile_v = 16;
   bool save_states = false;

@@ -30,6 +30,8 @@ struct Types {
   // bf16 operand tiles round the state, so the state itself is kept beside them in compute_t; the
   // other dtypes' operand tiles are the state.
   static constexpr bool kSeparateMaster = !std::is_same<operand_t, compute_t>::value;
+  // The forward checkpoints every kCheckpointStride-th chunk start (linear_memory_checkpoint_stride).
+  static constexpr int kCheckpointStride = sizeof(input_t) == 2 ? 2 : 1;
 };
 
 // The cost model of the launch rules: estimated cycles of one chunk step of a block. Constants are

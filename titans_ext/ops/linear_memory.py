@@ -33,6 +33,15 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
 
 
+def checkpoint_count(q, T, chunk_size):
+    """How many chunk-start states the forward keeps for the backward (in q's dtype on every
+    device): every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and every
+    other chunk's for bf16 and fp16, whose backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
+    n_chunks = (T + chunk_size - 1) // chunk_size
+    stride = 2 if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) else 1
+    return (n_chunks + stride - 1) // stride
+
+
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
                             p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
@@ -43,9 +52,7 @@ def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read
     o = q.new_empty(B, T, H, Dv)
     m_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
     s_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    n_chunks = (T + chunk_size - 1) // chunk_size
-    # The checkpoints (chunk-start states) keep q's dtype, as the kernels write them on every device.
-    shape = (B, H, n_chunks, 2, Dv, Dk) if save_states else (0,)
+    shape = (B, H, checkpoint_count(q, T, chunk_size), 2, Dv, Dk) if save_states else (0,)
     return o, m_final, s_final, q.new_empty(shape)
 
 
