@@ -2,10 +2,11 @@
 
     python -m bench.gpu_profile [--seq-len 8192] [--out $OUT/profile.md]
 
-Same shape as bench/gpu.py (B=4, H=8, D=64, chunk 64, bf16). Each CUDA kernel's device time
-comes from torch.profiler over several fwd+bwd calls after a warm-up; the sequential kernels
-(``*_state``) are also given per chunk, the number to hold against one chunk step's latency
-(docs/design.md §3).
+The headline shape of bench/gpu.py (B=8, H=16, D=64, chunk 64, bf16). Each CUDA kernel's device
+time comes from torch.profiler over several fwd+bwd calls after a warm-up; the kernels that walk
+the chunks of a sequence in order (the forward, the backward's scan) are also given per chunk,
+the number to hold against one chunk step's latency (docs/design.md §3) and the launch rule's
+cost model (csrc/cuda/linear_memory_launch.cuh), whose constants it calibrates.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results/gpu_profile.md")
     args = parser.parse_args(argv)
 
-    B, H, D, C, T = 4, 8, 64, 64, args.seq_len
+    B, H, D, C, T = 8, 16, 64, 64, args.seq_len
     x = linear_memory_inputs(B, T, H, D, torch.device("cuda"))
 
     def fwd_bwd():
@@ -61,7 +62,8 @@ def main(argv=None):
     rows = []
     for kernel, us in times.most_common():
         name = short_name(kernel)
-        per_chunk = f"{us / n_chunks:.2f}" if name.endswith("_state_kernel") else ""
+        walks_chunks = name.endswith(("_fwd_kernel", "_scan_kernel"))
+        per_chunk = f"{us / n_chunks:.2f}" if walks_chunks else ""
         rows.append((name, f"{us:.1f}", per_chunk))
     rows.append(("all kernels", f"{sum(times.values()):.1f}", ""))
     title = (f"Device time per fwd+bwd call by kernel, B={B}, T={T}, H={H}, D={D}, chunk {C}, bf16, "
