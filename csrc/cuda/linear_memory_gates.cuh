@@ -1,4 +1,4 @@
-// Gate algebra of the linear memory (backward_linear.md §0, §2): a chunk's gate tables, built
+// Gate algebra of the linear memory (docs/backward_linear.md §0, §2): a chunk's gate tables, built
 // from its gates by column chains, and the adjoint of those chains that turns the coefficient
 // cotangents into the gate gradients.
 #pragma once
@@ -13,7 +13,7 @@ namespace lm {
 
 using kernel::token_offset;
 
-// One column of the chunk's gate recurrence (backward_linear.md §0): columns 0..L-1 are c_i,
+// One column of the chunk's gate recurrence (docs/backward_linear.md §0): columns 0..L-1 are c_i,
 // column L is a, column L + 1 is g (its sigma is P(1..t)). Per row t:
 //   sigma_t = eta_t sigma_{t-1} - theta_t [t == col],   mu_t = beta_t mu_{t-1} + sigma_t,
 // and emit(t, mu_t, sigma_t) is called. The multiplicative form never divides, is exact for
@@ -53,7 +53,7 @@ struct OneMinus {
   __device__ __forceinline__ T operator[](int i) const { return T(1) - x[i]; }
 };
 
-// The rows of a chunk's gate tables that every kernel reads (backward_linear.md §0), `stride`
+// The rows of a chunk's gate tables that every kernel reads (docs/backward_linear.md §0), `stride`
 // entries each, zero from the chunk's length L on (the products run over whole k-steps):
 // a_t, g_t, the chunk-end rows m = c[L-1, :] and s = sig[L-1, :], then a_L, g_L, p.
 template <typename T>
@@ -109,7 +109,7 @@ __device__ __forceinline__ void build_gate_tables(int L, int stride, const Chunk
   }
 }
 
-// The coefficient cotangents of a chunk (backward_linear.md §1): d_c (lower triangle, leading
+// The coefficient cotangents of a chunk (docs/backward_linear.md §1): d_c (lower triangle, leading
 // dimension ld), d_a, d_g, d_s [L] and d_p [1]; and the scratch of the adjoint, three [L] rows.
 template <typename T>
 struct GateCotangents {
@@ -118,7 +118,7 @@ struct GateCotangents {
   device::SharedPtr<T> d_a, d_g, d_s, d_p, prod_a, prod_gb, prod_ge;
 };
 
-// The gate gradients of a chunk by the reverse column recurrence (backward_linear.md §2), one
+// The gate gradients of a chunk by the reverse column recurrence (docs/backward_linear.md §2), one
 // thread per column, rows L-1 down to the column's first row:
 //   mubar_t = dmu_t + beta_{t+1} mubar_{t+1},   sigbar_t = mubar_t + eta_{t+1} sigbar_{t+1},
 // with dtheta_i = -sigbar_i of column c_i; then dbeta_t = <mubar_t, mu_{t-1}> and

@@ -35,7 +35,7 @@ struct Types {
 };
 
 // The cost model of the launch rules: estimated cycles of one chunk step of a block. Constants are
-// estimates for an H100 (mma.sync reaches about two thirds of the tensor peak, kernels.md §5.1),
+// estimates for an H100 (mma.sync reaches about two thirds of the tensor peak, docs/kernels.md §5.1),
 // to be calibrated against bench/gpu_profile.py:
 // - one m16n8k16 bf16 MMA every kCyclesPerMma cycles per SM when enough warps issue;
 // - a dependent MMA (the next k-step into the same accumulator) after kMmaLatency cycles;

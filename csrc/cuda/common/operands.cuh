@@ -1,5 +1,5 @@
 // Operand policies: how a 16x8 output tile's k-step runs on the tensor cores for each input dtype
-// (kernels.md §5.1, §6.1.8-9). Memory-type agnostic: every kernel on the device layer takes its
+// (docs/kernels.md §5.1, §6.1.8-9). Memory-type agnostic: every kernel on the device layer takes its
 // products through them (tile_loops.cuh).
 //     bf16 -> mma.m16n8k16 bf16, fp32 accumulate, fragments read with ldmatrix from bf16 tiles.
 //             The bf16 inputs are exact; fp32 operands (states, errors, coefficient-weighted
