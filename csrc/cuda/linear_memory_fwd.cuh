@@ -25,45 +25,24 @@
 #pragma once
 
 #include "cuda/common/launch.cuh"
-#include "cuda/common/smem.cuh"
-#include "cuda/common/staging.cuh"
 #include "cuda/common/tile_loops.cuh"
-#include "cuda/linear_memory_chunk.cuh"
 #include "cuda/linear_memory_fwd.h"
-#include "cuda/linear_memory_gates.cuh"
-#include "cuda/linear_memory_launch.cuh"
+#include "cuda/linear_memory_walk.cuh"
 
 namespace titans {
 namespace lm {
 
 constexpr int kForwardThreads = 256;
 
-// Shared memory of the forward kernel (byte offsets; tiles are PaddedTiles).
+// Shared memory of the forward kernel (byte offsets; tiles are PaddedTiles): the walk's front (the
+// stack is [M; S], the per-value-row input v), then the chunk's working tiles.
 template <typename input_t, int kTileV>
-struct FwdLayout {
-  using T = Types<input_t>;
-  kernel::SmemLayout smem;
-  int chunk16, dk16;         // the chunk and Dk rounded to whole k-steps
-  int master;                // compute_t [2 kTileV, dk16]: [M; S] (kSeparateMaster only)
-  kernel::TileSlot state;    // 2 x operand_t [2 kTileV, Dk]: the stack [M; S], alternating per chunk
-  kernel::TileSlot q, k, v;  // 2 x input_t [C, Dk], [C, Dk], [C, kTileV]: staged, alternating
-  int gates;                 // 3 x ChunkGates: staged one chunk ahead of the tiles
-  int rows;                  // 2 x ChunkGateRows: this chunk's and the next's
-  int c;                     // compute_t [C, C]: the c table
+struct FwdLayout : WalkLayout<input_t, kTileV> {
   kernel::TileSlot err, err_m, err_s;  // operand_t [C, kTileV]: E, diag(m) E, diag(s) E
   kernel::TileSlot w;                  // operand_t [C, C]: W = Q K^T .* c (token read)
-  __host__ __device__ FwdLayout(int dk, int chunk, bool token_read)
-      : chunk16(kernel::round_up(chunk, kernel::kTileGranule)), dk16(kernel::round_up(dk, kernel::kTileGranule)) {
-    using compute_t = typename T::compute_t;
-    using operand_t = typename T::operand_t;
-    master = smem.array<compute_t>(T::kSeparateMaster ? 2 * kTileV * dk16 : 0);
-    state = smem.tiles<operand_t>(2, 2 * kTileV, dk);
-    q = smem.tiles<input_t>(2, chunk, dk);
-    k = smem.tiles<input_t>(2, chunk, dk);
-    v = smem.tiles<input_t>(2, chunk, kTileV);
-    gates = smem.array<compute_t>(3 * ChunkGates<compute_t>::size(chunk16));
-    rows = smem.array<compute_t>(2 * ChunkGateRows<compute_t>::size(chunk16));
-    c = smem.array<compute_t>(chunk16 * chunk16);
+  __host__ __device__ FwdLayout(int dk, int chunk, bool token_read) : WalkLayout<input_t, kTileV>(dk, chunk) {
+    using operand_t = typename Types<input_t>::operand_t;
+    kernel::SmemLayout& smem = this->smem;
     err = smem.tile<operand_t>(chunk, kTileV);
     err_m = smem.tile<operand_t>(chunk, kTileV);
     err_s = smem.tile<operand_t>(chunk, kTileV);
@@ -86,78 +65,40 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
   const FwdLayout<input_t, kTileV> at(dk, C, token_read);
+  const Walk<input_t, kTileV> walk(at);
   const int C16 = at.chunk16, dk16 = at.dk16;
-
-  const auto master = kernel::shared_array<compute_t>(at.master);
-  const auto state = [&](int i) { return PaddedTile<operand_t>(at.state, i); };
-  const auto q_tile = [&](int i) { return PaddedTile<input_t>(at.q, i); };
-  const auto k_tile = [&](int i) { return PaddedTile<input_t>(at.k, i); };
-  const auto v_tile = [&](int i) { return PaddedTile<input_t>(at.v, i); };
-  const auto gates = [&](int n) {
-    return ChunkGates<compute_t>(
-        kernel::shared_array<compute_t>(at.gates) + n % 3 * ChunkGates<compute_t>::size(C16), C16);
-  };
-  const auto gate_rows = [&](int n) {
-    return ChunkGateRows<compute_t>(
-        kernel::shared_array<compute_t>(at.rows) + n % 2 * ChunkGateRows<compute_t>::size(C16), C16);
-  };
-  const auto c_table = kernel::shared_array<compute_t>(at.c);
-  const ChunkGateTables<compute_t> tables{c_table, c_table, c_table, C16, false};
+  const ChunkGateTables<compute_t>& tables = walk.tables;
   const PaddedTile<operand_t> err(at.err), err_m(at.err_m), err_s(at.err_s), w(at.w);
 
-  // Staging writes only the logical part of a tile; the rest of every staged tile is zero from
-  // here on (a short last chunk re-zeroes its rows).
-  for (int i = 0; i < 2; ++i) {
-    q_tile(i).zero_all();
-    k_tile(i).zero_all();
-    v_tile(i).zero_all();
-  }
+  walk.zero_staged();
   // The block's rows [v0, v0 + rows) of the initial state (zeros without one): into the state
   // (and its operand copy), zero past the rows and past Dk.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  load_state_stack<kTileV, T::kSeparateMaster>(static_cast<const compute_t*>(params.m0_ptr),
-                                               static_cast<const compute_t*>(params.s0_ptr), state_offset, rows, dk,
-                                               dk16, master, state(0));
+  walk.load_stack(params.m0_ptr, params.s0_ptr, state_offset, rows, dk);
   __syncthreads();
 
-  // Element (r, d) of the stack [M; S] in compute_t, whose operand copy is `tile`.
-  const auto state_value = [&](const PaddedTile<operand_t>& tile, int r, int d) -> compute_t {
-    if constexpr (T::kSeparateMaster)
-      return master[r * dk16 + d];
-    else
-      return tile(r, d);
-  };
   auto* checkpoints = static_cast<checkpoint_t*>(params.chunk_states_ptr);
   auto* o_out = static_cast<input_t*>(params.o_ptr);
 
   const auto stage = [&](int n) {
-    const int L = chunk_length(params, n), buffer = n & 1;
-    const PaddedTile<input_t> q = q_tile(buffer), k = k_tile(buffer), v = v_tile(buffer);
-    kernel::stage_token_rows<input_t>(params.k, b, h, n * C, L, 0, dk, k.ld, k.data);
-    kernel::stage_token_rows<input_t>(params.q, b, h, n * C, L, 0, dk, q.ld, q.data);
-    kernel::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, rows, v.ld, v.data);
-    if (L < C) {  // only the last chunk; its buffer held a full chunk before
-      q.zero_outside(L, q.cols);
-      k.zero_outside(L, k.cols);
-      v.zero_outside(L, v.cols);
-    }
+    walk.stage_tiles(params, params.v, n & 1, b, h, n, v0, rows);
     // The gates run one chunk ahead: chunk n + 1's tables are built while chunk n computes.
-    if (n == 0) gates(0).stage(params, b, h, 0, L);
-    if (n + 1 < n_chunks) gates(n + 1).stage(params, b, h, (n + 1) * C, chunk_length(params, n + 1));
+    if (n == 0) walk.gates(0).stage(params, b, h, 0, chunk_length(params, 0));
+    if (n + 1 < n_chunks) walk.gates(n + 1).stage(params, b, h, (n + 1) * C, chunk_length(params, n + 1));
   };
 
   kernel::pipelined_steps(n_chunks, stage, [&](int n) {
     const int L = chunk_length(params, n), cur = n & 1, nxt = cur ^ 1;
     if (n == 0) {
-      build_gate_tables(L, C16, gates(0), gate_rows(0), &tables);
+      build_gate_tables(L, C16, walk.gates(0), walk.gate_rows(0), &tables);
       __syncthreads();
     }
-    const ChunkGateRows<compute_t> g_rows = gate_rows(n);
-    const auto Q = q_tile(cur).matrix();
-    const auto K = k_tile(cur).matrix();
-    const PaddedTile<input_t> V = v_tile(cur);
-    const PaddedTile<operand_t> S0 = state(cur), S1 = state(nxt);
+    const ChunkGateRows<compute_t> g_rows = walk.gate_rows(n);
+    const auto Q = walk.q(cur).matrix();
+    const auto K = walk.k(cur).matrix();
+    const PaddedTile<input_t> V = walk.row_input(cur);
+    const PaddedTile<operand_t> S0 = walk.stack(cur), S1 = walk.stack(nxt);
     const auto M0t = S0.transposed();                  // B operand M0^T: (d, j) -> M0[j, d]
     const auto S0t = S0.rows_from(kTileV).transposed();
 
@@ -202,12 +143,9 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
       kernel::strip_mma_shared_b<Policy, 2>(K, r0, c0, C16, kernel::product<Policy>(am, err_m.transposed()),
                                             kernel::product<Policy>(as, err_s.transposed()));
       kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
-        const compute_t m_old = state_value(S0, j, d), s_old = state_value(S0, kTileV + j, d);
-        const compute_t m_new = a_L * m_old + g_L * s_old + compute_t(am[s][e]);
-        const compute_t s_new = p_L * s_old + compute_t(as[s][e]);
-        if constexpr (T::kSeparateMaster) master[j * dk16 + d] = m_new, master[(kTileV + j) * dk16 + d] = s_new;
-        S1(j, d) = device::cast<operand_t>(m_new);
-        S1(kTileV + j, d) = device::cast<operand_t>(s_new);
+        const compute_t m_old = walk.value(S0, j, d), s_old = walk.value(S0, kTileV + j, d);
+        walk.set(S1, j, d, a_L * m_old + g_L * s_old + compute_t(am[s][e]));
+        walk.set(S1, kTileV + j, d, p_L * s_old + compute_t(as[s][e]));
       });
     });
     kernel::for_each_strip<2>(
@@ -235,13 +173,14 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
         },
         kernel::strip_count<2>(kTileV, dk16));
     // c was last read in phase A; the next chunk's rows go to the other buffer.
-    if (n + 1 < n_chunks) build_gate_tables(chunk_length(params, n + 1), C16, gates(n + 1), gate_rows(n + 1), &tables);
+    if (n + 1 < n_chunks)
+      build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables);
   });
   __syncthreads();
 
-  const PaddedTile<operand_t> final_state = state(n_chunks & 1);
+  const PaddedTile<operand_t> final_state = walk.stack(n_chunks & 1);
   store_state_stack<kTileV>(static_cast<compute_t*>(params.m_final_ptr), static_cast<compute_t*>(params.s_final_ptr),
-                            state_offset, rows, dk, [&](int r, int d) { return state_value(final_state, r, d); });
+                            state_offset, rows, dk, [&](int r, int d) { return walk.value(final_state, r, d); });
 }
 
 // Calls f(std::integral_constant<int, tile>{}) for a forward value tile.
