@@ -24,6 +24,7 @@
 //   chunk_backward(x, dO, grads, L, token_reads, state, dstate)  dstate: of the end state -> of
 //                                                 state; every gradient of the tokens (dq only
 //                                                 with token_reads)
+// and Steps::Dk, Steps::Dv, the widths of the token rows of q, k and of v, o (for prefetching).
 #pragma once
 
 #include <algorithm>
@@ -48,6 +49,11 @@ void forward_chunks(const Params& p, const Steps& steps, const HeadInputs<T>& in
   const RetentionKind retention = p.miras.retention;
   for (int n = 0; n < p.n_chunks; ++n) {
     const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, p.seqlen - t0);
+    if (n + 1 < p.n_chunks) {
+      const int next = t0 + p.chunk_size, next_L = std::min(p.chunk_size, p.seqlen - next);
+      inputs.at(next).prefetch(next_L, steps.Dk, steps.Dv);
+      prefetch_rows(o.from(next), next_L, steps.Dv, true);
+    }
     if (p.chunk_states_ptr) std::memcpy(saved_chunk_state<T>(p, bh, n, size), state, size * sizeof(T));
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<T> O = o.from(t0);
@@ -77,6 +83,12 @@ void backward_chunks(const Params& p, const Steps& steps, const HeadInputs<T>& i
   const RetentionKind retention = p.miras.retention;
   for (int n = p.n_chunks - 1; n >= 0; --n) {
     const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, p.seqlen - t0);
+    if (n > 0) {
+      const int previous = t0 - p.chunk_size;
+      inputs.at(previous).prefetch(p.chunk_size, steps.Dk, steps.Dv);
+      prefetch_rows(d_o.from(previous), p.chunk_size, steps.Dv);
+      all_grads.at(previous).prefetch(p.chunk_size, steps.Dk, steps.Dv);
+    }
     const T* saved = saved_chunk_state<T>(p, bh, n, size);
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<const T> dO = d_o.from(t0);

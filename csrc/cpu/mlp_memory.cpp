@@ -230,14 +230,15 @@ void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, c
                       bool for_backward) {
   const int D = p.dim, N = p.hidden;
   matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
-  matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L);
-  // c is zero above the diagonal, so the products are causal.
-  for (int i = 0; i < L * L; ++i) ws.QKc[i] = ws.QK[i] * ws.c[i];
+  // c is zero above the diagonal, so the products are causal: only the lower triangles of Q K^T
+  // and Hq H^T are computed, and the masked products skip the zero part.
+  matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L, Triangular::kLowerC);
+  causal_mask(L, ws.QK, ws.c, ws.QKc);
   combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
-  matmul(false, false, L, N, L, T(1), ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N);
+  matmul(false, false, L, N, L, T(1), ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N, Triangular::kLowerA);
   activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
-  matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L);
-  for (int i = 0; i < L * L; ++i) ws.HHc[i] = ws.HH[i] * ws.c[i];
+  matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L, Triangular::kLowerC);
+  causal_mask(L, ws.HH, ws.c, ws.HHc);
 }
 
 // Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + ((Hq H^T) .* c) E, after token_query_path.
@@ -248,7 +249,7 @@ void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, co
   for (int t = 0; t < L; ++t) std::memcpy(O.row(t), Q.row(t), D * sizeof(T));
   matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, state + 2 * index_t(N) * D, N, T(0), ws.wide, 2 * D);
   combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O.ptr, O.stride);
-  matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride);
+  matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride, Triangular::kLowerA);
 }
 
 // Zq = Q W1^T, Hq = act(Zq) (and act'(Zq) for the backward) at the weights of state.
@@ -477,10 +478,12 @@ struct MlpSteps {
   const MlpMemoryParams& p;
   const Objective& objective;
   Workspace<T>& ws;
+  int Dk, Dv;                 // both D
   index_t block, state_size;  // N * D, 4 N * D
 
   MlpSteps(const MlpMemoryParams& p_, const Objective& objective_, Workspace<T>& ws_)
-      : p(p_), objective(objective_), ws(ws_), block(index_t(p_.hidden) * p_.dim), state_size(4 * block) {}
+      : p(p_), objective(objective_), ws(ws_), Dk(p_.dim), Dv(p_.dim), block(index_t(p_.hidden) * p_.dim),
+        state_size(4 * block) {}
 
   void rescale(T* state) const {
     for (index_t w : {0, 2}) lq_rescale(state + w * block, block, T(p.miras.q));
