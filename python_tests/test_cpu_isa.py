@@ -108,8 +108,8 @@ def test_mlp_memory_at_tile_sized_shapes_matches_reference(read):
 
 
 def _build_and_run_matmul_check(compiler, tmp_path, run_prefix=(), extra_flags=()):
-    sources = [ROOT / "python_tests/cpp/matmul_check.cpp", *sorted((ROOT / "csrc/cpu").glob("matmul*.cpp")),
-               ROOT / "csrc/cpu/cpu_isa.cpp"]
+    sources = [ROOT / "python_tests/cpp/matmul_check.cpp", ROOT / "csrc/cpu/matmul.cpp", ROOT / "csrc/cpu/cpu_isa.cpp",
+               *sorted((ROOT / "csrc/cpu").glob("isa_*.cpp"))]
     exe = tmp_path / "matmul_check"
     subprocess.run([compiler, "-O2", "-std=c++20", *extra_flags, f"-I{ROOT / 'csrc'}", *map(str, sources), "-o",
                     str(exe)], check=True, timeout=600)

@@ -2,7 +2,7 @@
 
 #include <atomic>
 
-#include "cpu/matmul_variants.h"
+#include "cpu/isa_kernels.h"
 
 namespace titans::cpu {
 namespace {
@@ -64,5 +64,18 @@ CpuIsa native_cpu_isa() { return supported_cpu_isas().back(); }
 CpuIsa cpu_isa() { return CpuIsa(current().load(std::memory_order_relaxed)); }
 
 void set_cpu_isa(CpuIsa isa) { current().store(int(isa), std::memory_order_relaxed); }
+
+const IsaKernels& isa_kernels() {
+  switch (cpu_isa()) {
+#if TITANS_CPU_X86_VARIANTS
+    case CpuIsa::kAvx2:
+      return kIsaKernelsAvx2;
+    case CpuIsa::kAvx512:
+      return kIsaKernelsAvx512;
+#endif
+    default:
+      return kIsaKernelsDefault;
+  }
+}
 
 }  // namespace titans::cpu

@@ -1,12 +1,12 @@
 // The register-tiled matrix product behind matmul.h, compiled once per instruction-set variant
 // (torch-free).
 //
-// Included only by the variant files matmul_<variant>.cpp. Each defines TITANS_MATMUL_TARGET (its
-// target attribute, empty for the default variant) before the include and instantiates
-// matmul_tiled<Tile, T> with a Tile type declared in its own anonymous namespace: every function
-// here then has internal linkage, so the variants' copies can never be merged at link time (a
-// COMDAT merge could run AVX2 code on a CPU without it). The standard library's inline functions
-// keep the baseline target; GCC inlines them into the variant code.
+// Included only by the variant files isa_<variant>.cpp. Each defines TITANS_ISA_TARGET (its target
+// attribute, empty for the default variant) before the include and instantiates matmul_tiled<Tile, T>
+// with a Tile type declared in its own anonymous namespace: every function here then has internal
+// linkage, so the variants' copies can never be merged at link time (a COMDAT merge could run
+// AVX2 code on a CPU without it). The standard library's inline functions keep the baseline
+// target; GCC inlines them into the variant code.
 //
 // A Tile gives the vector width in bytes (kBytes) and the micro-tile of C held in registers:
 // kRows rows of kVecs vectors. Per k the micro-tile loads kVecs vectors of row k of B and
@@ -24,8 +24,8 @@
 
 #include "cpu/matmul.h"
 
-#ifndef TITANS_MATMUL_TARGET
-#error "define TITANS_MATMUL_TARGET (the variant's target attribute) before including matmul_kernel.h"
+#ifndef TITANS_ISA_TARGET
+#error "define TITANS_ISA_TARGET (the variant's target attribute) before including matmul_kernel.h"
 #endif
 
 namespace titans::cpu {
@@ -54,7 +54,7 @@ typedef float Float8 __attribute__((vector_size(32), aligned(4)));
 typedef double Double2 __attribute__((vector_size(16), aligned(8)));
 typedef double Double4 __attribute__((vector_size(32), aligned(8)));
 
-TITANS_MATMUL_TARGET inline void transpose_4x4(const float* src, index_t src_stride, float* dst, index_t dst_stride) {
+TITANS_ISA_TARGET inline void transpose_4x4(const float* src, index_t src_stride, float* dst, index_t dst_stride) {
   Float4 r[4];
   for (int i = 0; i < 4; ++i) r[i] = *reinterpret_cast<const Float4*>(src + i * src_stride);
   const Float4 t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);
@@ -67,7 +67,7 @@ TITANS_MATMUL_TARGET inline void transpose_4x4(const float* src, index_t src_str
   *reinterpret_cast<Float4*>(dst + 3 * dst_stride) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
 }
 
-TITANS_MATMUL_TARGET inline void transpose_8x8(const float* src, index_t src_stride, float* dst, index_t dst_stride) {
+TITANS_ISA_TARGET inline void transpose_8x8(const float* src, index_t src_stride, float* dst, index_t dst_stride) {
   Float8 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const Float8*>(src + i * src_stride);
   for (int i = 0; i < 8; i += 2) {  // rows a, b -> a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7
@@ -87,7 +87,7 @@ TITANS_MATMUL_TARGET inline void transpose_8x8(const float* src, index_t src_str
   }
 }
 
-TITANS_MATMUL_TARGET inline void transpose_2x2(const double* src, index_t src_stride, double* dst,
+TITANS_ISA_TARGET inline void transpose_2x2(const double* src, index_t src_stride, double* dst,
                                                index_t dst_stride) {
   Double2 r[2];
   for (int i = 0; i < 2; ++i) r[i] = *reinterpret_cast<const Double2*>(src + i * src_stride);
@@ -95,7 +95,7 @@ TITANS_MATMUL_TARGET inline void transpose_2x2(const double* src, index_t src_st
   *reinterpret_cast<Double2*>(dst + dst_stride) = __builtin_shufflevector(r[0], r[1], 1, 3);
 }
 
-TITANS_MATMUL_TARGET inline void transpose_4x4(const double* src, index_t src_stride, double* dst,
+TITANS_ISA_TARGET inline void transpose_4x4(const double* src, index_t src_stride, double* dst,
                                                index_t dst_stride) {
   Double4 r[4];
   for (int i = 0; i < 4; ++i) r[i] = *reinterpret_cast<const Double4*>(src + i * src_stride);
@@ -111,7 +111,7 @@ TITANS_MATMUL_TARGET inline void transpose_4x4(const double* src, index_t src_st
 
 // The transpose of an S x S block, S = kBlockBytes / sizeof(T).
 template <int kBlockBytes, typename T>
-TITANS_MATMUL_TARGET inline void transpose_block(const T* src, index_t src_stride, T* dst, index_t dst_stride) {
+TITANS_ISA_TARGET inline void transpose_block(const T* src, index_t src_stride, T* dst, index_t dst_stride) {
   if constexpr (kBlockBytes == 32 && sizeof(T) == 4) transpose_8x8(src, src_stride, dst, dst_stride);
   else if constexpr (kBlockBytes == 32) transpose_4x4(src, src_stride, dst, dst_stride);
   else if constexpr (sizeof(T) == 4) transpose_4x4(src, src_stride, dst, dst_stride);
@@ -124,7 +124,7 @@ TITANS_MATMUL_TARGET inline void transpose_block(const T* src, index_t src_strid
 // its rows never collide in the cache sets, whatever B's row stride (the token rows of a
 // [B, T, H, D] tensor are H * D apart, often a power of two).
 template <class Tile, typename T>
-TITANS_MATMUL_TARGET void pack_panel(bool trans_b, int K, int cols, const T* B, index_t ldb, int j0, T* panel) {
+TITANS_ISA_TARGET void pack_panel(bool trans_b, int K, int cols, const T* B, index_t ldb, int j0, T* panel) {
   using Shape = TileShape<Tile, T>;
   using UnalignedVec = typename Shape::UnalignedVec;
   constexpr int P = Shape::kCols, V = Shape::kVecs, L = Shape::kLanes;
@@ -164,7 +164,7 @@ TITANS_MATMUL_TARGET void pack_panel(bool trans_b, int K, int cols, const T* B, 
 // C[0:R, 0:cols] = beta C + alpha A[0:R, :] B_panel (beta == 0: C is not read), with A's element
 // (r, k) at A[k * lda + r] (kTransA) or A[r * lda + k], and the panel's row k at B + k * ldb.
 template <class Tile, typename T, int R, bool kTransA>
-TITANS_MATMUL_TARGET void micro_tile(int K, const T* A, index_t lda, const T* B, index_t ldb, T alpha, T beta, T* C,
+TITANS_ISA_TARGET void micro_tile(int K, const T* A, index_t lda, const T* B, index_t ldb, T alpha, T beta, T* C,
                                      index_t ldc, int cols) {
   using Shape = TileShape<Tile, T>;
   using Vec = typename Shape::Vec;
@@ -209,7 +209,7 @@ TITANS_MATMUL_TARGET void micro_tile(int K, const T* A, index_t lda, const T* B,
 
 // The last rows = M mod kRows (1 .. kRows - 1) rows: micro_tile<rows>.
 template <class Tile, typename T, bool kTransA, int R = Tile::kRows - 1>
-TITANS_MATMUL_TARGET void last_rows_tile(int rows, int K, const T* A, index_t lda, const T* B, index_t ldb, T alpha,
+TITANS_ISA_TARGET void last_rows_tile(int rows, int K, const T* A, index_t lda, const T* B, index_t ldb, T alpha,
                                          T beta, T* C, index_t ldc, int cols) {
   if constexpr (R >= 1) {
     if (rows == R) micro_tile<Tile, T, R, kTransA>(K, A, lda, B, ldb, alpha, beta, C, ldc, cols);
@@ -221,7 +221,7 @@ TITANS_MATMUL_TARGET void last_rows_tile(int rows, int K, const T* A, index_t ld
 // j0), skipping what the triangular structure tri says is zero or not wanted: row blocks wholly
 // above the diagonal (kLowerC) and the zero part of the depth (kLowerA, kUpperA).
 template <class Tile, typename T, bool kTransA>
-TITANS_MATMUL_TARGET void panel_product(Triangular tri, int M, int K, T alpha, const T* A, index_t lda,
+TITANS_ISA_TARGET void panel_product(Triangular tri, int M, int K, T alpha, const T* A, index_t lda,
                                         const T* panel, T beta, T* C, index_t ldc, int j0, int cols) {
   constexpr int MR = Tile::kRows, P = TileShape<Tile, T>::kCols;
   // Steps in A of one row and one unit of depth.
@@ -239,7 +239,7 @@ TITANS_MATMUL_TARGET void panel_product(Triangular tri, int M, int K, T alpha, c
 }
 
 template <class Tile, typename T>
-TITANS_MATMUL_TARGET void matmul_tiled(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A,
+TITANS_ISA_TARGET void matmul_tiled(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A,
                                        index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc,
                                        Triangular tri) {
   constexpr int P = TileShape<Tile, T>::kCols;

@@ -5,7 +5,7 @@
 // and no write outside C. Torch-free: built and run by python_tests/test_cpu_isa.py, natively
 // and, where a cross compiler and qemu are installed, for aarch64.
 //
-//   c++ -O2 -std=c++20 -I csrc python_tests/cpp/matmul_check.cpp csrc/cpu/matmul*.cpp csrc/cpu/cpu_isa.cpp
+//   c++ -O2 -std=c++20 -I csrc python_tests/cpp/matmul_check.cpp csrc/cpu/{matmul,cpu_isa,isa_*}.cpp
 //
 // Prints one line per variant and dtype; exits with 1 on the first mismatch.
 #include <cmath>

@@ -1,7 +1,9 @@
-// The default variant of matmul: the compiler's baseline for the target architecture.
-#define TITANS_MATMUL_TARGET
+// The default variant of the per-variant kernels (isa_kernels.h): the compiler's baseline for
+// the target architecture.
+#define TITANS_ISA_TARGET
+#include "cpu/activation_kernel.h"
+#include "cpu/isa_kernels.h"
 #include "cpu/matmul_kernel.h"
-#include "cpu/matmul_variants.h"
 
 namespace titans::cpu {
 namespace {
@@ -21,6 +23,7 @@ struct DefaultTile {
 
 }  // namespace
 
-const MatmulVariant kMatmulDefault = {&matmul_tiled<DefaultTile, float>, &matmul_tiled<DefaultTile, double>};
+const IsaKernels kIsaKernelsDefault = {&matmul_tiled<DefaultTile, float>, &matmul_tiled<DefaultTile, double>,
+                                       &activation_variant<float>, &activation_variant<double>};
 
 }  // namespace titans::cpu
