@@ -3,7 +3,12 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/chunk_gates.h"
 #include "titans_params.h"
@@ -56,6 +61,20 @@ void prefetch_rows(const TokenRows<T>& x, int L, int width, bool for_write = fal
       // empty asm that "uses" the address keeps it.
       asm volatile("" : : "r"(line));
     }
+}
+
+// Asks the OS to back the 2 MiB-aligned part of [ptr, ptr + bytes) with transparent huge pages,
+// before it is first written (Linux with transparent_hugepage "madvise", the common default;
+// elsewhere a no-op): one fault per 2 MiB instead of one per 4 KiB.
+inline void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr, (void)bytes;
+#endif
 }
 
 // Inputs of one (batch, head) of a memory kernel, shifted with at(t) to a chunk's first token.

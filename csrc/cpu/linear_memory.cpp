@@ -344,6 +344,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
 
 template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
+  advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, bh_begin, bh_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)

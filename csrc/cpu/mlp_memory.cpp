@@ -486,6 +486,7 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
 
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
+  advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, bh_begin, bh_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
