@@ -5,7 +5,7 @@
 // switched at run time, so a developer on an AVX-512 machine can run and measure the AVX2 path:
 //   default  the compiler's baseline for the target: SSE2 on x86-64, NEON on aarch64
 //   avx2     AVX2 + FMA (x86-64-v3)
-//   avx512   AVX-512F (x86-64-v4)
+//   avx512   AVX-512F
 // A variant is supported when it is compiled into this build (the x86 variants need GCC on
 // x86-64) and the CPU (and OS) can run it. At load the best supported variant is in use.
 #pragma once

@@ -5,7 +5,7 @@ with register tiles sized for its vector registers:
 
 - ``"default"``: the compiler's baseline for the architecture (SSE2 on x86-64, NEON on aarch64);
 - ``"avx2"``: AVX2 and FMA (x86-64-v3);
-- ``"avx512"``: AVX-512F (x86-64-v4).
+- ``"avx512"``: AVX-512F.
 
 At import the best variant the machine supports is in use, unless the environment variable
 ``TITANS_EXT_CPU_ISA`` names another (any name :func:`set_cpu_isa` takes). Switching lets a
