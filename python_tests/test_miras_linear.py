@@ -11,7 +11,7 @@ import titans_ext
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
 from miras_cases import OBJECTIVES, RETENTIONS, compare, needs_delta, values_and_grads
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs
+from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, random_cotangents
 
 F64 = TOLERANCE[torch.float64]
 NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES + ["d_delta"]
@@ -95,14 +95,16 @@ def test_retention_matches_token_loop(objective, retention, read):
     _compare(ref, out)
 
 
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
-def test_kl_chunk_sizes(chunk_size):
-    """C = 1 makes every token a lag token (the exact Memora recurrence); C = 8 leaves a last
-    chunk of 3 tokens, C = 3 one of a single (lag) token."""
-    inputs, init = _inputs(T=19, retention="kl")
-    kwargs = dict(chunk_size=chunk_size, retention="kl")
-    _compare(_run(linear_memory_recurrent, inputs, init, "l2", **kwargs),
-             _run(titans_ext.linear_memory, inputs, init, "l2", **kwargs))
+@pytest.mark.parametrize("retention", ["lq4", "kl"])
+def test_retention_chunk_sizes(retention, chunk_size, read):
+    """C = 1 makes every token its own chunk: kl's lag token (the exact Memora recurrence), lq's
+    o_t = rho(A_{t-1}) A_t q_t. C = 8 leaves a last chunk of 3 tokens, C = 3 one of a single token."""
+    inputs, init = _inputs(T=19, retention=retention)
+    kwargs = dict(chunk_size=chunk_size, read=read, retention=RETENTIONS[retention])
+    _compare(_run(linear_memory_recurrent, inputs, init, "lp3", **kwargs),
+             _run(titans_ext.linear_memory, inputs, init, "lp3", **kwargs))
 
 
 @pytest.mark.parametrize("retention", ["lq4", "kl"])
@@ -122,6 +124,60 @@ def test_chunked_reference_matches_token_loop(objective, retention):
     kwargs = dict(chunk_size=4, retention=RETENTIONS[retention])
     _compare(_run(linear_memory_recurrent, inputs, init, objective, delta, **kwargs),
              _run(linear_memory_chunked, inputs, init, objective, delta, **kwargs), 1e-9)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+@pytest.mark.parametrize("objective, retention", [("lp3", "lq4"), ("l2", "lq3")])
+def test_lq_chunked_reference_matches_token_loop(objective, retention, chunk_size, read):
+    """The accumulator form of docs/miras.md §2.3 in both references, through o and the final
+    state: C = 1, and C = 4, 8 with a short last chunk (T = 19)."""
+    inputs, init = _inputs(T=19)
+    kwargs = dict(chunk_size=chunk_size, read=read, retention=RETENTIONS[retention])
+    _compare(_run(linear_memory_recurrent, inputs, init, objective, **kwargs),
+             _run(linear_memory_chunked, inputs, init, objective, **kwargs), 1e-9)
+
+
+@pytest.mark.parametrize("fn", [titans_ext.linear_memory, linear_memory_chunked, linear_memory_recurrent])
+def test_lq_reads_the_scaled_accumulator(fn):
+    """With nothing written (theta = 0, alpha = 0, S0 = 0) the accumulator stays A0 across chunks
+    and every token reads rho0 A0 q_t, rho0 = ||A0||_4^(-2): the carried state is never rescaled.
+    Gradients against autograd of that closed form (the rho0 term of the backward included)."""
+    inputs, (A0, _) = _inputs(T=10)
+    q, k, v, theta, eta, alpha = inputs
+    zero = torch.zeros_like(theta)
+    q_leaf, A0_leaf = q.clone().requires_grad_(), A0.clone().requires_grad_()
+    o, (A_T, S_T) = fn(q_leaf, k, v, zero, eta, zero, chunk_size=4, initial_state=(A0_leaf, torch.zeros_like(A0)),
+                       output_final_state=True, retention=("lq", 4))
+    rho0 = A0_leaf.pow(4).sum(dim=(-2, -1), keepdim=True).pow(-0.5)
+    expected = torch.einsum("bhvk,bthk->bthv", rho0 * A0_leaf, q_leaf)
+    assert_close("A_T", A0, A_T.detach(), 1e-15)
+    assert S_T.abs().max() == 0
+    assert_close("o", expected.detach(), o.detach(), 1e-14)
+    cot_o, cot_A = random_cotangents([o, A_T])
+    grads = torch.autograd.grad((o * cot_o).sum() + (A_T * cot_A).sum(), [q_leaf, A0_leaf])
+    expected_grads = torch.autograd.grad((expected * cot_o).sum() + (A0_leaf * cot_A).sum(), [q_leaf, A0_leaf])
+    for name, a, b in zip(["dq", "dA0"], expected_grads, grads):
+        assert_close(name, a, b, 1e-13)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("fn", [titans_ext.linear_memory, linear_memory_chunked])
+def test_lq_with_q2_equals_l2(fn, read):
+    """rho0 = ||A0||_2^0 = 1 and its derivative vanishes: ("lq", 2) is the l2 retention."""
+    inputs, init = _inputs(T=13)
+    kwargs = dict(chunk_size=4, read=read)
+    _compare(_run(fn, inputs, init, "lp3", retention="l2", **kwargs),
+             _run(fn, inputs, init, "lp3", retention=("lq", 2), **kwargs), 1e-14)
+
+
+def test_lq_zero_initial_accumulator():
+    """A0 = 0: the first chunk runs with rho0 = 1, and rho0's gradient term vanishes there."""
+    inputs, (A0, S0) = _inputs(T=11)
+    init = (torch.zeros_like(A0), S0)
+    kwargs = dict(chunk_size=4, retention=("lq", 4))
+    _compare(_run(linear_memory_recurrent, inputs, init, "lp3", **kwargs),
+             _run(titans_ext.linear_memory, inputs, init, "lp3", **kwargs))
 
 
 @pytest.mark.parametrize("objective", ["huber", "yaad"])
@@ -167,10 +223,11 @@ def test_stream_split_at_chunk_boundary_equals_one_call(objective, retention, re
         assert_close(name, a, b, 1e-12)
 
 
-def test_float32_matches_float64_reference():
-    inputs, init = _inputs(T=21, retention="kl")
+@pytest.mark.parametrize("retention, read", [("kl", "token"), ("lq4", "token"), ("lq4", "chunk_start")])
+def test_float32_matches_float64_reference(retention, read):
+    inputs, init = _inputs(T=21, retention=retention)
     delta = _delta("token", inputs)
-    kwargs = dict(chunk_size=8, retention="kl")
+    kwargs = dict(chunk_size=8, read=read, retention=RETENTIONS[retention])
     ref = _run(linear_memory_recurrent, inputs, init, "pseudo_huber", delta, **kwargs)
     out = _run(titans_ext.linear_memory, [x.float() for x in inputs], tuple(x.float() for x in init),
                "pseudo_huber", delta.float(), **kwargs)

@@ -2,7 +2,7 @@
 
 The token loop differentiates each objective's per-token loss through the MLP with autograd and
 applies the retention literally to each weight; the C++ kernels apply the error map f inside the
-dual form and its handwritten backward (f', d f / d delta, the lq rescale and the kl softmax).
+dual form and its handwritten backward (f', d f / d delta, the lq scales' rho0 terms and the kl softmax).
 """
 
 import pytest
@@ -13,7 +13,7 @@ from titans_ext.reference import mlp_memory_chunked, mlp_memory_recurrent
 
 from miras_cases import OBJECTIVES, RETENTIONS, compare, needs_delta, values_and_grads
 from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
-from utils import TOLERANCE, assert_close
+from utils import TOLERANCE, assert_close, random_cotangents
 
 F64 = TOLERANCE[torch.float64]
 NAMES = OUT_NAMES + GRAD_NAMES + ["d_delta"]
@@ -89,14 +89,17 @@ def test_retention_matches_token_loop(objective, retention, read):
     _compare(ref, out)
 
 
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
-def test_kl_chunk_sizes(chunk_size):
-    """C = 1 makes every token a lag token (the exact Memora recurrence on both weights); C = 8
-    leaves a last chunk of 5 tokens, C = 3 one of a single (lag) token."""
-    inputs, weights, momentum = _inputs(T=13, retention="kl")
-    kwargs = dict(chunk_size=chunk_size, retention="kl")
-    _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, "l2", **kwargs),
-             _run(titans_ext.mlp_memory, inputs, weights, momentum, "l2", **kwargs))
+@pytest.mark.parametrize("retention", ["lq4", "kl"])
+def test_retention_chunk_sizes(retention, chunk_size, read):
+    """C = 1 makes every token its own chunk: kl's lag token (the exact Memora recurrence on both
+    weights), lq's reads at rho(A_{t-1}) A_t for each weight. C = 8 leaves a last chunk of 5
+    tokens, C = 3 one of a single token."""
+    inputs, weights, momentum = _inputs(T=13, retention=retention)
+    kwargs = dict(chunk_size=chunk_size, read=read, retention=RETENTIONS[retention])
+    _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, "lp3", **kwargs),
+             _run(titans_ext.mlp_memory, inputs, weights, momentum, "lp3", **kwargs))
 
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
@@ -107,6 +110,65 @@ def test_chunked_reference_matches_token_loop(objective, retention, read):
     kwargs = dict(chunk_size=4, read=read, retention=RETENTIONS[retention])
     _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, objective, delta, **kwargs),
              _run(mlp_memory_chunked, inputs, weights, momentum, objective, delta, **kwargs), 1e-9)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+@pytest.mark.parametrize("objective, retention", [("lp3", "lq4"), ("l2", "lq3")])
+def test_lq_chunked_reference_matches_token_loop(objective, retention, chunk_size, read):
+    """The accumulator form of docs/miras.md §2.3 (each weight with its own rho0) in both
+    references, through o and the final state: C = 1, and C = 4, 8 with a short last chunk."""
+    inputs, weights, momentum = _inputs(T=11)
+    kwargs = dict(chunk_size=chunk_size, read=read, retention=RETENTIONS[retention])
+    _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, objective, **kwargs),
+             _run(mlp_memory_chunked, inputs, weights, momentum, objective, **kwargs), 1e-9)
+
+
+@pytest.mark.parametrize("fn", [titans_ext.mlp_memory, mlp_memory_chunked, mlp_memory_recurrent])
+def test_lq_reads_the_scaled_accumulator(fn):
+    """With nothing written (theta = 0, alpha = 0, no momentum) the accumulators stay A1, A2
+    across chunks and every token reads q + rho2 A2 gelu(rho1 A1 q), rho_i = ||A_i||_4^(-2):
+    the carried weights are never rescaled. Gradients against autograd of that closed form."""
+    inputs, weights, _ = _inputs(T=10)
+    q, k, v, theta, eta, alpha = inputs
+    zero = torch.zeros_like(theta)
+    q_leaf = q.clone().requires_grad_()
+    A = tuple(w.clone().requires_grad_() for w in weights)
+    o, (A_T, S_T) = fn(q_leaf, k, v, zero, eta, zero, A, chunk_size=4, output_final_state=True,
+                       retention=("lq", 4))
+    rho1, rho2 = (w.pow(4).sum(dim=(-2, -1), keepdim=True).pow(-0.5) for w in A)
+    hidden = torch.nn.functional.gelu(torch.einsum("bhnd,bthd->bthn", rho1 * A[0], q_leaf))
+    expected = q_leaf + torch.einsum("bhdn,bthn->bthd", rho2 * A[1], hidden)
+    for name, a, b in zip(["W1_T", "W2_T"], weights, A_T):
+        assert_close(name, a, b.detach(), 1e-15)
+    assert max(s.abs().max() for s in S_T) == 0
+    assert_close("o", expected.detach(), o.detach(), 1e-14)
+    cot_o, *cot_A = random_cotangents([o, *A_T])
+    loss = (o * cot_o).sum() + sum((a * c).sum() for a, c in zip(A_T, cot_A))
+    expected_loss = (expected * cot_o).sum() + sum((a * c).sum() for a, c in zip(A, cot_A))
+    grads = torch.autograd.grad(loss, [q_leaf, *A])
+    expected_grads = torch.autograd.grad(expected_loss, [q_leaf, *A])
+    for name, a, b in zip(["dq", "dW1", "dW2"], expected_grads, grads):
+        assert_close(name, a, b, 1e-13)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("fn", [titans_ext.mlp_memory, mlp_memory_chunked])
+def test_lq_with_q2_equals_l2(fn, read):
+    """rho0 = ||A0||_2^0 = 1 and its derivative vanishes: ("lq", 2) is the l2 retention."""
+    inputs, weights, momentum = _inputs(T=11)
+    kwargs = dict(chunk_size=4, read=read)
+    _compare(_run(fn, inputs, weights, momentum, "lp3", retention="l2", **kwargs),
+             _run(fn, inputs, weights, momentum, "lp3", retention=("lq", 2), **kwargs), 1e-14)
+
+
+def test_lq_zero_initial_accumulator():
+    """W2 = 0: its first chunk runs with rho0 = 1, and rho0's gradient term vanishes there."""
+    inputs, (W1, W2), momentum = _inputs(T=11)
+    weights = (W1, torch.zeros_like(W2))
+    kwargs = dict(chunk_size=4, retention=("lq", 4))
+    _compare(_run(mlp_memory_recurrent, inputs, weights, momentum, "lp3", **kwargs),
+             _run(titans_ext.mlp_memory, inputs, weights, momentum, "lp3", **kwargs))
 
 
 @pytest.mark.parametrize("objective", ["huber", "yaad"])
@@ -154,10 +216,11 @@ def test_stream_split_at_chunk_boundary_equals_one_call(objective, retention, re
         assert_close(name, a, b, 1e-12)
 
 
-def test_float32_matches_float64_reference():
-    inputs, weights, momentum = _inputs(T=13, retention="kl")
+@pytest.mark.parametrize("retention, read", [("kl", "token"), ("lq4", "token"), ("lq4", "chunk_start")])
+def test_float32_matches_float64_reference(retention, read):
+    inputs, weights, momentum = _inputs(T=13, retention=retention)
     delta = _delta("pseudo_huber", "token", inputs)
-    kwargs = dict(chunk_size=8, retention="kl")
+    kwargs = dict(chunk_size=8, read=read, retention=RETENTIONS[retention])
     ref = _run(mlp_memory_recurrent, inputs, weights, momentum, "pseudo_huber", delta, **kwargs)
     out = _run(titans_ext.mlp_memory, [x.float() for x in inputs], tuple(w.float() for w in weights),
                tuple(m.float() for m in momentum), "pseudo_huber", delta.float(), **kwargs)

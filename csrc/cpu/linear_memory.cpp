@@ -1,6 +1,6 @@
-// CPU kernels of the linear memory: the chunk algebra of shared/design/README.md §2 (forward)
-// and backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
-// objectives and retentions of miras.md §2.
+// CPU kernels of the linear memory: the chunk algebra of docs/design.md §2 (forward) and
+// docs/backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
+// objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens with chunk-start state (M0, S0), both Dv x Dk, kept together as one
 // [2, Dv, Dk] block "MS" so that one product updates both:
@@ -9,7 +9,8 @@
 //   O   = Q M0^T                                                    (read "chunk_start")
 //   M_L = a_L M0 + g_L S0 + (diag(m) E)^T K,  S_L = p S0 + (diag(s) E)^T K
 // with m, s the last rows of the gate tables c, sig (chunk_gates.h) and f the objective
-// (objectives.h). The retention acts at the chunk start only (chunk_loop.h): "lq" rescales M0,
+// (objectives.h). The retention acts at the chunk start only (chunk_loop.h): "lq" takes the
+// errors at rho M0 and scales the reads by rho (M is the accumulator: token t reads rho M_t),
 // "kl" runs the chunk's first token as Memora's exact softmax step and the rest as an ordinary chunk.
 #include "cpu/linear_memory.h"
 
@@ -42,14 +43,16 @@ struct Workspace {
   T *square3;                     // [C, C] (backward)
   T *narrow, *narrow2;            // [C, Dv], [C, Dk]  (backward)
   T *coef_grad, *gate_scratch;    // d_a, d_g, d_sig_last, d_c: [3 C + C * C]; [2 (C + 2)]
+  T *start_grad;                  // [2, Dv, Dk] (backward with "lq"): chunk_loop.h's scratch cotangent
 
-  Workspace(int C_, int Dk_, int Dv_) : C(C_), Dk(Dk_), Dv(Dv_) {
+  Workspace(int C_, int Dk_, int Dv_, bool lq_backward) : C(C_), Dk(Dk_), Dv(Dv_) {
     const size_t CC = size_t(C) * C, sq = size_t(Dv) * Dk, CDv = size_t(C) * Dv;
     const size_t sizes[] = {size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), size_t(C), CC, CC, CDv, CDv,
                             2 * sq, 2 * sq, 2 * CDv, CC, CC, CC, CDv, size_t(C) * Dk, 3 * size_t(C) + CC,
-                            2 * size_t(C + 2)};
+                            2 * size_t(C + 2), lq_backward ? 2 * sq : 0};
     T** const slots[] = {&theta, &eta, &alpha, &a,      &g,     &P,      &c,       &sig,      &R,        &E,
-                         &state, &start, &wide, &square, &square2, &square3, &narrow, &narrow2, &coef_grad, &gate_scratch};
+                         &state, &start, &wide, &square, &square2, &square3, &narrow, &narrow2, &coef_grad, &gate_scratch,
+                         &start_grad};
     carve_buffer(buffer, sizes, slots);
   }
 };
@@ -67,7 +70,7 @@ void chunk_errors(const Objective& objective, const HeadInputs<T>& x, int L, int
   }
 }
 
-// Backward of chunk_errors (step D of backward_linear.md): dR = dE .* f'(R) in place of dE,
+// Backward of chunk_errors (step D of docs/backward_linear.md §1): dR = dE .* f'(R) in place of dE,
 // then dV = -dR, dK += dR M0, dM0 += dR^T K and d delta = dE .* df/d delta.
 template <typename T, typename Objective>
 void chunk_errors_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int L,
@@ -128,26 +131,28 @@ void kl_lag_step_backward(const Objective& objective, const HeadInputs<T>& x, co
 }
 
 // ---- One chunk of L tokens (tokens 0..L-1 of x) from MS = [M0; S0]: errors, token reads (when
-// token_reads) and the end state, written over MS. The retention step happened before.
+// token_reads) and the end state, written over MS. The retention step happened before; the
+// errors and the reads see scale (chunk_loop.h): with [W0; V0] = scale.scaled = rho [M0; S0],
+//   E = f(K W0^T - V),   O = diag(a) Q W0^T + diag(g) Q V0^T + rho ((Q K^T) .* c) E.
 
 template <typename T, typename Objective>
 void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, int Dk, int Dv, bool token_reads,
-                   const TokenRows<T>& O, T* MS, Workspace<T>& ws) {
+                   const TokenRows<T>& O, T* MS, const ChunkScale<T>& scale, Workspace<T>& ws) {
   const index_t state_size = index_t(Dv) * Dk;
   T* M = MS;
   T* S = MS + state_size;
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
-  chunk_errors(objective, x, L, Dk, Dv, M, ws.R, ws.E);
+  chunk_errors(objective, x, L, Dk, Dv, scale.scaled, ws.R, ws.E);
   if (token_reads) {
-    // [Q M0^T | Q S0^T] in one product against the stacked state.
+    // [Q W0^T | Q V0^T] in one product against the stacked scaled state.
     T* QMS = ws.wide;
-    matmul(false, true, L, 2 * Dv, Dk, T(1), x.q.ptr, x.q.stride, MS, Dk, T(0), QMS, 2 * Dv);
+    matmul(false, true, L, 2 * Dv, Dk, T(1), x.q.ptr, x.q.stride, scale.scaled, Dk, T(0), QMS, 2 * Dv);
     T* W = ws.square;
     matmul(false, true, L, L, Dk, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), W, L, Triangular::kLowerC);
     causal_mask(L, W, ws.c, W);
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < Dv; ++j) O.row(t)[j] = ws.a[t] * QMS[t * 2 * Dv + j] + ws.g[t] * QMS[t * 2 * Dv + Dv + j];
-    matmul(false, false, L, Dv, L, T(1), W, L, ws.E, Dv, T(1), O.ptr, O.stride, Triangular::kLowerA);
+    matmul(false, false, L, Dv, L, scale.rho[0], W, L, ws.E, Dv, T(1), O.ptr, O.stride, Triangular::kLowerA);
   }
   // Chunk end: rows of [diag(m) E | diag(s) E] feed one product that updates M and S.
   const T* m = ws.c + (L - 1) * L;
@@ -167,16 +172,20 @@ void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, in
 }
 
 // Backward of chunk_forward: dMS, the end-state cotangent, becomes in place the start-state
-// cotangent (from it and dO when token_reads); writes the gradients of tokens 0..L-1. Steps A-E
-// of backward_linear.md §1.
+// cotangent of the end-state paths; dscale accumulates the cotangents of the scaled state and
+// rho from the errors and the token reads (after dMS's transform: dscale.scaled may be dMS).
+// Writes the gradients of tokens 0..L-1. Steps A-E of docs/backward_linear.md §1.
 template <typename T, typename Objective>
 void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const TokenRows<const T>& dO,
-                    const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0, T* dMS,
-                    Workspace<T>& ws) {
+                    const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0,
+                    const ChunkScale<T>& scale, T* dMS, const ChunkScaleGrad<T>& dscale, Workspace<T>& ws) {
   const int C = ws.C;
   const index_t state_size = index_t(Dv) * Dk;
   const T* M0 = MS0;
   const T* S0 = MS0 + state_size;
+  const T* W0 = scale.scaled;  // [W0; V0] = rho [M0; S0]: what the errors and the token reads see
+  const T* V0 = W0 + state_size;
+  T* dW0V0 = dscale.scaled;
   T* dM = dMS;
   T* dS = dMS + state_size;
   const T* Q = x.q.ptr;
@@ -190,7 +199,7 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
   // A. Recompute the residuals, errors and gate tables.
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
   T* E = ws.E;
-  chunk_errors(objective, x, L, Dk, Dv, M0, ws.R, E);
+  chunk_errors(objective, x, L, Dk, Dv, W0, ws.R, E);
   std::fill(d_a, d_a + 3 * C + C * C, T(0));
   const T* m = ws.c + (L - 1) * L;
   const T* s = ws.sig + (L - 1) * L;
@@ -220,7 +229,7 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
   d_a[L - 1] += dot(dM, M0, state_size);
   d_g[L - 1] += dot(dM, S0, state_size);
   const T d_P_last = dot(dS, S0, state_size);
-  // From here dMS accumulates the cotangent of the chunk-start state.
+  // From here dMS is the cotangent of the chunk-start state (its end-state paths).
   for (index_t i = 0; i < state_size; ++i) {
     dS[i] = g_L * dM[i] + p_L * dS[i];
     dM[i] = a_L * dM[i];
@@ -231,37 +240,38 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
     const index_t dos = dO.stride;
     T* dQ = grads.dq.ptr;
     const index_t dqs = grads.dq.stride;
-    // R = dO M0, U = dO S0 (L x Dk each): dQ = diag(a) R + diag(g) U, then the masked product's part.
+    // R = dO W0, U = dO V0 (L x Dk each): dQ = diag(a) R + diag(g) U, then the masked product's part.
     T* RU = ws.narrow2;
-    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, M0, Dk, T(0), RU, Dk);
+    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, W0, Dk, T(0), RU, Dk);
     for (int t = 0; t < L; ++t) {
       d_a[t] += dot(RU + t * Dk, Q + t * qs, Dk);
       for (int j = 0; j < Dk; ++j) dQ[t * dqs + j] = ws.a[t] * RU[t * Dk + j];
     }
-    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, S0, Dk, T(0), RU, Dk);
+    matmul(false, false, L, Dk, Dv, T(1), dO.ptr, dos, V0, Dk, T(0), RU, Dk);
     for (int t = 0; t < L; ++t) {
       d_g[t] += dot(RU + t * Dk, Q + t * qs, Dk);
       for (int j = 0; j < Dk; ++j) dQ[t * dqs + j] += ws.g[t] * RU[t * Dk + j];
     }
-    // (Q K^T .* c) E: dE, dQ, dK and the cotangent of c.
+    // rho (Q K^T .* c) E: dE, dQ, dK and the cotangents of c and rho.
     T* G = ws.square;
     T* W = ws.square2;
     matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L, Triangular::kLowerC);
     causal_mask(L, G, ws.c, W);
-    masked_product_backward<T>(L, Dk, Dv, ws.c, G, W, {dO.ptr, dos}, {E, Dv}, {Q, qs}, {K, ks}, d_c, {dE, Dv},
-                               {dQ, dqs}, {grads.dk.ptr, grads.dk.stride}, ws.square3);
-    // [dM0 | dS0] += [diag(a) dO | diag(g) dO]^T Q.
+    dscale.rho[0] += masked_product_backward<T>(L, Dk, Dv, scale.rho[0], ws.c, G, W, {dO.ptr, dos}, {E, Dv}, {Q, qs},
+                                                {K, ks}, d_c, {dE, Dv}, {dQ, dqs}, {grads.dk.ptr, grads.dk.stride},
+                                                ws.square3);
+    // [dW0 | dV0] += [diag(a) dO | diag(g) dO]^T Q.
     T* AG = ws.wide;
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < Dv; ++j) {
         AG[t * 2 * Dv + j] = ws.a[t] * dO.row(t)[j];
         AG[t * 2 * Dv + Dv + j] = ws.g[t] * dO.row(t)[j];
       }
-    matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, qs, T(1), dMS, Dk);
+    matmul(true, false, 2 * Dv, Dk, L, T(1), AG, 2 * Dv, Q, qs, T(1), dW0V0, Dk);
   }
 
-  // D. Through E = f(K M0^T - V).
-  chunk_errors_backward(objective, x, grads, L, Dk, Dv, M0, ws.R, dE, dMS);
+  // D. Through E = f(K W0^T - V).
+  chunk_errors_backward(objective, x, grads, L, Dk, Dv, W0, ws.R, dE, dW0V0);
 
   // E. Gate gradients.
   chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
@@ -276,14 +286,13 @@ struct LinearSteps {
   const Objective& objective;
   Workspace<T>& ws;
   int Dk, Dv;
-  T q;  // lq's exponent
-  index_t state_size;
+  static constexpr int n_weights = 1;
+  index_t weight_block, state_size;
 
   LinearSteps(const LinearMemoryParams& p, const Objective& objective_, Workspace<T>& ws_)
-      : objective(objective_), ws(ws_), Dk(p.dk), Dv(p.dv), q(T(p.miras.q)), state_size(2 * index_t(p.dv) * p.dk) {}
+      : objective(objective_), ws(ws_), Dk(p.dk), Dv(p.dv), weight_block(index_t(p.dv) * p.dk),
+        state_size(2 * weight_block) {}
 
-  void rescale(T* MS) const { lq_rescale(MS, index_t(Dv) * Dk, q); }
-  void rescale_backward(const T* MS, T* dMS) const { lq_rescale_backward(MS, index_t(Dv) * Dk, q, dMS); }
   void lag_step(const HeadInputs<T>& x, T* MS) const { kl_lag_step(objective, x, Dk, Dv, MS, ws); }
   void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* MS_prev, const T* MS1,
                          T* dMS) const {
@@ -296,12 +305,14 @@ struct LinearSteps {
                      const T* MS, T* dMS) const {
     read_state_backward(x, dO, grads, L, Dk, Dv, MS, dMS);
   }
-  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* MS) const {
-    chunk_forward(objective, x, L, Dk, Dv, token_reads, O, MS, ws);
+  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* MS,
+             const ChunkScale<T>& scale) const {
+    chunk_forward(objective, x, L, Dk, Dv, token_reads, O, MS, scale, ws);
   }
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
-                      bool token_reads, const T* MS, T* dMS) const {
-    cpu::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, dMS, ws);
+                      bool token_reads, const T* MS, const ChunkScale<T>& scale, T* dMS,
+                      const ChunkScaleGrad<T>& dscale) const {
+    cpu::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, scale, dMS, dscale, ws);
   }
 };
 
@@ -335,7 +346,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
   load_state(p.d_m_final_ptr, bh, state_size, T(0), dMS);
   load_state(p.d_s_final_ptr, bh, state_size, T(0), dMS + state_size);
   backward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
-                  head_grads<T>(p, head.b, head.h, p.dk, p.dv), dMS, ws.start);
+                  head_grads<T>(p, head.b, head.h, p.dk, p.dv), dMS, ws.start, ws.start_grad);
   store_state(dMS, bh, state_size, p.dm0_ptr);
   store_state(dMS + state_size, bh, state_size, p.ds0_ptr);
 }
@@ -345,7 +356,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
 template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, bh_begin, bh_end);
-  Workspace<T> ws(params.chunk_size, params.dk, params.dv);
+  Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
       forward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);
@@ -354,7 +365,7 @@ void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64
 
 template <typename T>
 void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
-  Workspace<T> ws(params.chunk_size, params.dk, params.dv);
+  Workspace<T> ws(params.chunk_size, params.dk, params.dv, params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
       backward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);

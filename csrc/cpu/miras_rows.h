@@ -1,6 +1,6 @@
 // MIRAS helpers shared by the CPU memory kernels (torch-free): the objective applied to the
-// residual rows of a chunk, the "lq" retention's rescale of one weight matrix and the "kl"
-// retention's softmax step on one weight matrix (shared/design/miras.md §2).
+// residual rows of a chunk, the "lq" retention's scale of one weight matrix and the "kl"
+// retention's softmax step on one weight matrix (docs/miras.md §2).
 #pragma once
 
 #include <algorithm>
@@ -41,35 +41,31 @@ void objective_error_row_backward(const Objective& objective, const T* r, const 
   }
 }
 
-// ---- Retention "lq" on one weight matrix of n entries: M <- rho M, rho = ||M||_q^(2-q)
-// (entrywise norm; rho = 1 for M = 0, where the scale has no limit for q > 2).
+// ---- Retention "lq" (docs/miras.md §2.3): the carried weight matrix is the accumulator A of n
+// entries, and a chunk's weights are rho A with rho = ||A||_q^(2-q) (entrywise norm), fixed at the
+// chunk start; rho = 1 for A = 0, where the scale has no limit for q > 2.
 
 template <typename T>
-T power_sum(const T* M, index_t n, T q) {
+T power_sum(const T* A, index_t n, T q) {
   T acc = 0;
-  for (index_t i = 0; i < n; ++i) acc += std::pow(std::fabs(M[i]), q);
+  for (index_t i = 0; i < n; ++i) acc += std::pow(std::fabs(A[i]), q);
   return acc;
 }
 
 template <typename T>
-void lq_rescale(T* M, index_t n, T q) {
-  const T sum = power_sum(M, n, q);
-  if (sum == T(0)) return;
-  const T rho = std::pow(sum, (T(2) - q) / q);
-  for (index_t i = 0; i < n; ++i) M[i] *= rho;
+T lq_scale(const T* A, index_t n, T q) {
+  const T sum = power_sum(A, n, q);
+  return sum == T(0) ? T(1) : std::pow(sum, (T(2) - q) / q);
 }
 
-// dM in place: from the cotangent of rho M to that of M,
-// rho dM + <dM, M> (2 - q) sign(M) |M|^(q-1) ||M||_q^(2-2q).
+// Backward of lq_scale: dA += d_rho drho/dA = d_rho (2 - q) sign(A) |A|^(q-1) ||A||_q^(2-2q)
+// (nothing for A = 0, where rho is constant).
 template <typename T>
-void lq_rescale_backward(const T* M, index_t n, T q, T* dM) {
-  const T sum = power_sum(M, n, q);
+void lq_scale_backward(const T* A, index_t n, T q, T d_rho, T* dA) {
+  const T sum = power_sum(A, n, q);
   if (sum == T(0)) return;
-  const T rho = std::pow(sum, (T(2) - q) / q);
-  T dM_dot_M = 0;
-  for (index_t i = 0; i < n; ++i) dM_dot_M += dM[i] * M[i];
-  const T coef = dM_dot_M * (T(2) - q) * std::pow(sum, (T(2) - T(2) * q) / q);
-  for (index_t i = 0; i < n; ++i) dM[i] = rho * dM[i] + coef * sign_of(M[i]) * std::pow(std::fabs(M[i]), q - T(1));
+  const T coef = d_rho * (T(2) - q) * std::pow(sum, (T(2) - T(2) * q) / q);
+  for (index_t i = 0; i < n; ++i) dA[i] += coef * sign_of(A[i]) * std::pow(std::fabs(A[i]), q - T(1));
 }
 
 // ---- Retention "kl": Memora's step (the lag token of a chunk) on one weight matrix M [rows, cols]

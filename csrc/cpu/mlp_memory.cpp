@@ -1,6 +1,6 @@
 // CPU kernels of the deep memory M(x) = x + W2 act(W1 x): the chunked dual form of
-// shared/design/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time,
-// with the MIRAS objectives and retentions of miras.md §2.
+// docs/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time, with
+// the MIRAS objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens, from the chunk-start weights W1 [N, D], W2 [D, N] and momenta S1, S2
 // (rows = tokens, `x * A` scales row t of A by x_t):
@@ -13,9 +13,11 @@
 //   chunk end   W1' = a_L W1 + g_L S1 + (m * DZ)^T K,   S1' = p_L S1 + (s * DZ)^T K
 //               W2' = a_L W2 + g_L S2 + (m * E)^T H,    S2' = p_L S2 + (s * E)^T H
 // with a, g, c, P and sig the gate tables of chunk_gates.h and m, s their last rows. The
-// retention acts at the chunk start (chunk_loop.h) on W1 and W2 separately: "lq" rescales each,
-// "kl" runs the chunk's first token as Memora's softmax step on each (per row) and the rest as an
-// ordinary chunk.
+// retention acts at the chunk start (chunk_loop.h) on W1 and W2 separately: "lq" takes the key
+// path at rho1 W1, rho2 W2 and the reads at rho1 [W1; S1], rho2 [W2; S2] with the masked products
+// of Zq and O scaled by rho1 and rho2 (W1, W2 are the accumulators: token t reads rho1 W1_t,
+// rho2 W2_t), "kl" runs the chunk's first token as Memora's softmax step on each (per row) and the
+// rest as an ordinary chunk.
 //
 // A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
 // [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
@@ -75,16 +77,18 @@ struct Workspace {
   T *act2, *actq1;                     // [C, N] (backward): act''(Z), act'(Zq)
   T *dE, *dH, *dDZ, *dHq, *dA;         // [C, D], [C, N] x 3, [C * C] (backward)
   T *coef_grad, *gate_scratch;         // d_a, d_g, d_sig_last [C] x 3 + d_c [C * C]; [2 (C + 2)]
+  T *start_grad;                       // [4, N * D] (backward with "lq"): chunk_loop.h's scratch cotangent
 
-  Workspace(int C, int D, int N, bool backward) {
+  Workspace(int C, int D, int N, bool backward, bool lq) {
     const size_t c1 = C, CC = c1 * C, CN = c1 * N, CD = c1 * D, bwd = backward ? 1 : 0, S4 = 4 * size_t(N) * D;
     const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, CD,
                             2 * CN, 2 * CN, CN, CN, S4, S4, bwd * CN, bwd * CN, bwd * CD, bwd * CN,
-                            bwd * CN, bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2)};
+                            bwd * CN, bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2),
+                            backward && lq ? S4 : 0};
     T** const slots[] = {&theta, &eta, &alpha, &a,     &g,     &P,    &c,   &sig, &QK,  &QKc,      &HH,
                          &HHc,   &Z,   &H,     &G,     &DZ,    &act1, &R,   &E,   &X,   &wide,     &Zq,
                          &Hq,    &state, &start, &act2, &actq1, &dE,  &dH,  &dDZ, &dHq, &dA, &coef_grad,
-                         &gate_scratch};
+                         &gate_scratch, &start_grad};
     carve_buffer(buffer, sizes, slots);
   }
 };
@@ -153,10 +157,11 @@ void key_path_backward(const MlpMemoryParams& p, const Objective& objective, int
 }
 
 // Query path of read "token" (the dual form): Zq, Hq (and act'(Zq) for the backward) and the
-// masked products Q K^T .* c and Hq H^T .* c, with their unmasked factors.
+// masked products Q K^T .* c and Hq H^T .* c, with their unmasked factors; rho1 scales the masked
+// product of Zq (chunk_loop.h's ChunkScale).
 template <typename T>
-void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, const T* state, Workspace<T>& ws,
-                      bool for_backward) {
+void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, const T* state, T rho1,
+                      Workspace<T>& ws, bool for_backward) {
   const int D = p.dim, N = p.hidden;
   matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
   // c is zero above the diagonal, so the products are causal: only the lower triangles of Q K^T
@@ -164,21 +169,21 @@ void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, c
   matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L, Triangular::kLowerC);
   causal_mask(L, ws.QK, ws.c, ws.QKc);
   combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
-  matmul(false, false, L, N, L, T(1), ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N, Triangular::kLowerA);
+  matmul(false, false, L, N, L, rho1, ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N, Triangular::kLowerA);
   activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
   matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L, Triangular::kLowerC);
   causal_mask(L, ws.HH, ws.c, ws.HHc);
 }
 
-// Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + ((Hq H^T) .* c) E, after token_query_path.
+// Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + rho2 ((Hq H^T) .* c) E, after token_query_path.
 template <typename T>
-void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, Workspace<T>& ws,
-                const TokenRows<T>& O) {
+void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, T rho2,
+                Workspace<T>& ws, const TokenRows<T>& O) {
   const int D = p.dim, N = p.hidden;
   for (int t = 0; t < L; ++t) std::memcpy(O.row(t), Q.row(t), D * sizeof(T));
   matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, state + 2 * index_t(N) * D, N, T(0), ws.wide, 2 * D);
   combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O.ptr, O.stride);
-  matmul(false, false, L, D, L, T(1), ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride, Triangular::kLowerA);
+  matmul(false, false, L, D, L, rho2, ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride, Triangular::kLowerA);
 }
 
 // Zq = Q W1^T, Hq = act(Zq) (and act'(Zq) for the backward) at the weights of state.
@@ -238,26 +243,30 @@ void update_state(const MlpMemoryParams& p, int L, const TokenRows<const T>& K, 
 }
 
 // One chunk of L tokens (tokens 0..L-1 of x) from state: its token reads (when token_reads) and
-// its end state, written over state. The retention step happened before.
+// its end state, written over state. The retention step happened before; the key path and the
+// reads see scale (chunk_loop.h).
 template <typename T, typename Objective>
 void chunk_forward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x, int L,
-                   bool token_reads, const TokenRows<T>& O, T* state, Workspace<T>& ws) {
+                   bool token_reads, const TokenRows<T>& O, T* state, const ChunkScale<T>& scale, Workspace<T>& ws) {
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
-  key_path(p, objective, L, x, state, ws, false);
+  key_path(p, objective, L, x, scale.scaled, ws, false);
   if (token_reads) {
-    token_query_path(p, L, x, state, ws, false);
-    token_read(p, L, x.q, state, ws, O);
+    token_query_path(p, L, x, scale.scaled, scale.rho[0], ws, false);
+    token_read(p, L, x.q, scale.scaled, scale.rho[1], ws, O);
   }
   update_state(p, L, x.k, state, ws);
 }
 
-// Backward of chunk_forward (mlp_dual_form.md §4): dstate, the cotangent of the chunk-end state,
-// becomes in place that of the chunk-start state; writes the gradients of tokens 0..L-1 (dQ only
-// with token_reads).
+// Backward of chunk_forward (docs/mlp_dual_form.md §4): dstate, the cotangent of the chunk-end state,
+// becomes in place that of the chunk-start state through the end-state paths; dscale accumulates
+// the cotangents of the scaled state and of rho from the key path and the token reads (after
+// dstate's transform: dscale.scaled may be dstate). Writes the gradients of tokens 0..L-1 (dQ
+// only with token_reads).
 template <typename T, typename Objective>
 void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x,
                     const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L, bool token_reads,
-                    const T* state, T* dstate, Workspace<T>& ws) {
+                    const T* state, const ChunkScale<T>& scale, T* dstate, const ChunkScaleGrad<T>& dscale,
+                    Workspace<T>& ws) {
   const int C = p.chunk_size, D = p.dim, N = p.hidden;
   const index_t block = index_t(N) * D;
   const T* W1 = state;
@@ -266,6 +275,11 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
   const T* S2 = state + 3 * block;
   T* dW1 = dstate;
   T* dW2 = dstate + 2 * block;
+  // The scaled [W1; S1] and [W2; S2] (chunk_loop.h), which the key path and the reads see.
+  const T* V1 = scale.scaled;
+  const T* V2 = scale.scaled + 2 * block;
+  T* dV1 = dscale.scaled;
+  T* dV2 = dscale.scaled + 2 * block;
   const TokenRows<const T>& Q = x.q;
   const TokenRows<const T>& K = x.k;
   T* dK = grads.dk.ptr;
@@ -277,8 +291,8 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
 
   // Recompute the chunk's activations from its start state.
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
-  key_path(p, objective, L, x, state, ws, true);
-  if (token_reads) token_query_path(p, L, x, state, ws, true);
+  key_path(p, objective, L, x, scale.scaled, ws, true);
+  if (token_reads) token_query_path(p, L, x, scale.scaled, scale.rho[0], ws, true);
   std::fill(d_a, d_a + 3 * C + C * C, T(0));
   const T* m = ws.c + (L - 1) * L;
   const T* s = ws.sig + (L - 1) * L;
@@ -307,7 +321,7 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
   d_a[L - 1] += dot(dW1, W1, block) + dot(dW2, W2, block);
   d_g[L - 1] += dot(dW1, S1, block) + dot(dW2, S2, block);
   const T d_P_last = dot(dW1 + block, S1, block) + dot(dW2 + block, S2, block);
-  // From here dstate accumulates the cotangent of the chunk-start state.
+  // From here dstate is the cotangent of the chunk-start state (its end-state paths).
   const T a_L = ws.a[L - 1], g_L = ws.g[L - 1], p_L = ws.P[L - 1];
   for (T* dW : {dW1, dW2}) {
     T* dS = dW + block;
@@ -325,9 +339,9 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
     const index_t dos = dO.stride;
     T* dZq = ws.dHq;
     for (int t = 0; t < L; ++t) std::memcpy(dQ + t * dqs, dOp + t * dos, D * sizeof(T));
-    // [dO W2 | dO S2] gives dHq and, against Hq, the a and g cotangents.
-    matmul(false, false, L, N, D, T(1), dOp, dos, W2, N, T(0), ws.wide, 2 * N);
-    matmul(false, false, L, N, D, T(1), dOp, dos, S2, N, T(0), ws.wide + N, 2 * N);
+    // [dO W2 | dO S2] (scaled) gives dHq and, against Hq, the a and g cotangents.
+    matmul(false, false, L, N, D, T(1), dOp, dos, V2, N, T(0), ws.wide, 2 * N);
+    matmul(false, false, L, N, D, T(1), dOp, dos, V2 + block, N, T(0), ws.wide + N, 2 * N);
     for (int t = 0; t < L; ++t) {
       d_a[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N, N);
       d_g[t] += dot(ws.Hq + t * N, ws.wide + t * 2 * N + N, N);
@@ -335,10 +349,10 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
     combine_pair(L, N, ws.wide, ws.a, ws.g, T(0), ws.dHq, N);
     // [dW2; dS2] += [a * dO | g * dO]^T Hq.
     scale_rows_pair(L, D, dOp, dos, ws.a, ws.g, ws.wide);
-    matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dW2, N);
-    // Masked product (Hq H^T .* c) E.
-    masked_product_backward<T>(L, N, D, ws.c, ws.HH, ws.HHc, {dOp, dos}, {ws.E, D}, {ws.Hq, N}, {ws.H, N}, d_c,
-                               {ws.dE, D}, {ws.dHq, N}, {ws.dH, N}, ws.dA);
+    matmul(true, false, 2 * D, N, L, T(1), ws.wide, 2 * D, ws.Hq, N, T(1), dV2, N);
+    // Masked product rho2 (Hq H^T .* c) E.
+    dscale.rho[1] += masked_product_backward<T>(L, N, D, scale.rho[1], ws.c, ws.HH, ws.HHc, {dOp, dos}, {ws.E, D},
+                                                {ws.Hq, N}, {ws.H, N}, d_c, {ws.dE, D}, {ws.dHq, N}, {ws.dH, N}, ws.dA);
     for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
     // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
     // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
@@ -347,13 +361,14 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
       d_g[t] += dot(dZq + t * N, ws.X + t * 2 * N + N, N);
     }
     scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
-    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, W1, D, T(1), dQ, dqs);
-    matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dW1, D);
-    // Masked product (Q K^T .* c) DZ.
-    masked_product_backward<T>(L, D, N, ws.c, ws.QK, ws.QKc, {dZq, N}, {ws.DZ, N}, Q, K, d_c, {ws.dDZ, N}, {dQ, dqs}, {dK, dks}, ws.dA);
+    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, V1, D, T(1), dQ, dqs);
+    matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dV1, D);
+    // Masked product rho1 (Q K^T .* c) DZ.
+    dscale.rho[0] += masked_product_backward<T>(L, D, N, scale.rho[0], ws.c, ws.QK, ws.QKc, {dZq, N}, {ws.DZ, N}, Q,
+                                                K, d_c, {ws.dDZ, N}, {dQ, dqs}, {dK, dks}, ws.dA);
   }
 
-  key_path_backward(p, objective, L, x, grads, state, dstate, ws);
+  key_path_backward(p, objective, L, x, grads, scale.scaled, dscale.scaled, ws);
   chunk_gate_backward(L, ws.eta, ws.alpha, ws.a, ws.g, ws.P, ws.c, ws.sig, d_a, d_g, d_c, d_sig_last, d_P_last,
                       ws.gate_scratch, grads.dtheta.ptr, grads.deta.ptr, grads.dalpha.ptr, grads.dtheta.stride);
 }
@@ -400,26 +415,21 @@ void kl_lag_step_backward(const MlpMemoryParams& p, const Objective& objective, 
 
 // ---- Whole sequences of one (batch, head).
 
-// The MLP memory's chunk algebra on a state [W1 | S1 | W2 | S2], for chunk_loop.h. The lq rescale
-// acts on W1 and W2, not on the momenta.
+// The MLP memory's chunk algebra on a state [W1 | S1 | W2 | S2], for chunk_loop.h: two weights,
+// each with its own lq scale.
 template <typename T, typename Objective>
 struct MlpSteps {
+  static constexpr int n_weights = 2;
   const MlpMemoryParams& p;
   const Objective& objective;
   Workspace<T>& ws;
-  int Dk, Dv;                 // both D
-  index_t block, state_size;  // N * D, 4 N * D
+  int Dk, Dv;                        // both D
+  index_t weight_block, state_size;  // N * D, 4 N * D
 
   MlpSteps(const MlpMemoryParams& p_, const Objective& objective_, Workspace<T>& ws_)
-      : p(p_), objective(objective_), ws(ws_), Dk(p_.dim), Dv(p_.dim), block(index_t(p_.hidden) * p_.dim),
-        state_size(4 * block) {}
+      : p(p_), objective(objective_), ws(ws_), Dk(p_.dim), Dv(p_.dim), weight_block(index_t(p_.hidden) * p_.dim),
+        state_size(4 * weight_block) {}
 
-  void rescale(T* state) const {
-    for (index_t w : {0, 2}) lq_rescale(state + w * block, block, T(p.miras.q));
-  }
-  void rescale_backward(const T* state, T* dstate) const {
-    for (index_t w : {0, 2}) lq_rescale_backward(state + w * block, block, T(p.miras.q), dstate + w * block);
-  }
   void lag_step(const HeadInputs<T>& x, T* state) const { kl_lag_step(p, objective, x, state, ws); }
   void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* state_prev, const T* state1,
                          T* dstate) const {
@@ -432,12 +442,14 @@ struct MlpSteps {
                      const T* state, T* dstate) const {
     plain_read_backward(p, L, x.q, dO, grads.dq, state, dstate, ws);
   }
-  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* state) const {
-    chunk_forward(p, objective, x, L, token_reads, O, state, ws);
+  void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* state,
+             const ChunkScale<T>& scale) const {
+    chunk_forward(p, objective, x, L, token_reads, O, state, scale, ws);
   }
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
-                      bool token_reads, const T* state, T* dstate) const {
-    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, dstate, ws);
+                      bool token_reads, const T* state, const ChunkScale<T>& scale, T* dstate,
+                      const ChunkScaleGrad<T>& dscale) const {
+    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, scale, dstate, dscale, ws);
   }
 };
 
@@ -471,14 +483,14 @@ void forward_head(const MlpMemoryParams& p, const Objective& objective, const He
   store_state(ws.state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
-// Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
+// Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (docs/mlp_dual_form.md §4).
 template <typename T, typename Objective>
 void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;
   T* dstate = ws.state;
   load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
   backward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
-                  head_grads<T>(p, head.b, head.h, p.dim, p.dim), dstate, ws.start);
+                  head_grads<T>(p, head.b, head.h, p.dim, p.dim), dstate, ws.start, ws.start_grad);
   store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
 
@@ -487,7 +499,7 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
   advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, bh_begin, bh_end);
-  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false);
+  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
       forward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);
@@ -496,7 +508,8 @@ void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_
 
 template <typename T>
 void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
-  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true);
+  Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true,
+                  params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)
       backward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);

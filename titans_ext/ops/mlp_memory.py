@@ -9,6 +9,7 @@ torch.compile and checked by ``torch.library.opcheck``.
 import torch
 
 from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
+from .cuda_arch import check_fake_device, check_op_device
 
 
 def _state_shapes(q, hidden):
@@ -19,6 +20,7 @@ def _state_shapes(q, hidden):
 @torch.library.register_fake("titans_ext::mlp_memory_fwd")
 def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
                          save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
     B, T, H, D = q.shape
     N = w1.shape[2]
     state_dtype = state_dtype_for(q.dtype)
@@ -39,9 +41,10 @@ def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_fin
     shape1, shape2 = _state_shapes(q, hidden)
     dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2,
-            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
+    # The kernel returns contiguous gradients whatever the inputs' strides (empty_like would copy them).
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
+    return (*grads, dw1, dw2, ds1, ds2,
+            q.new_empty((0,), dtype=state_dtype) if delta is None else delta.new_empty(delta.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,7 +98,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     (per-token weights are never materialized). The C++ backward is handwritten, including the
     second derivative of the activation that the inner gradient brings in.
 
-    MIRAS options (``shared/design/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
+    MIRAS options (``docs/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
 
     - ``objective``: the per-token loss l, whose gradient in the residual r = M(k_t) - v_t is the
       error map f(r) (backpropagated through the MLP to both weights): ``"l2"`` (l = ||r||^2,
@@ -103,12 +106,15 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
       ``("yaad", delta)``, with the f of :func:`titans_ext.linear_memory`. ``delta`` (> 0) is a float
       or a tensor broadcastable to ``[B, T, H]`` or, 4-d, to ``[B, T, H, D]``; it receives a
       gradient when it requires one.
-    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1: at every chunk start
-      each weight (W1 and W2 separately, not the momenta) is rescaled by ``||W||_q^(2-q)``
-      (entrywise norm; a zero weight is left as it is); the returned weights are the
-      un-normalized accumulators, so a stream split at a chunk boundary equals one call;
-      ``"kl"`` (Memora): the chunk's first token takes, for each weight with its momentum,
-      ``W = softmax((1 - alpha) log max(W, 1e-6) + S)`` over each row (W1: over the D inputs of a
+    - ``retention``: ``"l2"`` (the forget gate above); ``("lq", q)``, q > 1 (Moneta,
+      ``docs/miras.md`` §2.3): W1 and W2 are accumulators A1, A2, each with its own scale
+      ``rho0 = ||A_{t0-1}||_q^(2-q)`` fixed at the chunk start (entrywise norm; 1 where the
+      matrix is zero). The chunk learns and reads with the weights ``rho0 A`` of each: u_t is
+      taken at ``rho0 A_{t0-1}``, token t reads ``M_t`` with weights ``rho0 A_t``
+      (``read="chunk_start"``: ``rho0 A_{t0-1}``), and the lines above update A itself (the
+      momenta are not rescaled). The returned weights are ``(A1_T, A2_T)``, so a stream split at a
+      chunk boundary equals one call; ``"kl"`` (Memora): the chunk's first token takes, for each
+      weight with its momentum, ``W = softmax((1 - alpha) log max(W, 1e-6) + S)`` over each row (W1: over the D inputs of a
       hidden unit; W2: over the N hidden units feeding an output), with its own gradient at the
       previous weights; the rest of the chunk is the step above from those weights. Each row is
       then a probability vector, so every hidden unit reads a convex combination of x and every
@@ -122,9 +128,10 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         v: values ``[B, T, H, D]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
-        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of each weight forgotten per token.
         weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
-        chunk_size: tokens per chunk (>= 1).
+        chunk_size: tokens per chunk (>= 1). The default, 64, matches :func:`titans_ext.linear_memory`;
+            ``NeuralMemory`` defaults to 16 (``docs/design.md`` §4.2).
         momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
@@ -134,7 +141,12 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
         ``((W1_T, W2_T), (S1_T, S2_T))`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to
         q, k, v, the gates, the initial weights, the momenta and delta, through both outputs.
+
+    Raises:
+        ValueError / TypeError naming the argument, as :func:`titans_ext.linear_memory` (value
+        checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
+    check_op_device(q)
     B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,

@@ -1,7 +1,7 @@
 """Chunked references in plain PyTorch: the kernels' algorithm, written with torch ops.
 
-They mirror the chunk algebra of the C++/CUDA kernels (``shared/design`` README §2,
-``mlp_dual_form.md``): inside a chunk every token's gradient is taken at the chunk-start
+They mirror the chunk algebra of the C++/CUDA kernels (``docs/design.md`` §2,
+``docs/mlp_dual_form.md``): inside a chunk every token's gradient is taken at the chunk-start
 memory, so a chunk is a few matmuls and only the chunk-to-chunk step is a Python loop.
 Comparing them with the token loop (:mod:`.recurrent`) tests the math; comparing the kernels
 with them separates kernel bugs from math bugs. Autograd gives their backward.
@@ -10,7 +10,7 @@ with them separates kernel bugs from math bugs. Autograd gives their backward.
 import torch
 
 from ..ops.checks import check_linear_inputs, check_miras_args, check_mlp_inputs
-from .miras import kl_initial_memory, kl_update, lq_rescale, objective_error
+from .miras import kl_initial_memory, kl_update, lq_scale, objective_error
 from .recurrent import mlp_activation
 
 # Logs of gates are clamped here so that an exact zero gate (eta = 0, alpha = 1) gives a
@@ -47,7 +47,15 @@ def chunk_gate_coefficients(theta, eta, alpha):
 
 def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
                           output_final_state=False, read="token", objective="l2", retention="l2"):
-    """Linear memory, chunk by chunk. Same signature and semantics as :func:`titans_ext.linear_memory`."""
+    """Linear memory, chunk by chunk. Same signature and semantics as :func:`titans_ext.linear_memory`.
+
+    Retention ``("lq", q)`` (``docs/miras.md`` §2.3): the carried and returned M is the accumulator
+    A. Each chunk fixes ``rho0 = ||A0||_q^(2-q)`` at its start (entrywise norm of each (batch, head)
+    matrix; 1 where A0 = 0); its errors are taken at the weights ``W0 = rho0 A0``, the state
+    evolves from (A0, S0) by the ordinary chunk algebra with those errors, token t reads
+    ``rho0 A_t q_t`` and ``read="chunk_start"`` reads ``W0 q_t``. So the l2 chunk with one scalar
+    per (batch, head, chunk): the residuals at ``rho0 A0`` and the token reads scaled by rho0.
+    """
     B, T, H, Dk, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     objective, retention, delta = check_miras_args(
@@ -64,9 +72,9 @@ def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_
     outputs = []
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
-        if retention.kind == "lq":
-            M = lq_rescale(M, retention.q)
-        M_chunk, rest, reads = M, start, []
+        # lq (docs/miras.md §2.3): M is the accumulator A, the chunk's weights are rho0 A.
+        rho = lq_scale(M, retention.q) if retention.kind == "lq" else 1.0
+        chunk_weights, rest, reads = rho * M, start, []
         if retention.kind == "kl":  # the lag token: Memora's exact step from the previous memory
             t = slice(start, start + 1)
             E = _errors(objective, k[:, :, t], v[:, :, t], M, None if delta is None else delta[:, :, t])
@@ -76,9 +84,9 @@ def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_
             rest += 1
         sl = slice(rest, end)
         O, M, S = _chunk(objective, q[:, :, sl], k[:, :, sl], v[:, :, sl], theta[:, :, sl], eta[:, :, sl],
-                         alpha[:, :, sl], None if delta is None else delta[:, :, sl], M, S, read == "token")
+                         alpha[:, :, sl], None if delta is None else delta[:, :, sl], M, S, rho, read == "token")
         if read == "chunk_start":
-            O = q[:, :, start:end] @ M_chunk.transpose(-1, -2)
+            O = q[:, :, start:end] @ chunk_weights.transpose(-1, -2)
         else:
             O = torch.cat(reads + [O], dim=2)
         outputs.append(O)
@@ -90,16 +98,18 @@ def _errors(objective, K, V, M, delta):
     return objective_error(objective, K @ M.transpose(-1, -2) - V, delta)
 
 
-def _chunk(objective, Q, K, V, theta, eta, alpha, delta, M, S, token_reads):
-    """One chunk from (M, S): its token reads (or None) and its end state."""
+def _chunk(objective, Q, K, V, theta, eta, alpha, delta, M, S, rho, token_reads):
+    """One chunk from (M, S) whose weights are ``rho * M``: its token reads (or None) and its end
+    state. The errors are taken at the weights; the state evolves from M (the lq accumulator when
+    rho is its scale, else the memory itself) and token t reads ``rho * M_t``."""
     if K.shape[2] == 0:
         return Q @ M.transpose(-1, -2), M, S
     a, g, c, s, p = chunk_gate_coefficients(theta, eta, alpha)
-    E = _errors(objective, K, V, M, delta)                           # errors at the chunk start
+    E = _errors(objective, K, V, rho * M, delta)                     # errors at the chunk-start weights
     O = None
     if token_reads:
-        O = (a[..., None] * (Q @ M.transpose(-1, -2)) + g[..., None] * (Q @ S.transpose(-1, -2))
-             + ((Q @ K.transpose(-1, -2)) * c) @ E)
+        O = rho * (a[..., None] * (Q @ M.transpose(-1, -2)) + g[..., None] * (Q @ S.transpose(-1, -2))
+                   + ((Q @ K.transpose(-1, -2)) * c) @ E)
     m = c[..., -1, :]
     M, S = (a[..., -1, None, None] * M + g[..., -1, None, None] * S + (E * m[..., None]).transpose(-1, -2) @ K,
             p[..., None, None] * S + (E * s[..., None]).transpose(-1, -2) @ K)
@@ -124,12 +134,13 @@ def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, mo
                        output_final_state=False, read="token", activation="gelu", objective="l2", retention="l2"):
     """Deep memory ``M(x) = x + W2 act(W1 x)``, chunk by chunk, with the dual form for token reads.
 
-    Same signature and semantics as :func:`titans_ext.mlp_memory`. Per chunk (``mlp_dual_form.md``
+    Same signature and semantics as :func:`titans_ext.mlp_memory`. Per chunk (``docs/mlp_dual_form.md``
     §3), with the chunk-start weights W1, W2 and momenta S1, S2: the key path gives the hidden
     activations H, the errors Ecal = f(K + H W2^T - V) and the hidden-layer errors DZ of all tokens
     at once; token t's weights ``W_t = a_t W + g_t S + sum_{i<=t} c[t, i] u_i`` are never built,
     their read-out is expressed with the masked products ``(Q K^T) .* c`` and ``(Hq H^T) .* c``.
-    The retention acts at the chunk start on each weight, as in :func:`linear_memory_chunked`.
+    The retention acts at the chunk start on each weight, as in :func:`linear_memory_chunked`
+    (``lq``: W1 and W2 are accumulators, each with its own scale rho0).
     """
     B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read,
                                      activation, momentum)
@@ -162,9 +173,10 @@ def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, mo
     outputs = []
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
-        if retention.kind == "lq":
-            W1, W2 = lq_rescale(W1, retention.q), lq_rescale(W2, retention.q)
-        chunk_weights, rest, reads = (W1, W2), start, []
+        # lq (docs/miras.md §2.3): W1, W2 are the accumulators; the chunk's weights are rho1 W1 and
+        # rho2 W2, each matrix with its own scale.
+        rho1, rho2 = (lq_scale(W1, retention.q), lq_scale(W2, retention.q)) if retention.kind == "lq" else (1.0, 1.0)
+        chunk_weights, rest, reads = (rho1 * W1, rho2 * W2), start, []
         if retention.kind == "kl":  # the lag token: Memora's exact step from the previous weights
             t = slice(start, start + 1)
             Hk, Ecal, DZ = key_path(t, W1, W2)
@@ -178,12 +190,12 @@ def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, mo
         if rest < end:
             Q, K = q[:, :, sl], k[:, :, sl]
             a, g, c, m_end, p = chunk_gate_coefficients(theta[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
-            Hk, Ecal, DZ = key_path(sl, W1, W2)
-            if read == "token":
+            Hk, Ecal, DZ = key_path(sl, rho1 * W1, rho2 * W2)
+            if read == "token":  # token t reads the weights rho1 W1_t, rho2 W2_t
                 a_, g_ = a[..., None], g[..., None]
-                Zq = a_ * (Q @ _t(W1)) + g_ * (Q @ _t(S1)) + ((Q @ _t(K)) * c) @ DZ
+                Zq = rho1 * (a_ * (Q @ _t(W1)) + g_ * (Q @ _t(S1)) + ((Q @ _t(K)) * c) @ DZ)
                 Hq = act(Zq)
-                reads.append(Q + a_ * (Hq @ _t(W2)) + g_ * (Hq @ _t(S2)) + ((Hq @ _t(Hk)) * c) @ Ecal)
+                reads.append(Q + rho2 * (a_ * (Hq @ _t(W2)) + g_ * (Hq @ _t(S2)) + ((Hq @ _t(Hk)) * c) @ Ecal))
             a_end, g_end, p = (x[..., None, None] for x in (a[..., -1], g[..., -1], p))
             c_end, m_end = c[..., -1, :, None], m_end[..., None]
             W1, S1, W2, S2 = (a_end * W1 + g_end * S1 + _t(DZ) @ (c_end * K),

@@ -1,4 +1,4 @@
-"""MIRAS pieces of the references (shared/design/miras.md §2), written literally in PyTorch.
+"""MIRAS pieces of the references (docs/miras.md §2), written literally in PyTorch.
 
 The token loop differentiates a per-token loss with autograd (:func:`objective_loss`); the
 chunked reference applies the error map f(r) directly (:func:`objective_error`), as the
@@ -31,7 +31,7 @@ def objective_loss(objective, r, delta):
 
 
 def objective_error(objective, r, delta):
-    """The error map f(r) of miras.md §2.1, elementwise except for yaad's per-token norm."""
+    """The error map f(r) of docs/miras.md §2.1, elementwise except for yaad's per-token norm."""
     kind = objective.kind
     if kind == "l2":
         return 2 * r
@@ -45,13 +45,13 @@ def objective_error(objective, r, delta):
     return torch.where(inside, 2 * r, 2 * delta * torch.sign(r))
 
 
-def lq_rescale(memory, q):
-    """``M ||M||_q^(2-q)`` with the entrywise q-norm of each ``[..., Dv, Dk]`` matrix; a zero
-    matrix is left as it is (the scale has no limit there for q > 2)."""
-    power_sum = memory.abs().pow(q).sum(dim=(-2, -1), keepdim=True)
-    nonzero = power_sum > 0
-    scale = torch.where(nonzero, power_sum, torch.ones_like(power_sum)).pow((2 - q) / q)
-    return memory * torch.where(nonzero, scale, torch.ones_like(scale))
+def lq_scale(accumulator, q):
+    """The "lq" retention's scale rho0 = ``||A||_q^(2-q)`` of each ``[..., Dv, Dk]`` accumulator
+    (entrywise q-norm), shaped ``[..., 1, 1]``: the chunk's weights are ``rho0 * A``
+    (``docs/miras.md`` §2.3). It is 1 where A = 0, where the scale has no limit for q > 2."""
+    power_sum = accumulator.abs().pow(q).sum(dim=(-2, -1), keepdim=True)
+    # The where keeps pow's gradient finite at A = 0 (abs().pow(q)'s is 0 there for q > 1).
+    return torch.where(power_sum > 0, power_sum, torch.ones_like(power_sum)).pow((2 - q) / q)
 
 
 def kl_update(memory, momentum, alpha):

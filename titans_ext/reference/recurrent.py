@@ -1,7 +1,7 @@
 """Token-by-token references: the oracle the fast ops are tested against.
 
-Each function is the literal per-token recurrence of the Titans memory (``shared/design``
-README §1), written for clarity, not speed: one Python step per token, float64-capable,
+Each function is the literal per-token recurrence of the Titans memory (``docs/design.md``
+§1), written for clarity, not speed: one Python step per token, float64-capable,
 autograd provides every gradient. With ``chunk_size=1`` it is the exact Titans recurrence;
 with a larger chunk, the per-token gradient is taken at the memory before the token's chunk.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.checks import check_linear_inputs, check_miras_args, check_mlp_inputs
-from .miras import kl_initial_memory, kl_update, lq_rescale, objective_loss
+from .miras import kl_initial_memory, kl_update, lq_scale, objective_loss
 
 
 def _compute_dtype(x):
@@ -40,9 +40,11 @@ def linear_memory_recurrent(q, k, v, theta, eta, alpha, *, chunk_size=64, initia
 def _token_loop(apply, W, S, q, k, v, theta, eta, alpha, delta, chunk_size, read, objective, retention):
     """The per-token recurrence of a memory made of weight matrices W (a list, momenta S), read as
     ``apply(W, x)``. Each token's inner gradient is autograd's gradient of the objective's
-    per-token loss at the chunk-start weights; the retention is applied literally (``lq``: rescale
-    every matrix at each chunk start; ``kl``: the chunk's first token takes the softmax step from
-    the previous weights, and the rest of the chunk learns at its result). Returns o, W_T, S_T.
+    per-token loss at the chunk-start weights. The retention is applied literally
+    (``docs/miras.md`` §2.3): ``lq`` carries each matrix as the accumulator A, whose weights are
+    ``rho0 * A`` with ``rho0 = ||A||_q^(2-q)`` taken at the chunk start; ``kl``: the chunk's first
+    token takes the softmax step from the previous weights, and the rest of the chunk learns at
+    its result. Returns o, W_T (the accumulators for lq), S_T.
     """
     dtype = W[0].dtype
     q, k, v, theta, eta, alpha = (x.to(dtype) for x in (q, k, v, theta, eta, alpha))
@@ -50,9 +52,9 @@ def _token_loop(apply, W, S, q, k, v, theta, eta, alpha, delta, chunk_size, read
     for t in range(q.shape[1]):
         chunk_start = t % chunk_size == 0
         if chunk_start:
-            if retention.kind == "lq":
-                W = [lq_rescale(w, retention.q) for w in W]
-            W_chunk = W_grad = W  # W_chunk: what chunk_start reads; W_grad: where gradients are taken
+            rho = [lq_scale(w, retention.q) if retention.kind == "lq" else 1.0 for w in W]
+            # W_chunk: the weights chunk_start reads; W_grad: where the inner gradients are taken.
+            W_chunk = W_grad = [r * w for r, w in zip(rho, W)]
         k_t, v_t, q_t = k[:, t], v[:, t], q[:, t]                       # [B, H, D]
         delta_t = None if delta is None else delta[:, t]
         grads = _inner_gradients(W_grad, lambda W_at: objective_loss(objective, apply(W_at, k_t) - v_t, delta_t))
@@ -62,7 +64,7 @@ def _token_loop(apply, W, S, q, k, v, theta, eta, alpha, delta, chunk_size, read
             W = W_grad = [kl_update(w, s, al) for w, s in zip(W, S)]
         else:
             W = [(1 - al) * w + s for w, s in zip(W, S)]
-        outputs.append(apply(W if read == "token" else W_chunk, q_t))
+        outputs.append(apply([r * w for r, w in zip(rho, W)] if read == "token" else W_chunk, q_t))
     o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])
     return o, W, S
 
