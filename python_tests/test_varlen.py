@@ -7,6 +7,7 @@ length 1 and of length 0, at odd chunk sizes, with every MIRAS option the CPU ke
 """
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -422,3 +423,17 @@ def test_torch_compile_fullgraph():
     tensors = inputs + list(init) + mlp_tokens + list(weights) + list(moments)
     names = [f"gradient {i}" for i in range(len(tensors))]
     assert_compile_matches_eager(step, tensors, names)
+
+
+def test_readme_example_runs():
+    """The README's cu_seqlens example, with small heads."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                   if "cu_seqlens = torch.nn.functional.pad" in b)
+    inputs, init = _linear_case(lengths=(300, 17, 0, 2048), H=1, Dk=4, Dv=4, dtype=torch.float32)
+    namespace = dict(zip(("q", "k", "v", "theta", "eta", "alpha"), inputs), M0=init[0], S0=init[1], torch=torch,
+                     titans_ext=titans_ext)
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["cu_seqlens"].tolist() == [0, 300, 317, 317, 2365]
+    assert namespace["o"].shape == (1, 2365, 1, 4) and namespace["M"].shape == (4, 1, 4, 4)
+    assert torch.equal(namespace["M"][2], init[0][2])
