@@ -98,7 +98,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     For each batch and head, the memory ``M: [Dv, Dk]`` and its momentum ``S`` learn at test
     time from the key/value stream. With ``t0`` the first token of t's chunk (chunks of
-    ``chunk_size`` tokens from position 0 of this call; the last may be short)::
+    ``chunk_size`` tokens from position 0 of this call, or of its sequence with ``cu_seqlens``;
+    the last may be short)::
 
         u_t = f(M_{t0-1} k_t - v_t) k_t^T           # f(r) = 2r: grad of ||M k_t - v_t||^2 at the chunk start
         S_t = eta_t S_{t-1} - theta_t u_t           # surprise with momentum

@@ -89,7 +89,8 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     For each batch and head, the weights ``W1: [N, D]``, ``W2: [D, N]`` (hidden width
     ``N = E * D``) and their momenta ``S1, S2`` learn at test time from the key/value stream.
     With ``t0`` the first token of t's chunk (chunks of ``chunk_size`` tokens from position 0
-    of this call; the last may be short), for each weight W with momentum S::
+    of this call, or of its sequence with ``cu_seqlens``; the last may be short), for each
+    weight W with momentum S::
 
         u_t = grad_W l(M(k_t) - v_t) at the weights of step t0 - 1     # chunk-start gradient
         S_t = eta_t S_{t-1} - theta_t u_t                               # surprise with momentum
