@@ -46,8 +46,22 @@ struct MirasParams {
 struct SequenceParams {
   int batch = 0, seqlen = 0, heads = 0;
   int chunk_size = 0;
-  int n_chunks = 0;  // ceil(seqlen / chunk_size)
+  // Saved chunk-start state slots per (batch, head): ceil(seqlen / chunk_size), or with
+  // cu_seqlens (seqlen + n_seqs (chunk_size - 1)) / chunk_size, the most chunks any split of the
+  // seqlen tokens into n_seqs sequences has, so that no shape depends on the offsets' values.
+  int n_chunks = 0;
   bool read_token = true;
+
+  // Packed variable-length sequences (FlashAttention's cu_seqlens, docs/design.md §6). nullptr:
+  // every batch row is one sequence (n_seqs == batch). Else batch == 1 and cu_seqlens holds
+  // n_seqs + 1 non-decreasing token offsets from 0 to seqlen: sequence i is tokens
+  // cu_seqlens[i] .. cu_seqlens[i + 1] - 1, run from its own initial state with its chunks counted
+  // from its first token; initial and final states are [n_seqs, H, ...]. chunk_offsets (n_seqs + 1
+  // entries, set with cu_seqlens): sequence i's chunk-start states are saved in the slots
+  // chunk_offsets[i] .. chunk_offsets[i + 1] - 1 of each head.
+  const int64_t* cu_seqlens = nullptr;
+  const int64_t* chunk_offsets = nullptr;
+  int n_seqs = 0;
 
   // Inputs: q, k [B, T, H, Dk], v [B, T, H, Dv], gates theta, eta, alpha [B, T, H].
   TokenTensor q, k, v, theta, eta, alpha;
@@ -77,26 +91,27 @@ struct SequenceGradParams {
 struct LinearMemoryParams : SequenceParams {
   int dk = 0, dv = 0;
 
-  // Initial state, contiguous [B, H, Dv, Dk]; nullptr means zeros (a uniform 1/Dk memory with
-  // retention kl).
+  // Initial state, contiguous [n_seqs, H, Dv, Dk] (n_seqs == B without cu_seqlens); nullptr means
+  // zeros (a uniform 1/Dk memory with retention kl).
   // Not __restrict__: nothing stops a caller from passing the same buffer for both.
   const void* m0_ptr = nullptr;
   const void* s0_ptr = nullptr;
 
-  // Outputs. o: contiguous [B, T, H, Dv]. m_final, s_final: contiguous [B, H, Dv, Dk].
+  // Outputs. o: contiguous [B, T, H, Dv]. m_final, s_final: contiguous [n_seqs, H, Dv, Dk].
   void* o_ptr = nullptr;
   void* m_final_ptr = nullptr;
   void* s_final_ptr = nullptr;
   // The chunk-start states the backward needs: contiguous [B, H, n_chunks, 2, Dv, Dk]
-  // (index 0: M, index 1: S). nullptr when no backward will run.
+  // (index 0: M, index 1: S; with cu_seqlens only the slots of chunk_offsets are written).
+  // nullptr when no backward will run.
   void* chunk_states_ptr = nullptr;
 };
 
 struct LinearMemoryBwdParams : LinearMemoryParams, SequenceGradParams {
-  // Cotangents of the final state, contiguous [B, H, Dv, Dk], or nullptr (zero cotangent).
+  // Cotangents of the final state, contiguous [n_seqs, H, Dv, Dk], or nullptr (zero cotangent).
   const void* d_m_final_ptr = nullptr;
   const void* d_s_final_ptr = nullptr;
-  // Gradients of the initial state, contiguous [B, H, Dv, Dk].
+  // Gradients of the initial state, contiguous [n_seqs, H, Dv, Dk].
   void* dm0_ptr = nullptr;
   void* ds0_ptr = nullptr;
 };
@@ -119,7 +134,7 @@ struct MlpMemoryParams : SequenceParams {
   int hidden = 0;  // N = E * D: hidden width
   MlpActivation activation = MlpActivation::kGelu;
 
-  // Initial state, contiguous: w1_0, s1_0 [B, H, N, D]; w2_0, s2_0 [B, H, D, N]. The momenta
+  // Initial state, contiguous: w1_0, s1_0 [n_seqs, H, N, D]; w2_0, s2_0 [n_seqs, H, D, N]. The momenta
   // may be nullptr (zeros). Not __restrict__: a caller may pass one buffer twice.
   const void* w1_0_ptr = nullptr;
   const void* w2_0_ptr = nullptr;
@@ -143,7 +158,7 @@ struct MlpMemoryBwdParams : MlpMemoryParams, SequenceGradParams {
   const void* d_w2_final_ptr = nullptr;
   const void* d_s1_final_ptr = nullptr;
   const void* d_s2_final_ptr = nullptr;
-  // Gradients of the initial state: dw1_0, ds1_0 [B, H, N, D], dw2_0, ds2_0 [B, H, D, N].
+  // Gradients of the initial state: dw1_0, ds1_0 [n_seqs, H, N, D], dw2_0, ds2_0 [n_seqs, H, D, N].
   void* dw1_0_ptr = nullptr;
   void* dw2_0_ptr = nullptr;
   void* ds1_0_ptr = nullptr;

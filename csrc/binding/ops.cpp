@@ -10,6 +10,7 @@
 #include <Python.h>
 
 #include <tuple>
+#include <vector>
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -22,11 +23,12 @@
 namespace titans {
 namespace {
 
-// Calls kernel(scalar_t{}, begin, end) on ranges of the params' (batch, head) pairs, split across
-// torch's intra-op threads, with scalar_t the compute dtype.
+// Calls kernel(scalar_t{}, begin, end) on ranges of the params' (sequence, head) work items
+// (cpu/kernel_utils.h's Head), split across torch's intra-op threads, with scalar_t the compute
+// dtype.
 template <typename Kernel>
 void run_over_heads(ScalarType dtype, const SequenceParams& params, const Kernel& kernel) {
-  const int64_t pairs = int64_t(params.batch) * params.heads;
+  const int64_t pairs = int64_t(params.n_seqs) * params.heads;
   THO_DISPATCH_V2(dtype, "titans_ext CPU kernel", AT_WRAP([&] {
     torch::stable::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) { kernel(scalar_t{}, begin, end); });
   }), AT_EXPAND(AT_FLOATING_TYPES));
@@ -68,18 +70,77 @@ struct ComputeInputs {
   }
 };
 
+// Packed sequences (cu_seqlens, titans_params.h) for the CPU kernels: the offsets as int64 and
+// each sequence's first chunk-start slot. The offsets' values are checked here, where reading
+// them costs nothing (the Python op has already said what is wrong; this guards direct
+// torch.ops calls). Without cu_seqlens it changes nothing.
+class PackedSequences {
+ public:
+  explicit PackedSequences(const std::optional<Tensor>& cu_seqlens) {
+    if (!cu_seqlens) return;
+    const Tensor& cu = *cu_seqlens;
+    STD_TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be a 1-d tensor of N + 1 offsets, N >= 1, got ",
+                    shape_str(cu));
+    STD_TORCH_CHECK(cu.scalar_type() == ScalarType::Int || cu.scalar_type() == ScalarType::Long,
+                    "cu_seqlens must be int32 or int64");
+    STD_TORCH_CHECK(cu.is_cpu(), "cu_seqlens must be on cpu (the device of q), got ", device_str(cu));
+    offsets_ = torch::stable::contiguous(to_dtype(cu, ScalarType::Long));
+  }
+
+  // The rows of the initial and final states: N with cu_seqlens, -1 (the batch) without.
+  int64_t n_seqs() const { return offsets_ ? offsets_->size(0) - 1 : -1; }
+
+  // Points params at the sequences (after params' sizes are set, the arguments checked).
+  void apply(SequenceParams& params) {
+    if (!offsets_) return;
+    const int64_t n = n_seqs(), C = params.chunk_size;
+    const auto* offsets = static_cast<const int64_t*>(offsets_->data_ptr());
+    STD_TORCH_CHECK(params.batch == 1, "cu_seqlens needs B == 1 (the sequences packed along T), got B = ",
+                    params.batch);
+    STD_TORCH_CHECK(offsets[0] == 0 && offsets[n] == params.seqlen, "cu_seqlens must run from 0 to T = ",
+                    params.seqlen, ", got ", offsets[0], " .. ", offsets[n]);
+    chunk_offsets_.assign(1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      STD_TORCH_CHECK(offsets[i + 1] >= offsets[i], "cu_seqlens must be non-decreasing, got ", offsets[i],
+                      " then ", offsets[i + 1]);
+      chunk_offsets_.push_back(chunk_offsets_.back() + (offsets[i + 1] - offsets[i] + C - 1) / C);
+    }
+    params.cu_seqlens = offsets;
+    params.chunk_offsets = chunk_offsets_.data();
+    params.n_seqs = int(n);
+    params.n_chunks = int((params.seqlen + n * (C - 1)) / C);
+  }
+
+  // Zeroes the saved-state slots of [B, H, n_chunks, ...] chunk_states past the last sequence's:
+  // n_chunks is a bound, and the op's outputs must not depend on uninitialized memory.
+  void clear_unused_slots(const SequenceParams& params, Tensor chunk_states) const {
+    if (!offsets_ || chunk_states.numel() == 0) return;
+    const int64_t used = chunk_offsets_.back();
+    if (used == params.n_chunks) return;
+    Tensor unused = torch::stable::narrow(chunk_states, 2, used, params.n_chunks - used);
+    torch::stable::zero_(unused);
+  }
+
+ private:
+  std::optional<Tensor> offsets_;
+  std::vector<int64_t> chunk_offsets_;
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
     bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
-    double retention_q) {
-  check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
+    double retention_q, const std::optional<Tensor>& cu_seqlens) {
+  PackedSequences packed(cu_seqlens);
+  check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto m0_c = in.state(m0), s0_c = in.state(s0), delta_c = in.state(delta);
   LinearMemoryParams params = in.params(m0_c, s0_c, chunk_size, read_token);
+  packed.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   // Every chunk's start state (the CPU backward reads each; the CUDA kernels keep fewer).
   const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states, params.n_chunks);
+  packed.clear_unused_slots(params, out.chunk_states);
 
   run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
     cpu::linear_memory_fwd<decltype(zero)>(params, begin, end);
@@ -92,8 +153,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& chunk_states, const Tensor& d_o, const std::optional<Tensor>& d_m_final,
     const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double p,
-    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
-  check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+    const std::optional<Tensor>& cu_seqlens) {
+  PackedSequences packed(cu_seqlens);
+  check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dm_c = in.state(d_m_final), ds_c = in.state(d_s_final), delta_c = in.state(delta);
   const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, in.dtype));
@@ -101,6 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = in.params(std::nullopt, std::nullopt, chunk_size, read_token);
+  packed.apply(params);
   STD_TORCH_CHECK(
       states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
       "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
@@ -112,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   params.d_s_final_ptr = data_or_null(ds_c);
 
   const SequenceGrads g = allocate_sequence_grads(params, in.q, in.k, in.v, in.theta, delta_c, in.dtype, in.dtype);
-  const Tensor dm0 = in.empty({params.batch, params.heads, params.dv, params.dk}), ds0 = torch::stable::empty_like(dm0);
+  const Tensor dm0 = in.empty({params.n_seqs, params.heads, params.dv, params.dk}), ds0 = torch::stable::empty_like(dm0);
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
@@ -127,15 +191,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
     int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
-    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+    const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", shape_str(w1));
   const int64_t hidden = w1.size(2);
-  check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size);
+  PackedSequences packed(cu_seqlens);
+  check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
   const auto s1_c = in.state(s1), s2_c = in.state(s2), delta_c = in.state(delta);
 
   MlpMemoryParams params = in.mlp_params(hidden, chunk_size, read_token, activation);
+  packed.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   params.w1_0_ptr = w1_c.data_ptr();
   params.w2_0_ptr = w2_c.data_ptr();
@@ -152,6 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
   params.s1_final_ptr = s1_final.data_ptr();
   params.s2_final_ptr = s2_final.data_ptr();
   params.chunk_states_ptr = save_states ? chunk_states.data_ptr() : nullptr;
+  packed.clear_unused_slots(params, chunk_states);
 
   run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
     cpu::mlp_memory_fwd<decltype(zero)>(params, begin, end);
@@ -165,9 +233,11 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    const std::optional<Tensor>& d_w1_final, const std::optional<Tensor>& d_w2_final,
                    const std::optional<Tensor>& d_s1_final, const std::optional<Tensor>& d_s2_final, int64_t hidden,
                    int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective, double p,
-                   double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+                   double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+                   const std::optional<Tensor>& cu_seqlens) {
+  PackedSequences packed(cu_seqlens);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
-                        chunk_size);
+                        chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dw1_c = in.state(d_w1_final), dw2_c = in.state(d_w2_final);
   const auto ds1_c = in.state(d_s1_final), ds2_c = in.state(d_s2_final), delta_c = in.state(delta);
@@ -176,6 +246,7 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 
   MlpMemoryBwdParams params;
   static_cast<MlpMemoryParams&>(params) = in.mlp_params(hidden, chunk_size, read_token, activation);
+  packed.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   STD_TORCH_CHECK(
       states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
@@ -189,8 +260,8 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   params.d_s2_final_ptr = data_or_null(ds2_c);
 
   const SequenceGrads g = allocate_sequence_grads(params, in.q, in.k, in.v, in.theta, delta_c, in.dtype, in.dtype);
-  const Tensor dw1 = in.empty({params.batch, params.heads, hidden, params.dim}), ds1 = torch::stable::empty_like(dw1);
-  const Tensor dw2 = in.empty({params.batch, params.heads, params.dim, hidden}), ds2 = torch::stable::empty_like(dw2);
+  const Tensor dw1 = in.empty({params.n_seqs, params.heads, hidden, params.dim}), ds1 = torch::stable::empty_like(dw1);
+  const Tensor dw2 = in.empty({params.n_seqs, params.heads, params.dim, hidden}), ds2 = torch::stable::empty_like(dw2);
   params.dw1_0_ptr = dw1.data_ptr();
   params.dw2_0_ptr = dw2.data_ptr();
   params.ds1_0_ptr = ds1.data_ptr();
@@ -208,33 +279,36 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 // Schemas: one forward and one backward op per memory. The forward also returns what the
 // backward needs (the chunk-start states), so autograd can be attached in Python with
 // torch.library.register_autograd and both directions stay visible to torch.compile.
-// The trailing MIRAS arguments of every op (codes of titans_params.h; delta contiguous
+// The trailing arguments of every op: the MIRAS options (codes of titans_params.h; delta contiguous
 // [B, T, H, Dv] or None) default to the l2 objective and retention. d_delta is empty when delta
-// is None.
-#define TITANS_MIRAS_ARGS \
-  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
+// is None. Last, cu_seqlens: None, or the int32/int64 [N + 1] offsets of packed sequences
+// (titans_params.h; B == 1); the states are then [N, H, ...] and chunk_states has
+// (T + N (chunk_size - 1)) // chunk_size slots per head.
+#define TITANS_OPTION_ARGS                                                                                  \
+  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2., " \
+  "Tensor? cu_seqlens=None"
 
 STABLE_TORCH_LIBRARY(titans_ext, m) {
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_MIRAS_ARGS ") "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_OPTION_ARGS ") "
       "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)");
   m.def(
       "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token, "
-      TITANS_MIRAS_ARGS ") "
+      TITANS_OPTION_ARGS ") "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0, "
       "Tensor d_delta)");
   // chunk_states: [B, H, n_chunks, 4, N * D], the chunk-start W1, S1, W2, S2 (titans_params.h).
   m.def(
       "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "
-      "bool save_states, " TITANS_MIRAS_ARGS ") "
+      "bool save_states, " TITANS_OPTION_ARGS ") "
       "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)");
   m.def(
       "mlp_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_w1_final, Tensor? d_w2_final, Tensor? d_s1_final, "
-      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_MIRAS_ARGS ") "
+      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_OPTION_ARGS ") "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
       "Tensor ds1, Tensor ds2, Tensor d_delta)");
 }

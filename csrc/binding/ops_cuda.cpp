@@ -17,11 +17,15 @@
 namespace titans {
 namespace {
 
-// The CUDA kernels take the schemas' MIRAS arguments but implement only their defaults.
-void check_default_miras(int64_t objective, const std::optional<Tensor>& delta, int64_t retention) {
+// The CUDA kernels take the schemas' MIRAS and packed-sequence arguments but implement only their
+// defaults.
+void check_default_options(int64_t objective, const std::optional<Tensor>& delta, int64_t retention,
+                           const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
                   "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run "
                   "on the CPU kernels)");
+  STD_TORCH_CHECK(!cu_seqlens, "linear_memory on CUDA: cu_seqlens is not supported by the CUDA kernels yet (packed "
+                  "sequences run on the CPU kernels)");
 }
 
 // A device's SM count and shared memory (per block with opt-in, and per SM), queried once per
@@ -65,8 +69,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
     bool save_states, int64_t objective, double /*p*/, double /*eps*/, const std::optional<Tensor>& delta,
-    int64_t retention, double /*retention_q*/) {
-  check_default_miras(objective, delta, retention);
+    int64_t retention, double /*retention_q*/, const std::optional<Tensor>& cu_seqlens) {
+  check_default_options(objective, delta, retention, cu_seqlens);
   const CudaLaunchContext context(q);
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
                                   context.limits(),
@@ -81,8 +85,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& chunk_states, const Tensor& d_o, const std::optional<Tensor>& d_m_final,
     const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double /*p*/,
-    double /*eps*/, const std::optional<Tensor>& delta, int64_t retention, double /*retention_q*/) {
-  check_default_miras(objective, delta, retention);
+    double /*eps*/, const std::optional<Tensor>& delta, int64_t retention, double /*retention_q*/,
+    const std::optional<Tensor>& cu_seqlens) {
+  check_default_options(objective, delta, retention, cu_seqlens);
   const CudaLaunchContext context(q);
   const LinearMemoryGrads grads = linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, context.limits(),

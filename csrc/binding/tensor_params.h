@@ -84,9 +84,10 @@ inline void check_state(const char* name, const std::optional<Tensor>& x, int64_
   STD_TORCH_CHECK(x->device() == q.device(), name, " must be on ", device_str(q), ", got ", device_str(*x));
 }
 
+// n_seqs: the rows of the states m, s (B without cu_seqlens; -1: B).
 inline void check_linear_memory_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                      const Tensor& eta, const Tensor& alpha, const std::optional<Tensor>& m,
-                                     const std::optional<Tensor>& s, int64_t chunk_size) {
+                                     const std::optional<Tensor>& s, int64_t chunk_size, int64_t n_seqs = -1) {
   STD_TORCH_CHECK(q.dim() == 4, "q must be [B, T, H, Dk], got ", shape_str(q));
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dk = q.size(3);
   STD_TORCH_CHECK(same_shape(k, q), "k must have the shape of q ", shape_str(q), ", got ", shape_str(k));
@@ -100,8 +101,9 @@ inline void check_linear_memory_args(const Tensor& q, const Tensor& k, const Ten
   STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                   "q, k, v must have one dtype");
   STD_TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-  check_state("initial or final state", m, B, H, v.size(3), Dk, q);
-  check_state("initial or final state", s, B, H, v.size(3), Dk, q);
+  const int64_t rows = n_seqs < 0 ? B : n_seqs;
+  check_state("initial or final state", m, rows, H, v.size(3), Dk, q);
+  check_state("initial or final state", s, rows, H, v.size(3), Dk, q);
 }
 
 // The fields every memory's params share (SequenceParams) but the MIRAS options.
@@ -113,6 +115,7 @@ inline void fill_sequence_params(SequenceParams& p, const Tensor& q, const Tenso
   p.heads = int(q.size(2));
   p.chunk_size = int(chunk_size);
   p.n_chunks = int((p.seqlen + chunk_size - 1) / chunk_size);
+  p.n_seqs = p.batch;
   p.read_token = read_token;
   p.q = token_tensor(q);
   p.k = token_tensor(k);
@@ -201,15 +204,15 @@ struct LinearMemoryFwdOutputs {
 };
 
 // Allocates the forward's outputs on the device of `like` and points `p` at them: o [B, T, H, Dv]
-// and the checkpoints in the inputs' dtype io_dtype, the final states in state_dtype;
-// chunk_states is [B, H, checkpoints, 2, Dv, Dk] when save_states, else an empty [0].
+// and the checkpoints in the inputs' dtype io_dtype, the final states [n_seqs, H, Dv, Dk] in
+// state_dtype; chunk_states is [B, H, checkpoints, 2, Dv, Dk] when save_states, else an empty [0].
 inline LinearMemoryFwdOutputs linear_memory_fwd_outputs(LinearMemoryParams& p, const Tensor& like,
                                                         ScalarType state_dtype, ScalarType io_dtype,
                                                         bool save_states, int64_t checkpoints) {
   LinearMemoryFwdOutputs out;
   out.o = empty_on(like, {p.batch, p.seqlen, p.heads, p.dv}, io_dtype);
-  out.m_final = empty_on(like, {p.batch, p.heads, p.dv, p.dk}, state_dtype);
-  out.s_final = empty_on(like, {p.batch, p.heads, p.dv, p.dk}, state_dtype);
+  out.m_final = empty_on(like, {p.n_seqs, p.heads, p.dv, p.dk}, state_dtype);
+  out.s_final = empty_on(like, {p.n_seqs, p.heads, p.dv, p.dk}, state_dtype);
   out.chunk_states = save_states ? empty_on(like, {p.batch, p.heads, checkpoints, 2, p.dv, p.dk}, io_dtype)
                                  : empty_on(like, {0}, io_dtype);
   p.o_ptr = out.o.data_ptr();
@@ -227,14 +230,15 @@ inline MlpActivation mlp_activation(std::string_view name) {
   return MlpActivation::kGelu;  // not reached
 }
 
-// The MLP memory's inputs: those of the linear memory with Dk == Dv = D, plus a [B, H, N, D]
-// or [B, H, D, N] shape for each weight / momentum given (nullopt: not given).
+// The MLP memory's inputs: those of the linear memory with Dk == Dv = D, plus a [n_seqs, H, N, D]
+// or [n_seqs, H, D, N] shape for each weight / momentum given (nullopt: not given; n_seqs -1: B).
 inline void check_mlp_memory_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                   const Tensor& eta, const Tensor& alpha, const std::optional<Tensor>& w1,
                                   const std::optional<Tensor>& w2, const std::optional<Tensor>& s1,
-                                  const std::optional<Tensor>& s2, int64_t hidden, int64_t chunk_size) {
+                                  const std::optional<Tensor>& s2, int64_t hidden, int64_t chunk_size,
+                                  int64_t n_seqs = -1) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, std::nullopt, std::nullopt, chunk_size);
-  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  const int64_t B = n_seqs < 0 ? q.size(0) : n_seqs, H = q.size(2), D = q.size(3);
   STD_TORCH_CHECK(v.size(3) == D, "the MLP memory needs Dk == Dv, got Dk = ", D, ", Dv = ", v.size(3));
   STD_TORCH_CHECK(hidden >= 1 && hidden % D == 0, "the hidden width must be a positive multiple of D = ", D,
                   ", got ", hidden);

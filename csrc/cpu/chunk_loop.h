@@ -1,4 +1,4 @@
-// The loop over the chunks of one (batch, head) sequence, shared by the CPU memory kernels: the
+// The loop over the chunks of one (sequence, head) work item (Head), shared by the CPU memory kernels: the
 // chunk-start states saved for the backward and the MIRAS retention at each chunk start
 // (docs/miras.md §2.3), around a memory's own chunk algebra.
 //
@@ -60,21 +60,22 @@ struct ChunkScaleGrad {
   T* rho;  // [n_weights]
 };
 
-// The saved chunk-start state n of head bh: [B, H, n_chunks, state_size] (titans_params.h).
+// A saved chunk-start state: slot `slot` of [B, H, n_chunks, state_size] (titans_params.h).
 template <typename T, typename Params>
-T* saved_chunk_state(const Params& p, index_t bh, int n, index_t state_size) {
-  return static_cast<T*>(p.chunk_states_ptr) + (bh * p.n_chunks + n) * state_size;
+T* saved_chunk_state(const Params& p, index_t slot, index_t state_size) {
+  return static_cast<T*>(p.chunk_states_ptr) + slot * state_size;
 }
 
-// Before the forward of the heads [bh_begin, bh_end) writes their saved chunk-start states: asks
-// for huge pages under them (advise_huge_pages). They are one fresh allocation per call (for the
-// MLP memory 4 KB per token and head in fp32 at D = 64, E = 4), whose 4 KB page faults were a
-// quarter of its forward at the benchmark shape.
+// Before the forward of the work items [item_begin, item_end) (Head) writes their saved
+// chunk-start states: asks for huge pages under them (advise_huge_pages). They are one fresh
+// allocation per call (for the MLP memory 4 KB per token and head in fp32 at D = 64, E = 4),
+// whose 4 KB page faults were a quarter of its forward at the benchmark shape.
 template <typename T, typename Params>
-void advise_saved_states(const Params& p, index_t state_size, index_t bh_begin, index_t bh_end) {
-  if (!p.chunk_states_ptr || bh_end <= bh_begin) return;
-  advise_huge_pages(saved_chunk_state<T>(p, bh_begin, 0, state_size),
-                    size_t(bh_end - bh_begin) * p.n_chunks * state_size * sizeof(T));
+void advise_saved_states(const Params& p, index_t state_size, index_t item_begin, index_t item_end) {
+  if (!p.chunk_states_ptr || item_end <= item_begin) return;
+  const Head<T> first(p, item_begin, 0), last(p, item_end - 1, 0);
+  const index_t slots = last.first_slot + last.n_chunks - first.first_slot;
+  advise_huge_pages(saved_chunk_state<T>(p, first.first_slot, state_size), size_t(slots) * state_size * sizeof(T));
 }
 
 // "lq": rho[i] = lq_scale of weight i of state, and scaled = state with pair i times rho[i].
@@ -101,21 +102,23 @@ void lq_chunk_scale_backward(const Steps& steps, T q, const T* state, const T* r
   }
 }
 
-// Forward over the chunks of x, from and into state; scratch: state_size elements.
+// Forward over the chunks of one work item, from and into state; o: its output rows; scratch:
+// state_size elements.
 template <typename T, typename Params, typename Steps>
-void forward_chunks(const Params& p, const Steps& steps, const HeadInputs<T>& inputs, index_t bh,
-                    const TokenRows<T>& o, T* state, T* scratch) {
+void forward_chunks(const Params& p, const Steps& steps, const Head<T>& head, const TokenRows<T>& o, T* state,
+                    T* scratch) {
   static_assert(Steps::n_weights <= ChunkScale<T>::kMaxWeights);
   const index_t size = steps.state_size;
   const RetentionKind retention = p.miras.retention;
-  for (int n = 0; n < p.n_chunks; ++n) {
-    const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, p.seqlen - t0);
-    if (n + 1 < p.n_chunks) {
-      const int next = t0 + p.chunk_size, next_L = std::min(p.chunk_size, p.seqlen - next);
+  const HeadInputs<T>& inputs = head.inputs;
+  for (int n = 0; n < head.n_chunks; ++n) {
+    const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, head.seqlen - t0);
+    if (n + 1 < head.n_chunks) {
+      const int next = t0 + p.chunk_size, next_L = std::min(p.chunk_size, head.seqlen - next);
       inputs.at(next).prefetch(next_L, steps.Dk, steps.Dv);
       prefetch_rows(o.from(next), next_L, steps.Dv, true);
     }
-    if (p.chunk_states_ptr) std::memcpy(saved_chunk_state<T>(p, bh, n, size), state, size * sizeof(T));
+    if (p.chunk_states_ptr) std::memcpy(saved_chunk_state<T>(p, head.first_slot + n, size), state, size * sizeof(T));
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<T> O = o.from(t0);
     T rho[ChunkScale<T>::kMaxWeights] = {T(1), T(1)};
@@ -137,26 +140,27 @@ void forward_chunks(const Params& p, const Steps& steps, const HeadInputs<T>& in
   }
 }
 
-// Reverse pass over the chunks, carrying dstate (the cotangent of the chunk-end state, in the
-// end that of the initial state); the chunk-start states come from the saved ones. scratch,
-// scratch_grad: state_size elements each (scratch_grad is used by "lq" only).
+// Reverse pass over the chunks of one work item, carrying dstate (the cotangent of the chunk-end
+// state, in the end that of the initial state); the chunk-start states come from the saved ones.
+// d_o, all_grads: the item's rows. scratch, scratch_grad: state_size elements each (scratch_grad
+// is used by "lq" only).
 template <typename T, typename Params, typename Steps>
-void backward_chunks(const Params& p, const Steps& steps, const HeadInputs<T>& inputs, index_t bh,
-                     const TokenRows<const T>& d_o, const HeadGrads<T>& all_grads, T* dstate, T* scratch,
-                     T* scratch_grad) {
+void backward_chunks(const Params& p, const Steps& steps, const Head<T>& head, const TokenRows<const T>& d_o,
+                     const HeadGrads<T>& all_grads, T* dstate, T* scratch, T* scratch_grad) {
   static_assert(Steps::n_weights <= ChunkScale<T>::kMaxWeights);
   const index_t size = steps.state_size;
   const RetentionKind retention = p.miras.retention;
   const T q = T(p.miras.q);
-  for (int n = p.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, p.seqlen - t0);
+  const HeadInputs<T>& inputs = head.inputs;
+  for (int n = head.n_chunks - 1; n >= 0; --n) {
+    const int t0 = n * p.chunk_size, L = std::min(p.chunk_size, head.seqlen - t0);
     if (n > 0) {
       const int previous = t0 - p.chunk_size;
       inputs.at(previous).prefetch(p.chunk_size, steps.Dk, steps.Dv);
       prefetch_rows(d_o.from(previous), p.chunk_size, steps.Dv);
       all_grads.at(previous).prefetch(p.chunk_size, steps.Dk, steps.Dv);
     }
-    const T* saved = saved_chunk_state<T>(p, bh, n, size);
+    const T* saved = saved_chunk_state<T>(p, head.first_slot + n, size);
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<const T> dO = d_o.from(t0);
     const HeadGrads<T> grads = all_grads.at(t0);

@@ -92,23 +92,57 @@ struct HeadInputs {
   }
 };
 
-// One (batch, head) sequence: its index bh = b * heads + h and its inputs. Params: a memory
-// kernel's params (titans_params.h); dv: the width of v and delta.
+// One (sequence, head) work item of a kernel call: where its tokens, its state rows and its
+// saved chunk-start states are. A sequence is a batch row, or with cu_seqlens (titans_params.h)
+// a token range of the one batch row. Items are numbered b * heads + h, or with cu_seqlens
+// h * n_seqs + i (head-major), so that a range of items writes one contiguous range of saved
+// states (advise_saved_states) and an even split of the items is an even split of the tokens
+// whenever the heads outnumber the threads. Params: a memory kernel's params; dv: the width of
+// v and delta.
 template <typename T>
 struct Head {
   int b, h;
-  index_t bh;
-  HeadInputs<T> inputs;
+  index_t state_row;  // of the [n_seqs, H, ...] initial and final states: sequence * heads + h
+  int token0;         // the sequence's first token in batch row b
+  int seqlen, n_chunks;
+  index_t first_slot;  // its first saved chunk-start state, in units of one state
+  HeadInputs<T> inputs;  // from token0
 
   template <typename Params>
-  Head(const Params& p, index_t bh_, int dv)
-      : b(int(bh_ / p.heads)), h(int(bh_ % p.heads)), bh(bh_),
-        inputs{token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
-               token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
-               contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, dv)} {}
+  Head(const Params& p, index_t item, int dv) {
+    int sequence;
+    if (p.cu_seqlens) {
+      h = int(item / p.n_seqs);
+      sequence = int(item % p.n_seqs);
+      b = 0;
+      token0 = int(p.cu_seqlens[sequence]);
+      seqlen = int(p.cu_seqlens[sequence + 1]) - token0;
+      n_chunks = int(p.chunk_offsets[sequence + 1] - p.chunk_offsets[sequence]);
+      first_slot = index_t(h) * p.n_chunks + p.chunk_offsets[sequence];
+    } else {
+      b = sequence = int(item / p.heads);
+      h = int(item % p.heads);
+      token0 = 0;
+      seqlen = p.seqlen;
+      n_chunks = p.n_chunks;
+      first_slot = item * p.n_chunks;
+    }
+    state_row = index_t(sequence) * p.heads + h;
+    inputs = HeadInputs<T>{token_rows<T>(p.q, b, h),     token_rows<T>(p.k, b, h),   token_rows<T>(p.v, b, h),
+                           token_rows<T>(p.theta, b, h), token_rows<T>(p.eta, b, h), token_rows<T>(p.alpha, b, h),
+                           contiguous_rows(static_cast<const T*>(p.miras.delta_ptr), p, b, h, dv)}
+                 .at(token0);
+  }
+
+  // The sequence's rows of a per-token tensor, strided or contiguous [B, T, H, D].
+  TokenRows<const T> rows(const TokenTensor& x) const { return token_rows<T>(x, b, h).from(token0); }
+  template <typename P, typename Params>
+  TokenRows<P> contiguous(P* base, const Params& p, int D) const {
+    return contiguous_rows(base, p, b, h, D).from(token0);
+  }
 };
 
-// Gradients of one (batch, head), laid out like HeadInputs (d_delta: null without delta).
+// Gradients of one work item's tokens, laid out like HeadInputs (d_delta: null without delta).
 template <typename T>
 struct HeadGrads {
   TokenRows<T> dq, dk, dv, dtheta, deta, dalpha, d_delta;
@@ -122,16 +156,14 @@ struct HeadGrads {
   }
 };
 
-// BwdParams: a memory kernel's backward params, whose gradients are contiguous [B, T, H, ...].
+// The gradients of a work item's tokens; BwdParams: a memory kernel's backward params, whose
+// gradients are contiguous [B, T, H, ...].
 template <typename T, typename BwdParams>
-HeadGrads<T> head_grads(const BwdParams& p, int b, int h, int dk, int dv) {
-  return {contiguous_rows(static_cast<T*>(p.dq_ptr), p, b, h, dk),
-          contiguous_rows(static_cast<T*>(p.dk_ptr), p, b, h, dk),
-          contiguous_rows(static_cast<T*>(p.dv_ptr), p, b, h, dv),
-          contiguous_rows(static_cast<T*>(p.dtheta_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.deta_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.dalpha_ptr), p, b, h, 1),
-          contiguous_rows(static_cast<T*>(p.d_delta_ptr), p, b, h, dv)};
+HeadGrads<T> head_grads(const BwdParams& p, const Head<T>& head, int dk, int dv) {
+  return {head.contiguous(static_cast<T*>(p.dq_ptr), p, dk),     head.contiguous(static_cast<T*>(p.dk_ptr), p, dk),
+          head.contiguous(static_cast<T*>(p.dv_ptr), p, dv),     head.contiguous(static_cast<T*>(p.dtheta_ptr), p, 1),
+          head.contiguous(static_cast<T*>(p.deta_ptr), p, 1),    head.contiguous(static_cast<T*>(p.dalpha_ptr), p, 1),
+          head.contiguous(static_cast<T*>(p.d_delta_ptr), p, dv)};
 }
 
 // Carves one zero-filled buffer into consecutive slots of the given sizes (size 0: nullptr).

@@ -1,5 +1,5 @@
 // CPU kernels of the linear memory: the chunk algebra of docs/design.md §2 (forward) and
-// docs/backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
+// docs/backward_linear.md (backward), one (sequence, head) at a time, with the MIRAS
 // objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens with chunk-start state (M0, S0), both Dv x Dk, kept together as one
@@ -278,7 +278,7 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
                       ws.gate_scratch, grads.dtheta.ptr, grads.deta.ptr, grads.dalpha.ptr, grads.dtheta.stride);
 }
 
-// ---- Whole sequences of one (batch, head).
+// ---- Whole sequences of one work item (a (sequence, head) pair, kernel_utils.h's Head).
 
 // The linear memory's chunk algebra on a state MS = [M; S], for chunk_loop.h.
 template <typename T, typename Objective>
@@ -317,58 +317,58 @@ struct LinearSteps {
 };
 
 template <typename T>
-void load_state(const void* src, index_t bh, index_t state_size, T fill, T* dst) {
-  if (src) std::memcpy(dst, static_cast<const T*>(src) + bh * state_size, state_size * sizeof(T));
+void load_state(const void* src, index_t row, index_t state_size, T fill, T* dst) {
+  if (src) std::memcpy(dst, static_cast<const T*>(src) + row * state_size, state_size * sizeof(T));
   else std::fill(dst, dst + state_size, fill);
 }
 
 template <typename T>
-void store_state(const T* src, index_t bh, index_t state_size, void* dst) {
-  if (dst) std::memcpy(static_cast<T*>(dst) + bh * state_size, src, state_size * sizeof(T));
+void store_state(const T* src, index_t row, index_t state_size, void* dst) {
+  if (dst) std::memcpy(static_cast<T*>(dst) + row * state_size, src, state_size * sizeof(T));
 }
 
 template <typename T, typename Objective>
 void forward_head(const LinearMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const index_t state_size = index_t(p.dv) * p.dk, bh = head.bh;
+  const index_t state_size = index_t(p.dv) * p.dk, row = head.state_row;
   T* MS = ws.state;
-  load_state(p.m0_ptr, bh, state_size, p.miras.retention == RetentionKind::kl ? T(1) / T(p.dk) : T(0), MS);
-  load_state(p.s0_ptr, bh, state_size, T(0), MS + state_size);
-  forward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head.inputs, bh,
-                 contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, p.dv), MS, ws.start);
-  store_state(MS, bh, state_size, p.m_final_ptr);
-  store_state(MS + state_size, bh, state_size, p.s_final_ptr);
+  load_state(p.m0_ptr, row, state_size, p.miras.retention == RetentionKind::kl ? T(1) / T(p.dk) : T(0), MS);
+  load_state(p.s0_ptr, row, state_size, T(0), MS + state_size);
+  forward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head,
+                 head.contiguous(static_cast<T*>(p.o_ptr), p, p.dv), MS, ws.start);
+  store_state(MS, row, state_size, p.m_final_ptr);
+  store_state(MS + state_size, row, state_size, p.s_final_ptr);
 }
 
 template <typename T, typename Objective>
 void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const index_t state_size = index_t(p.dv) * p.dk, bh = head.bh;
+  const index_t state_size = index_t(p.dv) * p.dk, row = head.state_row;
   T* dMS = ws.state;
-  load_state(p.d_m_final_ptr, bh, state_size, T(0), dMS);
-  load_state(p.d_s_final_ptr, bh, state_size, T(0), dMS + state_size);
-  backward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
-                  head_grads<T>(p, head.b, head.h, p.dk, p.dv), dMS, ws.start, ws.start_grad);
-  store_state(dMS, bh, state_size, p.dm0_ptr);
-  store_state(dMS + state_size, bh, state_size, p.ds0_ptr);
+  load_state(p.d_m_final_ptr, row, state_size, T(0), dMS);
+  load_state(p.d_s_final_ptr, row, state_size, T(0), dMS + state_size);
+  backward_chunks(p, LinearSteps<T, Objective>(p, objective, ws), head, head.rows(p.d_o),
+                  head_grads<T>(p, head, p.dk, p.dv), dMS, ws.start, ws.start_grad);
+  store_state(dMS, row, state_size, p.dm0_ptr);
+  store_state(dMS + state_size, row, state_size, p.ds0_ptr);
 }
 
 }  // namespace
 
 template <typename T>
-void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
-  advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, bh_begin, bh_end);
+void linear_memory_fwd(const LinearMemoryParams& params, int64_t item_begin, int64_t item_end) {
+  advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      forward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);
+    for (int64_t item = item_begin; item < item_end; ++item)
+      forward_head<T>(params, objective, Head<T>(params, item, params.dv), ws);
   });
 }
 
 template <typename T>
-void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
+void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t item_begin, int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      backward_head<T>(params, objective, Head<T>(params, bh, params.dv), ws);
+    for (int64_t item = item_begin; item < item_end; ++item)
+      backward_head<T>(params, objective, Head<T>(params, item, params.dv), ws);
   });
 }
 

@@ -1,5 +1,5 @@
 // CPU kernels of the deep memory M(x) = x + W2 act(W1 x): the chunked dual form of
-// docs/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time, with
+// docs/mlp_dual_form.md (§3 forward, §4 backward), one (sequence, head) at a time, with
 // the MIRAS objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens, from the chunk-start weights W1 [N, D], W2 [D, N] and momenta S1, S2
@@ -413,7 +413,7 @@ void kl_lag_step_backward(const MlpMemoryParams& p, const Objective& objective, 
   key_path_backward(p, objective, 1, x, grads, state_prev, dstate, ws);
 }
 
-// ---- Whole sequences of one (batch, head).
+// ---- Whole sequences of one work item (a (sequence, head) pair, kernel_utils.h's Head).
 
 // The MLP memory's chunk algebra on a state [W1 | S1 | W2 | S2], for chunk_loop.h: two weights,
 // each with its own lq scale.
@@ -453,7 +453,7 @@ struct MlpSteps {
   }
 };
 
-// The four blocks of a state in [W1 | S1 | W2 | S2] order: from the (batch, head) at element
+// The four blocks of a state in [W1 | S1 | W2 | S2] order: from the work item at element
 // offset of four [B, H, ...] tensors (nullptr: zeros), or into them (nullptr: not wanted).
 template <typename T>
 void load_state(const void* const (&blocks)[4], index_t offset, index_t block, T* state) {
@@ -476,43 +476,43 @@ void store_state(const T* state, index_t offset, index_t block, void* const (&bl
 // the forward of the chunks in between is the next step.
 template <typename T, typename Objective>
 void forward_head(const MlpMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;
-  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, bh * block, block, ws.state);
-  forward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head.inputs, bh,
-                 contiguous_rows(static_cast<T*>(p.o_ptr), p, head.b, head.h, p.dim), ws.state, ws.start);
-  store_state(ws.state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
+  const index_t block = index_t(p.hidden) * p.dim, offset = head.state_row * block;
+  load_state<T>({p.w1_0_ptr, p.s1_0_ptr, p.w2_0_ptr, p.s2_0_ptr}, offset, block, ws.state);
+  forward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head, head.contiguous(static_cast<T*>(p.o_ptr), p, p.dim),
+                 ws.state, ws.start);
+  store_state(ws.state, offset, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
 // Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (docs/mlp_dual_form.md §4).
 template <typename T, typename Objective>
 void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
-  const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;
+  const index_t block = index_t(p.hidden) * p.dim, offset = head.state_row * block;
   T* dstate = ws.state;
-  load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, bh * block, block, dstate);
-  backward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head.inputs, bh, token_rows<T>(p.d_o, head.b, head.h),
-                  head_grads<T>(p, head.b, head.h, p.dim, p.dim), dstate, ws.start, ws.start_grad);
-  store_state(dstate, bh * block, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
+  load_state<T>({p.d_w1_final_ptr, p.d_s1_final_ptr, p.d_w2_final_ptr, p.d_s2_final_ptr}, offset, block, dstate);
+  backward_chunks(p, MlpSteps<T, Objective>(p, objective, ws), head, head.rows(p.d_o),
+                  head_grads<T>(p, head, p.dim, p.dim), dstate, ws.start, ws.start_grad);
+  store_state(dstate, offset, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
 
 }  // namespace
 
 template <typename T>
-void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
-  advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, bh_begin, bh_end);
+void mlp_memory_fwd(const MlpMemoryParams& params, int64_t item_begin, int64_t item_end) {
+  advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      forward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);
+    for (int64_t item = item_begin; item < item_end; ++item)
+      forward_head<T>(params, objective, Head<T>(params, item, params.dim), ws);
   });
 }
 
 template <typename T>
-void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t bh_begin, int64_t bh_end) {
+void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t item_begin, int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true,
                   params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh)
-      backward_head<T>(params, objective, Head<T>(params, bh, params.dim), ws);
+    for (int64_t item = item_begin; item < item_end; ++item)
+      backward_head<T>(params, objective, Head<T>(params, item, params.dim), ws);
   });
 }
 

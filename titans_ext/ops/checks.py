@@ -125,6 +125,59 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values=Tru
     return B, T, H, Dk, v.shape[-1]
 
 
+# Packed variable-length sequences (FlashAttention's cu_seqlens, docs/design.md §6).
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cu_seqlens(cu_seqlens, q):
+    """Validates ``cu_seqlens``, the ``[N + 1]`` token offsets of N sequences packed along T of
+    ``q [1, T, H, D]``; returns N. Sequence i is tokens ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1``
+    (empty when the two are equal). The offsets' values (0 first, T last, non-decreasing) are a
+    value check (:func:`value_checks_enabled`): on a GPU reading them is a host sync."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected a torch.Tensor of N + 1 offsets or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in OFFSET_DTYPES:
+        raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {_dtype_name(cu_seqlens.dtype)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-d tensor of N + 1 offsets, N >= 1, got shape {_shape(cu_seqlens)}")
+    check_device("cu_seqlens", cu_seqlens, q.device)
+    B, T = q.shape[:2]
+    if B != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need B = 1 (the sequences concatenated along T), "
+                         f"got q of shape {_shape(q)}")
+    if value_checks_enabled(cu_seqlens.device):
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0:
+            raise ValueError(f"cu_seqlens: expected offsets starting at 0, got {offsets[0]}")
+        if offsets[-1] != T:
+            raise ValueError(f"cu_seqlens: expected offsets ending at T = {T} (the tokens of q), got {offsets[-1]}")
+        for i, (begin, end) in enumerate(zip(offsets, offsets[1:])):
+            if end < begin:
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {begin} then {end} "
+                                 f"(entries {i} and {i + 1})")
+    return cu_seqlens.shape[0] - 1
+
+
+def check_cu_seqlens_device(device, cu_seqlens):
+    """The CUDA kernels do not take packed sequences yet: a named error instead of the kernels'."""
+    if cu_seqlens is not None and device.type == "cuda":
+        raise ValueError("cu_seqlens: the CUDA kernels do not take packed sequences yet (the CPU kernels do); "
+                         "on a GPU, run each sequence as its own batch row or call")
+
+
+def chunk_slots(T, chunk_size, cu_seqlens):
+    """Saved chunk-start states per (batch, head): ``ceil(T / chunk_size)``, or with ``cu_seqlens``
+    of N sequences ``(T + N (chunk_size - 1)) // chunk_size``, the most chunks any split of T tokens
+    into N sequences has, so that no shape depends on the offsets' values (torch.compile)."""
+    n_seqs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (T + n_seqs * (chunk_size - 1)) // chunk_size
+
+
+def state_rows(B, cu_seqlens):
+    """Rows of the initial and final states: B, or N with cu_seqlens."""
+    return B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def _check_state_pair(name, pair, shape, dims, device):
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name}: expected a pair of tensors or None, got {type(pair).__name__}")
@@ -135,41 +188,57 @@ def _check_state_pair(name, pair, shape, dims, device):
         check_device(label, t, device)
 
 
-def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, check_values=True):
+def _check_common_and_offsets(q, k, v, theta, eta, alpha, chunk_size, read, check_values, cu_seqlens):
+    """:func:`_check_common` and ``cu_seqlens``; returns its sizes and the states' leading dim and
+    its name (B, or N with cu_seqlens)."""
+    sizes = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
+    if cu_seqlens is None:
+        return sizes, sizes[0], "B"
+    return sizes, check_cu_seqlens(cu_seqlens, q), "N"
+
+
+def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, check_values=True,
+                        cu_seqlens=None):
     """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``.
 
     ``check_values=False`` leaves out the gates' value checks (:func:`check_gate_values`), for a
-    caller that hands the same gates to the op, which checks them.
+    caller that hands the same gates to the op, which checks them. With ``cu_seqlens``
+    (:func:`check_cu_seqlens`) the states are ``[N, H, Dv, Dk]``.
     """
-    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
+    (B, T, H, Dk, Dv), rows, rows_name = _check_common_and_offsets(q, k, v, theta, eta, alpha, chunk_size, read,
+                                                                   check_values, cu_seqlens)
     if initial_state is not None:
-        _check_state_pair("initial_state", initial_state, (B, H, Dv, Dk), ("B", "H", "Dv", "Dk"), q.device)
+        _check_state_pair("initial_state", initial_state, (rows, H, Dv, Dk), (rows_name, "H", "Dv", "Dk"), q.device)
     return B, T, H, Dk, Dv
 
 
-def check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum):
-    """Validates the arguments of ``mlp_memory``; returns ``(B, T, H, D, N)`` with N = E * D."""
-    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read)
+def check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum, cu_seqlens=None):
+    """Validates the arguments of ``mlp_memory``; returns ``(B, T, H, D, N)`` with N = E * D. With
+    ``cu_seqlens`` (:func:`check_cu_seqlens`) the weights and momenta have one row per sequence."""
+    (B, T, H, Dk, Dv), rows, rows_name = _check_common_and_offsets(q, k, v, theta, eta, alpha, chunk_size, read,
+                                                                   True, cu_seqlens)
     if Dk != Dv:
         raise ValueError(f"v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk={Dk}, Dv={Dv}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(weights, (tuple, list)) or len(weights) != 2:
-        raise TypeError(f"weights: expected a pair (W1 [B, H, E*D, D], W2 [B, H, D, E*D]), got {type(weights).__name__}")
+        raise TypeError(f"weights: expected a pair (W1 [{rows_name}, H, E*D, D], W2 [{rows_name}, H, D, E*D]), "
+                        f"got {type(weights).__name__}")
     W1, W2 = weights
     check_tensor("weights[0]", W1, 4)
     N = W1.shape[2]
     if N % Dk != 0 or N == 0:
-        raise ValueError(f"weights[0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D={Dk}, got {_shape(W1)}")
-    check_shape("weights[0]", W1, (B, H, N, Dk), ("B", "H", "E*D", "D"))
+        raise ValueError(f"weights[0]: expected shape [{rows_name}, H, E*D, D] with E*D a positive multiple of "
+                         f"D={Dk}, got {_shape(W1)}")
+    check_shape("weights[0]", W1, (rows, H, N, Dk), (rows_name, "H", "E*D", "D"))
     check_device("weights[0]", W1, q.device)
     check_tensor("weights[1]", W2, 4)
-    check_shape("weights[1]", W2, (B, H, Dk, N), ("B", "H", "D", "E*D"))
+    check_shape("weights[1]", W2, (rows, H, Dk, N), (rows_name, "H", "D", "E*D"))
     check_device("weights[1]", W2, q.device)
     if momentum is not None:
         if not isinstance(momentum, (tuple, list)) or len(momentum) != 2:
             raise TypeError(f"momentum: expected a pair (S1, S2) or None, got {type(momentum).__name__}")
-        dims = (("B", "H", "E*D", "D"), ("B", "H", "D", "E*D"))
+        dims = ((rows_name, "H", "E*D", "D"), (rows_name, "H", "D", "E*D"))
         for i, (s, w) in enumerate(zip(momentum, weights)):
             check_tensor(f"momentum[{i}]", s, 4)
             check_shape(f"momentum[{i}]", s, tuple(w.shape), dims[i])

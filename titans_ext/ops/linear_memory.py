@@ -10,7 +10,8 @@ import json
 
 import torch
 
-from .checks import check_linear_inputs, check_miras_args, state_dtype_for
+from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, state_dtype_for,
+                     state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
@@ -33,36 +34,38 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
 
 
-def checkpoint_count(q, T, chunk_size):
+def checkpoint_count(q, T, chunk_size, cu_seqlens=None):
     """How many chunk-start states the forward keeps for the backward (in q's dtype on every
-    device): every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and every
-    other chunk's for bf16 and fp16, whose backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
-    n_chunks = (T + chunk_size - 1) // chunk_size
+    device): every chunk's on the CPU (with ``cu_seqlens`` the bound ``chunk_slots``); on CUDA
+    every chunk's for fp32 and fp64 inputs and every other chunk's for bf16 and fp16, whose
+    backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
+    n_chunks = chunk_slots(T, chunk_size, cu_seqlens)
     stride = 2 if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) else 1
     return (n_chunks + stride - 1) // stride
 
 
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
-                            p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+                            p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0, cu_seqlens=None):
     check_fake_device(q)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
     o = q.new_empty(B, T, H, Dv)
-    m_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    s_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    shape = (B, H, checkpoint_count(q, T, chunk_size), 2, Dv, Dk) if save_states else (0,)
+    m_final = q.new_empty(state_rows(B, cu_seqlens), H, Dv, Dk, dtype=state_dtype)
+    s_final = torch.empty_like(m_final)
+    shape = (B, H, checkpoint_count(q, T, chunk_size, cu_seqlens), 2, Dv, Dk) if save_states else (0,)
     return o, m_final, s_final, q.new_empty(shape)
 
 
 @torch.library.register_fake("titans_ext::linear_memory_bwd")
 def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size,
-                            read_token, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+                            read_token, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0,
+                            cu_seqlens=None):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
-    state = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
+    state = q.new_empty(state_rows(B, cu_seqlens), H, Dv, Dk, dtype=state_dtype)
     # The kernels return contiguous gradients whatever the inputs' strides (empty_like would copy them).
     grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
     return (*grads, state, torch.empty_like(state),
@@ -71,18 +74,18 @@ def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_f
 
 def _setup_context(ctx, inputs, output):
     q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states = inputs[:11]
-    objective, p, eps, delta, retention, retention_q = inputs[11:]  # the schema's defaults are filled in
+    objective, p, eps, delta, retention, retention_q, cu_seqlens = inputs[11:]  # the schema's defaults are filled in
     # Unused outputs get None, not zeros: a zero cotangent of chunk_states alone would be a fresh
     # allocation as large as the saved states (2 Dv Dk values per chunk).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3], delta)
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3], delta, cu_seqlens)
     ctx.chunk_size, ctx.read_token = chunk_size, read_token
     ctx.miras = (objective, p, eps, retention, retention_q)
     ctx.has_initial_state = (m0 is not None, s0 is not None)
 
 
 def _backward(ctx, d_o, d_m_final, d_s_final, _d_chunk_states):
-    q, k, v, theta, eta, alpha, chunk_states, delta = ctx.saved_tensors
+    q, k, v, theta, eta, alpha, chunk_states, delta, cu_seqlens = ctx.saved_tensors
     if chunk_states.numel() == 0 and q.shape[1] > 0:
         raise RuntimeError("linear_memory_fwd ran with save_states=False, so it cannot be differentiated; "
                            "call titans_ext.linear_memory, which saves them when a gradient is needed")
@@ -91,23 +94,24 @@ def _backward(ctx, d_o, d_m_final, d_s_final, _d_chunk_states):
     objective, p, eps, retention, retention_q = ctx.miras
     grads = torch.ops.titans_ext.linear_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final,
                                                    d_s_final, ctx.chunk_size, ctx.read_token, objective, p, eps,
-                                                   delta, retention, retention_q)
+                                                   delta, retention, retention_q, cu_seqlens)
     dq, dk, dv, dtheta, deta, dalpha, dm0, ds0, d_delta = grads
     has_m0, has_s0 = ctx.has_initial_state
     return (dq, dk, dv, dtheta, deta, dalpha, dm0 if has_m0 else None, ds0 if has_s0 else None, None, None, None,
-            None, None, None, None if delta is None else d_delta, None, None)
+            None, None, None, None if delta is None else d_delta, None, None, None)
 
 
 torch.library.register_autograd("titans_ext::linear_memory_fwd", _backward, setup_context=_setup_context)
 
 
 def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None, output_final_state=False,
-                  read="token", objective="l2", retention="l2"):
+                  read="token", objective="l2", retention="l2", cu_seqlens=None):
     r"""Titans linear long-term memory, chunked.
 
     For each batch and head, the memory ``M: [Dv, Dk]`` and its momentum ``S`` learn at test
     time from the key/value stream. With ``t0`` the first token of t's chunk (chunks of
-    ``chunk_size`` tokens from position 0 of this call; the last may be short)::
+    ``chunk_size`` tokens from position 0 of this call, or of its sequence with ``cu_seqlens``;
+    the last may be short)::
 
         u_t = f(M_{t0-1} k_t - v_t) k_t^T           # f(r) = 2r: grad of ||M k_t - v_t||^2 at the chunk start
         S_t = eta_t S_{t-1} - theta_t u_t           # surprise with momentum
@@ -160,6 +164,12 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
             ``M0 = h.transpose(-1, -2)``.
         output_final_state: also return ``(M_T, S_T)``.
         read: ``"token"`` or ``"chunk_start"``.
+        cu_seqlens: None, or packed variable-length sequences in FlashAttention's convention
+            (``docs/design.md`` §6): int32 or int64 offsets ``[N + 1]`` with B = 1, sequence i
+            being tokens ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1``. Each sequence runs as its own
+            call: chunks restart at its first token, ``initial_state`` and the final state are
+            ``[N, H, Dv, Dk]`` (one row per sequence; an empty sequence returns its initial
+            state), nothing crosses a boundary. CPU only so far.
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
@@ -169,16 +179,19 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
     Raises:
         ValueError / TypeError naming the argument, for shapes, dtypes and devices always, and for
         values (gates finite and in their ranges, delta > 0, a "kl" memory with a positive entry
-        per row) where value checks run: on CPU tensors, or everywhere with the environment
+        per row, cu_seqlens from 0 to T and non-decreasing) where value checks run: on CPU tensors,
+        or everywhere with the environment
         variable ``TITANS_EXT_CHECK_VALUES=1`` (``=0``: nowhere). On a GPU they are off by
         default, since reading values is a host sync (:func:`titans_ext.ops.checks.value_checks_enabled`).
     """
     check_op_device(q)
-    B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
+    B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state,
+                                         cu_seqlens=cu_seqlens)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention,
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
+    check_cu_seqlens_device(q.device, cu_seqlens)
     if q.is_cuda:
         _check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
@@ -187,7 +200,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0, delta))
     o, m_final, s_final, _ = torch.ops.titans_ext.linear_memory_fwd(
         q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
-        objective.eps, delta, retention.code, retention.q)
+        objective.eps, delta, retention.code, retention.q, cu_seqlens)
     return o, ((m_final, s_final) if output_final_state else None)
 
 

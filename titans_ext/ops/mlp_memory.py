@@ -8,27 +8,29 @@ torch.compile and checked by ``torch.library.opcheck``.
 
 import torch
 
-from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
+from .checks import (check_cu_seqlens_device, check_miras_args, check_mlp_inputs, chunk_slots, state_dtype_for,
+                     state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 
-def _state_shapes(q, hidden):
+def _state_shapes(q, hidden, cu_seqlens):
     B, _, H, D = q.shape
-    return (B, H, hidden, D), (B, H, D, hidden)
+    rows = state_rows(B, cu_seqlens)
+    return (rows, H, hidden, D), (rows, H, D, hidden)
 
 
 @torch.library.register_fake("titans_ext::mlp_memory_fwd")
 def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
-                         save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+                         save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0,
+                         cu_seqlens=None):
     check_fake_device(q)
     B, T, H, D = q.shape
     N = w1.shape[2]
     state_dtype = state_dtype_for(q.dtype)
-    shape1, shape2 = _state_shapes(q, N)
+    shape1, shape2 = _state_shapes(q, N, cu_seqlens)
     w1_final, s1_final = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    n_chunks = (T + chunk_size - 1) // chunk_size
-    states_shape = (B, H, n_chunks, 4, N * D) if save_states else (0,)
+    states_shape = (B, H, chunk_slots(T, chunk_size, cu_seqlens), 4, N * D) if save_states else (0,)
     return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
             q.new_empty(states_shape, dtype=state_dtype))
 
@@ -36,9 +38,9 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
 @torch.library.register_fake("titans_ext::mlp_memory_bwd")
 def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final,
                          d_s2_final, hidden, chunk_size, read_token, activation, objective=0, p=2.0, eps=0.0,
-                         delta=None, retention=0, retention_q=2.0):
+                         delta=None, retention=0, retention_q=2.0, cu_seqlens=None):
     state_dtype = state_dtype_for(q.dtype)
-    shape1, shape2 = _state_shapes(q, hidden)
+    shape1, shape2 = _state_shapes(q, hidden, cu_seqlens)
     dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
     # The kernel returns contiguous gradients whatever the inputs' strides (empty_like would copy them).
@@ -49,18 +51,18 @@ def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_fin
 
 def _setup_context(ctx, inputs, output):
     q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs[:14]
-    objective, p, eps, delta, retention, retention_q = inputs[14:]  # the schema's defaults are filled in
+    objective, p, eps, delta, retention, retention_q, cu_seqlens = inputs[14:]  # the schema's defaults are filled in
     # Unused outputs get None, not zeros: a zero cotangent of chunk_states alone would be a fresh
     # allocation as large as the saved states (4 N D values per chunk for the MLP).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5], delta)
+    ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5], delta, cu_seqlens)
     ctx.hidden, ctx.chunk_size, ctx.read_token, ctx.activation = w1.shape[2], chunk_size, read_token, activation
     ctx.miras = (objective, p, eps, retention, retention_q)
     ctx.has_momentum = (s1 is not None, s2 is not None)
 
 
 def _backward(ctx, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, _d_chunk_states):
-    q, k, v, theta, eta, alpha, chunk_states, delta = ctx.saved_tensors
+    q, k, v, theta, eta, alpha, chunk_states, delta, cu_seqlens = ctx.saved_tensors
     if chunk_states.numel() == 0 and q.shape[1] > 0:
         raise RuntimeError("mlp_memory_fwd ran with save_states=False, so it cannot be differentiated; "
                            "call titans_ext.mlp_memory, which saves them when a gradient is needed")
@@ -70,24 +72,25 @@ def _backward(ctx, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, _d_chunk
     grads = torch.ops.titans_ext.mlp_memory_bwd(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final,
                                                 d_w2_final, d_s1_final, d_s2_final, ctx.hidden, ctx.chunk_size,
                                                 ctx.read_token, ctx.activation, objective, p, eps, delta, retention,
-                                                retention_q)
+                                                retention_q, cu_seqlens)
     dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1, ds2, d_delta = grads
     has_s1, has_s2 = ctx.has_momentum
     return (dq, dk, dv, dtheta, deta, dalpha, dw1, dw2, ds1 if has_s1 else None, ds2 if has_s2 else None,
-            None, None, None, None, None, None, None, None if delta is None else d_delta, None, None)
+            None, None, None, None, None, None, None, None if delta is None else d_delta, None, None, None)
 
 
 torch.library.register_autograd("titans_ext::mlp_memory_fwd", _backward, setup_context=_setup_context)
 
 
 def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None, output_final_state=False,
-               read="token", activation="gelu", objective="l2", retention="l2"):
+               read="token", activation="gelu", objective="l2", retention="l2", cu_seqlens=None):
     r"""Titans deep (MLP) long-term memory ``M(x) = x + W2 act(W1 x)``, chunked.
 
     For each batch and head, the weights ``W1: [N, D]``, ``W2: [D, N]`` (hidden width
     ``N = E * D``) and their momenta ``S1, S2`` learn at test time from the key/value stream.
     With ``t0`` the first token of t's chunk (chunks of ``chunk_size`` tokens from position 0
-    of this call; the last may be short), for each weight W with momentum S::
+    of this call, or of its sequence with ``cu_seqlens``; the last may be short), for each
+    weight W with momentum S::
 
         u_t = grad_W l(M(k_t) - v_t) at the weights of step t0 - 1     # chunk-start gradient
         S_t = eta_t S_{t-1} - theta_t u_t                               # surprise with momentum
@@ -136,6 +139,9 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
         activation: ``"gelu"`` (exact, erf) or ``"silu"``.
+        cu_seqlens: None, or packed variable-length sequences (``docs/design.md`` §6), as for
+            :func:`titans_ext.linear_memory`: B = 1, int32 or int64 offsets ``[N + 1]``; the weights,
+            momenta and final state have one row per sequence (``[N, H, ...]``). CPU only so far.
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
@@ -147,7 +153,9 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
     check_op_device(q)
-    B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
+    B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum,
+                                     cu_seqlens)
+    check_cu_seqlens_device(q.device, cu_seqlens)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
                                                    memory_name="weights")
@@ -158,5 +166,5 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2, delta))
     o, w1_final, w2_final, s1_final, s2_final, _ = torch.ops.titans_ext.mlp_memory_fwd(
         q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad,
-        objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
+        objective.code, objective.p, objective.eps, delta, retention.code, retention.q, cu_seqlens)
     return o, (((w1_final, w2_final), (s1_final, s2_final)) if output_final_state else None)

@@ -11,6 +11,7 @@ import torch
 
 from ..ops.checks import check_linear_inputs, check_miras_args, check_mlp_inputs
 from .miras import kl_initial_memory, kl_update, lq_scale, objective_error
+from .packed import per_sequence
 from .recurrent import mlp_activation
 
 # Logs of gates are clamped here so that an exact zero gate (eta = 0, alpha = 1) gives a
@@ -45,6 +46,7 @@ def chunk_gate_coefficients(theta, eta, alpha):
     return a, g, c, s, eta_prefix[..., -1]
 
 
+@per_sequence(state_args=("initial_state",))
 def linear_memory_chunked(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
                           output_final_state=False, read="token", objective="l2", retention="l2"):
     """Linear memory, chunk by chunk. Same signature and semantics as :func:`titans_ext.linear_memory`.
@@ -130,6 +132,7 @@ def mlp_activation_derivative(name, x):
     return sig * (1 + x * (1 - sig))
 
 
+@per_sequence(state_args=("momentum",))
 def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None,
                        output_final_state=False, read="token", activation="gelu", objective="l2", retention="l2"):
     """Deep memory ``M(x) = x + W2 act(W1 x)``, chunk by chunk, with the dual form for token reads.

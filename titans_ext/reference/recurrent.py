@@ -11,12 +11,14 @@ import torch.nn.functional as F
 
 from ..ops.checks import check_linear_inputs, check_miras_args, check_mlp_inputs
 from .miras import kl_initial_memory, kl_update, lq_scale, objective_loss
+from .packed import per_sequence
 
 
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@per_sequence(state_args=("initial_state",))
 def linear_memory_recurrent(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=None,
                             output_final_state=False, read="token", objective="l2", retention="l2"):
     """Linear memory ``M(x) = M x``, ``M: [B, H, Dv, Dk]``, one token at a time.
@@ -89,6 +91,7 @@ def mlp_apply(W1, W2, x, activation):
     return x + torch.einsum("bhdn,bhn->bhd", W2, hidden)
 
 
+@per_sequence(state_args=("momentum",))
 def mlp_memory_recurrent(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=None,
                          output_final_state=False, read="token", activation="gelu", objective="l2",
                          retention="l2"):
