@@ -4,8 +4,9 @@ an empty folder (``python -I``), so the package comes from the wheel and not fro
 It checks what a binary can get wrong on a torch other than the one it was built with: the import
 (and its build-stamp check), the operators' schemas, fake kernels and autograd registration
 (``torch.library.opcheck`` of the forward and backward op of both memories), the values and
-gradients of both ops against the plain-PyTorch references in float64 (one case with MIRAS
-options, so float, optional-tensor and string arguments cross the stable ABI too), both ops in
+gradients of both ops against the plain-PyTorch references in float64 under every CPU kernel
+variant the machine runs (one case with MIRAS options, so float, optional-tensor and string
+arguments cross the stable ABI too), both ops in
 one ``torch.compile(fullgraph=True)`` graph with the default backend (inductor) against eager mode,
 and an error raised in C++ arriving as a Python RuntimeError. With a CUDA build and a GPU, linear_memory runs
 on CUDA too (against the float64 reference, at float32's tolerance).
@@ -124,14 +125,25 @@ def mlp_case(activation="gelu", objective="l2"):
 
 
 def check_cpu_ops():
+    """Every CPU kernel variant the machine runs (the wheel holds them all, picked at run time)."""
+    native = titans_ext.cpu_isa()
+    print(f"CPU kernel variants: {titans_ext.supported_cpu_isas()} supported, {native!r} in use")
+    for isa in titans_ext.supported_cpu_isas():
+        titans_ext.set_cpu_isa(isa)
+        check_cpu_ops_against_references(f"[{isa}] ")
+    titans_ext.set_cpu_isa(native)
+
+
+def check_cpu_ops_against_references(prefix):
     inputs, state = linear_inputs()
-    compare("linear_memory (l2)", linear_case(), inputs + state)
+    compare(prefix + "linear_memory (l2)", linear_case(), inputs + state)
     delta = torch.full((1, 1, inputs[0].shape[2]), 0.4, dtype=torch.float64)  # a per-head Huber threshold
-    compare('linear_memory (objective ("huber", delta tensor), retention ("lq", 3.0), read "chunk_start")',
+    compare(prefix + 'linear_memory (objective ("huber", delta tensor), retention ("lq", 3.0), read "chunk_start")',
             linear_case(read="chunk_start", objective="huber", retention=("lq", 3.0)), inputs + state + [delta])
     inputs, weights, momenta = mlp_inputs()
-    compare("mlp_memory (gelu, l2)", mlp_case(), inputs + weights + momenta)
-    compare('mlp_memory (silu, objective ("lp", 3.0))', mlp_case("silu", ("lp", 3.0)), inputs + weights + momenta)
+    compare(prefix + "mlp_memory (gelu, l2)", mlp_case(), inputs + weights + momenta)
+    compare(prefix + 'mlp_memory (silu, objective ("lp", 3.0))', mlp_case("silu", ("lp", 3.0)),
+            inputs + weights + momenta)
 
 
 def check_opcheck(device="cpu"):
