@@ -1,7 +1,8 @@
 """titans_ext: fast kernels for Titans-style neural long-term memory.
 
 Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
-path and CUDA kernels.
+path and CUDA kernels; their decode steps :func:`linear_memory_step` and :func:`mlp_memory_step`
+(one token at O(state) cost).
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
 Context parallel (one sequence split across processes): :mod:`titans_ext.distributed`.
@@ -25,11 +26,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"titans_ext's compiled library could not be loaded ({exc}); rebuild it: {INSTALL_HINT}") from exc
 
-from .ops import linear_memory, mlp_memory
+from .ops import ChunkStartState, linear_memory, linear_memory_step, mlp_memory, mlp_memory_step
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
 from . import distributed
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",
-           "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]
+__all__ = ["ChunkStartState", "linear_memory", "linear_memory_step", "mlp_memory", "mlp_memory_step", "LMMBlock",
+           "MACBlock", "MAGBlock", "MALBlock", "MemoryState", "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

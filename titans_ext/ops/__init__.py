@@ -2,5 +2,6 @@
 
 from .linear_memory import linear_memory
 from .mlp_memory import mlp_memory
+from .step import ChunkStartState, linear_memory_step, mlp_memory_step
 
-__all__ = ["linear_memory", "mlp_memory"]
+__all__ = ["ChunkStartState", "linear_memory", "linear_memory_step", "mlp_memory", "mlp_memory_step"]
