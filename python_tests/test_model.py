@@ -55,7 +55,7 @@ def test_neural_memory_shapes_and_dtypes(memory, dtype):
     x = torch.randn(3, 10, 16, dtype=dtype)
     y, state = layer(x)
     assert y.shape == (3, 10, 16) and y.dtype == dtype
-    assert isinstance(state, MemoryState) and state.position == 10 and state.n_pending == 2
+    assert isinstance(state, MemoryState) and state.position == 10 and state.replay[1][0].shape[1] == 2
     weights = state.memory[0] if memory == "linear" else state.memory[0][0]
     assert weights.dtype == torch.float32 and weights.shape[:2] == (3, 2)
     assert state.conv_cache.shape == (3, 3, 3 * 2 * 8)
