@@ -29,9 +29,9 @@ def small_lm(kind, memory="linear"):
                     memory_heads=2, chunk_size=4)
 
 
-def run_in_pieces(module, x, piece_lengths):
-    """Outputs of ``module`` fed ``x`` in consecutive pieces, with the state carried."""
-    outputs, state, start = [], None, 0
+def run_in_pieces(module, x, piece_lengths, state=None):
+    """Outputs of ``module`` fed ``x`` in consecutive pieces, with the state carried (from ``state``)."""
+    outputs, start = [], 0
     for length in piece_lengths:
         y, state = module(x[:, start:start + length], state)
         outputs.append(y)
@@ -105,10 +105,85 @@ def test_lm_streaming_equals_parallel(kind):
         torch.testing.assert_close(streamed, logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_cached_generation_equals_uncached(kind):
+MODEL_CASES = [(kind, "linear") for kind in BLOCK_KINDS] + [(kind, "mlp") for kind in BLOCK_KINDS if kind != "swa"]
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 5])
+def test_neural_memory_decode_streaming_equals_parallel(memory, chunk_size):
+    """Without autograd the pieces run the decode steps (and the chunked op on whole chunks)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=chunk_size).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        y_tokens, state_tokens = run_in_pieces(layer, x, [1] * 23)
+        y_pieces, state_pieces = run_in_pieces(layer, x, random_pieces(23, random.Random(chunk_size)))
+    assert state_tokens.replay is None and state_tokens.chunk_start is not None
+    for y_other, other in ((y_tokens, state_tokens), (y_pieces, state_pieces)):
+        torch.testing.assert_close(y_other, y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(other.memory, state.memory, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_stream_switches_from_autograd_to_decode_mid_chunk(memory):
+    """The chunk-start state is rebuilt from the replayed tokens; the way back is refused."""
+    torch.manual_seed(1)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=4).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+    y_first, mid = layer(x[:, :6])
+    assert mid.replay is not None
+    with torch.no_grad():
+        y_rest, end = run_in_pieces(layer, x[:, 6:], [1, 3, 1], mid)
+    torch.testing.assert_close(torch.cat([y_first.detach(), y_rest], dim=1), y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(end.memory, state.memory, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        _, stepped = layer(x[:, :6])
+    with pytest.raises(ValueError, match="state: the stream is at position 6, inside a chunk"):
+        layer(x[:, 6:8], stepped)
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_lm_decode_streaming_equals_parallel(kind, memory):
+    torch.manual_seed(1)
+    model = small_lm(kind, memory).double()
+    tokens = torch.randint(0, 40, (2, 21))
+    with torch.no_grad():
+        logits, _ = model(tokens)
+        for lengths in ([1] * 21, random_pieces(21, random.Random(2))):
+            streamed, _ = run_in_pieces(model, tokens, lengths)
+            torch.testing.assert_close(streamed, logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
+    """After the prompt, each generated token runs decode steps only (O(state)), never the chunked op."""
+    model = small_lm(kind, memory)
+    prompt = torch.randint(0, 40, (1, 6))
+    calls = {"chunked": 0, "step": 0}
+    for name, key in (("run_op", "chunked"), ("step", "step")):
+        original = getattr(NeuralMemory, name)
+
+        def counted(self, *args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(NeuralMemory, name, counted)
+    model.generate(prompt, 0)  # the prompt alone (its tokens count below only through it)
+    prompt_calls = dict(calls)
+    calls.update(chunked=0, step=0)
+    model.generate(prompt, 9)
+    steps_per_token = {"mac": 2, "swa": 0}.get(kind, 1) * len(model.blocks)
+    assert calls["chunked"] == prompt_calls["chunked"]
+    assert calls["step"] == prompt_calls["step"] + 9 * steps_per_token
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_cached_generation_equals_uncached(kind, memory):
     torch.manual_seed(2)
-    model = small_lm(kind).double()
+    model = small_lm(kind, memory).double()
     prompt = torch.randint(0, 40, (2, 6))
     cached = model.generate(prompt, 12)
     assert cached.shape == (2, 18) and torch.equal(cached[:, :6], prompt)

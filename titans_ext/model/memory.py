@@ -370,7 +370,8 @@ class NeuralMemory(nn.Module):
             return memory, chunk_start
 
         head = min(T, -position % C)
-        whole = (T - head) // C * C
+        # One token is a step even when it fills a chunk (chunk_size 1): a decoded token costs one launch.
+        whole = (T - head) // C * C if T > 1 else 0
         memory, chunk_start = run_steps(0, head, memory, chunk_start)
         if whole:
             o, memory = self.run_op(q[:, head:head + whole], tuple(x[:, head:head + whole] for x in inputs), memory,
