@@ -125,3 +125,33 @@ def check_stream(memory, op, tokens, state, chunk_size, ratio, **options):
         for i, (e, s) in enumerate(zip(flat(want), flat(chunk_state))):
             assert_close(f"chunk_state[{i}], {where}", e, s, ratio)
     return running, chunk_state
+
+
+def state_tensors(state):
+    """The tensors of a model's streaming state (lists of block states, dataclasses), in order."""
+    found = []
+    titans_ext.model.memory.map_tensors(found.append, state)
+    return found
+
+
+def decode_model_stream(model, prompt, fed):
+    """Under no_grad: the state after ``prompt`` and the logits of each token of ``fed [B, n]`` fed
+    one at a time after it (the eager run a replayed one-token call is compared with)."""
+    with torch.no_grad():
+        _, state = model(prompt)
+        logits, running = [], state
+        for t in range(fed.shape[1]):
+            step_logits, running = model(fed[:, t:t + 1], running)
+            logits.append(step_logits)
+    return state, logits
+
+
+def replay_one_token_calls(run_token, static_state, fed, after_each):
+    """Feeds ``fed`` through ``run_token(token) -> (logits, new_state)`` of a fixed state object: after
+    each call the new state's tensors are copied into ``static_state``'s (its Python fields stay as
+    they were, as in a CUDA graph), then ``after_each(t, logits)``."""
+    for t in range(fed.shape[1]):
+        logits, new_state = run_token(fed[:, t:t + 1])
+        for dst, src in zip(state_tensors(static_state), state_tensors(new_state)):
+            dst.copy_(src)
+        after_each(t, logits)

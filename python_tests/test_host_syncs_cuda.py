@@ -94,3 +94,25 @@ def test_model_forward(monkeypatch, block):
         model(tokens[:, :5], state)  # streaming: the state carries pending tokens and caches
 
     _check_no_sync_unless_values_checked(monkeypatch, run)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("block", ["mac", "mag", "mal", "lmm"])
+def test_model_decode(monkeypatch, block, memory):
+    """Cached generation's path: without autograd, one-token calls run the decode steps."""
+    torch.manual_seed(0)
+    model = TitansLM(100, dim=64, depth=2, block=block, heads=4, window=32, memory=memory, memory_heads=4,
+                     chunk_size=16).cuda()
+    tokens = torch.randint(0, 100, (2, 18), device="cuda")
+    state = None
+    with torch.no_grad():  # one token at a time: steps only (the MLP's chunked op has no CUDA kernel yet)
+        for t in range(15):
+            _, state = model(tokens[:, t:t + 1], state)
+
+    def run():  # positions 15, 16 and 17: the last token of a chunk, a chunk start, the next
+        with torch.no_grad():
+            running = state
+            for t in range(15, 18):
+                _, running = model(tokens[:, t:t + 1], running)
+
+    _check_no_sync_unless_values_checked(monkeypatch, run)

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import titans_ext  # noqa: F401  (registers titans_ext::)
+from titans_ext.model.memory import map_tensors
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import MEMORIES, STEP_OPS, check_stream, flat, make_stream, step
+from step_harness import (MEMORIES, STEP_OPS, check_stream, decode_model_stream, flat, make_stream,
+                          replay_one_token_calls, step)
 from utils import TOLERANCE, assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,6 +115,19 @@ def test_no_host_sync(monkeypatch, memory):
             run(0)
 
 
+def capture(fn):
+    """``fn`` run once on a side stream (the warm-up), then captured: ``(graph, fn's outputs)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_cuda_graph_capture_and_replay(memory, read):
@@ -144,14 +159,7 @@ def test_cuda_graph_capture_and_replay(memory, read):
         position.add_(1)
         return o
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        one_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_o = one_step()
+    graph, static_o = capture(one_step)
 
     for dst, src in zip(flat(static_state), static_state_init):
         dst.copy_(src)
@@ -166,3 +174,32 @@ def test_cuda_graph_capture_and_replay(memory, read):
     assert position.item() == T
     for i, (e, g) in enumerate(zip(eager, outs + flat(static_state) + flat(static_chunk))):
         assert torch.equal(e, g), f"output {i} differs between the replayed graph and the eager steps"
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_generate_step_captured_in_a_cuda_graph(memory):
+    # One token of a TitansLM of memory blocks (the shape of a generate step), captured once from a
+    # state with a chunk-start state and replayed across chunk boundaries: the decode steps read the
+    # position from the state (MemoryState.step_position), so the graph gives the eager logits.
+    torch.manual_seed(0)
+    model = titans_ext.TitansLM(64, dim=32, depth=2, block="lmm", memory=memory, memory_heads=2,
+                                chunk_size=4).cuda()
+    # 3 < chunk_size: the prompt runs as steps (the MLP's chunked op has no CUDA kernel yet) and ends
+    # inside a chunk, so the state has a chunk-start state to capture.
+    prompt = torch.randint(0, 64, (2, 3), device="cuda")
+    fed = torch.randint(0, 64, (2, 9), device="cuda")
+    state, eager = decode_model_stream(model, prompt, fed)
+    static_state = map_tensors(torch.clone, state)
+    token = fed[:, :1].clone()
+    with torch.no_grad():
+        graph, (static_logits, static_next) = capture(lambda: model(token, static_state))
+
+        def run_token(next_token):
+            token.copy_(next_token)
+            graph.replay()
+            return static_logits, static_next
+
+        def check(t, logits):
+            torch.testing.assert_close(logits, eager[t], rtol=1e-5, atol=1e-5)
+
+        replay_one_token_calls(run_token, static_state, fed, check)

@@ -1,4 +1,5 @@
-"""Model API: shapes and dtypes, streaming == parallel, cached == uncached generation, gradients
+"""Model API: shapes and dtypes, streaming == parallel (with autograd: the replay; without: the decode
+steps), cached == uncached generation and its one-token calls, gradients
 to every parameter, stability of the defaults at T = 4096, and argument errors."""
 
 import random
@@ -9,6 +10,8 @@ import torch
 import titans_ext
 from titans_ext.model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                               detach_state)
+
+from step_harness import decode_model_stream, replay_one_token_calls, state_tensors
 
 BLOCK_KINDS = ("mac", "mag", "mal", "lmm", "swa")
 MEMORY_KINDS = ("linear", "mlp")
@@ -180,6 +183,24 @@ def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
     assert calls["step"] == prompt_calls["step"] + 9 * steps_per_token
 
 
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_one_token_call_reads_its_position_from_the_state_tensors(memory):
+    """What a CUDA graph of one generate step needs (python_tests/test_memory_step_cuda.py captures
+    one): a state object whose tensors are overwritten with the next state's, its Python fields left
+    as they were, continues the stream, across chunk boundaries."""
+    torch.manual_seed(0)
+    model = TitansLM(40, dim=16, depth=2, block="lmm", memory=memory, memory_heads=2, chunk_size=4)
+    prompt, fed = torch.randint(0, 40, (2, 3)), torch.randint(0, 40, (2, 9))
+    state, eager = decode_model_stream(model, prompt, fed)
+    static_state = titans_ext.model.memory.map_tensors(torch.clone, state)
+
+    def check(t, logits):
+        torch.testing.assert_close(logits, eager[t], rtol=0, atol=0)
+
+    with torch.no_grad():
+        replay_one_token_calls(lambda token: model(token, static_state), static_state, fed, check)
+
+
 @pytest.mark.parametrize("kind, memory", MODEL_CASES)
 def test_cached_generation_equals_uncached(kind, memory):
     torch.manual_seed(2)
@@ -199,16 +220,10 @@ def test_detached_state_continues_the_stream():
     tokens = torch.randint(0, 40, (1, 14))
     _, state = model(tokens[:, :9])
     detached = detach_state(state)
-    assert all(not t.requires_grad for t in _tensors(detached))
+    assert all(not t.requires_grad for t in state_tensors(detached))
     continued, _ = model(tokens[:, 9:], detached)
     logits, _ = model(tokens)
     torch.testing.assert_close(continued, logits[:, 9:], rtol=1e-5, atol=1e-5)
-
-
-def _tensors(obj):
-    found = []
-    titans_ext.model.memory.map_tensors(found.append, obj)
-    return found
 
 
 # --- gradients -----------------------------------------------------------------------------------

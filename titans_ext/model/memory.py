@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import linear_memory
-from ..ops.step import linear_memory_step, mlp_memory_step
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
+from ..ops.step import linear_memory_step, mlp_memory_step
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
                      check_unit_interval)
 
@@ -82,6 +82,9 @@ class MemoryState:
         conv_cache: the last ``conv_kernel - 1`` projected inputs ``[B, conv_kernel - 1, 3 * H * D]``
             (q, k, v side by side), the history of the causal convolutions.
         position: tokens seen so far.
+        step_position: ``position`` as an int64 scalar tensor on the state's device, which the decode
+            steps read: a one-token call captured in a CUDA graph takes its position from the state
+            instead of baking it in (its control flow does not depend on ``position``).
         chunk_start: the :class:`~titans_ext.ChunkStartState` of the current chunk, which the decode
             steps carry (None when the last call ran with autograd or no step has run yet).
         replay: with autograd, ``(boundary, pending)``: the op state at the stream's last chunk
@@ -93,6 +96,7 @@ class MemoryState:
     memory: tuple
     conv_cache: torch.Tensor
     position: int = 0
+    step_position: torch.Tensor = None
     chunk_start: object = None
     replay: tuple = None
 
@@ -283,7 +287,8 @@ class NeuralMemory(nn.Module):
         memory = (weights[0], momentum[0]) if self.memory_kind == "linear" else (weights, momentum)
         H, D = self.heads, self.head_dim
         conv_cache = torch.zeros(batch_size, self.qkv_conv.kernel_size - 1, 3 * H * D, dtype=dtype, device=device)
-        return MemoryState(memory=memory, conv_cache=conv_cache)
+        return MemoryState(memory=memory, conv_cache=conv_cache,
+                           step_position=torch.zeros((), dtype=torch.int64, device=device))
 
     def project(self, x, conv_cache):
         """Op inputs of ``x [B, T, dim]``: ``q [B, T, H, D]`` (unit), the per-token inputs the memory
@@ -343,6 +348,9 @@ class NeuralMemory(nn.Module):
         B, T, _ = x.shape
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
+        elif state.step_position is None:  # a state put together by hand
+            state = dataclasses.replace(
+                state, step_position=torch.full((), state.position, dtype=torch.int64, device=x.device))
         q, inputs, conv_cache = self.project(x, state.conv_cache)
         tensors = [q, *inputs]
         map_tensors(tensors.append, (state.memory, state.replay))
@@ -351,6 +359,7 @@ class NeuralMemory(nn.Module):
         else:
             o, new_state = self._decode(q, inputs, state)
         new_state.conv_cache, new_state.position = conv_cache, state.position + T
+        new_state.step_position = state.step_position + T
         return self.output(o, x), new_state
 
     def _decode(self, q, inputs, state):
@@ -364,7 +373,8 @@ class NeuralMemory(nn.Module):
 
         def run_steps(start, end, memory, chunk_start):
             for t in range(start, end):
-                o, memory, chunk_start = self.step(q[:, t], tuple(x[:, t] for x in inputs), position + t, memory,
+                o, memory, chunk_start = self.step(q[:, t], tuple(x[:, t] for x in inputs),
+                                                   state.step_position + t if t else state.step_position, memory,
                                                    chunk_start)
                 outputs.append(o.unsqueeze(1))
             return memory, chunk_start
