@@ -6,8 +6,6 @@ checks are off on CUDA (titans_ext/ops/checks.py); each test also shows that tur
 CPU-side counterpart is test_value_checks.py::test_checks_off_read_no_tensor_value.
 """
 
-import contextlib
-
 import pytest
 import torch
 
@@ -16,23 +14,11 @@ from titans_ext.model import TitansLM
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from mlp_inputs import mlp_inputs
-from utils import memory_inputs
+from utils import memory_inputs, syncs_are_errors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SYNC_ERROR = r"called a synchronizing CUDA operation"
-
-
-@contextlib.contextmanager
-def syncs_are_errors():
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
 
 
 def _check_no_sync_unless_values_checked(monkeypatch, run):

@@ -4,8 +4,6 @@ the host (torch.cuda.set_sync_debug_mode("error")); a step captured in a CUDA gr
 over a stream gives the eager steps' results. Skipped without a GPU; the same kernels run under the
 CPU emulation in test_memory_step_emulated.py."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from titans_ext.ops.checks import CHECK_VALUES_ENV
 from miras_cases import OBJECTIVES, RETENTIONS
 from step_harness import (MEMORIES, STEP_OPS, check_stream, decode_model_stream, flat, make_stream,
                           replay_one_token_calls, step)
-from utils import TOLERANCE, assert_close
+from utils import TOLERANCE, assert_close, syncs_are_errors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -81,18 +79,6 @@ def test_matches_cpu_step(memory, dtype):
         runs.append([x.cpu().float() for x in outs + flat(running) + flat(chunk_state)])
     for i, (c, g) in enumerate(zip(runs[1], runs[0])):
         assert_close(f"output {i}", c, g, 1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
-
-
-@contextlib.contextmanager
-def syncs_are_errors():
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
