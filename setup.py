@@ -126,7 +126,7 @@ def _extensions():
     def glob(pattern):
         return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
 
-    sources = glob("cpu/*.cpp") + ["csrc/binding/ops.cpp", "csrc/binding/cpu_isa.cpp"]
+    sources = glob("cpu/*.cpp") + ["csrc/binding/ops.cpp", "csrc/binding/ops_step.cpp", "csrc/binding/cpu_isa.cpp"]
     cuda_sources = glob("cuda/*.cu") + glob("binding/*_cuda.cpp")
     if use_cuda and not cuda_sources:
         use_cuda, why_not = False, "no CUDA sources in csrc/cuda"
@@ -151,7 +151,8 @@ def _extensions():
     # emulation (csrc/device/emu/): built in every build, so CI without a GPU runs them. Its binding
     # shares linear_memory_device.h with the CUDA one, so it is a stable-ABI library too.
     emulation = CppExtension("titans_ext._emu",
-                             glob("device/emu/*.cpp") + glob("emu/*.cpp") + ["csrc/binding/ops_emu.cpp"],
+                             glob("device/emu/*.cpp") + glob("emu/*.cpp")
+                             + ["csrc/binding/ops_emu.cpp", "csrc/binding/ops_step_emu.cpp"],
                              define_macros=macros, **common)
     return [ext, emulation], build_info
 

@@ -30,6 +30,24 @@ def median_ms(fn, device, warmup=2, repeats=7, min_seconds=0.0):
     return statistics.median(times)
 
 
+def interleaved_medians_ms(fns, device, warmup=1, repeats=5):
+    """Median wall time of each of ``fns`` in milliseconds, timed in turns (one call of each per
+    round, ``repeats`` rounds after ``warmup``), so that a load that drifts during the run (a
+    shared machine) weighs on every function alike and their ratios stay comparable."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(samples) for samples in times]
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

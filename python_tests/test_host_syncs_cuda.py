@@ -6,8 +6,6 @@ checks are off on CUDA (titans_ext/ops/checks.py); each test also shows that tur
 CPU-side counterpart is test_value_checks.py::test_checks_off_read_no_tensor_value.
 """
 
-import contextlib
-
 import pytest
 import torch
 
@@ -16,23 +14,11 @@ from titans_ext.model import TitansLM
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from mlp_inputs import mlp_inputs
-from utils import memory_inputs
+from utils import memory_inputs, syncs_are_errors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SYNC_ERROR = r"called a synchronizing CUDA operation"
-
-
-@contextlib.contextmanager
-def syncs_are_errors():
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
 
 
 def _check_no_sync_unless_values_checked(monkeypatch, run):
@@ -92,5 +78,27 @@ def test_model_forward(monkeypatch, block):
     def run():
         _, state = model(tokens)
         model(tokens[:, :5], state)  # streaming: the state carries pending tokens and caches
+
+    _check_no_sync_unless_values_checked(monkeypatch, run)
+
+
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
+@pytest.mark.parametrize("block", ["mac", "mag", "mal", "lmm"])
+def test_model_decode(monkeypatch, block, memory):
+    """Cached generation's path: without autograd, one-token calls run the decode steps."""
+    torch.manual_seed(0)
+    model = TitansLM(100, dim=64, depth=2, block=block, heads=4, window=32, memory=memory, memory_heads=4,
+                     chunk_size=16).cuda()
+    tokens = torch.randint(0, 100, (2, 18), device="cuda")
+    state = None
+    with torch.no_grad():  # one token at a time: steps only (the MLP's chunked op has no CUDA kernel yet)
+        for t in range(15):
+            _, state = model(tokens[:, t:t + 1], state)
+
+    def run():  # positions 15, 16 and 17: the last token of a chunk, a chunk start, the next
+        with torch.no_grad():
+            running = state
+            for t in range(15, 18):
+                _, running = model(tokens[:, t:t + 1], running)
 
     _check_no_sync_unless_values_checked(monkeypatch, run)

@@ -1,4 +1,5 @@
-"""Model API: shapes and dtypes, streaming == parallel, cached == uncached generation, gradients
+"""Model API: shapes and dtypes, streaming == parallel (with autograd: the replay; without: the decode
+steps), cached == uncached generation and its one-token calls, gradients
 to every parameter, stability of the defaults at T = 4096, and argument errors."""
 
 import random
@@ -9,6 +10,8 @@ import torch
 import titans_ext
 from titans_ext.model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                               detach_state)
+
+from step_harness import decode_model_stream, replay_one_token_calls, state_tensors
 
 BLOCK_KINDS = ("mac", "mag", "mal", "lmm", "swa")
 MEMORY_KINDS = ("linear", "mlp")
@@ -29,9 +32,9 @@ def small_lm(kind, memory="linear"):
                     memory_heads=2, chunk_size=4)
 
 
-def run_in_pieces(module, x, piece_lengths):
-    """Outputs of ``module`` fed ``x`` in consecutive pieces, with the state carried."""
-    outputs, state, start = [], None, 0
+def run_in_pieces(module, x, piece_lengths, state=None):
+    """Outputs of ``module`` fed ``x`` in consecutive pieces, with the state carried (from ``state``)."""
+    outputs, start = [], 0
     for length in piece_lengths:
         y, state = module(x[:, start:start + length], state)
         outputs.append(y)
@@ -55,7 +58,7 @@ def test_neural_memory_shapes_and_dtypes(memory, dtype):
     x = torch.randn(3, 10, 16, dtype=dtype)
     y, state = layer(x)
     assert y.shape == (3, 10, 16) and y.dtype == dtype
-    assert isinstance(state, MemoryState) and state.position == 10 and state.n_pending == 2
+    assert isinstance(state, MemoryState) and state.position == 10 and state.replay[1][0].shape[1] == 2
     weights = state.memory[0] if memory == "linear" else state.memory[0][0]
     assert weights.dtype == torch.float32 and weights.shape[:2] == (3, 2)
     assert state.conv_cache.shape == (3, 3, 3 * 2 * 8)
@@ -105,10 +108,103 @@ def test_lm_streaming_equals_parallel(kind):
         torch.testing.assert_close(streamed, logits, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_cached_generation_equals_uncached(kind):
+MODEL_CASES = [(kind, "linear") for kind in BLOCK_KINDS] + [(kind, "mlp") for kind in BLOCK_KINDS if kind != "swa"]
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 5])
+def test_neural_memory_decode_streaming_equals_parallel(memory, chunk_size):
+    """Without autograd the pieces run the decode steps (and the chunked op on whole chunks)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=chunk_size).double()
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        y_tokens, state_tokens = run_in_pieces(layer, x, [1] * 23)
+        y_pieces, state_pieces = run_in_pieces(layer, x, random_pieces(23, random.Random(chunk_size)))
+    assert state_tokens.replay is None and state_tokens.chunk_start is not None
+    for y_other, other in ((y_tokens, state_tokens), (y_pieces, state_pieces)):
+        torch.testing.assert_close(y_other, y, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(other.memory, state.memory, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_stream_switches_from_autograd_to_decode_mid_chunk(memory):
+    """The chunk-start state is rebuilt from the replayed tokens; the way back is refused."""
+    torch.manual_seed(1)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=4).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+    y_first, mid = layer(x[:, :6])
+    assert mid.replay is not None
+    with torch.no_grad():
+        y_rest, end = run_in_pieces(layer, x[:, 6:], [1, 3, 1], mid)
+    torch.testing.assert_close(torch.cat([y_first.detach(), y_rest], dim=1), y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(end.memory, state.memory, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        _, stepped = layer(x[:, :6])
+    with pytest.raises(ValueError, match="state: the stream is at position 6, inside a chunk"):
+        layer(x[:, 6:8], stepped)
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_lm_decode_streaming_equals_parallel(kind, memory):
+    torch.manual_seed(1)
+    model = small_lm(kind, memory).double()
+    tokens = torch.randint(0, 40, (2, 21))
+    with torch.no_grad():
+        logits, _ = model(tokens)
+        for lengths in ([1] * 21, random_pieces(21, random.Random(2))):
+            streamed, _ = run_in_pieces(model, tokens, lengths)
+            torch.testing.assert_close(streamed, logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
+    """After the prompt, each generated token runs decode steps only (O(state)), never the chunked op."""
+    model = small_lm(kind, memory)
+    prompt = torch.randint(0, 40, (1, 6))
+    calls = {"chunked": 0, "step": 0}
+    for name, key in (("run_op", "chunked"), ("step", "step")):
+        original = getattr(NeuralMemory, name)
+
+        def counted(self, *args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(NeuralMemory, name, counted)
+    model.generate(prompt, 0)  # the prompt alone (its tokens count below only through it)
+    prompt_calls = dict(calls)
+    calls.update(chunked=0, step=0)
+    model.generate(prompt, 9)
+    steps_per_token = {"mac": 2, "swa": 0}.get(kind, 1) * len(model.blocks)
+    assert calls["chunked"] == prompt_calls["chunked"]
+    assert calls["step"] == prompt_calls["step"] + 9 * steps_per_token
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_one_token_call_reads_its_position_from_the_state_tensors(memory):
+    """What a CUDA graph of one generate step needs (python_tests/test_memory_step_cuda.py captures
+    one): a state object whose tensors are overwritten with the next state's, its Python fields left
+    as they were, continues the stream, across chunk boundaries."""
+    torch.manual_seed(0)
+    model = TitansLM(40, dim=16, depth=2, block="lmm", memory=memory, memory_heads=2, chunk_size=4)
+    prompt, fed = torch.randint(0, 40, (2, 3)), torch.randint(0, 40, (2, 9))
+    state, eager = decode_model_stream(model, prompt, fed)
+    static_state = titans_ext.model.memory.map_tensors(torch.clone, state)
+
+    def check(t, logits):
+        torch.testing.assert_close(logits, eager[t], rtol=0, atol=0)
+
+    with torch.no_grad():
+        replay_one_token_calls(lambda token: model(token, static_state), static_state, fed, check)
+
+
+@pytest.mark.parametrize("kind, memory", MODEL_CASES)
+def test_cached_generation_equals_uncached(kind, memory):
     torch.manual_seed(2)
-    model = small_lm(kind).double()
+    model = small_lm(kind, memory).double()
     prompt = torch.randint(0, 40, (2, 6))
     cached = model.generate(prompt, 12)
     assert cached.shape == (2, 18) and torch.equal(cached[:, :6], prompt)
@@ -124,16 +220,10 @@ def test_detached_state_continues_the_stream():
     tokens = torch.randint(0, 40, (1, 14))
     _, state = model(tokens[:, :9])
     detached = detach_state(state)
-    assert all(not t.requires_grad for t in _tensors(detached))
+    assert all(not t.requires_grad for t in state_tensors(detached))
     continued, _ = model(tokens[:, 9:], detached)
     logits, _ = model(tokens)
     torch.testing.assert_close(continued, logits[:, 9:], rtol=1e-5, atol=1e-5)
-
-
-def _tensors(obj):
-    found = []
-    titans_ext.model.memory.map_tensors(found.append, obj)
-    return found
 
 
 # --- gradients -----------------------------------------------------------------------------------

@@ -55,14 +55,17 @@ def test_initial_memory_of_the_retentions():
         torch.testing.assert_close(w.pow(4).sum(dim=(-2, -1)), torch.ones(3, 2))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["replay", "decode_steps"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_streaming_equals_parallel(preset):
-    """Learned delta, lq and kl carried across calls of any length (pending tokens included)."""
+def test_preset_streaming_equals_parallel(preset, grad):
+    """Learned delta, lq and kl carried across calls of any length (pending tokens replayed with
+    autograd, decode steps without)."""
     torch.manual_seed(0)
     layer = small_memory(preset=preset).double()
     x = torch.randn(2, 15, 16, dtype=torch.float64)
-    y, state = layer(x)
-    y_pieces, state_pieces = run_in_pieces(layer, x, random_pieces(15, random.Random(1), longest=6))
+    with torch.set_grad_enabled(grad):
+        y, state = layer(x)
+        y_pieces, state_pieces = run_in_pieces(layer, x, random_pieces(15, random.Random(1), longest=6))
     torch.testing.assert_close(y_pieces, y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state_pieces.memory, state.memory, rtol=1e-10, atol=1e-10)
 

@@ -71,3 +71,9 @@ def test_readme_model_api_example_runs():
     assert namespace["y"].shape == (2, 1000, 256) and namespace["y_next"].shape == (2, 10, 256)
     assert namespace["logits"].shape == (2, 512, 1000)
     assert namespace["tokens"].shape[-1] == 16 + 32
+
+
+def test_readme_decode_step_example_runs():
+    """The decode-step example checks itself: a stream of steps equals one chunked call."""
+    namespace = readme_example("titans_ext.linear_memory_step(\n")
+    assert namespace["state"][0].shape == (2, 4, 32, 32)

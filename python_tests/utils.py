@@ -6,6 +6,7 @@ float64 1e-10 (the kernels and the references differ only in summation order), f
 2e-5 for values / 1e-4 for gradients, bf16 inputs 1e-2 (inputs are rounded, state is fp32).
 """
 
+import contextlib
 import zlib
 
 import pytest
@@ -137,3 +138,16 @@ def all_emulation_modes(request):
     set_emulation_modes(seed)
     yield seed
     set_emulation_modes(-1)
+
+
+@contextlib.contextmanager
+def syncs_are_errors():
+    """Every synchronizing CUDA call torch makes inside the block raises (set_sync_debug_mode("error"))."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()

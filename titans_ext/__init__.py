@@ -1,8 +1,9 @@
 """titans_ext: fast kernels for Titans-style neural long-term memory.
 
 Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
-path and CUDA kernels; :func:`cpu_isa` / :func:`set_cpu_isa` show and switch the instruction-set
-variant of the CPU kernels (environment variable ``TITANS_EXT_CPU_ISA`` at import).
+path and CUDA kernels; their decode steps :func:`linear_memory_step` and :func:`mlp_memory_step`
+(one token at O(state) cost); :func:`cpu_isa` / :func:`set_cpu_isa` show and switch the
+instruction-set variant of the CPU kernels (environment variable ``TITANS_EXT_CPU_ISA`` at import).
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
 Context parallel (one sequence split across processes): :mod:`titans_ext.distributed`.
@@ -28,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 import os
 
-from .ops import CPU_ISAS, cpu_isa, linear_memory, mlp_memory, set_cpu_isa, supported_cpu_isas
+from .ops import (CPU_ISAS, ChunkStartState, cpu_isa, linear_memory, linear_memory_step, mlp_memory, mlp_memory_step,
+                  set_cpu_isa, supported_cpu_isas)
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
 from . import distributed
@@ -40,5 +42,6 @@ if os.environ.get("TITANS_EXT_CPU_ISA"):
         raise ValueError(f"environment variable TITANS_EXT_CPU_ISA: {exc}") from None
 
 __version__ = "0.1.0"
-__all__ = ["linear_memory", "mlp_memory", "cpu_isa", "set_cpu_isa", "supported_cpu_isas", "CPU_ISAS", "LMMBlock",
+__all__ = ["ChunkStartState", "linear_memory", "linear_memory_step", "mlp_memory", "mlp_memory_step", "cpu_isa",
+           "set_cpu_isa", "supported_cpu_isas", "CPU_ISAS", "LMMBlock",
            "MACBlock", "MAGBlock", "MALBlock", "MemoryState", "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

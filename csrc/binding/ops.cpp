@@ -14,8 +14,8 @@
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/core/Dispatch_v2.h>
 
+#include "binding/cpu_dispatch.h"
 #include "binding/tensor_params.h"
 #include "cpu/linear_memory.h"
 #include "cpu/mlp_memory.h"
@@ -23,15 +23,11 @@
 namespace titans {
 namespace {
 
-// Calls kernel(scalar_t{}, begin, end) on ranges of the params' (sequence, head) work items
-// (cpu/kernel_utils.h's Head), split across torch's intra-op threads, with scalar_t the compute
-// dtype.
+// Runs kernel(scalar_t{}, begin, end) over the params' (sequence, head) work items
+// (cpu/kernel_utils.h's Head), one item per task.
 template <typename Kernel>
 void run_over_heads(ScalarType dtype, const SequenceParams& params, const Kernel& kernel) {
-  const int64_t pairs = int64_t(params.n_seqs) * params.heads;
-  THO_DISPATCH_V2(dtype, "titans_ext CPU kernel", AT_WRAP([&] {
-    torch::stable::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) { kernel(scalar_t{}, begin, end); });
-  }), AT_EXPAND(AT_FLOATING_TYPES));
+  titans::run_over_heads(dtype, int64_t(params.n_seqs) * params.heads, 1, kernel);
 }
 
 // The per-token inputs in the compute dtype, feature dimension contiguous.
@@ -279,14 +275,12 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 // Schemas: one forward and one backward op per memory. The forward also returns what the
 // backward needs (the chunk-start states), so autograd can be attached in Python with
 // torch.library.register_autograd and both directions stay visible to torch.compile.
-// The trailing arguments of every op: the MIRAS options (codes of titans_params.h; delta contiguous
-// [B, T, H, Dv] or None) default to the l2 objective and retention. d_delta is empty when delta
-// is None. Last, cu_seqlens: None, or the int32/int64 [N + 1] offsets of packed sequences
-// (titans_params.h; B == 1); the states are then [N, H, ...] and chunk_states has
-// (T + N (chunk_size - 1)) // chunk_size slots per head.
-#define TITANS_OPTION_ARGS                                                                                  \
-  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2., " \
-  "Tensor? cu_seqlens=None"
+// The trailing arguments of every op: the MIRAS options (TITANS_MIRAS_ARGS, tensor_params.h)
+// default to the l2 objective and retention; d_delta is empty when delta is None. Last,
+// cu_seqlens: None, or the int32/int64 [N + 1] offsets of packed sequences (titans_params.h;
+// B == 1); the states are then [N, H, ...] and chunk_states has (T + N (chunk_size - 1)) //
+// chunk_size slots per head.
+#define TITANS_OPTION_ARGS TITANS_MIRAS_ARGS ", Tensor? cu_seqlens=None"
 
 STABLE_TORCH_LIBRARY(titans_ext, m) {
   m.def(

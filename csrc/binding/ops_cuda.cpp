@@ -1,16 +1,9 @@
 // CUDA implementations of the titans_ext operators (schemas in ops.cpp). Compiled by g++, not
 // nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (docs/build.md §3). Stable ABI
 // only: the device guard, the current stream and error checks come from torch's stable C shim.
-#include <map>
-#include <mutex>
-
-#include <cuda_runtime_api.h>
-
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/macros.h>
 
+#include "binding/cuda_launch.h"
 #include "binding/linear_memory_device.h"
 #include "binding/linear_memory_plan.h"
 
@@ -27,43 +20,6 @@ void check_default_options(int64_t objective, const std::optional<Tensor>& delta
   STD_TORCH_CHECK(!cu_seqlens, "linear_memory on CUDA: cu_seqlens is not supported by the CUDA kernels yet (packed "
                   "sequences run on the CPU kernels)");
 }
-
-// A device's SM count and shared memory (per block with opt-in, and per SM), queried once per
-// device: the launchers read them on every call.
-DeviceLimits device_limits(int device) {
-  static std::mutex mutex;
-  static std::map<int, DeviceLimits> known;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = known.find(device);
-  if (found != known.end()) return found->second;
-  int sm_count = 0, block_bytes = 0, sm_bytes = 0;
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&block_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  return known.emplace(device, DeviceLimits{sm_count, size_t(block_bytes), size_t(sm_bytes)}).first->second;
-}
-
-// What every CUDA op does around its launch: make q's device current (the kernels launch on the
-// current device) and run on torch's current stream of that device, so the ops order with the
-// caller's work and never synchronize the host.
-class CudaLaunchContext {
- public:
-  explicit CudaLaunchContext(const Tensor& q)
-      : device_(q.get_device_index()), guard_(device_), limits_(device_limits(device_)) {
-    void* stream = nullptr;
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_, &stream));
-    stream_ = static_cast<cudaStream_t>(stream);
-  }
-
-  const DeviceLimits& limits() const { return limits_; }
-  cudaStream_t stream() const { return stream_; }
-
- private:
-  torch::stable::accelerator::DeviceIndex device_;
-  torch::stable::accelerator::DeviceGuard guard_;
-  DeviceLimits limits_;
-  cudaStream_t stream_ = nullptr;
-};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,

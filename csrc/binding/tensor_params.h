@@ -170,6 +170,11 @@ inline LinearMemoryParams linear_memory_params(const Tensor& q, const Tensor& k,
   return p;
 }
 
+// The trailing MIRAS arguments of every op's schema: codes of titans_params.h, delta contiguous
+// [B, T, H, Dv] ([B, H, Dv] for a step) or None.
+#define TITANS_MIRAS_ARGS \
+  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
+
 // The MIRAS arguments of the schemas as kernel parameters. delta (when the objective has one) must
 // already be contiguous [B, T, H, Dv] in the compute dtype; the caller keeps it alive.
 inline MirasParams miras_params(int64_t objective, double p, double eps, const std::optional<Tensor>& delta,

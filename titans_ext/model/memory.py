@@ -6,10 +6,18 @@ and hands them to the public ops (:func:`titans_ext.linear_memory`,
 
 Streaming. The ops split a call into chunks starting at the call's first token, and a token's
 inner gradient is taken at the memory before its chunk. So that pieces of any length give the
-one-shot result, chunks are counted from the start of the stream: the state keeps the memory
-at the last chunk boundary of the stream and the op inputs (k, v, gates) of the tokens since
-then, fewer than a chunk. A call replays those tokens from the boundary together with its own,
-so at most ``chunk_size - 1`` tokens are recomputed per call.
+one-shot result, chunks are counted from the start of the stream. A call runs its whole chunks
+with the chunked op and the tokens of a chunk it shares with other calls in one of two ways:
+
+- without autograd (inference, ``TitansLM.generate``): one decode step per token
+  (:func:`titans_ext.linear_memory_step`, :func:`titans_ext.mlp_memory_step`), which carries the
+  running memory and the chunk-start state, so a token costs O(state) whatever the chunk size;
+- with autograd (the steps have no backward): the state keeps the memory at the last chunk
+  boundary and the op inputs of the tokens since then, and the call replays them with its own
+  through the chunked op (at most ``chunk_size - 1`` tokens recomputed).
+
+A stream may switch from the second way to the first mid-chunk (the chunk-start state is rebuilt
+from the replayed tokens), not back: gradients cannot flow through tokens a step consumed.
 """
 
 import dataclasses
@@ -22,6 +30,7 @@ from torch import nn
 
 from ..ops import linear_memory
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
+from ..ops.step import linear_memory_step, mlp_memory_step
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
                      check_unit_interval)
 
@@ -47,6 +56,8 @@ def map_tensors(fn, obj):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: map_tensors(fn, getattr(obj, f.name))
                                            for f in dataclasses.fields(obj)})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple (ChunkStartState)
+        return type(obj)(*(map_tensors(fn, item) for item in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, item) for item in obj)
     return obj
@@ -65,29 +76,33 @@ class MemoryState:
     """Streaming state of a :class:`NeuralMemory`.
 
     Attributes:
-        memory: the op state at the stream's last chunk boundary: ``(M, S)``, each
+        memory: the op state after the last token seen (the running state): ``(M, S)``, each
             ``[B, H, D, D]``, for the linear memory; ``((W1, W2), (S1, S2))`` for the MLP memory.
             fp32 (fp64 for fp64 inputs).
-        pending: ``(k, v, theta, eta, alpha)`` of the tokens after that boundary, which the next
-            call replays: k, v ``[B, n, H, D]``, gates ``[B, n, H]``, ``n < chunk_size``; with a
-            learned delta also its ``[B, n, H, D]`` values.
         conv_cache: the last ``conv_kernel - 1`` projected inputs ``[B, conv_kernel - 1, 3 * H * D]``
             (q, k, v side by side), the history of the causal convolutions.
         position: tokens seen so far.
+        step_position: ``position`` as an int64 scalar tensor on the state's device, which the decode
+            steps read: a one-token call captured in a CUDA graph takes its position from the state
+            instead of baking it in (its control flow does not depend on ``position``).
+        chunk_start: the :class:`~titans_ext.ChunkStartState` of the current chunk, which the decode
+            steps carry (None when the last call ran with autograd or no step has run yet).
+        replay: with autograd, ``(boundary, pending)``: the op state at the stream's last chunk
+            boundary and ``(k, v, theta, eta, alpha)`` of the tokens after it, which the next call
+            replays (k, v ``[B, n, H, D]``, gates ``[B, n, H]``, ``n < chunk_size``; with a learned
+            delta also its ``[B, n, H, D]`` values). None when the last call ran the decode steps.
     """
 
     memory: tuple
-    pending: tuple
     conv_cache: torch.Tensor
     position: int = 0
+    step_position: torch.Tensor = None
+    chunk_start: object = None
+    replay: tuple = None
 
     def detach(self):
         """This state cut from the autograd graph (for truncated backpropagation through time)."""
         return detach_state(self)
-
-    @property
-    def n_pending(self):
-        return self.pending[0].shape[1]
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -271,13 +286,9 @@ class NeuralMemory(nn.Module):
         momentum = tuple(torch.zeros_like(w) for w in weights)
         memory = (weights[0], momentum[0]) if self.memory_kind == "linear" else (weights, momentum)
         H, D = self.heads, self.head_dim
-        pending = (torch.zeros(batch_size, 0, H, D, dtype=dtype, device=device),
-                   torch.zeros(batch_size, 0, H, D, dtype=dtype, device=device),
-                   *(torch.zeros(batch_size, 0, H, dtype=state_dtype, device=device) for _ in range(3)))
-        if self.delta_proj is not None:
-            pending += (torch.zeros(batch_size, 0, H, D, dtype=state_dtype, device=device),)
         conv_cache = torch.zeros(batch_size, self.qkv_conv.kernel_size - 1, 3 * H * D, dtype=dtype, device=device)
-        return MemoryState(memory=memory, pending=pending, conv_cache=conv_cache)
+        return MemoryState(memory=memory, conv_cache=conv_cache,
+                           step_position=torch.zeros((), dtype=torch.int64, device=device))
 
     def project(self, x, conv_cache):
         """Op inputs of ``x [B, T, dim]``: ``q [B, T, H, D]`` (unit), the per-token inputs the memory
@@ -319,32 +330,116 @@ class NeuralMemory(nn.Module):
         return titans_ext.mlp_memory(q, k, v, theta, eta, alpha, weights, momentum=momentum,
                                      activation=self.activation, **options)
 
+    def step(self, q, inputs, position, memory, chunk_start, read=None):
+        """One decode step (:func:`titans_ext.linear_memory_step` / :func:`titans_ext.mlp_memory_step`)
+        on the token ``q [B, H, D]``, ``inputs`` as :meth:`project`'s without the time axis, at stream
+        ``position``; returns ``(o [B, H, D], memory, chunk_start)``."""
+        k, v, theta, eta, alpha, *learned_delta = inputs
+        objective = (self.objective[0], learned_delta[0]) if learned_delta else self.objective
+        options = dict(position=position, state=memory, chunk_state=chunk_start, chunk_size=self.chunk_size,
+                       read=self.read if read is None else read, objective=objective, retention=self.retention)
+        if self.memory_kind == "linear":
+            return linear_memory_step(q, k, v, theta, eta, alpha, **options)
+        return mlp_memory_step(q, k, v, theta, eta, alpha, activation=self.activation, **options)
+
     def forward(self, x, state=None):
         """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``."""
         check_input("x", x, self.dim)
         B, T, _ = x.shape
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
+        elif state.step_position is None:  # a state put together by hand
+            state = dataclasses.replace(
+                state, step_position=torch.full((), state.position, dtype=torch.int64, device=x.device))
         q, inputs, conv_cache = self.project(x, state.conv_cache)
-        n_pending = state.n_pending
+        tensors = [q, *inputs]
+        map_tensors(tensors.append, (state.memory, state.replay))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            o, new_state = self._replay(q, inputs, state)
+        else:
+            o, new_state = self._decode(q, inputs, state)
+        new_state.conv_cache, new_state.position = conv_cache, state.position + T
+        new_state.step_position = state.step_position + T
+        return self.output(o, x), new_state
+
+    def _decode(self, q, inputs, state):
+        """Without autograd: decode steps for the tokens of chunks shared with other calls, the
+        chunked op for the call's whole chunks."""
+        C, T = self.chunk_size, q.shape[1]
+        position, memory, chunk_start = state.position, state.memory, state.chunk_start
+        if position % C and chunk_start is None:
+            memory, chunk_start = self._chunk_start_from_replay(state)
+        outputs = []
+
+        def run_steps(start, end, memory, chunk_start):
+            for t in range(start, end):
+                o, memory, chunk_start = self.step(q[:, t], tuple(x[:, t] for x in inputs),
+                                                   state.step_position + t if t else state.step_position, memory,
+                                                   chunk_start)
+                outputs.append(o.unsqueeze(1))
+            return memory, chunk_start
+
+        head = min(T, -position % C)
+        # One token is a step even when it fills a chunk (chunk_size 1): a decoded token costs one launch.
+        whole = (T - head) // C * C if T > 1 else 0
+        memory, chunk_start = run_steps(0, head, memory, chunk_start)
+        if whole:
+            o, memory = self.run_op(q[:, head:head + whole], tuple(x[:, head:head + whole] for x in inputs), memory,
+                                    output_final_state=True)
+            outputs.append(o)
+        memory, chunk_start = run_steps(head + whole, T, memory, chunk_start)
+        o = torch.cat(outputs, dim=1) if outputs else q
+        return o, MemoryState(memory=memory, conv_cache=state.conv_cache, chunk_start=chunk_start)
+
+    def _chunk_start_from_replay(self, state):
+        """The running and the chunk-start state of a stream last advanced with autograd: the
+        pending tokens stepped from the chunk boundary (their outputs are not needed)."""
+        if state.replay is None:
+            raise ValueError("state: expected a MemoryState from this layer, got one in the middle of a chunk "
+                             "with neither a chunk_start nor a replay")
+        memory, pending = state.replay
+        n = pending[0].shape[1]
+        chunk_start = None
+        for t in range(n):
+            token = tuple(x[:, t] for x in pending)
+            memory, chunk_start = self.step(torch.zeros_like(token[0]), token, state.position - n + t, memory,
+                                            chunk_start)[1:]
+        return memory, chunk_start
+
+    def _replay(self, q, inputs, state):
+        """With autograd: the chunked op from the last chunk boundary on the pending tokens and the
+        call's own (the decode steps have no backward)."""
+        B, C = q.shape[0], self.chunk_size
+        if state.replay is None:
+            if state.position % C:
+                raise ValueError(
+                    f"state: the stream is at position {state.position}, inside a chunk of {C} tokens, and was "
+                    "advanced by decode steps (without autograd), whose tokens gradients cannot flow through; "
+                    "continue it under torch.no_grad(), or run the calls that need gradients from a chunk boundary")
+            pending = tuple(x[:, :0] for x in inputs)
+            boundary = state.memory
+        else:
+            boundary, pending = state.replay
+        n_pending = pending[0].shape[1]
         # Replay the tokens since the last boundary so that chunks are counted from the stream's start;
         # their queries are placeholders (their outputs were returned by an earlier call).
         q = torch.cat([q.new_zeros(B, n_pending, *q.shape[2:]), q], dim=1)
-        inputs = tuple(torch.cat([old.to(new.dtype), new], dim=1) for old, new in zip(state.pending, inputs))
-        n_complete = (q.shape[1] // self.chunk_size) * self.chunk_size
-        memory, outputs = state.memory, []
+        inputs = tuple(torch.cat([old.to(new.dtype), new], dim=1) for old, new in zip(pending, inputs))
+        n_complete = (q.shape[1] // C) * C
+        outputs, memory = [], boundary
         if n_complete > 0:
-            o, memory = self.run_op(q[:, :n_complete], tuple(t[:, :n_complete] for t in inputs), memory,
-                                    output_final_state=True)
+            o, boundary = self.run_op(q[:, :n_complete], tuple(t[:, :n_complete] for t in inputs), boundary,
+                                      output_final_state=True)
             outputs.append(o)
+            memory = boundary
         if q.shape[1] > n_complete:
-            o, _ = self.run_op(q[:, n_complete:], tuple(t[:, n_complete:] for t in inputs), memory,
-                               output_final_state=False)
+            o, memory = self.run_op(q[:, n_complete:], tuple(t[:, n_complete:] for t in inputs), boundary,
+                                    output_final_state=True)
             outputs.append(o)
         o = torch.cat(outputs, dim=1)[:, n_pending:] if outputs else q[:, n_pending:]
         pending = tuple(t[:, n_complete:] for t in inputs)
-        new_state = MemoryState(memory=memory, pending=pending, conv_cache=conv_cache, position=state.position + T)
-        return self.output(o, x), new_state
+        replay = (boundary, pending) if pending[0].shape[1] else None
+        return o, MemoryState(memory=memory, conv_cache=state.conv_cache, replay=replay)
 
     def retrieve(self, x, memory, conv_cache):
         """Reads ``memory`` (op state format) with the queries of ``x [B, T, dim]``, writing nothing.
@@ -356,7 +451,14 @@ class NeuralMemory(nn.Module):
         check_input("x", x, self.dim)
         q, (k, v, theta, _, _, *learned_delta), conv_cache = self.project(x, conv_cache)
         zero = torch.zeros_like(theta)
+        inputs = (k, v, zero, zero, zero, *learned_delta)
+        tensors = [q, *inputs]
+        map_tensors(tensors.append, memory)
+        if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            # Decoding: one step that starts a chunk and reads before the token's update.
+            o, _, _ = self.step(q[:, 0], tuple(t[:, 0] for t in inputs), 0, memory, None, read="chunk_start")
+            return self.output(o.unsqueeze(1), x), conv_cache
         # One chunk spanning the call, read before it: every token reads `memory` itself.
-        o, _ = self.run_op(q, (k, v, zero, zero, zero, *learned_delta), memory, output_final_state=False,
-                           chunk_size=max(x.shape[1], 1), read="chunk_start")
+        o, _ = self.run_op(q, inputs, memory, output_final_state=False, chunk_size=max(x.shape[1], 1),
+                           read="chunk_start")
         return self.output(o, x), conv_cache

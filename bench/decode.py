@@ -1,0 +1,204 @@
+"""Decode benchmark: tokens per second of one token at a time, the step ops against the streaming
+path they replace.
+
+    python -m bench.decode [--device cpu|cuda] [--tokens 256] [--threads 2] [--model] [--out PATH]
+
+For each memory (linear; MLP with expansion E) and chunk size (16 and 64), a stream of ``--tokens``
+tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed):
+
+- step op: ``titans_ext.linear_memory_step`` / ``mlp_memory_step``, carrying the running and the
+  chunk-start state (O(state) per token);
+- chunked op, replay: what the model's streaming path did before the step ops (and still does
+  under autograd, which the steps lack; what any caller of the chunked op must do): keep the state
+  at the last chunk boundary and, per token, run the chunked op on the tokens since that boundary
+  plus the new one (``t % C + 1`` tokens, returning the state when they complete the chunk), so a
+  token costs O(C) memory work.
+
+With ``--model``, also ``TitansLM.generate`` (cached, so the decode steps; an LMM model of two
+blocks: embedding, memory, feed-forward, head) in generated tokens per second.
+
+Every row is timed in one run, in turns (one decode of each row per round, a warm-up round, the
+median of ``--repeats`` rounds), so a drifting machine load weighs on all rows alike; ratios
+compare rows of the same run. On the CPU each op row is timed with value checks on (the default
+there) and off. The targets of issue 18: the step's tokens/s at chunk 16 and 64 within 10 % of
+each other, and >= 5x the replay at chunk 64.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+import titans_ext
+from titans_ext.ops.checks import CHECK_VALUES_ENV
+
+from .timing import interleaved_medians_ms, markdown_table
+
+
+STEP, REPLAY = "step op", "chunked op, replay"
+
+
+def stream(memory, B, T, H, D, expansion, device, dtype):
+    """Per-token inputs [B, T, ...] and an initial state (the chunked op's format)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device)
+
+    q = torch.nn.functional.normalize(rand(B, T, H, D), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(rand(B, T, H, D), dim=-1).to(dtype)
+    v = rand(B, T, H, D).to(dtype)
+    gates = [(torch.rand(B, T, H, generator=g) * scale).to(device) for scale in (0.05, 0.9, 0.1)]
+    if memory == "linear":
+        state = (rand(B, H, D, D, scale=0.1), torch.zeros(B, H, D, D, device=device))
+    else:
+        N = expansion * D
+        weights = (rand(B, H, N, D, scale=D ** -0.5), rand(B, H, D, N, scale=N ** -0.5))
+        state = (weights, tuple(torch.zeros_like(w) for w in weights))
+    return [q, k, v, *gates], state
+
+
+def decode_with_steps(memory, tokens, state, chunk_size):
+    step = titans_ext.linear_memory_step if memory == "linear" else titans_ext.mlp_memory_step
+    T = tokens[0].shape[1]
+
+    def run():
+        running, chunk_state = state, None
+        with torch.no_grad():
+            for t in range(T):
+                _, running, chunk_state = step(*(x[:, t] for x in tokens), position=t, state=running,
+                                               chunk_state=chunk_state, chunk_size=chunk_size)
+    return run
+
+
+def chunked_call(memory, inputs, state, chunk_size, output_final_state):
+    if memory == "linear":
+        return titans_ext.linear_memory(*inputs, initial_state=state, chunk_size=chunk_size,
+                                        output_final_state=output_final_state)
+    weights, momentum = state
+    return titans_ext.mlp_memory(*inputs, weights, momentum=momentum, chunk_size=chunk_size,
+                                 output_final_state=output_final_state)
+
+
+def decode_with_replay(memory, tokens, state, chunk_size):
+    """The streaming path before the step ops: per token, the chunked op on the tokens since the
+    last chunk boundary and the new one, from the boundary state."""
+    T = tokens[0].shape[1]
+
+    def run():
+        boundary = state
+        with torch.no_grad():
+            for t in range(T):
+                start = t - t % chunk_size
+                complete = t - start + 1 == chunk_size
+                _, final = chunked_call(memory, [x[:, start:t + 1] for x in tokens], boundary, chunk_size, complete)
+                if complete:
+                    boundary = final
+    return run
+
+
+def decode_with_model(B, T, H, D, chunk_size, device):
+    torch.manual_seed(0)
+    model = titans_ext.TitansLM(256, dim=H * D, depth=2, block="lmm", memory_heads=H, chunk_size=chunk_size).to(device)
+    prompt = torch.randint(0, 256, (B, 8), device=device)
+    return lambda: model.generate(prompt, T)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--expansion", type=int, default=4, help="hidden width / D of the MLP memory")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens decoded per timed run")
+    parser.add_argument("--chunk-sizes", default="16,64")
+    parser.add_argument("--model", action="store_true", help="also time TitansLM.generate (an LMM model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="default: bench/results/decode.md (decode_cuda.md on CUDA)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    B, T, H, D = args.batch, args.tokens, args.heads, args.head_dim
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
+    load_before = os.getloadavg()[0]
+
+    rows_to_time = []  # (memory, chunk size, path, value checks setting, function)
+
+    def value_checks(env, fn):
+        def run():
+            os.environ[CHECK_VALUES_ENV] = env
+            try:
+                fn()
+            finally:
+                os.environ.pop(CHECK_VALUES_ENV)
+        return run
+
+    # Value checks (gate ranges; README "Ops") run on CPU tensors by default and cost a step a few
+    # small reductions per call; both settings are timed (the chunked op checks too).
+    value_check_settings = {"on": "1", "off": "0"} if device.type == "cpu" else {"off": "0"}
+    for memory in ("linear", "mlp"):
+        tokens, state = stream(memory, B, T, H, D, args.expansion, device, dtype)
+        for checks, env in value_check_settings.items():
+            for C in chunk_sizes:
+                rows_to_time.append((memory, C, STEP, checks,
+                                     value_checks(env, decode_with_steps(memory, tokens, state, C))))
+                rows_to_time.append((memory, C, REPLAY, checks,
+                                     value_checks(env, decode_with_replay(memory, tokens, state, C))))
+    if args.model:
+        for C in chunk_sizes:
+            rows_to_time.append(("model", C, "TitansLM.generate (lmm)", "-", decode_with_model(B, T, H, D, C, device)))
+    medians = interleaved_medians_ms([row[-1] for row in rows_to_time], device, warmup=1, repeats=args.repeats)
+    results = [dict(memory=memory, chunk_size=C, path=path, checks=checks, tokens_per_s=T / ms * 1e3)
+               for (memory, C, path, checks, _), ms in zip(rows_to_time, medians)]
+
+    def speed(memory, C, path, checks):
+        return next(r["tokens_per_s"] for r in results
+                    if (r["memory"], r["chunk_size"], r["path"], r["checks"]) == (memory, C, path, checks))
+
+    rows = []
+    for r in results:
+        vs_replay = ""
+        if r["path"] == STEP:
+            vs_replay = f"{r['tokens_per_s'] / speed(r['memory'], r['chunk_size'], REPLAY, r['checks']):.1f}x"
+        rows.append((r["memory"], r["chunk_size"], r["path"], r["checks"], f"{r['tokens_per_s']:.0f}", vs_replay))
+    lo, hi = min(chunk_sizes), max(chunk_sizes)
+    verdicts = [f"- {memory}, value checks {checks}: step op at chunk {lo} / chunk {hi}: "
+                f"{speed(memory, lo, STEP, checks) / speed(memory, hi, STEP, checks):.2f} (target within 10 %); "
+                f"step op / replay at chunk {hi}: "
+                f"{speed(memory, hi, STEP, checks) / speed(memory, hi, REPLAY, checks):.1f}x (target >= 5x)"
+                for memory in ("linear", "mlp") for checks in value_check_settings]
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = (f"{cpu_model()}, {os.cpu_count()} cores, ISA {torch.backends.cpu.get_cpu_capability()}, "
+                   f"{args.threads} threads, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+    title = (f"Decode, one token per call: B={B}, H={H}, D={D}, MLP expansion {args.expansion}, {args.dtype} inputs, "
+             f"{T} tokens per run, median of {args.repeats} interleaved runs after a warm-up ({machine}; torch "
+             f"{torch.__version__}; {datetime.date.today().isoformat()})")
+    table = markdown_table(["memory", "chunk", "path", "value checks", "tokens/s", "step / replay"], rows)
+    text = title + "\n\n" + table + "\n\n" + "\n".join(verdicts) + "\n"
+    print("\n" + text)
+    out = Path(args.out or ("bench/results/decode_cuda.md" if device.type == "cuda" else "bench/results/decode.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

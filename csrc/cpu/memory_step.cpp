@@ -1,0 +1,249 @@
+// CPU kernels of the decode step: one token of the linear memory and of the MLP memory per (batch,
+// head), O(state) work, with every MIRAS objective and retention (docs/miras.md §2). The semantics
+// are those of the chunked ops at the token's position in its chunk (step_params.h):
+//   at a chunk start   rho = lq_scale(A) (lq; else 1), the chunk-start weights W0 = rho A (the memory
+//                      itself but for lq) and the chunk_start read weights R0 = W0;
+//   every token        e = f(W0(k) - v) at W0 (backpropagated through the MLP to both weights), per
+//                      weight  S' = eta S - theta u,  W' = (1 - alpha) W + S';
+//                      o = the memory at the weights rho W' (read "token") or R0 (read "chunk_start");
+//   kl, chunk start    W' = rowsoftmax((1 - alpha) log max(W, floor) + S') instead (the lag token),
+//                      and the chunk-start weights become W' (R0 stays the memory before it).
+// The states come in through one set of pointers and go out through another, never in place.
+#include "cpu/memory_step.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "activations.h"
+#include "cpu/kernel_utils.h"
+#include "cpu/miras_rows.h"
+#include "objectives.h"
+
+namespace titans::cpu {
+namespace {
+
+template <typename T>
+const T* head_vector(const HeadTensor& x, index_t b, index_t h) {
+  return static_cast<const T*>(x.ptr) + b * x.batch_stride + h * x.head_stride;
+}
+
+template <typename T>
+T head_scalar(const HeadTensor& x, index_t b, index_t h) {
+  return *head_vector<T>(x, b, h);
+}
+
+// Whether batch row b's token starts a chunk.
+inline bool starts_chunk(const StepParams& p, const void* chunk_state, index_t b) {
+  return !chunk_state || p.position_ptr[b * p.position_stride] % p.chunk_size == 0;
+}
+
+// One weight matrix of one head in a step: where its states come from and go to (each pointer at
+// this head's block; null inputs as in step_params.h).
+template <typename T>
+struct StepWeight {
+  index_t rows, cols;
+  const T* w;  // running weights (null: w_default everywhere)
+  const T* s;  // running momentum (null: zeros)
+  T w_default;
+  const T* chunk_w;     // chunk-start weights (null: start a chunk)
+  const T* chunk_read;  // chunk_start read weights (null: they are chunk_w)
+  T* w_out;
+  T* s_out;
+  T* chunk_w_out;
+  T* chunk_read_out;  // null unless read "chunk_start" with kl
+
+  index_t size() const { return rows * cols; }
+
+  // Writes the chunk-start state after the token but the kl lag token's weights (written by
+  // update) and returns its scale: from the running state at a chunk start, else a copy of the
+  // given one. From here on the chunk's weights are chunk_w_out and its read weights read().
+  T begin(bool start, const MirasParams& miras, const T* scale_in) const {
+    if (!start) {
+      std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
+      if (chunk_read_out) std::memcpy(chunk_read_out, chunk_read, size() * sizeof(T));
+      return *scale_in;
+    }
+    if (w) std::memcpy(chunk_w_out, w, size() * sizeof(T));
+    else std::fill(chunk_w_out, chunk_w_out + size(), w_default);
+    const T rho = miras.retention == RetentionKind::lq ? lq_scale(chunk_w_out, size(), T(miras.q)) : T(1);
+    if (rho != T(1))
+      for (index_t i = 0; i < size(); ++i) chunk_w_out[i] *= rho;
+    if (chunk_read_out) std::memcpy(chunk_read_out, chunk_w_out, size() * sizeof(T));
+    return rho;
+  }
+
+  const T* read() const { return chunk_read_out ? chunk_read_out : chunk_w_out; }
+
+  // The token's update with the inner gradient u = x y^T (x: rows, y: cols); lag: the kl lag token.
+  void update(const T* x, const T* y, T theta, T eta, T alpha, bool lag) const {
+    const T beta = T(1) - alpha;
+    if (lag) {
+      load(w, w_default, w_out);
+      load(s, T(0), s_out);
+      kl_step(w_out, s_out, int(rows), int(cols), x, y, theta, eta, beta);
+      std::memcpy(chunk_w_out, w_out, size() * sizeof(T));
+      return;
+    }
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) {
+        const index_t ij = i * cols + j;
+        const T s_new = (s ? eta * s[ij] : T(0)) - theta * x[i] * y[j];
+        s_out[ij] = s_new;
+        w_out[ij] = beta * (w ? w[ij] : w_default) + s_new;
+      }
+  }
+
+ private:
+  void load(const T* src, T fill, T* dst) const {
+    if (src) std::memcpy(dst, src, size() * sizeof(T));
+    else std::fill(dst, dst + size(), fill);
+  }
+};
+
+// out [rows] = scale * W x for W [rows, cols].
+template <typename T>
+void matvec(const T* W, index_t rows, index_t cols, const T* x, T scale, T* out) {
+  for (index_t i = 0; i < rows; ++i) out[i] = scale * dot(W + i * cols, x, cols);
+}
+
+template <typename T>
+const T* at_head(const void* base, index_t bh, index_t size) {
+  return base ? static_cast<const T*>(base) + bh * size : nullptr;
+}
+
+template <typename T>
+T* at_head(void* base, index_t bh, index_t size) {
+  return base ? static_cast<T*>(base) + bh * size : nullptr;
+}
+
+template <typename T, typename Objective>
+void linear_step_head(const LinearMemoryStepParams& p, const Objective& objective, index_t bh, std::vector<T>& e) {
+  const index_t b = bh / p.heads, h = bh % p.heads, n = index_t(p.dv) * p.dk;
+  const T* q = head_vector<T>(p.q, b, h);
+  const T* k = head_vector<T>(p.k, b, h);
+  const T* v = head_vector<T>(p.v, b, h);
+  const T* delta = at_head<T>(p.miras.delta_ptr, bh, p.dv);
+  const T theta = head_scalar<T>(p.theta, b, h), eta = head_scalar<T>(p.eta, b, h), alpha = head_scalar<T>(p.alpha, b, h);
+  const bool kl = p.miras.retention == RetentionKind::kl;
+  const StepWeight<T> m{p.dv, p.dk,
+                        at_head<T>(p.m_ptr, bh, n), at_head<T>(p.s_ptr, bh, n),
+                        kl ? T(1) / T(p.dk) : T(0),
+                        at_head<T>(p.chunk_weights_ptr, bh, n), at_head<T>(p.chunk_read_ptr, bh, n),
+                        at_head<T>(p.m_out_ptr, bh, n), at_head<T>(p.s_out_ptr, bh, n),
+                        at_head<T>(p.chunk_weights_out_ptr, bh, n), at_head<T>(p.chunk_read_out_ptr, bh, n)};
+  const bool start = starts_chunk(p, p.chunk_weights_ptr, b);
+  const T rho = m.begin(start, p.miras, at_head<T>(p.chunk_scale_ptr, bh, 1));
+  static_cast<T*>(p.chunk_scale_out_ptr)[bh] = rho;
+
+  // e = f(W0 k - v), at the chunk-start weights.
+  matvec(m.chunk_w_out, p.dv, p.dk, k, T(1), e.data());
+  for (int j = 0; j < p.dv; ++j) e[j] -= v[j];
+  objective_error_row(objective, e.data(), delta, p.dv, e.data());
+  m.update(e.data(), k, theta, eta, alpha, kl && start);
+
+  T* o = static_cast<T*>(p.o_ptr) + bh * p.dv;
+  if (p.read_token) matvec(m.w_out, p.dv, p.dk, q, rho, o);
+  else matvec(m.read(), p.dv, p.dk, q, T(1), o);
+}
+
+// Scratch of one head's MLP step: the hidden vectors of the key and query paths and the output-side
+// residual.
+template <typename T>
+struct MlpStepScratch {
+  std::vector<T> z_act, z_slope, dz, zq, r;
+  MlpStepScratch(int D, int N) : z_act(N), z_slope(N), dz(N), zq(N), r(D) {}
+};
+
+// out = act(x) elementwise over n values, and act'(x) into slope when it is given.
+template <typename T>
+void apply_activation(MlpActivation kind, index_t n, const T* x, T* out, T* slope) {
+  for (index_t i = 0; i < n; ++i) {
+    const ActivationValue<T> a = activation_value(kind, x[i]);
+    out[i] = a.value;
+    if (slope) slope[i] = a.slope;
+  }
+}
+
+// o = x + rho2 W2 act(rho1 W1 x) for the weights W1 [N, D], W2 [D, N].
+template <typename T>
+void mlp_read(const MlpMemoryStepParams& p, const T* W1, const T* W2, T rho1, T rho2, const T* x, T* hidden, T* o) {
+  matvec(W1, p.hidden, p.dim, x, rho1, hidden);
+  apply_activation(p.activation, p.hidden, hidden, hidden, static_cast<T*>(nullptr));
+  matvec(W2, p.dim, p.hidden, hidden, rho2, o);
+  for (int j = 0; j < p.dim; ++j) o[j] += x[j];
+}
+
+template <typename T, typename Objective>
+void mlp_step_head(const MlpMemoryStepParams& p, const Objective& objective, index_t bh, MlpStepScratch<T>& ws) {
+  const int D = p.dim, N = p.hidden;
+  const index_t b = bh / p.heads, h = bh % p.heads, n = index_t(N) * D;
+  const T* q = head_vector<T>(p.q, b, h);
+  const T* k = head_vector<T>(p.k, b, h);
+  const T* v = head_vector<T>(p.v, b, h);
+  const T* delta = at_head<T>(p.miras.delta_ptr, bh, D);
+  const T theta = head_scalar<T>(p.theta, b, h), eta = head_scalar<T>(p.eta, b, h), alpha = head_scalar<T>(p.alpha, b, h);
+  const bool kl = p.miras.retention == RetentionKind::kl;
+  const auto weight = [&](int rows, int cols, const void* w, const void* s, const void* chunk_w, const void* chunk_read,
+                          void* w_out, void* s_out, void* chunk_w_out, void* chunk_read_out) {
+    // A kl weight needs a positive entry per row; the MLP op has no default weights.
+    return StepWeight<T>{rows, cols, at_head<T>(w, bh, n), at_head<T>(s, bh, n), T(0),
+                         at_head<T>(chunk_w, bh, n), at_head<T>(chunk_read, bh, n), at_head<T>(w_out, bh, n),
+                         at_head<T>(s_out, bh, n), at_head<T>(chunk_w_out, bh, n), at_head<T>(chunk_read_out, bh, n)};
+  };
+  const StepWeight<T> w1 = weight(N, D, p.w1_ptr, p.s1_ptr, p.chunk_w1_ptr, p.chunk_read_w1_ptr, p.w1_out_ptr,
+                                  p.s1_out_ptr, p.chunk_w1_out_ptr, p.chunk_read_w1_out_ptr);
+  const StepWeight<T> w2 = weight(D, N, p.w2_ptr, p.s2_ptr, p.chunk_w2_ptr, p.chunk_read_w2_ptr, p.w2_out_ptr,
+                                  p.s2_out_ptr, p.chunk_w2_out_ptr, p.chunk_read_w2_out_ptr);
+  const bool start = starts_chunk(p, p.chunk_w1_ptr, b);
+  const T* scale_in = at_head<T>(p.chunk_scale_ptr, bh, 2);
+  const T rho1 = w1.begin(start, p.miras, scale_in);
+  const T rho2 = w2.begin(start, p.miras, scale_in ? scale_in + 1 : nullptr);
+  T* scale_out = static_cast<T*>(p.chunk_scale_out_ptr) + bh * 2;
+  scale_out[0] = rho1, scale_out[1] = rho2;
+
+  // Key path at the chunk-start weights: z = W1 k, h = act(z), r = k + W2 h - v, e = f(r),
+  // dz = (W2^T e) .* act'(z); the inner gradients are u1 = dz k^T and u2 = e h^T.
+  T* hidden = ws.z_act.data();
+  T* e = ws.r.data();
+  matvec(w1.chunk_w_out, N, D, k, T(1), hidden);
+  apply_activation(p.activation, N, hidden, hidden, ws.z_slope.data());
+  matvec(w2.chunk_w_out, D, N, hidden, T(1), e);
+  for (int j = 0; j < D; ++j) e[j] += k[j] - v[j];
+  objective_error_row(objective, e, delta, D, e);
+  std::fill(ws.dz.begin(), ws.dz.end(), T(0));
+  for (int j = 0; j < D; ++j)
+    for (int i = 0; i < N; ++i) ws.dz[i] += w2.chunk_w_out[index_t(j) * N + i] * e[j];
+  for (int i = 0; i < N; ++i) ws.dz[i] *= ws.z_slope[i];
+  w1.update(ws.dz.data(), k, theta, eta, alpha, kl && start);
+  w2.update(e, hidden, theta, eta, alpha, kl && start);
+
+  T* o = static_cast<T*>(p.o_ptr) + bh * D;
+  if (p.read_token) mlp_read(p, w1.w_out, w2.w_out, rho1, rho2, q, ws.zq.data(), o);
+  else mlp_read(p, w1.read(), w2.read(), T(1), T(1), q, ws.zq.data(), o);
+}
+
+}  // namespace
+
+template <typename T>
+void linear_memory_step(const LinearMemoryStepParams& params, int64_t bh_begin, int64_t bh_end) {
+  std::vector<T> e(params.dv);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) linear_step_head<T>(params, objective, bh, e);
+  });
+}
+
+template <typename T>
+void mlp_memory_step(const MlpMemoryStepParams& params, int64_t bh_begin, int64_t bh_end) {
+  MlpStepScratch<T> ws(params.dim, params.hidden);
+  dispatch_objective<T>(params.miras, [&](const auto& objective) {
+    for (int64_t bh = bh_begin; bh < bh_end; ++bh) mlp_step_head<T>(params, objective, bh, ws);
+  });
+}
+
+template void linear_memory_step<float>(const LinearMemoryStepParams&, int64_t, int64_t);
+template void linear_memory_step<double>(const LinearMemoryStepParams&, int64_t, int64_t);
+template void mlp_memory_step<float>(const MlpMemoryStepParams&, int64_t, int64_t);
+template void mlp_memory_step<double>(const MlpMemoryStepParams&, int64_t, int64_t);
+
+}  // namespace titans::cpu

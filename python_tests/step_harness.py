@@ -1,0 +1,157 @@
+"""Harness of the decode-step tests: a stream fed through a step op one token at a time, against the
+chunked op run on every prefix of the stream (outputs, running states and chunk-start states after
+every token). Shared by the CPU tests (test_memory_step.py) and the emulated CUDA kernel's
+(test_memory_step_emulated.py), which pass their own operator."""
+
+import torch
+
+import titans_ext
+from titans_ext.ops.step import ChunkStartState, run_linear_memory_step, run_mlp_memory_step
+from titans_ext.reference.miras import lq_scale
+
+from mlp_inputs import mlp_inputs
+from utils import assert_close, memory_inputs
+
+MEMORIES = ("linear", "mlp")
+STEP_OPS = {"linear": "linear_memory_step", "mlp": "mlp_memory_step"}
+
+
+def flat(x):
+    """The tensors of a nest of tuples (states), in order; None is skipped."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for item in (x or ()) for t in flat(item)]
+
+
+def make_stream(memory, B, T, H, D, dtype=torch.float64, retention="l2", seed=0):
+    """The per-token inputs ``[q, k, v, theta, eta, alpha]`` (each ``[B, T, ...]``) and an initial state
+    in the op's ``final_state`` format (positive rows for retention "kl"). The linear memory gets
+    Dk = D + 1 != Dv = D."""
+    kl = retention == "kl"
+    if memory == "linear":
+        tokens, (m0, s0) = memory_inputs(B, T, H, D + 1, D, dtype, seed=seed)
+        return tokens, (torch.softmax(4 * m0, dim=-1) if kl else m0, s0)
+    tokens, weights, momentum = mlp_inputs(B, T, H, D, 2, dtype, seed=seed)
+    if kl:
+        weights = tuple(torch.softmax(4 * w, dim=-1) for w in weights)
+    return tokens, (weights, momentum)
+
+
+def _token_objective(objective, t):
+    """The objective of token t: a per-token delta tensor ``[B, T, ...]`` sliced to ``[B, ...]``."""
+    if isinstance(objective, tuple) and isinstance(objective[-1], torch.Tensor) and objective[-1].dim() >= 3:
+        return (*objective[:-1], objective[-1][:, t])
+    return objective
+
+
+def default_state(tokens, retention):
+    """The linear op's initial state for ``initial_state=None``: M zeros (uniform rows 1/Dk for kl),
+    S zeros."""
+    q, _, v = tokens[:3]
+    (B, _, H, Dk), Dv = q.shape, v.shape[-1]
+    s = torch.zeros(B, H, Dv, Dk, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return (torch.full_like(s, 1 / Dk) if retention == "kl" else s), s
+
+
+def chunked(memory, tokens, state, n, **options):
+    """The chunked op on tokens [0, n): ``(o, final_state)``; ``(None, state)`` for n = 0."""
+    if n == 0:
+        return None, default_state(tokens, options.get("retention", "l2")) if state is None else state
+    prefix = [x[:, :n] for x in tokens]
+    objective = options.pop("objective", "l2")
+    if isinstance(objective, tuple) and isinstance(objective[-1], torch.Tensor) and objective[-1].dim() >= 3:
+        objective = (*objective[:-1], objective[-1][:, :n])
+    if memory == "linear":
+        return titans_ext.linear_memory(*prefix, initial_state=state, output_final_state=True, objective=objective,
+                                        **options)
+    weights, momentum = state
+    return titans_ext.mlp_memory(*prefix, weights, momentum=momentum, output_final_state=True, objective=objective,
+                                 **options)
+
+
+def step(memory, op, tokens, t, state, chunk_state, position=None, **options):
+    """Token t of the stream through the step operator ``op``: ``(o, state, chunk_state)``."""
+    token = [x[:, t] for x in tokens]
+    options = dict(options, objective=_token_objective(options.get("objective", "l2"), t))
+    position = t if position is None else position
+    run = run_linear_memory_step if memory == "linear" else run_mlp_memory_step
+    if memory == "mlp":
+        options.setdefault("activation", "gelu")
+    options = dict(dict(read="token", objective="l2", retention="l2"), **options)
+    return run(op, *token, position=position, state=state, chunk_state=chunk_state, **options)
+
+
+def expected_chunk_state(memory, tokens, state, t, chunk_size, retention="l2", read="token", **options):
+    """The chunk-start state after token t, from the chunked op (docs/miras.md §2.3): the weights
+    where token t's chunk takes its gradients (the memory before the chunk, rho0 A0 for lq, the
+    memory after the lag token for kl), lq's scale and, for kl with read "chunk_start", the memory
+    before the lag token."""
+    t0 = t - t % chunk_size
+    options = dict(options, chunk_size=chunk_size, retention=retention, read=read)
+    _, before = chunked(memory, tokens, state, t0, **options)
+    weights = (before[0],) if memory == "linear" else tuple(before[0])
+    kind = retention if isinstance(retention, str) else retention[0]
+    read_weights = None
+    if kind == "lq":
+        scales = [lq_scale(w, retention[1])[..., 0, 0] for w in weights]
+        weights = tuple(s[..., None, None] * w for s, w in zip(scales, weights))
+    else:
+        scales = [torch.ones_like(weights[0][..., 0, 0]) for _ in weights]
+        if kind == "kl":
+            read_weights = weights if read == "chunk_start" else None
+            _, after_lag = chunked(memory, tokens, state, t0 + 1, **options)
+            weights = (after_lag[0],) if memory == "linear" else tuple(after_lag[0])
+    if memory == "linear":
+        return ChunkStartState(weights[0], scales[0], None if read_weights is None else read_weights[0])
+    return ChunkStartState(weights, torch.stack(scales, dim=-1), read_weights)
+
+
+def check_stream(memory, op, tokens, state, chunk_size, ratio, **options):
+    """Feeds every token of ``tokens`` through the step operator ``op`` from ``state`` (the first with
+    chunk_state None) and compares, after every token, o, the running state and the chunk-start
+    state with the chunked op's."""
+    T = tokens[0].shape[1]
+    o_all, _ = chunked(memory, tokens, state, T, chunk_size=chunk_size, **options)
+    running, chunk_state = state, None
+    for t in range(T):
+        o, running, chunk_state = step(memory, op, tokens, t, running, chunk_state, chunk_size=chunk_size, **options)
+        _, expected = chunked(memory, tokens, state, t + 1, chunk_size=chunk_size, **options)
+        where = f"token {t} (position {t % chunk_size} of its chunk)"
+        assert_close(f"o, {where}", o_all[:, t], o, ratio)
+        for i, (e, s) in enumerate(zip(flat(expected), flat(running))):
+            assert_close(f"state[{i}], {where}", e, s, ratio)
+        want = expected_chunk_state(memory, tokens, state, t, chunk_size, **options)
+        assert (chunk_state.read_weights is None) == (want.read_weights is None), where
+        for i, (e, s) in enumerate(zip(flat(want), flat(chunk_state))):
+            assert_close(f"chunk_state[{i}], {where}", e, s, ratio)
+    return running, chunk_state
+
+
+def state_tensors(state):
+    """The tensors of a model's streaming state (lists of block states, dataclasses), in order."""
+    found = []
+    titans_ext.model.memory.map_tensors(found.append, state)
+    return found
+
+
+def decode_model_stream(model, prompt, fed):
+    """Under no_grad: the state after ``prompt`` and the logits of each token of ``fed [B, n]`` fed
+    one at a time after it (the eager run a replayed one-token call is compared with)."""
+    with torch.no_grad():
+        _, state = model(prompt)
+        logits, running = [], state
+        for t in range(fed.shape[1]):
+            step_logits, running = model(fed[:, t:t + 1], running)
+            logits.append(step_logits)
+    return state, logits
+
+
+def replay_one_token_calls(run_token, static_state, fed, after_each):
+    """Feeds ``fed`` through ``run_token(token) -> (logits, new_state)`` of a fixed state object: after
+    each call the new state's tensors are copied into ``static_state``'s (its Python fields stay as
+    they were, as in a CUDA graph), then ``after_each(t, logits)``."""
+    for t in range(fed.shape[1]):
+        logits, new_state = run_token(fed[:, t:t + 1])
+        for dst, src in zip(state_tensors(static_state), state_tensors(new_state)):
+            dst.copy_(src)
+        after_each(t, logits)

@@ -1,0 +1,296 @@
+"""The decode steps titans_ext.linear_memory_step and titans_ext.mlp_memory_step on CPU: a stream fed
+one token at a time equals the chunked op token for token (outputs, running states and chunk-start
+states after every token, so every position in a chunk), in float64, for every objective, retention
+and read; per-row positions, tensor positions, the default state; opcheck and torch.compile; bad
+arguments and the refusal of autograd. The CUDA kernels' source runs the same streams under the
+emulation (test_memory_step_emulated.py) and on a GPU (test_memory_step_cuda.py)."""
+
+import pytest
+import torch
+
+import titans_ext
+from titans_ext.ops.checks import CHECK_VALUES_ENV
+
+from miras_cases import OBJECTIVES, RETENTIONS
+from step_harness import MEMORIES, STEP_OPS, check_stream, flat, make_stream, step
+from utils import TOLERANCE, assert_close
+
+OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in STEP_OPS.items()}
+# The step and the chunked op differ only in summation order.
+RATIO = 1e-12
+
+
+def token_delta(B, T, H, D=None, seed=3):
+    shape = (B, T, H) if D is None else (B, T, H, D)
+    return 0.2 + torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("retention", RETENTIONS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_stream_equals_chunked_op(memory, objective, retention):
+    # 9 tokens in chunks of 4: every position of a chunk, and a short last chunk.
+    tokens, state = make_stream(memory, 2, 9, 2, 4, retention=RETENTIONS[retention])
+    check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=OBJECTIVES[objective](token_delta(2, 9, 2)),
+                 retention=RETENTIONS[retention])
+
+
+@pytest.mark.parametrize("retention", RETENTIONS)
+@pytest.mark.parametrize("objective", ["l2", "huber", "yaad"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_chunk_start_read(memory, objective, retention):
+    # The read weights are the learning weights but for kl, whose chunk state keeps its own.
+    tokens, state = make_stream(memory, 2, 9, 2, 4, retention=RETENTIONS[retention])
+    check_stream(memory, OPS[memory], tokens, state, 4, RATIO, read="chunk_start",
+                 objective=OBJECTIVES[objective](token_delta(2, 9, 2)), retention=RETENTIONS[retention])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+@pytest.mark.parametrize("retention", ["l2", "lq4", "kl"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_chunk_sizes(memory, retention, chunk_size):
+    # 1: every token starts a chunk (the exact recurrence); 16: one chunk longer than the stream.
+    tokens, state = make_stream(memory, 1, 7, 3, 5, retention=RETENTIONS[retention], seed=1)
+    check_stream(memory, OPS[memory], tokens, state, chunk_size, RATIO, retention=RETENTIONS[retention])
+
+
+@pytest.mark.parametrize("objective", ["huber", "yaad"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_per_channel_delta(memory, objective):
+    tokens, state = make_stream(memory, 2, 6, 2, 4)
+    delta = token_delta(2, 6, 2, 4)
+    check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=OBJECTIVES[objective](delta))
+
+
+@pytest.mark.parametrize("retention", ["l2", "kl"])
+def test_default_initial_state(retention):
+    # state=None is the chunked op's initial_state=None: zeros, or uniform rows 1/Dk for kl.
+    tokens, _ = make_stream("linear", 2, 6, 2, 4)
+    check_stream("linear", OPS["linear"], tokens, None, 4, RATIO, retention=retention)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_low_precision_inputs(memory, dtype):
+    # fp32 state in both; bf16 inputs are read as they are. Against the float64 stream.
+    tokens64, state64 = make_stream(memory, 2, 9, 2, 8)
+    tokens = [x.to(dtype if i < 3 else torch.float32) for i, x in enumerate(tokens64)]
+    state = [t.float() for t in flat(state64)]
+    state = (state[0], state[1]) if memory == "linear" else ((state[0], state[1]), (state[2], state[3]))
+    running, chunk_state, running64, chunk_state64 = state, None, state64, None
+    for t in range(9):
+        o, running, chunk_state = step(memory, OPS[memory], tokens, t, running, chunk_state, chunk_size=4)
+        o64, running64, chunk_state64 = step(memory, OPS[memory], tokens64, t, running64, chunk_state64, chunk_size=4)
+        assert o.dtype == dtype and all(x.dtype == torch.float32 for x in flat(running) + flat(chunk_state))
+    ratio = 1e-5 if dtype == torch.float32 else TOLERANCE[dtype]
+    assert_close("o", o64, o, ratio)
+    for i, (e, s) in enumerate(zip(flat(running64) + flat(chunk_state64), flat(running) + flat(chunk_state))):
+        assert_close(f"state {i}", e, s, ratio)
+
+
+def _rows(tokens, t_per_row):
+    """Token t_per_row[b] of batch row b, as one [B, ...] token."""
+    return [torch.stack([x[b, t] for b, t in enumerate(t_per_row)]) for x in tokens]
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_rows_at_different_positions(memory):
+    # A [B] position: row 0 continues at position 3 (mid-chunk), row 1 at 8 (a chunk start).
+    B, C = 2, 4
+    tokens, state = make_stream(memory, B, 9, 2, 4, retention=("lq", 4))
+    lengths = [3, 8]
+    row_states = []
+    for b, n in enumerate(lengths):
+        row_tokens = [x[b:b + 1] for x in tokens]
+        row_state = tuple(x[b:b + 1] for x in flat(state))
+        running = (row_state[0], row_state[1]) if memory == "linear" else (row_state[:2], row_state[2:])
+        chunk_state = None
+        for t in range(n + 1):
+            o, running, chunk_state = step(memory, OPS[memory], row_tokens, t, running, chunk_state, chunk_size=C,
+                                           retention=("lq", 4))
+            if t == n - 1:
+                before = (running, chunk_state)
+        row_states.append((before, o, running, chunk_state))
+
+    def cat(i):
+        return [torch.cat(parts) for parts in zip(*(flat(r[0][i]) for r in row_states))]
+
+    running, chunk_parts = cat(0), cat(1)
+    running = (running[0], running[1]) if memory == "linear" else ((running[0], running[1]), (running[2], running[3]))
+    if memory == "linear":
+        chunk_state = titans_ext.ChunkStartState(chunk_parts[0], chunk_parts[1])
+    else:
+        chunk_state = titans_ext.ChunkStartState((chunk_parts[0], chunk_parts[1]), chunk_parts[2])
+    token = [x[:, None] for x in _rows(tokens, lengths)]
+    o, running, chunk_state = step(memory, OPS[memory], token, 0, running, chunk_state, chunk_size=C,
+                                   position=torch.tensor(lengths), retention=("lq", 4))
+    for b, (_, o_b, running_b, chunk_b) in enumerate(row_states):
+        assert_close(f"o row {b}", o_b[0], o[b], RATIO)
+        for i, (e, s) in enumerate(zip(flat(running_b) + flat(chunk_b), flat(running) + flat(chunk_state))):
+            assert_close(f"state {i} row {b}", e[0], s[b], RATIO)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_position_tensor_equals_int(memory):
+    tokens, state = make_stream(memory, 2, 6, 2, 4)
+    runs = []
+    for as_tensor in (False, True):
+        running, chunk_state, outs = state, None, []
+        for t in range(6):
+            position = torch.tensor(t) if as_tensor else t
+            o, running, chunk_state = step(memory, OPS[memory], tokens, t, running, chunk_state, position=position,
+                                           chunk_size=4)
+            outs.append(o)
+        runs.append(outs + flat(running) + flat(chunk_state))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- operator checks --------------------------------------------------------------------------------------
+
+
+def _linear_op_args(read_token=True, retention=0, with_chunk=True, delta=False):
+    g = torch.Generator().manual_seed(0)
+    B, H, Dk, Dv = 2, 3, 5, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k, v = rand(B, H, Dk), rand(B, H, Dk), rand(B, H, Dv)
+    gates = [torch.rand(B, H, generator=g) * 0.3 for _ in range(3)]
+    state = [rand(B, H, Dv, Dk).softmax(-1) for _ in range(2)]
+    chunk = [rand(B, H, Dv, Dk).softmax(-1), torch.rand(B, H, generator=g) + 0.5] if with_chunk else [None, None]
+    read = rand(B, H, Dv, Dk).softmax(-1) if with_chunk and not read_token and retention == 2 else None
+    position = torch.tensor([4, 6])
+    miras = (2, 3.0, 0.0, 0.2 + torch.rand(B, H, Dv, generator=g), 0, 2.0) if delta else (0, 2.0, 0.0, None, retention, 4.0)
+    return (q, k, v, *gates, *state, *chunk, read, position, 4, read_token, *miras)
+
+
+@pytest.mark.parametrize("case", ["plain", "no_chunk", "kl_chunk_start", "lq", "huber"])
+def test_opcheck_linear(case):
+    args = {"plain": dict(), "no_chunk": dict(with_chunk=False), "kl_chunk_start": dict(read_token=False, retention=2),
+            "lq": dict(retention=1), "huber": dict(delta=True)}[case]
+    torch.library.opcheck(torch.ops.titans_ext.linear_memory_step.default, _linear_op_args(**args))
+
+
+@pytest.mark.parametrize("read_token, retention", [(True, 0), (False, 2), (True, 1)])
+def test_opcheck_mlp(read_token, retention):
+    tokens, ((w1, w2), (s1, s2)) = make_stream("mlp", 2, 1, 2, 4, dtype=torch.float32)
+    q, k, v, theta, eta, alpha = (x[:, 0] for x in tokens)
+    chunk = [w1.softmax(-1), w2.softmax(-1), torch.rand(2, 2, 2) + 0.5]
+    read = [w1.abs(), w2.abs()] if not read_token and retention == 2 else [None, None]
+    args = (q, k, v, theta, eta, alpha, w1.softmax(-1), w2.softmax(-1), s1, s2, *chunk, *read, torch.tensor(5), 4,
+            read_token, "silu", 0, 2.0, 0.0, None, retention, 3.0)
+    torch.library.opcheck(torch.ops.titans_ext.mlp_memory_step.default, args)
+
+
+def test_torch_compile_fullgraph():
+    lin_tokens, lin_state = make_stream("linear", 2, 5, 2, 4, dtype=torch.float32)
+    mlp_tokens, mlp_state = make_stream("mlp", 2, 5, 2, 4, dtype=torch.float32)
+
+    def steps(position):
+        outs, lin, mlp, lin_chunk, mlp_chunk = [], lin_state, mlp_state, None, None
+        for t in range(5):
+            o, lin, lin_chunk = titans_ext.linear_memory_step(*(x[:, t] for x in lin_tokens), position=position + t,
+                                                              state=lin, chunk_state=lin_chunk, chunk_size=2)
+            p, mlp, mlp_chunk = titans_ext.mlp_memory_step(*(x[:, t] for x in mlp_tokens), position=position + t,
+                                                           state=mlp, chunk_state=mlp_chunk, chunk_size=2,
+                                                           retention=("lq", 4))
+            outs += [o, p]
+        return outs + flat(lin) + flat(mlp) + flat(lin_chunk) + flat(mlp_chunk)
+
+    position = torch.tensor(0)
+    eager = steps(position)
+    compiled = torch.compile(steps, fullgraph=True)(position)
+    for e, c in zip(eager, compiled):
+        assert_close("output", e, c, 1e-6)
+
+
+# ---- arguments and autograd -------------------------------------------------------------------------------
+
+
+def _linear_token():
+    """One token of a linear stream with B = 2, H = 3, Dk = 5, Dv = 4, and a state."""
+    tokens, state = make_stream("linear", 2, 1, 3, 4, dtype=torch.float32)
+    return [x[:, 0] for x in tokens], state
+
+
+def _call_linear(token, **kwargs):
+    kwargs = dict(dict(position=0, chunk_size=4), **kwargs)
+    return titans_ext.linear_memory_step(*token, **kwargs)
+
+
+@pytest.mark.parametrize("change, kwargs, error, match", [pytest.param(*case, id=case[-1][:24]) for case in [
+    (lambda x: x.__setitem__(0, x[0][:, None]), {}, ValueError, r"q: expected a 3-d tensor"),
+    (lambda x: x.__setitem__(1, x[1][:, :2]), {}, ValueError, r"k: expected shape \[B, H, Dk\] = \[2, 3, 5\]"),
+    (lambda x: x.__setitem__(2, x[2][:1]), {}, ValueError, r"v: expected shape \[B, H, Dv\]"),
+    (lambda x: x.__setitem__(3, x[3][:, :, None]), {}, ValueError, r"theta: expected a 2-d tensor"),
+    (lambda x: x.__setitem__(4, x[4].half()), {}, TypeError, r"eta: expected dtype float32"),
+    (None, dict(position=2), ValueError, r"chunk_state: None is only valid at a chunk start"),
+    (None, dict(position=-4), ValueError, r"position: expected an int >= 0, got -4"),
+    (None, dict(position=1.0), TypeError, r"position: expected an int >= 0 or an integer tensor"),
+    (None, dict(position=torch.tensor(0.0)), TypeError, r"position: expected an int64 or int32 tensor"),
+    (None, dict(position=torch.tensor([0, 0, 0])), ValueError, r"position: expected a scalar or \[B\] = \[2\]"),
+    (None, dict(chunk_size=0), ValueError, r"chunk_size: expected an int >= 1"),
+    (None, dict(read="last"), ValueError, r"read: expected one of"),
+    (None, dict(state=(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))), ValueError,
+     r"state\[0\]: expected shape \[B, H, Dv, Dk\] = \[2, 3, 4, 5\]"),
+    (None, dict(chunk_state=(torch.zeros(2, 3, 4, 5),)), TypeError, r"chunk_state: expected the ChunkStartState"),
+    (None, dict(chunk_state=titans_ext.ChunkStartState(torch.zeros(2, 3, 4, 5), torch.ones(2))), ValueError,
+     r"chunk_state.scale: expected a 2-d tensor, got shape \[2\]"),
+    (None, dict(chunk_state=titans_ext.ChunkStartState(torch.zeros(2, 3, 4, 5), torch.ones(2, 3)), read="chunk_start",
+                retention="kl"), ValueError, r"chunk_state.read_weights: expected the weights"),
+    (None, dict(objective=("huber", torch.ones(3, 2))), ValueError,
+     r"delta: expected a tensor broadcastable to \[B, H\] = \[2, 3\]"),
+    (None, dict(objective=("lp", 0.5)), ValueError, r"objective: lp needs p >= 1"),
+]])
+def test_bad_arguments(change, kwargs, error, match):
+    token, state = _linear_token()
+    if change is not None:
+        change(token)
+    with pytest.raises(error, match=match):
+        _call_linear(token, **kwargs)
+
+
+def test_bad_mlp_state():
+    tokens, ((w1, w2), momentum) = make_stream("mlp", 2, 1, 2, 4, dtype=torch.float32)
+    token = [x[:, 0] for x in tokens]
+    with pytest.raises(ValueError, match=r"state\[0\]\[1\]: expected shape \[B, H, D, E\*D\] = \[2, 2, 4, 8\]"):
+        titans_ext.mlp_memory_step(*token, position=0, state=((w1, w2[..., :4]), momentum), chunk_size=4)
+    with pytest.raises(TypeError, match=r"state: expected \(\(W1, W2\), \(S1, S2\)\)"):
+        titans_ext.mlp_memory_step(*token, position=0, state=w1, chunk_size=4)
+
+
+def test_value_checks(monkeypatch):
+    token, state = _linear_token()
+    token[4] = token[4] + 2  # eta out of [0, 1]
+    with pytest.raises(ValueError, match=r"eta: expected values in \[0, 1\]"):
+        _call_linear(token)
+    token, state = _linear_token()
+    mid_chunk = torch.tensor([4, 5])
+    with pytest.raises(ValueError, match=r"chunk_state: None is only valid at a chunk start"):
+        _call_linear(token, position=mid_chunk)
+    with pytest.raises(ValueError, match=r"position: expected positions >= 0"):
+        _call_linear(token, position=torch.tensor(-4))
+    monkeypatch.setenv(CHECK_VALUES_ENV, "0")  # the caller's responsibility: the row at 5 starts a chunk
+    _call_linear(token, position=mid_chunk)
+
+
+def test_autograd_is_refused():
+    token, state = _linear_token()
+    token[0].requires_grad_()
+    with pytest.raises(RuntimeError, match=r"linear_memory_step has no backward: it is a decode step"):
+        _call_linear(token, state=state)
+    with torch.no_grad():
+        o, _, _ = _call_linear(token, state=state)
+    assert not o.requires_grad
+    # Called directly, the operator gives outputs whose backward raises instead of a wrong gradient.
+    args = list(_linear_op_args())
+    args[0].requires_grad_()
+    o = torch.ops.titans_ext.linear_memory_step(*args)[0]
+    with pytest.raises(RuntimeError, match=r"titans_ext::linear_memory_step has no backward"):
+        o.sum().backward()
+    tokens, ((w1, w2), momentum) = make_stream("mlp", 2, 1, 2, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"mlp_memory_step has no backward"):
+        titans_ext.mlp_memory_step(*(x[:, 0] for x in tokens), position=0, chunk_size=4,
+                                   state=((w1.requires_grad_(), w2), momentum))

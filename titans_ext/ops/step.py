@@ -1,0 +1,404 @@
+"""Decode steps: ``titans_ext.linear_memory_step`` and ``titans_ext.mlp_memory_step``, one token at
+a time at O(state) cost, with their fake kernels.
+
+The chunked ops take every token's inner gradient at the memory of its chunk's start
+(``docs/design.md`` §2). So one token needs only two states: the running state (what the chunked
+ops carry and return) and the chunk-start state (:class:`ChunkStartState`), which the step itself
+refreshes whenever the token's position is a multiple of ``chunk_size``. A stream of steps gives,
+token for token, the outputs and states of one chunked call on the whole stream (chunks counted from
+position 0), for every ``read``, ``objective`` and ``retention``.
+
+The compiled operators are ``titans_ext::linear_memory_step`` and ``titans_ext::mlp_memory_step``
+(csrc/binding/ops_step.cpp, CPU; ops_step_cuda.cpp, one fused kernel launch on CUDA). They read the
+position on the device and never synchronize the host, so a step can be captured in a CUDA graph
+when the position is a tensor. The steps are for inference and have no backward (see
+:func:`linear_memory_step`).
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from .checks import (READ_MODES, _check_state_pair, _dtype_name, check_device, check_gate_values,
+                     check_kl_state, check_shape, check_tensor, expand_delta, parse_objective, parse_retention,
+                     state_dtype_for, value_checks_enabled)
+from .cuda_arch import check_fake_device, check_op_device
+
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class ChunkStartState(NamedTuple):
+    """What a decode step keeps from the start of the token's chunk (``docs/miras.md`` §2.3).
+
+    Returned by :func:`linear_memory_step` / :func:`mlp_memory_step` and passed back to the next
+    step; treat it as opaque. Fields (fp32, fp64 for fp64 inputs):
+
+    - ``weights``: the weights the chunk's inner gradients are taken at: the memory before the
+      chunk (``[B, H, Dv, Dk]``; for the MLP the pair ``(W1 [B, H, N, D], W2 [B, H, D, N])``), or
+      ``rho0 A0`` for ``retention=("lq", q)``, or the memory after the chunk's first (lag) token for
+      ``retention="kl"``.
+    - ``scale``: lq's ``rho0``, by which token reads scale the accumulator (1 otherwise): ``[B, H]``
+      (MLP: ``[B, H, 2]``, one per weight).
+    - ``read_weights``: with ``read="chunk_start"`` and ``retention="kl"`` only, the memory before
+      the lag token, which that read reads (shaped like ``weights``); None otherwise (the read
+      weights are ``weights``).
+    """
+
+    weights: object
+    scale: torch.Tensor
+    read_weights: object = None
+
+
+def _refuse_autograd(op_name, chunked_name, tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op_name} has no backward: it is a decode step for inference. Call it under torch.no_grad() or "
+            f"torch.inference_mode() (or detach its inputs); for gradients run titans_ext.{chunked_name} on the "
+            "sequence")
+
+
+def _no_backward(op_name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"titans_ext::{op_name} has no backward (a decode step for inference); call it under "
+                           "torch.no_grad()")
+
+    return backward
+
+
+def _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read):
+    """The per-token inputs of a step; returns ``(B, H, Dk, Dv)``."""
+    check_tensor("q", q, 3)
+    B, H, Dk = q.shape
+    check_tensor("k", k, 3)
+    check_shape("k", k, (B, H, Dk), ("B", "H", "Dk"))
+    check_tensor("v", v, 3)
+    check_shape("v", v, (B, H, v.shape[-1]), ("B", "H", "Dv"))
+    gates = {"theta": theta, "eta": eta, "alpha": alpha}
+    for name, g in gates.items():
+        check_tensor(name, g, 2)
+        check_shape(name, g, (B, H), ("B", "H"))
+    for name, t in (("k", k), ("v", v), *gates.items()):
+        check_device(name, t, q.device)
+        if t.dtype != q.dtype and not (name in gates and t.dtype in (torch.float32, torch.float64)):
+            raise TypeError(f"{name}: expected dtype {_dtype_name(q.dtype)} (the dtype of q), got {_dtype_name(t.dtype)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
+    if read not in READ_MODES:
+        raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
+    check_gate_values(gates)
+    return B, H, Dk, v.shape[-1]
+
+
+def _step_miras(objective, retention, memories, B, H, Dv, device, dtype, memory_name):
+    """Parses ``objective=`` and ``retention=`` for one token; returns ``(Objective, Retention, delta)``
+    with delta ``[B, H, Dv]`` (or None). A tensor delta broadcasts to ``[B, H]`` (up to 2-d) or,
+    3-d, to ``[B, H, Dv]``: the chunked ops' per-token shapes without the time axis.
+    ``memories``: the weight matrices a "kl" memory is checked in, those that start a stream (the
+    chunked ops check their initial state alike; a state a step returned is taken back as it is)."""
+    objective, retention = parse_objective(objective), parse_retention(retention)
+    delta = objective.delta
+    if isinstance(delta, torch.Tensor):
+        target = (B, H) if delta.dim() <= 2 else (B, H, Dv)
+        try:
+            torch.broadcast_shapes(delta.shape, target)
+        except RuntimeError:
+            raise ValueError(f"delta: expected a tensor broadcastable to [B, H] = {[B, H]} or [B, H, Dv] = "
+                             f"{[B, H, Dv]}, got shape {list(delta.shape)}") from None
+        if delta.dim() >= 2:  # the chunked ops' [B, T, H(, Dv)] with T = 1
+            objective = dataclasses.replace(objective, delta=delta.unsqueeze(1))
+    delta = expand_delta(objective, (B, 1, H, Dv), device, dtype)
+    check_kl_state(retention, memories, memory_name)
+    return objective, retention, None if delta is None else delta[:, 0]
+
+
+def _check_chunk_state(chunk_state, weight_shapes, dims, scale_shape, read_weights, device):
+    """A chunk-start state as returned by a step with the same options, or None."""
+    if chunk_state is None:
+        return
+    if not isinstance(chunk_state, tuple) or len(chunk_state) != 3:
+        raise TypeError("chunk_state: expected the ChunkStartState a previous step returned, or None, got "
+                        f"{type(chunk_state).__name__}")
+    weights, scale, read = chunk_state
+    pairs = [("chunk_state.weights", weights)]
+    if read_weights:
+        if read is None:
+            raise ValueError('chunk_state.read_weights: expected the weights read="chunk_start" reads with '
+                             'retention="kl", got None (pass the state a step with these options returned)')
+        pairs.append(("chunk_state.read_weights", read))
+    elif read is not None:
+        raise ValueError('chunk_state.read_weights: expected None (it exists only with read="chunk_start" and '
+                         'retention="kl"); pass the state a step with these options returned')
+    for name, value in pairs:
+        tensors = (value,) if len(weight_shapes) == 1 else value
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != len(weight_shapes):
+            raise TypeError(f"{name}: expected {len(weight_shapes)} tensors, got {type(value).__name__}")
+        for i, (t, shape, d) in enumerate(zip(tensors, weight_shapes, dims)):
+            label = name if len(weight_shapes) == 1 else f"{name}[{i}]"
+            check_tensor(label, t, len(shape), dtypes=_STATE_DTYPES)
+            check_shape(label, t, shape, d)
+            check_device(label, t, device)
+    check_tensor("chunk_state.scale", scale, len(scale_shape), dtypes=_STATE_DTYPES)
+    check_shape("chunk_state.scale", scale, scale_shape, ("B", "H", "2")[:len(scale_shape)])
+    check_device("chunk_state.scale", scale, device)
+
+
+def _position_tensor(position, B, device, chunk_size, starts_chunk):
+    """``position`` as an int64 tensor on ``device`` (a Python int becomes a fill, not a copy from
+    the host). starts_chunk: no chunk-start state is given, so the token must start a chunk."""
+    if isinstance(position, torch.Tensor):
+        if position.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"position: expected an int64 or int32 tensor, got {_dtype_name(position.dtype)}")
+        if position.dim() > 1 or (position.dim() == 1 and position.shape[0] != B):
+            raise ValueError(f"position: expected a scalar or [B] = [{B}] tensor, got shape {list(position.shape)}")
+        check_device("position", position, device)
+        if value_checks_enabled(position.device):
+            if bool((position < 0).any()):
+                raise ValueError("position: expected positions >= 0")
+            if starts_chunk and bool((position % chunk_size != 0).any()):
+                raise ValueError(f"chunk_state: None is only valid at a chunk start, but position is not a multiple "
+                                 f"of chunk_size={chunk_size}: pass the chunk_state the previous step returned")
+        return position
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise TypeError(f"position: expected an int >= 0 or an integer tensor, got {position!r}")
+    if position < 0:
+        raise ValueError(f"position: expected an int >= 0, got {position}")
+    if starts_chunk and position % chunk_size:
+        raise ValueError(f"chunk_state: None is only valid at a chunk start, but position={position} is not a "
+                         f"multiple of chunk_size={chunk_size}: pass the chunk_state the previous step returned")
+    return torch.full((), position, dtype=torch.int64, device=device)
+
+
+def _chunk_state_args(chunk_state, n_weights):
+    """The op's chunk-start state arguments: the weights, the scale, the read weights (None each when
+    absent)."""
+    if chunk_state is None:
+        return (None,) * n_weights, None, (None,) * n_weights
+    weights, scale, read = chunk_state
+    as_tuple = (lambda x: (x,)) if n_weights == 1 else tuple
+    return as_tuple(weights), scale, (None,) * n_weights if read is None else as_tuple(read)
+
+
+def _chunk_state_result(weights, scale, read, has_read):
+    return ChunkStartState(weights, scale, read if has_read else None)
+
+
+# ---- linear memory ----------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("titans_ext::linear_memory_step")
+def _linear_memory_step_fake(q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position,
+                             chunk_size, read_token, objective=0, p=2.0, eps=0.0, delta=None, retention=0,
+                             retention_q=2.0):
+    check_fake_device(q)
+    B, H, Dk = q.shape
+    Dv = v.shape[-1]
+    state_dtype = state_dtype_for(q.dtype)
+    state = [q.new_empty(B, H, Dv, Dk, dtype=state_dtype) for _ in range(3)]
+    has_read = not read_token and retention == 2
+    read_out = q.new_empty((B, H, Dv, Dk) if has_read else (0,), dtype=state_dtype)
+    return q.new_empty(B, H, Dv), *state, q.new_empty(B, H, dtype=state_dtype), read_out
+
+
+torch.library.register_autograd("titans_ext::linear_memory_step", _no_backward("linear_memory_step"),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def linear_memory_step(q, k, v, theta, eta, alpha, *, position, state=None, chunk_state=None, chunk_size=64,
+                       read="token", objective="l2", retention="l2"):
+    r"""One token of :func:`titans_ext.linear_memory`, from the running and the chunk-start state.
+
+    For the token at stream position ``position`` (chunks of ``chunk_size`` counted from position
+    0, as in one call of the chunked op on the whole stream), with ``t0`` its chunk's first token::
+
+        u = f(W0 k - v) k^T              # W0: the chunk-start weights (chunk_state.weights)
+        S' = eta S - theta u,   M' = (1 - alpha) M + S'
+        o = rho0 M' q  (read="token")   or   R0 q  (read="chunk_start")
+
+    When ``position % chunk_size == 0`` the step first refreshes the chunk-start state from the
+    running state (``W0 = rho0 M``, ``rho0 = ||M||_q^(2-q)`` for ``retention=("lq", q)``, else
+    ``W0 = M`` and ``rho0 = 1``; ``R0 = W0``), and with ``retention="kl"`` takes Memora's softmax
+    step ``M' = softmax((1 - alpha) log max(M, 1e-6) + S')`` over each row instead, which then
+    becomes W0 (R0 stays the memory before it). A sequence fed step by step gives the outputs and
+    the states of :func:`titans_ext.linear_memory` with the same options, token for token.
+
+    Cost: O(B H Dv Dk) per token, whatever the position. On CUDA one fused kernel launch on the
+    current stream, and nothing reads a tensor value on the host (with value checks off, the GPU
+    default): with ``position`` a device tensor that the caller advances (``position += 1``), a
+    step can be captured in a CUDA graph and replayed.
+
+    Autograd: not supported (the step is for inference; train with the chunked op). Inputs that
+    require grad while grad mode is on raise a RuntimeError; so does a backward through the
+    operator called directly.
+
+    Args:
+        q, k: the token's query and key ``[B, H, Dk]``; fp32, fp64, bf16 or fp16.
+        v: value ``[B, H, Dv]`` (q's dtype).
+        theta, eta, alpha: gates ``[B, H]`` (as in :func:`titans_ext.linear_memory`).
+        position: the token's position in the stream: an int >= 0, or an int64/int32 tensor on q's
+            device, a scalar or one per batch row ``[B]`` (rows may be at different positions). A
+            tensor is read on the device only (pass one for CUDA graphs).
+        state: the running state ``(M, S)``, each ``[B, H, Dv, Dk]``, as the chunked op's
+            ``final_state`` or a previous step's; None: the chunked op's default initial state.
+        chunk_state: the :class:`ChunkStartState` the previous step returned; None is valid only
+            when the token starts a chunk (checked for an int position, and for a tensor where value
+            checks run).
+        chunk_size, read, objective, retention: as in :func:`titans_ext.linear_memory`; the same
+            values at every step of a stream. A tensor ``delta`` of the objective broadcasts to
+            ``[B, H]`` or, 3-d, to ``[B, H, Dv]``.
+
+    Returns:
+        ``(o, state, chunk_state)``: ``o`` ``[B, H, Dv]`` in q's dtype, the running state ``(M', S')``
+        and the :class:`ChunkStartState` after the token (fp32, fp64 for fp64 inputs).
+    """
+    return run_linear_memory_step(torch.ops.titans_ext.linear_memory_step, q, k, v, theta, eta, alpha,
+                                  position=position, state=state, chunk_state=chunk_state, chunk_size=chunk_size,
+                                  read=read, objective=objective, retention=retention)
+
+
+def run_linear_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read,
+                           objective, retention):
+    """:func:`linear_memory_step` on the operator ``op`` (the emulation tests pass the emulated
+    CUDA kernel's)."""
+    check_op_device(q)
+    B, H, Dk, Dv = _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read)
+    state_shape, dims = (B, H, Dv, Dk), ("B", "H", "Dv", "Dk")
+    if state is not None:
+        _check_state_pair("state", state, state_shape, dims, q.device)
+    state_dtype = state_dtype_for(q.dtype)
+    starts_stream = state is not None and chunk_state is None
+    objective, retention, delta = _step_miras(objective, retention, list(state[:1]) if starts_stream else [], B, H,
+                                              Dv, q.device, state_dtype, "state")
+    has_read = read == "chunk_start" and retention.kind == "kl"
+    _check_chunk_state(chunk_state, [state_shape], [dims], (B, H), has_read, q.device)
+    position = _position_tensor(position, B, q.device, chunk_size, chunk_state is None)
+    _refuse_autograd("linear_memory_step", "linear_memory",
+                     (q, k, v, theta, eta, alpha, delta, *(state or ()), *(chunk_state or ())))
+    m, s = (None, None) if state is None else state
+    (chunk_weights,), chunk_scale, (chunk_read,) = _chunk_state_args(chunk_state, 1)
+    o, m, s, chunk_weights, chunk_scale, chunk_read = op(
+        q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position, chunk_size,
+        read == "token", objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
+    return o, (m, s), _chunk_state_result(chunk_weights, chunk_scale, chunk_read, has_read)
+
+
+# ---- MLP memory -------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("titans_ext::mlp_memory_step")
+def _mlp_memory_step_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
+                          chunk_read_w2, position, chunk_size, read_token, activation, objective=0, p=2.0, eps=0.0,
+                          delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
+    B, H, D = q.shape
+    N = w1.shape[2]
+    state_dtype = state_dtype_for(q.dtype)
+
+    def pair(present=True):
+        shapes = ((B, H, N, D), (B, H, D, N)) if present else ((0,), (0,))
+        return [q.new_empty(shape, dtype=state_dtype) for shape in shapes]
+
+    (w1_out, w2_out), (s1_out, s2_out), (cw1, cw2) = pair(), pair(), pair()
+    has_read = not read_token and retention == 2
+    return (q.new_empty(B, H, D), w1_out, w2_out, s1_out, s2_out, cw1, cw2,
+            q.new_empty(B, H, 2, dtype=state_dtype), *pair(has_read))
+
+
+torch.library.register_autograd("titans_ext::mlp_memory_step", _no_backward("mlp_memory_step"),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def _check_mlp_state(state, B, H, D, device):
+    """``((W1, W2), (S1, S2) or None)``; returns N."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2 or not isinstance(state[0], (tuple, list)):
+        raise TypeError("state: expected ((W1, W2), (S1, S2)) or ((W1, W2), None), as the chunked op's final_state, "
+                        f"got {type(state).__name__}")
+    weights, momentum = state
+    if len(weights) != 2:
+        raise TypeError(f"state[0]: expected the pair (W1, W2), got {len(weights)} items")
+    W1 = weights[0]
+    check_tensor("state[0][0]", W1, 4, dtypes=_STATE_DTYPES)
+    N = W1.shape[2]
+    if N == 0 or N % D:
+        raise ValueError(f"state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D={D}, got "
+                         f"{list(W1.shape)}")
+    shapes, dims = ((B, H, N, D), (B, H, D, N)), (("B", "H", "E*D", "D"), ("B", "H", "D", "E*D"))
+    for group, tensors in ((0, weights), (1, momentum)):
+        if tensors is None and group == 1:
+            continue
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != 2:
+            raise TypeError(f"state[{group}]: expected a pair of tensors, got {type(tensors).__name__}")
+        for i, (t, shape, d) in enumerate(zip(tensors, shapes, dims)):
+            check_tensor(f"state[{group}][{i}]", t, 4, dtypes=_STATE_DTYPES)
+            check_shape(f"state[{group}][{i}]", t, shape, d)
+            check_device(f"state[{group}][{i}]", t, device)
+    return N
+
+
+def mlp_memory_step(q, k, v, theta, eta, alpha, *, position, state, chunk_state=None, chunk_size=64, read="token",
+                    activation="gelu", objective="l2", retention="l2"):
+    r"""One token of :func:`titans_ext.mlp_memory`, from the running and the chunk-start state.
+
+    The deep memory ``M(x) = x + W2 act(W1 x)``: for the token at ``position``, the inner gradients
+    of both weights are taken at the chunk-start weights ``(W1_0, W2_0) = chunk_state.weights``
+    (``z = W1_0 k``, ``e = f(k + W2_0 act(z) - v)``, ``u2 = e act(z)^T``,
+    ``u1 = ((W2_0^T e) * act'(z)) k^T``), each weight steps as in :func:`linear_memory_step`, and
+    ``o = q + rho2 W2' act(rho1 W1' q)`` (``read="token"``) or the memory at the chunk_start read
+    weights. The chunk boundary, ``retention`` (``"lq"``: each weight with its own rho0; ``"kl"``:
+    a softmax over each row of each weight at the lag token), the position, CUDA graphs and
+    autograd (not supported) are as in :func:`linear_memory_step`. A sequence fed step by step gives
+    the outputs and states of :func:`titans_ext.mlp_memory` token for token.
+
+    Cost: O(B H N D) per token (N = E D the hidden width); on CUDA one fused kernel launch.
+
+    Args:
+        q, k, v: the token's ``[B, H, D]``; fp32, fp64, bf16 or fp16.
+        theta, eta, alpha: gates ``[B, H]``.
+        position: as in :func:`linear_memory_step`.
+        state: the running state ``((W1 [B, H, N, D], W2 [B, H, D, N]), (S1, S2))`` as the chunked
+            op's ``final_state`` (momenta None: zeros).
+        chunk_state: the :class:`ChunkStartState` the previous step returned (None only at a chunk
+            start); ``weights`` and ``read_weights`` are ``(W1, W2)`` pairs, ``scale`` is ``[B, H, 2]``.
+        chunk_size, read, activation, objective, retention: as in :func:`titans_ext.mlp_memory`.
+
+    Returns:
+        ``(o, state, chunk_state)``: ``o`` ``[B, H, D]`` in q's dtype, ``((W1', W2'), (S1', S2'))`` and
+        the :class:`ChunkStartState` after the token.
+    """
+    return run_mlp_memory_step(torch.ops.titans_ext.mlp_memory_step, q, k, v, theta, eta, alpha, position=position,
+                               state=state, chunk_state=chunk_state, chunk_size=chunk_size, read=read,
+                               activation=activation, objective=objective, retention=retention)
+
+
+def run_mlp_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read, activation,
+                        objective, retention):
+    """:func:`mlp_memory_step` on the operator ``op`` (as :func:`run_linear_memory_step`)."""
+    check_op_device(q)
+    B, H, D, Dv = _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read)
+    if Dv != D:
+        raise ValueError(f"v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk={D}, Dv={Dv}")
+    if activation not in ("gelu", "silu"):
+        raise ValueError(f"activation: expected one of ('gelu', 'silu'), got {activation!r}")
+    N = _check_mlp_state(state, B, H, D, q.device)
+    state_dtype = state_dtype_for(q.dtype)
+    weights, momentum = state
+    objective, retention, delta = _step_miras(objective, retention, list(weights) if chunk_state is None else [], B,
+                                              H, D, q.device, state_dtype, "state")
+    has_read = read == "chunk_start" and retention.kind == "kl"
+    _check_chunk_state(chunk_state, [(B, H, N, D), (B, H, D, N)],
+                       [("B", "H", "E*D", "D"), ("B", "H", "D", "E*D")], (B, H, 2), has_read, q.device)
+    position = _position_tensor(position, B, q.device, chunk_size, chunk_state is None)
+    flat_chunk = () if chunk_state is None else (*chunk_state[0], chunk_state[1], *(chunk_state[2] or ()))
+    _refuse_autograd("mlp_memory_step", "mlp_memory",
+                     (q, k, v, theta, eta, alpha, delta, *weights, *(momentum or ()), *flat_chunk))
+    s1, s2 = (None, None) if momentum is None else momentum
+    (chunk_w1, chunk_w2), chunk_scale, (chunk_read_w1, chunk_read_w2) = _chunk_state_args(chunk_state, 2)
+    out = op(
+        q, k, v, theta, eta, alpha, weights[0], weights[1], s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
+        chunk_read_w2, position, chunk_size, read == "token", activation, objective.code, objective.p, objective.eps,
+        delta, retention.code, retention.q)
+    o, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1, chunk_read_w2 = out
+    return (o, ((w1, w2), (s1, s2)),
+            _chunk_state_result((chunk_w1, chunk_w2), chunk_scale, (chunk_read_w1, chunk_read_w2), has_read))
