@@ -2,5 +2,6 @@
 
 from .linear_memory import linear_memory
 from .mlp_memory import mlp_memory
+from .read import linear_memory_read, mlp_memory_read
 
-__all__ = ["linear_memory", "mlp_memory"]
+__all__ = ["linear_memory", "linear_memory_read", "mlp_memory", "mlp_memory_read"]
