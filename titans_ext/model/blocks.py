@@ -147,7 +147,7 @@ class MACState:
     """Streaming state of a :class:`MACBlock`.
 
     Attributes:
-        memory: the memory's state (written with the attention outputs).
+        memory: the memory's state (written with the residual stream after the attention).
         segment_memory: the memory (op state format) at the start of the current segment, which
             every token of the segment reads.
         retrieve_conv_cache: history ``[B, conv_kernel - 1, H * D]`` of the convolution of the
@@ -165,28 +165,37 @@ class MACState:
 class MACBlock(_Block):
     """Memory as context (MAC), Titans Sec. 4.1 (eqs. 21-25), on segments of ``segment_size`` tokens.
 
-    For each segment S of the normalized block input, with M the memory at the segment start::
+    For each segment S of the block input, with M the memory at the segment start::
 
-        h = norm(M(S))                            # eq. 21: read with the memory's queries of S, no write
-        y = Attn([persistent | h | S])            # eqs. 22-23; causal: token i sees h_j and S_j, j <= i
-        M <- M written with norm(y);  m = M(norm(y))   # eq. 24; token reads after each token's write
-        x <- x + y * sigmoid(m)                   # eq. 25: the output gated by the memory's read of y
+        h = norm(M(norm(S)))                      # eq. 21: read with the memory's queries of S, no write
+        y = Attn([persistent | h | norm(S)])      # eqs. 22-23; causal: token i sees h_j and S_j, j <= i
+        u = norm(S + y)                           # what the memory writes (eq. 24 writes y, see below)
+        M <- M written with u;  m = M(u)          # eq. 24; each token reads after its own write
+        x <- x + y * sigmoid(m)                   # eq. 25: the output gated by the memory's read
 
     then the feed-forward. ``M(.)`` is the memory layer's read (its query projection and
     convolution, the op, its output norm, gate and projection, :class:`NeuralMemory`); keys and
-    values of the write are the memory's projections of ``norm(y)``. State: :class:`MACState`.
+    values of the write are the memory's projections of ``u``. State: :class:`MACState`.
+
+    Departure from the paper, deliberate: the memory writes the residual stream after the
+    attention, ``S + y`` (through an RMSNorm), where eq. 24 writes the attention output ``y``
+    alone. The segment read (eq. 21) queries the memory with projections of the block input S;
+    keys written from ``S + y`` live in that same space, as in MAL and MAG, where the memory
+    reads and writes one stream. Keys written from ``y`` alone must be learned to meet the
+    input's queries through the attention, which at initialization averages the segment's
+    tokens: on MQAR with every fact segments back (``bench/recall.py``, issue 16), MAC writing
+    ``y`` stayed at chance (training loss flat at log(values)), writing ``S + y`` learns the
+    recall, and writing the block input alone (no ``y``) did not learn within the budget either.
 
     Choices the paper leaves open, made here:
 
     - Causal reads inside the segment: token i attends the retrieved h_j only for j <= i. h_j is
       read with token j's query, so a full view of h (as drawn in the paper's Figure 3a) would let
       a token see the next ones.
-    - Scale: the retrieved tokens enter the attention through an RMSNorm, as the input tokens do,
-      and the memory writes and reads the attention output through an RMSNorm (pre-norm, as in
-      the other blocks). Without them the retrieved tokens enter at about a fifth of the input's
-      scale and the attention output at about a tenth; at initialization the loss then reached
-      the facts of earlier segments 60 to 200 times more weakly than in MAL, and MAC stayed at
-      chance on long-range recall (issue 16).
+    - Scale: the retrieved tokens enter the attention through an RMSNorm, as the input tokens do
+      (pre-norm, as in the other blocks). Without it they enter at about a fifth of the input's
+      scale, and at initialization the loss reached the facts of earlier segments far more
+      weakly than in MAL.
     - Positions: rotary positions restart at every segment; h_j takes the position of token j.
     - The segment read is the memory at the segment start, a chunk boundary of the memory
       (``segment_size`` must be a multiple of its ``chunk_size``); the memory's momentum carries
@@ -245,7 +254,7 @@ class MACBlock(_Block):
             key_positions = torch.cat([cache.key_positions, positions[piece], positions[piece]])
             mask = key_positions[None, :] <= positions[piece, None]
             y = self.attention.attend(queries[:, :, piece], keys, values, mask)
-            written = self.memory_norm(y)
+            written = self.memory_norm(x[:, piece] + y)
             read, memory_state = self.memory.update(written, memory_state)
             ys.append(y)
             writes.append(written)
