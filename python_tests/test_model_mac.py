@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from titans_ext.demo.recall import IGNORE, RecallTask
 from titans_ext.model import MACBlock, TitansLM
 
+from test_model import random_pieces, run_in_pieces
+
 SEGMENT = 8
 MEMORY_KINDS = ("linear", "mlp")
 
@@ -34,22 +36,6 @@ def record_lookups(block):
     return calls
 
 
-def pieces(total, rng, longest=11):
-    lengths = []
-    while sum(lengths) < total:
-        lengths.append(min(rng.randint(1, longest), total - sum(lengths)))
-    return lengths
-
-
-def run_in_pieces(block, x, lengths):
-    outputs, state, start = [], None, 0
-    for length in lengths:
-        y, state = block(x[:, start:start + length], state)
-        outputs.append(y)
-        start += length
-    return torch.cat(outputs, dim=1), state
-
-
 def read_starts(lengths, segment_size):
     """Where each segment read of a stream fed in pieces of ``lengths`` starts: every piece reads
     once per segment it touches."""
@@ -67,7 +53,7 @@ def test_segment_read_uses_the_memory_at_the_segment_start(memory):
     x = torch.randn(2, 3 * SEGMENT + 5, 16, dtype=torch.float64)
     # The memory at each segment start, from streams cut there.
     expected = [block(x[:, :SEGMENT * s])[1].memory.memory for s in range(4)]
-    for lengths in ([x.shape[1]], pieces(x.shape[1], random.Random(1))):
+    for lengths in ([x.shape[1]], random_pieces(x.shape[1], random.Random(1), longest=11)):
         calls = record_lookups(block)
         run_in_pieces(block, x, lengths)
         del block.memory.lookup
@@ -126,7 +112,7 @@ def test_streaming_equals_one_call(memory, segment_size, chunk_size):
     block = mac_block(memory, segment_size, chunk_size).double()
     x = torch.randn(2, 27, 16, dtype=torch.float64)
     y, state = block(x)
-    for lengths in ([1] * 27, pieces(27, random.Random(segment_size))):
+    for lengths in ([1] * 27, random_pieces(27, random.Random(segment_size), longest=11)):
         streamed, streamed_state = run_in_pieces(block, x, lengths)
         torch.testing.assert_close(streamed, y, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(streamed_state.memory.memory, state.memory.memory, rtol=1e-10, atol=1e-10)
