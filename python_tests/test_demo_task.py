@@ -5,7 +5,7 @@ import torch
 
 from titans_ext.__main__ import main
 from titans_ext.demo.recall import IGNORE, RecallTask
-from titans_ext.demo.run import distance_edges
+from titans_ext.demo.run import distance_edges, format_table
 from titans_ext.demo.train import recall_by_distance, recall_loss, train
 from titans_ext.model import TitansLM
 
@@ -25,6 +25,20 @@ def test_recall_task_sequences():
             assert 0 <= key < 8 and 8 <= value < 13
         keys = tokens[row][tokens[row] < 8]
         assert len(keys) == 6 and len(set(keys.tolist())) == 3  # each key written once and asked once
+
+
+def test_mqar_layout_puts_the_facts_first():
+    task = RecallTask.mqar(n_pairs=3, filler=10, n_keys=8, n_values=5, n_noise=4)
+    assert (task.seq_len, task.filler, task.layout) == (22, 10, "front")
+    tokens, targets, distances = task.sample(4, torch.Generator().manual_seed(0))
+    assert (tokens[:, 0:6:2] < 8).all() and (tokens[:, 1:6:2] >= 8).all()  # key value key value ...
+    assert (tokens[:, 6:16] >= 13).all()  # the filler is noise
+    asked = targets != IGNORE
+    assert asked.sum(dim=1).tolist() == [3] * 4 and not asked[:, :16].any()
+    assert distances[asked].min() >= 10 + 2 and distances[asked].max() <= 22 - 2
+    needle = RecallTask(seq_len=16, n_pairs=1, n_keys=8, n_values=5, n_noise=4)
+    longer = needle.resized(64)
+    assert longer.seq_len == 64 and longer.vocab_size == needle.vocab_size and longer.n_pairs == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -49,6 +63,21 @@ def test_short_training_reduces_the_loss():
     assert after < before - 1.0, (before, after)
     accuracies, counts = recall_by_distance(model, task, distance_edges(8, 32), n_sequences=16)
     assert len(accuracies) == len(counts) == 3 and sum(counts) == 32
+
+
+def test_recall_task_layout_errors():
+    with pytest.raises(ValueError, match="layout"):
+        RecallTask(layout="middle")
+    with pytest.raises(ValueError, match="filler"):
+        RecallTask.mqar(filler=5)
+    with pytest.raises(ValueError, match="filler"):
+        RecallTask.mqar(filler=-2)
+
+
+def test_table_shows_mean_and_minimum_over_seeds():
+    table = format_table([0, 8, 16], {"mac": [0.5, [0.25, 0.75]]}, [3, 4])
+    lines = table.splitlines()
+    assert lines[2].split()[-1] == "50.0%" and "50.0% (min 25.0%)" in lines[3]
 
 
 def test_distance_edges():

@@ -33,6 +33,7 @@ def _parser():
     demo.add_argument("--pairs", type=_positive_int, default=4, help="facts per sequence (default 4)")
     demo.add_argument("--dim", type=_positive_int, default=64, help="model width (default 64)")
     demo.add_argument("--depth", type=_positive_int, default=1, help="blocks (default 1)")
+    demo.add_argument("--heads", type=_positive_int, default=4, help="attention and memory heads (default 4)")
     demo.add_argument("--chunk-size", type=_positive_int, default=4, help="memory chunk size (default 4)")
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step (default 32)")
     demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")

@@ -1,21 +1,32 @@
 """Synthetic long-range associative recall: the demo's task.
 
 A sequence is a stream of two-token pairs: noise, with ``n_pairs`` facts ``key value`` written
-at random places, and at the end the same keys asked again (``key value``, in another order). A
-model that has kept the facts predicts each value after its asked key. The distance between a
-fact and its question spans the sequence, so most answers lie far beyond an attention window
-and need a memory that keeps what it saw.
+in it, and at the end the same keys asked again (``key value``, in another order). A model
+that has kept the facts predicts each value after its asked key. Two layouts:
+
+- ``"scattered"`` (the demo): the facts at random places before the questions, so the distance
+  between a fact and its question spans the sequence. With one pair this is a needle in a
+  haystack.
+- ``"front"``: multi-query associative recall (MQAR, Zoology): the facts first, then
+  ``filler`` noise tokens, then the questions, so every answer lies at least ``filler`` tokens
+  back. :meth:`RecallTask.mqar` builds it from the filler length.
+
+Most answers lie far beyond an attention window and need a memory that keeps what it saw.
 
 Token ids: keys ``[0, n_keys)``, values ``[n_keys, n_keys + n_values)``, noise after those.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..model.checks import check_positive_int
+from ..model.checks import check_choice, check_nonnegative_int, check_positive_int
 
 IGNORE = -100  # target of positions that are not scored (cross_entropy's ignore_index)
+
+
+LAYOUTS = ("scattered", "front")
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class RecallTask:
         seq_len: tokens per sequence (even).
         n_pairs: key/value pairs written, and later asked, per sequence.
         n_keys, n_values, n_noise: sizes of the key, value and noise vocabularies.
+        layout: ``"scattered"`` (facts at random places) or ``"front"`` (facts first, MQAR).
     """
 
     seq_len: int = 256
@@ -33,10 +45,12 @@ class RecallTask:
     n_keys: int = 64
     n_values: int = 64
     n_noise: int = 32
+    layout: str = "scattered"
 
     def __post_init__(self):
         for name in ("seq_len", "n_pairs", "n_keys", "n_values", "n_noise"):
             check_positive_int(name, getattr(self, name))
+        check_choice("layout", self.layout, LAYOUTS)
         if self.seq_len % 2:
             raise ValueError(f"seq_len: expected an even number (the sequence is made of pairs), got {self.seq_len}")
         if 4 * self.n_pairs > self.seq_len:
@@ -44,6 +58,24 @@ class RecallTask:
                              f"got seq_len={self.seq_len}")
         if self.n_pairs > self.n_keys:
             raise ValueError(f"n_pairs: at most n_keys={self.n_keys} distinct keys per sequence, got {self.n_pairs}")
+
+    @classmethod
+    def mqar(cls, n_pairs=4, filler=64, n_keys=64, n_values=64, n_noise=64):
+        """MQAR: ``n_pairs`` facts, ``filler`` (even) noise tokens, then the questions."""
+        check_positive_int("n_pairs", n_pairs)
+        check_nonnegative_int("filler", filler)
+        if filler % 2:
+            raise ValueError(f"filler: expected an even number (the sequence is made of pairs), got {filler}")
+        return cls(4 * n_pairs + filler, n_pairs, n_keys, n_values, n_noise, layout="front")
+
+    @property
+    def filler(self):
+        """Noise tokens per sequence."""
+        return self.seq_len - 4 * self.n_pairs
+
+    def resized(self, seq_len):
+        """The same task (vocabularies, pairs, layout) at another sequence length."""
+        return dataclasses.replace(self, seq_len=seq_len)
 
     @property
     def vocab_size(self):
@@ -62,8 +94,11 @@ class RecallTask:
         targets = torch.full((batch_size, self.seq_len), IGNORE, dtype=torch.long)
         distances = torch.zeros(batch_size, self.seq_len, dtype=torch.long)
         for row in range(batch_size):
-            # Writes at distinct random pair slots before the questions, which fill the last n slots.
-            write = 2 * torch.randperm(n_slots - n, generator=generator)[:n]
+            # Writes at distinct pair slots before the questions, which fill the last n slots.
+            if self.layout == "front":
+                write = 2 * torch.arange(n)
+            else:
+                write = 2 * torch.randperm(n_slots - n, generator=generator)[:n]
             ask = 2 * (n_slots - n + torch.arange(n))
             keys = torch.randperm(self.n_keys, generator=generator)[:n]
             values = self.n_keys + torch.randint(self.n_values, (n,), generator=generator)

@@ -23,22 +23,34 @@ def distance_edges(window, seq_len):
 
 
 def build_model(task, block, args):
-    return TitansLM(task.vocab_size, dim=args.dim, depth=args.depth, block=block, heads=4, window=args.window,
-                    chunk_size=args.chunk_size)
+    return TitansLM(task.vocab_size, dim=args.dim, depth=args.depth, block=block, heads=args.heads,
+                    window=args.window, chunk_size=args.chunk_size)
+
+
+def format_accuracy(value):
+    """An accuracy, or the mean and minimum of several (one per seed), as text."""
+    if isinstance(value, (int, float)):
+        return f"{value:.1%}"
+    return f"{sum(value) / len(value):.1%} (min {min(value):.1%})"
 
 
 def format_table(edges, rows, counts):
-    """``rows``: ``{name: accuracies}`` -> a text table with one line per distance bucket."""
+    """``rows``: ``{name: accuracies}`` -> a text table with one line per distance bucket.
+
+    An accuracy may be a list, one per seed: the cell shows their mean and minimum.
+    """
     names = list(rows)
     header = f"{'distance':>12} {'answers':>8} " + " ".join(f"{name:>22}" for name in names)
     lines = [header, "-" * len(header)]
     for i in range(len(edges) - 1):
-        cells = " ".join(f"{rows[name][i]:>22.1%}" for name in names)
+        cells = " ".join(f"{format_accuracy(rows[name][i]):>22}" for name in names)
         lines.append(f"{f'{edges[i] + 1}-{edges[i + 1]}':>12} {counts[i]:>8} {cells}")
     return "\n".join(lines)
 
 
 def save_plot(path, edges, rows, window, chance, title):
+    """Recall by distance bucket, one line per model; where an accuracy is a list (one per
+    seed), the line is the mean and a band spans the seeds' minimum to maximum."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -47,15 +59,21 @@ def save_plot(path, edges, rows, window, chance, title):
     labels = [f"{edges[i] + 1}-{edges[i + 1]}" for i in range(len(edges) - 1)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, accuracies in rows.items():
-        ax.plot(labels, [100 * a for a in accuracies], marker="o", label=name)
+        per_seed = [[a] if isinstance(a, (int, float)) else list(a) for a in accuracies]
+        line, = ax.plot(labels, [100 * sum(a) / len(a) for a in per_seed], marker="o", label=name)
+        if any(len(a) > 1 for a in per_seed):
+            ax.fill_between(labels, [100 * min(a) for a in per_seed], [100 * max(a) for a in per_seed],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     ax.axhline(100 * chance, color="gray", linestyle=":", label="chance")
-    ax.axvline(0.5, color="gray", linestyle="--", linewidth=0.8)
-    ax.text(0.55, 50, f"beyond the window ({window} tokens)", color="gray", fontsize=8)
+    if window in edges[1:-1]:  # mark where the window ends
+        end = edges.index(window) - 0.5
+        ax.axvline(end, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(end + 0.05, 50, f"beyond the window ({window} tokens)", color="gray", fontsize=8)
     ax.set_xlabel("distance between fact and question (tokens)")
     ax.set_ylabel("recall accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

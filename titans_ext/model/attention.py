@@ -85,10 +85,9 @@ class Attention(nn.Module):
         tokens are visible to every query.
         """
         B = q.shape[0]
-        persistent = self.persistent.to(q.dtype).unsqueeze(0).expand(B, -1, -1)
-        k_p, v_p = self.kv_proj(persistent).chunk(2, dim=-1)
-        keys = torch.cat([self._split_heads(k_p), keys], dim=2)
-        values = torch.cat([self._split_heads(v_p), values], dim=2)
+        k_p, v_p = (self._split_heads(t).expand(B, -1, -1, -1)
+                    for t in self.kv_proj(self.persistent.to(q.dtype).unsqueeze(0)).chunk(2, dim=-1))
+        keys, values = torch.cat([k_p, keys], dim=2), torch.cat([v_p, values], dim=2)
         mask = torch.cat([mask.new_ones(mask.shape[0], self.persistent.shape[0]), mask], dim=1)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, -1, self.dim))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import linear_memory
+from ..ops import linear_memory, linear_memory_read, mlp_memory_read
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
 from ..ops.step import linear_memory_step, mlp_memory_step
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
@@ -110,16 +110,26 @@ class CausalDepthwiseConv(nn.Module):
 
     ``forward(x [B, T, C], history [B, K-1, C]) -> (y [B, T, C], new history)``; a zero history is
     the start of a stream, so a stream cut anywhere convolves the same as in one piece.
+    ``channels`` (a slice) convolves only those channels (x and history hold just them).
+
+    Computed as K shifted multiply-adds: on the CPU a grouped ``conv1d`` costs several times
+    more, most of all on the short pieces a segmented block feeds it.
     """
 
     def __init__(self, channels, kernel_size):
         super().__init__()
         self.kernel_size = kernel_size
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels)
+        bound = kernel_size ** -0.5  # nn.Conv1d's default initialization (fan-in = kernel_size)
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
-    def forward(self, x, history):
+    def forward(self, x, history, channels=slice(None)):
         padded = torch.cat([history.to(x.dtype), x], dim=1)
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        weight, bias = self.weight[channels], self.bias[channels]
+        T = x.shape[1]
+        y = torch.addcmul(bias, padded[:, :T], weight[:, 0])
+        for lag in range(1, self.kernel_size):
+            y = torch.addcmul(y, padded[:, lag:lag + T], weight[:, lag])
         return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
 
 
@@ -290,13 +300,21 @@ class NeuralMemory(nn.Module):
         return MemoryState(memory=memory, conv_cache=conv_cache,
                            step_position=torch.zeros((), dtype=torch.int64, device=device))
 
+    def _convolved(self, x, conv_cache, parts):
+        """The first ``parts`` of q, k, v of ``x [B, T, dim]`` -> ``([B, T, parts, H, D], conv_cache)``."""
+        B, T, _ = x.shape
+        width = parts * self.heads * self.head_dim
+        projected = F.linear(x, self.qkv_proj.weight[:width])
+        convolved, conv_cache = self.qkv_conv(projected, conv_cache, slice(0, width))
+        return F.silu(convolved).view(B, T, parts, self.heads, self.head_dim), conv_cache
+
     def project(self, x, conv_cache):
         """Op inputs of ``x [B, T, dim]``: ``q [B, T, H, D]`` (unit), the per-token inputs the memory
         learns from, ``(k, v, theta, eta, alpha)`` (k unit, gates ``[B, T, H]`` in fp32, fp64 for
         fp64 x) plus a learned delta ``[B, T, H, D]`` when there is one, and the new conv cache."""
         B, T, _ = x.shape
-        qkv, conv_cache = self.qkv_conv(self.qkv_proj(x), conv_cache)
-        q, k, v = F.silu(qkv).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
+        qkv, conv_cache = self._convolved(x, conv_cache, 3)
+        q, k, v = qkv.unbind(dim=2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         state_dtype = state_dtype_for(x.dtype)
         gates = torch.sigmoid(self.gate_proj(x).to(state_dtype)).view(B, T, 3, self.heads)
@@ -304,6 +322,15 @@ class NeuralMemory(nn.Module):
         if self.delta_proj is not None:
             inputs += (F.softplus(self.delta_proj(x).to(state_dtype)).view(B, T, self.heads, self.head_dim),)
         return q, inputs, conv_cache
+
+    def queries(self, x, conv_cache):
+        """The unit queries ``[B, T, H, D]`` of ``x [B, T, dim]`` alone (no keys, values or gates).
+
+        ``conv_cache [B, conv_kernel - 1, H * D]`` is the history of the query convolution of
+        ``x``'s own stream; returns ``(q, conv_cache)``.
+        """
+        q, conv_cache = self._convolved(x, conv_cache, 1)
+        return F.normalize(q[:, :, 0], dim=-1), conv_cache
 
     def output(self, o, x):
         """``y = W_out(RMSNorm(o) * SiLU(W_gate x))`` for op outputs ``o [B, T, H, D]``, inputs ``x [B, T, dim]``."""
@@ -344,6 +371,16 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x, state=None):
         """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``."""
+        o, state = self.update(x, state)
+        return self.output(o, x), state
+
+    def update(self, x, state=None):
+        """Writes ``x [B, T, dim]`` into the memory, each token reading after its own update.
+
+        Returns the reads before the output transform, ``o [B, T, H, D]`` (``forward`` is
+        ``output(o, x)``), and the new :class:`MemoryState`. A block that transforms the reads
+        of several calls at once uses this.
+        """
         check_input("x", x, self.dim)
         B, T, _ = x.shape
         if state is None:
@@ -360,7 +397,7 @@ class NeuralMemory(nn.Module):
             o, new_state = self._decode(q, inputs, state)
         new_state.conv_cache, new_state.position = conv_cache, state.position + T
         new_state.step_position = state.step_position + T
-        return self.output(o, x), new_state
+        return o, new_state
 
     def _decode(self, q, inputs, state):
         """Without autograd: decode steps for the tokens of chunks shared with other calls, the
@@ -441,24 +478,34 @@ class NeuralMemory(nn.Module):
         replay = (boundary, pending) if pending[0].shape[1] else None
         return o, MemoryState(memory=memory, conv_cache=state.conv_cache, replay=replay)
 
+    def lookup(self, q, memory):
+        """Reads ``memory`` (op state format) with unit queries ``q [B, T, H, D]``, writing nothing.
+
+        Returns ``o [B, T, H, D]``: every token reads ``memory`` as the op reads it at a chunk
+        start. The read ops (:func:`titans_ext.ops.linear_memory_read`, ``mlp_memory_read``) do
+        it without the inner-gradient work of an op call; the ``lq`` retention, which rescales the
+        state at a chunk start, is read through an op call over one chunk with zero gates.
+        """
+        weights = memory[0]
+        if self.retention.kind != "lq":
+            if self.memory_kind == "linear":
+                return linear_memory_read(q, weights)
+            return mlp_memory_read(q, weights, self.activation)
+        zero = q.new_zeros(q.shape[:3], dtype=state_dtype_for(q.dtype))
+        # Zero gates write nothing, so the keys, values and objective are placeholders (a learned
+        # delta, when the objective takes one, as well).
+        delta = () if self.delta_proj is None else (torch.ones_like(q, dtype=zero.dtype),)
+        o, _ = self.run_op(q, (q, q, zero, zero, zero, *delta), memory, output_final_state=False,
+                           chunk_size=max(q.shape[1], 1), read="chunk_start")
+        return o
+
     def retrieve(self, x, memory, conv_cache):
         """Reads ``memory`` (op state format) with the queries of ``x [B, T, dim]``, writing nothing.
 
-        Returns ``(y [B, T, dim], conv_cache)``; ``conv_cache`` is the history of ``x``'s own stream
-        (``[B, conv_kernel - 1, 3 * H * D]``). This is the read of a memory-as-context block at a
-        segment start.
+        Returns ``(y [B, T, dim], conv_cache)``; ``conv_cache [B, conv_kernel - 1, H * D]`` is the
+        history of the query convolution of ``x``'s own stream (zeros at its start). This is the
+        read of a memory-as-context block at a segment start.
         """
         check_input("x", x, self.dim)
-        q, (k, v, theta, _, _, *learned_delta), conv_cache = self.project(x, conv_cache)
-        zero = torch.zeros_like(theta)
-        inputs = (k, v, zero, zero, zero, *learned_delta)
-        tensors = [q, *inputs]
-        map_tensors(tensors.append, memory)
-        if x.shape[1] == 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            # Decoding: one step that starts a chunk and reads before the token's update.
-            o, _, _ = self.step(q[:, 0], tuple(t[:, 0] for t in inputs), 0, memory, None, read="chunk_start")
-            return self.output(o.unsqueeze(1), x), conv_cache
-        # One chunk spanning the call, read before it: every token reads `memory` itself.
-        o, _ = self.run_op(q, inputs, memory, output_final_state=False, chunk_size=max(x.shape[1], 1),
-                           read="chunk_start")
-        return self.output(o, x), conv_cache
+        q, conv_cache = self.queries(x, conv_cache)
+        return self.output(self.lookup(q, memory), x), conv_cache
