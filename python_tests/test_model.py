@@ -178,7 +178,7 @@ def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
     prompt_calls = dict(calls)
     calls.update(chunked=0, step=0)
     model.generate(prompt, 9)
-    steps_per_token = {"mac": 2, "swa": 0}.get(kind, 1) * len(model.blocks)
+    steps_per_token = (0 if kind == "swa" else 1) * len(model.blocks)
     assert calls["chunked"] == prompt_calls["chunked"]
     assert calls["step"] == prompt_calls["step"] + 9 * steps_per_token
 
