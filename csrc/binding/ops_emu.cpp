@@ -3,7 +3,10 @@
 // a GPU runs the CUDA kernels' code:
 //   - the device layer's self-test kernels (csrc/device/selftest/), for python_tests/test_device_emulation.py;
 //   - linear_memory_fwd and linear_memory_bwd with the schemas and output contracts of
-//     titans_ext::linear_memory_fwd / titans_ext::linear_memory_bwd.
+//     titans_ext::linear_memory_fwd / titans_ext::linear_memory_bwd;
+//   - mlp_memory_fwd and mlp_memory_bwd with the schemas and the CUDA output contracts of
+//     titans_ext::mlp_memory_fwd / titans_ext::mlp_memory_bwd (chunk-start states in the inputs'
+//     dtype).
 // Emulation errors (barrier divergence, shared memory out of bounds, ...) raise RuntimeError
 // naming the kernel, block and thread. Inputs are CPU tensors.
 #include <Python.h>
@@ -18,6 +21,7 @@
 #include <torch/library.h>
 
 #include "binding/linear_memory_device.h"
+#include "binding/mlp_memory_device.h"
 #include "device/selftest/selftest.h"
 
 // runtime.h is torch-free and defines no macros, unlike the device layer's emu.h.
@@ -222,7 +226,25 @@ LinearMemoryGrads linear_memory_bwd(const at::Tensor& q, const at::Tensor& k, co
          const ValueTiles& tiles) { linear_memory_bwd_launch(params, workspace, type, tiles, nullptr); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_memory_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+    const at::Tensor& alpha, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& s1,
+    const std::optional<at::Tensor>& s2, int64_t chunk_size, bool read_token, c10::string_view activation,
+    bool save_states, int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
+    int64_t retention, double retention_q) {
+  TORCH_CHECK(q.device().is_cpu(), "titans_emu::mlp_memory_fwd runs on CPU tensors");
+  return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
+                               save_states, objective, p, eps, delta, retention, retention_q, emulated_device,
+                               [](const MlpMemoryParams& params, InputType type, int block) {
+                                 mlp_memory_fwd_launch(params, type, block, nullptr);
+                               });
+}
+
 }  // namespace
+
+// The MIRAS arguments of the titans_ext:: schemas (ops.cpp).
+#define TITANS_EMU_MIRAS_ARGS \
+  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
 
 TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()", &set_schedule);
@@ -252,6 +274,12 @@ TORCH_LIBRARY(titans_emu, m) {
       "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)",
       &linear_memory_bwd);
+  m.def(
+      "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "
+      "bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
+      "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)",
+      &mlp_memory_fwd);
 }
 
 }  // namespace titans

@@ -432,7 +432,7 @@ __device__ __forceinline__ index_t chunk_state_offset(const LinearMemoryParams& 
 }
 
 // Tokens in chunk n (the last chunk may be short).
-__device__ __forceinline__ int chunk_length(const LinearMemoryParams& p, int n) {
+__device__ __forceinline__ int chunk_length(const SequenceParams& p, int n) {
   const int left = p.seqlen - n * p.chunk_size;
   return left < p.chunk_size ? left : p.chunk_size;
 }
@@ -544,7 +544,7 @@ __device__ __forceinline__ void finish_staging() {
 
 // Stages the gates of tokens t0..t0+L-1 into shared memory (beta = 1 - alpha).
 template <typename compute_t, class Ptr>
-__device__ __forceinline__ void stage_gates(const LinearMemoryParams& params, int b, int h, int t0, int L,
+__device__ __forceinline__ void stage_gates(const SequenceParams& params, int b, int h, int t0, int L,
                                             const Ptr& theta, const Ptr& eta, const Ptr& beta) {
   const auto* theta_in = static_cast<const compute_t*>(params.theta.ptr);
   const auto* eta_in = static_cast<const compute_t*>(params.eta.ptr);

@@ -1,0 +1,273 @@
+// Building blocks of the CUDA mlp_memory kernels (mlp_memory_fwd.cuh, mlp_memory_bwd.cuh), written
+// only against the device layer, so the emulation runs them unchanged. The operand policies, tile
+// loops, shared-memory carving, staging and gate tables are the linear memory's
+// (linear_memory_common.cuh); what is here is specific to the deep memory:
+// - the activation (exact GELU or SiLU) with its first and second derivatives, and the MIRAS
+//   objective chosen at run time (objectives.h's functors behind one switch, so each kernel is
+//   instantiated per dtype only);
+// - `product`: an M x N block product as a sum of terms, each a K-contraction of two operand views
+//   (callables), with an epilogue that sees every term's value of each element. An element is
+//   owned by one lane for a given (M, N) (lm::for_each_tile), so sums over hidden blocks are
+//   accumulated in place by their owners without extra barriers;
+// - the streamed state block (rows of W1, S1 and the same columns of W2, S2) and its cp.async
+//   double buffer over the hidden blocks;
+// - warp-per-row matrix-vector products against global memory, for single tokens (the kl
+//   retention's lag token).
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "cuda/linear_memory_common.cuh"
+#include "cuda/mlp_memory.h"
+#include "objectives.h"
+
+namespace titans {
+namespace mlp {
+
+// Threads per block: one block per (batch, head) runs the whole sequence, so it takes eight warps
+// to keep its products' 16 x 8 tiles busy.
+constexpr int kThreads = 256;
+
+template <typename input_t_>
+struct Traits {
+  using input_t = input_t_;
+  // fp64 inputs are computed, and their gates and state kept, in fp64; all others in fp32.
+  using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
+  using Policy = typename lm::OperandPolicy<input_t>::type;
+};
+
+// Host side: the widest hidden block of kMlpHiddenBlocks (at most N rounded up to 8) whose shared
+// memory, smem(block), fits the device; 0 if none does.
+template <class Smem>
+int choose_hidden_block(const MlpMemoryParams& params, const DeviceLimits& device, const Smem& smem) {
+  const int widest = (params.hidden + 7) / 8 * 8;
+  for (const int candidate : kMlpHiddenBlocks) {
+    const int block = candidate < widest ? candidate : widest;
+    if (smem(block) <= device.max_shared_bytes) return block;
+  }
+  return 0;
+}
+
+// Host side: calls f(Traits<input_t>{}) for the runtime input type.
+template <class F>
+auto dispatch(InputType type, const F& f) {
+  switch (type) {
+    case InputType::kFloat64: return f(Traits<double>{});
+    case InputType::kBFloat16: return f(Traits<device::bf16>{});
+    case InputType::kFloat16: return f(Traits<device::fp16>{});
+    case InputType::kFloat32: break;
+  }
+  return f(Traits<float>{});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise math
+
+// The C math functions by argument type (CUDA's device overloads under nvcc, libm in the emulation).
+namespace fmath {
+__device__ __forceinline__ float exp(float x) { return ::expf(x); }
+__device__ __forceinline__ double exp(double x) { return ::exp(x); }
+__device__ __forceinline__ float log(float x) { return ::logf(x); }
+__device__ __forceinline__ double log(double x) { return ::log(x); }
+__device__ __forceinline__ float erfc(float x) { return ::erfcf(x); }
+__device__ __forceinline__ double erfc(double x) { return ::erfc(x); }
+__device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
+__device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
+}  // namespace fmath
+
+// act(x) and, up to kOrder, act'(x) and act''(x) (mlp_dual_form.md §4):
+//   gelu: x Phi(x);  Phi + x phi;  phi (2 - x^2)          (Phi, phi: standard normal cdf, pdf)
+//   silu: x s;       s (1 + x (1 - s));  s (1 - s) (2 + x (1 - 2 s))     (s = sigmoid(x))
+template <typename T>
+struct Activation {
+  T value, first, second;
+};
+
+template <int kOrder, typename T>
+__device__ __forceinline__ Activation<T> activation(MlpActivation kind, T x) {
+  Activation<T> out{T(0), T(0), T(0)};
+  if (kind == MlpActivation::kGelu) {
+    const T cdf = T(0.5) * fmath::erfc(-x * T(0.70710678118654752440));
+    const T pdf = T(0.39894228040143267794) * fmath::exp(T(-0.5) * x * x);
+    out.value = x * cdf;
+    if (kOrder >= 1) out.first = cdf + x * pdf;
+    if (kOrder >= 2) out.second = pdf * (T(2) - x * x);
+  } else {
+    const T s = T(1) / (T(1) + fmath::exp(-x));
+    out.value = x * s;
+    if (kOrder >= 1) out.first = s * (T(1) + x * (T(1) - s));
+    if (kOrder >= 2) out.second = s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+  }
+  return out;
+}
+
+// The objective's error map f(r) (miras.md §2.1, objectives.h), chosen at run time: one switch per
+// element is cheap beside the products and keeps the kernels instantiated per dtype only.
+template <typename T>
+struct Objective {
+  ObjectiveKind kind;
+  T p, eps;
+  __host__ __device__ explicit Objective(const MirasParams& m) : kind(m.objective), p(T(m.p)), eps(T(m.eps)) {}
+
+  __device__ bool uses_norm() const { return kind == ObjectiveKind::yaad; }
+  __device__ bool uses_delta() const {
+    return kind == ObjectiveKind::huber || kind == ObjectiveKind::pseudo_huber || kind == ObjectiveKind::yaad;
+  }
+  template <class F>
+  __device__ T with(const F& f) const {
+    switch (kind) {
+      case ObjectiveKind::lp: return f(LpObjective<T>{p, eps});
+      case ObjectiveKind::huber: return f(HuberObjective<T>{});
+      case ObjectiveKind::pseudo_huber: return f(PseudoHuberObjective<T>{});
+      case ObjectiveKind::yaad: return f(YaadObjective<T>{});
+      case ObjectiveKind::l2: break;
+    }
+    return f(L2Objective<T>{});
+  }
+  __device__ T error(T r, T delta, T norm) const {
+    return with([&](const auto& o) { return o.error(r, delta, norm); });
+  }
+  __device__ T slope(T r, T delta, T norm) const {
+    return with([&](const auto& o) { return o.slope(r, delta, norm); });
+  }
+  __device__ T delta_slope(T r, T delta, T norm) const {
+    return with([&](const auto& o) { return o.delta_slope(r, delta, norm); });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Block products
+
+// One term of a product: sum over k < K of a(r, k) b(k, c).
+template <class A, class B>
+struct Term {
+  int K;
+  A a;
+  B b;
+};
+template <class A, class B>
+__device__ __forceinline__ Term<A, B> term(int K, const A& a, const B& b) {
+  return {K, a, b};
+}
+
+// For the M x N output, calls epilogue(r, c, v) for every element, v[i] the value of terms[i] there.
+// Operands outside their extents are never read (lm::mma_accumulate gives zeros there); the
+// elements of one (M, N) shape always go to the same lanes.
+template <class Policy, class Epilogue, class... Terms>
+__device__ __forceinline__ void product(int M, int N, const Epilogue& epilogue, const Terms&... terms) {
+  using acc_t = typename Policy::acc_t;
+  constexpr int kTerms = sizeof...(Terms);
+  lm::for_each_tile(M, N, [&](int r0, int c0) {
+    acc_t acc[kTerms][4] = {};
+    int i = 0;
+    ((lm::mma_accumulate<Policy>(acc[i++], r0, c0, M, N, terms.K, terms.a, terms.b)), ...);
+    lm::for_each_element(r0, c0, M, N, [&](int r, int c, int e) {
+      acc_t v[kTerms];
+      for (int j = 0; j < kTerms; ++j) v[j] = acc[j][e];
+      epilogue(r, c, v);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The streamed state block
+
+// Hidden blocks of the sequence's state: n0 = block * NB, nb hidden units (the last may be short).
+struct HiddenBlock {
+  int n0, nb;
+};
+__device__ __forceinline__ HiddenBlock hidden_block(int block, int NB, int N) {
+  const int n0 = block * NB;
+  return {n0, N - n0 < NB ? N - n0 : NB};
+}
+__host__ __device__ __forceinline__ int hidden_blocks(int N, int NB) { return (N + NB - 1) / NB; }
+
+// A state [W1 | S1 | W2 | S2] in global memory (W1, S1 [N, D], W2, S2 [D, N], row-major), in the
+// storage type S (the fp32 working state, or a saved chunk-start state in the inputs' dtype).
+template <typename S>
+struct GlobalState {
+  S *w1, *s1, *w2, *s2;
+  __device__ GlobalState(S* base, index_t block_elems)
+      : w1(base), s1(base + block_elems), w2(base + 2 * block_elems), s2(base + 3 * block_elems) {}
+  __device__ GlobalState(S* w1_, S* s1_, S* w2_, S* s2_) : w1(w1_), s1(s1_), w2(w2_), s2(s2_) {}
+};
+
+// Shared-memory copy of one hidden block: rows [n0, n0 + nb) of W1, S1 ([nb, D], stride D) and
+// columns [n0, n0 + nb) of W2, S2 ([D, nb], stride NB), read as compute_t.
+template <typename S, typename T>
+struct StateBlock {
+  device::SharedPtr<S> w1, s1, w2, s2;
+  int D, NB;
+  __device__ T W1(int i, int d) const { return device::cast<T>(w1[i * D + d]); }
+  __device__ T S1(int i, int d) const { return device::cast<T>(s1[i * D + d]); }
+  __device__ T W2(int j, int i) const { return device::cast<T>(w2[j * NB + i]); }
+  __device__ T S2(int j, int i) const { return device::cast<T>(s2[j * NB + i]); }
+};
+
+// Issues the copies of block hb of `state` into `dst` (with_momenta: also S1, S2); the caller
+// commits and waits (lm's staging rules).
+template <typename S, typename T>
+__device__ __forceinline__ void stage_state_block(const GlobalState<const S>& state, const HiddenBlock& hb, int D,
+                                                  int N, bool with_momenta, const StateBlock<S, T>& dst) {
+  constexpr int kPiece = 16 / int(sizeof(S));
+  const index_t row0 = index_t(hb.n0) * D;
+  lm::stage_span(state.w1 + row0, hb.nb * D, dst.w1);
+  if (with_momenta) lm::stage_span(state.s1 + row0, hb.nb * D, dst.s1);
+  const bool vectors = lm::aligned16(state.w2) && lm::aligned16(state.s2) && N % kPiece == 0 &&
+                       hb.n0 % kPiece == 0 && hb.nb % kPiece == 0 && dst.NB % kPiece == 0;
+  const auto column_rows = [&](int j) { return index_t(j) * N + hb.n0; };
+  lm::stage_rows_async(state.w2, column_rows, D, hb.nb, dst.NB, vectors, dst.w2);
+  if (with_momenta) lm::stage_rows_async(state.s2, column_rows, D, hb.nb, dst.NB, vectors, dst.s2);
+}
+
+// The loop over the hidden blocks of one pass, with block i + 1's state staged (cp.async) while
+// block i is computed on: body(hb, buffer) runs after a barrier that follows its block's copies,
+// and a barrier follows it (lm::pipelined_chunk_loop).
+template <typename S, typename T, class Body>
+__device__ __forceinline__ void hidden_block_loop(const GlobalState<const S>& state, int D, int N, int NB,
+                                                  bool with_momenta, const StateBlock<S, T> (&buffers)[2],
+                                                  const Body& body) {
+  lm::pipelined_chunk_loop(
+      hidden_blocks(N, NB), false,
+      [&](int block, int buffer) {
+        stage_state_block(state, hidden_block(block, NB, N), D, N, with_momenta, buffers[buffer]);
+      },
+      [&](int block, int buffer) { body(hidden_block(block, NB, N), buffers[buffer]); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-token matrix-vector products (the kl lag token), straight from global memory
+
+// out(row, sum_col value(row, col)) for row < rows: a warp per row, lanes over the columns, a
+// butterfly sum (deterministic); out is called by every lane of the row's warp.
+template <typename T, class Value, class Out>
+__device__ __forceinline__ void warp_row_sums(int rows, int cols, const Value& value, const Out& out) {
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int row = device::warp_id(); row < rows; row += n_warps) {
+    T acc = 0;
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) acc += value(row, col);
+    out(row, device::warp_reduce_sum(acc));
+  }
+}
+
+// out(row, sum_col M[row * ld + col] x(col)) for row < rows (warp_row_sums).
+template <typename T, class Matrix, class X, class Out>
+__device__ __forceinline__ void warp_matvec(int rows, int cols, const Matrix& M, index_t ld, const X& x,
+                                            const Out& out) {
+  warp_row_sums<T>(rows, cols, [&](int row, int col) { return T(M[row * ld + col]) * x(col); }, out);
+}
+
+// out(col, sum_row M[row * ld + col] y(row)) for col < cols: a thread per column.
+template <typename T, class Matrix, class Y, class Out>
+__device__ __forceinline__ void column_matvec(int rows, int cols, const Matrix& M, index_t ld, const Y& y,
+                                              const Out& out) {
+  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+    T acc = 0;
+    for (int row = 0; row < rows; ++row) acc += T(M[row * ld + col]) * y(row);
+    out(col, acc);
+  }
+}
+
+}  // namespace mlp
+}  // namespace titans
