@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "binding/linear_memory_device.h"
+#include "binding/mlp_memory_device.h"
 
 namespace titans {
 namespace {
@@ -68,11 +69,49 @@ linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return std::tuple_cat(grads, std::make_tuple(at::empty({0}, dm0.options())));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_memory_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
+    const at::Tensor& alpha, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& s1,
+    const std::optional<at::Tensor>& s2, int64_t chunk_size, bool read_token, c10::string_view activation,
+    bool save_states, int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
+    int64_t retention, double retention_q) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
+                               save_states, objective, p, eps, delta, retention, retention_q, device_limits(),
+                               [&](const MlpMemoryParams& params, InputType type, int block) {
+                                 C10_CUDA_CHECK(static_cast<cudaError_t>(
+                                     mlp_memory_fwd_launch(params, type, block, stream)));
+                               });
+}
+
+MlpMemoryGrads mlp_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                   const at::Tensor& chunk_states, const at::Tensor& d_o,
+                                   const std::optional<at::Tensor>& d_w1_final,
+                                   const std::optional<at::Tensor>& d_w2_final,
+                                   const std::optional<at::Tensor>& d_s1_final,
+                                   const std::optional<at::Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
+                                   bool read_token, c10::string_view activation, int64_t objective, double p,
+                                   double eps, const std::optional<at::Tensor>& delta, int64_t retention,
+                                   double retention_q) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return mlp_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, device_limits(),
+      [&](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
+        C10_CUDA_CHECK(static_cast<cudaError_t>(mlp_memory_bwd_launch(params, workspace, type, block, stream)));
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
   m.impl("linear_memory_fwd", &linear_memory_fwd_cuda);
   m.impl("linear_memory_bwd", &linear_memory_bwd_cuda);
+  m.impl("mlp_memory_fwd", &mlp_memory_fwd_cuda);
+  m.impl("mlp_memory_bwd", &mlp_memory_bwd_cuda);
 }
 
 }  // namespace titans

@@ -240,6 +240,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                });
 }
 
+MlpMemoryGrads mlp_memory_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
+                              const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
+                              const at::Tensor& d_o, const std::optional<at::Tensor>& d_w1_final,
+                              const std::optional<at::Tensor>& d_w2_final,
+                              const std::optional<at::Tensor>& d_s1_final,
+                              const std::optional<at::Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
+                              bool read_token, c10::string_view activation, int64_t objective, double p, double eps,
+                              const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
+  TORCH_CHECK(q.device().is_cpu(), "titans_emu::mlp_memory_bwd runs on CPU tensors");
+  return mlp_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, emulated_device,
+      [](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
+        mlp_memory_bwd_launch(params, workspace, type, block, nullptr);
+      });
+}
+
 }  // namespace
 
 // The MIRAS arguments of the titans_ext:: schemas (ops.cpp).
@@ -280,6 +297,13 @@ TORCH_LIBRARY(titans_emu, m) {
       "bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
       "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)",
       &mlp_memory_fwd);
+  m.def(
+      "mlp_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor chunk_states, Tensor d_o, Tensor? d_w1_final, Tensor? d_w2_final, Tensor? d_s1_final, "
+      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_EMU_MIRAS_ARGS ") "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
+      "Tensor ds1, Tensor ds2, Tensor d_delta)",
+      &mlp_memory_bwd);
 }
 
 }  // namespace titans

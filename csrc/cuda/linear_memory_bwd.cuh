@@ -679,77 +679,18 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, Ktraits::kMinBlocksPerSm)
   lm::stage_gates<compute_t>(params, b, h, t0, L, theta, eta, beta);
   __syncthreads();
 
-  // 2. The forward rows of every column.
-  for (int col = tid; col < L + 2; col += blockDim.x) {
-    lm::gate_column<compute_t>(col, L, theta, eta, beta, [&](int t, compute_t mu, compute_t sigma) {
-      if (col < L) {
-        c[t * C + col] = mu;
-        sig[t * C + col] = sigma;
-      } else if (col == L) {
-        a[t] = mu;
-      } else {
-        g[t] = mu;
-        P[t] = sigma;
-      }
-    });
-  }
-  __syncthreads();
-
-  // 3. The adjoint recurrence, one thread per column, rows L-1 down to the column's first row
-  //    (backward_linear.md §2):
-  //      mubar_t = dmu_t + beta_{t+1} mubar_{t+1},   sigbar_t = mubar_t + eta_{t+1} sigbar_{t+1},
-  //    and the products mubar_t mu_{t-1}, sigbar_t sigma_{t-1} whose row sums are dbeta_t, deta_t.
-  //    Row t of a c column is overwritten with its products once row t + 1 has read it.
+  // 2. The gate gradients, by the reverse column recurrence.
   auto* dtheta = static_cast<compute_t*>(params.dtheta_ptr);
   auto* deta = static_cast<compute_t*>(params.deta_ptr);
   auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
   const auto gate_offset = [&](int t) { return (index_t(b) * params.seqlen + t0 + t) * params.heads + h; };
-  for (int col = tid; col < L + 2; col += blockDim.x) {
-    const auto dmu = [&](int t) { return col < L ? d_c[t * C + col] : col == L ? d_a[t] : d_g[t]; };
-    compute_t mubar = dmu(L - 1);
-    compute_t sigbar = mubar + (col < L ? d_s[col] : col == L ? compute_t(0) : d_p[0]);
-    const int first = col < L ? col : 0;
-    for (int t = L - 1; t >= first; --t) {
-      if (t < L - 1) {
-        mubar = dmu(t) + beta[t + 1] * mubar;
-        sigbar = mubar + eta[t + 1] * sigbar;
-      }
-      // mu_{-1} = (a: 1, g: 0, c: 0), sigma_{-1} = (a: 0, g: 1, c: 0).
-      compute_t mu_prev, sigma_prev;
-      if (t == 0) {
-        mu_prev = col == L ? compute_t(1) : compute_t(0);
-        sigma_prev = col == L + 1 ? compute_t(1) : compute_t(0);
-      } else if (col < L) {
-        mu_prev = c[(t - 1) * C + col];
-        sigma_prev = sig[(t - 1) * C + col];
-      } else {
-        mu_prev = col == L ? a[t - 1] : g[t - 1];
-        sigma_prev = col == L ? compute_t(0) : P[t - 1];
-      }
-      if (col < L) {
-        c[t * C + col] = mubar * mu_prev;
-        sig[t * C + col] = sigbar * sigma_prev;
-      } else if (col == L) {
-        prod_a[t] = mubar * mu_prev;
-      } else {
-        prod_gb[t] = mubar * mu_prev;
-        prod_ge[t] = sigbar * sigma_prev;
-      }
-    }
-    if (col < L) dtheta[gate_offset(col)] = -sigbar;  // the loop ended at t = col
-  }
-  __syncthreads();
-
-  // 4. dbeta_t and deta_t: row sums of the products (c columns past the row are exact zeros).
-  for (int t = tid; t < L; t += blockDim.x) {
-    compute_t d_beta = prod_a[t] + prod_gb[t], d_eta = prod_ge[t];
-    for (int col = 0; col < L; ++col) {
-      d_beta += c[t * C + col];
-      d_eta += sig[t * C + col];
-    }
-    dalpha[gate_offset(t)] = -d_beta;
-    deta[gate_offset(t)] = d_eta;
-  }
+  lm::chunk_gate_adjoint<compute_t>(
+      L, C, theta, eta, beta, c, sig, a, g, P, d_a, d_g, d_c, d_s, d_p[0], prod_a, prod_gb, prod_ge,
+      [&](int t, compute_t value) { dtheta[gate_offset(t)] = value; },
+      [&](int t, compute_t d_eta, compute_t d_alpha) {
+        deta[gate_offset(t)] = d_eta;
+        dalpha[gate_offset(t)] = d_alpha;
+      });
 }
 
 // Dynamic shared memory of the sequential kernel and the largest of the parallel ones for a tile.

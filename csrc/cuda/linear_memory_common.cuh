@@ -298,6 +298,87 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
   }
 }
 
+// The gate gradients of a chunk of L tokens from the cotangents of its gate tables
+// (backward_linear.md §2): d_c [L, L] (row stride C) of c, d_a and d_g [L] of a and g, d_s [L] of
+// the last row of sig and d_p of P(1..L). Builds the tables c, sig [C, C], a, g, P [C] from the
+// gates theta, eta, beta [L] (the adjoint overwrites c and sig with its products); prod_a, prod_gb,
+// prod_ge [C] are scratch. Calls dtheta(t, value) and deta_dalpha(t, deta, dalpha) for t < L.
+// Contains barriers: every thread of the block calls it.
+template <typename T, class Ptr, class DTheta, class DEtaAlpha>
+__device__ __forceinline__ void chunk_gate_adjoint(int L, int C, const Ptr& theta, const Ptr& eta, const Ptr& beta,
+                                                   const Ptr& c, const Ptr& sig, const Ptr& a, const Ptr& g,
+                                                   const Ptr& P, const Ptr& d_a, const Ptr& d_g, const Ptr& d_c,
+                                                   const Ptr& d_s, T d_p, const Ptr& prod_a, const Ptr& prod_gb,
+                                                   const Ptr& prod_ge, const DTheta& dtheta,
+                                                   const DEtaAlpha& deta_dalpha) {
+  const int tid = threadIdx.x;
+  // 1. The forward rows of every column.
+  for (int col = tid; col < L + 2; col += blockDim.x) {
+    gate_column<T>(col, L, theta, eta, beta, [&](int t, T mu, T sigma) {
+      if (col < L) {
+        c[t * C + col] = mu;
+        sig[t * C + col] = sigma;
+      } else if (col == L) {
+        a[t] = mu;
+      } else {
+        g[t] = mu;
+        P[t] = sigma;
+      }
+    });
+  }
+  __syncthreads();
+
+  // 2. The adjoint recurrence, one thread per column, rows L-1 down to the column's first row:
+  //      mubar_t = dmu_t + beta_{t+1} mubar_{t+1},   sigbar_t = mubar_t + eta_{t+1} sigbar_{t+1},
+  //    and the products mubar_t mu_{t-1}, sigbar_t sigma_{t-1} whose row sums are dbeta_t, deta_t.
+  //    Row t of a c column is overwritten with its products once row t + 1 has read it.
+  for (int col = tid; col < L + 2; col += blockDim.x) {
+    const auto dmu = [&](int t) { return col < L ? d_c[t * C + col] : col == L ? d_a[t] : d_g[t]; };
+    T mubar = dmu(L - 1);
+    T sigbar = mubar + (col < L ? d_s[col] : col == L ? T(0) : d_p);
+    const int first = col < L ? col : 0;
+    for (int t = L - 1; t >= first; --t) {
+      if (t < L - 1) {
+        mubar = dmu(t) + beta[t + 1] * mubar;
+        sigbar = mubar + eta[t + 1] * sigbar;
+      }
+      // mu_{-1} = (a: 1, g: 0, c: 0), sigma_{-1} = (a: 0, g: 1, c: 0).
+      T mu_prev, sigma_prev;
+      if (t == 0) {
+        mu_prev = col == L ? T(1) : T(0);
+        sigma_prev = col == L + 1 ? T(1) : T(0);
+      } else if (col < L) {
+        mu_prev = c[(t - 1) * C + col];
+        sigma_prev = sig[(t - 1) * C + col];
+      } else {
+        mu_prev = col == L ? a[t - 1] : g[t - 1];
+        sigma_prev = col == L ? T(0) : P[t - 1];
+      }
+      if (col < L) {
+        c[t * C + col] = mubar * mu_prev;
+        sig[t * C + col] = sigbar * sigma_prev;
+      } else if (col == L) {
+        prod_a[t] = mubar * mu_prev;
+      } else {
+        prod_gb[t] = mubar * mu_prev;
+        prod_ge[t] = sigbar * sigma_prev;
+      }
+    }
+    if (col < L) dtheta(col, -sigbar);  // the loop ended at t = col
+  }
+  __syncthreads();
+
+  // 3. dbeta_t and deta_t: row sums of the products (c columns past the row are exact zeros).
+  for (int t = tid; t < L; t += blockDim.x) {
+    T d_beta = prod_a[t] + prod_gb[t], d_eta = prod_ge[t];
+    for (int col = 0; col < L; ++col) {
+      d_beta += c[t * C + col];
+      d_eta += sig[t * C + col];
+    }
+    deta_dalpha(t, d_eta, -d_beta);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Chunk products shared by the kernels (each call is one tile loop, no barrier)
 

@@ -50,11 +50,13 @@ constexpr int kCudaMlpMaxDim = 128;
 // fits the device (wider blocks mean fewer barriers per chunk).
 constexpr int kMlpHiddenBlocks[] = {64, 32, 16, 8};
 
-// Scratch of the backward, in the compute dtype:
-//   hidden_grads: [B, H, C, N], the part of dZ known after pass 2 (pass 3 adds dR W2 .* act'(Z));
-//   token_grads:  [B, H, 2, C, D], the chunk's dK and dQ sums;
-//   start_state:  [B, H, 4, N D], the state a chunk starts from after the retention step (kl, lq),
-//                 recomputed from the saved chunk-start state.
+// Scratch of the backward:
+//   hidden_grads: [B, H, C, N], compute dtype: the part of dZ known after pass 2 (pass 3 adds
+//                 dR W2 .* act'(Z));
+//   token_grads:  [B, H, 2, C, D], compute dtype: the chunk's dK and dQ sums;
+//   start_state:  [B, H, 4, N D], the inputs' dtype (as the saved states): the state the chunk
+//                 proper starts from after the retention step (kl's lag token), recomputed from the
+//                 saved chunk-start state; empty for retention "l2".
 struct MlpMemoryBwdWorkspace {
   void* hidden_grads = nullptr;
   void* token_grads = nullptr;

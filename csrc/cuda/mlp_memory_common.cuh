@@ -151,23 +151,57 @@ __device__ __forceinline__ Term<A, B> term(int K, const A& a, const B& b) {
   return {K, a, b};
 }
 
+// For each 16 x 8 tile of the M x N output, calls tile_epilogue(r0, c0, acc) with acc[i][e] the
+// value of terms[i] at this lane's accumulator element e (lm::for_each_element's numbering).
+// Operands outside their extents are never read (lm::mma_accumulate gives zeros there); the tiles of
+// one (M, N) shape always go to the same warps, so their elements to the same lanes.
+template <class Policy, class TileEpilogue, class... Terms>
+__device__ __forceinline__ void product_tiles(int M, int N, const TileEpilogue& tile_epilogue, const Terms&... terms) {
+  using acc_t = typename Policy::acc_t;
+  lm::for_each_tile(M, N, [&](int r0, int c0) {
+    acc_t acc[sizeof...(Terms)][4] = {};
+    int i = 0;
+    ((lm::mma_accumulate<Policy>(acc[i++], r0, c0, M, N, terms.K, terms.a, terms.b)), ...);
+    tile_epilogue(r0, c0, acc);
+  });
+}
+
 // For the M x N output, calls epilogue(r, c, v) for every element, v[i] the value of terms[i] there.
-// Operands outside their extents are never read (lm::mma_accumulate gives zeros there); the
-// elements of one (M, N) shape always go to the same lanes.
 template <class Policy, class Epilogue, class... Terms>
 __device__ __forceinline__ void product(int M, int N, const Epilogue& epilogue, const Terms&... terms) {
   using acc_t = typename Policy::acc_t;
   constexpr int kTerms = sizeof...(Terms);
-  lm::for_each_tile(M, N, [&](int r0, int c0) {
-    acc_t acc[kTerms][4] = {};
-    int i = 0;
-    ((lm::mma_accumulate<Policy>(acc[i++], r0, c0, M, N, terms.K, terms.a, terms.b)), ...);
-    lm::for_each_element(r0, c0, M, N, [&](int r, int c, int e) {
-      acc_t v[kTerms];
-      for (int j = 0; j < kTerms; ++j) v[j] = acc[j][e];
-      epilogue(r, c, v);
-    });
-  });
+  product_tiles<Policy>(
+      M, N,
+      [&](int r0, int c0, const acc_t (&acc)[kTerms][4]) {
+        lm::for_each_element(r0, c0, M, N, [&](int r, int c, int e) {
+          acc_t v[kTerms];
+          for (int j = 0; j < kTerms; ++j) v[j] = acc[j][e];
+          epilogue(r, c, v);
+        });
+      },
+      terms...);
+}
+
+// Inside a product's tile at (r0, c0) of an M x N output (a warp collective): for each of the tile's
+// rows r < M, the sum over its columns of value(r, c, e) goes to out(r, c0 / 8, sum), called by one
+// lane. Row sums over a whole block of columns are then the sums over column tiles, taken in a fixed
+// order by the caller: deterministic, without atomics.
+template <typename T, class Value, class Out>
+__device__ __forceinline__ void tile_row_sums(int r0, int c0, int M, int N, const Value& value, const Out& out) {
+  const int lane = device::lane_id();
+  T sums[2] = {T(0), T(0)};  // this lane's rows lane / 4 and lane / 4 + 8 (mma_m16n8_c_coord)
+  for (int e = 0; e < 4; ++e) {
+    const device::FragmentCoord at = device::mma_m16n8_c_coord(lane, e);
+    if (r0 + at.row < M && c0 + at.col < N) sums[e / 2] += value(r0 + at.row, c0 + at.col, e);
+  }
+  for (int half = 0; half < 2; ++half) {
+    T sum = sums[half];
+    sum += __shfl_xor_sync(device::kFullWarpMask, sum, 1);
+    sum += __shfl_xor_sync(device::kFullWarpMask, sum, 2);
+    const int r = r0 + lane / 4 + 8 * half;
+    if (lane % 4 == 0 && r < M) out(r, c0 / 8, sum);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,7 +280,7 @@ __device__ __forceinline__ void warp_row_sums(int rows, int cols, const Value& v
   const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
   for (int row = device::warp_id(); row < rows; row += n_warps) {
     T acc = 0;
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) acc += value(row, col);
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) acc += T(value(row, col));
     out(row, device::warp_reduce_sum(acc));
   }
 }
@@ -255,7 +289,7 @@ __device__ __forceinline__ void warp_row_sums(int rows, int cols, const Value& v
 template <typename T, class Matrix, class X, class Out>
 __device__ __forceinline__ void warp_matvec(int rows, int cols, const Matrix& M, index_t ld, const X& x,
                                             const Out& out) {
-  warp_row_sums<T>(rows, cols, [&](int row, int col) { return T(M[row * ld + col]) * x(col); }, out);
+  warp_row_sums<T>(rows, cols, [&](int row, int col) { return device::cast<T>(M[row * ld + col]) * x(col); }, out);
 }
 
 // out(col, sum_row M[row * ld + col] y(row)) for col < cols: a thread per column.
@@ -264,9 +298,101 @@ __device__ __forceinline__ void column_matvec(int rows, int cols, const Matrix& 
                                               const Out& out) {
   for (int col = threadIdx.x; col < cols; col += blockDim.x) {
     T acc = 0;
-    for (int row = 0; row < rows; ++row) acc += T(M[row * ld + col]) * y(row);
+    for (int row = 0; row < rows; ++row) acc += device::cast<T>(M[row * ld + col]) * y(row);
     out(col, acc);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention "kl": Memora's lag token (miras.md §2.3), with matrix-vector products
+
+// Shared-memory vectors of the lag token's key path: hidden, first, grad [N]; resid, err [D];
+// norm [1]; second [N] only for the backward.
+template <class Ptr>
+struct LagVectors {
+  Ptr hidden, first, second, grad, resid, err, norm;
+};
+
+// The lag token's key path at `state`: hidden = act(W1 k0), first = act'(W1 k0), resid = k0 + W2 hidden
+// - v0, err = f(resid), grad = (W2^T err) .* first (dz0) and, with_second, second = (W2^T err) .*
+// act''(W1 k0). k0(d), v0(d), delta0(d): the token's key, value and thresholds. Ends with a barrier.
+template <typename T, typename S, class K0, class V0, class Delta0, class Ptr>
+__device__ __forceinline__ void lag_key_path(const GlobalState<const S>& state, int D, int N, MlpActivation act_kind,
+                                             const Objective<T>& objective, const K0& k0, const V0& v0,
+                                             const Delta0& delta0, bool with_second, const LagVectors<Ptr>& vec) {
+  const bool lane0 = device::lane_id() == 0;
+  warp_matvec<T>(N, D, state.w1, D, k0, [&](int i, T zi) {
+    const Activation<T> act = activation<2>(act_kind, zi);
+    if (!lane0) return;
+    vec.hidden[i] = act.value, vec.first[i] = act.first;
+    if (with_second) vec.second[i] = act.second;
+  });
+  __syncthreads();
+  warp_matvec<T>(D, N, state.w2, N, [&](int i) { return vec.hidden[i]; }, [&](int j, T yj) {
+    if (lane0) vec.resid[j] = k0(j) + yj - v0(j);
+  });
+  __syncthreads();
+  if (objective.uses_norm()) {
+    warp_row_sums<T>(1, D, [&](int, int j) { return vec.resid[j] * vec.resid[j]; }, [&](int, T sum) {
+      if (lane0) vec.norm[0] = fmath::sqrt(sum);
+    });
+    __syncthreads();
+  }
+  for (int j = threadIdx.x; j < D; j += blockDim.x)
+    vec.err[j] = objective.error(vec.resid[j], delta0(j), objective.uses_norm() ? vec.norm[0] : T(0));
+  __syncthreads();
+  column_matvec<T>(D, N, state.w2, N, [&](int j) { return vec.err[j]; }, [&](int i, T gi) {
+    vec.grad[i] = gi * vec.first[i];
+    if (with_second) vec.second[i] = gi * vec.second[i];
+  });
+  __syncthreads();
+}
+
+// Memora's step on every row of one weight matrix W [rows, cols] with momentum S, whose inner
+// gradient is x y^T (cpu/miras_rows.h kl_step):
+//   S' = eta S - theta x y^T,   W' = rowsoftmax(beta log max(W, kKlLogFloor) + S'),
+// from (w, s) into (w_out, s_out), which may be the same arrays. A warp per row; each of the three
+// sweeps (max, sum, write) recomputes the logits, so nothing else is stored (in a bf16 copy they
+// would lose their precision).
+template <typename T, typename S, typename Out, class X, class Y>
+__device__ __forceinline__ void kl_softmax_rows(const S* w, const S* s, Out* w_out, Out* s_out, int rows, int cols,
+                                                T theta, T eta, T beta, const X& x, const Y& y) {
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int row = device::warp_id(); row < rows; row += n_warps) {
+    const index_t at = index_t(row) * cols;
+    const auto momentum = [&](int col) { return eta * device::cast<T>(s[at + col]) - theta * x(row) * y(col); };
+    const auto logit = [&](int col, T momentum_new) {
+      const T m = device::cast<T>(w[at + col]);
+      return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
+    };
+    T row_max = T(-INFINITY);
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+      const T l = logit(col, momentum(col));
+      row_max = l > row_max ? l : row_max;
+    }
+    row_max = device::warp_reduce_max(row_max);
+    T total = 0;
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
+      total += fmath::exp(logit(col, momentum(col)) - row_max);
+    total = device::warp_reduce_sum(total);
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+      const T momentum_new = momentum(col);
+      const T value = fmath::exp(logit(col, momentum_new) - row_max) / total;
+      w_out[at + col] = device::cast<Out>(value);
+      s_out[at + col] = device::cast<Out>(momentum_new);
+    }
+  }
+}
+
+// The lag token's step on both weights, from `state` into `out` (may be the same), after
+// lag_key_path at `state`; k0(d): the token's key; theta, eta, beta: its gates. Ends with a barrier.
+template <typename T, typename S, typename Out, class K0, class Ptr>
+__device__ __forceinline__ void kl_lag_step(const GlobalState<const S>& state, const GlobalState<Out>& out, int D, int N,
+                                            T theta, T eta, T beta, const K0& k0, const LagVectors<Ptr>& vec) {
+  kl_softmax_rows(state.w1, state.s1, out.w1, out.s1, N, D, theta, eta, beta, [&](int i) { return vec.grad[i]; }, k0);
+  kl_softmax_rows(state.w2, state.s2, out.w2, out.s2, D, N, theta, eta, beta, [&](int j) { return vec.err[j]; },
+                  [&](int i) { return vec.hidden[i]; });
+  __syncthreads();
 }
 
 }  // namespace mlp

@@ -38,7 +38,8 @@ struct MlpMemoryFwdSmem {
   int errors, out;                               // [C, D]: Y, then R, then E; the read's sum
   int blocks[2][4];                              // two buffers of [NB, D] W1, S1, [D, NB] W2, S2
   int z, h, dz, zq;                              // [C, NB]: act'(Z), H, DZ, Hq of the block
-  int lag_hidden, lag_grad, lag_err;             // kl: [N] h0, dz0; [D] e0
+  int lag_hidden, lag_first, lag_grad;           // kl: [N] the lag token's h0, act'(z0), dz0
+  int lag_resid, lag_err;                        // kl: [D] its residual and error
   int q, k;                                      // input region: [C, ld]
   __host__ __device__ MlpMemoryFwdSmem(const MlpMemoryParams& p, int NB) : ld(lm::padded<input_t>(p.dim)) {
     const int C = p.chunk_size, D = p.dim, N = p.hidden;
@@ -51,7 +52,8 @@ struct MlpMemoryFwdSmem {
     for (auto& buffer : blocks)
       for (int w = 0; w < 4; ++w) buffer[w] = carver.compute(NB * D);
     z = carver.compute(C * NB), h = carver.compute(C * NB), dz = carver.compute(C * NB), zq = carver.compute(C * NB);
-    lag_hidden = carver.compute(kl ? N : 0), lag_grad = carver.compute(kl ? N : 0), lag_err = carver.compute(kl ? D : 0);
+    lag_hidden = carver.compute(kl ? N : 0), lag_first = carver.compute(kl ? N : 0);
+    lag_grad = carver.compute(kl ? N : 0), lag_resid = carver.compute(kl ? D : 0), lag_err = carver.compute(kl ? D : 0);
     q = carver.input(C * ld), k = carver.input(C * ld);
   }
 };
@@ -82,7 +84,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   const auto errors = smem.compute(layout.errors), out = smem.compute(layout.out);
   const auto z = smem.compute(layout.z), hid = smem.compute(layout.h), dz = smem.compute(layout.dz);
   const auto zq = smem.compute(layout.zq);
-  const auto lag_hidden = smem.compute(layout.lag_hidden), lag_grad = smem.compute(layout.lag_grad);
+  const auto lag_hidden = smem.compute(layout.lag_hidden), lag_first = smem.compute(layout.lag_first);
+  const auto lag_grad = smem.compute(layout.lag_grad), lag_resid = smem.compute(layout.lag_resid);
   const auto lag_err = smem.compute(layout.lag_err);
   const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k);
   const Block buffers[2] = {
@@ -163,55 +166,15 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
     if (kl) {
       if (!token_read) pass1(0, 0, L);
       __syncthreads();
-      // The lag token's key path at the previous weights: h0 = act(W1 k0), a0 = act'(W1 k0),
-      // e0 = f(k0 + W2 h0 - v0), dz0 = (W2^T e0) .* a0 (into a0's place).
+      // Memora's step on both weights from the lag token's gradients at the previous weights.
       const index_t v0_offset = lm::token_offset(params.v, b, t0, h_idx);
-      mlp::warp_matvec<T>(N, D, state.w1, D, [&](int d) { return K(0, d); }, [&](int i, T zi) {
-        const auto act = mlp::activation<1>(act_kind, zi);
-        if (device::lane_id() == 0) lag_hidden[i] = act.value, lag_grad[i] = act.first;
-      });
-      __syncthreads();
-      mlp::warp_matvec<T>(D, N, state.w2, N, [&](int i) { return lag_hidden[i]; }, [&](int j, T yj) {
-        if (device::lane_id() == 0) lag_err[j] = K(0, j) + yj - device::cast<T>(v_in[v0_offset + j]);
-      });
-      __syncthreads();
-      if (objective.uses_norm()) {
-        mlp::warp_row_sums<T>(1, D, [&](int, int j) { return lag_err[j] * lag_err[j]; }, [&](int, T sum) {
-          if (device::lane_id() == 0) norms[0] = mlp::fmath::sqrt(sum);
-        });
-        __syncthreads();
-      }
-      for (int j = threadIdx.x; j < D; j += blockDim.x)
-        lag_err[j] = objective.error(lag_err[j], delta ? delta[o_offset(t0) + j] : T(0),
-                                     objective.uses_norm() ? norms[0] : T(0));
-      __syncthreads();
-      mlp::column_matvec<T>(D, N, state.w2, N, [&](int j) { return lag_err[j]; },
-                            [&](int i, T gi) { lag_grad[i] = gi * lag_grad[i]; });
-      __syncthreads();
-      // Memora's step on every row: S = eta S - theta x y^T, W = rowsoftmax(beta log max(W, eps) + S).
-      const T th = theta[0], et = eta[0], be = beta[0];
-      const auto softmax_rows = [&](T* W, T* S, int rows, int cols, const auto& x, const auto& y) {
-        const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
-        for (int row = device::warp_id(); row < rows; row += n_warps) {
-          T* w = W + index_t(row) * cols;
-          T* s = S + index_t(row) * cols;
-          T row_max = T(-INFINITY);
-          for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-            s[col] = et * s[col] - th * x(row) * y(col);
-            w[col] = be * mlp::fmath::log(w[col] > T(kKlLogFloor) ? w[col] : T(kKlLogFloor)) + s[col];
-            row_max = w[col] > row_max ? w[col] : row_max;
-          }
-          row_max = device::warp_reduce_max(row_max);
-          T total = 0;
-          for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
-            total += (w[col] = mlp::fmath::exp(w[col] - row_max));
-          total = device::warp_reduce_sum(total);
-          for (int col = device::lane_id(); col < cols; col += device::kWarpSize) w[col] /= total;
-        }
-      };
-      softmax_rows(state.w1, state.s1, N, D, [&](int i) { return lag_grad[i]; }, [&](int d) { return K(0, d); });
-      softmax_rows(state.w2, state.s2, D, N, [&](int j) { return lag_err[j]; }, [&](int i) { return lag_hidden[i]; });
-      __syncthreads();
+      const auto k0 = [&](int d) { return K(0, d); };
+      const mlp::LagVectors<decltype(norms)> lag_vec{lag_hidden, lag_first, lag_first, lag_grad,
+                                                     lag_resid, lag_err, norms};
+      mlp::lag_key_path(
+          state_in, D, N, act_kind, objective, k0, [&](int j) { return device::cast<T>(v_in[v0_offset + j]); },
+          [&](int j) { return delta ? delta[o_offset(t0) + j] : T(0); }, false, lag_vec);
+      mlp::kl_lag_step(state_in, state, D, N, theta[0], eta[0], beta[0], k0, lag_vec);
       if (token_read) {  // o0 = q0 + W2 act(W1 q0) at the new weights
         mlp::warp_matvec<T>(N, D, state.w1, D, [&](int d) { return Q(0, d); }, [&](int i, T zi) {
           const T value = mlp::activation<0>(act_kind, zi).value;

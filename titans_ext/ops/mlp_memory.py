@@ -10,6 +10,29 @@ import torch
 
 from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
 
+# Limits of the CUDA kernels (csrc/cuda/mlp_memory.h): a chunk's q, k, dO tiles and its C x D and
+# C x C sums live in shared memory, the state is streamed in blocks of hidden units (so E is not
+# limited). What does not fit the device's shared memory raises a ValueError naming the bytes.
+CUDA_MAX_CHUNK_SIZE = 64
+CUDA_MAX_DIM = 128
+# MIRAS options the CUDA kernels do not run yet (device-independent names, as in ``retention=``).
+_CUDA_UNSUPPORTED_RETENTIONS = ("lq",)
+
+
+def check_cuda_limits(q, chunk_size, objective, retention):
+    """The CUDA kernels' limits for ``mlp_memory`` on ``q.device`` (a CUDA device): a ValueError
+    naming the argument, the limit and the device. ``objective`` and ``retention`` are parsed."""
+    device = q.device
+    if retention.kind in _CUDA_UNSUPPORTED_RETENTIONS:
+        raise ValueError(f"retention: ({retention.kind!r}, q) is not supported by the CUDA kernels of mlp_memory "
+                         f"yet (q is on {device}); it runs on the CPU kernels")
+    if chunk_size > CUDA_MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size: the CUDA kernels of mlp_memory support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE}, "
+                         f"got {chunk_size} (q is on {device})")
+    if q.shape[-1] > CUDA_MAX_DIM:
+        raise ValueError(f"q: the CUDA kernels of mlp_memory support head dimensions D <= {CUDA_MAX_DIM}, "
+                         f"got D={q.shape[-1]} (q is on {device})")
+
 
 def _state_shapes(q, hidden):
     B, _, H, D = q.shape
@@ -27,8 +50,10 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
     w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
     n_chunks = (T + chunk_size - 1) // chunk_size
     states_shape = (B, H, n_chunks, 4, N * D) if save_states else (0,)
+    # The CUDA kernels save the chunk-start states in the inputs' dtype, the CPU ones in the state's.
+    states_dtype = q.dtype if q.device.type == "cuda" else state_dtype
     return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
-            q.new_empty(states_shape, dtype=state_dtype))
+            q.new_empty(states_shape, dtype=states_dtype))
 
 
 @torch.library.register_fake("titans_ext::mlp_memory_bwd")
@@ -89,8 +114,11 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         o_t = M_t(q_t)   (read="token")   or   M_{t0-1}(q_t)   (read="chunk_start")
 
     ``chunk_size=1`` is the exact per-token recurrence. Token reads use the dual form
-    (per-token weights are never materialized). The C++ backward is handwritten, including the
-    second derivative of the activation that the inner gradient brings in.
+    (per-token weights are never materialized). The backward (C++ on the CPU, CUDA kernels on a
+    GPU) is handwritten, including the second derivative of the activation that the inner
+    gradient brings in. On CUDA tensors one block per (batch, head) streams the fp32 state
+    through shared memory (``csrc/cuda/mlp_memory.h``); a chunk-start state is saved per chunk in
+    the inputs' dtype when a gradient is needed, none under ``torch.no_grad()``.
 
     MIRAS options (``docs/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
 
@@ -124,7 +152,8 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         eta: momentum decay ``[B, T, H]``, in [0, 1].
         alpha: forget gate ``[B, T, H]``, in [0, 1].
         weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
-        chunk_size: tokens per chunk (>= 1).
+        chunk_size: tokens per chunk (>= 1; on CUDA 1..64, and D <= 128; a chunk whose tiles do
+            not fit the GPU's shared memory raises a ValueError naming the bytes).
         momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
@@ -139,6 +168,8 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
                                                    memory_name="weights")
+    if q.is_cuda:
+        check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     w1, w2 = (w.to(state_dtype) for w in weights)
     s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
