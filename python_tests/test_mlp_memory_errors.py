@@ -112,3 +112,45 @@ def test_binding_rejects_unknown_activation():
     args, weights, _ = _args()
     with pytest.raises(RuntimeError, match=r"activation must be \"gelu\" or \"silu\""):
         torch.ops.titans_ext.mlp_memory_fwd(*args.values(), *weights, None, None, 4, True, "tanh", False)
+
+
+# ---- The CUDA path's checks, asked directly on fake CUDA tensors (no GPU needed).
+
+def _fake_cuda(*shape):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.empty(*shape, device="cuda")
+
+
+@pytest.mark.parametrize("D, chunk_size, retention, match", [
+    (16, 65, "l2", r"chunk_size: the CUDA kernels of mlp_memory support chunk sizes 1..64, got 65 \(q is on cuda"),
+    (136, 16, "l2", r"q: the CUDA kernels of mlp_memory support head dimensions D <= 128, got D=136 \(q is on cuda"),
+    (16, 16, ("lq", 4), r"retention: \('lq', q\) is not supported by the CUDA kernels of mlp_memory yet \(q is on "
+                        r"cuda"),
+])
+def test_cuda_limits_name_the_option_and_the_device(D, chunk_size, retention, match):
+    from titans_ext.ops.checks import parse_objective, parse_retention
+    from titans_ext.ops.mlp_memory import check_cuda_limits
+
+    with pytest.raises(ValueError, match=match):
+        check_cuda_limits(_fake_cuda(2, 10, 3, D), chunk_size, parse_objective("l2"), parse_retention(retention))
+
+
+@pytest.mark.parametrize("objective", ["l2", ("lp", 3), ("huber", 0.5), ("pseudo_huber", 0.5), ("yaad", 2.0)])
+@pytest.mark.parametrize("retention", ["l2", "kl"])
+def test_cuda_limits_accept_every_other_option(objective, retention):
+    from titans_ext.ops.checks import parse_objective, parse_retention
+    from titans_ext.ops.mlp_memory import check_cuda_limits
+
+    check_cuda_limits(_fake_cuda(2, 10, 3, 128), 64, parse_objective(objective), parse_retention(retention))
+
+
+def test_cuda_fake_kernel_saves_chunk_states_in_the_inputs_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        inputs = [torch.empty(2, 10, 3, 4, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        gates = [torch.empty(2, 10, 3, device="cuda") for _ in range(3)]
+        w1, w2 = torch.empty(2, 3, 8, 4, device="cuda"), torch.empty(2, 3, 4, 8, device="cuda")
+        out = torch.ops.titans_ext.mlp_memory_fwd(*inputs, *gates, w1, w2, None, None, 4, True, "gelu", True)
+        assert out[0].dtype == torch.bfloat16 and out[1].dtype == torch.float32
+        assert out[5].shape == (2, 3, 3, 4, 32) and out[5].dtype == torch.bfloat16

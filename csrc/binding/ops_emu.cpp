@@ -257,6 +257,27 @@ MlpMemoryGrads mlp_memory_bwd(const at::Tensor& q, const at::Tensor& k, const at
       });
 }
 
+// What the mlp_memory launchers choose on a device with max_shared_bytes of shared memory per block:
+// (forward hidden block, its bytes, backward hidden block, its bytes); a block of 0 means that none
+// fits, and the bytes are then those the narrowest block needs (bench/mlp_traffic.py reads this).
+std::tuple<int64_t, int64_t, int64_t, int64_t> mlp_memory_plan(int64_t dim, int64_t hidden, int64_t chunk_size,
+                                                               at::ScalarType dtype, bool read_token,
+                                                               int64_t retention, int64_t max_shared_bytes) {
+  TORCH_CHECK(dim >= 1 && hidden >= 1 && chunk_size >= 1, "mlp_memory_plan: sizes must be >= 1");
+  TORCH_CHECK(retention >= 0 && retention <= int64_t(RetentionKind::kl), "mlp_memory_plan: unknown retention");
+  MlpMemoryParams params;
+  params.dim = int(dim), params.hidden = int(hidden), params.chunk_size = int(chunk_size);
+  params.read_token = read_token;
+  params.miras.retention = RetentionKind(retention);
+  const InputType type = input_type(at::empty({0}, at::TensorOptions().dtype(dtype)));
+  const DeviceLimits device = {emulated_device.sm_count, size_t(max_shared_bytes), kH100SharedPerSm};
+  const int fwd = mlp_memory_fwd_hidden_block(params, type, device);
+  const int bwd = mlp_memory_bwd_hidden_block(params, type, device);
+  const int narrowest = kMlpHiddenBlocks[3];
+  return {fwd, int64_t(mlp_memory_fwd_smem_bytes(params, type, fwd ? fwd : narrowest)), bwd,
+          int64_t(mlp_memory_bwd_smem_bytes(params, type, bwd ? bwd : narrowest))};
+}
+
 }  // namespace
 
 // The MIRAS arguments of the titans_ext:: schemas (ops.cpp).
@@ -304,6 +325,10 @@ TORCH_LIBRARY(titans_emu, m) {
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
       "Tensor ds1, Tensor ds2, Tensor d_delta)",
       &mlp_memory_bwd);
+  m.def(
+      "mlp_memory_plan(int dim, int hidden, int chunk_size, ScalarType dtype, bool read_token, int retention, "
+      "int max_shared_bytes) -> (int fwd_block, int fwd_bytes, int bwd_block, int bwd_bytes)",
+      &mlp_memory_plan);
 }
 
 }  // namespace titans

@@ -44,10 +44,9 @@ struct MlpMemoryBwdSmem {
   int d_a, d_g, d_s, prod_a, prod_gb, prod_ge;         // [C]: gate-table cotangents; adjoint scratch
   int scalars;  // [4 + 3 x warps]: the cotangent of p_L, the lag token's residual norm, block sums
   int c, sig, hh, da, db;                              // [C, C]: c; sig (then Q K^T); Hq H^T; dO E^T; dZq DZ^T
-  int resid, errors, d_err;                            // [C, D]: R; E; dE, then dR
-  int row_sums;                                        // [4, C, NB / 8]: per-tile row sums
-  int cot[2][4];                                       // two buffers of dW1', dS1' [NB, D], dW2', dS2' [D, NB]
-  int h, a1, ga2, dz, aq1, hq, x1, x2, ddz, dh, dzq;   // [C, NB]
+  int resid, errors, d_err;                            // [C, D]: R (not for l2, f' = 2); E; dE, then dR
+  int row_sums;                                        // [4, C, row_tiles]: per-tile row sums
+  int h, a1, ga2, dz, aq1, hq, ddz, dh, dzq;           // [C, NB]
   int lag_hidden, lag_first, lag_second, lag_grad;     // kl: [N] h0, act'(z0), G0 .* act''(z0), dz0
   int lag_dx, lag_dy;                                  // kl: [N] dDZ0 / dH0
   int lag_resid, lag_err, lag_de;                      // kl: [D] r0, e0, dE0
@@ -63,14 +62,12 @@ struct MlpMemoryBwdSmem {
     scalars = carver.compute(4 + 3 * mlp::kThreads / device::kWarpSize);
     c = carver.compute(C * C), sig = carver.compute(C * C);
     hh = carver.compute(token ? C * C : 0), da = carver.compute(C * C), db = carver.compute(token ? C * C : 0);
-    resid = carver.compute(C * D), errors = carver.compute(C * D), d_err = carver.compute(C * D);
-    row_sums = carver.compute(4 * C * (NB / 8));
-    for (auto& buffer : cot)
-      for (int w = 0; w < 4; ++w) buffer[w] = carver.compute(NB * D);
+    resid = carver.compute(p.miras.objective == ObjectiveKind::l2 ? 0 : C * D);
+    errors = carver.compute(C * D), d_err = carver.compute(C * D);
+    row_sums = carver.compute(4 * C * row_tiles(D, NB));
     const int tile = C * NB;
     h = carver.compute(tile), a1 = carver.compute(tile), ga2 = carver.compute(tile), dz = carver.compute(tile);
-    aq1 = carver.compute(tile), hq = carver.compute(tile), x1 = carver.compute(token ? tile : 0);
-    x2 = carver.compute(token ? tile : 0), ddz = carver.compute(tile), dh = carver.compute(tile);
+    aq1 = carver.compute(tile), hq = carver.compute(tile), ddz = carver.compute(tile), dh = carver.compute(tile);
     dzq = carver.compute(tile);
     const int lag_n = kl ? N : 0, lag_d = kl ? D : 0;
     lag_hidden = carver.compute(lag_n), lag_first = carver.compute(lag_n), lag_second = carver.compute(lag_n);
@@ -80,6 +77,8 @@ struct MlpMemoryBwdSmem {
     for (auto& buffer : blocks)
       for (int w = 0; w < 4; ++w) buffer[w] = carver.input(NB * D);
   }
+  // Column tiles of the row sums: they come from [C, NB] and [C, D] products.
+  __host__ __device__ static int row_tiles(int D, int NB) { return ((D > NB ? D : NB) + 7) / 8; }
 };
 
 namespace mlp {
@@ -139,10 +138,10 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   using Policy = typename Ktraits::Policy;
   using acc_t = typename Policy::acc_t;
   using StateBlock = mlp::StateBlock<input_t, T>;
-  using CotBlock = mlp::StateBlock<T, T>;
 
   const int h_idx = blockIdx.x, b = blockIdx.y;
-  const int D = params.dim, N = params.hidden, C = params.chunk_size, tiles_nb = NB / 8;
+  const int D = params.dim, N = params.hidden, C = params.chunk_size;
+  const int row_tiles = MlpMemoryBwdSmem<Ktraits>::row_tiles(D, NB);
   const index_t bh = index_t(b) * params.heads + h_idx, block_elems = index_t(N) * D;
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
   const MlpActivation act_kind = params.activation;
@@ -162,11 +161,13 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   const auto c = smem.compute(layout.c), sig = smem.compute(layout.sig), hh = smem.compute(layout.hh);
   const auto da = smem.compute(layout.da), db = smem.compute(layout.db);
   const auto qk = sig;  // Q K^T while the products need it; the adjoint rebuilds sig there at the end
-  const auto resid = smem.compute(layout.resid), errors = smem.compute(layout.errors);
+  const bool keep_residuals = params.miras.objective != ObjectiveKind::l2;
+  const auto errors = smem.compute(layout.errors);
+  const auto resid = keep_residuals ? smem.compute(layout.resid) : errors;  // E = 2 R is computed in place
   const auto d_err = smem.compute(layout.d_err), row_sums = smem.compute(layout.row_sums);
   const auto hid = smem.compute(layout.h), a1 = smem.compute(layout.a1), ga2 = smem.compute(layout.ga2);
   const auto dz = smem.compute(layout.dz), aq1 = smem.compute(layout.aq1), hq = smem.compute(layout.hq);
-  const auto x1 = smem.compute(layout.x1), x2 = smem.compute(layout.x2), ddz = smem.compute(layout.ddz);
+  const auto ddz = smem.compute(layout.ddz);
   const auto dh = smem.compute(layout.dh), dzq = smem.compute(layout.dzq);
   const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k), do_s = smem.input(layout.d_o);
   const StateBlock blocks[2] = {
@@ -174,12 +175,6 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
        smem.input(layout.blocks[0][3]), D, NB},
       {smem.input(layout.blocks[1][0]), smem.input(layout.blocks[1][1]), smem.input(layout.blocks[1][2]),
        smem.input(layout.blocks[1][3]), D, NB}};
-  const CotBlock cot_blocks[2] = {
-      {smem.compute(layout.cot[0][0]), smem.compute(layout.cot[0][1]), smem.compute(layout.cot[0][2]),
-       smem.compute(layout.cot[0][3]), D, NB},
-      {smem.compute(layout.cot[1][0]), smem.compute(layout.cot[1][1]), smem.compute(layout.cot[1][2]),
-       smem.compute(layout.cot[1][3]), D, NB}};
-
   // The carried cotangent: the initial-state gradient outputs, from the final state's cotangent.
   const index_t state_offset = bh * block_elems;
   const mlp::GlobalState<T> cot(static_cast<T*>(params.dw1_0_ptr) + state_offset,
@@ -297,7 +292,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
           }
         });
       }
-      for (int i = threadIdx.x; i < 4 * C * tiles_nb; i += blockDim.x) row_sums[i] = T(0);
+      for (int i = threadIdx.x; i < 4 * C * row_tiles; i += blockDim.x) row_sums[i] = T(0);
       __syncthreads();
       const T a_L = a[Lc - 1], g_L = g[Lc - 1], p_L = P[Lc - 1];
       const auto m_end = c + (Lc - 1) * C;  // s_end lives in d_s until pass 2 has read it
@@ -346,20 +341,13 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       // and <dS1', S1> + <dS2', S2> (the cotangents of a_L, g_L and p_L).
       T end_partials[3] = {T(0), T(0), T(0)};
       const auto row_sum_at = [&](int which, int t, int tile) -> T& {
-        return row_sums[(which * C + t) * tiles_nb + tile];
+        return row_sums[(which * C + t) * row_tiles + tile];
       };
-      lm::pipelined_chunk_loop(
-          mlp::hidden_blocks(N, NB), false,
-          [&](int block, int buffer) {
-            const mlp::HiddenBlock hb = mlp::hidden_block(block, NB, N);
-            mlp::stage_state_block(start, hb, D, N, true, blocks[buffer]);
-            mlp::stage_state_block(cot_in, hb, D, N, true, cot_blocks[buffer]);
-          },
-          [&](int block, int buffer) {
-            const mlp::HiddenBlock hb = mlp::hidden_block(block, NB, N);
+      mlp::hidden_block_loop(
+          start, D, N, NB, true, blocks, [&](const mlp::HiddenBlock& hb, const StateBlock& w) {
             const int nb = hb.nb;
-            const StateBlock& w = blocks[buffer];
-            const CotBlock& dw = cot_blocks[buffer];
+            // The carried cotangent's block, read where it is (each element by few products).
+            const mlp::GlobalBlock<T, T> dw{cot_in, hb.n0, D, N};
             const auto at = [&](int t, int i) { return t * NB + i; };
             const auto H = [&](int t, int i) { return hid[at(t, i)]; };
             const auto Hq = [&](int t, int i) { return hq[at(t, i)]; };
@@ -430,7 +418,6 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                   [&](int t, int i, const auto* v) {
                     const auto act = mlp::activation<1>(act_kind, a[t] * T(v[0]) + g[t] * T(v[1]) + T(v[2]));
                     hq[at(t, i)] = act.value, aq1[at(t, i)] = act.first;
-                    x1[at(t, i)] = T(v[0]), x2[at(t, i)] = T(v[1]);
                   },
                   mlp::term(D, Qc, [&](int d, int i) { return w.W1(i, d); }),
                   mlp::term(D, Qc, [&](int d, int i) { return w.S1(i, d); }),
@@ -445,14 +432,10 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                       const T d_hq = a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]) + T(acc[2][e]);
                       dzq[at(t, i)] = d_hq * aq1[at(t, i)];
                     });
-                    mlp::tile_row_sums<T>(
-                        r0, c0, Lc, nb,
-                        [&](int t, int i, int e) { return Hq(t, i) * T(acc[0][e]) + dzq[at(t, i)] * x1[at(t, i)]; },
-                        [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
-                    mlp::tile_row_sums<T>(
-                        r0, c0, Lc, nb,
-                        [&](int t, int i, int e) { return Hq(t, i) * T(acc[1][e]) + dzq[at(t, i)] * x2[at(t, i)]; },
-                        [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return Hq(t, i) * T(acc[0][e]); },
+                                          [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return Hq(t, i) * T(acc[1][e]); },
+                                          [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
                   },
                   mlp::term(D, dOc, [&](int j, int i) { return w.W2(j, i); }),
                   mlp::term(D, dOc, [&](int j, int i) { return w.S2(j, i); }),
@@ -462,8 +445,19 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
               mlp::product<Policy>(Lc, Lc, [&](int t, int s, const auto* v) { hh[t * C + s] += T(v[0]); },
                                    mlp::term(nb, Hq, [&](int i, int s) { return H(s, i); }));
               __syncthreads();
-              mlp::product<Policy>(
-                  Lc, D, [&](int t, int d, const auto* v) { dq_acc[(off + t) * D + d] += a[t] * T(v[0]) + g[t] * T(v[1]); },
+              // dQ += a dZq W1 + g dZq S1, and the a, g cotangents rowsum(dZq .* Q W1^T) =
+              // rowsum(Q .* dZq W1) (and S1's) from the same products.
+              mlp::product_tiles<Policy>(
+                  Lc, D,
+                  [&](int r0, int c0, const acc_t (&acc)[2][4]) {
+                    lm::for_each_element(r0, c0, Lc, D, [&](int t, int d, int e) {
+                      dq_acc[(off + t) * D + d] += a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]);
+                    });
+                    mlp::tile_row_sums<T>(r0, c0, Lc, D, [&](int t, int d, int e) { return Qc(t, d) * T(acc[0][e]); },
+                                          [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(r0, c0, Lc, D, [&](int t, int d, int e) { return Qc(t, d) * T(acc[1][e]); },
+                                          [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
+                  },
                   mlp::term(nb, dZq, [&](int i, int d) { return w.W1(i, d); }),
                   mlp::term(nb, dZq, [&](int i, int d) { return w.S1(i, d); }));
               mlp::product<Policy>(Lc, Lc, [&](int t, int s, const auto* v) { db[t * C + s] += T(v[0]); },
@@ -476,8 +470,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                 nb, D,
                 [&](int i, int d, const auto* v) {
                   const index_t at_g = index_t(hb.n0 + i) * D + d;
-                  cot.w1[at_g] = a_L * dw.W1(i, d) + T(v[0]);
-                  cot.s1[at_g] = g_L * dw.W1(i, d) + p_L * dw.S1(i, d) + T(v[1]);
+                  const T dw1 = dw.W1(i, d), ds1 = dw.S1(i, d);  // read before they are overwritten
+                  cot.w1[at_g] = a_L * dw1 + T(v[0]);
+                  cot.s1[at_g] = g_L * dw1 + p_L * ds1 + T(v[1]);
                 },
                 mlp::term(token_read ? Lc : 0, [&](int i, int t) { return a[t] * dZq(t, i); }, Qc),
                 mlp::term(token_read ? Lc : 0, [&](int i, int t) { return g[t] * dZq(t, i); }, Qc));
@@ -498,8 +493,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                 D, nb,
                 [&](int j, int i, const auto* v) {
                   const index_t at_g = index_t(j) * N + hb.n0 + i;
-                  cot.w2[at_g] = a_L * dw.W2(j, i) + T(v[0]) + T(v[2]);
-                  cot.s2[at_g] = g_L * dw.W2(j, i) + p_L * dw.S2(j, i) + T(v[1]);
+                  const T dw2 = dw.W2(j, i), ds2 = dw.S2(j, i);  // read before they are overwritten
+                  cot.w2[at_g] = a_L * dw2 + T(v[0]) + T(v[2]);
+                  cot.s2[at_g] = g_L * dw2 + p_L * ds2 + T(v[1]);
                 },
                 mlp::term(token_read ? Lc : 0, [&](int j, int t) { return a[t] * dOc(t, j); }, Hq),
                 mlp::term(token_read ? Lc : 0, [&](int j, int t) { return g[t] * dOc(t, j); }, Hq),
@@ -510,7 +506,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       for (int t = threadIdx.x; t < Lc; t += blockDim.x) {
         T sums[4] = {T(0), T(0), T(0), T(0)};
         for (int which = 0; which < 4; ++which)
-          for (int tile = 0; tile < tiles_nb; ++tile) sums[which] += row_sum_at(which, t, tile);
+          for (int tile = 0; tile < row_tiles; ++tile) sums[which] += row_sum_at(which, t, tile);
         // d_s takes the place of s_end: its readers are done.
         d_s[t] = sums[1];
         prod_a[t] = sums[0];  // the cotangent of row Lc - 1 of c, until d_c holds it
@@ -546,7 +542,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       // dR = dE .* f'(R) (in place of dE), d delta, dV = -dR, dK += dR.
       for (int idx = threadIdx.x; idx < Lc * D; idx += blockDim.x) {
         const int t = idx / D, j = idx % D, token = t0 + off + t;
-        const T de = d_err[idx], r = resid[idx], dl = delta_at(token, j), norm = norm_at(t);
+        const T de = d_err[idx], r = keep_residuals ? resid[idx] : T(0), dl = delta_at(token, j), norm = norm_at(t);
         const T dr = de * objective.slope(r, dl, norm);
         if (d_delta) d_delta[token_at(token) + j] = de * objective.delta_slope(r, dl, norm);
         d_err[idx] = dr;

@@ -239,6 +239,18 @@ struct StateBlock {
   __device__ T S2(int j, int i) const { return device::cast<T>(s2[j * NB + i]); }
 };
 
+// Block hb of a state in global memory, indexed like a StateBlock (through L1: for operands that
+// few products read, such as the backward's carried cotangent).
+template <typename S, typename T>
+struct GlobalBlock {
+  GlobalState<const S> state;
+  int n0, D, N;
+  __device__ T W1(int i, int d) const { return device::cast<T>(state.w1[index_t(n0 + i) * D + d]); }
+  __device__ T S1(int i, int d) const { return device::cast<T>(state.s1[index_t(n0 + i) * D + d]); }
+  __device__ T W2(int j, int i) const { return device::cast<T>(state.w2[index_t(j) * N + n0 + i]); }
+  __device__ T S2(int j, int i) const { return device::cast<T>(state.s2[index_t(j) * N + n0 + i]); }
+};
+
 // Issues the copies of block hb of `state` into `dst` (with_momenta: also S1, S2); the caller
 // commits and waits (lm's staging rules).
 template <typename S, typename T>
