@@ -125,10 +125,10 @@ def check(*args, **kwargs):
 # ---- The CI subset: D = 16, every objective and retention, both reads, fp32.
 
 OBJECTIVE_IDS = ["l2", "lp3", "lp1.5", "huber", "pseudo_huber", "yaad"]
-RETENTION_IDS = ["l2", "kl"]
+RETENTION_IDS = ["l2", "lq4", "kl"]
 # (E, C, T): a short last chunk; C = 1 is the exact per-token recurrence (and, with kl, Memora's).
 SMALL = [(2, 16, 37), (4, 16, 21), (2, 1, 6)]
-SMALL_KL = [(2, 16, 37), (4, 1, 5)]
+SMALL_RETENTION = [(2, 16, 37), (4, 1, 5)]
 
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
@@ -140,9 +140,10 @@ def test_objectives_float32(E, C, T, objective, read):
 
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("objective", ["l2", "pseudo_huber", "yaad"])
-@pytest.mark.parametrize("E, C, T", SMALL_KL, ids=["E{}-C{}-T{}".format(*s) for s in SMALL_KL])
-def test_kl_retention_float32(E, C, T, objective, read):
-    check(1, T, 2, 16, E, C, torch.float32, objective=objective, retention="kl", read=read, activation="silu")
+@pytest.mark.parametrize("retention", ["kl", "lq4"])
+@pytest.mark.parametrize("E, C, T", SMALL_RETENTION, ids=["E{}-C{}-T{}".format(*s) for s in SMALL_RETENTION])
+def test_retentions_float32(E, C, T, retention, objective, read):
+    check(1, T, 2, 16, E, C, torch.float32, objective=objective, retention=retention, read=read, activation="silu")
 
 
 @pytest.mark.parametrize("objective", ["huber", "yaad"])
@@ -156,18 +157,21 @@ def test_float64(read, activation):
     check(1, 23, 2, 8, 2, 8, torch.float64, read=read, activation=activation)
 
 
-def test_float64_kl_without_momentum():
-    check(2, 11, 1, 8, 2, 4, torch.float64, objective="yaad", retention="kl", momentum=False)
+@pytest.mark.parametrize("objective, retention", [("yaad", "kl"), ("lp3", "lq3"), ("huber", "lq4")])
+def test_float64_retentions(objective, retention):
+    check(2, 11, 1, 8, 2, 4, torch.float64, objective=objective, retention=retention, momentum=retention == "lq4",
+          read="chunk_start" if retention == "lq3" else "token")
 
 
 # ---- The CI subset: D = 64 over five chunks, D = 128.
 
-@pytest.mark.parametrize("objective", ["l2", "lp3"])
+@pytest.mark.parametrize("objective, retention", [("l2", "l2"), ("lp3", "lq4")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_dim_64_five_chunks(dtype, objective):
+def test_head_dim_64_five_chunks(dtype, objective, retention):
     # A smaller inner learning rate for lp3: f grows like r^2 and the recurrence itself diverges
     # with theta up to 0.3 at D = 64 (the float64 reference's outputs reach 1e13).
-    check(1, 77, 1, 64, 2, 16, dtype, objective=objective, theta_scale=0.2 if objective != "l2" else 1.0)
+    check(1, 77, 1, 64, 2, 16, dtype, objective=objective, retention=retention,
+          theta_scale=0.2 if objective != "l2" else 1.0)
 
 
 def test_head_dim_128():
@@ -207,7 +211,7 @@ def test_reordered_schedule_gives_identical_results(seed, dtype):
     # Every value is computed by one thread in a fixed order (row sums per tile, added in tile
     # order), so any schedule that respects the barriers gives the same bits; a missing barrier
     # or cp.async wait would not.
-    for retention in ("l2", "kl"):
+    for retention in ("l2", "kl", "lq4"):
         case = Case(1, 21, 2, 16, 2, 8, dtype, objective="yaad", retention=retention)
         expected = case.emulated()
         emu.set_schedule(seed)
@@ -270,7 +274,6 @@ def test_empty_sequence_passes_the_state_and_its_cotangent_through():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(chunk_size=65), r"mlp_memory: chunk_size must be in 1..64 for the CUDA kernels, got 65"),
     (dict(D=136), r"mlp_memory: the CUDA kernels support D <= 128"),
-    (dict(retention=("lq", 4.0)), r"mlp_memory: retention \(\"lq\", q\) is not supported by the CUDA kernels yet"),
 ])
 def test_limits_of_the_kernels_raise_value_errors(kwargs, match):
     D = kwargs.get("D", 8)

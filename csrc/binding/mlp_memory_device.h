@@ -19,9 +19,7 @@ namespace titans {
 
 // The kernels' limits (mlp_memory.h); titans_ext.mlp_memory raises a ValueError for them before
 // dispatch, this guards direct calls of the operators.
-inline void check_mlp_device_limits(const at::Tensor& q, int64_t chunk_size, int64_t retention) {
-  TORCH_CHECK_VALUE(retention != int64_t(RetentionKind::lq), "mlp_memory: retention (\"lq\", q) is not supported by ",
-                    "the CUDA kernels yet (q is on ", q.device(), ")");
+inline void check_mlp_device_limits(const at::Tensor& q, int64_t chunk_size) {
   TORCH_CHECK_VALUE(chunk_size >= 1 && chunk_size <= kCudaMlpMaxChunkSize, "mlp_memory: chunk_size must be in 1..",
                     kCudaMlpMaxChunkSize, " for the CUDA kernels, got ", chunk_size);
   TORCH_CHECK_VALUE(q.dim() == 4 && q.size(3) <= kCudaMlpMaxDim, "mlp_memory: the CUDA kernels support D <= ",
@@ -57,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", w1.sizes());
   const int64_t hidden = w1.size(2);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size);
-  check_mlp_device_limits(q, chunk_size, retention);
+  check_mlp_device_limits(q, chunk_size);
   const InputType type = input_type(q);
   const auto dtype = compute_dtype(q);
   const auto state = [&](const std::optional<at::Tensor>& x) {
@@ -116,7 +114,7 @@ MlpMemoryGrads mlp_memory_bwd_device(const at::Tensor& q, const at::Tensor& k, c
                                      double retention_q, const DeviceLimits& device, const Launch& launch) {
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
                         chunk_size);
-  check_mlp_device_limits(q, chunk_size, retention);
+  check_mlp_device_limits(q, chunk_size);
   TORCH_CHECK(d_o.sizes() == q.sizes(), "mlp_memory_bwd: d_o must have the shape of q / o");
   TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
               "mlp_memory_bwd: d_o and chunk_states must be on the device of q");

@@ -16,13 +16,13 @@
 //                                   the block's chunk-end W1, S1, W2, S2, written back
 // Bytes moved per chunk (through L2; the whole state of 32 heads is 8 MiB, L2 is 50 MiB): reads
 // 2 N D + 4 N D, writes 4 N D fp32 = 40 N D B = 640 KiB, i.e. 10 KiB per token at C = 64, against
-// 442 kFLOP per token of products (mlp_dual_form.md §5): ~43 FLOP per byte, about the balance of
+// 442 kFLOP per token of products (docs/mlp_dual_form.md §5): ~43 FLOP per byte, about the balance of
 // one SM (~5 TFLOP/s of mma.sync against ~64 B/clk, ~115 GB/s, of L2 bandwidth), so the next
 // block's state is loaded with cp.async while the current one is computed on. Recomputing Z in
 // pass 2 (1 u of the 11 u per token) costs less than holding C x N of it on chip.
 // Barriers per chunk: 3 per pass-1 block, 5 per pass-2 block and ~6 per chunk, so ~70 at
 // N / NB = 8. The alternative that keeps the state on chip, a cluster of 2-8 blocks sharing the
-// hidden dimension with the two C x D sums reduced through distributed shared memory (kernels.md
+// hidden dimension with the two C x D sums reduced through distributed shared memory (docs/kernels.md
 // §6.3 stage B), moves no state bytes but needs clusters, which the emulation does not model yet.
 //
 // The backward walks the chunks in reverse with the same blocking (three passes per chunk: the
@@ -56,7 +56,7 @@ constexpr int kMlpHiddenBlocks[] = {64, 32, 16, 8};
 //   token_grads:  [B, H, 2, C, D], compute dtype: the chunk's dK and dQ sums;
 //   start_state:  [B, H, 4, N D], the inputs' dtype (as the saved states): the state the chunk
 //                 proper starts from after the retention step (kl's lag token), recomputed from the
-//                 saved chunk-start state; empty for retention "l2".
+//                 saved chunk-start state; empty unless the retention is "kl".
 struct MlpMemoryBwdWorkspace {
   void* hidden_grads = nullptr;
   void* token_grads = nullptr;
@@ -70,7 +70,7 @@ struct MlpMemoryBwdWorkspaceSizes {
 inline MlpMemoryBwdWorkspaceSizes mlp_memory_bwd_workspace_sizes(const MlpMemoryParams& p) {
   const int64_t heads = int64_t(p.batch) * p.heads;
   return {heads * p.chunk_size * p.hidden, heads * 2 * p.chunk_size * p.dim,
-          p.miras.retention == RetentionKind::l2 ? 0 : heads * 4 * int64_t(p.hidden) * p.dim};
+          p.miras.retention == RetentionKind::kl ? heads * 4 * int64_t(p.hidden) * p.dim : 0};
 }
 
 // The hidden block the launchers use on `device` (0: none fits; mlp_memory_*_smem_bytes(..., 8)

@@ -1,4 +1,4 @@
-// CUDA backward of the deep memory M(x) = x + W2 act(W1 x) (mlp_dual_form.md §4), written only
+// CUDA backward of the deep memory M(x) = x + W2 act(W1 x) (docs/mlp_dual_form.md §4), written only
 // against the device layer, so the emulation runs this exact source in CI. Included by exactly one
 // TU per build.
 //
@@ -27,7 +27,11 @@
 // taken per 16 x 8 tile with warp shuffles and added in tile order: deterministic, without atomics.
 // Retention "kl": the chunk proper starts after the lag token, from the lag step of the saved state
 // (recomputed into a scratch state); the lag token's read, its softmax step and its key path are
-// differentiated with matrix-vector products (lag_step_backward).
+// differentiated with matrix-vector products (kl_softmax_rows_backward and the key path's
+// matrix-vector backward). Retention "lq": the products scale their sums by rho as in the forward;
+// what reaches the scaled weights goes to the carried cotangent times rho and, through
+// rho = ||A||_q^(2-q), to the accumulators (mlp::lq_scale_backward) with the masked products'
+// direct terms.
 #pragma once
 
 #include "cuda/mlp_memory_common.cuh"
@@ -144,6 +148,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   const int row_tiles = MlpMemoryBwdSmem<Ktraits>::row_tiles(D, NB);
   const index_t bh = index_t(b) * params.heads + h_idx, block_elems = index_t(N) * D;
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
+  const bool lq = params.miras.retention == RetentionKind::lq;
   const MlpActivation act_kind = params.activation;
   const mlp::Objective<T> objective(params.miras);
   const T* delta = static_cast<const T*>(params.miras.delta_ptr);
@@ -210,32 +215,48 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   const auto dO = [&](int t, int d) { return device::cast<T>(do_s[t * ld + d]); };
   const auto delta_at = [&](int t, int j) { return delta ? delta[token_at(t) + j] : T(0); };
 
-  // Plain reads O = Q + act(Q W1^T) W2^T of rows [r0, r0 + Lr) at `state` (read "chunk_start", and
-  // the kl lag token's read): adds to dQ (without the dO term) and to the carried cotangent.
+  // lq (docs/miras.md §2.3): the chunk's errors and reads see rho1 [W1; S1], rho2 [W2; S2] (1 unless
+  // lq). The products read the unscaled state and scale their sums; what reaches the scaled
+  // weights goes to the carried cotangent times rho, and its inner product with the unscaled
+  // weights, with the masked products' direct terms, to this thread's share of d rho.
+  T rho1 = T(1), rho2 = T(1);
+  T rho_partials[2] = {T(0), T(0)};
+
+  // Plain reads O = Q + act(rho1 Q W1^T) rho2 W2^T of rows [r0, r0 + Lr) at `state` (read
+  // "chunk_start", and the kl lag token's read): adds to dQ (without the dO term) and to the carried
+  // cotangent.
   const auto read_backward = [&](const mlp::GlobalState<const input_t>& state, int r0, int Lr) {
     mlp::hidden_block_loop(state, D, N, NB, false, blocks, [&](const mlp::HiddenBlock& hb, const StateBlock& w) {
       const int nb = hb.nb;
       mlp::product<Policy>(
           Lr, nb,
           [&](int t, int i, const auto* v) {
-            const auto act = mlp::activation<1>(act_kind, T(v[0]));
+            const auto act = mlp::activation<1>(act_kind, rho1 * T(v[0]));
             hq[t * NB + i] = act.value;
             aq1[t * NB + i] = act.first;
           },
           mlp::term(D, [&](int t, int d) { return Q(r0 + t, d); }, [&](int d, int i) { return w.W1(i, d); }));
       __syncthreads();
       mlp::product<Policy>(
-          Lr, nb, [&](int t, int i, const auto* v) { dzq[t * NB + i] = T(v[0]) * aq1[t * NB + i]; },
+          Lr, nb, [&](int t, int i, const auto* v) { dzq[t * NB + i] = rho2 * T(v[0]) * aq1[t * NB + i]; },
           mlp::term(D, [&](int t, int j) { return dO(r0 + t, j); }, [&](int j, int i) { return w.W2(j, i); }));
       __syncthreads();
       const auto dZq = [&](int t, int i) { return dzq[t * NB + i]; };
-      mlp::product<Policy>(Lr, D, [&](int t, int d, const auto* v) { dq_acc[(r0 + t) * D + d] += T(v[0]); },
+      mlp::product<Policy>(Lr, D, [&](int t, int d, const auto* v) { dq_acc[(r0 + t) * D + d] += rho1 * T(v[0]); },
                            mlp::term(nb, dZq, [&](int i, int d) { return w.W1(i, d); }));
       mlp::product<Policy>(
-          nb, D, [&](int i, int d, const auto* v) { cot.w1[index_t(hb.n0 + i) * D + d] += T(v[0]); },
+          nb, D,
+          [&](int i, int d, const auto* v) {
+            cot.w1[index_t(hb.n0 + i) * D + d] += rho1 * T(v[0]);
+            rho_partials[0] += T(v[0]) * w.W1(i, d);
+          },
           mlp::term(Lr, [&](int i, int t) { return dzq[t * NB + i]; }, [&](int t, int d) { return Q(r0 + t, d); }));
       mlp::product<Policy>(
-          D, nb, [&](int j, int i, const auto* v) { cot.w2[index_t(j) * N + hb.n0 + i] += T(v[0]); },
+          D, nb,
+          [&](int j, int i, const auto* v) {
+            cot.w2[index_t(j) * N + hb.n0 + i] += rho2 * T(v[0]);
+            rho_partials[1] += T(v[0]) * w.W2(j, i);
+          },
           mlp::term(Lr, [&](int j, int t) { return dO(r0 + t, j); }, [&](int t, int i) { return hq[t * NB + i]; }));
     });
   };
@@ -252,6 +273,11 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     for (int i = threadIdx.x; i < L * D; i += blockDim.x) dk_acc[i] = dq_acc[i] = T(0);
     lm::finish_staging();
     __syncthreads();
+
+    mlp::LqScales<T> scale;
+    if (lq) scale = mlp::lq_scales(saved, block_elems, T(params.miras.q), scalars + 4);
+    rho1 = scale.rho[0], rho2 = scale.rho[1];
+    rho_partials[0] = rho_partials[1] = T(0);
 
     // kl: the chunk proper starts from the lag step of the saved state (into the scratch state).
     int lag = 0;
@@ -302,10 +328,10 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       mlp::hidden_block_loop(start, D, N, NB, false, blocks, [&](const mlp::HiddenBlock& hb, const StateBlock& w) {
         mlp::product<Policy>(
             Lc, hb.nb,
-            [&](int t, int i, const auto* v) { hid[t * NB + i] = mlp::activation<0>(act_kind, T(v[0])).value; },
+            [&](int t, int i, const auto* v) { hid[t * NB + i] = mlp::activation<0>(act_kind, rho1 * T(v[0])).value; },
             mlp::term(D, Kc, [&](int d, int i) { return w.W1(i, d); }));
         __syncthreads();
-        mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { resid[t * D + j] += T(v[0]); },
+        mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { resid[t * D + j] += rho2 * T(v[0]); },
                              mlp::term(hb.nb, [&](int t, int i) { return hid[t * NB + i]; },
                                        [&](int i, int j) { return w.W2(j, i); }));
       });
@@ -357,7 +383,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             mlp::product<Policy>(
                 Lc, nb,
                 [&](int t, int i, const auto* v) {
-                  const auto act = mlp::activation<2>(act_kind, T(v[0]));
+                  const auto act = mlp::activation<2>(act_kind, rho1 * T(v[0]));
                   hid[at(t, i)] = act.value, a1[at(t, i)] = act.first, ga2[at(t, i)] = act.second;
                 },
                 mlp::term(D, Kc, [&](int d, int i) { return w.W1(i, d); }));
@@ -372,8 +398,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             mlp::product<Policy>(
                 Lc, nb,
                 [&](int t, int i, const auto* v) {
-                  dz[at(t, i)] = T(v[0]) * a1[at(t, i)];
-                  ga2[at(t, i)] *= T(v[0]);
+                  const T g_ti = rho2 * T(v[0]);  // G = E (rho2 W2)
+                  dz[at(t, i)] = g_ti * a1[at(t, i)];
+                  ga2[at(t, i)] *= g_ti;
                 },
                 mlp::term(D, E, [&](int j, int i) { return w.W2(j, i); }));
             __syncthreads();
@@ -416,7 +443,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
               mlp::product<Policy>(
                   Lc, nb,
                   [&](int t, int i, const auto* v) {
-                    const auto act = mlp::activation<1>(act_kind, a[t] * T(v[0]) + g[t] * T(v[1]) + T(v[2]));
+                    const auto act = mlp::activation<1>(act_kind, rho1 * (a[t] * T(v[0]) + g[t] * T(v[1]) + T(v[2])));
                     hq[at(t, i)] = act.value, aq1[at(t, i)] = act.first;
                   },
                   mlp::term(D, Qc, [&](int d, int i) { return w.W1(i, d); }),
@@ -429,18 +456,20 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                   Lc, nb,
                   [&](int r0, int c0, const acc_t (&acc)[3][4]) {
                     lm::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
-                      const T d_hq = a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]) + T(acc[2][e]);
+                      const T d_hq = rho2 * (a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]) + T(acc[2][e]));
                       dzq[at(t, i)] = d_hq * aq1[at(t, i)];
                     });
-                    mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return Hq(t, i) * T(acc[0][e]); },
-                                          [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
-                    mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return Hq(t, i) * T(acc[1][e]); },
-                                          [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(
+                        r0, c0, Lc, nb, [&](int t, int i, int e) { return rho2 * Hq(t, i) * T(acc[0][e]); },
+                        [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(
+                        r0, c0, Lc, nb, [&](int t, int i, int e) { return rho2 * Hq(t, i) * T(acc[1][e]); },
+                        [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
                   },
                   mlp::term(D, dOc, [&](int j, int i) { return w.W2(j, i); }),
                   mlp::term(D, dOc, [&](int j, int i) { return w.S2(j, i); }),
                   mlp::term(Lc, [&](int t, int s) { return da[t * C + s] * cc(t, s); }, H));
-              mlp::product<Policy>(Lc, nb, [&](int t, int i, const auto* v) { dh[at(t, i)] += T(v[0]); },
+              mlp::product<Policy>(Lc, nb, [&](int t, int i, const auto* v) { dh[at(t, i)] += rho2 * T(v[0]); },
                                    mlp::term(Lc, [&](int t, int s) { return da[s * C + t] * cc(s, t); }, Hq));
               mlp::product<Policy>(Lc, Lc, [&](int t, int s, const auto* v) { hh[t * C + s] += T(v[0]); },
                                    mlp::term(nb, Hq, [&](int i, int s) { return H(s, i); }));
@@ -451,18 +480,20 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                   Lc, D,
                   [&](int r0, int c0, const acc_t (&acc)[2][4]) {
                     lm::for_each_element(r0, c0, Lc, D, [&](int t, int d, int e) {
-                      dq_acc[(off + t) * D + d] += a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]);
+                      dq_acc[(off + t) * D + d] += rho1 * (a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]));
                     });
-                    mlp::tile_row_sums<T>(r0, c0, Lc, D, [&](int t, int d, int e) { return Qc(t, d) * T(acc[0][e]); },
-                                          [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
-                    mlp::tile_row_sums<T>(r0, c0, Lc, D, [&](int t, int d, int e) { return Qc(t, d) * T(acc[1][e]); },
-                                          [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(
+                        r0, c0, Lc, D, [&](int t, int d, int e) { return rho1 * Qc(t, d) * T(acc[0][e]); },
+                        [&](int t, int tile, T sum) { row_sum_at(2, t, tile) += sum; });
+                    mlp::tile_row_sums<T>(
+                        r0, c0, Lc, D, [&](int t, int d, int e) { return rho1 * Qc(t, d) * T(acc[1][e]); },
+                        [&](int t, int tile, T sum) { row_sum_at(3, t, tile) += sum; });
                   },
                   mlp::term(nb, dZq, [&](int i, int d) { return w.W1(i, d); }),
                   mlp::term(nb, dZq, [&](int i, int d) { return w.S1(i, d); }));
               mlp::product<Policy>(Lc, Lc, [&](int t, int s, const auto* v) { db[t * C + s] += T(v[0]); },
                                    mlp::term(nb, dZq, [&](int i, int s) { return DZ(s, i); }));
-              mlp::product<Policy>(Lc, nb, [&](int t, int i, const auto* v) { ddz[at(t, i)] += T(v[0]); },
+              mlp::product<Policy>(Lc, nb, [&](int t, int i, const auto* v) { ddz[at(t, i)] += rho1 * T(v[0]); },
                                    mlp::term(Lc, [&](int t, int s) { return qk[s * C + t] * cc(s, t); }, dZq));
             }
             // The block's [dW1; dS1] of the chunk start: a_L dW1' + (a dZq)^T Q, g_L dW1' + p_L dS1' + (g dZq)^T Q.
@@ -471,8 +502,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                 [&](int i, int d, const auto* v) {
                   const index_t at_g = index_t(hb.n0 + i) * D + d;
                   const T dw1 = dw.W1(i, d), ds1 = dw.S1(i, d);  // read before they are overwritten
-                  cot.w1[at_g] = a_L * dw1 + T(v[0]);
-                  cot.s1[at_g] = g_L * dw1 + p_L * ds1 + T(v[1]);
+                  cot.w1[at_g] = a_L * dw1 + rho1 * T(v[0]);
+                  cot.s1[at_g] = g_L * dw1 + p_L * ds1 + rho1 * T(v[1]);
+                  rho_partials[0] += T(v[0]) * w.W1(i, d) + T(v[1]) * w.S1(i, d);
                 },
                 mlp::term(token_read ? Lc : 0, [&](int i, int t) { return a[t] * dZq(t, i); }, Qc),
                 mlp::term(token_read ? Lc : 0, [&](int i, int t) { return g[t] * dZq(t, i); }, Qc));
@@ -486,7 +518,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             }
             __syncthreads();
             const auto dG = [&](int t, int i) { return ddz[at(t, i)]; };
-            mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { d_err[t * D + j] += T(v[0]); },
+            mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { d_err[t * D + j] += rho2 * T(v[0]); },
                                  mlp::term(nb, dG, [&](int i, int j) { return w.W2(j, i); }));
             // [dW2; dS2] of the chunk start: a_L dW2' + (a dO)^T Hq + E^T dG, g_L dW2' + p_L dS2' + (g dO)^T Hq.
             mlp::product<Policy>(
@@ -494,8 +526,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
                 [&](int j, int i, const auto* v) {
                   const index_t at_g = index_t(j) * N + hb.n0 + i;
                   const T dw2 = dw.W2(j, i), ds2 = dw.S2(j, i);  // read before they are overwritten
-                  cot.w2[at_g] = a_L * dw2 + T(v[0]) + T(v[2]);
-                  cot.s2[at_g] = g_L * dw2 + p_L * ds2 + T(v[1]);
+                  cot.w2[at_g] = a_L * dw2 + rho2 * (T(v[0]) + T(v[2]));
+                  cot.s2[at_g] = g_L * dw2 + p_L * ds2 + rho2 * T(v[1]);
+                  rho_partials[1] += (T(v[0]) + T(v[2])) * w.W2(j, i) + T(v[1]) * w.S2(j, i);
                 },
                 mlp::term(token_read ? Lc : 0, [&](int j, int t) { return a[t] * dOc(t, j); }, Hq),
                 mlp::term(token_read ? Lc : 0, [&](int j, int t) { return g[t] * dOc(t, j); }, Hq),
@@ -523,11 +556,11 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       if (token_read) {
         const auto HHc = [&](int t, int s) { return hh[t * C + s] * cc(t, s); };
         const auto dBc = [&](int t, int s) { return db[t * C + s] * cc(t, s); };
-        mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { d_err[t * D + j] += T(v[0]); },
+        mlp::product<Policy>(Lc, D, [&](int t, int j, const auto* v) { d_err[t * D + j] += rho2 * T(v[0]); },
                              mlp::term(Lc, [&](int t, int s) { return HHc(s, t); }, dOc));
-        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dq_acc[(off + t) * D + d] += T(v[0]); },
+        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dq_acc[(off + t) * D + d] += rho1 * T(v[0]); },
                              mlp::term(Lc, dBc, Kc));
-        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dk_acc[(off + t) * D + d] += T(v[0]); },
+        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dk_acc[(off + t) * D + d] += rho1 * T(v[0]); },
                              mlp::term(Lc, [&](int t, int s) { return dBc(s, t); }, Qc));
       }
       __syncthreads();
@@ -535,7 +568,13 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       for (int idx = threadIdx.x; idx < Lc * Lc; idx += blockDim.x) {
         const int t = idx / Lc, s = idx % Lc;
         T value = T(0);
-        if (token_read && s <= t) value = da[t * C + s] * hh[t * C + s] + db[t * C + s] * qk[t * C + s];
+        if (token_read && s <= t) {
+          const T masked_hh = da[t * C + s] * hh[t * C + s], masked_qk = db[t * C + s] * qk[t * C + s];
+          value = rho2 * masked_hh + rho1 * masked_qk;
+          // The direct cotangents of rho2 (in O) and rho1 (in Zq): <dA, HH .* c>, <dB, Q K^T .* c>.
+          rho_partials[0] += masked_qk * c[t * C + s];
+          rho_partials[1] += masked_hh * c[t * C + s];
+        }
         if (t == Lc - 1) value += prod_a[s];
         da[t * C + s] = value;
       }
@@ -558,7 +597,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         mlp::product<Policy>(
             Lc, nb,
             [&](int t, int i, const auto* v) {
-              const auto act = mlp::activation<1>(act_kind, T(v[0]));
+              const auto act = mlp::activation<1>(act_kind, rho1 * T(v[0]));
               hid[at(t, i)] = act.value, a1[at(t, i)] = act.first;
             },
             mlp::term(D, Kc, [&](int d, int i) { return w.W1(i, d); }));
@@ -566,18 +605,27 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         mlp::product<Policy>(
             Lc, nb,
             [&](int t, int i, const auto* v) {
-              dz[at(t, i)] = hidden_grads[t * N + hb.n0 + i] + T(v[0]) * a1[at(t, i)];
+              dz[at(t, i)] = hidden_grads[t * N + hb.n0 + i] + rho2 * T(v[0]) * a1[at(t, i)];
             },
             mlp::term(D, [&](int t, int j) { return d_err[t * D + j]; }, [&](int j, int i) { return w.W2(j, i); }));
         __syncthreads();
         const auto dZ = [&](int t, int i) { return dz[at(t, i)]; };
-        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dk_acc[(off + t) * D + d] += T(v[0]); },
+        mlp::product<Policy>(Lc, D, [&](int t, int d, const auto* v) { dk_acc[(off + t) * D + d] += rho1 * T(v[0]); },
                              mlp::term(nb, dZ, [&](int i, int d) { return w.W1(i, d); }));
-        mlp::product<Policy>(nb, D, [&](int i, int d, const auto* v) { cot.w1[index_t(hb.n0 + i) * D + d] += T(v[0]); },
-                             mlp::term(Lc, [&](int i, int t) { return dZ(t, i); }, Kc));
-        mlp::product<Policy>(D, nb, [&](int j, int i, const auto* v) { cot.w2[index_t(j) * N + hb.n0 + i] += T(v[0]); },
-                             mlp::term(Lc, [&](int j, int t) { return d_err[t * D + j]; },
-                                       [&](int t, int i) { return hid[at(t, i)]; }));
+        mlp::product<Policy>(
+            nb, D,
+            [&](int i, int d, const auto* v) {
+              cot.w1[index_t(hb.n0 + i) * D + d] += rho1 * T(v[0]);
+              rho_partials[0] += T(v[0]) * w.W1(i, d);
+            },
+            mlp::term(Lc, [&](int i, int t) { return dZ(t, i); }, Kc));
+        mlp::product<Policy>(
+            D, nb,
+            [&](int j, int i, const auto* v) {
+              cot.w2[index_t(j) * N + hb.n0 + i] += rho2 * T(v[0]);
+              rho_partials[1] += T(v[0]) * w.W2(j, i);
+            },
+            mlp::term(Lc, [&](int j, int t) { return d_err[t * D + j]; }, [&](int t, int i) { return hid[at(t, i)]; }));
       });
 
       // Gate gradients of the chunk proper from the cotangents of a, g, c, the last row of sig
@@ -650,6 +698,12 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     }
     if (!token_read) read_backward(saved, 0, L);
     __syncthreads();
+    if (lq) {  // d rho -> dA through rho = ||A||_q^(2-q), for each weight
+      lm::block_sum(rho_partials, scalars + 4);
+      mlp::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
+      mlp::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
+      __syncthreads();
+    }
     for (int idx = threadIdx.x; idx < L * D; idx += blockDim.x) {
       const int t = idx / D, d = idx % D;
       dq_out[token_at(t0 + t) + d] = device::cast<input_t>(dO(t, d) + dq_acc[idx]);

@@ -34,7 +34,14 @@ struct Traits {
   using input_t = input_t_;
   // fp64 inputs are computed, and their gates and state kept, in fp64; all others in fp32.
   using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
-  using Policy = typename lm::OperandPolicy<input_t>::type;
+  // The linear kernels' operand policies, except that bf16 inputs take tf32 MMAs as fp16 inputs do:
+  // nearly every product here has fp32 operands (the state, H, E, DZ, Hq, their cotangents), and
+  // rounding them to bf16 costs the deep memory's state and gradients 0.7-2.2 % relative RMS
+  // against the float64 reference at D = 64 over five chunks (the lq scale feeds the state's error
+  // back), against 0.2-0.4 % with tf32 (emulated, test_mlp_memory_emulated.py). The operands are
+  // built by scalar shared-memory loads either way, whose count per FLOP is the same.
+  using Policy = std::conditional_t<std::is_same<input_t, device::bf16>::value, lm::Tf32Operands<false>,
+                                    typename lm::OperandPolicy<input_t>::type>;
 };
 
 // Host side: the widest hidden block of kMlpHiddenBlocks (at most N rounded up to 8) whose shared
@@ -74,9 +81,13 @@ __device__ __forceinline__ float erfc(float x) { return ::erfcf(x); }
 __device__ __forceinline__ double erfc(double x) { return ::erfc(x); }
 __device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
 __device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
+__device__ __forceinline__ float pow(float x, float y) { return ::powf(x, y); }
+__device__ __forceinline__ double pow(double x, double y) { return ::pow(x, y); }
+__device__ __forceinline__ float abs(float x) { return ::fabsf(x); }
+__device__ __forceinline__ double abs(double x) { return ::fabs(x); }
 }  // namespace fmath
 
-// act(x) and, up to kOrder, act'(x) and act''(x) (mlp_dual_form.md §4):
+// act(x) and, up to kOrder, act'(x) and act''(x) (docs/mlp_dual_form.md §4):
 //   gelu: x Phi(x);  Phi + x phi;  phi (2 - x^2)          (Phi, phi: standard normal cdf, pdf)
 //   silu: x s;       s (1 + x (1 - s));  s (1 - s) (2 + x (1 - 2 s))     (s = sigmoid(x))
 template <typename T>
@@ -102,7 +113,7 @@ __device__ __forceinline__ Activation<T> activation(MlpActivation kind, T x) {
   return out;
 }
 
-// The objective's error map f(r) (miras.md §2.1, objectives.h), chosen at run time: one switch per
+// The objective's error map f(r) (docs/miras.md §2.1, objectives.h), chosen at run time: one switch per
 // element is cheap beside the products and keeps the kernels instantiated per dtype only.
 template <typename T>
 struct Objective {
@@ -316,7 +327,7 @@ __device__ __forceinline__ void column_matvec(int rows, int cols, const Matrix& 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Retention "kl": Memora's lag token (miras.md §2.3), with matrix-vector products
+// Retention "kl": Memora's lag token (docs/miras.md §2.3), with matrix-vector products
 
 // Shared-memory vectors of the lag token's key path: hidden, first, grad [N]; resid, err [D];
 // norm [1]; second [N] only for the backward.
@@ -405,6 +416,45 @@ __device__ __forceinline__ void kl_lag_step(const GlobalState<const S>& state, c
   kl_softmax_rows(state.w2, state.s2, out.w2, out.s2, D, N, theta, eta, beta, [&](int j) { return vec.err[j]; },
                   [&](int i) { return vec.hidden[i]; });
   __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention "lq" (docs/miras.md §2.3): the carried weights are accumulators A; a chunk learns and
+// reads with rho A (and rho S for the momenta's share of the token reads), rho = ||A||_q^(2-q) per
+// weight matrix, fixed at the chunk start.
+
+// The lq scales of W1 (i = 0) and W2 (i = 1) of `state` (1 where not lq), and their power sums
+// sum |A|^q (for the backward). The sums are block-wide (scratch: 2 x warps values); every thread
+// gets them. Contains barriers.
+template <typename T>
+struct LqScales {
+  T rho[2] = {T(1), T(1)};
+  T sums[2] = {T(0), T(0)};
+};
+
+template <typename T, typename S, class Scratch>
+__device__ __forceinline__ LqScales<T> lq_scales(const GlobalState<const S>& state, index_t n, T q,
+                                                 const Scratch& scratch) {
+  LqScales<T> out;
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
+    out.sums[0] += fmath::pow(fmath::abs(device::cast<T>(state.w1[i])), q);
+    out.sums[1] += fmath::pow(fmath::abs(device::cast<T>(state.w2[i])), q);
+  }
+  lm::block_sum(out.sums, scratch);
+  for (int w = 0; w < 2; ++w) out.rho[w] = out.sums[w] == T(0) ? T(1) : fmath::pow(out.sums[w], (T(2) - q) / q);
+  return out;
+}
+
+// dA += d_rho drho/dA = d_rho (2 - q) sign(A) |A|^(q-1) sum^((2-2q)/q) over the n entries of one
+// weight matrix A with power sum `sum` (nothing where sum = 0: rho is constant there).
+template <typename T, typename S>
+__device__ __forceinline__ void lq_scale_backward(const S* A, index_t n, T q, T sum, T d_rho, T* dA) {
+  if (sum == T(0)) return;
+  const T coef = d_rho * (T(2) - q) * fmath::pow(sum, (T(2) - T(2) * q) / q);
+  for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const T a = device::cast<T>(A[i]);
+    dA[i] += coef * sign_of(a) * fmath::pow(fmath::abs(a), q - T(1));
+  }
 }
 
 }  // namespace mlp

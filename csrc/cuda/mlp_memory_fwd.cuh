@@ -3,10 +3,10 @@
 // build.
 //
 // One kernel, one block per (head, batch), walks the chunks in order (the chunk map is nonlinear in
-// the weights, so chunk n + 1 cannot start before chunk n's state exists: mlp_dual_form.md §6).
+// the weights, so chunk n + 1 cannot start before chunk n's state exists: docs/mlp_dual_form.md §6).
 // The fp32 state lives in the final-state outputs and is streamed through shared memory in hidden
 // blocks of NB units (mlp_memory.h has the bytes and barriers). Per chunk of L tokens, with the
-// chunk-start weights and the gate tables a, g, c, m = c[L-1], s (mlp_dual_form.md §2-3):
+// chunk-start weights and the gate tables a, g, c, m = c[L-1], s (docs/mlp_dual_form.md §2-3):
 //   pass 1, per block:  Z = K W1^T, H = act(Z), Y += H W2^T
 //                       (read "chunk_start": also O += act(Q W1^T) W2^T)
 //   then                E = f(K + Y - V)                              (the objective, objectives.h)
@@ -16,9 +16,11 @@
 //                       W1 = a_L W1 + g_L S1 + (m DZ)^T K,  S1 = p_L S1 + (s DZ)^T K,
 //                       W2 = a_L W2 + g_L S2 + (m E)^T H,   S2 = p_L S2 + (s E)^T H   (written back)
 //   then                O = Q + O + (HH .* c) E                                   (read "token")
-// Retention "kl" (miras.md §2.3): the chunk's first token is Memora's lag token, a softmax step on
+// Retention "kl" (docs/miras.md §2.3): the chunk's first token is Memora's lag token, a softmax step on
 // every row of W1 and W2 taken with matrix-vector products against the global state; the chunk
 // proper is then tokens 1.. from its result, and read "chunk_start" reads the weights before it.
+// Retention "lq": the state is the accumulators; the chunk's errors and reads see rho1 [W1; S1] and
+// rho2 [W2; S2], rho = ||W||_q^(2-q) at the chunk start, which scale the products' sums.
 // The forward saves each chunk's start state in the inputs' dtype when a backward will run.
 #pragma once
 
@@ -34,6 +36,7 @@ struct MlpMemoryFwdSmem {
   int ld;                                        // leading dimension of the staged q, k
   int theta, eta, beta, a, g, m_end, s_end;      // [C]: gates and gate tables
   int ends, norms;                               // [4]: p_L; [C]: yaad's residual norms
+  int scalars;                                   // [2 x warps]: lq's block sums
   int c, qkc, hh;                                // [C, C]: c; token read: Q K^T .* c, Hq H^T
   int errors, out;                               // [C, D]: Y, then R, then E; the read's sum
   int blocks[2][4];                              // two buffers of [NB, D] W1, S1, [D, NB] W2, S2
@@ -47,6 +50,7 @@ struct MlpMemoryFwdSmem {
     theta = carver.compute(C), eta = carver.compute(C), beta = carver.compute(C);
     a = carver.compute(C), g = carver.compute(C), m_end = carver.compute(C), s_end = carver.compute(C);
     ends = carver.compute(4), norms = carver.compute(C);
+    scalars = carver.compute(2 * mlp::kThreads / device::kWarpSize);
     c = carver.compute(C * C), qkc = carver.compute(token ? C * C : 0), hh = carver.compute(token ? C * C : 0);
     errors = carver.compute(C * D), out = carver.compute(C * D);
     for (auto& buffer : blocks)
@@ -69,6 +73,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   const int D = params.dim, N = params.hidden, C = params.chunk_size;
   const index_t bh = index_t(b) * params.heads + h_idx, block_elems = index_t(N) * D;
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
+  const bool lq = params.miras.retention == RetentionKind::lq;
   const MlpActivation act_kind = params.activation;
   const mlp::Objective<T> objective(params.miras);
   const T* delta = static_cast<const T*>(params.miras.delta_ptr);
@@ -80,6 +85,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   const auto a = smem.compute(layout.a), g = smem.compute(layout.g);
   const auto m_end = smem.compute(layout.m_end), s_end = smem.compute(layout.s_end);
   const auto ends = smem.compute(layout.ends), norms = smem.compute(layout.norms);
+  const auto scalars = smem.compute(layout.scalars);
   const auto c = smem.compute(layout.c), qkc = smem.compute(layout.qkc), hh = smem.compute(layout.hh);
   const auto errors = smem.compute(layout.errors), out = smem.compute(layout.out);
   const auto z = smem.compute(layout.z), hid = smem.compute(layout.h), dz = smem.compute(layout.dz);
@@ -137,6 +143,11 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
     lm::stage_gates<T>(params, b, h_idx, t0, L, theta, eta, beta);
     lm::finish_staging();
     __syncthreads();
+    // lq: the chunk learns and reads with rho1 [W1; S1], rho2 [W2; S2] (the state stays A, S); the
+    // products below read A, S and scale their sums.
+    const mlp::LqScales<T> scale = lq ? mlp::lq_scales(state_in, block_elems, T(params.miras.q), scalars)
+                                      : mlp::LqScales<T>{};
+    const T rho1 = scale.rho[0], rho2 = scale.rho[1];
 
     // Pass 1 over the hidden blocks for the key rows [key0, key0 + Lk) (Y into `errors`) and the
     // plain reads of rows [0, Lr) (into `out`), at the state as it is now.
@@ -146,15 +157,17 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         const auto W1t = [&](int d, int i) { return w.W1(i, d); };
         const auto W2t = [&](int i, int j) { return w.W2(j, i); };
         mlp::product<Policy>(
-            Lk, hb.nb, [&](int t, int i, const auto* v) { hid[t * NB + i] = mlp::activation<0>(act_kind, T(v[0])).value; },
+            Lk, hb.nb,
+            [&](int t, int i, const auto* v) { hid[t * NB + i] = mlp::activation<0>(act_kind, rho1 * T(v[0])).value; },
             mlp::term(D, [&](int t, int d) { return K(key0 + t, d); }, W1t));
         mlp::product<Policy>(
-            Lr, hb.nb, [&](int t, int i, const auto* v) { zq[t * NB + i] = mlp::activation<0>(act_kind, T(v[0])).value; },
+            Lr, hb.nb,
+            [&](int t, int i, const auto* v) { zq[t * NB + i] = mlp::activation<0>(act_kind, rho1 * T(v[0])).value; },
             mlp::term(D, Q, W1t));
         __syncthreads();
-        mlp::product<Policy>(Lk, D, [&](int t, int j, const auto* v) { errors[t * D + j] += T(v[0]); },
+        mlp::product<Policy>(Lk, D, [&](int t, int j, const auto* v) { errors[t * D + j] += rho2 * T(v[0]); },
                              mlp::term(hb.nb, [&](int t, int i) { return hid[t * NB + i]; }, W2t));
-        mlp::product<Policy>(Lr, D, [&](int t, int j, const auto* v) { out[t * D + j] += T(v[0]); },
+        mlp::product<Policy>(Lr, D, [&](int t, int j, const auto* v) { out[t * D + j] += rho2 * T(v[0]); },
                              mlp::term(hb.nb, [&](int t, int i) { return zq[t * NB + i]; }, W2t));
       });
       // o = q + the read, rows [0, Lr).
@@ -239,26 +252,28 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         mlp::product<Policy>(
             Lc, nb,
             [&](int t, int i, const auto* v) {
-              const auto act = mlp::activation<1>(act_kind, T(v[0]));
+              const auto act = mlp::activation<1>(act_kind, rho1 * T(v[0]));
               hid[t * NB + i] = act.value;
               z[t * NB + i] = act.first;
             },
             mlp::term(D, Kc, W1t));
         __syncthreads();
         mlp::product<Policy>(
-            Lc, nb, [&](int t, int i, const auto* v) { dz[t * NB + i] = T(v[0]) * z[t * NB + i]; }, mlp::term(D, E, W2));
+            Lc, nb, [&](int t, int i, const auto* v) { dz[t * NB + i] = rho2 * T(v[0]) * z[t * NB + i]; },
+            mlp::term(D, E, W2));
         __syncthreads();
         if (token_read) {
           mlp::product<Policy>(
               Lc, nb,
               [&](int t, int i, const auto* v) {
-                zq[t * NB + i] = mlp::activation<0>(act_kind, a[t] * T(v[0]) + g[t] * T(v[1]) + T(v[2])).value;
+                const T pre = rho1 * (a[t] * T(v[0]) + g[t] * T(v[1]) + T(v[2]));
+                zq[t * NB + i] = mlp::activation<0>(act_kind, pre).value;
               },
               mlp::term(D, Qc, W1t), mlp::term(D, Qc, S1t),
               mlp::term(Lc, [&](int t, int s) { return qkc[t * C + s]; }, [&](int s, int i) { return dz[s * NB + i]; }));
           __syncthreads();
           mlp::product<Policy>(
-              Lc, D, [&](int t, int j, const auto* v) { out[t * D + j] += a[t] * T(v[0]) + g[t] * T(v[1]); },
+              Lc, D, [&](int t, int j, const auto* v) { out[t * D + j] += rho2 * (a[t] * T(v[0]) + g[t] * T(v[1])); },
               mlp::term(nb, Hq, W2t), mlp::term(nb, Hq, S2t));
           mlp::product<Policy>(Lc, Lc, [&](int t, int s, const auto* v) { hh[t * C + s] += T(v[0]); },
                                mlp::term(nb, Hq, [&](int i, int s) { return hid[s * NB + i]; }));
@@ -288,7 +303,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         mlp::product<Policy>(
             Lc, D,
             [&](int t, int j, const auto* v) {
-              o_out[o_offset(t0 + lag + t) + j] = device::cast<input_t>(Qc(t, j) + out[t * D + j] + T(v[0]));
+              o_out[o_offset(t0 + lag + t) + j] = device::cast<input_t>(Qc(t, j) + out[t * D + j] + rho2 * T(v[0]));
             },
             mlp::term(Lc, [&](int t, int s) { return hh[t * C + s] * c[t * C + s]; }, E));
     }

@@ -13,19 +13,15 @@ from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
 # Limits of the CUDA kernels (csrc/cuda/mlp_memory.h): a chunk's q, k, dO tiles and its C x D and
 # C x C sums live in shared memory, the state is streamed in blocks of hidden units (so E is not
 # limited). What does not fit the device's shared memory raises a ValueError naming the bytes.
+# Every MIRAS option runs on them.
 CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_DIM = 128
-# MIRAS options the CUDA kernels do not run yet (device-independent names, as in ``retention=``).
-_CUDA_UNSUPPORTED_RETENTIONS = ("lq",)
 
 
-def check_cuda_limits(q, chunk_size, objective, retention):
+def check_cuda_limits(q, chunk_size):
     """The CUDA kernels' limits for ``mlp_memory`` on ``q.device`` (a CUDA device): a ValueError
-    naming the argument, the limit and the device. ``objective`` and ``retention`` are parsed."""
+    naming the argument, the limit and the device."""
     device = q.device
-    if retention.kind in _CUDA_UNSUPPORTED_RETENTIONS:
-        raise ValueError(f"retention: ({retention.kind!r}, q) is not supported by the CUDA kernels of mlp_memory "
-                         f"yet (q is on {device}); it runs on the CPU kernels")
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels of mlp_memory support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE}, "
                          f"got {chunk_size} (q is on {device})")
@@ -169,7 +165,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
                                                    memory_name="weights")
     if q.is_cuda:
-        check_cuda_limits(q, chunk_size, objective, retention)
+        check_cuda_limits(q, chunk_size)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     w1, w2 = (w.to(state_dtype) for w in weights)
     s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
