@@ -12,7 +12,7 @@ import torch
 import titans_ext
 
 from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
-from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
+from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs, opcheck_mlp_memory_bwd
 from utils import TOLERANCE, assert_close, assert_compile_matches_eager, random_cotangents
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -182,12 +182,7 @@ def test_opcheck_forward(requires_grad):
 
 
 def test_opcheck_backward():
-    q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, _, *miras = _opcheck_args(False)
-    o, w1_T, w2_T, s1_T, s2_T, states = torch.ops.titans_ext.mlp_memory_fwd(
-        q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, True, *miras)
-    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(w1_T), None, None,
-            torch.randn_like(s2_T), w1.shape[2], C, read_token, act, *miras)
-    torch.library.opcheck(torch.ops.titans_ext.mlp_memory_bwd.default, args)
+    opcheck_mlp_memory_bwd(_opcheck_args(False))
 
 
 def test_torch_compile_fullgraph():

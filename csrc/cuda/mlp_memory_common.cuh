@@ -68,6 +68,21 @@ auto dispatch(InputType type, const F& f) {
   return f(Traits<float>{});
 }
 
+// Host side: the dynamic shared memory of a kernel whose carve-up is Layout<Traits>(params, block).
+template <template <typename> class Layout>
+size_t layout_bytes(const MlpMemoryParams& params, InputType type, int block) {
+  return dispatch(type, [&](auto ktraits) {
+    using Ktraits = decltype(ktraits);
+    return lm::smem_bytes<Ktraits>(Layout<Ktraits>(params, block));
+  });
+}
+
+// Host side: the hidden block of a kernel with carve-up Layout on `device` (choose_hidden_block).
+template <template <typename> class Layout>
+int layout_hidden_block(const MlpMemoryParams& params, InputType type, const DeviceLimits& device) {
+  return choose_hidden_block(params, device, [&](int block) { return layout_bytes<Layout>(params, type, block); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise math
 

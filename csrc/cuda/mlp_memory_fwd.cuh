@@ -312,15 +312,11 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
 }
 
 size_t mlp_memory_fwd_smem_bytes(const MlpMemoryParams& params, InputType input_type, int block) {
-  return mlp::dispatch(input_type, [&](auto ktraits) {
-    using Ktraits = decltype(ktraits);
-    return lm::smem_bytes<Ktraits>(MlpMemoryFwdSmem<Ktraits>(params, block));
-  });
+  return mlp::layout_bytes<MlpMemoryFwdSmem>(params, input_type, block);
 }
 
 int mlp_memory_fwd_hidden_block(const MlpMemoryParams& params, InputType input_type, const DeviceLimits& device) {
-  return mlp::choose_hidden_block(params, device,
-                                  [&](int block) { return mlp_memory_fwd_smem_bytes(params, input_type, block); });
+  return mlp::layout_hidden_block<MlpMemoryFwdSmem>(params, input_type, device);
 }
 
 int mlp_memory_fwd_launch(const MlpMemoryParams& params, InputType input_type, int block, CUstream_st* stream) {
