@@ -125,7 +125,7 @@ def mlp_flops(D, E, C, backward):
 
 
 def linear_flops(D, C, backward):
-    """Matmul FLOPs per token and head of linear_memory (the design notes' README §3)."""
+    """Matmul FLOPs per token and head of linear_memory (docs/design.md §3)."""
     forward = 10 * D * D + 4 * C * D
     return forward + (20 * D * D + 8 * C * D if backward else 0)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (issue 6): at most 540 s of step limits, usually far less:
+# One prepared run for a lent GPU (issue 6): at most 570 s of step limits, usually far less:
 #   1. installs the carried peer wheels from .whl/ (bench/fetch_gpu_wheels.sh, run beforehand here);
 #   2. builds titans_ext in place against the machine's torch, CUDA kernels for sm_90a;
-#   3. the CUDA tests (CI runs the emulated ones);
-#   4. compute-sanitizer memcheck and racecheck on a small forward + backward case
-#      (bench/gpu_sanitize_case.py);
+#   3. the CUDA tests (CI runs the emulated ones), host-sync checks included;
+#   4. compute-sanitizer memcheck and racecheck on small forward + backward cases, synccheck and
+#      initcheck on the six-chunk bf16 Dk = 128 one (bench/gpu_sanitize_case.py);
 #   5. the kernel-by-kernel profile (bench/gpu_profile.py);
 #   6. the benchmark (bench/gpu.py): fwd+bwd against fla, titans-pytorch and SDPA.
 # Logs and results go to $OUT (the device tool's output folder; bench/results/gpu_check otherwise).
@@ -49,18 +49,22 @@ if ! step build 150 bash -c setup; then
   printf '%s\n' "${SUMMARY[@]}"
   exit 1
 fi
-step tests_cuda 110 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_linear_memory_cuda.py
+step tests_cuda 110 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_linear_memory_cuda.py \
+  python_tests/test_host_syncs_cuda.py
+# memcheck and racecheck on every case; synccheck (barrier misuse) and initcheck (reads of
+# memory never written) on the six-chunk bf16 Dk = 128 case, whose pipelines refill buffers.
 sanitize() {
-  local rc=0 tool
-  for tool in memcheck racecheck; do
-    echo "--- compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.gpu_sanitize_case \
-      || rc=1
+  local rc=0 tool cases
+  for tool in memcheck racecheck synccheck initcheck; do
+    cases=""
+    [[ $tool == synccheck || $tool == initcheck ]] && cases=long_bf16
+    echo "--- compute-sanitizer --tool $tool ${cases:-(every case)}"
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.gpu_sanitize_case $cases || rc=1
   done
   return $rc
 }
 export -f sanitize
-step sanitizer 90 bash -c sanitize
+step sanitizer 120 bash -c sanitize
 step profile 40 "$PY" -m bench.gpu_profile --out "$OUT/profile.md"
 step bench 150 "$PY" -m bench.gpu --out "$OUT/gpu.md"
 
@@ -69,6 +73,6 @@ echo "=== summary ($((SECONDS - start_all)) s; logs in $OUT)"
 head -n 3 "$OUT/build.log"
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "passed|failed|error" "$OUT"/tests_*.log | tail -n 4
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log"
+grep -hE "^--- compute-sanitizer|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log"
 [[ -f "$OUT/profile.md" ]] && cat "$OUT/profile.md"
 [[ -f "$OUT/gpu.md" ]] && cat "$OUT/gpu.md"

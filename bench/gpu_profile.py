@@ -5,7 +5,7 @@
 Same shape as bench/gpu.py (B=4, H=8, D=64, chunk 64, bf16). Each CUDA kernel's device time
 comes from torch.profiler over several fwd+bwd calls after a warm-up; the sequential kernels
 (``*_state``) are also given per chunk, the number to hold against one chunk step's latency
-(shared/design/README.md §3).
+(docs/design.md §3).
 """
 
 import argparse

@@ -1,22 +1,27 @@
-"""A small CUDA case for compute-sanitizer (memcheck, racecheck): forward and backward of
-titans_ext.linear_memory for shapes that exercise every code path of the kernels (both read
-modes, bf16 / fp32 / fp64, several value tiles with a partial last one, a short last chunk,
-Dk = 128, T = 1). Run by bench/gpu_check.sh; exits non-zero if a result is not finite.
+"""Small CUDA cases for compute-sanitizer (memcheck, racecheck, synccheck, initcheck): forward and
+backward of titans_ext.linear_memory for shapes that exercise every code path of the kernels
+(both read modes, bf16 / fp32 / fp64 / fp16, several value tiles with a partial last one, a short
+last chunk, Dk = 128, T = 1, and a sequence of six chunks, so that both sequential pipelines
+refill their buffers). Run by bench/gpu_check.sh; exits non-zero if a result is not finite.
 
-    compute-sanitizer --tool memcheck python3 -m bench.gpu_sanitize_case
+    compute-sanitizer --tool memcheck python3 -m bench.gpu_sanitize_case            # every case
+    compute-sanitizer --tool synccheck python3 -m bench.gpu_sanitize_case long_bf16  # one case
 """
+
+import argparse
 
 import torch
 
 import titans_ext
 
-# (B, T, H, Dk, Dv, chunk_size, dtype, read)
-CASES = [
-    (1, 70, 2, 64, 40, 32, torch.bfloat16, "token"),
-    (1, 37, 1, 128, 24, 16, torch.float32, "chunk_start"),
-    (1, 20, 1, 16, 16, 64, torch.float64, "token"),
-    (2, 1, 1, 32, 8, 16, torch.float16, "token"),
-]
+# name: (B, T, H, Dk, Dv, chunk_size, dtype, read)
+CASES = {
+    "long_bf16": (1, 5 * 32 + 7, 2, 128, 72, 32, torch.bfloat16, "token"),
+    "bf16_tiles": (1, 70, 2, 64, 40, 32, torch.bfloat16, "token"),
+    "fp32_dk128": (1, 37, 1, 128, 24, 16, torch.float32, "chunk_start"),
+    "fp64": (1, 20, 1, 16, 16, 64, torch.float64, "token"),
+    "fp16_one_token": (2, 1, 1, 32, 8, 16, torch.float16, "token"),
+}
 
 
 def run(B, T, H, Dk, Dv, C, dtype, read):
@@ -39,6 +44,12 @@ def run(B, T, H, Dk, Dv, C, dtype, read):
 
 
 if __name__ == "__main__":
-    for case in CASES:
-        run(*case)
-    print(f"{len(CASES)} linear_memory cases ran (forward and backward)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", metavar="CASE", help=f"cases to run: {', '.join(CASES)} (default: all)")
+    names = parser.parse_args().cases or list(CASES)
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    for name in names:
+        run(*CASES[name])
+    print(f"{len(names)} linear_memory cases ran (forward and backward): {', '.join(names)}")

@@ -1,4 +1,4 @@
-// Attentional-bias objectives of the MIRAS options (shared/design/miras.md §2.1), torch-free and
+// Attentional-bias objectives of the MIRAS options (docs/miras.md §2.1), torch-free and
 // usable from host and device code, so the CUDA kernels can take them as a compile-time
 // epilogue on the error matrix E.
 //

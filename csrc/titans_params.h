@@ -20,7 +20,7 @@ struct TokenTensor {
   index_t head_stride = 0;
 };
 
-// MIRAS options (shared/design/miras.md §2). The codes are also those of titans_ext/ops/checks.py
+// MIRAS options (docs/miras.md §2). The codes are also those of titans_ext/ops/checks.py
 // (OBJECTIVES, RETENTIONS).
 enum class ObjectiveKind : int { l2 = 0, lp = 1, huber = 2, pseudo_huber = 3, yaad = 4 };
 enum class RetentionKind : int { l2 = 0, lq = 1, kl = 2 };
@@ -70,7 +70,7 @@ struct SequenceGradParams {
   void* d_delta_ptr = nullptr;
 };
 
-// Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (see shared design §2):
+// Linear memory M: [B, H, Dv, Dk], momentum S of the same shape (docs/design.md §2):
 //   E = f(K M0^T - V) at the chunk-start memory (f(r) = 2r for the l2 objective),
 //   S_t = eta_t S_{t-1} - theta_t e_t k_t^T,
 //   M_t = (1 - alpha_t) M_{t-1} + S_t, o_t = M_t q_t ("token") or M0 q_t ("chunk_start").
@@ -102,7 +102,7 @@ struct LinearMemoryBwdParams : LinearMemoryParams, SequenceGradParams {
 };
 
 // Deep memory M(x) = x + W2 act(W1 x) with W1: [N, D], W2: [D, N] (N = E * D) and a momentum
-// per weight, S1 and S2 (shared/design/mlp_dual_form.md). Every token's gradient of the
+// per weight, S1 and S2 (docs/mlp_dual_form.md). Every token's gradient of the
 // objective's loss at M(k_t) - v_t (||.||^2 for l2) is taken at the chunk-start weights; both
 // weights share the gates:
 //   S_t = eta_t S_{t-1} - theta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t   (each of W1, W2)

@@ -12,7 +12,7 @@ def mlp_inputs(B, T, H, D, E, dtype=torch.float32, seed=0, momentum=True):
     """Random q, k, v, gates, initial weights and momenta.
 
     q and k are l2-normalized and theta is moderate, as in the layers: with raw keys the inner
-    steps of the token loop itself can diverge (mlp_dual_form.md §3). Weights are scaled so the
+    steps of the token loop itself can diverge (docs/mlp_dual_form.md §3). Weights are scaled so the
     MLP's output has the size of its input.
     """
     g = torch.Generator().manual_seed(seed)

@@ -15,15 +15,17 @@ import torch
 
 import titans_ext._emu  # noqa: F401  (registers the titans_emu:: operators)
 
+from utils import EMULATION_MODES, set_emulation_modes
+
 emu = torch.ops.titans_emu
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def deterministic_schedule():
-    emu.set_schedule(-1)
+def orderly_emulation():
+    set_emulation_modes(-1)
     yield
-    emu.set_schedule(-1)
+    set_emulation_modes(-1)
 
 
 # --- barriers and shared memory ----------------------------------------------------------------
@@ -242,7 +244,7 @@ CP_ASYNC_CHUNK = 256
 @pytest.mark.parametrize("seed", [-1, 3])
 @pytest.mark.parametrize("bytes_per_copy", [4, 8, 16])
 def test_cp_async_double_buffered_pipeline(bytes_per_copy, seed):
-    emu.set_schedule(seed)
+    set_emulation_modes(seed)
     x = torch.randn(3 * CP_ASYNC_CHUNK)
     out = emu.cp_async_pipeline(x, bytes_per_copy, True)
     assert torch.equal(out, x.view(3, CP_ASYNC_CHUNK).flip(1).flatten())
@@ -253,6 +255,9 @@ def test_missing_cp_async_wait_reads_shared_memory_before_the_copies_land():
     # The copies are performed only by the drain after the loop, so every read in the loop sees
     # the fresh block's shared memory (0xff bytes: NaN) instead of x.
     assert torch.isnan(emu.cp_async_pipeline(x, 16, False)).all()
+    # Landing at random before their wait, some copies still come too late.
+    emu.set_copy_landing(0)
+    assert torch.isnan(emu.cp_async_pipeline(x, 16, False)).any()
 
 
 @pytest.mark.parametrize("src_offset, dst_offset", [(0, 0), (4, 4)])
@@ -278,6 +283,80 @@ def test_cp_async_misaligned_address_is_reported(src_offset, dst_offset, message
 def test_cp_async_not_waited_for_at_exit_is_reported(commit, wait):
     with pytest.raises(RuntimeError, match=r"thread \(0, 0, 0\): exited with cp.async copies not waited for \(1;"):
         emu.cp_async_one_group(torch.randn(128), 0, 0, commit, wait)
+
+
+# --- hazard modes: each catches a kernel with its bug, which the orderly default hides ----------
+
+def _wrong(out, expected):
+    return (out != expected).sum().item()
+
+
+@pytest.mark.parametrize("bytes_per_copy", [4, 16])
+def test_refilling_a_buffer_still_being_read_is_caught_by_copy_landing(bytes_per_copy):
+    x = torch.randn(4 * CP_ASYNC_CHUNK)
+    expected = x.view(4, CP_ASYNC_CHUNK).flip(1).flatten()
+    # Without the barrier after reading a buffer, a thread issues the copies that refill it while
+    # other threads may still read it. Landing at their wait (a barrier later), the copies never
+    # overtake those reads, in any thread order.
+    for seed in (-1, 0, 1):
+        emu.set_schedule(seed)
+        assert torch.equal(emu.cp_async_pipeline(x, bytes_per_copy, True, False), expected)
+    for seed in (0, 1, 2):
+        set_emulation_modes(seed, ["copy_landing"])
+        assert _wrong(emu.cp_async_pipeline(x, bytes_per_copy, True, False), expected) > 0, f"seed {seed}"
+        assert torch.equal(emu.cp_async_pipeline(x, bytes_per_copy, True, True), expected)
+
+
+@pytest.mark.parametrize("ordering", ["shuffle", "ballot"])
+def test_collective_used_as_a_fence_is_caught_by_write_visibility(ordering):
+    x = torch.randn(32)
+    expected = torch.roll(x, -1)
+    # Every lane reaches the collective before any passes it, so in the orderly emulation the
+    # stores before it look visible after it; on the GPU only __syncwarp orders them.
+    assert torch.equal(emu.warp_shared_exchange(x, ordering), expected)
+    for seed in (0, 1, 2):
+        set_emulation_modes(seed, ["write_visibility"])
+        assert _wrong(emu.warp_shared_exchange(x, ordering), expected) > 0, f"seed {seed}"
+        assert torch.equal(emu.warp_shared_exchange(x, "syncwarp"), expected)
+
+
+def test_blocks_reading_each_other_within_a_launch_is_caught_by_block_interleaving():
+    x = torch.randint(-20, 20, (16 * 32,)).float()  # integers: the sums are exact
+    sums = x.view(16, 32).sum(1)
+    expected = sums + torch.cat([sums.new_zeros(1), sums[:-1]])
+    # Blocks one after another in grid order: block b - 1 is always done when block b reads.
+    assert torch.equal(emu.block_chain(x, True), expected)
+    for seed in (0, 1, 2):
+        set_emulation_modes(seed, ["block_interleaving"])
+        assert _wrong(emu.block_chain(x, True), expected) > 0, f"seed {seed}"
+        assert torch.equal(emu.block_chain(x, False), expected)
+
+
+@pytest.mark.parametrize("mode", EMULATION_MODES)
+def test_each_mode_is_reproducible_from_its_seed(mode):
+    x = torch.randn(4 * CP_ASYNC_CHUNK)
+    runs = {"schedule": lambda: emu.neighbour_exchange(x[:256], False),
+            "copy_landing": lambda: emu.cp_async_pipeline(x, 16, True, False),
+            "write_visibility": lambda: emu.warp_shared_exchange(x[:32], "shuffle"),
+            "block_interleaving": lambda: emu.block_chain(x, True)}
+    outputs = []
+    for seed in (5, 5, 6):
+        set_emulation_modes(seed, [mode])
+        outputs.append(runs[mode]())
+    same = lambda a, b: torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))  # noqa: E731
+    assert same(outputs[0], outputs[1])
+    assert not same(outputs[0], outputs[2])
+
+
+# write_visibility: an atomic acts on shared memory itself, not on the thread's pending copy.
+# block_interleaving: each block has its own static __shared__ histogram, also while another
+# block runs (one zeroing a histogram that another counts into would lose counts).
+@pytest.mark.parametrize("mode", ["write_visibility", "block_interleaving"])
+def test_shared_memory_atomics_under_hazard_modes(mode):
+    set_emulation_modes(4, [mode])
+    values = torch.randint(0, 37, (1000,), dtype=torch.int32)
+    histogram, _, _ = emu.atomics(values, 37)
+    assert torch.equal(histogram, torch.bincount(values, minlength=37).int())
 
 
 # --- bf16 / fp16 conversions --------------------------------------------------------------------

@@ -154,6 +154,19 @@ def test_opcheck():
     opcheck_linear_memory((2, 19, 2, 4, 3), chunk_size=8)
 
 
+def test_opcheck_strided_inputs():
+    """q, k, v as views of one [B, H, T, 3D] projection (as a model makes them): the fake kernels must
+    give the real outputs' strides, else torch.compile's inductor rejects the backward's results."""
+    B, T, H, D = 2, 9, 2, 4
+    inputs, init = memory_inputs(B, T, H, D, D)
+    q, k, v = torch.cat(inputs[:3], dim=-1).transpose(1, 2).contiguous().transpose(1, 2).split(D, dim=-1)
+    args = (q, k, v, *inputs[3:], *init, 4, True, True)
+    torch.library.opcheck(torch.ops.titans_ext.linear_memory_fwd.default, args)
+    o, m, s, states = torch.ops.titans_ext.linear_memory_fwd(*args)
+    bwd_args = (q, k, v, *inputs[3:], states, torch.randn_like(o), torch.randn_like(m), None, 4, True)
+    torch.library.opcheck(torch.ops.titans_ext.linear_memory_bwd.default, bwd_args)
+
+
 def test_torch_compile_fullgraph():
     inputs, init = memory_inputs(1, 40, 2, 8, 8, torch.float32)
 

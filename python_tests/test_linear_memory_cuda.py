@@ -6,10 +6,13 @@ Closeness rule (utils.TOLERANCE, relative RMS error as flash-linear-attention te
 fp32 1e-4 (3xTF32 products), bf16 and fp16 1e-2 (bf16 / tf32 MMA operands, fp32 state).
 """
 
+import json
+
 import pytest
 import torch
 
 import titans_ext
+from titans_ext.ops.checks import CHECK_VALUES_ENV
 from titans_ext.reference import linear_memory_recurrent
 
 from utils import (GRAD_NAMES, TOLERANCE, assert_close, assert_compile_matches_eager, memory_inputs,
@@ -62,17 +65,37 @@ def test_float64(read):
     _compare(ref, out, TOLERANCE[torch.float64])
 
 
+def kernel_grids(fn, tmp_path):
+    """Runs fn() under the profiler: {CUDA kernel name: [grid (x, y, z) of each launch]}."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        result = fn()
+        torch.cuda.synchronize()
+    trace = tmp_path / "trace.json"
+    profile.export_chrome_trace(str(trace))
+    grids = {}
+    for event in json.loads(trace.read_text())["traceEvents"]:
+        if event.get("cat") == "kernel":
+            grid = event["args"]["grid"]  # [x, y, z] (a string of it in some Kineto versions)
+            grids.setdefault(event["name"], []).append(tuple(json.loads(grid) if isinstance(grid, str) else grid))
+    return result, grids
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_state_tile(dtype):
-    # More sequential blocks of 16 rows than the device holds at once (4 per SM): the sequential
-    # kernels take 32-row value tiles (linear_memory_state_tile).
+def test_wide_state_tile(dtype, tmp_path):
+    # More sequential blocks of 16 rows than the device holds at once (at most 4 per SM): the
+    # sequential kernels take 32-row value tiles (lm::choose_tiles), 2 blocks per head for Dv = 40.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     H, Dv = 4, 40
     B = 4 * sms // (H * 3) + 1  # ceil(40 / 16) = 3 blocks of 16 rows per head
     inputs, init = memory_inputs(B, 37, H, 16, Dv, dtype, device="cuda")
     ref = _reference(inputs, init, chunk_size=16)
-    out = outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16)
+    out, grids = kernel_grids(lambda: outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16),
+                              tmp_path)
     _compare(ref, out, TOLERANCE[dtype])
+    state_kernels = {name: launches for name, launches in grids.items() if "_state_kernel" in name}
+    assert len(state_kernels) == 2, f"expected a forward and a backward state kernel among {sorted(grids)}"
+    for name, launches in state_kernels.items():
+        assert launches == [(2, H, B)], f"{name}: grids {launches}, expected 32-row tiles: [(2, {H}, {B})]"
 
 
 def test_without_initial_state():
@@ -140,14 +163,24 @@ def test_long_sequence_is_finite_and_close_to_the_cpu_op():
         assert_close(name, r, o.cpu(), TOLERANCE[torch.bfloat16])
 
 
-def test_runs_on_the_current_stream():
+def test_runs_on_the_current_stream(monkeypatch):
+    monkeypatch.setenv(CHECK_VALUES_ENV, "0")  # a value check would wait for the side stream
     inputs, init = memory_inputs(1, 64, 2, 64, 64, torch.bfloat16, device="cuda")
     expected, _ = titans_ext.linear_memory(*inputs, initial_state=init)
+    # The op's inputs hold NaN until a side stream, after sleeping, writes them: kernels launched
+    # on any stream but that one would read the NaN.
+    sources = inputs + list(init)
+    delayed = [torch.full_like(x, float("nan")) for x in sources]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        o, _ = titans_ext.linear_memory(*inputs, initial_state=init)
+        torch.cuda._sleep(200_000_000)  # about 0.1 s at GPU clocks
+        for d, x in zip(delayed, sources):
+            d.copy_(x)
+        o, _ = titans_ext.linear_memory(*delayed[:6], initial_state=tuple(delayed[6:]))
+        still_sleeping = not stream.query()
     torch.cuda.current_stream().wait_stream(stream)
+    assert still_sleeping, "the side stream finished before the op returned: the test proves nothing"
     assert torch.equal(o, expected)
 
 

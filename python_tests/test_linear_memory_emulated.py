@@ -9,16 +9,10 @@ import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract 
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.reference import linear_memory_chunked, linear_memory_recurrent
 
-from utils import TOLERANCE, assert_close, memory_inputs, shape_id
+from utils import TOLERANCE, all_emulation_modes, assert_close, memory_inputs, set_emulation_modes, shape_id  # noqa: F401
 
 emu = torch.ops.titans_emu
-
-
-@pytest.fixture(autouse=True)
-def deterministic_schedule():
-    emu.set_schedule(-1)
-    yield
-    emu.set_schedule(-1)
+pytestmark = pytest.mark.usefixtures("all_emulation_modes")
 
 
 def run_emulated(inputs, init, chunk_size, read, save_states=True):
@@ -116,13 +110,14 @@ def test_strided_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 7])
-def test_reordered_schedule_gives_identical_results(seed, dtype):
-    # Every value is computed by one thread in a fixed order, so any schedule that respects
-    # the barriers gives the same bits; a missing barrier would not. bf16 with Dk = 16 runs the
-    # ldmatrix fragment paths.
+def test_emulation_modes_give_identical_results(seed, dtype):
+    # Every value is computed by one thread in a fixed order, so any run that respects the
+    # barriers, cp.async waits and fences gives the same bits as the orderly default; a missing
+    # one would not. bf16 with Dk = 16 runs the ldmatrix fragment paths.
     inputs, init = memory_inputs(2, 45, 2, 16 if dtype == torch.bfloat16 else 8, 20, dtype)
+    set_emulation_modes(-1)
     expected = run_emulated(inputs, init, 16, "token")
-    emu.set_schedule(seed)
+    set_emulation_modes(seed)
     for name, e, out in zip(["o", "M_T", "S_T", "chunk_states"], expected, run_emulated(inputs, init, 16, "token")):
         assert torch.equal(e, out), name
 

@@ -15,16 +15,11 @@ import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract 
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.reference import linear_memory_recurrent
 
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, shape_id
+from utils import (GRAD_NAMES, TOLERANCE, all_emulation_modes, assert_close, memory_inputs,  # noqa: F401
+                   set_emulation_modes, shape_id)
 
 emu = torch.ops.titans_emu
-
-
-@pytest.fixture(autouse=True)
-def deterministic_schedule():
-    emu.set_schedule(-1)
-    yield
-    emu.set_schedule(-1)
+pytestmark = pytest.mark.usefixtures("all_emulation_modes")
 
 
 H100 = (132, 227 * 1024)  # SMs and shared memory per block the emulated ops report by default
@@ -42,11 +37,12 @@ def cotangents(shapes, seed=1):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def run_emulated(inputs, init, chunk_size, read, cot, final_cotangent=True):
-    """Emulated forward, then backward with the cotangents (d_o, dM_T, dS_T)."""
+def run_emulated(inputs, init, chunk_size, read, cot, final_cotangent=True, layout=lambda x: x):
+    """Emulated forward, then backward with the cotangents (d_o, dM_T, dS_T); ``layout`` makes
+    the tensor d_o is passed as (by default d_o itself)."""
     m0, s0 = (None, None) if init is None else init
     o, m, s, states = emu.linear_memory_fwd(*inputs, m0, s0, chunk_size, read == "token", True)
-    d_o = cot[0].to(o.dtype)
+    d_o = layout(cot[0].to(o.dtype))
     d_m, d_s = (cot[1].to(m.dtype), cot[2].to(s.dtype)) if final_cotangent else (None, None)
     grads = emu.linear_memory_bwd(*inputs, states, d_o, d_m, d_s, chunk_size, read == "token")
     return [o, m, s], list(grads)
@@ -67,11 +63,11 @@ def reference(inputs, init, chunk_size, read, cot, final_cotangent=True):
     return [o.detach(), m.detach(), s.detach()], list(grads)
 
 
-def check(inputs, init, chunk_size, read, ratio, final_cotangent=True):
+def check(inputs, init, chunk_size, read, ratio, final_cotangent=True, layout=lambda x: x):
     B, T, H, Dk = inputs[0].shape
     Dv = inputs[2].shape[-1]
     cot = cotangents([(B, T, H, Dv), (B, H, Dv, Dk), (B, H, Dv, Dk)])
-    values, grads = run_emulated(inputs, init, chunk_size, read, cot, final_cotangent)
+    values, grads = run_emulated(inputs, init, chunk_size, read, cot, final_cotangent, layout)
     ref_values, ref_grads = reference(inputs, init, chunk_size, read, cot, final_cotangent)
     for name, r, out in zip(["o", "M_T", "S_T"], ref_values, values):
         assert_close(name, r, out, ratio)
@@ -155,17 +151,37 @@ def test_strided_inputs():
     check(wide, init, 16, "token", TOLERANCE[torch.float64])
 
 
+def misaligned(x):
+    """x as a view that starts one element into a wider buffer (NaN around it): rows keep unit
+    stride but no row start is 16-byte aligned."""
+    wide = torch.full((*x.shape[:-1], x.shape[-1] + 8), float("nan"), dtype=x.dtype)
+    wide[..., 1:1 + x.shape[-1]] = x
+    view = wide[..., 1:1 + x.shape[-1]]
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_inputs_are_staged_element_by_element(dtype):
+    # The kernels stage q, k, v and dO with 16-byte cp.async copies only where every row start
+    # is 16-byte aligned; the emulation raises on a misaligned cp.async, so these inputs must
+    # take the element copies. Five chunks: both sequential pipelines refill their buffers.
+    inputs, init = memory_inputs(1, 80, 2, 16, 24, dtype)
+    check([misaligned(x) for x in inputs], init, 16, "token", TOLERANCE[dtype], layout=misaligned)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 7])
-def test_reordered_schedule_gives_identical_gradients(seed, dtype):
+def test_emulation_modes_give_identical_gradients(seed, dtype):
     # Every value is computed by one thread in a fixed order and the value tiles' partial sums
-    # are added in tile order, so any schedule that respects the barriers gives the same bits.
-    # bf16 with Dk = 16 runs the ldmatrix fragment paths.
+    # are added in tile order, so any run that respects the barriers, cp.async waits and fences
+    # gives the same bits as the orderly default. bf16 with Dk = 16 runs the ldmatrix fragment paths.
     inputs, init = memory_inputs(1, 45, 2, 16 if dtype == torch.bfloat16 else 8, 40, dtype)
     Dk = inputs[0].shape[-1]
     cot = cotangents([(1, 45, 2, 40), (1, 2, 40, Dk), (1, 2, 40, Dk)])
+    set_emulation_modes(-1)
     expected = run_emulated(inputs, init, 16, "token", cot)
-    emu.set_schedule(seed)
+    set_emulation_modes(seed)
     values, grads = run_emulated(inputs, init, 16, "token", cot)
     for name, e, out in zip(["o", "M_T", "S_T"] + GRAD_NAMES, expected[0] + expected[1], values + grads):
         assert torch.equal(e, out), name

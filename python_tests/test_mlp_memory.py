@@ -147,6 +147,18 @@ def test_opcheck_backward():
     torch.library.opcheck(torch.ops.titans_ext.mlp_memory_bwd.default, args)
 
 
+def test_opcheck_backward_strided_inputs():
+    """q, k, v as views of one projection: the fake gradients must be contiguous, as the kernel's are."""
+    q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, _ = _opcheck_args(False)
+    D = q.shape[-1]
+    q, k, v = torch.cat([q, k, v], dim=-1).transpose(1, 2).contiguous().transpose(1, 2).split(D, dim=-1)
+    o, w1_T, w2_T, s1_T, s2_T, states = torch.ops.titans_ext.mlp_memory_fwd(
+        q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, True)
+    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(w1_T), None, None,
+            torch.randn_like(s2_T), w1.shape[2], C, read_token, act)
+    torch.library.opcheck(torch.ops.titans_ext.mlp_memory_bwd.default, args)
+
+
 def test_torch_compile_fullgraph():
     inputs, weights, momentum = mlp_inputs(1, 40, 2, 8, 2, torch.float32)
 

@@ -205,10 +205,12 @@ def test_narrow_hidden_blocks_give_the_same_result(device_limits, dtype):
 
 
 def test_shared_memory_error_names_the_bytes(device_limits):
+    # The op itself (a direct call); titans_ext.mlp_memory raises the ValueError before dispatch
+    # (test_mlp_memory_errors.py).
     device_limits(H100[0], 16 * 1024)
     case = Case(1, 40, 1, 64, 2, 64, torch.float32)
-    with pytest.raises(ValueError, match=r"mlp_memory_fwd: chunk_size 64 with D = 64, E \* D = 128 and Float inputs "
-                                         r"needs \d+ bytes of shared memory per block, more than the 16384"):
+    with pytest.raises(RuntimeError, match=r"mlp_memory_fwd: chunk_size 64 with D = 64, E \* D = 128 and Float "
+                                           r"inputs needs \d+ bytes of shared memory per block, more than the 16384"):
         case.emulated()
 
 
@@ -282,11 +284,12 @@ def test_empty_sequence_passes_the_state_and_its_cotangent_through():
     (dict(chunk_size=65), r"mlp_memory: chunk_size must be in 1..64 for the CUDA kernels, got 65"),
     (dict(D=136), r"mlp_memory: the CUDA kernels support D <= 128"),
 ])
-def test_limits_of_the_kernels_raise_value_errors(kwargs, match):
+def test_limits_of_the_kernels_are_checked_by_the_op(kwargs, match):
+    # Direct calls of the operator; titans_ext.mlp_memory raises ValueErrors before dispatch.
     D = kwargs.get("D", 8)
     inputs, weights, momentum = mlp_inputs(1, 4, 1, D, 1)
     retention = parse_retention(kwargs.get("retention", "l2"))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(RuntimeError, match=match):
         emu.mlp_memory_fwd(*inputs, *weights, *momentum, kwargs.get("chunk_size", 4), True, "gelu", False, 0, 2.0,
                            0.0, None, retention.code, retention.q)
 

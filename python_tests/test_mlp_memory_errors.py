@@ -134,6 +134,27 @@ def test_cuda_limits_name_the_argument_and_the_device(D, chunk_size, match):
     check_cuda_limits(_fake_cuda(2, 10, 3, 128), 64)  # the largest head dimension and chunk
 
 
+@pytest.mark.parametrize("D, chunk_size, dtype, backward, match", [
+    (128, 64, torch.bfloat16, True, r"chunk_size: mlp_memory's CUDA backward with chunk_size 64, D=128, E\*D=256 and "
+                                    r"bfloat16 inputs needs \d+ bytes of shared memory per block, more than the "
+                                    r"232448 that cuda:0 allows"),
+    (64, 64, torch.float32, False, r"chunk_size: mlp_memory's CUDA forward with chunk_size 64, D=64, E\*D=128 and "
+                                   r"float32 inputs needs \d+ bytes .* more than the 65536 that cuda:0 allows"),
+])
+def test_cuda_shared_memory_names_the_bytes(D, chunk_size, dtype, backward, match):
+    # The launchers' plan comes from the emulation's build of the same kernels (a CPU build has no
+    # titans_ext::mlp_memory_plan); the shared memory is an H100's (227 KiB) or a small device's.
+    import titans_ext._emu  # noqa: F401
+    from titans_ext.ops.mlp_memory import check_cuda_shared_memory
+
+    q = _fake_cuda(1, 10, 1, D).to(dtype)
+    max_shared = 227 * 1024 if backward else 64 * 1024
+    kwargs = dict(plan=torch.ops.titans_emu.mlp_memory_plan, max_shared_bytes=max_shared)
+    with pytest.raises(ValueError, match=match):
+        check_cuda_shared_memory(q, 2 * D, chunk_size, True, 0, backward, **kwargs)
+    check_cuda_shared_memory(q, 2 * D, 16, True, 0, True, **kwargs)  # chunk 16 fits both
+
+
 def test_cuda_fake_kernel_saves_chunk_states_in_the_inputs_dtype():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():

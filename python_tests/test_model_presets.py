@@ -1,4 +1,4 @@
-"""NeuralMemory presets (titans, moneta, yaad, memora; shared/design/miras.md §3): what each picks,
+"""NeuralMemory presets (titans, moneta, yaad, memora; docs/miras.md §3): what each picks,
 streaming with their options, a short training run on the recall task, argument errors."""
 
 import random

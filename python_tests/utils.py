@@ -6,6 +6,9 @@ float64 1e-10 (the kernels and the references differ only in summation order), f
 2e-5 for values / 1e-4 for gradients, bf16 inputs 1e-2 (inputs are rounded, state is fp32).
 """
 
+import zlib
+
+import pytest
 import torch
 
 TOLERANCE = {
@@ -109,3 +112,28 @@ def opcheck_linear_memory(shape, chunk_size, device="cpu"):
     o, m, s, states = torch.ops.titans_ext.linear_memory_fwd(q, k, v, theta, eta, alpha, m0, s0, chunk_size, True, True)
     bwd_args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(m), None, chunk_size, True)
     torch.library.opcheck(torch.ops.titans_ext.linear_memory_bwd.default, bwd_args)
+
+
+# The CPU SIMT emulation's modes (csrc/device/emu/runtime.h): a random thread order, cp.async
+# copies landing at random before their wait, shared-memory writes hidden from other threads
+# until a fence, blocks interleaved. Each takes a seed; -1 turns it off.
+EMULATION_MODES = ("schedule", "copy_landing", "write_visibility", "block_interleaving")
+
+
+def set_emulation_modes(seed, modes=EMULATION_MODES):
+    """Turns the named emulation modes on with ``seed`` (off for ``seed=-1``) and the others off."""
+    import titans_ext._emu  # noqa: F401  (registers titans_emu::)
+
+    for mode in EMULATION_MODES:
+        getattr(torch.ops.titans_emu, f"set_{mode}")(seed if mode in modes else -1)
+
+
+@pytest.fixture
+def all_emulation_modes(request):
+    """Every emulation mode on for one test, with a seed of its own (stable across runs; printed,
+    so a failure can be reproduced); the orderly default again afterwards."""
+    seed = zlib.crc32(request.node.nodeid.encode()) % 1000
+    print(f"emulation modes on, seed {seed}")
+    set_emulation_modes(seed)
+    yield seed
+    set_emulation_modes(-1)

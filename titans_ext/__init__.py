@@ -4,22 +4,31 @@ Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory),
 path and CUDA kernels.
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
+Context parallel (one sequence split across processes): :mod:`titans_ext.distributed`.
 Demo: ``python -m titans_ext demo``.
 """
 
 import torch
 
+from ._compat import INSTALL_HINT, check_installed_torch
+
+try:
+    from . import _build_info
+except ImportError:  # pragma: no cover - depends on the installation
+    raise ImportError("titans_ext is not built (no titans_ext/_build_info.py, which the build writes): "
+                      f"{INSTALL_HINT}") from None
+# Before any library is loaded, so a build for another torch gives one readable error.
+check_installed_torch(_build_info, torch)
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the titans_ext:: operators)
 except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        f"titans_ext's compiled library could not be loaded ({exc}). It must be built against the "
-        f"installed torch ({torch.__version__}): pip install --no-build-isolation --no-deps -e ."
-    ) from exc
+    raise ImportError(f"titans_ext's compiled library could not be loaded ({exc}); rebuild it: {INSTALL_HINT}") from exc
 
 from .ops import linear_memory, mlp_memory
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
+from . import distributed
 
 __version__ = "0.1.0"
 __all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",

@@ -1,133 +1,130 @@
 // Binding of the device-layer linear_memory kernels (csrc/cuda/linear_memory_{fwd,bwd}.cuh), shared
 // by their two builds: the CUDA ops (ops_cuda.cpp) and the emulation ops (ops_emu.cpp). They differ
-// only in how they launch. g++ only: includes ATen.
+// only in how they launch and in the device they describe. Stable ABI only, like tensor_params.h.
 #pragma once
 
 #include <optional>
 #include <tuple>
-
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include "binding/tensor_params.h"
 #include "cuda/linear_memory_bwd.h"
 
 namespace titans {
 
-inline InputType input_type(const at::Tensor& x) {
+inline InputType input_type(const Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return InputType::kFloat32;
-    case at::kDouble: return InputType::kFloat64;
-    case at::kBFloat16: return InputType::kBFloat16;
-    case at::kHalf: return InputType::kFloat16;
-    default: TORCH_CHECK(false, "linear_memory_fwd: q, k, v must be float32, float64, bfloat16 or float16, got ",
-                         x.scalar_type());
+    case ScalarType::Float: return InputType::kFloat32;
+    case ScalarType::Double: return InputType::kFloat64;
+    case ScalarType::BFloat16: return InputType::kBFloat16;
+    case ScalarType::Half: return InputType::kFloat16;
+    default:
+      STD_TORCH_CHECK(false, "linear_memory: q, k, v must be float32, float64, bfloat16 or float16, got ",
+                      x.scalar_type());
+      return InputType::kFloat32;  // not reached
   }
 }
 
 // The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for the
 // first two before dispatch, this guards direct calls of the operators.
-inline void check_device_limits(const at::Tensor& q, int64_t chunk_size) {
-  TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize, "linear_memory: chunk_size must be in 1..",
-              kCudaMaxChunkSize, " for the CUDA kernels (16, 32 and 64 are the tuned sizes), got ", chunk_size);
-  TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMaxKeyDim, "linear_memory: the CUDA kernels support Dk <= ",
-              kCudaMaxKeyDim, ", got q of shape ", q.sizes());
+inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
+  STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize, "linear_memory: chunk_size must be in 1..",
+                  kCudaMaxChunkSize, " for the CUDA kernels (16, 32 and 64 are the tuned sizes), got ", chunk_size);
+  STD_TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMaxKeyDim, "linear_memory: the CUDA kernels support Dk <= ",
+                  kCudaMaxKeyDim, ", got q of shape ", shape_str(q));
   // Heads and batch are the grid's y and z dimensions.
-  TORCH_CHECK(q.size(0) <= kCudaMaxGridYZ && q.size(2) <= kCudaMaxGridYZ, "linear_memory: the CUDA kernels support ",
-              "batch and heads up to ", kCudaMaxGridYZ, " each, got q of shape ", q.sizes(),
-              " (fold the batch into fewer, longer sequences or process it in parts)");
+  STD_TORCH_CHECK(q.size(0) <= kCudaMaxGridYZ && q.size(2) <= kCudaMaxGridYZ,
+                  "linear_memory: the CUDA kernels support batch and heads up to ", kCudaMaxGridYZ,
+                  " each, got q of shape ", shape_str(q),
+                  " (fold the batch into fewer, longer sequences or process it in parts)");
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
 inline void check_shared_memory(const char* op, size_t bytes, const DeviceLimits& device, int64_t chunk_size,
-                                const at::Tensor& q) {
-  TORCH_CHECK(bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
-              q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
-              device.max_shared_bytes, " this device allows; use a smaller chunk_size (or fp32 inputs)");
+                                const Tensor& q) {
+  STD_TORCH_CHECK(bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
+                  q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
+                  device.max_shared_bytes, " this device allows; use a smaller chunk_size (or fp32 inputs)");
 }
 
 // Validates, allocates the outputs and the workspace, chooses the value tiles for the device and
 // calls launch(params, workspace, input_type, tiles). The kernel reads q, k, v in their own dtype
 // (o is written in it) and gates and states in the compute dtype.
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_device(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-    int64_t chunk_size, bool read_token, bool save_states, const DeviceLimits& device, const Launch& launch) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
+    bool save_states, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
   check_device_limits(q, chunk_size);
   const InputType type = input_type(q);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto m0_c = m0 ? std::optional<at::Tensor>(m0->to(dtype).contiguous()) : std::nullopt;
-  const auto s0_c = s0 ? std::optional<at::Tensor>(s0->to(dtype).contiguous()) : std::nullopt;
+  const ScalarType dtype = compute_dtype(q);
+  const Tensor q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
+  const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
+  const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype);
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   const ValueTiles tiles = linear_memory_fwd_tiles(params, type, device);
   check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type, tiles), device, chunk_size, q);
   // The chunk-start states are written in every case: the output kernel reads them.
-  const auto out = linear_memory_fwd_outputs(params, q.options().dtype(dtype), q.scalar_type(), true);
-  const auto gate_rows = at::empty({linear_memory_gate_rows_elems(params)}, q.options().dtype(dtype));
+  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), true);
+  const Tensor gate_rows = empty_on(q, {linear_memory_gate_rows_elems(params)}, dtype);
   LinearMemoryFwdWorkspace workspace;
   workspace.gate_rows = gate_rows.data_ptr();
   launch(params, workspace, type, tiles);
-  return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : at::empty({0}, out.m_final.options())};
+  return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : empty_on(q, {0}, dtype)};
 }
 
-using LinearMemoryGrads =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Validates, allocates the gradients and the workspace, and calls launch(params, workspace,
 // input_type, tiles). Same output contract as the CPU op: dq, dk, dv in the input dtype,
 // gate gradients in the gates' dtype, dm0 and ds0 in the compute dtype.
 template <typename Launch>
-LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
-                                           const at::Tensor& chunk_states, const at::Tensor& d_o,
-                                           const std::optional<at::Tensor>& d_m_final,
-                                           const std::optional<at::Tensor>& d_s_final, int64_t chunk_size,
+LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                           const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
+                                           const Tensor& d_o, const std::optional<Tensor>& d_m_final,
+                                           const std::optional<Tensor>& d_s_final, int64_t chunk_size,
                                            bool read_token, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
   check_device_limits(q, chunk_size);
-  TORCH_CHECK(d_o.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
-  TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
-              "linear_memory_bwd: d_o and chunk_states must be on the device of q");
+  STD_TORCH_CHECK(same_shape(d_o, v), "linear_memory_bwd: d_o must have the shape of v / o");
+  STD_TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
+                  "linear_memory_bwd: d_o and chunk_states must be on the device of q");
   const InputType type = input_type(q);
-  const auto dtype = compute_dtype(q);
-  const auto q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
-  const auto d_o_c = with_unit_inner_stride(d_o.to(q.scalar_type()));
-  const auto theta_c = theta.to(dtype), eta_c = eta.to(dtype), alpha_c = alpha.to(dtype);
-  const auto dm_c = d_m_final ? std::optional<at::Tensor>(d_m_final->to(dtype).contiguous()) : std::nullopt;
-  const auto ds_c = d_s_final ? std::optional<at::Tensor>(d_s_final->to(dtype).contiguous()) : std::nullopt;
-  const auto states_c = chunk_states.to(dtype).contiguous();
+  const ScalarType dtype = compute_dtype(q);
+  const Tensor q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
+  const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, q.scalar_type()));
+  const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
+  const auto dm_c = contiguous_in(d_m_final, dtype), ds_c = contiguous_in(d_s_final, dtype);
+  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, dtype));
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
                                                                   std::nullopt, chunk_size, read_token);
-  TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
-              "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  STD_TORCH_CHECK(
+      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
+      "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   const ValueTiles tiles = linear_memory_bwd_tiles(params, type, device);
   check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type, tiles), device, chunk_size, q);
-  params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
+  params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
-  params.d_m_final_ptr = dm_c ? dm_c->data_ptr() : nullptr;
-  params.d_s_final_ptr = ds_c ? ds_c->data_ptr() : nullptr;
+  params.d_m_final_ptr = data_or_null(dm_c);
+  params.d_s_final_ptr = data_or_null(ds_c);
 
   // The kernels write dq, dk, dv in the input dtype and everything else in the compute dtype.
-  const auto opts = q.options().dtype(dtype);
-  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, std::nullopt, q.options(), opts);
-  auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
+  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, std::nullopt, std::nullopt, dtype);
+  const Tensor dm0 = empty_on(q, {params.batch, params.heads, params.dv, params.dk}, dtype);
+  const Tensor ds0 = torch::stable::empty_like(dm0);
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
   const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, tiles.parallel);
-  const auto dq_part = at::empty({sizes.dqk_part}, opts), dk_part = at::empty({sizes.dqk_part}, opts);
-  const auto coef_part = at::empty({sizes.coef_part}, opts);
-  const auto gate_rows = at::empty({sizes.gate_rows}, opts);
-  const auto errors_local = at::empty({sizes.errors_local}, opts);
-  const auto chunk_cotangents = at::empty({sizes.chunk_cotangents}, opts);
+  const auto workspace_tensor = [&](int64_t elems) { return empty_on(q, {elems}, dtype); };
+  const Tensor dq_part = workspace_tensor(sizes.dqk_part), dk_part = workspace_tensor(sizes.dqk_part);
+  const Tensor coef_part = workspace_tensor(sizes.coef_part);
+  const Tensor gate_rows = workspace_tensor(sizes.gate_rows);
+  const Tensor errors_local = workspace_tensor(sizes.errors_local);
+  const Tensor chunk_cotangents = workspace_tensor(sizes.chunk_cotangents);
   LinearMemoryBwdWorkspace workspace;
   workspace.gate_rows = gate_rows.data_ptr();
   workspace.errors_local = errors_local.data_ptr();
@@ -136,8 +133,8 @@ LinearMemoryGrads linear_memory_bwd_device(const at::Tensor& q, const at::Tensor
   workspace.dk_part = dk_part.data_ptr();
   workspace.coef_part = coef_part.data_ptr();
   launch(params, workspace, type, tiles);
-  return {g.dq, g.dk, g.dv, g.dtheta.to(theta.scalar_type()), g.deta.to(eta.scalar_type()),
-          g.dalpha.to(alpha.scalar_type()), dm0, ds0};
+  return {g.dq, g.dk, g.dv, to_dtype(g.dtheta, theta.scalar_type()), to_dtype(g.deta, eta.scalar_type()),
+          to_dtype(g.dalpha, alpha.scalar_type()), dm0, ds0};
 }
 
 }  // namespace titans

@@ -1,18 +1,19 @@
-// The one place where titans_ext's kernels meet torch: operator schemas (TORCH_LIBRARY) and
-// the CPU implementations, which validate tensors, fill the params structs and run the
-// torch-free kernels of csrc/cpu/ over (batch, head) pairs with at::parallel_for.
+// The one place where titans_ext's kernels meet torch: operator schemas (STABLE_TORCH_LIBRARY) and
+// the CPU implementations, which validate tensors, fill the params structs and run the torch-free
+// kernels of csrc/cpu/ over (batch, head) pairs on torch's intra-op threads.
 // CUDA implementations of the same schemas live in ops_cuda.cpp.
 //
+// Only the LibTorch stable ABI is used (torch/csrc/stable, torch/headeronly; setup.py sets
+// TORCH_TARGET_VERSION), so one build runs on every torch from the target version on.
 // The public Python functions (titans_ext/ops/) check arguments with user-facing messages;
-// the TORCH_CHECKs here guard the kernels against direct torch.ops calls.
+// the STD_TORCH_CHECKs here guard the kernels against direct torch.ops calls.
 #include <Python.h>
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
+#include <tuple>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include "binding/tensor_params.h"
 #include "cpu/linear_memory.h"
@@ -21,118 +22,115 @@
 namespace titans {
 namespace {
 
+// Calls kernel(scalar_t{}, begin, end) on ranges of the params' (batch, head) pairs, split across
+// torch's intra-op threads, with scalar_t the compute dtype.
+template <typename Kernel>
+void run_over_heads(ScalarType dtype, const SequenceParams& params, const Kernel& kernel) {
+  const int64_t pairs = int64_t(params.batch) * params.heads;
+  THO_DISPATCH_V2(dtype, "titans_ext CPU kernel", AT_WRAP([&] {
+    torch::stable::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) { kernel(scalar_t{}, begin, end); });
+  }), AT_EXPAND(AT_FLOATING_TYPES));
+}
+
 // The per-token inputs in the compute dtype, feature dimension contiguous.
 struct ComputeInputs {
-  at::ScalarType dtype;
-  at::Tensor q, k, v, theta, eta, alpha;
+  ScalarType dtype;
+  Tensor q, k, v, theta, eta, alpha;
 
-  ComputeInputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& theta_,
-                const at::Tensor& eta_, const at::Tensor& alpha_)
-      : dtype(compute_dtype(q_)), q(with_unit_inner_stride(q_.to(dtype))), k(with_unit_inner_stride(k_.to(dtype))),
-        v(with_unit_inner_stride(v_.to(dtype))), theta(theta_.to(dtype)), eta(eta_.to(dtype)),
-        alpha(alpha_.to(dtype)) {}
+  ComputeInputs(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& theta_, const Tensor& eta_,
+                const Tensor& alpha_)
+      : dtype(compute_dtype(q_)), q(with_unit_inner_stride(to_dtype(q_, dtype))),
+        k(with_unit_inner_stride(to_dtype(k_, dtype))), v(with_unit_inner_stride(to_dtype(v_, dtype))),
+        theta(to_dtype(theta_, dtype)), eta(to_dtype(eta_, dtype)), alpha(to_dtype(alpha_, dtype)) {}
 
-  // A state, state cotangent or delta in the compute dtype, contiguous, or none.
-  std::optional<at::Tensor> state(const std::optional<at::Tensor>& x) const {
-    if (!x) return std::nullopt;
-    return x->to(dtype).contiguous();
-  }
+  std::optional<Tensor> state(const std::optional<Tensor>& x) const { return contiguous_in(x, dtype); }
 
-  LinearMemoryParams params(const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-                            int64_t chunk_size, bool read_token) const {
+  LinearMemoryParams params(const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size,
+                            bool read_token) const {
     return linear_memory_params(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token);
   }
 
-  // Gradients computed in the compute dtype, returned in the dtypes of the inputs they belong to.
-  static SequenceGrads input_dtypes(const SequenceGrads& g, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-                                    const at::Tensor& alpha, const std::optional<at::Tensor>& delta) {
-    return {g.dq.to(q.scalar_type()),         g.dk.to(k.scalar_type()),     g.dv.to(v.scalar_type()),
-            g.dtheta.to(theta.scalar_type()), g.deta.to(eta.scalar_type()), g.dalpha.to(alpha.scalar_type()),
-            delta ? g.d_delta.to(delta->scalar_type()) : g.d_delta};
+  MlpMemoryParams mlp_params(int64_t hidden, int64_t chunk_size, bool read_token, std::string_view activation) const {
+    return mlp_memory_params(q, k, v, theta, eta, alpha, hidden, chunk_size, read_token, activation);
   }
 
-  MlpMemoryParams mlp_params(int64_t hidden, int64_t chunk_size, bool read_token, c10::string_view activation) const {
-    return mlp_memory_params(q, k, v, theta, eta, alpha, hidden, chunk_size, read_token, activation);
+  // An output of the compute dtype on the device of the inputs.
+  Tensor empty(torch::headeronly::IntHeaderOnlyArrayRef sizes) const { return empty_on(q, sizes, dtype); }
+
+  // Gradients computed in the compute dtype, returned in the dtypes of the inputs they belong to.
+  static SequenceGrads input_dtypes(const SequenceGrads& g, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+                                    const std::optional<Tensor>& delta) {
+    return {to_dtype(g.dq, q.scalar_type()),         to_dtype(g.dk, k.scalar_type()),
+            to_dtype(g.dv, v.scalar_type()),         to_dtype(g.dtheta, theta.scalar_type()),
+            to_dtype(g.deta, eta.scalar_type()),     to_dtype(g.dalpha, alpha.scalar_type()),
+            delta ? to_dtype(g.d_delta, delta->scalar_type()) : g.d_delta};
   }
 };
 
-const void* data_or_null(const std::optional<at::Tensor>& x) {
-  return x ? x->data_ptr() : nullptr;
-}
-
-// The gradient of delta, shaped like the compute-dtype delta_c, or an empty tensor without delta.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-    int64_t chunk_size, bool read_token, bool save_states, int64_t objective, double p, double eps,
-    const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
+    bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
+    double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto m0_c = in.state(m0), s0_c = in.state(s0), delta_c = in.state(delta);
   LinearMemoryParams params = in.params(m0_c, s0_c, chunk_size, read_token);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  const auto out = linear_memory_fwd_outputs(params, in.q.options(), in.dtype, save_states);
+  const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states);
 
-  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_fwd_cpu", [&] {
-    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::linear_memory_fwd<scalar_t>(params, begin, end);
-    });
+  run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
+    cpu::linear_memory_fwd<decltype(zero)>(params, begin, end);
   });
-  return {out.o.to(q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
+  return {to_dtype(out.o, q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-linear_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                      const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
-                      const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
-                      const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token,
-                      int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
-                      int64_t retention, double retention_q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_memory_bwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& chunk_states, const Tensor& d_o, const std::optional<Tensor>& d_m_final,
+    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dm_c = in.state(d_m_final), ds_c = in.state(d_s_final), delta_c = in.state(delta);
-  const auto states_c = chunk_states.to(in.dtype).contiguous();
-  const auto d_o_c = with_unit_inner_stride(d_o.to(in.dtype));
+  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, in.dtype));
+  const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, in.dtype));
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = in.params(std::nullopt, std::nullopt, chunk_size, read_token);
-  TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
-              "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
-  TORCH_CHECK(d_o_c.sizes() == v.sizes(), "linear_memory_bwd: d_o must have the shape of v / o");
+  STD_TORCH_CHECK(
+      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
+      "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  STD_TORCH_CHECK(same_shape(d_o_c, v), "linear_memory_bwd: d_o must have the shape of v / o");
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
+  params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = data_or_null(dm_c);
   params.d_s_final_ptr = data_or_null(ds_c);
 
-  const auto opts = in.q.options();
-  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, opts, opts);
-  auto dm0 = at::empty({params.batch, params.heads, params.dv, params.dk}, opts), ds0 = at::empty_like(dm0);
+  const SequenceGrads g = allocate_sequence_grads(params, in.q, in.k, in.v, in.theta, delta_c, in.dtype, in.dtype);
+  const Tensor dm0 = in.empty({params.batch, params.heads, params.dv, params.dk}), ds0 = torch::stable::empty_like(dm0);
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  AT_DISPATCH_FLOATING_TYPES(in.dtype, "linear_memory_bwd_cpu", [&] {
-    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::linear_memory_bwd<scalar_t>(params, begin, end);
-    });
+  run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
+    cpu::linear_memory_bwd<decltype(zero)>(params, begin, end);
   });
-  const auto in_dtypes = in.input_dtypes(g, q, k, v, theta, eta, alpha, delta);
-  return {in_dtypes.dq, in_dtypes.dk, in_dtypes.dv, in_dtypes.dtheta, in_dtypes.deta, in_dtypes.dalpha, dm0, ds0,
-          in_dtypes.d_delta};
+  const SequenceGrads out = ComputeInputs::input_dtypes(g, q, k, v, theta, eta, alpha, delta);
+  return {out.dq, out.dk, out.dv, out.dtheta, out.deta, out.dalpha, dm0, ds0, out.d_delta};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_memory_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-    const at::Tensor& alpha, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& s1,
-    const std::optional<at::Tensor>& s2, int64_t chunk_size, bool read_token, c10::string_view activation,
-    bool save_states, int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
-    int64_t retention, double retention_q) {
-  TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", w1.sizes());
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
+    int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  STD_TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", shape_str(w1));
   const int64_t hidden = w1.size(2);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
-  const auto w1_c = *in.state(w1), w2_c = *in.state(w2);
+  const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
   const auto s1_c = in.state(s1), s2_c = in.state(s2), delta_c = in.state(delta);
 
   MlpMemoryParams params = in.mlp_params(hidden, chunk_size, read_token, activation);
@@ -141,13 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   params.w2_0_ptr = w2_c.data_ptr();
   params.s1_0_ptr = data_or_null(s1_c);
   params.s2_0_ptr = data_or_null(s2_c);
-  const auto opts = in.q.options();
-  auto o = at::empty(q.sizes(), opts);
-  auto w1_final = at::empty(w1.sizes(), opts), s1_final = at::empty(w1.sizes(), opts);
-  auto w2_final = at::empty(w2.sizes(), opts), s2_final = at::empty(w2.sizes(), opts);
-  auto chunk_states = save_states
-      ? at::empty({params.batch, params.heads, params.n_chunks, 4, hidden * params.dim}, opts)
-      : at::empty({0}, opts);
+  const Tensor o = in.empty(q.sizes());
+  const Tensor w1_final = in.empty(w1.sizes()), s1_final = in.empty(w1.sizes());
+  const Tensor w2_final = in.empty(w2.sizes()), s2_final = in.empty(w2.sizes());
+  const Tensor chunk_states =
+      save_states ? in.empty({params.batch, params.heads, params.n_chunks, 4, hidden * params.dim}) : in.empty({0});
   params.o_ptr = o.data_ptr();
   params.w1_final_ptr = w1_final.data_ptr();
   params.w2_final_ptr = w2_final.data_ptr();
@@ -155,61 +151,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   params.s2_final_ptr = s2_final.data_ptr();
   params.chunk_states_ptr = save_states ? chunk_states.data_ptr() : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES(in.dtype, "mlp_memory_fwd_cpu", [&] {
-    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::mlp_memory_fwd<scalar_t>(params, begin, end);
-    });
+  run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
+    cpu::mlp_memory_fwd<decltype(zero)>(params, begin, end);
   });
-  return {o.to(q.scalar_type()), w1_final, w2_final, s1_final, s2_final, chunk_states};
+  return {to_dtype(o, q.scalar_type()), w1_final, w2_final, s1_final, s2_final, chunk_states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
-mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                   const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
-                   const at::Tensor& d_o, const std::optional<at::Tensor>& d_w1_final,
-                   const std::optional<at::Tensor>& d_w2_final, const std::optional<at::Tensor>& d_s1_final,
-                   const std::optional<at::Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size, bool read_token,
-                   c10::string_view activation, int64_t objective, double p, double eps,
-                   const std::optional<at::Tensor>& delta, int64_t retention, double retention_q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
+                   const Tensor& alpha, const Tensor& chunk_states, const Tensor& d_o,
+                   const std::optional<Tensor>& d_w1_final, const std::optional<Tensor>& d_w2_final,
+                   const std::optional<Tensor>& d_s1_final, const std::optional<Tensor>& d_s2_final, int64_t hidden,
+                   int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective, double p,
+                   double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
                         chunk_size);
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dw1_c = in.state(d_w1_final), dw2_c = in.state(d_w2_final);
   const auto ds1_c = in.state(d_s1_final), ds2_c = in.state(d_s2_final), delta_c = in.state(delta);
-  const auto states_c = chunk_states.to(in.dtype).contiguous();
-  const auto d_o_c = with_unit_inner_stride(d_o.to(in.dtype));
+  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, in.dtype));
+  const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, in.dtype));
 
   MlpMemoryBwdParams params;
   static_cast<MlpMemoryParams&>(params) = in.mlp_params(hidden, chunk_size, read_token, activation);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
-              "mlp_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
-  TORCH_CHECK(d_o_c.sizes() == q.sizes(), "mlp_memory_bwd: d_o must have the shape of q / o");
-  params.chunk_states_ptr = const_cast<void*>(states_c.data_ptr());
+  STD_TORCH_CHECK(
+      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
+      "mlp_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  STD_TORCH_CHECK(same_shape(d_o_c, q), "mlp_memory_bwd: d_o must have the shape of q / o");
+  params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
   params.d_w1_final_ptr = data_or_null(dw1_c);
   params.d_w2_final_ptr = data_or_null(dw2_c);
   params.d_s1_final_ptr = data_or_null(ds1_c);
   params.d_s2_final_ptr = data_or_null(ds2_c);
 
-  const auto opts = in.q.options();
-  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, opts, opts);
-  auto dw1 = at::empty({params.batch, params.heads, hidden, params.dim}, opts), ds1 = at::empty_like(dw1);
-  auto dw2 = at::empty({params.batch, params.heads, params.dim, hidden}, opts), ds2 = at::empty_like(dw2);
+  const SequenceGrads g = allocate_sequence_grads(params, in.q, in.k, in.v, in.theta, delta_c, in.dtype, in.dtype);
+  const Tensor dw1 = in.empty({params.batch, params.heads, hidden, params.dim}), ds1 = torch::stable::empty_like(dw1);
+  const Tensor dw2 = in.empty({params.batch, params.heads, params.dim, hidden}), ds2 = torch::stable::empty_like(dw2);
   params.dw1_0_ptr = dw1.data_ptr();
   params.dw2_0_ptr = dw2.data_ptr();
   params.ds1_0_ptr = ds1.data_ptr();
   params.ds2_0_ptr = ds2.data_ptr();
 
-  AT_DISPATCH_FLOATING_TYPES(in.dtype, "mlp_memory_bwd_cpu", [&] {
-    at::parallel_for(0, int64_t(params.batch) * params.heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::mlp_memory_bwd<scalar_t>(params, begin, end);
-    });
+  run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
+    cpu::mlp_memory_bwd<decltype(zero)>(params, begin, end);
   });
-  const auto in_dtypes = in.input_dtypes(g, q, k, v, theta, eta, alpha, delta);
-  return {in_dtypes.dq, in_dtypes.dk, in_dtypes.dv, in_dtypes.dtheta, in_dtypes.deta, in_dtypes.dalpha,
-          dw1,          dw2,          ds1,          ds2,              in_dtypes.d_delta};
+  const SequenceGrads out = ComputeInputs::input_dtypes(g, q, k, v, theta, eta, alpha, delta);
+  return {out.dq, out.dk, out.dv, out.dtheta, out.deta, out.dalpha, dw1, dw2, ds1, ds2, out.d_delta};
 }
 
 }  // namespace
@@ -223,7 +212,7 @@ mlp_memory_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 #define TITANS_MIRAS_ARGS \
   "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
 
-TORCH_LIBRARY(titans_ext, m) {
+STABLE_TORCH_LIBRARY(titans_ext, m) {
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_MIRAS_ARGS ") "
@@ -248,17 +237,18 @@ TORCH_LIBRARY(titans_ext, m) {
       "Tensor ds1, Tensor ds2, Tensor d_delta)");
 }
 
-TORCH_LIBRARY_IMPL(titans_ext, CPU, m) {
-  m.impl("linear_memory_fwd", &linear_memory_fwd_cpu);
-  m.impl("linear_memory_bwd", &linear_memory_bwd_cpu);
-  m.impl("mlp_memory_fwd", &mlp_memory_fwd_cpu);
-  m.impl("mlp_memory_bwd", &mlp_memory_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(titans_ext, CPU, m) {
+  m.impl("linear_memory_fwd", TORCH_BOX(&linear_memory_fwd_cpu));
+  m.impl("linear_memory_bwd", TORCH_BOX(&linear_memory_bwd_cpu));
+  m.impl("mlp_memory_fwd", TORCH_BOX(&mlp_memory_fwd_cpu));
+  m.impl("mlp_memory_bwd", TORCH_BOX(&mlp_memory_bwd_cpu));
 }
 
 }  // namespace titans
 
 // `import titans_ext._C` loads this library, which runs the registrations above; the module
-// itself is empty (no pybind11), so the .so only depends on the stable Python ABI.
+// itself is empty (no pybind11, no other Python C-API), so the .so depends only on the stable
+// Python ABI (abi3) and the LibTorch stable ABI.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);

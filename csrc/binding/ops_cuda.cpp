@@ -1,10 +1,15 @@
 // CUDA implementations of the titans_ext operators (schemas in ops.cpp). Compiled by g++, not
-// nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (build.md §3).
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
+// nvcc: the kernels (csrc/cuda/*.cu) see only the params structs (docs/build.md §3). Stable ABI
+// only: the device guard, the current stream and error checks come from torch's stable C shim.
+#include <map>
+#include <mutex>
+
+#include <cuda_runtime_api.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/macros.h>
 
 #include "binding/linear_memory_device.h"
 #include "binding/mlp_memory_device.h"
@@ -13,105 +18,135 @@ namespace titans {
 namespace {
 
 // The CUDA kernels take the schemas' MIRAS arguments but implement only their defaults.
-void check_default_miras(int64_t objective, const std::optional<at::Tensor>& delta, int64_t retention) {
-  TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
-              "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run on "
-              "the CPU kernels)");
+void check_default_miras(int64_t objective, const std::optional<Tensor>& delta, int64_t retention) {
+  STD_TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
+                  "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run "
+                  "on the CPU kernels)");
 }
 
-// The current device's SM count and shared memory (per block with opt-in, and per SM).
-DeviceLimits device_limits() {
-  const int device = c10::cuda::current_device();
+// A device's SM count and shared memory (per block with opt-in, and per SM), queried once per
+// device: the launchers read them on every call.
+DeviceLimits device_limits(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceLimits> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
   int sm_count = 0, block_bytes = 0, sm_bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  return {sm_count, size_t(block_bytes), size_t(sm_bytes)};
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&block_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sm_bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return known.emplace(device, DeviceLimits{sm_count, size_t(block_bytes), size_t(sm_bytes)}).first->second;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_memory_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-    const at::Tensor& alpha, const std::optional<at::Tensor>& m0, const std::optional<at::Tensor>& s0,
-    int64_t chunk_size, bool read_token, bool save_states, int64_t objective, double /*p*/, double /*eps*/,
-    const std::optional<at::Tensor>& delta, int64_t retention, double /*retention_q*/) {
+// What every CUDA op does around its launch: make q's device current (the kernels launch on the
+// current device) and run on torch's current stream of that device, so the ops order with the
+// caller's work and never synchronize the host.
+class CudaLaunchContext {
+ public:
+  explicit CudaLaunchContext(const Tensor& q)
+      : device_(q.get_device_index()), guard_(device_), limits_(device_limits(device_)) {
+    void* stream = nullptr;
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_, &stream));
+    stream_ = static_cast<cudaStream_t>(stream);
+  }
+
+  const DeviceLimits& limits() const { return limits_; }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  torch::stable::accelerator::DeviceIndex device_;
+  torch::stable::accelerator::DeviceGuard guard_;
+  DeviceLimits limits_;
+  cudaStream_t stream_ = nullptr;
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
+    bool save_states, int64_t objective, double /*p*/, double /*eps*/, const std::optional<Tensor>& delta,
+    int64_t retention, double /*retention_q*/) {
   check_default_miras(objective, delta, retention);
-  // Otherwise the kernel would be launched on the current device, not q's.
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const CudaLaunchContext context(q);
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  device_limits(),
+                                  context.limits(),
                                   [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
                                       InputType type, const ValueTiles& tiles) {
-                                    C10_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, workspace, type, tiles, stream)));
+                                    STD_CUDA_CHECK(static_cast<cudaError_t>(
+                                        linear_memory_fwd_launch(params, workspace, type, tiles, context.stream())));
                                   });
 }
 
 // The gradients of linear_memory_bwd's schema: those of linear_memory_bwd_device and an empty d_delta.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-linear_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                       const at::Tensor& eta, const at::Tensor& alpha, const at::Tensor& chunk_states,
-                       const at::Tensor& d_o, const std::optional<at::Tensor>& d_m_final,
-                       const std::optional<at::Tensor>& d_s_final, int64_t chunk_size, bool read_token,
-                       int64_t objective, double /*p*/, double /*eps*/, const std::optional<at::Tensor>& delta,
-                       int64_t retention, double /*retention_q*/) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_memory_bwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& chunk_states, const Tensor& d_o, const std::optional<Tensor>& d_m_final,
+    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double /*p*/,
+    double /*eps*/, const std::optional<Tensor>& delta, int64_t retention, double /*retention_q*/) {
   check_default_miras(objective, delta, retention);
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const CudaLaunchContext context(q);
   const LinearMemoryGrads grads = linear_memory_bwd_device(
-      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      device_limits(),
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, context.limits(),
       [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
           const ValueTiles& tiles) {
-        C10_CUDA_CHECK(static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, tiles, stream)));
+        STD_CUDA_CHECK(
+            static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, tiles, context.stream())));
       });
-  const at::Tensor& dm0 = std::get<6>(grads);
-  return std::tuple_cat(grads, std::make_tuple(at::empty({0}, dm0.options())));
+  const Tensor& dm0 = std::get<6>(grads);
+  return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_memory_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta, const at::Tensor& eta,
-    const at::Tensor& alpha, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& s1,
-    const std::optional<at::Tensor>& s2, int64_t chunk_size, bool read_token, c10::string_view activation,
-    bool save_states, int64_t objective, double p, double eps, const std::optional<at::Tensor>& delta,
-    int64_t retention, double retention_q) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
+    int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  const CudaLaunchContext context(q);
   return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
-                               save_states, objective, p, eps, delta, retention, retention_q, device_limits(),
+                               save_states, objective, p, eps, delta, retention, retention_q, context.limits(),
                                [&](const MlpMemoryParams& params, InputType type, int block) {
-                                 C10_CUDA_CHECK(static_cast<cudaError_t>(
-                                     mlp_memory_fwd_launch(params, type, block, stream)));
+                                 STD_CUDA_CHECK(static_cast<cudaError_t>(
+                                     mlp_memory_fwd_launch(params, type, block, context.stream())));
                                });
 }
 
-MlpMemoryGrads mlp_memory_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
-                                   const at::Tensor& chunk_states, const at::Tensor& d_o,
-                                   const std::optional<at::Tensor>& d_w1_final,
-                                   const std::optional<at::Tensor>& d_w2_final,
-                                   const std::optional<at::Tensor>& d_s1_final,
-                                   const std::optional<at::Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
-                                   bool read_token, c10::string_view activation, int64_t objective, double p,
-                                   double eps, const std::optional<at::Tensor>& delta, int64_t retention,
+MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                   const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
+                                   const Tensor& d_o, const std::optional<Tensor>& d_w1_final,
+                                   const std::optional<Tensor>& d_w2_final, const std::optional<Tensor>& d_s1_final,
+                                   const std::optional<Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
+                                   bool read_token, std::string_view activation, int64_t objective, double p,
+                                   double eps, const std::optional<Tensor>& delta, int64_t retention,
                                    double retention_q) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const CudaLaunchContext context(q);
   return mlp_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
-      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, device_limits(),
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, context.limits(),
       [&](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
-        C10_CUDA_CHECK(static_cast<cudaError_t>(mlp_memory_bwd_launch(params, workspace, type, block, stream)));
+        STD_CUDA_CHECK(
+            static_cast<cudaError_t>(mlp_memory_bwd_launch(params, workspace, type, block, context.stream())));
       });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
-  m.impl("linear_memory_fwd", &linear_memory_fwd_cuda);
-  m.impl("linear_memory_bwd", &linear_memory_bwd_cuda);
-  m.impl("mlp_memory_fwd", &mlp_memory_fwd_cuda);
-  m.impl("mlp_memory_bwd", &mlp_memory_bwd_cuda);
+// What the CUDA mlp_memory launchers choose on a device (binding/mlp_memory_device.h): the Python op
+// asks it before dispatch, so that a configuration no block fits is a ValueError naming the bytes.
+STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) {
+  m.def(
+      "mlp_memory_plan(int dim, int hidden, int chunk_size, ScalarType dtype, bool read_token, int retention, "
+      "int max_shared_bytes) -> (int fwd_block, int fwd_bytes, int bwd_block, int bwd_bytes)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(titans_ext, CompositeExplicitAutograd, m) {
+  m.impl("mlp_memory_plan", TORCH_BOX(&mlp_memory_plan));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
+  m.impl("linear_memory_fwd", TORCH_BOX(&linear_memory_fwd_cuda));
+  m.impl("linear_memory_bwd", TORCH_BOX(&linear_memory_bwd_cuda));
+  m.impl("mlp_memory_fwd", TORCH_BOX(&mlp_memory_fwd_cuda));
+  m.impl("mlp_memory_bwd", TORCH_BOX(&mlp_memory_bwd_cuda));
 }
 
 }  // namespace titans

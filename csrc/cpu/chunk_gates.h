@@ -6,7 +6,7 @@
 //   S_t = P_t S0 + sum_{i<=t} sig[t][i] u_i,      sig[t][i] = -theta_i eta_{i+1} ... eta_t
 //   M_t = a_t M0 + g_t S0 + sum_{i<=t} c[t][i] u_i
 // with P_t = eta_1 ... eta_t, a_t = beta_1 ... beta_t and g_t = sum_{s<=t} beta_{s+1..t} P_s.
-// (shared/design/backward_linear.md §0 and mlp_dual_form.md §2.)
+// (docs/backward_linear.md §0 and docs/mlp_dual_form.md §2.)
 //
 // The tables are built with the multiplicative row recurrence rather than from ratios of
 // cumulative products (or differences of cumulative logs): it never divides, is exact for

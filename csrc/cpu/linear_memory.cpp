@@ -1,6 +1,6 @@
-// CPU kernels of the linear memory: the chunk algebra of shared/design/README.md §2 (forward)
-// and backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
-// objectives and retentions of miras.md §2.
+// CPU kernels of the linear memory: the chunk algebra of docs/design.md §2 (forward) and
+// docs/backward_linear.md (backward), one (batch, head) sequence at a time, with the MIRAS
+// objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens with chunk-start state (M0, S0), both Dv x Dk, kept together as one
 // [2, Dv, Dk] block "MS" so that one product updates both:
@@ -70,7 +70,7 @@ void chunk_errors(const Objective& objective, const HeadInputs<T>& x, int L, int
   }
 }
 
-// Backward of chunk_errors (step D of backward_linear.md): dR = dE .* f'(R) in place of dE,
+// Backward of chunk_errors (step D of docs/backward_linear.md §1): dR = dE .* f'(R) in place of dE,
 // then dV = -dR, dK += dR M0, dM0 += dR^T K and d delta = dE .* df/d delta.
 template <typename T, typename Objective>
 void chunk_errors_backward(const Objective& objective, const HeadInputs<T>& x, const HeadGrads<T>& grads, int L,
@@ -174,7 +174,7 @@ void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, in
 // Backward of chunk_forward: dMS, the end-state cotangent, becomes in place the start-state
 // cotangent of the end-state paths; dscale accumulates the cotangents of the scaled state and
 // rho from the errors and the token reads (after dMS's transform: dscale.scaled may be dMS).
-// Writes the gradients of tokens 0..L-1. Steps A-E of backward_linear.md §1.
+// Writes the gradients of tokens 0..L-1. Steps A-E of docs/backward_linear.md §1.
 template <typename T, typename Objective>
 void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const TokenRows<const T>& dO,
                     const HeadGrads<T>& grads, int L, int Dk, int Dv, bool token_reads, const T* MS0,

@@ -1,6 +1,6 @@
 // CPU kernels of the deep memory M(x) = x + W2 act(W1 x): the chunked dual form of
-// shared/design/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time,
-// with the MIRAS objectives and retentions of miras.md §2.
+// docs/mlp_dual_form.md (§3 forward, §4 backward), one (batch, head) sequence at a time, with
+// the MIRAS objectives and retentions of docs/miras.md §2.
 //
 // Per chunk of L tokens, from the chunk-start weights W1 [N, D], W2 [D, N] and momenta S1, S2
 // (rows = tokens, `x * A` scales row t of A by x_t):
@@ -104,7 +104,7 @@ void activation_derivatives(MlpActivation kind, index_t n, const T* x, T* value,
 }
 
 // act, act' and act'' elementwise; first and second may be nullptr (not needed; second only
-// with first). The backward needs act'' only at the key pre-activations Z (mlp_dual_form.md §4).
+// with first). The backward needs act'' only at the key pre-activations Z (docs/mlp_dual_form.md §4).
 template <typename T>
 void activation(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second) {
   if (second) activation_derivatives<2>(kind, n, x, value, first, second);
@@ -327,7 +327,7 @@ void chunk_forward(const MlpMemoryParams& p, const Objective& objective, const H
   update_state(p, L, x.k, state, ws);
 }
 
-// Backward of chunk_forward (mlp_dual_form.md §4): dstate, the cotangent of the chunk-end state,
+// Backward of chunk_forward (docs/mlp_dual_form.md §4): dstate, the cotangent of the chunk-end state,
 // becomes in place that of the chunk-start state through the end-state paths; dscale accumulates
 // the cotangents of the scaled state and of rho from the key path and the token reads (after
 // dstate's transform: dscale.scaled may be dstate). Writes the gradients of tokens 0..L-1 (dQ
@@ -552,7 +552,7 @@ void forward_head(const MlpMemoryParams& p, const Objective& objective, const He
   store_state(ws.state, bh * block, block, {p.w1_final_ptr, p.s1_final_ptr, p.w2_final_ptr, p.s2_final_ptr});
 }
 
-// Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (mlp_dual_form.md §4).
+// Reverse pass, carrying the state cotangent [dW1 | dS1 | dW2 | dS2] (docs/mlp_dual_form.md §4).
 template <typename T, typename Objective>
 void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const index_t block = index_t(p.hidden) * p.dim, bh = head.bh;

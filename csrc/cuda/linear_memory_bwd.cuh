@@ -1,8 +1,8 @@
 // CUDA backward of the linear memory, written only against the device layer, so the emulation runs
-// this exact source in CI. Included by exactly one TU per build. Formulas: backward_linear.md
+// this exact source in CI. Included by exactly one TU per build. Formulas: docs/backward_linear.md
 // §1 (steps A-E), §2 (gate gradients), §3 (reverse pass, Dv split).
 //
-// The forward's decomposition, mirrored (kernels.md §1.2, §6.1): the reverse sequential pass does
+// The forward's decomposition, mirrored (docs/kernels.md §1.2, §6.1): the reverse sequential pass does
 // only what carries the state cotangent from chunk to chunk; everything else runs in parallel
 // before it (what does not depend on the cotangent) or after it.
 // 0. linear_memory_gate_rows (linear_memory_common.cuh) and linear_memory_bwd_local_kernel, in

@@ -2,7 +2,7 @@
 // written only against the device layer, so the emulation runs them unchanged.
 //
 // - Operand policies: how a 16x8 output tile's k-step runs on the tensor cores for each input
-//   dtype (shared/design/kernels.md §5.1, §6.1.8-9):
+//   dtype (docs/kernels.md §5.1, §6.1.8-9):
 //     bf16 -> mma.m16n8k16 bf16, fp32 accumulate. q, k, v, dO are exact; fp32 operands (states,
 //             errors, coefficient-weighted terms) are rounded to bf16 (what fla/FlashQLA do).
 //     fp16 -> mma.m16n8k8 tf32, fp32 accumulate. Every fp16 value is exact in tf32 (same 10-bit
@@ -17,7 +17,7 @@
 //   scalings and concatenations cost no copies; reads outside M x K / K x N give 0. With bf16
 //   inputs the same products read their fragments with ldmatrix from bf16 tiles (tile_product):
 //   the kernels keep bf16 copies of the fp32 operands, rounded where those are formed.
-// - The gate tables of a chunk by column chains (backward_linear.md §0), and the gate-rows kernel
+// - The gate tables of a chunk by column chains (docs/backward_linear.md §0), and the gate-rows kernel
 //   that writes what the sequential kernels need of them.
 // - A shared-memory carve-up that is identical on host (sizes) and device (pointers), cp.async
 //   staging, and the double-buffered chunk loop of the sequential kernels.
@@ -259,7 +259,7 @@ __device__ __forceinline__ void for_each_element(int r0, int c0, int M, int N, c
 // ---------------------------------------------------------------------------------------------
 // Gate tables
 
-// One column of the chunk's gate recurrence (backward_linear.md §0): columns 0..L-1 are c_i,
+// One column of the chunk's gate recurrence (docs/backward_linear.md §0): columns 0..L-1 are c_i,
 // column L is a, column L + 1 is g (its sigma is P(1..t)). Per row t:
 //   sigma_t = eta_t sigma_{t-1} - theta_t [t == col],   mu_t = beta_t mu_{t-1} + sigma_t,
 // and emit(t, mu_t, sigma_t) is called. The multiplicative form never divides, is exact for
@@ -299,7 +299,7 @@ __device__ __forceinline__ void chunk_gate_tables(int L, int C, const Ptr& theta
 }
 
 // The gate gradients of a chunk of L tokens from the cotangents of its gate tables
-// (backward_linear.md §2): d_c [L, L] (row stride C) of c, d_a and d_g [L] of a and g, d_s [L] of
+// (docs/backward_linear.md §2): d_c [L, L] (row stride C) of c, d_a and d_g [L] of a and g, d_s [L] of
 // the last row of sig and d_p of P(1..L). Builds the tables c, sig [C, C], a, g, P [C] from the
 // gates theta, eta, beta [L] (the adjoint overwrites c and sig with its products); prod_a, prod_gb,
 // prod_ge [C] are scratch. Calls dtheta(t, value) and deta_dalpha(t, deta, dalpha) for t < L.

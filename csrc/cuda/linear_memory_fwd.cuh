@@ -1,7 +1,7 @@
 // CUDA forward of the linear memory, written only against the device layer (device/device.h), so
 // the emulation runs this exact source in CI. Included by exactly one TU per build.
 //
-// The decomposition of shared/design README §2 (kernels.md §1.2, §6.1): only the chunk-to-chunk
+// The decomposition of docs/design.md §2 (docs/kernels.md §1.2, §6.1): only the chunk-to-chunk
 // step is sequential, so it gets a kernel of its own that does nothing else, and the outputs,
 // which need only each chunk's start state, are computed in parallel afterwards.
 // 0. linear_memory_gate_rows (linear_memory_common.cuh), parallel over chunks, writes the rows of

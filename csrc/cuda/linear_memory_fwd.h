@@ -43,7 +43,7 @@ struct ValueTiles {
   int state, parallel;
 };
 
-// What the sequential passes need of each chunk's gate tables (backward_linear.md §0), written by
+// What the sequential passes need of each chunk's gate tables (docs/backward_linear.md §0), written by
 // a parallel kernel before them so that no gate recurrence sits on their chain: per chunk, in the
 // compute dtype, m_end [C] | s_end [C] | a [C] | g [C] | a_L, g_L, p (and one pad, so that every
 // chunk's rows start 16-byte aligned).

@@ -9,10 +9,12 @@
 // issuing thread; other threads see it only after a barrier that follows the wait, as for any
 // shared-memory write (PTX ISA, "cp.async", "cp.async.commit_group", "cp.async.wait_group").
 //
-// The emulation is strict, so that pipeline bugs change results under test: a copy is only
-// queued when issued and performed when its thread's cp_async_wait covers its group (reads of
-// the destination before that see the old contents), and a thread that exits with copies not
-// waited for is an error (emu/runtime.h).
+// The emulation is strict, so that pipeline bugs change results under test: by default a copy
+// is only queued when issued and performed when its thread's cp_async_wait covers its group
+// (reads of the destination before that see the old contents); under emu::set_copy_landing it
+// lands at a seeded random moment between issue and that wait, as on the GPU, so a buffer that
+// is refilled while other threads still read it gives wrong results. A thread that exits with
+// copies not waited for is an error (emu/runtime.h).
 #pragma once
 
 #include <cstdint>

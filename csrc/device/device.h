@@ -8,7 +8,7 @@
 //   - the host compiler: emu/emu.h maps it to the CPU SIMT emulation, which runs every block's
 //     threads as fibers with real barrier, warp-collective and bounds-checked shared memory
 //     semantics (see emu/runtime.h), so CI without a GPU runs the kernels.
-// Never include this header in a TU that includes torch (build.md §3; the emulation defines
+// Never include this header in a TU that includes torch (docs/build.md §3; the emulation defines
 // CUDA's names as macros).
 #pragma once
 

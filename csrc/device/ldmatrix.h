@@ -12,7 +12,8 @@
 //
 // Under nvcc each wrapper is one ldmatrix.sync.aligned instruction. In the emulation it is a
 // warp collective: every lane checks its own row (bounds, alignment), the lanes exchange row
-// addresses, and each lane reads its elements.
+// addresses, and each lane reads its elements (as it sees shared memory: a collective orders no
+// memory, so rows other lanes wrote need a __syncwarp or __syncthreads before it).
 #pragma once
 
 #include <cstdint>
@@ -88,7 +89,7 @@ void ldmatrix(uint32_t (&r)[kMatrices], SharedPtr<T> row) {
       const T* row_address;
       std::memcpy(&row_address, slots + (8 * i + row_in_matrix) * kWarpSlotBytes, sizeof(row_address));
       uint16_t bits;
-      std::memcpy(&bits, row_address + col, sizeof(bits));
+      load_shared(&bits, row_address + col, sizeof(bits));
       packed |= static_cast<uint32_t>(bits) << (16 * half);
     }
     r[i] = packed;

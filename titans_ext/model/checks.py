@@ -4,6 +4,8 @@ import numbers
 
 import torch
 
+from ..ops.checks import value_checks_enabled
+
 
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):
@@ -42,15 +44,17 @@ def check_input(name, x, dim):
 
 
 def check_tokens(name, tokens, vocab_size):
-    """``tokens`` must be an integer tensor ``[B, T]``."""
+    """``tokens`` must be an integer tensor ``[B, T]``; its ids are checked against the vocabulary
+    where value checks run (:func:`titans_ext.ops.checks.value_checks_enabled`: by default on CPU,
+    not on a GPU, where reading them would be a host sync)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of token ids [B, T], got {type(tokens).__name__}")
     if tokens.dim() != 2:
         raise ValueError(f"{name}: expected shape [B, T], got {list(tokens.shape)}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{name}: expected integer token ids, got {tokens.dtype}")
-    if tokens.numel() and not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
+    if tokens.numel() and value_checks_enabled(tokens.device):
+        low, high = torch.stack([tokens.min(), tokens.max()]).tolist()
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{name}: token ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
 

@@ -25,7 +25,8 @@ class TitansLM(nn.Module):
         persistent_tokens: learned persistent-memory tokens prepended to each attention.
         memory: ``"linear"`` or ``"mlp"`` (default ``"linear"``, or the preset's); memory_heads /
             memory_head_dim: its heads and head width (default ``heads`` and ``dim // memory_heads``);
-            chunk_size: the memory op's chunk; expansion: the MLP memory's hidden width factor;
+            chunk_size: the memory op's chunk (default 16, NeuralMemory's; ``window`` must be a
+            multiple of it for MAC); expansion: the MLP memory's hidden width factor;
             memory_options: any other :class:`~titans_ext.model.NeuralMemory` arguments (e.g.
             ``max_lr``, or ``preset="moneta"`` for a MIRAS memory).
     """

@@ -30,7 +30,7 @@ MEMORY_KINDS = ("linear", "mlp")
 DELTA_OBJECTIVES = ("huber", "pseudo_huber", "yaad")
 LEARNED = "learned"
 
-# The MIRAS models (shared/design/miras.md §3) as NeuralMemory defaults: memory, objective,
+# The MIRAS models (docs/miras.md §3) as NeuralMemory defaults: memory, objective,
 # retention and the momentum bound (the MIRAS models learn by plain gradient descent: eta = 0).
 PRESETS = {
     "titans": dict(memory="mlp", objective="l2", retention="l2", max_momentum=0.9),
@@ -124,9 +124,10 @@ class NeuralMemory(nn.Module):
     to at most ``2 * max_lr * chunk_size`` along one key direction, amplified by the momentum up
     to about ``1 / (1 - max_momentum)``. The default ``max_lr = min(0.25, (1 - max_momentum) /
     (2 * chunk_size))`` keeps the linear memory's chunk-to-chunk map non-expanding for any gate
-    values even when all keys of a chunk coincide (the worst case), so long sequences stay finite.
+    values even when all keys of a chunk coincide (the worst case), so long sequences stay finite
+    (``docs/design.md`` §4.1).
 
-    Presets (``shared/design/miras.md`` §3; MIRAS, arXiv 2504.13173). ``preset`` picks the memory,
+    Presets (``docs/miras.md`` §3; MIRAS, arXiv 2504.13173). ``preset`` picks the memory,
     the objective, the retention and the momentum bound of a published model; arguments passed
     explicitly override its choices:
 
@@ -148,7 +149,11 @@ class NeuralMemory(nn.Module):
         memory: ``"linear"`` (``M(x) = W x``) or ``"mlp"`` (``M(x) = x + W2 act(W1 x)``); default
             ``"linear"``, or the preset's.
         expansion: hidden width ``expansion * D`` of the MLP memory.
-        chunk_size: tokens per chunk of the op (inner gradients at chunk-start memory).
+        chunk_size: tokens per chunk of the op (inner gradients at chunk-start memory). The
+            default, 16, is smaller than the ops' 64 on purpose (``docs/design.md`` §4.2): the
+            stable ``max_lr`` above scales as ``1 / chunk_size``, a smaller chunk re-linearizes
+            the inner loss more often, streaming replays up to ``chunk_size - 1`` tokens per call,
+            and a MAC segment must be a multiple of it.
         conv_kernel: width of the causal depthwise convolutions (>= 1; 1 is no mixing in time).
         max_lr: upper bound of the inner learning rate theta (default: the stable bound above).
         max_momentum: upper bound of the momentum gate eta, in [0, 1] (default 0.9, or the

@@ -3,8 +3,18 @@
 Every error names the argument and says what was expected, so a user sees
 ``ValueError: k: expected shape [B, T, H, Dk] = [2, 100, 4, 64], got [2, 99, 4, 64]`` instead of
 a crash inside a kernel.
+
+Two kinds of checks. Shape, dtype and device checks read only metadata and always run. Value
+checks (finite gates in their ranges, delta > 0, a usable "kl" state, token ids in range) read
+tensor data, which on a GPU is a device-to-host copy that waits for the stream (a host sync: it
+stalls every decode step and rules out CUDA-graph capture). They run where
+:func:`value_checks_enabled` says so: by default on CPU tensors (no sync there) and not on
+others; the environment variable ``TITANS_EXT_CHECK_VALUES=1`` turns them on everywhere and
+``TITANS_EXT_CHECK_VALUES=0`` off everywhere.
 """
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,16 +52,54 @@ def check_device(name, t, device):
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {t.device}")
 
 
-def _check_finite_gates(gates):
-    # Data-dependent: a host sync on GPUs and not traceable, so it is skipped under torch.compile.
+CHECK_VALUES_ENV = "TITANS_EXT_CHECK_VALUES"
+
+
+def value_checks_enabled(device):
+    """Whether the checks that read tensor values run for tensors on ``device``.
+
+    ``TITANS_EXT_CHECK_VALUES`` is read at every call (a dictionary lookup, nothing next to an op
+    call), so it can be switched on for a debugging session or a single test without restarting
+    or re-importing anything. Unset or empty: on for CPU tensors only. Under ``torch.compile``
+    never: a traced graph cannot branch on values.
+    """
     if torch.compiler.is_compiling():
+        return False
+    setting = os.environ.get(CHECK_VALUES_ENV, "")
+    if setting == "":
+        return device.type == "cpu"
+    if setting not in ("0", "1"):
+        raise ValueError(f"{CHECK_VALUES_ENV}: expected 0 or 1 (or unset), got {setting!r}")
+    return setting == "1"
+
+
+# Gate ranges (docs/design.md §1): the inner learning rate is non-negative; momentum decay and
+# forget gate are fractions of the previous state.
+GATE_RANGES = {"theta": (0.0, math.inf), "eta": (0.0, 1.0), "alpha": (0.0, 1.0)}
+
+
+def _range_text(low, high):
+    return f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+
+
+def check_gate_values(gates):
+    """Finite gates in their ranges (:data:`GATE_RANGES`); a value check, so it reads the gates'
+    data only where :func:`value_checks_enabled` allows (one host sync for all gates on a GPU)."""
+    first = next(iter(gates.values()))
+    if first.numel() == 0 or not value_checks_enabled(first.device):
         return
-    for name, g in gates.items():
+    valid = [(torch.isfinite(g) & (g >= GATE_RANGES[name][0]) & (g <= GATE_RANGES[name][1])).all()
+             for name, g in gates.items()]
+    for (name, g), ok in zip(gates.items(), torch.stack(valid).tolist()):
+        if ok:
+            continue
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"{name}: gates must be finite (found NaN or inf)")
+        raise ValueError(f"{name}: expected values {_range_text(*GATE_RANGES[name])}, "
+                         f"got values in [{g.min().item():g}, {g.max().item():g}]")
 
 
-def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
+def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values=True):
     check_tensor("q", q, 4)
     B, T, H, Dk = q.shape
     check_tensor("k", k, 4)
@@ -72,7 +120,8 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read):
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
     if read not in READ_MODES:
         raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
-    _check_finite_gates(gates)
+    if check_values:
+        check_gate_values(gates)
     return B, T, H, Dk, v.shape[-1]
 
 
@@ -86,9 +135,13 @@ def _check_state_pair(name, pair, shape, dims, device):
         check_device(label, t, device)
 
 
-def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state):
-    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``."""
-    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read)
+def check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state, check_values=True):
+    """Validates the arguments of ``linear_memory``; returns ``(B, T, H, Dk, Dv)``.
+
+    ``check_values=False`` leaves out the gates' value checks (:func:`check_gate_values`), for a
+    caller that hands the same gates to the op, which checks them.
+    """
+    B, T, H, Dk, Dv = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
     if initial_state is not None:
         _check_state_pair("initial_state", initial_state, (B, H, Dv, Dk), ("B", "H", "Dv", "Dk"), q.device)
     return B, T, H, Dk, Dv
@@ -129,11 +182,11 @@ def state_dtype_for(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# MIRAS options (shared/design/miras.md §2). The integer codes are the kernels' (enum
+# MIRAS options (docs/miras.md §2). The integer codes are the kernels' (enum
 # ObjectiveKind / RetentionKind in csrc/titans_params.h); keep the two lists in the same order.
 OBJECTIVES = ("l2", "lp", "huber", "pseudo_huber", "yaad")
 RETENTIONS = ("l2", "lq", "kl")
-# Entries of a "kl" memory are clamped to this before the log (miras.md §2.3).
+# Entries of a "kl" memory are clamped to this before the log (docs/miras.md §2.3).
 KL_LOG_FLOOR = 1e-6
 _DELTA_OBJECTIVES = ("huber", "pseudo_huber", "yaad")
 _OBJECTIVE_FORMS = ('"l2", ("lp", p), ("lp", p, eps), ("huber", delta), ("pseudo_huber", delta) '
@@ -242,7 +295,7 @@ def expand_delta(objective, shape, device, dtype):
     except RuntimeError:
         raise ValueError(f"delta: expected a tensor broadcastable to [B, T, H] = {[B, T, H]} or "
                          f"[B, T, H, Dv] = {list(shape)}, got shape {_shape(objective.delta)}") from None
-    if not torch.compiler.is_compiling() and not bool((delta > 0).all()):
+    if value_checks_enabled(device) and not bool((delta > 0).all()):
         raise ValueError("delta: expected delta > 0 everywhere")
     delta = delta.to(dtype)
     return delta[..., None].expand(shape) if per_token else delta
@@ -252,7 +305,7 @@ def check_kl_state(retention, memories, name):
     """A "kl" memory is read through log max(M, KL_LOG_FLOOR): a row without a positive entry
     (a zero memory, say) carries nothing. Single entries <= 0 are legal: the linear steps inside
     a chunk produce them, and a returned state must be accepted back (streaming)."""
-    if retention.kind != "kl" or torch.compiler.is_compiling():
+    if retention.kind != "kl" or not memories or not value_checks_enabled(memories[0].device):
         return
     if not all(bool((m > 0).any(dim=-1).all()) for m in memories):
         raise ValueError(f'{name}: retention="kl" needs a memory with a positive entry in every row '

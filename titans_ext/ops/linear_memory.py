@@ -9,6 +9,7 @@ so both directions are visible to torch.compile and checked by ``torch.library.o
 import torch
 
 from .checks import check_linear_inputs, check_miras_args, state_dtype_for
+from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
 # dimension of the state rows live in shared memory. Dv is split into tiles and is not limited.
@@ -33,6 +34,7 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
                             p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
@@ -51,9 +53,10 @@ def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_f
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
     state = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), state, torch.empty_like(state),
-            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
+    # The kernels return contiguous gradients whatever the inputs' strides (empty_like would copy them).
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
+    return (*grads, state, torch.empty_like(state),
+            q.new_empty((0,), dtype=state_dtype) if delta is None else delta.new_empty(delta.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,7 +101,11 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         M_t = (1 - alpha_t) M_{t-1} + S_t           # forget gate
         o_t = M_t q_t   (read="token")   or   M_{t0-1} q_t   (read="chunk_start")
 
-    ``chunk_size=1`` is the exact per-token Titans recurrence.
+    ``chunk_size=1`` is the exact per-token Titans recurrence. Conventions (``docs/peers.md``
+    §7): ``alpha`` is the fraction of the memory forgotten per token (flash-linear-attention's
+    log-decay is ``g = log1p(-alpha)``); the loss ``||M k_t - v_t||^2`` has no 1/2 and no 1/Dv
+    (fla's delta-rule ``beta = 2 theta``; titans-pytorch's mean-squared loss with learning rate
+    ``lr`` is ``theta = lr / Dv``); no scale is applied to q.
 
     MIRAS options (``docs/miras.md`` §2) change the error map f and the retention:
 
@@ -129,9 +136,15 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
-        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of M forgotten per token.
         chunk_size: tokens per chunk (>= 1; on CUDA 1..64, with 16, 32 and 64 the tuned sizes).
-        initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros.
+            The default, 64, is the largest chunk the CUDA kernels take (the fewest sequential
+            steps); the op does not bound the gates, so the caller bounds theta for the chunk
+            size it picks (``docs/design.md`` §4.1). ``NeuralMemory`` defaults to 16
+            (``docs/design.md`` §4.2).
+        initial_state: ``(M0, S0)``, each ``[B, H, Dv, Dk]``, or None for zeros. The layout of
+            flash-linear-attention's state ``h [N, H, K, V]`` is the transpose:
+            ``M0 = h.transpose(-1, -2)``.
         output_final_state: also return ``(M_T, S_T)``.
         read: ``"token"`` or ``"chunk_start"``.
 
@@ -139,7 +152,15 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
         ``(M_T, S_T)`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to q, k, v, the
         gates, the initial state and delta, through both outputs.
+
+    Raises:
+        ValueError / TypeError naming the argument, for shapes, dtypes and devices always, and for
+        values (gates finite and in their ranges, delta > 0, a "kl" memory with a positive entry
+        per row) where value checks run: on CPU tensors, or everywhere with the environment
+        variable ``TITANS_EXT_CHECK_VALUES=1`` (``=0``: nowhere). On a GPU they are off by
+        default, since reading values is a host sync (:func:`titans_ext.ops.checks.value_checks_enabled`).
     """
+    check_op_device(q)
     B, T, H, _, Dv = check_linear_inputs(q, k, v, theta, eta, alpha, chunk_size, read, initial_state)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention,

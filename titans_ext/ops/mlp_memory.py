@@ -9,11 +9,12 @@ torch.compile and checked by ``torch.library.opcheck``.
 import torch
 
 from .checks import check_miras_args, check_mlp_inputs, state_dtype_for
+from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/mlp_memory.h): a chunk's q, k, dO tiles and its C x D and
 # C x C sums live in shared memory, the state is streamed in blocks of hidden units (so E is not
-# limited). What does not fit the device's shared memory raises a ValueError naming the bytes.
-# Every MIRAS option runs on them.
+# limited). What does not fit the device's shared memory raises a ValueError naming the bytes
+# (check_cuda_shared_memory). Every MIRAS option runs on them.
 CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_DIM = 128
 
@@ -30,6 +31,30 @@ def check_cuda_limits(q, chunk_size):
                          f"got D={q.shape[-1]} (q is on {device})")
 
 
+def check_cuda_shared_memory(q, hidden, chunk_size, read_token, retention_code, backward, plan=None,
+                             max_shared_bytes=None):
+    """A ValueError naming chunk_size, the bytes of shared memory needed and those ``q.device``
+    allows, when no hidden block of the CUDA forward (or, with ``backward``, of the backward) fits.
+
+    ``plan``: what the launchers choose (``torch.ops.titans_ext.mlp_memory_plan`` of a CUDA build;
+    ``titans_emu::mlp_memory_plan`` has the same schema); ``max_shared_bytes``: the device's
+    shared memory per block (read from its properties by default).
+    """
+    if plan is None:
+        plan = torch.ops.titans_ext.mlp_memory_plan
+    if max_shared_bytes is None:
+        max_shared_bytes = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    fwd_block, fwd_bytes, bwd_block, bwd_bytes = plan(q.shape[-1], hidden, chunk_size, q.dtype, read_token,
+                                                      retention_code, max_shared_bytes)
+    kernels = [("forward", fwd_block, fwd_bytes)] + ([("backward", bwd_block, bwd_bytes)] if backward else [])
+    for name, block, needed in kernels:
+        if block == 0:
+            raise ValueError(f"chunk_size: mlp_memory's CUDA {name} with chunk_size {chunk_size}, D={q.shape[-1]}, "
+                             f"E*D={hidden} and {str(q.dtype).replace('torch.', '')} inputs needs {needed} bytes "
+                             f"of shared memory per block, more than the {max_shared_bytes} that {q.device} allows; "
+                             "use a smaller chunk_size")
+
+
 def _state_shapes(q, hidden):
     B, _, H, D = q.shape
     return (B, H, hidden, D), (B, H, D, hidden)
@@ -38,6 +63,7 @@ def _state_shapes(q, hidden):
 @torch.library.register_fake("titans_ext::mlp_memory_fwd")
 def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
                          save_states, objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
     B, T, H, D = q.shape
     N = w1.shape[2]
     state_dtype = state_dtype_for(q.dtype)
@@ -60,9 +86,10 @@ def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_fin
     shape1, shape2 = _state_shapes(q, hidden)
     dw1, ds1 = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     dw2, ds2 = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(theta),
-            torch.empty_like(eta), torch.empty_like(alpha), dw1, dw2, ds1, ds2,
-            q.new_empty((0,), dtype=state_dtype) if delta is None else torch.empty_like(delta))
+    # The kernel returns contiguous gradients whatever the inputs' strides (empty_like would copy them).
+    grads = tuple(x.new_empty(x.shape) for x in (q, k, v, theta, eta, alpha))
+    return (*grads, dw1, dw2, ds1, ds2,
+            q.new_empty((0,), dtype=state_dtype) if delta is None else delta.new_empty(delta.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -146,10 +173,11 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         v: values ``[B, T, H, D]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
         eta: momentum decay ``[B, T, H]``, in [0, 1].
-        alpha: forget gate ``[B, T, H]``, in [0, 1].
+        alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of each weight forgotten per token.
         weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
-        chunk_size: tokens per chunk (>= 1; on CUDA 1..64, and D <= 128; a chunk whose tiles do
-            not fit the GPU's shared memory raises a ValueError naming the bytes).
+        chunk_size: tokens per chunk (>= 1). The default, 64, matches :func:`titans_ext.linear_memory`;
+            ``NeuralMemory`` defaults to 16 (``docs/design.md`` §4.2). On CUDA 1..64 (and D <= 128); a
+            chunk whose tiles do not fit the GPU's shared memory raises a ValueError naming the bytes.
         momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
@@ -159,18 +187,25 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
         ``((W1_T, W2_T), (S1_T, S2_T))`` (fp32, fp64 for fp64 inputs) or None. Gradients flow to
         q, k, v, the gates, the initial weights, the momenta and delta, through both outputs.
+
+    Raises:
+        ValueError / TypeError naming the argument, as :func:`titans_ext.linear_memory` (value
+        checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
-    B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
+    check_op_device(q)
+    B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
                                                    memory_name="weights")
-    if q.is_cuda:
-        check_cuda_limits(q, chunk_size)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     w1, w2 = (w.to(state_dtype) for w in weights)
     s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2, delta))
+    if q.is_cuda:
+        check_cuda_limits(q, chunk_size)
+        if not torch.compiler.is_compiling():  # under torch.compile the kernel's own check raises
+            check_cuda_shared_memory(q, N, chunk_size, read == "token", retention.code, needs_grad)
     o, w1_final, w2_final, s1_final, s2_final, _ = torch.ops.titans_ext.mlp_memory_fwd(
         q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad,
         objective.code, objective.p, objective.eps, delta, retention.code, retention.q)

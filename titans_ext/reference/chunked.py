@@ -1,7 +1,7 @@
 """Chunked references in plain PyTorch: the kernels' algorithm, written with torch ops.
 
-They mirror the chunk algebra of the C++/CUDA kernels (``shared/design`` README §2,
-``mlp_dual_form.md``): inside a chunk every token's gradient is taken at the chunk-start
+They mirror the chunk algebra of the C++/CUDA kernels (``docs/design.md`` §2,
+``docs/mlp_dual_form.md``): inside a chunk every token's gradient is taken at the chunk-start
 memory, so a chunk is a few matmuls and only the chunk-to-chunk step is a Python loop.
 Comparing them with the token loop (:mod:`.recurrent`) tests the math; comparing the kernels
 with them separates kernel bugs from math bugs. Autograd gives their backward.
@@ -134,7 +134,7 @@ def mlp_memory_chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, mo
                        output_final_state=False, read="token", activation="gelu", objective="l2", retention="l2"):
     """Deep memory ``M(x) = x + W2 act(W1 x)``, chunk by chunk, with the dual form for token reads.
 
-    Same signature and semantics as :func:`titans_ext.mlp_memory`. Per chunk (``mlp_dual_form.md``
+    Same signature and semantics as :func:`titans_ext.mlp_memory`. Per chunk (``docs/mlp_dual_form.md``
     §3), with the chunk-start weights W1, W2 and momenta S1, S2: the key path gives the hidden
     activations H, the errors Ecal = f(K + H W2^T - V) and the hidden-layer errors DZ of all tokens
     at once; token t's weights ``W_t = a_t W + g_t S + sum_{i<=t} c[t, i] u_i`` are never built,

@@ -1,4 +1,4 @@
-"""MIRAS pieces of the references (shared/design/miras.md §2), written literally in PyTorch.
+"""MIRAS pieces of the references (docs/miras.md §2), written literally in PyTorch.
 
 The token loop differentiates a per-token loss with autograd (:func:`objective_loss`); the
 chunked reference applies the error map f(r) directly (:func:`objective_error`), as the
@@ -31,7 +31,7 @@ def objective_loss(objective, r, delta):
 
 
 def objective_error(objective, r, delta):
-    """The error map f(r) of miras.md §2.1, elementwise except for yaad's per-token norm."""
+    """The error map f(r) of docs/miras.md §2.1, elementwise except for yaad's per-token norm."""
     kind = objective.kind
     if kind == "l2":
         return 2 * r

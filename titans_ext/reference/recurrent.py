@@ -1,7 +1,7 @@
 """Token-by-token references: the oracle the fast ops are tested against.
 
-Each function is the literal per-token recurrence of the Titans memory (``shared/design``
-README §1), written for clarity, not speed: one Python step per token, float64-capable,
+Each function is the literal per-token recurrence of the Titans memory (``docs/design.md``
+§1), written for clarity, not speed: one Python step per token, float64-capable,
 autograd provides every gradient. With ``chunk_size=1`` it is the exact Titans recurrence;
 with a larger chunk, the per-token gradient is taken at the memory before the token's chunk.
 """

@@ -40,6 +40,8 @@ using Error = int;  // the emulation reports errors by throwing emu::KernelError
 constexpr Error kSuccess = 0;
 
 // A bounds-checked pointer into shared memory: p[i] and p + n, as kernels use raw pointers.
+// Under set_write_visibility p[i] is the thread's private copy of the element, valid until the
+// thread's next synchronization point (do not keep the reference across one).
 template <typename T>
 class SharedPtr {
  public:
@@ -47,14 +49,14 @@ class SharedPtr {
       : base_(base), size_(size), name_(name), offset_(offset) {}
   T& operator[](std::ptrdiff_t i) const {
     if (i < 0 || i >= size_) out_of_bounds(i);
-    return base_[i];
+    return *static_cast<T*>(emu::shared_element(base_ + i, sizeof(T)));
   }
   SharedPtr operator+(std::ptrdiff_t n) const {
     if (n < 0 || n > size_) out_of_bounds(n);
     return SharedPtr(base_ + n, size_ - n, name_, offset_ + n);
   }
   // The address of elements [0, count), bounds-checked once, for the wrappers that move whole
-  // rows or vectors as raw bytes (ldmatrix, cp.async).
+  // rows or vectors as raw bytes (ldmatrix, cp.async; they read through emu::load_shared).
   T* span(std::ptrdiff_t count) const {
     if (count > size_) out_of_bounds(count - 1);
     return base_;
@@ -154,11 +156,15 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) { titans::device::emu::sync_warp(mask); }
 
-// Atomics on global and shared memory (fibers switch only at synchronization points and blocks
-// run one at a time, but the builtins keep them atomic should blocks ever run in parallel).
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// Atomics on global and shared memory (fibers switch only at synchronization points and the
+// blocks of a launch run on one OS thread, but the builtins keep them atomic should blocks ever
+// run in parallel). They act on memory itself, also under set_write_visibility.
 template <typename T>
 T atomicAdd(T* address, T val) {
   static_assert(std::is_arithmetic<T>::value, "atomicAdd of this type");
+  address = static_cast<T*>(titans::device::emu::atomic_address(address));
   if constexpr (std::is_integral<T>::value) {
     return __atomic_fetch_add(address, val, __ATOMIC_RELAXED);
   } else {
@@ -173,6 +179,7 @@ T atomicAdd(T* address, T val) {
 template <typename T>
 T atomicMax(T* address, T val) {
   static_assert(std::is_integral<T>::value, "atomicMax of this type");
+  address = static_cast<T*>(titans::device::emu::atomic_address(address));
   T old = __atomic_load_n(address, __ATOMIC_RELAXED);
   while (old < val && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
@@ -181,6 +188,7 @@ T atomicMax(T* address, T val) {
 template <typename T>
 T atomicCAS(T* address, T compare, T val) {
   static_assert(std::is_integral<T>::value, "atomicCAS of this type");
+  address = static_cast<T*>(titans::device::emu::atomic_address(address));
   __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   return compare;
 }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <queue>
 #include <random>
 #include <sstream>
 #include <vector>
@@ -132,6 +133,17 @@ constexpr unsigned char kSharedPoison = 0xff;
 static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16, "operator new must return 16-byte aligned memory");
 
 std::atomic<int64_t> g_schedule_seed{-1};
+std::atomic<int64_t> g_copy_landing_seed{-1};
+std::atomic<int64_t> g_write_visibility_seed{-1};
+std::atomic<int64_t> g_block_interleaving_seed{-1};
+
+// One random stream per mode and block, from the mode's seed and the block's rank in the grid.
+uint64_t stream_seed(int64_t seed, uint64_t salt, uint64_t block_rank) {
+  uint64_t z = static_cast<uint64_t>(seed) * 0x9e3779b97f4a7c15ull + salt;  // splitmix64
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return (z ^ (z >> 31)) + block_rank;
+}
 
 // A fiber stack with an inaccessible guard page below it, so an overflow faults at once.
 class Stack {
@@ -156,31 +168,174 @@ class Stack {
   size_t bytes_;
 };
 
+// A thread's pending shared-memory writes under set_write_visibility: the 16-byte lines of the
+// block's shared memory it touched since it last published, each as it was when first touched
+// (seen) and with the thread's own writes (mine). The thread reads and writes its lines; other
+// threads see shared memory itself. Publishing writes back only the bytes that differ from what
+// the thread saw, so threads that write different bytes of one line do not undo each other.
+class WriteBuffer {
+ public:
+  static constexpr size_t kLine = 16;
+
+  // Starts a block whose shared memory is [shared, shared + bytes); the buffer is empty.
+  void attach(unsigned char* shared, size_t bytes) {
+    shared_ = shared;
+    // The previous block's threads published at their exit, which emptied the table.
+    const size_t lines = (bytes + kLine - 1) / kLine;
+    if (slot_of_line_.size() != lines || used_ != 0) slot_of_line_.assign(lines, kNoSlot);
+    used_ = 0;
+  }
+
+  unsigned char* element(size_t offset, size_t bytes) {
+    if (offset % kLine + bytes > kLine)
+      fail("misaligned shared memory access: " + std::to_string(bytes) + " bytes at byte offset " +
+           std::to_string(offset));
+    const size_t index = offset / kLine;
+    int32_t slot = slot_of_line_[index];
+    if (slot == kNoSlot) {
+      if (used_ == chunks_.size() * kChunkLines) chunks_.push_back(std::make_unique<Line[]>(kChunkLines));
+      slot = static_cast<int32_t>(used_++);
+      Line& l = line(slot);
+      l.index = index;
+      std::memcpy(l.seen, shared_ + index * kLine, kLine);
+      std::memcpy(l.mine, l.seen, kLine);
+      slot_of_line_[index] = slot;
+    }
+    return line(slot).mine + offset % kLine;
+  }
+
+  // Copies [offset, offset + bytes) as this thread sees it.
+  void read(void* out, size_t offset, size_t bytes) const {
+    auto* to = static_cast<unsigned char*>(out);
+    for (size_t b = 0; b < bytes; ++b) {
+      const size_t at = offset + b;
+      const int32_t slot = slot_of_line_[at / kLine];
+      to[b] = slot == kNoSlot ? shared_[at] : line(slot).mine[at % kLine];
+    }
+  }
+
+  // The byte offset in shared memory of a pointer into one of this buffer's lines, or -1.
+  std::ptrdiff_t offset_of(const void* p) const {
+    const auto* byte = static_cast<const unsigned char*>(p);
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      const auto* first = reinterpret_cast<const unsigned char*>(chunks_[c].get());
+      if (byte < first || byte >= first + kChunkLines * sizeof(Line)) continue;
+      const size_t slot = c * kChunkLines + static_cast<size_t>(byte - first) / sizeof(Line);
+      const Line& l = line(slot);
+      const size_t in_line = static_cast<size_t>(byte - l.mine);
+      if (slot >= used_ || l.index == kDropped || in_line >= kLine) return -1;
+      return static_cast<std::ptrdiff_t>(l.index * kLine + in_line);
+    }
+    return -1;
+  }
+
+  // Makes every pending write visible and empties the buffer.
+  void publish() {
+    for (size_t slot = 0; slot < used_; ++slot) {
+      Line& l = line(slot);
+      if (l.index == kDropped) continue;
+      write_back(l);
+      slot_of_line_[l.index] = kNoSlot;
+    }
+    used_ = 0;
+  }
+
+  // The same for the lines that overlap [offset, offset + bytes) only.
+  void publish(size_t offset, size_t bytes) {
+    if (used_ == 0 || bytes == 0) return;
+    for (size_t index = offset / kLine; index <= (offset + bytes - 1) / kLine; ++index) {
+      const int32_t slot = slot_of_line_[index];
+      if (slot == kNoSlot) continue;
+      Line& l = line(slot);
+      write_back(l);
+      l.index = kDropped;
+      slot_of_line_[index] = kNoSlot;
+    }
+  }
+
+ private:
+  static constexpr int32_t kNoSlot = -1;
+  static constexpr size_t kDropped = ~size_t{0};
+  static constexpr size_t kChunkLines = 256;
+  struct Line {
+    size_t index;  // of the line in shared memory, or kDropped
+    unsigned char seen[kLine];
+    unsigned char mine[kLine];
+  };
+  Line& line(size_t slot) { return chunks_[slot / kChunkLines][slot % kChunkLines]; }
+  const Line& line(size_t slot) const { return chunks_[slot / kChunkLines][slot % kChunkLines]; }
+  void write_back(const Line& l) {
+    unsigned char* at = shared_ + l.index * kLine;
+    for (size_t b = 0; b < kLine; ++b)
+      if (l.mine[b] != l.seen[b]) at[b] = l.mine[b];
+  }
+
+  unsigned char* shared_ = nullptr;
+  std::vector<int32_t> slot_of_line_;
+  std::vector<std::unique_ptr<Line[]>> chunks_;  // lines never move, so references stay valid
+  size_t used_ = 0;
+};
+
+// What one thread of a block needs, kept across the blocks that run in its slot.
+struct ThreadResources {
+  Stack stack;
+  WriteBuffer write_buffer;
+};
+using BlockResources = std::vector<std::unique_ptr<ThreadResources>>;
+
+// Thread resources of the launches on this OS thread, kept for the next launch: mapping a fresh
+// stack per thread and faulting its pages in costs more than a small kernel's whole run.
+class ResourcePool {
+ public:
+  BlockResources take(size_t threads) {
+    BlockResources taken;
+    while (taken.size() < threads && !spare_.empty()) {
+      taken.push_back(std::move(spare_.back()));
+      spare_.pop_back();
+    }
+    while (taken.size() < threads) taken.push_back(std::make_unique<ThreadResources>());
+    return taken;
+  }
+  void give_back(BlockResources& resources) {
+    for (std::unique_ptr<ThreadResources>& r : resources)
+      if (spare_.size() < kMaxSpare) spare_.push_back(std::move(r));
+    resources.clear();
+  }
+
+ private:
+  static constexpr size_t kMaxSpare = kResidentBlocks * 1024;
+  BlockResources spare_;
+};
+thread_local ResourcePool t_resource_pool;
+
 enum class FiberState { kRunnable, kAtBlockBarrier, kAtWarpSync, kDone };
+
+struct Fiber {
+  ThreadContext thread;
+  Context context;
+  WriteBuffer* write_buffer = nullptr;  // non-null under set_write_visibility
+  FiberState state = FiberState::kRunnable;
+  const char* barrier_file = nullptr;  // where it waits at __syncthreads
+  int barrier_line = 0;
+  unsigned warp_mask = 0;  // the mask it waits with at a warp collective
+  // Its cp.async copies not waited for (indices into the block's copies): those issued since the
+  // last commit, and the committed groups, oldest first.
+  std::vector<uint32_t> uncommitted_copies;
+  std::deque<std::vector<uint32_t>> copy_groups;
+
+  size_t pending_copies() const {
+    size_t n = uncommitted_copies.size();
+    for (const std::vector<uint32_t>& group : copy_groups) n += group.size();
+    return n;
+  }
+};
 
 struct AsyncCopy {
   void* dst;
   const void* src;
   size_t bytes;
-};
-
-struct Fiber {
-  ThreadContext thread;
-  Context context;
-  FiberState state = FiberState::kRunnable;
-  const char* barrier_file = nullptr;  // where it waits at __syncthreads
-  int barrier_line = 0;
-  unsigned warp_mask = 0;  // the mask it waits with at a warp collective
-  // Its cp.async copies not yet performed: those issued since the last commit, and the
-  // committed groups, oldest first.
-  std::vector<AsyncCopy> uncommitted_copies;
-  std::vector<std::vector<AsyncCopy>> copy_groups;
-
-  size_t pending_copies() const {
-    size_t n = uncommitted_copies.size();
-    for (const std::vector<AsyncCopy>& group : copy_groups) n += group.size();
-    return n;
-  }
+  uint64_t serial;  // tells a reused slot from the copy a landing time was drawn for
+  bool landed;
 };
 
 struct Warp {
@@ -201,35 +356,48 @@ std::string format_dim(const dim3& d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
 }
 
-// One block in flight on this OS thread.
+// One block in flight on this OS thread; the grid runner steps it until it has no runnable fiber.
 class Block {
  public:
-  Block(const GridLaunch& launch, const std::function<void()>& body, dim3 block_idx,
-        std::vector<std::unique_ptr<Stack>>& stacks)
+  Block(const GridLaunch& launch, const std::function<void()>& body, dim3 block_idx, BlockResources& resources)
       : launch_(launch),
         body_(body),
         block_idx_(block_idx),
-        fibers_(stacks.size()),
-        warps_((stacks.size() + 31) / 32),
+        fibers_(resources.size()),
+        warps_((resources.size() + 31) / 32),
         shared_(launch.dynamic_smem_bytes + kMaxStaticSharedBytes, kSharedPoison),
         static_used_(0) {
+    const uint64_t block_rank =
+        block_idx.x + uint64_t{launch.grid.x} * (block_idx.y + uint64_t{launch.grid.y} * block_idx.z);
+    const int64_t schedule_seed = g_schedule_seed.load(), landing_seed = g_copy_landing_seed.load();
+    const int64_t visibility_seed = g_write_visibility_seed.load();
+    random_order_ = schedule_seed >= 0;
+    if (random_order_) rng_.seed(stream_seed(schedule_seed, 1, block_rank));
+    early_landing_ = landing_seed >= 0;
+    if (early_landing_) landing_rng_.seed(stream_seed(landing_seed, 2, block_rank));
+    buffered_writes_ = visibility_seed >= 0;
+    if (buffered_writes_) visibility_rng_.seed(stream_seed(visibility_seed, 3, block_rank));
     const dim3 bd = launch.block;
     for (size_t i = 0; i < fibers_.size(); ++i) {
       Fiber& f = fibers_[i];
       const unsigned rank = static_cast<unsigned>(i);
       f.thread = {dim3(rank % bd.x, rank / bd.x % bd.y, rank / (bd.x * bd.y)), block_idx, bd, launch.grid,
                   static_cast<int>(rank % 32), static_cast<int>(rank / 32)};
-      context_init(f.context, stacks[i]->base(), kFiberStackBytes, &fiber_entry);
-    }
-    const int64_t seed = g_schedule_seed.load();
-    random_order_ = seed >= 0;
-    if (random_order_) {
-      const uint64_t block_rank = block_idx.x + uint64_t{launch.grid.x} * (block_idx.y + uint64_t{launch.grid.y} * block_idx.z);
-      rng_.seed(static_cast<uint64_t>(seed) * 0x9e3779b97f4a7c15ull + block_rank);
+      context_init(f.context, resources[i]->stack.base(), kFiberStackBytes, &fiber_entry);
+      if (buffered_writes_) {
+        f.write_buffer = &resources[i]->write_buffer;
+        f.write_buffer->attach(shared_.data(), shared_.size());
+      }
+      ready_.push_back(static_cast<int>(i));
     }
   }
 
-  void run();
+  // Runs one runnable fiber up to its next synchronization point; false when none is runnable
+  // (then finish() tells a finished block from a deadlock).
+  bool step();
+  void finish() {
+    if (exited_ != static_cast<int>(fibers_.size())) deadlock();
+  }
 
   // --- called on a fiber ---
   static Block& current() { return *t_block; }
@@ -240,14 +408,17 @@ class Block {
   }
   void wait_at_barrier(const char* file, int line) {
     Fiber& f = fiber();
+    if (f.write_buffer) f.write_buffer->publish();
     f.state = FiberState::kAtBlockBarrier;
     f.barrier_file = file;
     f.barrier_line = line;
     yield();
   }
-  void wait_at_warp(unsigned mask) {
+  // A warp collective; `fence`: it orders memory (__syncwarp), else it only exchanges values.
+  void wait_at_warp(unsigned mask, bool fence) {
     Fiber& f = fiber();
     if (!((mask >> f.thread.lane) & 1u)) fail("__syncwarp/warp collective with a mask that does not name this lane");
+    if (f.write_buffer && (fence || visibility_rng_() % 2 == 0)) f.write_buffer->publish();
     f.state = FiberState::kAtWarpSync;
     f.warp_mask = mask;
     yield();
@@ -268,6 +439,17 @@ class Block {
     *bytes = launch_.dynamic_smem_bytes;
     return shared_.data();
   }
+  // Byte offset of an address in this block's shared memory.
+  size_t shared_offset(const void* p) const {
+    const auto* byte = static_cast<const unsigned char*>(p);
+    if (byte < shared_.data() || byte >= shared_.data() + shared_.size())
+      fail("an address outside the block's shared memory was used as a shared-memory address");
+    return static_cast<size_t>(byte - shared_.data());
+  }
+  unsigned char* shared_byte(size_t offset) { return shared_.data() + offset; }
+  void issue_copy(void* dst, const void* src, size_t bytes);
+  void commit_copies();
+  void wait_copies(size_t pending_groups);
   void record_error(const std::string& message) { error_ = message; }
 
   static thread_local Block* t_block;
@@ -279,6 +461,8 @@ class Block {
   void after_switch(Fiber& f);
   void on_warp_arrival(Fiber& f);
   void check_warp_lanes_alive(const Warp& w, int warp_index);
+  void land(uint32_t copy);
+  void land_due_copies();
   [[noreturn]] void deadlock();
   [[noreturn]] void error(const Fiber& f, const std::string& what) const { throw KernelError(where(f) + ": " + what); }
   void make_runnable(int index) {
@@ -311,6 +495,22 @@ class Block {
   int at_barrier_ = 0;
   int exited_ = 0;
   std::string error_;
+  // cp.async copies in flight: slots reused through free_copies_; under set_copy_landing, the
+  // scheduler step at which each lands unless its wait comes first (earliest on top).
+  std::vector<AsyncCopy> copies_;
+  std::vector<uint32_t> free_copies_;
+  uint64_t copy_serial_ = 0;
+  uint64_t steps_ = 0;
+  bool early_landing_ = false;
+  std::mt19937_64 landing_rng_;
+  struct Landing {
+    uint64_t step, serial;
+    uint32_t copy;
+    bool operator>(const Landing& o) const { return step > o.step; }
+  };
+  std::priority_queue<Landing, std::vector<Landing>, std::greater<Landing>> landings_;
+  bool buffered_writes_ = false;
+  std::mt19937_64 visibility_rng_;
 };
 
 thread_local Block* Block::t_block = nullptr;
@@ -326,25 +526,24 @@ void Block::fiber_entry() {
     block.record_error(block.where(*t_fiber) + ": unknown exception");
   }
   // Outside the handler: the C++ runtime's "current exception" is per OS thread, not per fiber.
+  if (t_fiber->write_buffer) t_fiber->write_buffer->publish();
   t_fiber->state = FiberState::kDone;
   block.yield();
 }
 
-void Block::run() {
-  for (size_t i = 0; i < fibers_.size(); ++i) ready_.push_back(static_cast<int>(i));
+bool Block::step() {
+  if (ready_.empty()) return false;
+  Fiber& f = fibers_[pick()];
   t_block = this;
-  struct Reset {
-    ~Reset() { t_block = nullptr, t_fiber = nullptr; }
-  } reset;
-  while (!ready_.empty()) {
-    Fiber& f = fibers_[pick()];
-    t_fiber = &f;
-    context_switch(scheduler_, f.context);
-    t_fiber = nullptr;
-    if (!error_.empty()) throw KernelError(error_);
-    after_switch(f);
-  }
-  if (exited_ != static_cast<int>(fibers_.size())) deadlock();
+  t_fiber = &f;
+  ++steps_;
+  if (early_landing_) land_due_copies();
+  context_switch(scheduler_, f.context);
+  t_fiber = nullptr;
+  t_block = nullptr;
+  if (!error_.empty()) throw KernelError(error_);
+  after_switch(f);
+  return true;
 }
 
 void Block::after_switch(Fiber& f) {
@@ -435,11 +634,122 @@ void Block::deadlock() {
   error(fibers_.front(), "deadlock: no thread can run");
 }
 
+// A copy lands: it reads its source and writes its destination now (at its wait by default, the
+// latest moment the GPU may read the source).
+void Block::land(uint32_t copy) {
+  AsyncCopy& c = copies_[copy];
+  if (c.landed) return;
+  std::memcpy(c.dst, c.src, c.bytes);
+  c.landed = true;
+}
+
+void Block::land_due_copies() {
+  while (!landings_.empty() && landings_.top().step <= steps_) {
+    const Landing due = landings_.top();
+    landings_.pop();
+    if (copies_[due.copy].serial == due.serial) land(due.copy);
+  }
+}
+
+void Block::issue_copy(void* dst, const void* src, size_t bytes) {
+  Fiber& f = fiber();
+  // The thread's own earlier writes to the destination come before the copy.
+  if (f.write_buffer) f.write_buffer->publish(shared_offset(dst), bytes);
+  uint32_t copy;
+  if (free_copies_.empty()) {
+    copy = static_cast<uint32_t>(copies_.size());
+    copies_.push_back({});
+  } else {
+    copy = free_copies_.back();
+    free_copies_.pop_back();
+  }
+  copies_[copy] = {dst, src, bytes, ++copy_serial_, false};
+  f.uncommitted_copies.push_back(copy);
+  if (!early_landing_) return;
+  // Any moment up to two rounds of the block's threads ahead (the wait may come first); 0: now.
+  const uint64_t delay = std::uniform_int_distribution<uint64_t>(0, 2 * fibers_.size())(landing_rng_);
+  if (delay == 0) {
+    land(copy);
+  } else {
+    landings_.push({steps_ + delay, copy_serial_, copy});
+  }
+}
+
+void Block::commit_copies() {
+  Fiber& f = fiber();
+  f.copy_groups.push_back(std::move(f.uncommitted_copies));
+  f.uncommitted_copies.clear();
+}
+
+void Block::wait_copies(size_t pending_groups) {
+  Fiber& f = fiber();
+  while (f.copy_groups.size() > pending_groups) {
+    for (const uint32_t copy : f.copy_groups.front()) {
+      land(copy);
+      // What the thread itself wrote there before is overwritten; it reads the copy from now on.
+      AsyncCopy& c = copies_[copy];
+      if (f.write_buffer) f.write_buffer->publish(shared_offset(c.dst), c.bytes);
+      c.serial = 0;
+      free_copies_.push_back(copy);
+    }
+    f.copy_groups.pop_front();
+  }
+}
+
+// Runs every block of a grid: one after another in grid order, or under set_block_interleaving
+// up to kResidentBlocks at once, started in a seeded random order, stepped in a random order.
+void run_blocks(const GridLaunch& launch, const std::function<void()>& thread_body) {
+  const dim3 g = launch.grid;
+  std::vector<dim3> order;
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) order.emplace_back(x, y, z);
+  const int64_t seed = g_block_interleaving_seed.load();
+  std::mt19937_64 rng;
+  size_t resident = 1;
+  if (seed >= 0) {
+    rng.seed(stream_seed(seed, 4, order.size()));
+    std::shuffle(order.begin(), order.end(), rng);
+    resident = std::min<size_t>(kResidentBlocks, order.size());
+  }
+  const size_t threads = size_t{launch.block.x} * launch.block.y * launch.block.z;
+  // Declared before the blocks, so that they are destroyed first (also when a block throws).
+  struct Lease {
+    std::vector<BlockResources> slots;
+    ~Lease() {
+      for (BlockResources& r : slots) t_resource_pool.give_back(r);
+    }
+  } resources;
+  std::vector<std::unique_ptr<Block>> running(resident);
+  std::vector<size_t> live;  // slots of running blocks
+  size_t next = 0;
+  for (size_t slot = 0; slot < resident; ++slot) {
+    resources.slots.push_back(t_resource_pool.take(threads));
+    running[slot] = std::make_unique<Block>(launch, thread_body, order[next++], resources.slots[slot]);
+    live.push_back(slot);
+  }
+  while (!live.empty()) {
+    const size_t at = live.size() == 1 ? 0 : std::uniform_int_distribution<size_t>(0, live.size() - 1)(rng);
+    const size_t slot = live[at];
+    if (running[slot]->step()) continue;
+    running[slot]->finish();
+    if (next < order.size()) {
+      running[slot] = std::make_unique<Block>(launch, thread_body, order[next++], resources.slots[slot]);
+    } else {
+      running[slot].reset();
+      live.erase(live.begin() + static_cast<std::ptrdiff_t>(at));
+    }
+  }
+}
+
 }  // namespace
 
 // --- runtime.h ---
 
 void set_schedule(int64_t seed) { g_schedule_seed.store(seed < 0 ? -1 : seed); }
+void set_copy_landing(int64_t seed) { g_copy_landing_seed.store(seed < 0 ? -1 : seed); }
+void set_write_visibility(int64_t seed) { g_write_visibility_seed.store(seed < 0 ? -1 : seed); }
+void set_block_interleaving(int64_t seed) { g_block_interleaving_seed.store(seed < 0 ? -1 : seed); }
 
 void run_grid(const GridLaunch& launch, const std::function<void()>& thread_body) {
   const std::string name = "titans emulation: kernel '" + std::string(launch.kernel_name) + "': ";
@@ -452,51 +762,29 @@ void run_grid(const GridLaunch& launch, const std::function<void()>& thread_body
     throw KernelError(name + std::to_string(launch.dynamic_smem_bytes) +
                       " bytes of dynamic shared memory exceed the 227 KiB of an H100 block");
   if (Block::t_block) throw KernelError(name + "launched from inside a kernel (not supported)");
-  std::vector<std::unique_ptr<Stack>> stacks;
-  for (size_t i = 0; i < threads; ++i) stacks.push_back(std::make_unique<Stack>());
-  for (unsigned z = 0; z < g.z; ++z)
-    for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) {
-        Block block(launch, thread_body, dim3(x, y, z), stacks);
-        block.run();
-      }
+  run_blocks(launch, thread_body);
 }
 
 const ThreadContext& current_thread() { return Block::t_fiber->thread; }
 
 void sync_block(const char* file, int line) { Block::current().wait_at_barrier(file, line); }
 
-void sync_warp(unsigned mask) { Block::current().wait_at_warp(mask); }
+void sync_warp(unsigned mask) { Block::current().wait_at_warp(mask, true); }
 
 const unsigned char* warp_exchange(unsigned mask, const void* value, size_t bytes) {
   Block& block = Block::current();
   Warp& w = block.warp();
   const int parity = w.parity;
   std::memcpy(w.slots[parity][block.fiber().thread.lane], value, bytes);
-  block.wait_at_warp(mask);
+  block.wait_at_warp(mask, false);
   return &w.slots[parity][0][0];
 }
 
-void async_copy(void* dst, const void* src, size_t bytes) {
-  Block::current().fiber().uncommitted_copies.push_back({dst, src, bytes});
-}
+void async_copy(void* dst, const void* src, size_t bytes) { Block::current().issue_copy(dst, src, bytes); }
 
-void async_commit() {
-  Fiber& f = Block::current().fiber();
-  f.copy_groups.push_back(std::move(f.uncommitted_copies));
-  f.uncommitted_copies.clear();
-}
+void async_commit() { Block::current().commit_copies(); }
 
-void async_wait(int pending_groups) {
-  Fiber& f = Block::current().fiber();
-  const size_t pending = static_cast<size_t>(pending_groups);
-  if (f.copy_groups.size() <= pending) return;
-  const auto landed = f.copy_groups.end() - static_cast<std::ptrdiff_t>(pending);
-  // The source is read only now, the latest moment the GPU may read it.
-  for (auto group = f.copy_groups.begin(); group != landed; ++group)
-    for (const AsyncCopy& copy : *group) std::memcpy(copy.dst, copy.src, copy.bytes);
-  f.copy_groups.erase(f.copy_groups.begin(), landed);
-}
+void async_wait(int pending_groups) { Block::current().wait_copies(static_cast<size_t>(pending_groups)); }
 
 void fail(const std::string& what) { throw std::runtime_error(what); }
 
@@ -505,6 +793,33 @@ void* shared_static(size_t bytes, const char* name, const char* file, int line) 
 }
 
 void* shared_dynamic(size_t* bytes) { return Block::current().dynamic_shared(bytes); }
+
+void* shared_element(void* address, size_t bytes) {
+  Block& block = Block::current();
+  WriteBuffer* buffer = block.fiber().write_buffer;
+  if (!buffer) return address;
+  return buffer->element(block.shared_offset(address), bytes);
+}
+
+void load_shared(void* out, const void* address, size_t bytes) {
+  Block& block = Block::current();
+  const WriteBuffer* buffer = block.fiber().write_buffer;
+  if (!buffer) {
+    std::memcpy(out, address, bytes);
+  } else {
+    buffer->read(out, block.shared_offset(address), bytes);
+  }
+}
+
+void* atomic_address(void* address) {
+  if (!Block::t_fiber || !Block::t_fiber->write_buffer) return address;
+  Block& block = Block::current();
+  WriteBuffer& buffer = *block.fiber().write_buffer;
+  const std::ptrdiff_t offset = buffer.offset_of(address);
+  if (offset < 0) return address;  // global memory
+  buffer.publish(static_cast<size_t>(offset), 1);
+  return block.shared_byte(static_cast<size_t>(offset));
+}
 
 }  // namespace emu
 }  // namespace device

@@ -15,6 +15,9 @@ namespace selftest {
 enum class ShuffleKind { kIdx = 0, kUp = 1, kDown = 2, kXor = 3 };
 enum class MmaKind { kM16N8K16Bf16 = 0, kM16N8K16Fp16 = 1, kM16N8K8Tf32 = 2 };
 enum class HalfKind { kBFloat16 = 0, kFloat16 = 1 };
+// How warp_shared_exchange orders its lanes' shared-memory writes before their reads: a
+// __syncwarp (correct), or a collective used as if it were one (a bug: it orders no memory).
+enum class WarpOrdering { kSyncwarp = 0, kShuffle = 1, kBallot = 2 };
 
 // out[b] = sum of x[b * threads .. (b + 1) * threads), a tree in dynamic shared memory with barriers.
 int block_reduce_sum(const float* x, float* out, int n, int threads, CUstream_st* stream);
@@ -45,14 +48,26 @@ int ldmatrix(const uint16_t* tile, const int32_t* row_offsets, int matrices, boo
 int ldmatrix_mma_bf16(const float* a, const float* b, float* d, CUstream_st* stream);
 // One block streams x [chunks * kCpAsyncChunk] through two shared buffers with cp.async copies of
 // `bytes` (4, 8 or 16) each, loading chunk c + 1 while it reads chunk c; out = each chunk
-// reversed. Without the wait<1> in the loop no copy has landed when the block reads.
+// reversed. Without the wait<1> in the loop no copy has landed when the block reads; without the
+// refill barrier at the end of an iteration a thread refills the buffer other threads may still
+// be reading.
 constexpr int kCpAsyncChunk = 256;
-int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, CUstream_st* stream);
+int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, bool with_refill_barrier,
+                      CUstream_st* stream);
 // One warp: lane l copies x[4 l + src_offset ..) to a shared stage at 4 l + dst_offset with
 // cp_async_16, then commits if `commit` and waits for every committed group if `wait`; after a
 // barrier out[0..128) = stage[dst_offset ..). x holds 128 + src_offset floats.
 int cp_async_one_group(const float* x, float* out, int src_offset, int dst_offset, bool commit, bool wait,
                        CUstream_st* stream);
+// One warp: lane l stores x[l] in shared memory, passes `ordering`, and reads the element of
+// lane (l + 1) % 32, which it finds with that collective (shuffle: the neighbour's lane id;
+// ballot: the warp's lane count): out[l] = x[(l + 1) % 32].
+int warp_shared_exchange(const float* x, float* out, WarpOrdering ordering, CUstream_st* stream);
+// Blocks of 32 threads: sums[b] = the sum of x[32 b, 32 b + 32), out[b] = sums[b] + sums[b - 1]
+// (out[0] = sums[0]). one_launch: each block reads sums[b - 1] in the same launch, as if block
+// b - 1 had finished before it (no block order is guaranteed: a bug); otherwise a second launch
+// adds them. sums must start as NaN.
+int block_chain(const float* x, float* sums, float* out, int blocks, bool one_launch, CUstream_st* stream);
 // x rounded to bf16 / fp16 (raw bits) and back to fp32.
 int half_round_trip(HalfKind kind, const float* x, uint16_t* bits, float* back, int n, CUstream_st* stream);
 

@@ -279,7 +279,8 @@ __device__ void cp_async_bytes(device::SharedPtr<float> dst, const float* src) {
 constexpr int kCpAsyncThreads = 64;
 
 template <int kBytes>
-__global__ void cp_async_pipeline_kernel(const float* x, float* out, int chunks, bool with_wait) {
+__global__ void cp_async_pipeline_kernel(const float* x, float* out, int chunks, bool with_wait,
+                                         bool with_refill_barrier) {
   TITANS_SHARED_ARRAY(float, stage, 2 * kCpAsyncChunk);
   constexpr int kFloats = kBytes / sizeof(float);
   const int tid = threadIdx.x;
@@ -298,24 +299,25 @@ __global__ void cp_async_pipeline_kernel(const float* x, float* out, int chunks,
     // Reversed: each thread reads elements that other threads copied.
     for (int i = tid; i < kCpAsyncChunk; i += blockDim.x)
       out[c * kCpAsyncChunk + i] = stage[c % 2 * kCpAsyncChunk + kCpAsyncChunk - 1 - i];
-    // The next iteration refills this buffer.
-    __syncthreads();
+    // The next iteration refills this buffer: every thread must be done reading it.
+    if (with_refill_barrier) __syncthreads();
   }
   // A thread must not exit with copies in flight.
   device::cp_async_wait<0>();
 }
 
-int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, CUstream_st* stream) {
+int cp_async_pipeline(const float* x, float* out, int chunks, int bytes, bool with_wait, bool with_refill_barrier,
+                      CUstream_st* stream) {
   switch (bytes) {
     case 4:
       return device::launch("cp_async_pipeline_4", cp_async_pipeline_kernel<4>, dim3(1), dim3(kCpAsyncThreads), 0,
-                            stream, x, out, chunks, with_wait);
+                            stream, x, out, chunks, with_wait, with_refill_barrier);
     case 8:
       return device::launch("cp_async_pipeline_8", cp_async_pipeline_kernel<8>, dim3(1), dim3(kCpAsyncThreads), 0,
-                            stream, x, out, chunks, with_wait);
+                            stream, x, out, chunks, with_wait, with_refill_barrier);
     case 16:
       return device::launch("cp_async_pipeline_16", cp_async_pipeline_kernel<16>, dim3(1), dim3(kCpAsyncThreads), 0,
-                            stream, x, out, chunks, with_wait);
+                            stream, x, out, chunks, with_wait, with_refill_barrier);
   }
   return -1;
 }
@@ -338,6 +340,55 @@ int cp_async_one_group(const float* x, float* out, int src_offset, int dst_offse
                        CUstream_st* stream) {
   return device::launch("cp_async_one_group", cp_async_one_group_kernel, dim3(1), dim3(device::kWarpSize), 0, stream,
                         x, out, src_offset, dst_offset, commit, wait);
+}
+
+__global__ void warp_shared_exchange_kernel(const float* x, float* out, WarpOrdering ordering) {
+  TITANS_SHARED_ARRAY(float, staged, device::kWarpSize);
+  const int lane = device::lane_id();
+  staged[lane] = x[lane];
+  int neighbour = (lane + 1) % device::kWarpSize;
+  switch (ordering) {
+    case WarpOrdering::kSyncwarp:
+      __syncwarp();
+      break;
+    // The collectives wait for every lane, but the stores above need not be visible after them.
+    case WarpOrdering::kShuffle:
+      neighbour = __shfl_sync(device::kFullWarpMask, lane, lane + 1);
+      break;
+    case WarpOrdering::kBallot:
+      neighbour = (lane + 1) % __popc(__ballot_sync(device::kFullWarpMask, 1));
+      break;
+  }
+  out[lane] = staged[neighbour];
+}
+
+int warp_shared_exchange(const float* x, float* out, WarpOrdering ordering, CUstream_st* stream) {
+  return device::launch("warp_shared_exchange", warp_shared_exchange_kernel, dim3(1), dim3(device::kWarpSize), 0,
+                        stream, x, out, ordering);
+}
+
+// sums[b] = the sum of block b's slice of x (a block is one warp).
+__device__ void store_block_sum(const float* x, float* sums) {
+  const float sum = device::warp_reduce_sum(x[blockIdx.x * device::kWarpSize + threadIdx.x]);
+  if (threadIdx.x == 0) sums[blockIdx.x] = sum;
+}
+
+__global__ void block_sum_kernel(const float* x, float* sums) { store_block_sum(x, sums); }
+
+// out[b] = sums[b] + sums[b - 1]; with `own_sum` the block first writes its own sums[b].
+__global__ void block_chain_kernel(const float* x, float* sums, float* out, bool own_sum) {
+  if (own_sum) store_block_sum(x, sums);
+  if (threadIdx.x == 0) out[blockIdx.x] = sums[blockIdx.x] + (blockIdx.x > 0 ? sums[blockIdx.x - 1] : 0.f);
+}
+
+int block_chain(const float* x, float* sums, float* out, int blocks, bool one_launch, CUstream_st* stream) {
+  if (!one_launch) {
+    const int error = device::launch("block_sum", block_sum_kernel, dim3(blocks), dim3(device::kWarpSize), 0, stream,
+                                     x, sums);
+    if (error != device::kSuccess) return error;
+  }
+  return device::launch("block_chain", block_chain_kernel, dim3(blocks), dim3(device::kWarpSize), 0, stream, x, sums,
+                        out, one_launch);
 }
 
 template <typename Half>
