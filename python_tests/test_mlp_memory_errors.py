@@ -155,6 +155,65 @@ def test_cuda_shared_memory_names_the_bytes(D, chunk_size, dtype, backward, matc
     check_cuda_shared_memory(q, 2 * D, 16, True, 0, True, **kwargs)  # chunk 16 fits both
 
 
+@pytest.fixture
+def fake_cuda_op(monkeypatch):
+    """Calls titans_ext.mlp_memory on fake CUDA tensors of D = 128, E = 2 (bf16, weights requiring
+    grad) as on a device with ``max_shared`` bytes of shared memory per block; the build check of
+    the device (cuda_arch.py) is skipped: there is no GPU to ask."""
+    import importlib
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op_module = importlib.import_module("titans_ext.ops.mlp_memory")  # titans_ext.ops.mlp_memory is the op
+    monkeypatch.setattr(op_module, "check_op_device", lambda q: None)
+
+    def call(chunk_size, max_shared=227 * 1024, D=128):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: SimpleNamespace(shared_memory_per_block_optin=max_shared))
+        with FakeTensorMode():
+            inputs = [torch.empty(1, 10, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+            gates = [torch.empty(1, 10, 1, device="cuda") for _ in range(3)]
+            weights = (torch.empty(1, 1, 2 * D, D, device="cuda", requires_grad=True),
+                       torch.empty(1, 1, D, 2 * D, device="cuda", requires_grad=True))
+            return titans_ext.mlp_memory(*inputs, *gates, weights, chunk_size=chunk_size)
+
+    return call
+
+
+def test_mlp_memory_checks_the_cuda_limits_before_dispatch(fake_cuda_op):
+    with pytest.raises(ValueError, match=r"chunk_size: the CUDA kernels of mlp_memory support chunk sizes 1..64"):
+        fake_cuda_op(65)
+    with pytest.raises(ValueError, match=r"q: the CUDA kernels of mlp_memory support head dimensions D <= 128"):
+        fake_cuda_op(16, D=136)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.titans_ext, "mlp_memory_plan"),
+                    reason="a CPU build of titans_ext has no CUDA launchers to ask")
+def test_mlp_memory_checks_the_shared_memory_before_dispatch(fake_cuda_op):
+    # An H100's 227 KiB: the bf16 backward at D = 128, chunk 64 fits no hidden block, chunk 32 does.
+    with pytest.raises(ValueError, match=r"chunk_size: mlp_memory's CUDA backward with chunk_size 64, D=128, "
+                                         r"E\*D=256 and bfloat16 inputs needs \d+ bytes of shared memory per "
+                                         r"block, more than the 232448 that cuda:0 allows"):
+        fake_cuda_op(64)
+    o, _ = fake_cuda_op(32)
+    assert o.shape == (1, 10, 1, 128)
+    with pytest.raises(ValueError, match=r"mlp_memory's CUDA forward with chunk_size 32, .* more than the 16384"):
+        fake_cuda_op(32, max_shared=16 * 1024)
+
+
+def test_cuda_build_plans_like_the_emulation():
+    """titans_ext::mlp_memory_plan (CUDA build) and titans_emu::mlp_memory_plan share one source."""
+    if not hasattr(torch.ops.titans_ext, "mlp_memory_plan"):
+        pytest.skip("a CPU build of titans_ext has no CUDA launchers to ask")
+    import titans_ext._emu  # noqa: F401
+
+    for args in [(64, 256, 64, torch.bfloat16, True, 0, 227 * 1024),
+                 (128, 512, 32, torch.float32, False, 2, 163 * 1024),
+                 (16, 64, 1, torch.float64, True, 1, 48 * 1024)]:
+        assert torch.ops.titans_ext.mlp_memory_plan(*args) == torch.ops.titans_emu.mlp_memory_plan(*args)
+
+
 def test_cuda_fake_kernel_saves_chunk_states_in_the_inputs_dtype():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
