@@ -1,19 +1,28 @@
-"""CPU benchmark: fwd+bwd of titans_ext's ops against the references and titans-pytorch.
+"""CPU benchmark: fwd+bwd of titans_ext's ops, under every CPU kernel variant the machine supports,
+against the references and titans-pytorch.
 
     python -m bench.cpu [--seq-len 2048] [--threads 2] [--repeats 7] [--out bench/results/cpu.md]
+    python -m bench.cpu --smoke      # seconds: each op against the chunked reference, per variant
 
-Shape (issues 3 and 4): B=1, T=2048, H=4, D=64, chunk 64, fp32; the MLP memory with
-expansion E=4 (hidden width 256), exact GELU. Every row is timed in this one run,
-on this machine, with warm-up and the median of several runs; ratios compare rows of the same
-run only (CPU timings are noisy across runs). titans-pytorch rows appear when the package is
-installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2 (MLP, expansion 4) memory,
-``batch_size`` equal to the chunk size (gradients at chunk-start weights, as in our ops). Its
-module includes the q/k/v projections and gate layers, so those rows include that work too.
+Shape (issues 3, 4 and 13): B=1, T=2048, H=4, D=64, chunk 64, fp32 and fp64; the MLP memory with
+expansion E=4 (hidden width 256), exact GELU. Every row is timed in this one run, on this
+machine, with warm-up and the median of several runs; ratios compare rows of the same run only
+(CPU timings are noisy across runs, and on a shared machine within one: the load average is
+printed before and after). titans_ext runs once per instruction-set variant of its CPU kernels
+(titans_ext.supported_cpu_isas(); the variant is a column). titans-pytorch rows appear when the
+package is installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2 (MLP, expansion 4)
+memory, ``batch_size`` equal to the chunk size (gradients at chunk-start weights, as in our ops).
+Its module includes the q/k/v projections and gate layers, so those rows include that work too.
+
+The FLOP bound of an op is the FLOPs of its chunk algebra at the shape (matmuls, dense C x C
+tiles: docs/backward_linear.md §4, docs/mlp_dual_form.md §5) divided by the rate torch.bmm reaches
+on 64 x 64 x 64 fp32 products with the same threads.
 """
 
 import argparse
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -25,8 +34,71 @@ from titans_ext.reference import (linear_memory_chunked, linear_memory_recurrent
 
 from .timing import markdown_table, median_ms
 
+# The issue-13 targets, checked in the summary (fp32 unless said).
+TARGETS = {
+    "linear_memory vs chunked reference": 5.0,
+    "linear_memory vs FLOP bound": 1.5,   # at most this many times the bound
+    "mlp_memory vs chunked reference": 3.0,
+    "mlp_memory vs titans-pytorch depth 2": 6.0,
+    "fp64 vs chunked reference": 3.0,
+}
+# CPU flags that decide which variants can run (x86 /proc/cpuinfo "flags", aarch64 "Features").
+SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+              "amx_tile", "asimd", "sve", "sve2")
 
-def memory_inputs(B, T, H, D, requires_grad=True):
+
+def cpu_description():
+    """(model name, SIMD flags present) of this machine's CPU."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Hardware") and value.strip():
+                model = value.strip()
+            elif key in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    return model, [f for f in SIMD_FLAGS if f in flags]
+
+
+def load_average():
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def linear_memory_flops(B, T, H, Dk, Dv, C):
+    """Matmul FLOPs of fwd+bwd with token reads (docs/backward_linear.md §4), short last chunk included."""
+    total = 0
+    for t0 in range(0, T, C):
+        L = min(C, T - t0)
+        F1, F2 = 2 * L * Dk * Dv, 2 * L * L
+        total += 5 * F1 + F2 * (Dk + Dv) + 11 * F1 + F2 * (3 * Dk + 2 * Dv)
+    return B * H * total
+
+
+def mlp_memory_flops(B, T, H, D, N, C):
+    """Matmul FLOPs of fwd+bwd with token reads, the backward's recompute included
+    (docs/mlp_dual_form.md §5: 11u + 4C(D+N) forward, 27u + 8C(D+N) + 2C(D+2N) backward per token)."""
+    total = 0
+    for t0 in range(0, T, C):
+        L = min(C, T - t0)
+        u = 2 * D * N
+        total += L * (38 * u) + L * L * (12 * (D + N) + 2 * (D + 2 * N))
+    return B * H * total
+
+
+def bmm_gflops(threads, repeats):
+    """GFLOP/s of torch.bmm on 64 products of 64 x 64 x 64 fp32 matrices."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 64, 64, generator=g) for _ in range(2))
+    out = torch.empty(64, 64, 64)
+    ms = median_ms(lambda: torch.bmm(a, b, out=out), torch.device("cpu"), warmup=20, repeats=max(repeats, 50),
+                   min_seconds=1.0)
+    return 2 * 64 ** 4 / (ms * 1e-3) / 1e9
+
+
+def memory_inputs(B, T, H, D, dtype=torch.float32, requires_grad=True):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, T, H, D, generator=g)
     k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
@@ -34,16 +106,16 @@ def memory_inputs(B, T, H, D, requires_grad=True):
     theta = torch.rand(B, T, H, generator=g) * 0.1
     eta = torch.rand(B, T, H, generator=g) * 0.9
     alpha = torch.rand(B, T, H, generator=g) * 0.1
-    return [x.requires_grad_(requires_grad) for x in (q, k, v, theta, eta, alpha)]
+    return [x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v, theta, eta, alpha)]
 
 
-def mlp_weights(B, H, D, expansion, requires_grad=True):
+def mlp_weights(B, H, D, expansion, dtype=torch.float32, requires_grad=True):
     """Initial weights (W1, W2) of the MLP memory, learned parameters: gradients flow to them."""
     g = torch.Generator().manual_seed(1)
     N = expansion * D
     w1 = torch.randn(B, H, N, D, generator=g) * D ** -0.5
     w2 = torch.randn(B, H, D, N, generator=g) * N ** -0.5
-    return tuple(w.requires_grad_(requires_grad) for w in (w1, w2))
+    return tuple(w.to(dtype).requires_grad_(requires_grad) for w in (w1, w2))
 
 
 def op_fwd_bwd(fn, inputs, **kwargs):
@@ -67,6 +139,45 @@ def titans_pytorch_fwd_bwd(B, T, H, D, C, depth, expansion):
     return run
 
 
+def variants_native_first():
+    supported = titans_ext.supported_cpu_isas()
+    return supported[::-1]
+
+
+def in_variant(name, fn):
+    """fn, run with the CPU kernels switched to variant name."""
+    def run():
+        titans_ext.set_cpu_isa(name)
+        fn()
+    return run
+
+
+def smoke(args):
+    """Each op against the chunked reference at a small shape, once per variant: a guard that a
+    slow variant shows up in every CI log (not a timed test: it prints, it does not fail)."""
+    B, T, H, D, C = 1, 256, 2, 32, 32
+    model, flags = cpu_description()
+    print(f"bench.cpu --smoke: {model}; SIMD flags: {' '.join(flags) or 'n/a'}; variants "
+          f"{', '.join(titans_ext.supported_cpu_isas())}; {args.threads} threads; load {load_average()}")
+    print(f"fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, fp32, E=4; ratio = chunked reference time / titans_ext time")
+    cpu = torch.device("cpu")
+    inputs = memory_inputs(B, T, H, D)
+    ops = {"linear_memory": (titans_ext.linear_memory, linear_memory_chunked, {"chunk_size": C}),
+           "mlp_memory": (titans_ext.mlp_memory, mlp_memory_chunked,
+                          {"chunk_size": C, "weights": mlp_weights(B, H, D, 4)})}
+    native = titans_ext.cpu_isa()
+    try:
+        for op, (ours, reference, kwargs) in ops.items():
+            ref_ms = median_ms(op_fwd_bwd(reference, inputs, **kwargs), cpu, warmup=1, repeats=args.repeats)
+            for variant in variants_native_first():
+                ms = median_ms(in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs)), cpu, warmup=1,
+                               repeats=args.repeats)
+                print(f"  {op:14s} [{variant:7s}] {ms:8.2f} ms   reference {ref_ms:8.2f} ms   {ref_ms / ms:5.1f}x",
+                      flush=True)
+    finally:
+        titans_ext.set_cpu_isa(native)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -78,58 +189,118 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-token-loop", action="store_true", help="skip the slow token-by-token reference")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: each op against the chunked "
+                        "reference at a small shape, per variant; prints only")
     parser.add_argument("--out", default="bench/results/cpu.md")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    B, T, H, D, C = args.batch, args.seq_len, args.heads, args.head_dim, args.chunk_size
+    if args.smoke:
+        args.repeats = min(args.repeats, 5)
+        smoke(args)
+        return
+
+    B, T, H, D, C, E = args.batch, args.seq_len, args.heads, args.head_dim, args.chunk_size, args.expansion
+    model, flags = cpu_description()
+    variants = variants_native_first()
+    load_before = load_average()
+    header = (f"CPU: {model} ({platform.machine()}); SIMD flags: {' '.join(flags) or 'n/a'}; titans_ext variants: "
+              f"{', '.join(variants)} (native {variants[0]}); {args.threads} threads; torch {torch.__version__}")
+    print(header + f"\nload average before: {load_before}", flush=True)
     cpu = torch.device("cpu")
-    inputs = memory_inputs(B, T, H, D)
-    mlp_args = dict(weights=mlp_weights(B, H, D, args.expansion), chunk_size=C)
-    implementations = {
-        "linear_memory": [("titans_ext (C++)", titans_ext.linear_memory, {"chunk_size": C}),
-                          ("PyTorch chunked reference", linear_memory_chunked, {"chunk_size": C}),
-                          ("token-by-token reference", linear_memory_recurrent, {"chunk_size": C})],
-        "mlp_memory": [("titans_ext (C++)", titans_ext.mlp_memory, mlp_args),
-                       ("PyTorch chunked reference", mlp_memory_chunked, mlp_args),
-                       ("token-by-token reference", mlp_memory_recurrent, mlp_args)],
-    }
     try:
         import titans_pytorch  # noqa: F401
         has_titans_pytorch = True
     except ImportError:
         has_titans_pytorch = False
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)")
-    # titans-pytorch's counterpart of each op: its MemoryMLP of depth 1 (linear) or 2.
-    titans_pytorch_depth = {"linear_memory": 1, "mlp_memory": 2}
+
+    # (op, dtype, implementation, variant, fn)
     cases = []
-    for op, impls in implementations.items():
-        cases += [(op, impl, op_fwd_bwd(fn, inputs, **kwargs)) for impl, fn, kwargs in impls
-                  if not (args.skip_token_loop and "token" in impl)]
-        if has_titans_pytorch:
-            depth = titans_pytorch_depth[op]
-            cases.append((op, f"titans-pytorch NeuralMemory, depth {depth}",
-                          titans_pytorch_fwd_bwd(B, T, H, D, C, depth, args.expansion)))
+    for dtype in (torch.float32, torch.float64):
+        inputs = memory_inputs(B, T, H, D, dtype)
+        mlp_args = dict(weights=mlp_weights(B, H, D, E, dtype), chunk_size=C)
+        ops = {"linear_memory": (titans_ext.linear_memory, linear_memory_chunked, linear_memory_recurrent,
+                                 {"chunk_size": C}, 1),
+               "mlp_memory": (titans_ext.mlp_memory, mlp_memory_chunked, mlp_memory_recurrent, mlp_args, 2)}
+        for op, (ours, chunked, recurrent, kwargs, depth) in ops.items():
+            for variant in variants:
+                cases.append((op, dtype, "titans_ext (C++)", variant, in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs))))
+            cases.append((op, dtype, "PyTorch chunked reference", "", op_fwd_bwd(chunked, inputs, **kwargs)))
+            if dtype == torch.float32 and not args.skip_token_loop:
+                cases.append((op, dtype, "token-by-token reference", "", op_fwd_bwd(recurrent, inputs, **kwargs)))
+            if dtype == torch.float32 and has_titans_pytorch:
+                cases.append((op, dtype, f"titans-pytorch NeuralMemory, depth {depth}", "",
+                              titans_pytorch_fwd_bwd(B, T, H, D, C, depth, E)))
 
+    native = titans_ext.cpu_isa()
     results = []
-    for op, impl, fn in cases:
-        slow = "token" in impl
-        ms = median_ms(fn, cpu, warmup=1 if slow else 2, repeats=3 if slow else args.repeats)
-        results.append({"op": op, "impl": impl, "ms": ms})
-        print(f"{op:15s} {impl:40s} {ms:10.2f} ms", flush=True)
+    try:
+        for op, dtype, impl, variant, fn in cases:
+            slow = "token" in impl
+            ms = median_ms(fn, cpu, warmup=1 if slow else 2, repeats=3 if slow else args.repeats)
+            dtype_name = str(dtype).removeprefix("torch.")
+            results.append({"op": op, "dtype": dtype_name, "impl": impl, "variant": variant, "ms": ms})
+            print(f"{op:14s} {dtype_name:8s} {impl:40s} {variant:7s} {ms:10.2f} ms", flush=True)
+    finally:
+        titans_ext.set_cpu_isa(native)
+    bmm = bmm_gflops(args.threads, args.repeats)
+    load_after = load_average()
 
-    ours = {r["op"]: r["ms"] for r in results if r["impl"].startswith("titans_ext")}
-    rows = [(r["op"], r["impl"], f"{r['ms']:.2f}", f"{r['ms'] / ours[r['op']]:.1f}x") for r in results]
-    machine = f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    title = (f"CPU fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, fp32 ({machine}; "
-             f"{datetime.date.today().isoformat()}); ratio = time / titans_ext time of the same op")
-    table = markdown_table(["op", "implementation", "median ms", "ratio"], rows)
-    print("\n" + title + "\n\n" + table)
+    def ms_of(op, dtype, impl, variant=""):
+        return next(r["ms"] for r in results if (r["op"], r["dtype"], r["impl"], r["variant"]) == (op, dtype, impl, variant))
+
+    rows = []
+    for r in results:
+        basis = ms_of(r["op"], r["dtype"], "titans_ext (C++)", variants[0])
+        rows.append((r["op"], r["dtype"], r["impl"], r["variant"] or "-", f"{r['ms']:.2f}", f"{r['ms'] / basis:.2f}x"))
+    flops = {"linear_memory": linear_memory_flops(B, T, H, D, D, C), "mlp_memory": mlp_memory_flops(B, T, H, D, E * D, C)}
+    summary = [f"torch.bmm on 64 x 64 x 64 fp32 products, {args.threads} threads: {bmm:.1f} GFLOP/s"]
+    for op, n in flops.items():
+        summary.append(f"{op}: {n / 1e9:.3f} GFLOP fwd+bwd (chunk algebra, dense C x C tiles) -> FLOP bound "
+                       f"{n / (bmm * 1e9) * 1e3:.2f} ms")
+    for variant in variants:
+        def ours(op, dtype="float32"):
+            return ms_of(op, dtype, "titans_ext (C++)", variant)
+
+        def check(value, target, at_most=False):
+            ok = value <= target if at_most else value >= target
+            return f"{value:.2f}x ({'<=' if at_most else '>='} {target:g}: {'met' if ok else 'NOT met'})"
+
+        line = [f"[{variant}] linear_memory: "
+                + check(ms_of("linear_memory", "float32", "PyTorch chunked reference") / ours("linear_memory"),
+                        TARGETS["linear_memory vs chunked reference"]) + " the chunked reference, "
+                + check(ours("linear_memory") / (flops["linear_memory"] / (bmm * 1e9) * 1e3),
+                        TARGETS["linear_memory vs FLOP bound"], at_most=True) + " its FLOP bound",
+                f"[{variant}] mlp_memory: "
+                + check(ms_of("mlp_memory", "float32", "PyTorch chunked reference") / ours("mlp_memory"),
+                        TARGETS["mlp_memory vs chunked reference"]) + " the chunked reference"]
+        if has_titans_pytorch:
+            line[-1] += ", " + check(ms_of("mlp_memory", "float32", "titans-pytorch NeuralMemory, depth 2")
+                                     / ours("mlp_memory"), TARGETS["mlp_memory vs titans-pytorch depth 2"]) \
+                + " titans-pytorch depth 2"
+        line.append(f"[{variant}] fp64: linear_memory "
+                    + check(ms_of("linear_memory", "float64", "PyTorch chunked reference") / ours("linear_memory", "float64"),
+                            TARGETS["fp64 vs chunked reference"])
+                    + ", mlp_memory "
+                    + check(ms_of("mlp_memory", "float64", "PyTorch chunked reference") / ours("mlp_memory", "float64"),
+                            TARGETS["fp64 vs chunked reference"]) + " the chunked reference")
+        summary += line
+
+    title = (f"CPU fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, MLP E={E} ({datetime.date.today().isoformat()})\n\n"
+             f"{header}; load average before {load_before}, after {load_after}\n\n"
+             f"ratio = time / time of titans_ext's native variant ({variants[0]}) for the same op and dtype")
+    table = markdown_table(["op", "dtype", "implementation", "variant", "median ms", "ratio"], rows)
+    text = title + "\n\n" + table + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n"
+    print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(title + "\n\n" + table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
-    print(f"\nwritten: {out}")
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"config": vars(args), "cpu": model, "simd_flags": flags, "variants": variants, "torch": torch.__version__,
+         "load_before": load_before, "load_after": load_after, "bmm_gflops": bmm, "flops": flops,
+         "results": results}, indent=2))
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

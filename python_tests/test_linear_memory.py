@@ -26,6 +26,7 @@ def _compare(ref, out, ratio, names=NAMES):
         assert_close(name, r, o, ratio)
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_float64_values_and_grads_match_token_loop(shape, read):
@@ -36,6 +37,7 @@ def test_float64_values_and_grads_match_token_loop(shape, read):
     _compare(ref, out, TOLERANCE[torch.float64])
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("chunk_size", [1, 16, 64])
 def test_float32_matches_float64_reference(chunk_size, read):

@@ -31,6 +31,7 @@ def _compare(ref, out, ratio, names=NAMES):
         assert_close(name, r, o, ratio)
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
@@ -51,6 +52,7 @@ def test_float64_without_momentum_matches_token_loop():
     _compare(ref, out, TOLERANCE[torch.float64], NAMES[:-2])
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 def test_float32_matches_float64_reference(read, activation):

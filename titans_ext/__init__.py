@@ -1,7 +1,8 @@
 """titans_ext: fast kernels for Titans-style neural long-term memory.
 
 Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
-path and CUDA kernels.
+path and CUDA kernels; :func:`cpu_isa` / :func:`set_cpu_isa` show and switch the instruction-set
+variant of the CPU kernels (environment variable ``TITANS_EXT_CPU_ISA`` at import).
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
 Context parallel (one sequence split across processes): :mod:`titans_ext.distributed`.
@@ -25,11 +26,19 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"titans_ext's compiled library could not be loaded ({exc}); rebuild it: {INSTALL_HINT}") from exc
 
-from .ops import linear_memory, mlp_memory
+import os
+
+from .ops import CPU_ISAS, cpu_isa, linear_memory, mlp_memory, set_cpu_isa, supported_cpu_isas
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
 from . import distributed
 
+if os.environ.get("TITANS_EXT_CPU_ISA"):
+    try:
+        set_cpu_isa(os.environ["TITANS_EXT_CPU_ISA"])
+    except ValueError as exc:
+        raise ValueError(f"environment variable TITANS_EXT_CPU_ISA: {exc}") from None
+
 __version__ = "0.1.0"
-__all__ = ["linear_memory", "mlp_memory", "LMMBlock", "MACBlock", "MAGBlock", "MALBlock", "MemoryState",
-           "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]
+__all__ = ["linear_memory", "mlp_memory", "cpu_isa", "set_cpu_isa", "supported_cpu_isas", "CPU_ISAS", "LMMBlock",
+           "MACBlock", "MAGBlock", "MALBlock", "MemoryState", "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

@@ -148,11 +148,11 @@ void chunk_forward(const Objective& objective, const HeadInputs<T>& x, int L, in
     T* QMS = ws.wide;
     matmul(false, true, L, 2 * Dv, Dk, T(1), x.q.ptr, x.q.stride, scale.scaled, Dk, T(0), QMS, 2 * Dv);
     T* W = ws.square;
-    matmul(false, true, L, L, Dk, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), W, L);
-    for (int i = 0; i < L * L; ++i) W[i] *= ws.c[i];
+    matmul(false, true, L, L, Dk, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), W, L, Triangular::kLowerC);
+    causal_mask(L, W, ws.c, W);
     for (int t = 0; t < L; ++t)
       for (int j = 0; j < Dv; ++j) O.row(t)[j] = ws.a[t] * QMS[t * 2 * Dv + j] + ws.g[t] * QMS[t * 2 * Dv + Dv + j];
-    matmul(false, false, L, Dv, L, scale.rho[0], W, L, ws.E, Dv, T(1), O.ptr, O.stride);
+    matmul(false, false, L, Dv, L, scale.rho[0], W, L, ws.E, Dv, T(1), O.ptr, O.stride, Triangular::kLowerA);
   }
   // Chunk end: rows of [diag(m) E | diag(s) E] feed one product that updates M and S.
   const T* m = ws.c + (L - 1) * L;
@@ -255,8 +255,8 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
     // rho (Q K^T .* c) E: dE, dQ, dK and the cotangents of c and rho.
     T* G = ws.square;
     T* W = ws.square2;
-    matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L);
-    for (int i = 0; i < L * L; ++i) W[i] = G[i] * ws.c[i];
+    matmul(false, true, L, L, Dk, T(1), Q, qs, K, ks, T(0), G, L, Triangular::kLowerC);
+    causal_mask(L, G, ws.c, W);
     dscale.rho[0] += masked_product_backward<T>(L, Dk, Dv, scale.rho[0], ws.c, G, W, {dO.ptr, dos}, {E, Dv}, {Q, qs},
                                                 {K, ks}, d_c, {dE, Dv}, {dQ, dqs}, {grads.dk.ptr, grads.dk.stride},
                                                 ws.square3);
@@ -355,6 +355,7 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
 
 template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
+  advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, bh_begin, bh_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)

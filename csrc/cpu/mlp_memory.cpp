@@ -24,12 +24,12 @@
 #include "cpu/mlp_memory.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "cpu/activation.h"
 #include "cpu/chunk_gates.h"
 #include "cpu/chunk_loop.h"
 #include "cpu/kernel_utils.h"
@@ -40,77 +40,6 @@
 
 namespace titans::cpu {
 namespace {
-
-// exp(x) for the fp32 activations, written so that loops over it vectorize (libm's expf and
-// erff are scalar calls, and were a fifth of the kernel's time): x = n ln2 + r with |r| <= ln2 / 2,
-// exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n built in the exponent
-// bits. Inputs are clamped to [-87, 88], where the result is a normal float.
-inline float exp_vectorizable(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // Round to nearest through the float mantissa (SSE2 has no vector round instruction).
-  const float round_magic = 12582912.0f;  // 1.5 * 2^23
-  const float n = (x * 1.44269504f + round_magic) - round_magic;
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split: hi part exact in n * hi
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-// fp64 keeps libm: the fp64 tests compare with the references at 1e-10.
-inline double exp_vectorizable(double x) { return std::exp(x); }
-
-// GELU's Phi(x) and phi(x). In fp32, erf by Abramowitz & Stegun 7.1.26 (absolute error
-// <= 1.5e-7), which shares its exp(-x^2 / 2) with phi.
-inline void normal_cdf_pdf(float x, float& cdf, float& pdf) {
-  const float e = exp_vectorizable(-0.5f * x * x);
-  const float z = std::abs(x) * 0.707106781f;
-  const float t = 1.0f / (1.0f + 0.3275911f * z);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float erf_abs = 1.0f - poly * e;
-  cdf = 0.5f + 0.5f * std::copysign(erf_abs, x);
-  pdf = 0.398942280f * e;
-}
-inline void normal_cdf_pdf(double x, double& cdf, double& pdf) {
-  cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752440));
-  pdf = 0.39894228040143267794 * std::exp(-0.5 * x * x);
-}
-
-// act and its first kOrder derivatives elementwise over n values (one loop per order, so
-// that each vectorizes without per-element branches).
-template <int kOrder, typename T>
-void activation_derivatives(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second) {
-  if (kind == MlpActivation::kGelu) {
-    for (index_t i = 0; i < n; ++i) {
-      const T xi = x[i];
-      T cdf, pdf;
-      normal_cdf_pdf(xi, cdf, pdf);
-      value[i] = xi * cdf;
-      if constexpr (kOrder >= 1) first[i] = cdf + xi * pdf;
-      if constexpr (kOrder >= 2) second[i] = pdf * (T(2) - xi * xi);
-    }
-  } else {
-    for (index_t i = 0; i < n; ++i) {
-      const T xi = x[i];
-      const T s = T(1) / (T(1) + exp_vectorizable(-xi));
-      value[i] = xi * s;
-      if constexpr (kOrder >= 1) first[i] = s * (T(1) + xi * (T(1) - s));
-      if constexpr (kOrder >= 2) second[i] = s * (T(1) - s) * (T(2) + xi * (T(1) - T(2) * s));
-    }
-  }
-}
-
-// act, act' and act'' elementwise; first and second may be nullptr (not needed; second only
-// with first). The backward needs act'' only at the key pre-activations Z (docs/mlp_dual_form.md §4).
-template <typename T>
-void activation(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second) {
-  if (second) activation_derivatives<2>(kind, n, x, value, first, second);
-  else if (first) activation_derivatives<1>(kind, n, x, value, first, second);
-  else activation_derivatives<0>(kind, n, x, value, first, second);
-}
 
 // out = [x * A | y * A] (L x 2W, row stride 2W) from A (L x W, row stride lda).
 template <typename T>
@@ -235,14 +164,15 @@ void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, c
                       Workspace<T>& ws, bool for_backward) {
   const int D = p.dim, N = p.hidden;
   matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
-  matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L);
-  // c is zero above the diagonal, so the products are causal.
-  for (int i = 0; i < L * L; ++i) ws.QKc[i] = ws.QK[i] * ws.c[i];
+  // c is zero above the diagonal, so the products are causal: only the lower triangles of Q K^T
+  // and Hq H^T are computed, and the masked products skip the zero part.
+  matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L, Triangular::kLowerC);
+  causal_mask(L, ws.QK, ws.c, ws.QKc);
   combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
-  matmul(false, false, L, N, L, rho1, ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N);
+  matmul(false, false, L, N, L, rho1, ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N, Triangular::kLowerA);
   activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
-  matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L);
-  for (int i = 0; i < L * L; ++i) ws.HHc[i] = ws.HH[i] * ws.c[i];
+  matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L, Triangular::kLowerC);
+  causal_mask(L, ws.HH, ws.c, ws.HHc);
 }
 
 // Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + rho2 ((Hq H^T) .* c) E, after token_query_path.
@@ -253,7 +183,7 @@ void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, co
   for (int t = 0; t < L; ++t) std::memcpy(O.row(t), Q.row(t), D * sizeof(T));
   matmul(false, true, L, 2 * D, N, T(1), ws.Hq, N, state + 2 * index_t(N) * D, N, T(0), ws.wide, 2 * D);
   combine_pair(L, D, ws.wide, ws.a, ws.g, T(1), O.ptr, O.stride);
-  matmul(false, false, L, D, L, rho2, ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride);
+  matmul(false, false, L, D, L, rho2, ws.HHc, L, ws.E, D, T(1), O.ptr, O.stride, Triangular::kLowerA);
 }
 
 // Zq = Q W1^T, Hq = act(Zq) (and act'(Zq) for the backward) at the weights of state.
@@ -493,10 +423,11 @@ struct MlpSteps {
   const MlpMemoryParams& p;
   const Objective& objective;
   Workspace<T>& ws;
+  int Dk, Dv;                        // both D
   index_t weight_block, state_size;  // N * D, 4 N * D
 
   MlpSteps(const MlpMemoryParams& p_, const Objective& objective_, Workspace<T>& ws_)
-      : p(p_), objective(objective_), ws(ws_), weight_block(index_t(p_.hidden) * p_.dim),
+      : p(p_), objective(objective_), ws(ws_), Dk(p_.dim), Dv(p_.dim), weight_block(index_t(p_.hidden) * p_.dim),
         state_size(4 * weight_block) {}
 
   void lag_step(const HeadInputs<T>& x, T* state) const { kl_lag_step(p, objective, x, state, ws); }
@@ -567,6 +498,7 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
 
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t bh_begin, int64_t bh_end) {
+  advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, bh_begin, bh_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t bh = bh_begin; bh < bh_end; ++bh)

@@ -62,6 +62,9 @@ def _linear_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_f
 def _setup_context(ctx, inputs, output):
     q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states = inputs[:11]
     objective, p, eps, delta, retention, retention_q = inputs[11:]  # the schema's defaults are filled in
+    # Unused outputs get None, not zeros: a zero cotangent of chunk_states alone would be a fresh
+    # allocation as large as the saved states (2 Dv Dk values per chunk).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, theta, eta, alpha, output[3], delta)
     ctx.chunk_size, ctx.read_token = chunk_size, read_token
     ctx.miras = (objective, p, eps, retention, retention_q)

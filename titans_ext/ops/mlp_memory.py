@@ -95,6 +95,9 @@ def _mlp_memory_bwd_fake(q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_fin
 def _setup_context(ctx, inputs, output):
     q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs[:14]
     objective, p, eps, delta, retention, retention_q = inputs[14:]  # the schema's defaults are filled in
+    # Unused outputs get None, not zeros: a zero cotangent of chunk_states alone would be a fresh
+    # allocation as large as the saved states (4 N D values per chunk for the MLP).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5], delta)
     ctx.hidden, ctx.chunk_size, ctx.read_token, ctx.activation = w1.shape[2], chunk_size, read_token, activation
     ctx.miras = (objective, p, eps, retention, retention_q)

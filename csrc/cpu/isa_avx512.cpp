@@ -1,0 +1,24 @@
+// The AVX-512 variant of the per-variant kernels (isa_kernels.h): AVX-512F.
+#include "cpu/isa_kernels.h"
+
+#if TITANS_CPU_X86_VARIANTS
+#define TITANS_ISA_TARGET __attribute__((target("avx512f")))
+#include "cpu/activation_kernel.h"
+#include "cpu/matmul_kernel.h"
+
+namespace titans::cpu {
+namespace {
+
+// 32 registers of 64 bytes: 8 x 2 accumulators (8 rows divide the usual chunk sizes), the 2
+// vectors of B and one broadcast of A, with registers to spare.
+struct Avx512Tile {
+  static constexpr int kBytes = 64, kRows = 8, kVecs = 2;
+};
+
+}  // namespace
+
+const IsaKernels kIsaKernelsAvx512 = {&matmul_tiled<Avx512Tile, float>, &matmul_tiled<Avx512Tile, double>,
+                                      &activation_variant<float>, &activation_variant<double>};
+
+}  // namespace titans::cpu
+#endif

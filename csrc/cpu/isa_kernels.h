@@ -1,0 +1,60 @@
+// The kernels compiled once per instruction-set variant (cpu_isa.h), as one table of function
+// pointers per variant (isa_<variant>.cpp), and the table of the variant in use (torch-free).
+//
+// Only the vector-heavy inner kernels are per variant: the matrix product (matmul_kernel.h) and
+// the MLP's activations (activation_kernel.h). The rest of the chunk algebra (gate tables,
+// row scalings, reductions) is compiled once: compiled for AVX2 it ran a few percent faster,
+// not worth a copy of every kernel per variant.
+#pragma once
+
+#include "cpu/cpu_isa.h"
+#include "cpu/matmul.h"
+#include "titans_params.h"
+
+// The x86 variants are compiled with per-function target attributes (matmul_kernel.h), so one
+// build holds all of them. Only GCC builds them (clang would accept the attributes too, but is
+// not tested); other compilers and architectures build the default variant only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TITANS_CPU_X86_VARIANTS 1
+#else
+#define TITANS_CPU_X86_VARIANTS 0
+#endif
+
+namespace titans::cpu {
+
+// matmul (matmul.h) for M, N, K > 0.
+template <typename T>
+using MatmulFn = void (*)(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, index_t lda,
+                          const T* B, index_t ldb, T beta, T* C, index_t ldc, Triangular tri);
+// activation (activation.h).
+template <typename T>
+using ActivationFn = void (*)(MlpActivation kind, index_t n, const T* x, T* value, T* first, T* second);
+
+struct IsaKernels {
+  MatmulFn<float> matmul_f32;
+  MatmulFn<double> matmul_f64;
+  ActivationFn<float> activation_f32;
+  ActivationFn<double> activation_f64;
+
+  template <typename T>
+  MatmulFn<T> matmul() const {
+    if constexpr (sizeof(T) == sizeof(float)) return matmul_f32;
+    else return matmul_f64;
+  }
+  template <typename T>
+  ActivationFn<T> activation() const {
+    if constexpr (sizeof(T) == sizeof(float)) return activation_f32;
+    else return activation_f64;
+  }
+};
+
+extern const IsaKernels kIsaKernelsDefault;
+#if TITANS_CPU_X86_VARIANTS
+extern const IsaKernels kIsaKernelsAvx2;
+extern const IsaKernels kIsaKernelsAvx512;
+#endif
+
+// The kernels of the variant in use (cpu_isa()).
+const IsaKernels& isa_kernels();
+
+}  // namespace titans::cpu
