@@ -1,17 +1,25 @@
-"""GPU benchmark: fwd+bwd of titans_ext.linear_memory and mlp_memory against their peers, bf16.
+"""GPU benchmark: titans_ext.linear_memory and mlp_memory against their peers, bf16, with the
+linear memory's traffic and memory.
 
-    python -m bench.gpu [--seq-lens 2048 8192 32768] [--mlp-seq-len 8192] [--out $OUT/gpu.md]
+    python -m bench.gpu [--shapes headline fla] [--mlp-seq-len 8192] [--out $OUT/gpu.md]
 
-Shape (issue 6): B=4, H=8, D=64, chunk 64, bf16 inputs. Rows, each timed in this run on this
-device (CUDA events through median_ms: warm-up, then the median of several runs):
-- titans_ext.linear_memory (forward alone and fwd+bwd);
-- flash-linear-attention (pip fla-core) ``chunk_ttt_linear`` and ``chunk_gated_delta_rule``;
-- titans-pytorch ``NeuralMemory`` with a depth-1 memory and ``batch_size`` = chunk size
-  (it includes its projections; skipped above --titans-pytorch-max-len, it is slow);
+Shapes (B, T, H, D with Dk = Dv = D, chunk 64): the headline shape B=8 T=8192 H=16 D=64, and
+flash-linear-attention's benchmark set B1 T8192 H96 D128, B2 T16384 H16 D128, B4 T2048 H16
+D128, B8 T1024 H8 D64. Rows, each timed in this run on this device (median_ms: warm-up, then
+the median wall time of several runs, each ended by a device synchronize):
+- titans_ext.linear_memory: fwd+bwd, and the forward alone under torch.no_grad();
+- flash-linear-attention (pip fla-core) ``chunk_gated_delta_rule`` (log-space decay g, beta) and
+  ``chunk_ttt_linear`` (TTT-Linear, its default chunk 16; layer-norm weight and bias per head,
+  a learning rate per token), both fwd+bwd;
+- titans-pytorch ``NeuralMemory`` with a depth-1 memory and ``batch_size`` = chunk size (it
+  includes its projections; only up to --titans-pytorch-max-tokens token-heads, it is slow);
 - PyTorch SDPA, causal (flash backend), as the attention yardstick.
-Missing peers are reported and skipped. The forward's achieved bandwidth is bytes that must
-move (q, k, v, o in bf16, gates in fp32) over time, against the HBM peak (bus width x memory
-clock x 2, as torch reports them) and a measured device-to-device copy.
+Missing peers are reported and skipped. Next to titans_ext's times: the global traffic per
+token-head of its launches (their plans, as bench.traffic prints them), the bandwidth that
+traffic achieves in the measured time against the HBM peak (bus width x memory clock x 2, as
+torch reports them) and a measured device-to-device copy, and the buffers the launch allocates
+(checkpoints, backward scratch). ``vs fla gdr``: fla chunk_gated_delta_rule's time over
+titans_ext's fwd+bwd at the same shape (> 1: titans_ext is faster).
 
 The deep memory (issue 14) has a table of its own at one shape, B=4, T=8192, H=8, D=64, E=4,
 chunk 64, bf16: titans_ext.mlp_memory forward and fwd+bwd, titans-pytorch ``NeuralMemory`` with a
@@ -36,6 +44,14 @@ import torch.nn.functional as F
 import titans_ext
 
 from .timing import markdown_table, median_ms
+from .traffic import summary
+
+HEADLINE = [(8, 8192, 16, 64)]
+FLA_SET = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (8, 1024, 8, 64)]
+SHAPE_SETS = {"headline": HEADLINE, "fla": FLA_SET}
+OURS, OURS_FWD = "titans_ext linear_memory", "titans_ext linear_memory (fwd, no grad)"
+FLA_GDR = "fla chunk_gated_delta_rule"
+MLP_SHAPE = (4, 8192, 8, 64)  # B, T (--mlp-seq-len), H, D of the deep-memory table
 
 
 def linear_memory_inputs(B, T, H, D, device, dtype=torch.bfloat16):
@@ -66,7 +82,7 @@ def titans_ext_cases(B, T, H, D, C, device):
         with torch.no_grad():
             titans_ext.linear_memory(*x, chunk_size=C)
 
-    return [("titans_ext linear_memory", fwd_bwd(forward)), ("titans_ext linear_memory (fwd only)", forward_only)]
+    return [(OURS, fwd_bwd(forward)), (OURS_FWD, forward_only)]
 
 
 def fla_cases(B, T, H, D, C, device):
@@ -76,25 +92,28 @@ def fla_cases(B, T, H, D, C, device):
     except ImportError as exc:
         print(f"flash-linear-attention (fla-core) not importable ({exc}): its rows are skipped")
         return []
-    q, k, v, theta, eta, alpha = [x.detach() for x in linear_memory_inputs(B, T, H, D, device)]
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    w = torch.ones(H, D, device=device, requires_grad=True)
-    b = torch.zeros(H, D, device=device, requires_grad=True)
-    ttt_eta = (theta[..., None] * 0 + 0.1).to(torch.bfloat16).requires_grad_()
-    g = F.logsigmoid(torch.randn(B, T, H, device=device)).requires_grad_()
-    beta = torch.rand(B, T, H, device=device).to(torch.bfloat16).requires_grad_()
+    q, k, v = (x.detach().requires_grad_() for x in linear_memory_inputs(B, T, H, D, device)[:3])
+    g = torch.Generator(device=device).manual_seed(1)
+    # Gated delta rule: log-space decay [B, T, H] and beta [B, T, H].
+    decay = F.logsigmoid(torch.randn(B, T, H, device=device, generator=g)).requires_grad_()
+    beta = torch.rand(B, T, H, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+    # TTT-Linear: layer-norm weight and bias [H, D] and a learning rate [B, T, H, 1], all in the
+    # inputs' dtype (Dk = Dv, as it requires).
+    ln_w = torch.ones(H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    ln_b = torch.zeros(H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    lr = (torch.rand(B, T, H, 1, device=device, generator=g) * 0.01).to(torch.bfloat16).requires_grad_()
 
-    def ttt():
-        return chunk_ttt_linear(q, k, v, w, b, eta=ttt_eta, chunk_size=16)[0]
+    def gated_delta_rule():
+        return chunk_gated_delta_rule(q, k, v, decay, beta)[0]
 
-    def gdn():
-        return chunk_gated_delta_rule(q, k, v, g, beta)[0]
+    def ttt_linear():
+        return chunk_ttt_linear(q, k, v, ln_w, ln_b, lr, chunk_size=16)[0]
 
-    return [("fla chunk_ttt_linear", fwd_bwd(ttt)), ("fla chunk_gated_delta_rule", fwd_bwd(gdn))]
+    return [(FLA_GDR, fwd_bwd(gated_delta_rule)), ("fla chunk_ttt_linear", fwd_bwd(ttt_linear))]
 
 
-def titans_pytorch_cases(B, T, H, D, C, device, max_len):
-    if T > max_len:
+def titans_pytorch_cases(B, T, H, D, C, device, max_tokens):
+    if B * T * H > max_tokens:
         return []
     try:
         from titans_pytorch import MemoryMLP, NeuralMemory
@@ -180,13 +199,12 @@ def mlp_memory_cases(B, T, H, D, E, C, device):
     return cases
 
 
-def mlp_memory_table(args, device):
+def mlp_memory_table(B, T, H, D, E, C, repeats, device):
     """The deep-memory table: time, ratio to titans_ext.mlp_memory in the same direction, TFLOP/s."""
-    B, T, H, D, E, C = args.batch, args.mlp_seq_len, args.heads, args.head_dim, args.expansion, args.chunk_size
     results = []
     for name, fn, flops in mlp_memory_cases(B, T, H, D, E, C, device):
         try:
-            ms = median_ms(fn, device, warmup=2, repeats=args.repeats)
+            ms = median_ms(fn, device, warmup=2, repeats=repeats)
         except Exception as exc:  # a peer failing must not hide the other rows
             print(f"mlp table {name}: failed ({type(exc).__name__}: {exc})")
             continue
@@ -228,14 +246,15 @@ def copy_bandwidth(device, n_bytes=1 << 30):
     return 2 * n_bytes / (ms * 1e-3)
 
 
+def shape_name(shape):
+    return "B{} T{} H{} D{}".format(*shape)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPE_SETS), default=["headline", "fla"])
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--titans-pytorch-max-len", type=int, default=8192)
+    parser.add_argument("--titans-pytorch-max-tokens", type=int, default=1 << 16, help="B * T * H at most")
     parser.add_argument("--expansion", type=int, default=4, help="hidden width / D of the deep memory")
     parser.add_argument("--mlp-seq-len", type=int, default=8192, help="T of the deep-memory table (0: skip it)")
     parser.add_argument("--repeats", type=int, default=10)
@@ -243,56 +262,74 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device("cuda")
-    B, H, D, C = args.batch, args.heads, args.head_dim, args.chunk_size
+    C = args.chunk_size
     copy = copy_bandwidth(device)
     hbm = hbm_peak_bandwidth(device)
     peak = hbm or copy
     print(f"{torch.cuda.get_device_name(device)}: device-to-device copy {copy / 1e12:.2f} TB/s, HBM peak "
           + (f"{hbm / 1e12:.2f} TB/s" if hbm else "not reported (the copy stands in for it)"))
-    results = []
-    for T in args.seq_lens:
+    shapes = [shape for name in args.shapes for shape in SHAPE_SETS[name]]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, plans = [], {}
+    for shape in shapes:
+        B, T, H, D = shape
+        plans[shape] = summary(B, T, H, D, D, C, torch.bfloat16, emulated=False)
         cases = (titans_ext_cases(B, T, H, D, C, device) + fla_cases(B, T, H, D, C, device)
-                 + titans_pytorch_cases(B, T, H, D, C, device, args.titans_pytorch_max_len)
+                 + titans_pytorch_cases(B, T, H, D, C, device, args.titans_pytorch_max_tokens)
                  + sdpa_cases(B, T, H, D, device))
         for name, fn in cases:
             try:
                 ms = median_ms(fn, device, warmup=3, repeats=args.repeats)
             except Exception as exc:  # a peer failing at one size must not hide the other rows
-                print(f"T={T} {name}: failed ({type(exc).__name__}: {exc})")
+                print(f"{shape_name(shape)} {name}: failed ({type(exc).__name__}: {exc})")
                 continue
-            results.append({"T": T, "impl": name, "ms": ms})
-            print(f"T={T:6d} {name:40s} {ms:9.3f} ms", flush=True)
+            results.append({"shape": shape, "impl": name, "ms": ms})
+            print(f"{shape_name(shape):22s} {name:40s} {ms:9.3f} ms", flush=True)
         torch.cuda.empty_cache()
+        # Written after every shape, so a run stopped by a time limit leaves the shapes it finished.
+        title, table = results_table(results, plans, C, device, peak, copy)
+        out.write_text(title + "\n\n" + table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(
+            {"config": vars(args), "copy_bytes_per_s": copy, "hbm_peak_bytes_per_s": hbm,
+             "plans": {shape_name(s): p for s, p in plans.items()},
+             "results": [{**r, "shape": shape_name(r["shape"])} for r in results]}, indent=2))
+    print("\n" + title + "\n\n" + table)
+    if args.mlp_seq_len:
+        B, _, H, D = MLP_SHAPE
+        mlp_title, mlp_table, mlp_results = mlp_memory_table(B, args.mlp_seq_len, H, D, args.expansion, C,
+                                                              args.repeats, device)
+        print("\n" + mlp_title + "\n\n" + mlp_table)
+        out.write_text(title + "\n\n" + table + "\n\n" + mlp_title + "\n\n" + mlp_table + "\n")
+        record = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".json").write_text(json.dumps({**record, "mlp_results": mlp_results}, indent=2))
 
-    # Bytes a forward must move: q, k, v, o (bf16) and three fp32 gates per token-head.
+
+def results_table(results, plans, C, device, peak, copy):
+    """(title, markdown table) of the rows measured so far."""
     rows = []
     for r in results:
-        ours = next(x["ms"] for x in results if x["T"] == r["T"] and x["impl"] == "titans_ext linear_memory")
-        extra = ""
-        if r["impl"].endswith("(fwd only)"):
-            n_bytes = B * r["T"] * H * (4 * D * 2 + 3 * 4)
-            achieved = n_bytes / (r["ms"] * 1e-3)
-            extra = (f"{achieved / 1e12:.2f} TB/s: {achieved / peak * 100:.0f}% of HBM peak, "
-                     f"{achieved / copy * 100:.0f}% of copy")
-        ratio = "" if "fwd only" in r["impl"] else f"{r['ms'] / ours:.2f}x"
-        rows.append((r["T"], r["impl"], f"{r['ms']:.3f}", ratio, extra))
-    title = (f"GPU fwd+bwd, B={B}, H={H}, D={D}, chunk {C}, bf16, {torch.cuda.get_device_name(device)}, "
-             f"torch {torch.__version__}, {datetime.date.today().isoformat()}; ratio = time / titans_ext time "
-             f"at the same T (> 1: titans_ext is faster)")
-    table = markdown_table(["T", "implementation", "median ms", "ratio", "forward bandwidth"], rows)
-    print("\n" + title + "\n\n" + table)
-    text = title + "\n\n" + table + "\n"
-    mlp_results = []
-    if args.mlp_seq_len:
-        mlp_title, mlp_table, mlp_results = mlp_memory_table(args, device)
-        print("\n" + mlp_title + "\n\n" + mlp_table)
-        text += "\n" + mlp_title + "\n\n" + mlp_table + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "copy_bytes_per_s": copy,
-                                                    "hbm_peak_bytes_per_s": hbm, "results": results,
-                                                    "mlp_results": mlp_results}, indent=2))
+        shape, name, ms = r["shape"], r["impl"], r["ms"]
+        same = {x["impl"]: x["ms"] for x in results if x["shape"] == shape}
+        plan = plans[shape]
+        ratio = f"{ms / same[OURS]:.2f}x" if OURS in same and name != OURS_FWD else ""
+        traffic = bandwidth = buffers = ""
+        if name in (OURS, OURS_FWD):
+            per_token_head = (plan["fwd_bytes"] if name == OURS_FWD else plan["fwd_grad_bytes"] + plan["bwd_bytes"])
+            achieved = per_token_head * shape[0] * shape[1] * shape[2] / (ms * 1e-3)
+            traffic = f"{per_token_head:.0f}"
+            bandwidth = f"{achieved / 1e12:.2f} ({achieved / peak * 100:.0f}% of peak, {achieved / copy * 100:.0f}% of copy)"
+            buffers = (f"{plan['no_grad_mib']:.0f}" if name == OURS_FWD
+                       else f"checkpoints {plan['checkpoint_mib']:.0f}, scratch {plan['bwd_scratch_mib']:.0f}")
+        if name == OURS and FLA_GDR in same:
+            ratio += f", vs fla gdr {same[FLA_GDR] / ms:.2f}x"
+        rows.append((shape_name(shape), name, f"{ms:.3f}", ratio, traffic, bandwidth, buffers))
+    title = (f"GPU, chunk {C}, bf16, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+             f"{datetime.date.today().isoformat()}. ratio = time / titans_ext fwd+bwd time at the same shape "
+             f"(> 1: titans_ext is faster); traffic: global bytes per token-head of titans_ext's launches; "
+             f"buffers in MiB")
+    return title, markdown_table(["shape", "implementation", "median ms", "ratio", "traffic B/token-head",
+                                  "achieved TB/s", "buffers MiB"], rows)
 
 
 if __name__ == "__main__":

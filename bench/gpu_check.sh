@@ -4,7 +4,7 @@
 #   2. builds titans_ext in place against the machine's torch, CUDA kernels for sm_90a;
 #   3. the CUDA tests (CI runs the emulated ones), host-sync checks included;
 #   4. compute-sanitizer memcheck and racecheck on small forward + backward cases, synccheck and
-#      initcheck on the six-chunk bf16 Dk = 128 one (bench/gpu_sanitize_case.py);
+#      initcheck on the six-chunk bf16 ones (Dk = 128; chunk groups of two) (bench/gpu_sanitize_case.py);
 #   5. the kernel-by-kernel profile (bench/gpu_profile.py);
 #   6. the benchmark (bench/gpu.py): fwd+bwd against fla, titans-pytorch and SDPA.
 # Logs and results go to $OUT (the device tool's output folder; bench/results/gpu_check otherwise).
@@ -52,12 +52,13 @@ fi
 step tests_cuda 110 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_linear_memory_cuda.py \
   python_tests/test_host_syncs_cuda.py
 # memcheck and racecheck on every case; synccheck (barrier misuse) and initcheck (reads of
-# memory never written) on the six-chunk bf16 Dk = 128 case, whose pipelines refill buffers.
+# memory never written) on the six-chunk bf16 cases, whose pipelines refill buffers and whose
+# backward reads the scan's group cotangents.
 sanitize() {
   local rc=0 tool cases
   for tool in memcheck racecheck synccheck initcheck; do
     cases=""
-    [[ $tool == synccheck || $tool == initcheck ]] && cases=long_bf16
+    [[ $tool == synccheck || $tool == initcheck ]] && cases="long_bf16 bf16_groups"
     echo "--- compute-sanitizer --tool $tool ${cases:-(every case)}"
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m bench.gpu_sanitize_case $cases || rc=1
   done

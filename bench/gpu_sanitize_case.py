@@ -1,8 +1,9 @@
 """Small CUDA cases for compute-sanitizer (memcheck, racecheck, synccheck, initcheck): forward and
 backward of titans_ext.linear_memory for shapes that exercise every code path of the kernels
 (both read modes, bf16 / fp32 / fp64 / fp16, several value tiles with a partial last one, a short
-last chunk, Dk = 128, T = 1, and a sequence of six chunks, so that both sequential pipelines
-refill their buffers). Run by bench/gpu_check.sh; exits non-zero if a result is not finite.
+last chunk, Dk = 128, T = 1, sequences of six chunks, so that the pipelines refill their buffers,
+and backward chunk groups of one and of two chunks). Run by bench/gpu_check.sh; exits non-zero if
+a result is not finite.
 
     compute-sanitizer --tool memcheck python3 -m bench.gpu_sanitize_case            # every case
     compute-sanitizer --tool synccheck python3 -m bench.gpu_sanitize_case long_bf16  # one case
@@ -17,9 +18,12 @@ import titans_ext
 # name: (B, T, H, Dk, Dv, chunk_size, dtype, read)
 CASES = {
     "long_bf16": (1, 5 * 32 + 7, 2, 128, 72, 32, torch.bfloat16, "token"),
+    # Enough heads for the backward to take groups of two chunks on an H100 (132 SMs): the chunk
+    # kernel carries the cotangent from one chunk of its group to the next, after the scan.
+    "bf16_groups": (2, 5 * 32 + 7, 16, 64, 64, 32, torch.bfloat16, "token"),
     "bf16_tiles": (1, 70, 2, 64, 40, 32, torch.bfloat16, "token"),
     "fp32_dk128": (1, 37, 1, 128, 24, 16, torch.float32, "chunk_start"),
-    "fp64": (1, 20, 1, 16, 16, 64, torch.float64, "token"),
+    "fp64": (1, 20, 1, 16, 16, 32, torch.float64, "token"),
     "fp16_one_token": (2, 1, 1, 32, 8, 16, torch.float16, "token"),
 }
 

@@ -13,6 +13,7 @@ import torch
 
 import titans_ext
 from titans_ext.ops.checks import CHECK_VALUES_ENV
+from titans_ext.ops.linear_memory import cuda_launch_plan
 from titans_ext.reference import linear_memory_recurrent
 
 from utils import (GRAD_NAMES, TOLERANCE, assert_close, assert_compile_matches_eager, memory_inputs,
@@ -80,22 +81,24 @@ def kernel_grids(fn, tmp_path):
     return result, grids
 
 
+@pytest.mark.parametrize("shape", [(1, 37 * 16 + 5, 2, 16, 40, 16), (16, 37 * 16 + 5, 16, 64, 40, 16)],
+                         ids=["few-heads", "many-heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_state_tile(dtype, tmp_path):
-    # More sequential blocks of 16 rows than the device holds at once (at most 4 per SM): the
-    # sequential kernels take 32-row value tiles (lm::choose_tiles), 2 blocks per head for Dv = 40.
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    H, Dv = 4, 40
-    B = 4 * sms // (H * 3) + 1  # ceil(40 / 16) = 3 blocks of 16 rows per head
-    inputs, init = memory_inputs(B, 37, H, 16, Dv, dtype, device="cuda")
-    ref = _reference(inputs, init, chunk_size=16)
-    out, grids = kernel_grids(lambda: outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=16),
+def test_launches_follow_the_plan(dtype, shape, tmp_path):
+    # The kernels launch the grids that cuda_launch_plan reports for this device (the forward's
+    # value tiles; the backward's chunk groups, and the scan when there are several), with the
+    # same results as the reference.
+    B, T, H, Dk, Dv, C = shape
+    inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda")
+    plan = cuda_launch_plan(B, T, H, Dk, Dv, C, dtype, has_initial_state=True, has_final_cotangent=True)
+    out, grids = kernel_grids(lambda: outputs_and_grads(titans_ext.linear_memory, inputs, init, chunk_size=C),
                               tmp_path)
-    _compare(ref, out, TOLERANCE[dtype])
-    state_kernels = {name: launches for name, launches in grids.items() if "_state_kernel" in name}
-    assert len(state_kernels) == 2, f"expected a forward and a backward state kernel among {sorted(grids)}"
-    for name, launches in state_kernels.items():
-        assert launches == [(2, H, B)], f"{name}: grids {launches}, expected 32-row tiles: [(2, {H}, {B})]"
+    if B * H <= 2:
+        _compare(_reference(inputs, init, chunk_size=C), out, TOLERANCE[dtype])
+    for direction in ("forward", "backward"):
+        for kernel in plan[direction]["kernels"]:
+            launches = [grid for name, found in grids.items() if f"{kernel['name']}_kernel<" in name for grid in found]
+            assert [x * y * z for x, y, z in launches] == [kernel["blocks"]], (kernel["name"], launches, sorted(grids))
 
 
 def test_without_initial_state():

@@ -11,18 +11,18 @@
 
 namespace titans {
 
-inline InputType input_type(const Tensor& x) {
-  switch (x.scalar_type()) {
+inline InputType input_type(ScalarType dtype) {
+  switch (dtype) {
     case ScalarType::Float: return InputType::kFloat32;
     case ScalarType::Double: return InputType::kFloat64;
     case ScalarType::BFloat16: return InputType::kBFloat16;
     case ScalarType::Half: return InputType::kFloat16;
     default:
-      STD_TORCH_CHECK(false, "linear_memory: q, k, v must be float32, float64, bfloat16 or float16, got ",
-                      x.scalar_type());
+      STD_TORCH_CHECK(false, "linear_memory: q, k, v must be float32, float64, bfloat16 or float16, got ", dtype);
       return InputType::kFloat32;  // not reached
   }
 }
+inline InputType input_type(const Tensor& x) { return input_type(x.scalar_type()); }
 
 // The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for the
 // first two before dispatch, this guards direct calls of the operators.
@@ -39,16 +39,19 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
-inline void check_shared_memory(const char* op, size_t bytes, const DeviceLimits& device, int64_t chunk_size,
-                                const Tensor& q) {
-  STD_TORCH_CHECK(bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ", q.size(3), " and ",
-                  q.scalar_type(), " inputs needs ", bytes, " bytes of shared memory per block, more than the ",
-                  device.max_shared_bytes, " this device allows; use a smaller chunk_size (or fp32 inputs)");
+inline void check_shared_memory(const char* op, const LaunchPlan& plan, const DeviceLimits& device,
+                                int64_t chunk_size, const Tensor& q) {
+  const size_t bytes = plan.smem_bytes();
+  STD_TORCH_CHECK(plan.fits && bytes <= device.max_shared_bytes, op, ": chunk_size ", chunk_size, " with Dk ",
+                  q.size(3), " and ", q.scalar_type(), " inputs needs ", bytes,
+                  " bytes of shared memory per block, more than the ", device.max_shared_bytes,
+                  " this device allows; use a smaller chunk_size");
 }
 
-// Validates, allocates the outputs and the workspace, chooses the value tiles for the device and
-// calls launch(params, workspace, input_type, tiles). The kernel reads q, k, v in their own dtype
-// (o is written in it) and gates and states in the compute dtype.
+// Validates, allocates the outputs, plans the launch for the device and calls launch(params,
+// input_type, plan). The kernel reads q, k, v in their own dtype (o is written in it), gates and
+// states in the compute dtype, and writes the checkpoints (chunk_states) in q's dtype when
+// save_states; otherwise it allocates none.
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
@@ -63,22 +66,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
   const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype);
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
-  const ValueTiles tiles = linear_memory_fwd_tiles(params, type, device);
-  check_shared_memory("linear_memory_fwd", linear_memory_fwd_smem_bytes(params, type, tiles), device, chunk_size, q);
-  // The chunk-start states are written in every case: the output kernel reads them.
-  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), true);
-  const Tensor gate_rows = empty_on(q, {linear_memory_gate_rows_elems(params)}, dtype);
-  LinearMemoryFwdWorkspace workspace;
-  workspace.gate_rows = gate_rows.data_ptr();
-  launch(params, workspace, type, tiles);
-  return {out.o, out.m_final, out.s_final, save_states ? out.chunk_states : empty_on(q, {0}, dtype)};
+  const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
+  check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
+  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
+                                             linear_memory_checkpoints(params.n_chunks, type));
+  launch(params, type, plan);
+  return {out.o, out.m_final, out.s_final, out.chunk_states};
 }
 
 using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Validates, allocates the gradients and the workspace, and calls launch(params, workspace,
-// input_type, tiles). Same output contract as the CPU op: dq, dk, dv in the input dtype,
-// gate gradients in the gates' dtype, dm0 and ds0 in the compute dtype.
+// Validates, allocates the gradients and the plan's buffer (the group cotangents, when the plan has
+// several groups: one allocation), and calls launch(params, input_type, plan, workspace). Same
+// output contract as the CPU op: dq, dk, dv in the input dtype, gate gradients in the gates'
+// dtype, dm0 and ds0 in the compute dtype. chunk_states: the forward's checkpoints (q's dtype).
 template <typename Launch>
 LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                            const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
@@ -96,16 +97,16 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, q.scalar_type()));
   const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
   const auto dm_c = contiguous_in(d_m_final, dtype), ds_c = contiguous_in(d_s_final, dtype);
-  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, dtype));
+  const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, q.scalar_type()));
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
                                                                   std::nullopt, chunk_size, read_token);
-  STD_TORCH_CHECK(
-      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 2 * params.dv * params.dk,
-      "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
-  const ValueTiles tiles = linear_memory_bwd_tiles(params, type, device);
-  check_shared_memory("linear_memory_bwd", linear_memory_bwd_smem_bytes(params, type, tiles), device, chunk_size, q);
+  STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads *
+                                          linear_memory_checkpoints(params.n_chunks, type) * 2 * params.dv * params.dk,
+                  "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
+  const LinearMemoryBwdPlan plan = linear_memory_bwd_plan(params, type, device, dm_c || ds_c);
+  check_shared_memory("linear_memory_bwd", plan, device, chunk_size, q);
   params.chunk_states_ptr = states_c.data_ptr();
   params.d_o = token_tensor(d_o_c);
   params.d_m_final_ptr = data_or_null(dm_c);
@@ -118,21 +119,10 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();
 
-  const LinearMemoryBwdWorkspaceSizes sizes = linear_memory_bwd_workspace_sizes(params, tiles.parallel);
-  const auto workspace_tensor = [&](int64_t elems) { return empty_on(q, {elems}, dtype); };
-  const Tensor dq_part = workspace_tensor(sizes.dqk_part), dk_part = workspace_tensor(sizes.dqk_part);
-  const Tensor coef_part = workspace_tensor(sizes.coef_part);
-  const Tensor gate_rows = workspace_tensor(sizes.gate_rows);
-  const Tensor errors_local = workspace_tensor(sizes.errors_local);
-  const Tensor chunk_cotangents = workspace_tensor(sizes.chunk_cotangents);
+  const Tensor buffer = empty_on(q, {plan.buffer_bytes()}, ScalarType::Byte);
   LinearMemoryBwdWorkspace workspace;
-  workspace.gate_rows = gate_rows.data_ptr();
-  workspace.errors_local = errors_local.data_ptr();
-  workspace.chunk_cotangents = chunk_cotangents.data_ptr();
-  workspace.dq_part = dq_part.data_ptr();
-  workspace.dk_part = dk_part.data_ptr();
-  workspace.coef_part = coef_part.data_ptr();
-  launch(params, workspace, type, tiles);
+  workspace.group_cotangents = plan.n_buffers > 0 ? buffer.data_ptr() : nullptr;
+  launch(params, type, plan, workspace);
   return {g.dq, g.dk, g.dv, to_dtype(g.dtheta, theta.scalar_type()), to_dtype(g.deta, eta.scalar_type()),
           to_dtype(g.dalpha, alpha.scalar_type()), dm0, ds0};
 }

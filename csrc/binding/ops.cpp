@@ -78,12 +78,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
   const auto m0_c = in.state(m0), s0_c = in.state(s0), delta_c = in.state(delta);
   LinearMemoryParams params = in.params(m0_c, s0_c, chunk_size, read_token);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states);
+  // Every chunk's start state (the CPU backward reads each; the CUDA kernels keep fewer).
+  const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states, params.n_chunks);
 
   run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
     cpu::linear_memory_fwd<decltype(zero)>(params, begin, end);
   });
-  return {to_dtype(out.o, q.scalar_type()), out.m_final, out.s_final, out.chunk_states};
+  // The checkpoints keep q's dtype on every device (the CUDA kernels' rule, linear_memory_launch.cuh).
+  return {to_dtype(out.o, q.scalar_type()), out.m_final, out.s_final, to_dtype(out.chunk_states, q.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_memory_bwd_cpu(

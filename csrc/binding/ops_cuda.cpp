@@ -12,6 +12,7 @@
 #include <torch/csrc/stable/macros.h>
 
 #include "binding/linear_memory_device.h"
+#include "binding/linear_memory_plan.h"
 #include "binding/mlp_memory_device.h"
 
 namespace titans {
@@ -70,10 +71,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
   const CudaLaunchContext context(q);
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
                                   context.limits(),
-                                  [&](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                      InputType type, const ValueTiles& tiles) {
+                                  [&](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     STD_CUDA_CHECK(static_cast<cudaError_t>(
-                                        linear_memory_fwd_launch(params, workspace, type, tiles, context.stream())));
+                                        linear_memory_fwd_launch(params, type, plan, context.stream())));
                                   });
 }
 
@@ -87,10 +87,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const CudaLaunchContext context(q);
   const LinearMemoryGrads grads = linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, context.limits(),
-      [&](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-          const ValueTiles& tiles) {
+      [&](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
+          const LinearMemoryBwdWorkspace& workspace) {
         STD_CUDA_CHECK(
-            static_cast<cudaError_t>(linear_memory_bwd_launch(params, workspace, type, tiles, context.stream())));
+            static_cast<cudaError_t>(linear_memory_bwd_launch(params, type, plan, workspace, context.stream())));
       });
   const Tensor& dm0 = std::get<6>(grads);
   return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));
@@ -128,17 +128,31 @@ MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tenso
       });
 }
 
+// The plans for the current CUDA device.
+std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
+                               ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
+                               bool has_final_cotangent) {
+  int device = 0;
+  STD_CUDA_CHECK(cudaGetDevice(&device));
+  return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
+                                 has_initial_state, has_final_cotangent, device_limits(device));
+}
+
 }  // namespace
 
-// What the CUDA mlp_memory launchers choose on a device (binding/mlp_memory_device.h): the Python op
-// asks it before dispatch, so that a configuration no block fits is a ValueError naming the bytes.
+// An operator of the CUDA build only (it describes the CUDA launches); it takes no tensor, so it
+// is defined here rather than in ops.cpp's schema list, with a kernel for every dispatch key. What
+// the CUDA mlp_memory launchers choose on a device (binding/mlp_memory_device.h): the Python op asks
+// it before dispatch, so that a configuration no block fits is a ValueError naming the bytes.
 STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) {
+  m.def(TITANS_LINEAR_MEMORY_PLAN_SCHEMA);
   m.def(
       "mlp_memory_plan(int dim, int hidden, int chunk_size, ScalarType dtype, bool read_token, int retention, "
       "int max_shared_bytes) -> (int fwd_block, int fwd_bytes, int bwd_block, int bwd_bytes)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(titans_ext, CompositeExplicitAutograd, m) {
+  m.impl("linear_memory_plan", TORCH_BOX(&linear_memory_plan));
   m.impl("mlp_memory_plan", TORCH_BOX(&mlp_memory_plan));
 }
 

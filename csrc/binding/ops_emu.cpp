@@ -21,6 +21,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include "binding/linear_memory_device.h"
+#include "binding/linear_memory_plan.h"
 #include "binding/mlp_memory_device.h"
 #include "device/selftest/selftest.h"
 
@@ -258,9 +259,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd(const Tensor& q, co
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
                                   emulated_device,
-                                  [](const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                                     InputType type, const ValueTiles& tiles) {
-                                    linear_memory_fwd_launch(params, workspace, type, tiles, nullptr);
+                                  [](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
+                                    linear_memory_fwd_launch(params, type, plan, nullptr);
                                   });
 }
 
@@ -272,8 +272,15 @@ LinearMemoryGrads linear_memory_bwd(const Tensor& q, const Tensor& k, const Tens
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
       emulated_device,
-      [](const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace, InputType type,
-         const ValueTiles& tiles) { linear_memory_bwd_launch(params, workspace, type, tiles, nullptr); });
+      [](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
+         const LinearMemoryBwdWorkspace& workspace) { linear_memory_bwd_launch(params, type, plan, workspace, nullptr); });
+}
+
+std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
+                               ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
+                               bool has_final_cotangent) {
+  return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
+                                 has_initial_state, has_final_cotangent, emulated_device);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd(
@@ -317,6 +324,7 @@ STABLE_TORCH_LIBRARY(titans_emu, m) {
   m.def("set_write_visibility(int seed) -> ()");
   m.def("set_block_interleaving(int seed) -> ()");
   m.def("set_device_limits(int sm_count, int max_shared_bytes) -> ()");
+  m.def(TITANS_LINEAR_MEMORY_PLAN_SCHEMA);
   m.def("block_reduce_sum(Tensor x, int threads) -> Tensor");
   m.def("warp_shuffle(Tensor x, str kind, int arg, int width) -> Tensor");
   m.def("warp_reduce(Tensor x) -> (Tensor sum, Tensor max, Tensor ballot)");
@@ -364,6 +372,7 @@ STABLE_TORCH_LIBRARY_IMPL(titans_emu, CompositeExplicitAutograd, m) {
   m.impl("set_write_visibility", TORCH_BOX(&set_write_visibility));
   m.impl("set_block_interleaving", TORCH_BOX(&set_block_interleaving));
   m.impl("set_device_limits", TORCH_BOX(&set_device_limits));
+  m.impl("linear_memory_plan", TORCH_BOX(&linear_memory_plan));
   m.impl("block_reduce_sum", TORCH_BOX(&block_reduce_sum));
   m.impl("warp_shuffle", TORCH_BOX(&warp_shuffle));
   m.impl("warp_reduce", TORCH_BOX(&warp_reduce));

@@ -201,17 +201,17 @@ struct LinearMemoryFwdOutputs {
 };
 
 // Allocates the forward's outputs on the device of `like` and points `p` at them: o [B, T, H, Dv]
-// in o_dtype, the states in state_dtype; chunk_states is [B, H, N, 2, Dv, Dk] when save_states,
-// else an empty [0].
+// and the checkpoints in the inputs' dtype io_dtype, the final states in state_dtype;
+// chunk_states is [B, H, checkpoints, 2, Dv, Dk] when save_states, else an empty [0].
 inline LinearMemoryFwdOutputs linear_memory_fwd_outputs(LinearMemoryParams& p, const Tensor& like,
-                                                        ScalarType state_dtype, ScalarType o_dtype,
-                                                        bool save_states) {
+                                                        ScalarType state_dtype, ScalarType io_dtype,
+                                                        bool save_states, int64_t checkpoints) {
   LinearMemoryFwdOutputs out;
-  out.o = empty_on(like, {p.batch, p.seqlen, p.heads, p.dv}, o_dtype);
+  out.o = empty_on(like, {p.batch, p.seqlen, p.heads, p.dv}, io_dtype);
   out.m_final = empty_on(like, {p.batch, p.heads, p.dv, p.dk}, state_dtype);
   out.s_final = empty_on(like, {p.batch, p.heads, p.dv, p.dk}, state_dtype);
-  out.chunk_states = save_states ? empty_on(like, {p.batch, p.heads, p.n_chunks, 2, p.dv, p.dk}, state_dtype)
-                                 : empty_on(like, {0}, state_dtype);
+  out.chunk_states = save_states ? empty_on(like, {p.batch, p.heads, checkpoints, 2, p.dv, p.dk}, io_dtype)
+                                 : empty_on(like, {0}, io_dtype);
   p.o_ptr = out.o.data_ptr();
   p.m_final_ptr = out.m_final.data_ptr();
   p.s_final_ptr = out.s_final.data_ptr();

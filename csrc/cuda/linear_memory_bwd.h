@@ -1,4 +1,4 @@
-// Entry point of the CUDA linear_memory backward (linear_memory_bwd.cuh). Torch-free and free of
+// Entry points of the CUDA linear_memory backward (linear_memory_bwd.cuh). Torch-free and free of
 // CUDA headers, so both bindings (CUDA and emulation) can include it.
 #pragma once
 
@@ -7,58 +7,31 @@
 
 namespace titans {
 
-// Scratch the backward needs beside its outputs, in the compute dtype (fp32; fp64 for fp64
-// inputs).
-//   gate_rows:        [B, H, n_chunks, linear_memory_gate_rows_size(C)], as in the forward;
-//   errors_local:     [B, T, H, Dv], U = (Q K^T .* c)^T dO per chunk, the read-out's share of dE
-//                     (token read only);
-//   chunk_cotangents: [B, H, n_chunks, 2, Dv, Dk], the cotangent (dM, dS) of each chunk's end
-//                     state, written by the reverse pass for the parallel chunk kernel.
-// The chunk kernel runs per value tile; dQ, dK and the gate-coefficient cotangents are sums over
-// Dv, so each tile writes its partial sums and the gate kernel adds them in tile order
-// (deterministic, no atomics).
-//   dq_part, dk_part: [value_tiles, B, T, H, Dk]; only when value_tiles > 1 (else the chunk
-//                     kernel writes dq, dk directly);
-//   coef_part:        [value_tiles, B, H, n_chunks, coef_size] with coef_size = C * C + 3 C + 1
-//                     (d_c lower triangle, d_a, d_g, d_s, d_p of each chunk).
+// The backward's launch (linear_memory_bwd.cuh): the chunk kernel, one block per (group of
+// `group` consecutive chunks, head, batch) covering all of Dv in value slices of `slice` rows,
+// preceded, when a sequence has more than one group, by the reverse scan (value tiles of
+// `scan_tile` rows) that stores the cotangent of each group's end state. Its one buffer is that
+// store, [B, H, n_groups - 1, 2, Dv, Dk] in the input dtype; with one group per sequence the
+// backward needs no memory beyond its inputs and gradients.
+struct LinearMemoryBwdPlan : LaunchPlan {
+  int group = 1, n_groups = 0, slice = 16, scan_tile = 16;
+  bool carry = false;  // whether the chunk kernel carries the cotangent across the chunks of a group
+};
+
 struct LinearMemoryBwdWorkspace {
-  void* gate_rows = nullptr;
-  void* errors_local = nullptr;
-  void* chunk_cotangents = nullptr;
-  void* dq_part = nullptr;
-  void* dk_part = nullptr;
-  void* coef_part = nullptr;
+  void* group_cotangents = nullptr;
 };
 
-struct LinearMemoryBwdWorkspaceSizes {
-  int value_tiles;
-  int64_t gate_rows;         // elements of gate_rows
-  int64_t errors_local;      // elements of errors_local (0 for the chunk_start read)
-  int64_t chunk_cotangents;  // elements of chunk_cotangents
-  int64_t dqk_part;          // elements of dq_part and of dk_part each (0 when value_tiles == 1)
-  int64_t coef_part;         // elements of coef_part
-};
-
-// constexpr: the kernels call it too (nvcc --expt-relaxed-constexpr).
-constexpr int linear_memory_coef_size(int chunk) { return chunk * chunk + 3 * chunk + 1; }
-
-// parallel_tile: ValueTiles::parallel.
-inline LinearMemoryBwdWorkspaceSizes linear_memory_bwd_workspace_sizes(const LinearMemoryParams& p, int parallel_tile) {
-  const int tiles = (p.dv + parallel_tile - 1) / parallel_tile;
-  const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  return {tiles, linear_memory_gate_rows_elems(p), p.read_token ? tokens * p.dv : 0,
-          int64_t(p.batch) * p.heads * p.n_chunks * 2 * p.dv * p.dk, tiles > 1 ? tiles * tokens * p.dk : 0,
-          int64_t(tiles) * p.batch * p.heads * p.n_chunks * linear_memory_coef_size(p.chunk_size)};
-}
+// The plan for `params`' sizes (pointers are not read). has_final_cotangent: whether the
+// cotangents of the final state are read.
+LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& params, InputType input_type,
+                                           const DeviceLimits& device, bool has_final_cotangent);
 
 // Fills every gradient of `params` (dq, dk, dv in the input dtype; dtheta, deta, dalpha, dm0, ds0
-// in the compute dtype). Same return convention as linear_memory_fwd_launch.
-ValueTiles linear_memory_bwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device);
-
-int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, const LinearMemoryBwdWorkspace& workspace,
-                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream);
-
-// Dynamic shared memory of the backward's largest block (checked like the forward's).
-size_t linear_memory_bwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles);
+// in the compute dtype) from the checkpoints (chunk_states_ptr, the forward's, in the input
+// dtype). Same return convention as linear_memory_fwd_launch.
+int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType input_type,
+                             const LinearMemoryBwdPlan& plan, const LinearMemoryBwdWorkspace& workspace,
+                             CUstream_st* stream);
 
 }  // namespace titans

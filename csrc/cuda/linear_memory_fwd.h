@@ -7,14 +7,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/common/launch.h"
 #include "titans_params.h"
 
 struct CUstream_st;  // cudaStream_t is a CUstream_st*
 
 namespace titans {
-
-// q, k, v's dtype; o is written in it. Gates and states are fp64 for kFloat64 inputs, else fp32.
-enum class InputType { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
 // Limits of the CUDA kernels: one chunk's tiles and the block's rows of the state live in shared
 // memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
@@ -22,53 +20,35 @@ constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
 constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch index the grid's y and z
 
-// What the launchers are told of the device.
-struct DeviceLimits {
-  int64_t sm_count;
-  size_t max_shared_bytes;     // dynamic shared memory one block may opt in to
-  size_t shared_bytes_per_sm;  // shared memory of one SM, shared by its resident blocks
-};
-
-// Value features (rows of M and S) per block, for the sequential and for the parallel kernels.
-// - Sequential: each chunk step is a chain of products over the block's rows, so a narrower tile
-//   shortens the chain; while the device holds every block at once (B * H * ceil(Dv / 16) blocks,
-//   at most 4 per SM and as many as the SM's shared memory takes) they take 16 rows, beyond that
-//   32, which halves the per-block overhead (staging the chunk's keys, barriers), for Dk <= 64
-//   and not fp64.
-// - Parallel: every tile recomputes its chunk's Q K^T and gate tables, so wider is cheaper: 32
-//   where the kernels' shared memory fits the device at 32 (Dk <= 64, not fp64), else 16.
-// linear_memory_fwd_tiles / linear_memory_bwd_tiles choose them (they know the kernels' shared
-// memory); the shared memory of each kernel then follows from the tiles.
-struct ValueTiles {
-  int state, parallel;
-};
-
-// What the sequential passes need of each chunk's gate tables (docs/backward_linear.md §0), written by
-// a parallel kernel before them so that no gate recurrence sits on their chain: per chunk, in the
-// compute dtype, m_end [C] | s_end [C] | a [C] | g [C] | a_L, g_L, p (and one pad, so that every
-// chunk's rows start 16-byte aligned).
-constexpr int linear_memory_gate_rows_size(int chunk) { return 4 * chunk + 4; }
-
-// Scratch of the forward, in the compute dtype:
-//   gate_rows: [B, H, n_chunks, linear_memory_gate_rows_size(C)].
-struct LinearMemoryFwdWorkspace {
-  void* gate_rows = nullptr;
-};
-
-inline int64_t linear_memory_gate_rows_elems(const LinearMemoryParams& p) {
-  return int64_t(p.batch) * p.heads * p.n_chunks * linear_memory_gate_rows_size(p.chunk_size);
+// The checkpoints the forward keeps for the backward: chunk_states [B, H, ceil(n_chunks / stride),
+// 2, Dv, Dk] in the input dtype, the start states (M, S) of chunks 0, stride, 2 stride, ... 16-bit
+// inputs keep every other one (the backward recomputes the others, one chunk step from the one
+// before), fp32 and fp64 inputs every one.
+inline int linear_memory_checkpoint_stride(InputType type) {
+  return type == InputType::kBFloat16 || type == InputType::kFloat16 ? 2 : 1;
+}
+inline int64_t linear_memory_checkpoints(int64_t n_chunks, InputType type) {
+  const int stride = linear_memory_checkpoint_stride(type);
+  return (n_chunks + stride - 1) / stride;
 }
 
-// Fills o, m_final, s_final and chunk_states of `params`; chunk_states ([B, H, n_chunks, 2, Dv,
-// Dk], compute dtype) is required: the output kernel reads the chunk-start states from it. Returns
-// the launch's cudaError_t; the emulation returns 0 and throws device::emu::KernelError on a
-// kernel error.
-ValueTiles linear_memory_fwd_tiles(const LinearMemoryParams& params, InputType input_type, const DeviceLimits& device);
+// The forward's launch: one kernel (linear_memory_fwd.cuh) over value tiles of tile_v rows. Its
+// buffer is the checkpoints when saving them; without them the forward needs no memory beyond its
+// inputs and outputs.
+struct LinearMemoryFwdPlan : LaunchPlan {
+  int tile_v = 16;
+  bool save_states = false;
+};
 
-int linear_memory_fwd_launch(const LinearMemoryParams& params, const LinearMemoryFwdWorkspace& workspace,
-                             InputType input_type, const ValueTiles& tiles, CUstream_st* stream);
+// The plan for `params`' sizes (pointers are not read): the value tile (see the .cuh), the
+// kernel's shared memory and traffic. has_initial_state: whether M0, S0 are read.
+LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& params, InputType input_type,
+                                           const DeviceLimits& device, bool save_states, bool has_initial_state);
 
-// Dynamic shared memory of the forward's largest block (the binding checks it against the device).
-size_t linear_memory_fwd_smem_bytes(const LinearMemoryParams& params, InputType input_type, const ValueTiles& tiles);
+// Fills o, m_final, s_final and, when chunk_states_ptr is set (the plan's save_states), the
+// checkpoints. Returns the launch's cudaError_t; the emulation returns 0 and throws
+// device::emu::KernelError on a kernel error.
+int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, const LinearMemoryFwdPlan& plan,
+                             CUstream_st* stream);
 
 }  // namespace titans

@@ -35,7 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cuda/linear_memory_fwd.h"  // InputType, DeviceLimits
+#include "cuda/common/launch.h"  // InputType, DeviceLimits
 #include "titans_params.h"
 
 struct CUstream_st;  // cudaStream_t is a CUstream_st*

@@ -23,7 +23,7 @@
 //                     dR = dE .* f'(R), dV = -dR, dK += dR
 //   pass 3 (W1, W2):  dZ = scratch + (dR W2) .* act'(Z); dK += dZ W1, dW1 += dZ^T K, dW2 += dR^T H
 // and the gate gradients from the cotangents of the gate tables by the reverse column recurrence
-// (lm::chunk_gate_adjoint). The row sums the gate cotangents need (e.g. rowsum(DZ .* K dW1'^T)) are
+// (lm::gate_adjoint). The row sums the gate cotangents need (e.g. rowsum(DZ .* K dW1'^T)) are
 // taken per 16 x 8 tile with warp shuffles and added in tile order: deterministic, without atomics.
 // Retention "kl": the chunk proper starts after the lag token, from the lag step of the saved state
 // (recomputed into a scratch state); the lag token's read, its softmax step and its key path are
@@ -38,13 +38,15 @@
 
 namespace titans {
 
-// Shared memory of the backward kernel (offsets in elements of each region's type).
+// Shared memory of the backward kernel (byte offsets, kernel::SmemLayout).
 template <typename Ktraits>
 struct MlpMemoryBwdSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  using compute_t = typename Ktraits::compute_t;
+  kernel::SmemLayout carver;
   int ld;                                              // leading dimension of the staged q, k, dO
-  int theta, eta, beta, a, g, P, norms;                // [C]: gates, gate tables, yaad's norms
+  int gates, gate_rows;                                // lm::ChunkGates, lm::ChunkGateRows of the chunk
+  int P, norms;                                        // [C]: the g column's sigma, yaad's norms
   int d_a, d_g, d_s, prod_a, prod_gb, prod_ge;         // [C]: gate-table cotangents; adjoint scratch
   int scalars;  // [4 + 3 x warps]: the cotangent of p_L, the lag token's residual norm, block sums
   int c, sig, hh, da, db;                              // [C, C]: c; sig (then Q K^T); Hq H^T; dO E^T; dZq DZ^T
@@ -56,30 +58,32 @@ struct MlpMemoryBwdSmem {
   int lag_resid, lag_err, lag_de;                      // kl: [D] r0, e0, dE0
   int q, k, d_o;                                       // input region: [C, ld]
   int blocks[2][4];                                    // input region: W1, S1 [NB, D], W2, S2 [D, NB]
-  __host__ __device__ MlpMemoryBwdSmem(const MlpMemoryParams& p, int NB) : ld(lm::padded<input_t>(p.dim)) {
+  __host__ __device__ MlpMemoryBwdSmem(const MlpMemoryParams& p, int NB) : ld(kernel::padded<input_t>(p.dim)) {
     const int C = p.chunk_size, D = p.dim, N = p.hidden;
     const bool token = p.read_token, kl = p.miras.retention == RetentionKind::kl;
-    theta = carver.compute(C), eta = carver.compute(C), beta = carver.compute(C);
-    a = carver.compute(C), g = carver.compute(C), P = carver.compute(C), norms = carver.compute(C);
-    d_a = carver.compute(C), d_g = carver.compute(C), d_s = carver.compute(C);
-    prod_a = carver.compute(C), prod_gb = carver.compute(C), prod_ge = carver.compute(C);
-    scalars = carver.compute(4 + 3 * mlp::kThreads / device::kWarpSize);
-    c = carver.compute(C * C), sig = carver.compute(C * C);
-    hh = carver.compute(token ? C * C : 0), da = carver.compute(C * C), db = carver.compute(token ? C * C : 0);
-    resid = carver.compute(p.miras.objective == ObjectiveKind::l2 ? 0 : C * D);
-    errors = carver.compute(C * D), d_err = carver.compute(C * D);
-    row_sums = carver.compute(4 * C * row_tiles(D, NB));
+    const auto compute = [&](int n) { return carver.array<compute_t>(n); };
+    const auto input = [&](int n) { return carver.array<input_t>(n); };
+    gates = compute(lm::ChunkGates<compute_t>::size(C)), gate_rows = compute(lm::ChunkGateRows<compute_t>::size(C));
+    P = compute(C), norms = compute(C);
+    d_a = compute(C), d_g = compute(C), d_s = compute(C);
+    prod_a = compute(C), prod_gb = compute(C), prod_ge = compute(C);
+    scalars = compute(4 + 3 * mlp::kThreads / device::kWarpSize);
+    c = compute(C * C), sig = compute(C * C);
+    hh = compute(token ? C * C : 0), da = compute(C * C), db = compute(token ? C * C : 0);
+    resid = compute(p.miras.objective == ObjectiveKind::l2 ? 0 : C * D);
+    errors = compute(C * D), d_err = compute(C * D);
+    row_sums = compute(4 * C * row_tiles(D, NB));
     const int tile = C * NB;
-    h = carver.compute(tile), a1 = carver.compute(tile), ga2 = carver.compute(tile), dz = carver.compute(tile);
-    aq1 = carver.compute(tile), hq = carver.compute(tile), ddz = carver.compute(tile), dh = carver.compute(tile);
-    dzq = carver.compute(tile);
+    h = compute(tile), a1 = compute(tile), ga2 = compute(tile), dz = compute(tile);
+    aq1 = compute(tile), hq = compute(tile), ddz = compute(tile), dh = compute(tile);
+    dzq = compute(tile);
     const int lag_n = kl ? N : 0, lag_d = kl ? D : 0;
-    lag_hidden = carver.compute(lag_n), lag_first = carver.compute(lag_n), lag_second = carver.compute(lag_n);
-    lag_grad = carver.compute(lag_n), lag_dx = carver.compute(lag_n), lag_dy = carver.compute(lag_n);
-    lag_resid = carver.compute(lag_d), lag_err = carver.compute(lag_d), lag_de = carver.compute(lag_d);
-    q = carver.input(C * ld), k = carver.input(C * ld), d_o = carver.input(C * ld);
+    lag_hidden = compute(lag_n), lag_first = compute(lag_n), lag_second = compute(lag_n);
+    lag_grad = compute(lag_n), lag_dx = compute(lag_n), lag_dy = compute(lag_n);
+    lag_resid = compute(lag_d), lag_err = compute(lag_d), lag_de = compute(lag_d);
+    q = input(C * ld), k = input(C * ld), d_o = input(C * ld);
     for (auto& buffer : blocks)
-      for (int w = 0; w < 4; ++w) buffer[w] = carver.input(NB * D);
+      for (int w = 0; w < 4; ++w) buffer[w] = input(NB * D);
   }
   // Column tiles of the row sums: they come from [C, NB] and [C, D] products.
   __host__ __device__ static int row_tiles(int D, int NB) { return ((D > NB ? D : NB) + 7) / 8; }
@@ -156,30 +160,33 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
 
   const MlpMemoryBwdSmem<Ktraits> layout(params, NB);
   const int ld = layout.ld;
-  const lm::SmemBase<T, input_t> smem(layout.carver);
-  const auto theta = smem.compute(layout.theta), eta = smem.compute(layout.eta), beta = smem.compute(layout.beta);
-  const auto a = smem.compute(layout.a), g = smem.compute(layout.g), P = smem.compute(layout.P);
-  const auto norms = smem.compute(layout.norms);
-  const auto d_a = smem.compute(layout.d_a), d_g = smem.compute(layout.d_g), d_s = smem.compute(layout.d_s);
-  const auto prod_a = smem.compute(layout.prod_a), prod_gb = smem.compute(layout.prod_gb);
-  const auto prod_ge = smem.compute(layout.prod_ge), scalars = smem.compute(layout.scalars);
-  const auto c = smem.compute(layout.c), sig = smem.compute(layout.sig), hh = smem.compute(layout.hh);
-  const auto da = smem.compute(layout.da), db = smem.compute(layout.db);
+  const auto compute = [](int offset) { return kernel::shared_array<T>(offset); };
+  const auto input = [](int offset) { return kernel::shared_array<input_t>(offset); };
+  const lm::ChunkGates<T> gates(compute(layout.gates), C);
+  const lm::ChunkGateRows<T> gate_rows(compute(layout.gate_rows), C);
+  const auto a = gate_rows.a, g = gate_rows.g, s_end = gate_rows.s_end;
+  const auto P = compute(layout.P);
+  const auto norms = compute(layout.norms);
+  const auto d_a = compute(layout.d_a), d_g = compute(layout.d_g), d_s = compute(layout.d_s);
+  const auto prod_a = compute(layout.prod_a), prod_gb = compute(layout.prod_gb);
+  const auto prod_ge = compute(layout.prod_ge), scalars = compute(layout.scalars);
+  const auto c = compute(layout.c), sig = compute(layout.sig), hh = compute(layout.hh);
+  const auto da = compute(layout.da), db = compute(layout.db);
   const auto qk = sig;  // Q K^T while the products need it; the adjoint rebuilds sig there at the end
   const bool keep_residuals = params.miras.objective != ObjectiveKind::l2;
-  const auto errors = smem.compute(layout.errors);
-  const auto resid = keep_residuals ? smem.compute(layout.resid) : errors;  // E = 2 R is computed in place
-  const auto d_err = smem.compute(layout.d_err), row_sums = smem.compute(layout.row_sums);
-  const auto hid = smem.compute(layout.h), a1 = smem.compute(layout.a1), ga2 = smem.compute(layout.ga2);
-  const auto dz = smem.compute(layout.dz), aq1 = smem.compute(layout.aq1), hq = smem.compute(layout.hq);
-  const auto ddz = smem.compute(layout.ddz);
-  const auto dh = smem.compute(layout.dh), dzq = smem.compute(layout.dzq);
-  const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k), do_s = smem.input(layout.d_o);
+  const auto errors = compute(layout.errors);
+  const auto resid = keep_residuals ? compute(layout.resid) : errors;  // E = 2 R is computed in place
+  const auto d_err = compute(layout.d_err), row_sums = compute(layout.row_sums);
+  const auto hid = compute(layout.h), a1 = compute(layout.a1), ga2 = compute(layout.ga2);
+  const auto dz = compute(layout.dz), aq1 = compute(layout.aq1), hq = compute(layout.hq);
+  const auto ddz = compute(layout.ddz);
+  const auto dh = compute(layout.dh), dzq = compute(layout.dzq);
+  const auto q_s = input(layout.q), k_s = input(layout.k), do_s = input(layout.d_o);
   const StateBlock blocks[2] = {
-      {smem.input(layout.blocks[0][0]), smem.input(layout.blocks[0][1]), smem.input(layout.blocks[0][2]),
-       smem.input(layout.blocks[0][3]), D, NB},
-      {smem.input(layout.blocks[1][0]), smem.input(layout.blocks[1][1]), smem.input(layout.blocks[1][2]),
-       smem.input(layout.blocks[1][3]), D, NB}};
+      {input(layout.blocks[0][0]), input(layout.blocks[0][1]), input(layout.blocks[0][2]),
+       input(layout.blocks[0][3]), D, NB},
+      {input(layout.blocks[1][0]), input(layout.blocks[1][1]), input(layout.blocks[1][2]),
+       input(layout.blocks[1][3]), D, NB}};
   // The carried cotangent: the initial-state gradient outputs, from the final state's cotangent.
   const index_t state_offset = bh * block_elems;
   const mlp::GlobalState<T> cot(static_cast<T*>(params.dw1_0_ptr) + state_offset,
@@ -202,7 +209,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   __syncthreads();
 
   const auto* v_in = static_cast<const input_t*>(params.v.ptr);
-  const auto token_at = [&](int t) { return lm::contiguous_token_offset(b, t, h_idx, params.seqlen, params.heads, D); };
+  const auto token_at = [&](int t) {
+    return kernel::contiguous_token_offset(b, t, h_idx, params.seqlen, params.heads, D);
+  };
   const auto gate_at = [&](int t) { return (index_t(b) * params.seqlen + t) * params.heads + h_idx; };
   auto* dq_out = static_cast<input_t*>(params.dq_ptr);
   auto* dk_out = static_cast<input_t*>(params.dk_ptr);
@@ -262,16 +271,16 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   };
 
   for (int n = params.n_chunks - 1; n >= 0; --n) {
-    const int t0 = n * C, L = lm::chunk_length(params, n);
+    const int t0 = n * C, L = kernel::chunk_length(params, n);
     const mlp::GlobalState<const input_t> saved(
         static_cast<const input_t*>(params.chunk_states_ptr) + (bh * params.n_chunks + n) * 4 * block_elems,
         block_elems);
-    lm::stage_token_rows<input_t>(params.q, b, h_idx, t0, L, 0, D, ld, q_s);
-    lm::stage_token_rows<input_t>(params.k, b, h_idx, t0, L, 0, D, ld, k_s);
-    lm::stage_token_rows<input_t>(params.d_o, b, h_idx, t0, L, 0, D, ld, do_s);
-    lm::stage_gates<T>(params, b, h_idx, t0, L, theta, eta, beta);
+    kernel::stage_token_rows<input_t>(params.q, b, h_idx, t0, L, 0, D, ld, q_s);
+    kernel::stage_token_rows<input_t>(params.k, b, h_idx, t0, L, 0, D, ld, k_s);
+    kernel::stage_token_rows<input_t>(params.d_o, b, h_idx, t0, L, 0, D, ld, do_s);
+    gates.stage(params, b, h_idx, t0, L);
     for (int i = threadIdx.x; i < L * D; i += blockDim.x) dk_acc[i] = dq_acc[i] = T(0);
-    lm::finish_staging();
+    kernel::finish_staging();
     __syncthreads();
 
     mlp::LqScales<T> scale;
@@ -283,17 +292,17 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     int lag = 0;
     mlp::GlobalState<const input_t> start = saved;
     const mlp::LagVectors<decltype(norms)> lag_vec{
-        smem.compute(layout.lag_hidden), smem.compute(layout.lag_first), smem.compute(layout.lag_second),
-        smem.compute(layout.lag_grad),   smem.compute(layout.lag_resid), smem.compute(layout.lag_err),
+        compute(layout.lag_hidden), compute(layout.lag_first), compute(layout.lag_second),
+        compute(layout.lag_grad),   compute(layout.lag_resid), compute(layout.lag_err),
         scalars + 1};  // not norms[0]: the chunk proper's row 0 takes that
     const auto k0 = [&](int d) { return K(0, d); };
-    const auto v0 = [&](int j) { return device::cast<T>(v_in[lm::token_offset(params.v, b, t0, h_idx) + j]); };
+    const auto v0 = [&](int j) { return device::cast<T>(v_in[kernel::token_offset(params.v, b, t0, h_idx) + j]); };
     if (kl) {
       const mlp::GlobalState<input_t> scratch(static_cast<input_t*>(workspace.start_state) + bh * 4 * block_elems,
                                               block_elems);
       mlp::lag_key_path(saved, D, N, act_kind, objective, k0, v0, [&](int j) { return delta_at(t0, j); }, true,
                         lag_vec);
-      mlp::kl_lag_step(saved, scratch, D, N, theta[0], eta[0], beta[0], k0, lag_vec);
+      mlp::kl_lag_step(saved, scratch, D, N, gates.theta[0], gates.eta[0], T(1) - gates.alpha[0], k0, lag_vec);
       start = mlp::GlobalState<const input_t>(scratch.w1, scratch.s1, scratch.w2, scratch.s2);
       lag = 1;
     }
@@ -304,24 +313,14 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       const auto Qc = [&](int t, int d) { return Q(off + t, d); };
       const auto Kc = [&](int t, int d) { return K(off + t, d); };
       const auto dOc = [&](int t, int d) { return dO(off + t, d); };
-      // Gate tables: c [Lc, Lc] (row stride C), a, g, P, and the chunk-end rows m = c[Lc-1], s = sig[Lc-1].
-      for (int col = threadIdx.x; col < Lc + 2; col += blockDim.x) {
-        lm::gate_column<T>(col, Lc, theta + off, eta + off, beta + off, [&](int t, T mu, T sigma) {
-          if (col < Lc) {
-            c[t * C + col] = mu;
-            if (t == Lc - 1) d_s[col] = sigma;  // s_end, until the cotangents take its place
-          } else if (col == Lc) {
-            a[t] = mu;
-          } else {
-            g[t] = mu;
-            P[t] = sigma;
-          }
-        });
-      }
+      // Gate tables: c [Lc, Lc] (row stride C), and the rows a, g, m = c[Lc-1], s = sig[Lc-1].
+      const lm::ChunkGates<T> chunk_gates(gates.theta + off, C);
+      const lm::ChunkGateTables<T> c_table{c, c, c, C, false};
+      lm::build_gate_tables(Lc, C, chunk_gates, gate_rows, &c_table);
       for (int i = threadIdx.x; i < 4 * C * row_tiles; i += blockDim.x) row_sums[i] = T(0);
       __syncthreads();
-      const T a_L = a[Lc - 1], g_L = g[Lc - 1], p_L = P[Lc - 1];
-      const auto m_end = c + (Lc - 1) * C;  // s_end lives in d_s until pass 2 has read it
+      const T a_L = a[Lc - 1], g_L = g[Lc - 1], p_L = gate_rows.p_end();
+      const auto m_end = gate_rows.m_end;
 
       // Pass 1: Y = sum over blocks of H W2^T, then R = K + Y - V, E = f(R).
       for (int i = threadIdx.x; i < C * D; i += blockDim.x) resid[i] = d_err[i] = T(0);
@@ -337,7 +336,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       });
       for (int i = threadIdx.x; i < Lc * D; i += blockDim.x) {
         const int t = i / D, j = i % D;
-        resid[i] += Kc(t, j) - device::cast<T>(v_in[lm::token_offset(params.v, b, t0 + off + t, h_idx) + j]);
+        resid[i] += Kc(t, j) - device::cast<T>(v_in[kernel::token_offset(params.v, b, t0 + off + t, h_idx) + j]);
       }
       __syncthreads();
       if (objective.uses_norm()) {
@@ -408,8 +407,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             mlp::product_tiles<Policy>(
                 Lc, nb,
                 [&](int r0, int c0, const acc_t (&acc)[2][4]) {
-                  lm::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
-                    ddz[at(t, i)] = m_end[t] * T(acc[0][e]) + d_s[t] * T(acc[1][e]);
+                  mlp::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
+                    ddz[at(t, i)] = m_end[t] * T(acc[0][e]) + s_end[t] * T(acc[1][e]);
                   });
                   mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return DZ(t, i) * T(acc[0][e]); },
                                         [&](int t, int tile, T sum) { row_sum_at(0, t, tile) += sum; });
@@ -421,8 +420,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             mlp::product_tiles<Policy>(
                 Lc, nb,
                 [&](int r0, int c0, const acc_t (&acc)[2][4]) {
-                  lm::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
-                    dh[at(t, i)] = m_end[t] * T(acc[0][e]) + d_s[t] * T(acc[1][e]);
+                  mlp::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
+                    dh[at(t, i)] = m_end[t] * T(acc[0][e]) + s_end[t] * T(acc[1][e]);
                   });
                   mlp::tile_row_sums<T>(r0, c0, Lc, nb, [&](int t, int i, int e) { return H(t, i) * T(acc[0][e]); },
                                         [&](int t, int tile, T sum) { row_sum_at(0, t, tile) += sum; });
@@ -434,11 +433,11 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
             mlp::product<Policy>(
                 Lc, D, [&](int t, int d, const auto* v) { dk_acc[(off + t) * D + d] += T(v[0]) + T(v[1]); },
                 mlp::term(nb, [&](int t, int i) { return m_end[t] * DZ(t, i); }, [&](int i, int d) { return dw.W1(i, d); }),
-                mlp::term(nb, [&](int t, int i) { return d_s[t] * DZ(t, i); }, [&](int i, int d) { return dw.S1(i, d); }));
+                mlp::term(nb, [&](int t, int i) { return s_end[t] * DZ(t, i); }, [&](int i, int d) { return dw.S1(i, d); }));
             mlp::product<Policy>(
                 Lc, D, [&](int t, int j, const auto* v) { d_err[t * D + j] += T(v[0]) + T(v[1]); },
                 mlp::term(nb, [&](int t, int i) { return m_end[t] * H(t, i); }, [&](int i, int j) { return dw.W2(j, i); }),
-                mlp::term(nb, [&](int t, int i) { return d_s[t] * H(t, i); }, [&](int i, int j) { return dw.S2(j, i); }));
+                mlp::term(nb, [&](int t, int i) { return s_end[t] * H(t, i); }, [&](int i, int j) { return dw.S2(j, i); }));
             if (token_read)
               mlp::product<Policy>(
                   Lc, nb,
@@ -455,7 +454,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
               mlp::product_tiles<Policy>(
                   Lc, nb,
                   [&](int r0, int c0, const acc_t (&acc)[3][4]) {
-                    lm::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
+                    mlp::for_each_element(r0, c0, Lc, nb, [&](int t, int i, int e) {
                       const T d_hq = rho2 * (a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]) + T(acc[2][e]));
                       dzq[at(t, i)] = d_hq * aq1[at(t, i)];
                     });
@@ -479,7 +478,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
               mlp::product_tiles<Policy>(
                   Lc, D,
                   [&](int r0, int c0, const acc_t (&acc)[2][4]) {
-                    lm::for_each_element(r0, c0, Lc, D, [&](int t, int d, int e) {
+                    mlp::for_each_element(r0, c0, Lc, D, [&](int t, int d, int e) {
                       dq_acc[(off + t) * D + d] += rho1 * (a[t] * T(acc[0][e]) + g[t] * T(acc[1][e]));
                     });
                     mlp::tile_row_sums<T>(
@@ -540,13 +539,12 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         T sums[4] = {T(0), T(0), T(0), T(0)};
         for (int which = 0; which < 4; ++which)
           for (int tile = 0; tile < row_tiles; ++tile) sums[which] += row_sum_at(which, t, tile);
-        // d_s takes the place of s_end: its readers are done.
         d_s[t] = sums[1];
         prod_a[t] = sums[0];  // the cotangent of row Lc - 1 of c, until d_c holds it
         d_a[t] = sums[2];
         d_g[t] = sums[3];
       }
-      lm::block_sum(end_partials, scalars + 4);
+      kernel::block_sum(end_partials, scalars + 4);
       if (threadIdx.x == 0) {
         d_a[Lc - 1] += end_partials[0];
         d_g[Lc - 1] += end_partials[1];
@@ -629,10 +627,13 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       });
 
       // Gate gradients of the chunk proper from the cotangents of a, g, c, the last row of sig
-      // and p_L (the adjoint rebuilds sig in Q K^T's place).
-      lm::chunk_gate_adjoint<T>(
-          Lc, C, theta + off, eta + off, beta + off, c, sig, a, g, P, d_a, d_g, da, d_s, scalars[0], prod_a, prod_gb,
-          prod_ge,
+      // and p_L (scalars[0]): the tables again, with sig in Q K^T's place, then their adjoint.
+      const lm::ChunkGateTables<T> tables{c, sig, P, C, true};
+      lm::build_gate_tables(Lc, C, chunk_gates, gate_rows, &tables);
+      __syncthreads();
+      lm::gate_adjoint(
+          Lc, chunk_gates, gate_rows, tables,
+          lm::GateCotangents<T>{da, C, d_a, d_g, d_s, scalars, prod_a, prod_gb, prod_ge},
           [&](int t, T dtheta) { dtheta_out[gate_at(t0 + off + t)] = dtheta; },
           [&](int t, T deta, T dalpha) {
             deta_out[gate_at(t0 + off + t)] = deta;
@@ -645,18 +646,19 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       __syncthreads();
       // The lag token: its softmax steps, then its key path at the saved state.
       T gate_partials[3] = {T(0), T(0), T(0)};  // theta, eta, beta
-      const auto dx = smem.compute(layout.lag_dx), dy = smem.compute(layout.lag_dy);
-      const auto de0 = smem.compute(layout.lag_de);
+      const auto dx = compute(layout.lag_dx), dy = compute(layout.lag_dy);
+      const auto de0 = compute(layout.lag_de);
       for (int i = threadIdx.x; i < N; i += blockDim.x) dx[i] = dy[i] = T(0);
       for (int j = threadIdx.x; j < D; j += blockDim.x) de0[j] = T(0);
       __syncthreads();
       T* dk0 = dk_acc;  // row 0
-      mlp::kl_softmax_rows_backward(saved.w1, saved.s1, start.w1, cot.w1, cot.s1, N, D, theta[0], eta[0], beta[0],
+      const T theta0 = gates.theta[0], eta0 = gates.eta[0], beta0 = T(1) - gates.alpha[0];
+      mlp::kl_softmax_rows_backward(saved.w1, saved.s1, start.w1, cot.w1, cot.s1, N, D, theta0, eta0, beta0,
                                     [&](int i) { return lag_vec.grad[i]; }, k0, dx, dk0, gate_partials);
-      mlp::kl_softmax_rows_backward(saved.w2, saved.s2, start.w2, cot.w2, cot.s2, D, N, theta[0], eta[0], beta[0],
+      mlp::kl_softmax_rows_backward(saved.w2, saved.s2, start.w2, cot.w2, cot.s2, D, N, theta0, eta0, beta0,
                                     [&](int j) { return lag_vec.err[j]; }, [&](int i) { return lag_vec.hidden[i]; },
                                     de0, dy, gate_partials);
-      lm::block_sum(gate_partials, scalars + 4);
+      kernel::block_sum(gate_partials, scalars + 4);
       if (threadIdx.x == 0) {
         dtheta_out[gate_at(t0)] = gate_partials[0];
         deta_out[gate_at(t0)] = gate_partials[1];
@@ -699,7 +701,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     if (!token_read) read_backward(saved, 0, L);
     __syncthreads();
     if (lq) {  // d rho -> dA through rho = ||A||_q^(2-q), for each weight
-      lm::block_sum(rho_partials, scalars + 4);
+      kernel::block_sum(rho_partials, scalars + 4);
       mlp::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
       mlp::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
       __syncthreads();

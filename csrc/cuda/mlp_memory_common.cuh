@@ -1,13 +1,14 @@
 // Building blocks of the CUDA mlp_memory kernels (mlp_memory_fwd.cuh, mlp_memory_bwd.cuh), written
-// only against the device layer, so the emulation runs them unchanged. The operand policies, tile
-// loops, shared-memory carving, staging and gate tables are the linear memory's
-// (linear_memory_common.cuh); what is here is specific to the deep memory:
+// only against the device layer, so the emulation runs them unchanged. The operand policies,
+// shared-memory carve-up, staging, block sums and the input-type dispatch are the kernel families'
+// (csrc/cuda/common/), the gate tables and their adjoint the linear memory's
+// (linear_memory_gates.cuh); what is here is specific to the deep memory:
 // - the activation (exact GELU or SiLU) with its first and second derivatives, and the MIRAS
 //   objective chosen at run time (objectives.h's functors behind one switch, so each kernel is
 //   instantiated per dtype only);
 // - `product`: an M x N block product as a sum of terms, each a K-contraction of two operand views
 //   (callables), with an epilogue that sees every term's value of each element. An element is
-//   owned by one lane for a given (M, N) (lm::for_each_tile), so sums over hidden blocks are
+//   owned by one lane for a given (M, N) (16 x 8 tiles dealt by kernel::for_each_strip), so sums over hidden blocks are
 //   accumulated in place by their owners without extra barriers;
 // - the streamed state block (rows of W1, S1 and the same columns of W2, S2) and its cp.async
 //   double buffer over the hidden blocks;
@@ -18,7 +19,12 @@
 #include <cmath>
 #include <type_traits>
 
-#include "cuda/linear_memory_common.cuh"
+#include "cuda/common/launch.cuh"
+#include "cuda/common/operands.cuh"
+#include "cuda/common/smem.cuh"
+#include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
+#include "cuda/linear_memory_gates.cuh"
 #include "cuda/mlp_memory.h"
 #include "objectives.h"
 
@@ -32,16 +38,15 @@ constexpr int kThreads = 256;
 template <typename input_t_>
 struct Traits {
   using input_t = input_t_;
-  // fp64 inputs are computed, and their gates and state kept, in fp64; all others in fp32.
-  using compute_t = std::conditional_t<std::is_same<input_t, double>::value, double, float>;
-  // The linear kernels' operand policies, except that bf16 inputs take tf32 MMAs as fp16 inputs do:
-  // nearly every product here has fp32 operands (the state, H, E, DZ, Hq, their cotangents), and
+  using compute_t = kernel::compute_type<input_t>;
+  // kernel::OperandPolicy, except that bf16 inputs take tf32 MMAs as fp16 inputs do: nearly every
+  // product here has fp32 operands (the state, H, E, DZ, Hq, their cotangents), and
   // rounding them to bf16 costs the deep memory's state and gradients 0.7-2.2 % relative RMS
   // against the float64 reference at D = 64 over five chunks (the lq scale feeds the state's error
   // back), against 0.2-0.4 % with tf32 (emulated, test_mlp_memory_emulated.py). The operands are
   // built by scalar shared-memory loads either way, whose count per FLOP is the same.
-  using Policy = std::conditional_t<std::is_same<input_t, device::bf16>::value, lm::Tf32Operands<false>,
-                                    typename lm::OperandPolicy<input_t>::type>;
+  using Policy = std::conditional_t<std::is_same<input_t, device::bf16>::value, kernel::Tf32Mma<false>,
+                                    typename kernel::OperandPolicy<input_t>::type>;
 };
 
 // Host side: the widest hidden block of kMlpHiddenBlocks (at most N rounded up to 8) whose shared
@@ -59,13 +64,7 @@ int choose_hidden_block(const MlpMemoryParams& params, const DeviceLimits& devic
 // Host side: calls f(Traits<input_t>{}) for the runtime input type.
 template <class F>
 auto dispatch(InputType type, const F& f) {
-  switch (type) {
-    case InputType::kFloat64: return f(Traits<double>{});
-    case InputType::kBFloat16: return f(Traits<device::bf16>{});
-    case InputType::kFloat16: return f(Traits<device::fp16>{});
-    case InputType::kFloat32: break;
-  }
-  return f(Traits<float>{});
+  return kernel::dispatch_input_type(type, [&](auto tag) { return f(Traits<decltype(tag)>{}); });
 }
 
 // Host side: the dynamic shared memory of a kernel whose carve-up is Layout<Traits>(params, block).
@@ -73,7 +72,7 @@ template <template <typename> class Layout>
 size_t layout_bytes(const MlpMemoryParams& params, InputType type, int block) {
   return dispatch(type, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    return lm::smem_bytes<Ktraits>(Layout<Ktraits>(params, block));
+    return size_t(Layout<Ktraits>(params, block).carver.bytes);
   });
 }
 
@@ -177,17 +176,41 @@ __device__ __forceinline__ Term<A, B> term(int K, const A& a, const B& b) {
   return {K, a, b};
 }
 
+// acc += A[r0:r0+16, 0:K] B[0:K, c0:c0+8] of an M x K by K x N product of operand views, which
+// are read only inside their extents (zeros outside): the operands here are callables over
+// unpadded arrays, unlike the padded tiles of kernel::strip_mma.
+template <class Policy, class A, class B>
+__device__ __forceinline__ void mma_accumulate(typename Policy::acc_t (&acc)[4], int r0, int c0, int M, int N, int K,
+                                               const A& a, const B& b) {
+  using acc_t = typename Policy::acc_t;
+  const auto a_in = [&](int r, int k) -> acc_t { return r < M && k < K ? acc_t(a(r, k)) : acc_t(0); };
+  const auto b_in = [&](int k, int c) -> acc_t { return k < K && c < N ? acc_t(b(k, c)) : acc_t(0); };
+  for (int k0 = 0; k0 < K; k0 += Policy::kK)
+    Policy::mma(acc, Policy::load_a(a_in, r0, k0), Policy::load_b(b_in, k0, c0));
+}
+
+// Calls out(r, c, e) for this lane's accumulator elements e of the 16 x 8 tile at (r0, c0) that lie
+// inside M x N.
+template <class Out>
+__device__ __forceinline__ void for_each_element(int r0, int c0, int M, int N, const Out& out) {
+  const int lane = device::lane_id();
+  for (int e = 0; e < 4; ++e) {
+    const device::FragmentCoord at = device::mma_m16n8_c_coord(lane, e);
+    if (r0 + at.row < M && c0 + at.col < N) out(r0 + at.row, c0 + at.col, e);
+  }
+}
+
 // For each 16 x 8 tile of the M x N output, calls tile_epilogue(r0, c0, acc) with acc[i][e] the
-// value of terms[i] at this lane's accumulator element e (lm::for_each_element's numbering).
-// Operands outside their extents are never read (lm::mma_accumulate gives zeros there); the tiles of
+// value of terms[i] at this lane's accumulator element e (for_each_element's numbering).
+// Operands outside their extents are never read (mma_accumulate gives zeros there); the tiles of
 // one (M, N) shape always go to the same warps, so their elements to the same lanes.
 template <class Policy, class TileEpilogue, class... Terms>
 __device__ __forceinline__ void product_tiles(int M, int N, const TileEpilogue& tile_epilogue, const Terms&... terms) {
   using acc_t = typename Policy::acc_t;
-  lm::for_each_tile(M, N, [&](int r0, int c0) {
+  kernel::for_each_strip<1>(M, N, [&](int r0, int c0) {
     acc_t acc[sizeof...(Terms)][4] = {};
     int i = 0;
-    ((lm::mma_accumulate<Policy>(acc[i++], r0, c0, M, N, terms.K, terms.a, terms.b)), ...);
+    ((mma_accumulate<Policy>(acc[i++], r0, c0, M, N, terms.K, terms.a, terms.b)), ...);
     tile_epilogue(r0, c0, acc);
   });
 }
@@ -200,7 +223,7 @@ __device__ __forceinline__ void product(int M, int N, const Epilogue& epilogue, 
   product_tiles<Policy>(
       M, N,
       [&](int r0, int c0, const acc_t (&acc)[kTerms][4]) {
-        lm::for_each_element(r0, c0, M, N, [&](int r, int c, int e) {
+        for_each_element(r0, c0, M, N, [&](int r, int c, int e) {
           acc_t v[kTerms];
           for (int j = 0; j < kTerms; ++j) v[j] = acc[j][e];
           epilogue(r, c, v);
@@ -278,34 +301,33 @@ struct GlobalBlock {
 };
 
 // Issues the copies of block hb of `state` into `dst` (with_momenta: also S1, S2); the caller
-// commits and waits (lm's staging rules).
+// commits and waits (the staging rules of common/staging.cuh).
 template <typename S, typename T>
 __device__ __forceinline__ void stage_state_block(const GlobalState<const S>& state, const HiddenBlock& hb, int D,
                                                   int N, bool with_momenta, const StateBlock<S, T>& dst) {
   constexpr int kPiece = 16 / int(sizeof(S));
   const index_t row0 = index_t(hb.n0) * D;
-  lm::stage_span(state.w1 + row0, hb.nb * D, dst.w1);
-  if (with_momenta) lm::stage_span(state.s1 + row0, hb.nb * D, dst.s1);
-  const bool vectors = lm::aligned16(state.w2) && lm::aligned16(state.s2) && N % kPiece == 0 &&
+  kernel::stage_span(state.w1 + row0, hb.nb * D, dst.w1);
+  if (with_momenta) kernel::stage_span(state.s1 + row0, hb.nb * D, dst.s1);
+  const bool vectors = kernel::aligned16(state.w2) && kernel::aligned16(state.s2) && N % kPiece == 0 &&
                        hb.n0 % kPiece == 0 && hb.nb % kPiece == 0 && dst.NB % kPiece == 0;
   const auto column_rows = [&](int j) { return index_t(j) * N + hb.n0; };
-  lm::stage_rows_async(state.w2, column_rows, D, hb.nb, dst.NB, vectors, dst.w2);
-  if (with_momenta) lm::stage_rows_async(state.s2, column_rows, D, hb.nb, dst.NB, vectors, dst.s2);
+  kernel::stage_rows_async(state.w2, column_rows, D, hb.nb, dst.NB, vectors, dst.w2);
+  if (with_momenta) kernel::stage_rows_async(state.s2, column_rows, D, hb.nb, dst.NB, vectors, dst.s2);
 }
 
 // The loop over the hidden blocks of one pass, with block i + 1's state staged (cp.async) while
-// block i is computed on: body(hb, buffer) runs after a barrier that follows its block's copies,
-// and a barrier follows it (lm::pipelined_chunk_loop).
+// block i is computed on (kernel::pipelined_steps): body(hb, buffer) runs after a barrier that
+// follows its block's copies, and a barrier follows the loop.
 template <typename S, typename T, class Body>
 __device__ __forceinline__ void hidden_block_loop(const GlobalState<const S>& state, int D, int N, int NB,
                                                   bool with_momenta, const StateBlock<S, T> (&buffers)[2],
                                                   const Body& body) {
-  lm::pipelined_chunk_loop(
-      hidden_blocks(N, NB), false,
-      [&](int block, int buffer) {
-        stage_state_block(state, hidden_block(block, NB, N), D, N, with_momenta, buffers[buffer]);
-      },
-      [&](int block, int buffer) { body(hidden_block(block, NB, N), buffers[buffer]); });
+  kernel::pipelined_steps(
+      hidden_blocks(N, NB),
+      [&](int block) { stage_state_block(state, hidden_block(block, NB, N), D, N, with_momenta, buffers[block & 1]); },
+      [&](int block) { body(hidden_block(block, NB, N), buffers[block & 1]); });
+  __syncthreads();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,7 +477,7 @@ __device__ __forceinline__ LqScales<T> lq_scales(const GlobalState<const S>& sta
     out.sums[0] += fmath::pow(fmath::abs(device::cast<T>(state.w1[i])), q);
     out.sums[1] += fmath::pow(fmath::abs(device::cast<T>(state.w2[i])), q);
   }
-  lm::block_sum(out.sums, scratch);
+  kernel::block_sum(out.sums, scratch);
   for (int w = 0; w < 2; ++w) out.rho[w] = out.sums[w] == T(0) ? T(1) : fmath::pow(out.sums[w], (T(2) - q) / q);
   return out;
 }

@@ -28,14 +28,15 @@
 
 namespace titans {
 
-// Shared memory of the forward kernel (offsets in elements of each region's type).
+// Shared memory of the forward kernel (byte offsets, kernel::SmemLayout).
 template <typename Ktraits>
 struct MlpMemoryFwdSmem {
   using input_t = typename Ktraits::input_t;
-  lm::SmemCarver carver;
+  using compute_t = typename Ktraits::compute_t;
+  kernel::SmemLayout carver;
   int ld;                                        // leading dimension of the staged q, k
-  int theta, eta, beta, a, g, m_end, s_end;      // [C]: gates and gate tables
-  int ends, norms;                               // [4]: p_L; [C]: yaad's residual norms
+  int gates, gate_rows;                          // lm::ChunkGates, lm::ChunkGateRows of the chunk
+  int norms;                                     // [C]: yaad's residual norms
   int scalars;                                   // [2 x warps]: lq's block sums
   int c, qkc, hh;                                // [C, C]: c; token read: Q K^T .* c, Hq H^T
   int errors, out;                               // [C, D]: Y, then R, then E; the read's sum
@@ -44,21 +45,22 @@ struct MlpMemoryFwdSmem {
   int lag_hidden, lag_first, lag_grad;           // kl: [N] the lag token's h0, act'(z0), dz0
   int lag_resid, lag_err;                        // kl: [D] its residual and error
   int q, k;                                      // input region: [C, ld]
-  __host__ __device__ MlpMemoryFwdSmem(const MlpMemoryParams& p, int NB) : ld(lm::padded<input_t>(p.dim)) {
+  __host__ __device__ MlpMemoryFwdSmem(const MlpMemoryParams& p, int NB) : ld(kernel::padded<input_t>(p.dim)) {
     const int C = p.chunk_size, D = p.dim, N = p.hidden;
     const bool token = p.read_token, kl = p.miras.retention == RetentionKind::kl;
-    theta = carver.compute(C), eta = carver.compute(C), beta = carver.compute(C);
-    a = carver.compute(C), g = carver.compute(C), m_end = carver.compute(C), s_end = carver.compute(C);
-    ends = carver.compute(4), norms = carver.compute(C);
-    scalars = carver.compute(2 * mlp::kThreads / device::kWarpSize);
-    c = carver.compute(C * C), qkc = carver.compute(token ? C * C : 0), hh = carver.compute(token ? C * C : 0);
-    errors = carver.compute(C * D), out = carver.compute(C * D);
+    const auto compute = [&](int n) { return carver.array<compute_t>(n); };
+    const auto input = [&](int n) { return carver.array<input_t>(n); };
+    gates = compute(lm::ChunkGates<compute_t>::size(C)), gate_rows = compute(lm::ChunkGateRows<compute_t>::size(C));
+    norms = compute(C);
+    scalars = compute(2 * mlp::kThreads / device::kWarpSize);
+    c = compute(C * C), qkc = compute(token ? C * C : 0), hh = compute(token ? C * C : 0);
+    errors = compute(C * D), out = compute(C * D);
     for (auto& buffer : blocks)
-      for (int w = 0; w < 4; ++w) buffer[w] = carver.compute(NB * D);
-    z = carver.compute(C * NB), h = carver.compute(C * NB), dz = carver.compute(C * NB), zq = carver.compute(C * NB);
-    lag_hidden = carver.compute(kl ? N : 0), lag_first = carver.compute(kl ? N : 0);
-    lag_grad = carver.compute(kl ? N : 0), lag_resid = carver.compute(kl ? D : 0), lag_err = carver.compute(kl ? D : 0);
-    q = carver.input(C * ld), k = carver.input(C * ld);
+      for (int w = 0; w < 4; ++w) buffer[w] = compute(NB * D);
+    z = compute(C * NB), h = compute(C * NB), dz = compute(C * NB), zq = compute(C * NB);
+    lag_hidden = compute(kl ? N : 0), lag_first = compute(kl ? N : 0);
+    lag_grad = compute(kl ? N : 0), lag_resid = compute(kl ? D : 0), lag_err = compute(kl ? D : 0);
+    q = input(C * ld), k = input(C * ld);
   }
 };
 
@@ -80,25 +82,26 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
 
   const MlpMemoryFwdSmem<Ktraits> layout(params, NB);
   const int ld = layout.ld;
-  const lm::SmemBase<T, input_t> smem(layout.carver);
-  const auto theta = smem.compute(layout.theta), eta = smem.compute(layout.eta), beta = smem.compute(layout.beta);
-  const auto a = smem.compute(layout.a), g = smem.compute(layout.g);
-  const auto m_end = smem.compute(layout.m_end), s_end = smem.compute(layout.s_end);
-  const auto ends = smem.compute(layout.ends), norms = smem.compute(layout.norms);
-  const auto scalars = smem.compute(layout.scalars);
-  const auto c = smem.compute(layout.c), qkc = smem.compute(layout.qkc), hh = smem.compute(layout.hh);
-  const auto errors = smem.compute(layout.errors), out = smem.compute(layout.out);
-  const auto z = smem.compute(layout.z), hid = smem.compute(layout.h), dz = smem.compute(layout.dz);
-  const auto zq = smem.compute(layout.zq);
-  const auto lag_hidden = smem.compute(layout.lag_hidden), lag_first = smem.compute(layout.lag_first);
-  const auto lag_grad = smem.compute(layout.lag_grad), lag_resid = smem.compute(layout.lag_resid);
-  const auto lag_err = smem.compute(layout.lag_err);
-  const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k);
+  const auto compute = [](int offset) { return kernel::shared_array<T>(offset); };
+  const auto input = [](int offset) { return kernel::shared_array<input_t>(offset); };
+  const lm::ChunkGates<T> gates(compute(layout.gates), C);
+  const lm::ChunkGateRows<T> gate_rows(compute(layout.gate_rows), C);
+  const auto a = gate_rows.a, g = gate_rows.g, m_end = gate_rows.m_end, s_end = gate_rows.s_end;
+  const auto norms = compute(layout.norms);
+  const auto scalars = compute(layout.scalars);
+  const auto c = compute(layout.c), qkc = compute(layout.qkc), hh = compute(layout.hh);
+  const auto errors = compute(layout.errors), out = compute(layout.out);
+  const auto z = compute(layout.z), hid = compute(layout.h), dz = compute(layout.dz);
+  const auto zq = compute(layout.zq);
+  const auto lag_hidden = compute(layout.lag_hidden), lag_first = compute(layout.lag_first);
+  const auto lag_grad = compute(layout.lag_grad), lag_resid = compute(layout.lag_resid);
+  const auto lag_err = compute(layout.lag_err);
+  const auto q_s = input(layout.q), k_s = input(layout.k);
   const Block buffers[2] = {
-      {smem.compute(layout.blocks[0][0]), smem.compute(layout.blocks[0][1]), smem.compute(layout.blocks[0][2]),
-       smem.compute(layout.blocks[0][3]), D, NB},
-      {smem.compute(layout.blocks[1][0]), smem.compute(layout.blocks[1][1]), smem.compute(layout.blocks[1][2]),
-       smem.compute(layout.blocks[1][3]), D, NB}};
+      {compute(layout.blocks[0][0]), compute(layout.blocks[0][1]), compute(layout.blocks[0][2]),
+       compute(layout.blocks[0][3]), D, NB},
+      {compute(layout.blocks[1][0]), compute(layout.blocks[1][1]), compute(layout.blocks[1][2]),
+       compute(layout.blocks[1][3]), D, NB}};
 
   // The working state: the final-state outputs, from the initial state (momenta default to 0).
   const index_t state_offset = bh * block_elems;
@@ -122,13 +125,15 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   __syncthreads();
 
   auto* o_out = static_cast<input_t*>(params.o_ptr);
-  const auto o_offset = [&](int t) { return lm::contiguous_token_offset(b, t, h_idx, params.seqlen, params.heads, D); };
+  const auto o_offset = [&](int t) {
+    return kernel::contiguous_token_offset(b, t, h_idx, params.seqlen, params.heads, D);
+  };
   const auto* v_in = static_cast<const input_t*>(params.v.ptr);
   const auto Q = [&](int t, int d) { return device::cast<T>(q_s[t * ld + d]); };
   const auto K = [&](int t, int d) { return device::cast<T>(k_s[t * ld + d]); };
 
   for (int n = 0; n < params.n_chunks; ++n) {
-    const int t0 = n * C, L = lm::chunk_length(params, n);
+    const int t0 = n * C, L = kernel::chunk_length(params, n);
     if (params.chunk_states_ptr) {
       auto* saved = static_cast<input_t*>(params.chunk_states_ptr) + (bh * params.n_chunks + n) * 4 * block_elems;
       for (index_t i = threadIdx.x; i < block_elems; i += blockDim.x) {
@@ -138,10 +143,10 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         saved[3 * block_elems + i] = device::cast<input_t>(state.s2[i]);
       }
     }
-    lm::stage_token_rows<input_t>(params.q, b, h_idx, t0, L, 0, D, ld, q_s);
-    lm::stage_token_rows<input_t>(params.k, b, h_idx, t0, L, 0, D, ld, k_s);
-    lm::stage_gates<T>(params, b, h_idx, t0, L, theta, eta, beta);
-    lm::finish_staging();
+    kernel::stage_token_rows<input_t>(params.q, b, h_idx, t0, L, 0, D, ld, q_s);
+    kernel::stage_token_rows<input_t>(params.k, b, h_idx, t0, L, 0, D, ld, k_s);
+    gates.stage(params, b, h_idx, t0, L);
+    kernel::finish_staging();
     __syncthreads();
     // lq: the chunk learns and reads with rho1 [W1; S1], rho2 [W2; S2] (the state stays A, S); the
     // products below read A, S and scale their sums.
@@ -180,14 +185,14 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
       if (!token_read) pass1(0, 0, L);
       __syncthreads();
       // Memora's step on both weights from the lag token's gradients at the previous weights.
-      const index_t v0_offset = lm::token_offset(params.v, b, t0, h_idx);
+      const index_t v0_offset = kernel::token_offset(params.v, b, t0, h_idx);
       const auto k0 = [&](int d) { return K(0, d); };
       const mlp::LagVectors<decltype(norms)> lag_vec{lag_hidden, lag_first, lag_first, lag_grad,
                                                      lag_resid, lag_err, norms};
       mlp::lag_key_path(
           state_in, D, N, act_kind, objective, k0, [&](int j) { return device::cast<T>(v_in[v0_offset + j]); },
           [&](int j) { return delta ? delta[o_offset(t0) + j] : T(0); }, false, lag_vec);
-      mlp::kl_lag_step(state_in, state, D, N, theta[0], eta[0], beta[0], k0, lag_vec);
+      mlp::kl_lag_step(state_in, state, D, N, gates.theta[0], gates.eta[0], T(1) - gates.alpha[0], k0, lag_vec);
       if (token_read) {  // o0 = q0 + W2 act(W1 q0) at the new weights
         mlp::warp_matvec<T>(N, D, state.w1, D, [&](int d) { return Q(0, d); }, [&](int i, T zi) {
           const T value = mlp::activation<0>(act_kind, zi).value;
@@ -206,7 +211,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
     if (Lc > 0) {
       const auto Kc = [&](int t, int d) { return K(lag + t, d); };
       const auto Qc = [&](int t, int d) { return Q(lag + t, d); };
-      lm::chunk_gate_tables<T>(Lc, C, theta + lag, eta + lag, beta + lag, c, a, g, m_end, s_end, ends);
+      const lm::ChunkGateTables<T> c_table{c, c, c, C, false};
+      lm::build_gate_tables(Lc, C, lm::ChunkGates<T>(gates.theta + lag, C), gate_rows, &c_table);
       __syncthreads();
       if (token_read)
         mlp::product<Policy>(
@@ -218,7 +224,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
       // E = f(R), R = K + Y - V (in place of Y); yaad's switch reads each token's ||R||.
       for (int i = threadIdx.x; i < Lc * D; i += blockDim.x) {
         const int t = i / D, j = i % D;
-        errors[i] += Kc(t, j) - device::cast<T>(v_in[lm::token_offset(params.v, b, t0 + lag + t, h_idx) + j]);
+        errors[i] += Kc(t, j) - device::cast<T>(v_in[kernel::token_offset(params.v, b, t0 + lag + t, h_idx) + j]);
       }
       __syncthreads();
       if (objective.uses_norm()) {
@@ -238,7 +244,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         for (int i = threadIdx.x; i < C * C; i += blockDim.x) hh[i] = T(0);
 
       // Pass 2: the key path's DZ, the token reads and the chunk-end state, block by block.
-      const T a_L = a[Lc - 1], g_L = g[Lc - 1], p_L = ends[0];
+      const T a_L = a[Lc - 1], g_L = g[Lc - 1], p_L = gate_rows.p_end();
       const auto E = [&](int t, int j) { return errors[t * D + j]; };
       mlp::hidden_block_loop(state_in, D, N, NB, true, buffers, [&](const mlp::HiddenBlock& hb, const Block& w) {
         const int nb = hb.nb;

@@ -45,10 +45,12 @@ struct Cast {
 template <>
 struct Cast<bf16> {
   __device__ __forceinline__ static bf16 from(float x) { return float_to_bf16_rn(x); }
+  __device__ __forceinline__ static bf16 from(bf16 x) { return x; }
 };
 template <>
 struct Cast<fp16> {
   __device__ __forceinline__ static fp16 from(float x) { return float_to_fp16_rn(x); }
+  __device__ __forceinline__ static fp16 from(fp16 x) { return x; }
 };
 template <typename To, typename From>
 __device__ __forceinline__ To cast(From x) { return Cast<To>::from(x); }

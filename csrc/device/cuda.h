@@ -7,6 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <utility>
 
 // Shared memory is declared through the layer so that the emulation can bounds-check it. Arrays
@@ -51,21 +53,31 @@ __device__ __forceinline__ uint32_t float_to_tf32_rna(float x) {
   return out;
 }
 
+// Lets `kernel` take up to the device's shared memory per block (the opt-in above 48 KiB). Set
+// once per kernel and device: later calls find the pair recorded and cost a lookup. Always to the
+// device's maximum, so a kernel launched with several sizes never needs it again.
+inline Error opt_in_shared_memory(const void* kernel) {
+  int device = 0;
+  Error err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return cudaSuccess;
+  int max_bytes = 0;
+  err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes);
+  if (err == cudaSuccess) done.insert({kernel, device});
+  return err;
+}
+
 // The one launch helper: kernel<<<grid, block, smem_bytes, stream>>>(args...). The name is for
 // the emulation's error messages.
 template <typename... KernelArgs, typename... Args>
 inline Error launch(const char* /*kernel_name*/, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                     size_t smem_bytes, Stream stream, Args&&... args) {
-  // Above 48 KiB a kernel must opt in to its dynamic shared memory. The opt-in is set to the
-  // device's maximum, the same value on every call, so host threads launching one kernel with
-  // different sizes cannot undo each other's opt-in between setting it and launching.
   if (smem_bytes > 48 * 1024) {
-    int device = 0, max_bytes = 0;
-    Error err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 max_bytes);
+    const Error err = opt_in_shared_memory(reinterpret_cast<const void*>(kernel));
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);

@@ -6,6 +6,8 @@ states the backward needs; autograd is attached here with ``torch.library.regist
 so both directions are visible to torch.compile and checked by ``torch.library.opcheck``.
 """
 
+import json
+
 import torch
 
 from .checks import check_linear_inputs, check_miras_args, state_dtype_for
@@ -31,6 +33,15 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
 
 
+def checkpoint_count(q, T, chunk_size):
+    """How many chunk-start states the forward keeps for the backward (in q's dtype on every
+    device): every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and every
+    other chunk's for bf16 and fp16, whose backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
+    n_chunks = (T + chunk_size - 1) // chunk_size
+    stride = 2 if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) else 1
+    return (n_chunks + stride - 1) // stride
+
+
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
 def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective=0,
                             p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
@@ -41,9 +52,8 @@ def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read
     o = q.new_empty(B, T, H, Dv)
     m_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
     s_final = q.new_empty(B, H, Dv, Dk, dtype=state_dtype)
-    n_chunks = (T + chunk_size - 1) // chunk_size
-    shape = (B, H, n_chunks, 2, Dv, Dk) if save_states else (0,)
-    return o, m_final, s_final, q.new_empty(shape, dtype=state_dtype)
+    shape = (B, H, checkpoint_count(q, T, chunk_size), 2, Dv, Dk) if save_states else (0,)
+    return o, m_final, s_final, q.new_empty(shape)
 
 
 @torch.library.register_fake("titans_ext::linear_memory_bwd")
@@ -179,3 +189,25 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
         q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
         objective.eps, delta, retention.code, retention.q)
     return o, ((m_final, s_final) if output_final_state else None)
+
+
+def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
+                     save_states=True, has_initial_state=False, has_final_cotangent=False, emulated=False):
+    """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
+
+    Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
+    (a gradient will be taken), ``backward``, each with ``kernels`` (name, blocks, threads,
+    shared memory and the bytes it reads and writes in global memory, every tensor counted once)
+    and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
+    forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
+    the chosen value tile, chunk group and slice. For the current CUDA device, or with
+    ``emulated=True`` for the device the CPU emulation describes (an H100 unless
+    ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU.
+    """
+    if emulated:
+        import titans_ext._emu  # noqa: F401  (registers titans_emu::)
+        op = torch.ops.titans_emu.linear_memory_plan
+    else:
+        op = torch.ops.titans_ext.linear_memory_plan
+    return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
+                         has_initial_state, has_final_cotangent))

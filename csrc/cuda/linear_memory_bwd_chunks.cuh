@@ -1,0 +1,555 @@
+// The chunk kernel of the linear memory's backward: every gradient, chunk by chunk, from the
+// checkpoints and the cotangent of each chunk's end state (docs/backward_linear.md §1-2).
+//
+// One block per (group of consecutive chunks, head, batch), covering all of Dv: per chunk it walks
+// the value features in slices of kSlice rows (as flash-linear-attention's chunk_bwd_dqkwg loops
+// over value blocks), and everything that contracts over Dv, dQ, dK, dW = dO E^T and the row-wise
+// gate cotangents, accumulates on chip across the slices (dQ, dK, dW in registers), so no partial
+// sum ever goes through global memory; the chunk's tail then finishes dQ and dK with the dG terms
+// and runs the gate adjoint. The block walks its chunks in reverse and carries the cotangent from
+// one to the next on chip (the carry update is value-local, so each slice updates its own rows),
+// so only the end cotangent of each group comes from memory: the final state's, or the reverse
+// scan's (linear_memory_bwd_scan.cuh). With one group per sequence there is no scan and nothing but
+// the inputs, checkpoints and gradients moves; with one chunk per group every chunk runs in
+// parallel.
+//
+// Per chunk of L tokens (token read; for the chunk_start read U, W, dW, dG and the a, g factors are
+// absent):
+//   setup:   gate tables c, sig, a, g, P; G = Q K^T (kept in registers); W = G .* c
+//   a slice: E = 2 (K M0^T - V), X | Y = K [dM; dS]^T, Q M0^T | Q S0^T, U = W^T dO
+//            dE = diag(m) X + diag(s) Y + U,  dV = -2 dE
+//            row cotangents <e, x>, <e, y>, <dO, Q M0^T>, <dO, Q S0^T> (summed over the slices)
+//            dW += dO E^T, dQ += [diag(a) dO | diag(g) dO] [M0; S0],
+//            dK += [diag(m) E | diag(s) E | 2 dE] [dM; dS; M0]
+//            the carry: dM0 = a_L dM + (2 dE)^T K + (diag(a) dO)^T Q, dS0 = g_L dM + p dS + (diag(g) dO)^T Q
+//   tail:    d_c = dW .* G, dG = dW .* c;  dQ += dG K,  dK += dG^T Q;  the gate adjoint
+// The stacks let one product serve several terms: [dM; dS; M0; S0] is one tile, and dK reads its
+// first three quarters, dQ its last two, X | Y and E its quarters transposed.
+//
+// With 16-bit inputs the forward checkpoints every other chunk (Types::kCheckpointStride): an odd
+// chunk's start state is recomputed per slice, one chunk step from the checkpoint of the chunk
+// before it (its keys and gates are staged one chunk ahead, which the reverse walk needs next
+// anyway, and its values' slice beside the chunk's):
+//   E' = 2 (K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
+#pragma once
+
+#include "cuda/common/smem.cuh"
+#include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
+#include "cuda/linear_memory_bwd.h"
+#include "cuda/linear_memory_chunk.cuh"
+#include "cuda/linear_memory_gates.cuh"
+#include "cuda/linear_memory_launch.cuh"
+
+namespace titans {
+namespace lm {
+
+constexpr int kChunkThreads = 256;
+// Register strips per warp of the accumulators kept across a chunk's slices: [C, C] (G, dW) and
+// [C, Dk] (dQ, dK) in 16 x 16 strips over 8 warps, for C <= 64 and Dk <= 128.
+constexpr int kSquareStripsPerWarp = 2, kKeyStripsPerWarp = 4;
+
+// The four row-wise cotangents a slice sums over its value features, per token.
+enum RowCotangent { kErrX = 0, kErrY = 1, kOutM = 2, kOutS = 3 };
+
+// Shared memory of the chunk kernel (byte offsets; tiles are PaddedTiles).
+template <typename input_t, int kSlice>
+struct ChunksLayout {
+  using T = Types<input_t>;
+  kernel::SmemLayout smem;
+  int chunk16, dk16;
+  int carry;                // compute_t [2 Dv, dk16]: [dM; dS] of every value feature (carry only)
+  kernel::TileSlot q;       // 2 x input_t [C, Dk]: the chunk's, and the next chunk's while it loads
+  kernel::TileSlot k;       // kChunkBuffers x input_t [C, Dk]: the keys of the chunk, the next ...
+  int gates;                // kChunkBuffers x ChunkGates: ... and with recompute the one after
+  int rows, prev_rows;      // ChunkGateRows: the chunk's, and with recompute the chunk before's
+  int c, sig, P;            // compute_t [C, C], [C, C], [C]: the full tables, then the adjoint's products
+  int d_c, d_a, d_g, d_s, dc_last, d_p, prod;  // the coefficient cotangents; prod: 3 x [C]
+  int scratch;              // compute_t [3 warps]: block sums
+  int partials;             // compute_t [4][C][kSlice / 8]: a slice's row cotangents per 8 columns
+  kernel::TileSlot w;       // operand_t [C, C]: W, then dG
+  kernel::TileSlot v, d_o;  // 2 x input_t [C, kSlice]: a slice's values and output cotangent
+  kernel::TileSlot v_prev;  // 2 x input_t [C, kSlice]: with recompute, the chunk before's values
+  kernel::TileSlot stack;   // 2 x operand_t [4 kSlice, Dk]: [dM; dS; M0; S0] of a slice
+  kernel::TileSlot err, dk_lhs, dq_lhs;  // operand_t [C, kSlice], [C, 3 kSlice], [C, 2 kSlice]
+  static constexpr bool kRecompute = T::kCheckpointStride > 1;
+  static constexpr int kChunkBuffers = kRecompute ? 3 : 2;
+  __host__ __device__ ChunksLayout(int dk, int dv, int chunk, bool token_read, bool with_carry)
+      : chunk16(kernel::round_up(chunk, kernel::kTileGranule)), dk16(kernel::round_up(dk, kernel::kTileGranule)) {
+    using compute_t = typename T::compute_t;
+    using operand_t = typename T::operand_t;
+    const int C16 = chunk16;
+    carry = smem.array<compute_t>(with_carry ? 2 * dv * dk16 : 0);
+    q = smem.tiles<input_t>(2, chunk, dk);
+    k = smem.tiles<input_t>(kChunkBuffers, chunk, dk);
+    gates = smem.array<compute_t>(kChunkBuffers * ChunkGates<compute_t>::size(C16));
+    rows = smem.array<compute_t>(ChunkGateRows<compute_t>::size(C16));
+    prev_rows = smem.array<compute_t>(kRecompute ? ChunkGateRows<compute_t>::size(C16) : 0);
+    c = smem.array<compute_t>(C16 * C16);
+    sig = smem.array<compute_t>(C16 * C16);
+    P = smem.array<compute_t>(C16);
+    d_c = smem.array<compute_t>(C16 * C16);
+    d_a = smem.array<compute_t>(C16), d_g = smem.array<compute_t>(C16), d_s = smem.array<compute_t>(C16);
+    dc_last = smem.array<compute_t>(C16), d_p = smem.array<compute_t>(1), prod = smem.array<compute_t>(3 * C16);
+    scratch = smem.array<compute_t>(3 * kChunkThreads / device::kWarpSize);
+    partials = smem.array<compute_t>(4 * C16 * (kSlice / 8));
+    w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
+    v = smem.tiles<input_t>(2, chunk, kSlice);
+    d_o = smem.tiles<input_t>(2, chunk, kSlice);
+    v_prev = smem.tiles<input_t>(2, kRecompute ? chunk : 0, kRecompute ? kSlice : 0);
+    stack = smem.tiles<operand_t>(2, 4 * kSlice, dk);
+    err = smem.tile<operand_t>(chunk, kSlice);
+    dk_lhs = smem.tile<operand_t>(chunk, 3 * kSlice);
+    dq_lhs = smem.tile<operand_t>(chunk, 2 * kSlice);
+  }
+};
+
+// rows x dk elements of a [.., Dk] state at src into tile (rows 0 .. rows), in the tile's type:
+// by cp.async when the types agree (the checkpoints of bf16, fp32, fp64 inputs), else converted
+// by plain loads (fp16 checkpoints, fp32 cotangents into bf16 or fp32 operands). A null source
+// gives zeros.
+template <typename src_t, typename dst_t>
+__device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int dk,
+                                                 const kernel::PaddedTile<dst_t>& tile) {
+  if constexpr (std::is_same<src_t, dst_t>::value) {
+    if (src) return kernel::stage_matrix(src, dk, rows, dk, tile.ld, tile.data);
+  }
+  for (int idx = threadIdx.x; idx < rows * dk; idx += blockDim.x)
+    tile(idx / dk, idx % dk) = device::cast<dst_t>(src ? device::cast<float>(src[idx]) : 0.f);
+}
+
+template <typename input_t, int kSlice>
+__global__ void __launch_bounds__(kChunkThreads, 1)
+    linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int group,
+                                    bool with_carry) {
+  using T = Types<input_t>;
+  using compute_t = typename T::compute_t;
+  using operand_t = typename T::operand_t;
+  using checkpoint_t = typename T::checkpoint_t;
+  using Policy = typename T::Policy;
+  using acc_t = typename Policy::acc_t;
+  using kernel::PaddedTile;
+  static_assert(!std::is_same<input_t, device::fp16>::value || !std::is_same<checkpoint_t, operand_t>::value,
+                "fp16 checkpoints are converted to fp32 operands");
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
+  const bool token_read = params.read_token;
+  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry);
+  const int C16 = at.chunk16, dk16 = at.dk16;
+  const int g0 = blockIdx.x * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
+  const int n_groups = (n_chunks + group - 1) / group;
+  const bool last_group = int(blockIdx.x) + 1 >= n_groups;
+  const int n_slices = (dv + kSlice - 1) / kSlice, steps = (g1 - g0) * n_slices;
+  const auto chunk_of = [&](int i) { return g1 - 1 - i / n_slices; };
+  const auto slice_rows = [&](int v0) { return dv - v0 < kSlice ? dv - v0 : kSlice; };
+
+  using Layout = ChunksLayout<input_t, kSlice>;
+  constexpr int kStride = T::kCheckpointStride, kChunkBuffers = Layout::kChunkBuffers;
+  const auto carry = kernel::shared_array<compute_t>(at.carry);
+  // Buffers by the chunk's place in the block's walk, ci: q alternates, and with recompute the
+  // keys and gates run one chunk ahead in a ring of three (chunk ci + 1 is the one before chunk ci).
+  const auto q_tile = [&](int ci) { return PaddedTile<input_t>(at.q, ci % 2); };
+  const auto k_tile = [&](int ci) { return PaddedTile<input_t>(at.k, ci % kChunkBuffers); };
+  const auto v_tile = [&](int i) { return PaddedTile<input_t>(at.v, i); };
+  const auto v_prev_tile = [&](int i) { return PaddedTile<input_t>(at.v_prev, i); };
+  const auto do_tile = [&](int i) { return PaddedTile<input_t>(at.d_o, i); };
+  const auto stack_tile = [&](int i) { return PaddedTile<operand_t>(at.stack, i); };
+  const auto gates = [&](int ci) {
+    return ChunkGates<compute_t>(
+        kernel::shared_array<compute_t>(at.gates) + ci % kChunkBuffers * ChunkGates<compute_t>::size(C16), C16);
+  };
+  const ChunkGateRows<compute_t> g_rows(kernel::shared_array<compute_t>(at.rows), C16);
+  const ChunkGateRows<compute_t> prev_rows(kernel::shared_array<compute_t>(at.prev_rows), C16);
+  const ChunkGateTables<compute_t> tables{kernel::shared_array<compute_t>(at.c), kernel::shared_array<compute_t>(at.sig),
+                                          kernel::shared_array<compute_t>(at.P), C16, true};
+  const auto prod = kernel::shared_array<compute_t>(at.prod);
+  const GateCotangents<compute_t> cot{kernel::shared_array<compute_t>(at.d_c),
+                                      C16,
+                                      kernel::shared_array<compute_t>(at.d_a),
+                                      kernel::shared_array<compute_t>(at.d_g),
+                                      kernel::shared_array<compute_t>(at.d_s),
+                                      kernel::shared_array<compute_t>(at.d_p),
+                                      prod,
+                                      prod + C16,
+                                      prod + 2 * C16};
+  const auto dc_last = kernel::shared_array<compute_t>(at.dc_last);
+  const auto scratch = kernel::shared_array<compute_t>(at.scratch);
+  const auto partials = kernel::shared_array<compute_t>(at.partials);
+  const auto partial = [&](int which, int t, int part) { return (which * C16 + t) * (kSlice / 8) + part; };
+  const PaddedTile<operand_t> w(at.w), err(at.err), dk_lhs(at.dk_lhs), dq_lhs(at.dq_lhs);
+
+  for (int i = 0; i < kChunkBuffers; ++i) k_tile(i).zero_all();
+  for (int i = 0; i < 2; ++i) {
+    q_tile(i).zero_all();
+    v_tile(i).zero_all();
+    do_tile(i).zero_all();
+    if (Layout::kRecompute) v_prev_tile(i).zero_all();
+    stack_tile(i).zero_all();
+  }
+  // The cotangent of the end of the block's last chunk: the final state's, or the scan's store.
+  const index_t bh = index_t(b) * params.heads + h;
+  const auto* d_final_m = static_cast<const compute_t*>(params.d_m_final_ptr);
+  const auto* d_final_s = static_cast<const compute_t*>(params.d_s_final_ptr);
+  const auto* group_end = last_group ? nullptr
+                                     : static_cast<const checkpoint_t*>(workspace.group_cotangents) +
+                                           (bh * (n_groups - 1) + blockIdx.x) * 2 * index_t(dv) * dk;
+  if (with_carry)
+    for (int idx = threadIdx.x; idx < 2 * dv * dk16; idx += blockDim.x) {
+      const int r = idx / dk16, d = idx % dk16, which = r / dv, j = r % dv;
+      compute_t value = compute_t(0);
+      if (d < dk) {
+        const index_t at_row = index_t(j) * dk + d;
+        if (!last_group)
+          value = device::cast<compute_t>(group_end[which * index_t(dv) * dk + at_row]);
+        else if (const compute_t* src = which == 0 ? d_final_m : d_final_s)
+          value = src[bh * index_t(dv) * dk + at_row];
+      }
+      carry[idx] = value;
+    }
+  __syncthreads();
+
+  const auto* checkpoints = static_cast<const checkpoint_t*>(params.chunk_states_ptr);
+  auto* dq_out = static_cast<input_t*>(params.dq_ptr);
+  auto* dk_out = static_cast<input_t*>(params.dk_ptr);
+  auto* dv_out = static_cast<input_t*>(params.dv_ptr);
+
+  // The keys and gates of chunk m, for the walk's chunk ci.
+  const auto stage_keys = [&](int ci, int m) {
+    const int L = chunk_length(params, m);
+    const PaddedTile<input_t> k = k_tile(ci);
+    kernel::stage_token_rows<input_t>(params.k, b, h, m * C, L, 0, dk, k.ld, k.data);
+    if (L < C) k.zero_outside(L, k.cols);
+    gates(ci).stage(params, b, h, m * C, L);
+  };
+  const auto stage = [&](int i) {
+    const int n = chunk_of(i), slice = i % n_slices, L = chunk_length(params, n), v0 = slice * kSlice;
+    const int w_rows = slice_rows(v0), buffer = i & 1, ci = i / n_slices;
+    const bool recompute = n % kStride != 0;
+    if (slice == 0) {
+      const PaddedTile<input_t> q = q_tile(ci);
+      kernel::stage_token_rows<input_t>(params.q, b, h, n * C, L, 0, dk, q.ld, q.data);
+      if (L < C) q.zero_outside(L, q.cols);
+      if (Layout::kRecompute) {
+        if (ci == 0) stage_keys(0, n);
+        if (n > g0 || recompute) stage_keys(ci + 1, n - 1);
+      } else {
+        stage_keys(ci, n);
+      }
+    }
+    if (recompute) {  // the chunk before's values, for its step to this chunk's start
+      const PaddedTile<input_t> v_prev = v_prev_tile(buffer);
+      kernel::stage_token_rows<input_t>(params.v, b, h, (n - 1) * C, C, v0, w_rows, v_prev.ld, v_prev.data);
+      if (w_rows < kSlice) v_prev.zero_outside(C, w_rows);
+    }
+    const PaddedTile<input_t> v = v_tile(buffer), d_o = do_tile(buffer);
+    kernel::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, w_rows, v.ld, v.data);
+    kernel::stage_token_rows<input_t>(params.d_o, b, h, n * C, L, v0, w_rows, d_o.ld, d_o.data);
+    if (L < C || w_rows < kSlice) {
+      v.zero_outside(L, w_rows);
+      d_o.zero_outside(L, w_rows);
+    }
+    // The slice's rows of the checkpoint (the chunk's start, or the chunk before's): M0, S0 into
+    // the stack's last two quarters.
+    const PaddedTile<operand_t> stack = stack_tile(buffer);
+    const checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, bh, n, kStride) + index_t(v0) * dk;
+    stage_state_rows(at_chunk, w_rows, dk, stack.rows_from(2 * kSlice));
+    stage_state_rows(at_chunk + index_t(dv) * dk, w_rows, dk, stack.rows_from(3 * kSlice));
+    // Without a carry (one chunk per block), the end cotangent's slice into the first two.
+    if (!with_carry) {
+      const index_t at_final = bh * index_t(dv) * dk + index_t(v0) * dk;
+      if (last_group) {
+        stage_state_rows(d_final_m ? d_final_m + at_final : nullptr, w_rows, dk, stack);
+        stage_state_rows(d_final_s ? d_final_s + at_final : nullptr, w_rows, dk, stack.rows_from(kSlice));
+      } else {
+        const checkpoint_t* at_group = group_end + index_t(v0) * dk;
+        stage_state_rows(at_group, w_rows, dk, stack);
+        stage_state_rows(at_group + index_t(dv) * dk, w_rows, dk, stack.rows_from(kSlice));
+      }
+    }
+    if (w_rows < kSlice)  // a partial last slice: the rows past it in each quarter
+      for (int quarter = 0; quarter < 4; ++quarter) stack.part(quarter * kSlice, kSlice).zero_outside(w_rows, stack.cols);
+  };
+
+  // Kept across a chunk's slices, in registers.
+  kernel::WarpStrips<acc_t, kSquareStripsPerWarp, 2> g_acc(C16, C16), dw_acc(C16, C16);
+  kernel::WarpStrips<acc_t, kKeyStripsPerWarp, 2> dq_acc(C16, dk16), dk_acc(C16, dk16);
+  compute_t dots[3] = {};  // this thread's part of <dM, M0>, <dM, S0>, <dS, S0>
+
+  kernel::pipelined_steps(steps, stage, [&](int i) {
+    const int n = chunk_of(i), slice = i % n_slices, L = chunk_length(params, n), v0 = slice * kSlice;
+    const int w_rows = slice_rows(v0), buffer = i & 1, ci = i / n_slices, t0 = n * C;
+    const bool recompute = n % kStride != 0;
+    const auto Q = q_tile(ci).matrix();
+    const auto K = k_tile(ci).matrix();
+    const PaddedTile<operand_t> stack = stack_tile(buffer);
+    const PaddedTile<input_t> V = v_tile(buffer), dO = do_tile(buffer);
+    const bool updates_carry = n > g0 || g0 == 0;  // the start cotangent is needed by a chunk or is dM0
+
+    if (slice == 0) {  // the chunk's setup
+      build_gate_tables(L, C16, gates(ci), g_rows, &tables);
+      if (recompute) build_gate_tables<compute_t>(C, C16, gates(ci + 1), prev_rows, nullptr);
+      if (token_read)
+        g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+          kernel::zero(acc);
+          kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(acc, K.t()));
+        });
+      dw_acc.zero();
+      dq_acc.zero();
+      dk_acc.zero();
+      for (int t = threadIdx.x; t < C16; t += blockDim.x) cot.d_a[t] = cot.d_g[t] = cot.d_s[t] = dc_last[t] = 0;
+      dots[0] = dots[1] = dots[2] = 0;
+      __syncthreads();
+      if (token_read)
+        g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+          kernel::for_each_strip_element<2>(r0, c0, [&](int t, int col, int n8, int e) {
+            w(t, col) = device::cast<operand_t>(col <= t && t < L ? tables.c[t * C16 + col] * compute_t(acc[n8][e])
+                                                                  : compute_t(0));
+          });
+        });
+    }
+    if (with_carry)  // the slice's rows of the carried cotangent of chunk n's end
+      for (int idx = threadIdx.x; idx < 2 * kSlice * dk16; idx += blockDim.x) {
+        const int r = idx / dk16, d = idx % dk16, which = r / kSlice, j = r % kSlice;
+        stack(r, d) = device::cast<operand_t>(j < w_rows ? carry[(which * dv + v0 + j) * dk16 + d] : compute_t(0));
+      }
+    __syncthreads();
+
+    if (recompute) {  // the chunk's start state, one step from the checkpoint of the chunk before
+      const auto K_prev = k_tile(ci + 1).matrix();
+      const PaddedTile<input_t> V_prev = v_prev_tile(buffer);
+      const auto M_prev_t = stack.rows_from(2 * kSlice).transposed();
+      kernel::for_each_strip<2>(C16, kSlice, [&](int r0, int c0) {
+        acc_t acc[2][4];
+        kernel::zero(acc);
+        kernel::strip_mma<Policy>(K_prev, r0, c0, dk, kernel::times(acc, M_prev_t));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
+          const compute_t value = compute_t(2) * (compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)));
+          dk_lhs(t, j) = device::cast<operand_t>(prev_rows.m_end[t] * value);
+          dk_lhs(t, kSlice + j) = device::cast<operand_t>(prev_rows.s_end[t] * value);
+        });
+      });
+      __syncthreads();
+      const compute_t a_L = prev_rows.a_end(), g_L = prev_rows.g_end(), p_L = prev_rows.p_end();
+      kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
+        acc_t am[2][4], as[2][4];
+        kernel::zero(am);
+        kernel::zero(as);
+        kernel::strip_mma_shared_b<Policy, 2>(K_prev, r0, c0, C16, kernel::product<Policy>(am, dk_lhs.transposed()),
+                                              kernel::product<Policy>(as, dk_lhs.cols_from(kSlice).transposed()));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
+          const compute_t m_prev = device::cast<compute_t>(stack(2 * kSlice + j, d));
+          const compute_t s_prev = device::cast<compute_t>(stack(3 * kSlice + j, d));
+          stack(2 * kSlice + j, d) = device::cast<operand_t>(a_L * m_prev + g_L * s_prev + compute_t(am[s][e]));
+          stack(3 * kSlice + j, d) = device::cast<operand_t>(p_L * s_prev + compute_t(as[s][e]));
+        });
+      });
+      __syncthreads();
+    }
+
+    // Phase 1: per 16 x 8 strip of the slice, everything with a row of tokens.
+    const auto dMt = stack.transposed(), dSt = stack.rows_from(kSlice).transposed();
+    const auto M0t = stack.rows_from(2 * kSlice).transposed(), S0t = stack.rows_from(3 * kSlice).transposed();
+    kernel::for_each_strip<1>(C16, kSlice, [&](int r0, int c0) {
+      acc_t e_acc[1][4], x[1][4], y[1][4], qm[1][4], qs[1][4], u[1][4];
+      kernel::zero(e_acc);
+      kernel::zero(x);
+      kernel::zero(y);
+      kernel::zero(qm);
+      kernel::zero(qs);
+      kernel::zero(u);
+      kernel::strip_mma<Policy>(K, r0, c0, dk, kernel::times(e_acc, M0t), kernel::times(x, dMt), kernel::times(y, dSt));
+      if (token_read) {
+        kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t), kernel::times(qs, S0t));
+        kernel::strip_mma<Policy>(w.transposed(), r0, c0, C16, kernel::times(u, dO.matrix()));
+      }
+      compute_t sums[2][4] = {};  // [row half][RowCotangent]
+      kernel::for_each_strip_element<1>(r0, c0, [&](int t, int j, int, int e) {
+        const compute_t x_te = compute_t(x[0][e]), y_te = compute_t(y[0][e]);
+        const compute_t e_te = compute_t(2) * (compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j)));
+        const compute_t d_e = g_rows.m_end[t] * x_te + g_rows.s_end[t] * y_te + compute_t(u[0][e]);
+        const compute_t d_o = device::cast<compute_t>(dO(t, j));
+        err(t, j) = device::cast<operand_t>(e_te);
+        dk_lhs(t, j) = device::cast<operand_t>(g_rows.m_end[t] * e_te);
+        dk_lhs(t, kSlice + j) = device::cast<operand_t>(g_rows.s_end[t] * e_te);
+        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(compute_t(2) * d_e);
+        dq_lhs(t, j) = device::cast<operand_t>(token_read ? g_rows.a[t] * d_o : d_o);
+        dq_lhs(t, kSlice + j) = device::cast<operand_t>(token_read ? g_rows.g[t] * d_o : compute_t(0));
+        if (t < L && j < w_rows)
+          dv_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+              device::cast<input_t>(compute_t(-2) * d_e);
+        compute_t(&row)[4] = sums[e / 2];
+        row[kErrX] += e_te * x_te;
+        row[kErrY] += e_te * y_te;
+        row[kOutM] += d_o * compute_t(qm[0][e]);
+        row[kOutS] += d_o * compute_t(qs[0][e]);
+      });
+      // The quad of lanes holding a row adds its columns; its first lane stores the strip's sum.
+      for (int half = 0; half < 2; ++half)
+        for (int which = 0; which < 4; ++which) {
+          const compute_t total = kernel::quad_sum(sums[half][which]);
+          if (device::lane_id() % 4 == 0)
+            partials[partial(which, r0 + device::lane_id() / 4 + 8 * half, c0 / 8)] = total;
+        }
+    });
+    __syncthreads();
+
+    // Phase 2: the slice's share of dW, dQ, dK and of the row cotangents; the carry's rows.
+    if (token_read)
+      dw_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+        kernel::strip_mma<Policy>(dO.matrix(), r0, c0, kSlice, kernel::times(acc, err.transposed()));
+      });
+    dq_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+      kernel::strip_mma<Policy>(dq_lhs.matrix(), r0, c0, 2 * kSlice,
+                                kernel::times(acc, stack.rows_from(2 * kSlice).matrix()));
+    });
+    dk_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+      kernel::strip_mma<Policy>(dk_lhs.matrix(), r0, c0, 3 * kSlice, kernel::times(acc, stack.matrix()));
+    });
+    if (updates_carry) {
+      const compute_t a_L = g_rows.a_end(), g_L = g_rows.g_end(), p_L = g_rows.p_end();
+      auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
+      auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
+      kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
+        acc_t am[2][4], aq[2][4], as[2][4];
+        kernel::zero(am);
+        kernel::zero(aq);
+        kernel::zero(as);
+        kernel::strip_mma_shared_b<Policy, 2>(K, r0, c0, C16,
+                                              kernel::product<Policy>(am, dk_lhs.cols_from(2 * kSlice).transposed()));
+        kernel::strip_mma_shared_b<Policy, 2>(Q, r0, c0, C16, kernel::product<Policy>(aq, dq_lhs.transposed()),
+                                              kernel::product<Policy>(as, dq_lhs.cols_from(kSlice).transposed()));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
+          if (j >= w_rows || d >= dk) return;
+          const int m_at = (v0 + j) * dk16 + d, s_at = (dv + v0 + j) * dk16 + d;
+          const compute_t dm_old = with_carry ? carry[m_at] : compute_t(device::cast<compute_t>(stack(j, d)));
+          const compute_t ds_old =
+              with_carry ? carry[s_at] : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
+          const compute_t dm_new = a_L * dm_old + compute_t(am[s][e]) + compute_t(aq[s][e]);
+          const compute_t ds_new = g_L * dm_old + p_L * ds_old + compute_t(as[s][e]);
+          if (n > g0) {
+            carry[m_at] = dm_new;
+            carry[s_at] = ds_new;
+          } else {
+            const index_t out = (bh * dv + v0 + j) * index_t(dk) + d;
+            dm0[out] = dm_new;
+            ds0[out] = ds_new;
+          }
+        });
+      });
+    }
+    for (int t = threadIdx.x; t < C16; t += blockDim.x)
+      for (int part = 0; part < kSlice / 8; ++part) {
+        dc_last[t] += partials[partial(kErrX, t, part)];
+        cot.d_s[t] += partials[partial(kErrY, t, part)];
+        if (token_read) {
+          cot.d_a[t] += partials[partial(kOutM, t, part)];
+          cot.d_g[t] += partials[partial(kOutS, t, part)];
+        }
+      }
+    for (int idx = threadIdx.x; idx < w_rows * dk; idx += blockDim.x) {
+      const int j = idx / dk, d = idx % dk;
+      const compute_t dm = device::cast<compute_t>(stack(j, d)), ds = device::cast<compute_t>(stack(kSlice + j, d));
+      const compute_t m0 = device::cast<compute_t>(stack(2 * kSlice + j, d));
+      const compute_t s0 = device::cast<compute_t>(stack(3 * kSlice + j, d));
+      dots[0] += dm * m0;
+      dots[1] += dm * s0;
+      dots[2] += ds * s0;
+    }
+    if (slice < n_slices - 1) return;
+
+    // The chunk's tail.
+    __syncthreads();
+    kernel::block_sum(dots, scratch);
+    // d_c = dW .* G and dG = dW .* c (into W's tile); then the row L - 1 terms of the end state.
+    if (token_read) {
+#pragma unroll
+      for (int s = 0; s < kSquareStripsPerWarp; ++s) {
+        const int strip = device::warp_id() + s * kernel::warp_count();
+        if (strip >= g_acc.strips) break;
+        const int r0 = strip / g_acc.per_row * kernel::kStripRows, c0 = strip % g_acc.per_row * 16;
+        kernel::for_each_strip_element<2>(r0, c0, [&](int t, int col, int n8, int e) {
+          const bool inside = col <= t && t < L;
+          const compute_t dw = compute_t(dw_acc.acc[s][n8][e]);
+          cot.d_c[t * C16 + col] = inside ? dw * compute_t(g_acc.acc[s][n8][e]) : compute_t(0);
+          w(t, col) = device::cast<operand_t>(inside ? dw * tables.c[t * C16 + col] : compute_t(0));
+        });
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < C16 * C16; idx += blockDim.x) cot.d_c[idx] = 0;
+    }
+    __syncthreads();
+    for (int col = threadIdx.x; col < L; col += blockDim.x) cot.d_c[(L - 1) * C16 + col] += dc_last[col];
+    if (threadIdx.x == 0) {
+      cot.d_a[L - 1] += dots[0];
+      cot.d_g[L - 1] += dots[1];
+      cot.d_p[0] = dots[2];
+    }
+    if (token_read) {
+      dq_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+        kernel::strip_mma<Policy>(w.matrix(), r0, c0, C16, kernel::times(acc, K));
+      });
+      dk_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+        kernel::strip_mma<Policy>(w.transposed(), r0, c0, C16, kernel::times(acc, Q));
+      });
+    }
+    const auto write_grad = [&](input_t* out) {
+      return [&, out](acc_t(&acc)[2][4], int r0, int c0) {
+        kernel::for_each_strip_element<2>(r0, c0, [&](int t, int d, int n8, int e) {
+          if (t < L && d < dk)
+            out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d] =
+                device::cast<input_t>(compute_t(acc[n8][e]));
+        });
+      };
+    };
+    dq_acc.for_each(write_grad(dq_out));
+    dk_acc.for_each(write_grad(dk_out));
+    __syncthreads();
+    const auto gate_at = [&](int t) { return (index_t(b) * params.seqlen + t0 + t) * params.heads + h; };
+    auto* dtheta = static_cast<compute_t*>(params.dtheta_ptr);
+    auto* deta = static_cast<compute_t*>(params.deta_ptr);
+    auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
+    gate_adjoint(
+        L, gates(ci), g_rows, tables, cot, [&](int t, compute_t value) { dtheta[gate_at(t)] = value; },
+        [&](int t, compute_t d_eta, compute_t d_alpha) {
+          deta[gate_at(t)] = d_eta;
+          dalpha[gate_at(t)] = d_alpha;
+        });
+  });
+
+  // An empty sequence: the initial state's cotangent is the final state's.
+  if (n_chunks == 0 && blockIdx.x == 0)
+    for (int idx = threadIdx.x; idx < dv * dk; idx += blockDim.x) {
+      const index_t at_row = bh * index_t(dv) * dk + idx;
+      static_cast<compute_t*>(params.dm0_ptr)[at_row] = d_final_m ? d_final_m[at_row] : compute_t(0);
+      static_cast<compute_t*>(params.ds0_ptr)[at_row] = d_final_s ? d_final_s[at_row] : compute_t(0);
+    }
+}
+
+// The value slices of the chunk kernel for input_t: 16 or 32 rows (fp64, a testing dtype whose
+// tiles take twice the shared memory, only 16).
+template <typename input_t>
+constexpr bool has_wide_slice() {
+  return !std::is_same<input_t, double>::value;
+}
+
+// Calls f(std::integral_constant<int, slice>{}) for a chunk kernel's value slice.
+template <typename input_t, class F>
+auto dispatch_slice(int slice, const F& f) {
+  if constexpr (has_wide_slice<input_t>())
+    if (slice == 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 16>{});
+}
+
+inline size_t chunks_smem_bytes(const LinearMemoryParams& p, InputType type, int slice, bool with_carry) {
+  return kernel::dispatch_input_type(type, [&](auto input) {
+    return dispatch_slice<decltype(input)>(slice, [&](auto s) {
+      return size_t(
+          ChunksLayout<decltype(input), decltype(s)::value>(p.dk, p.dv, p.chunk_size, p.read_token, with_carry)
+              .smem.bytes);
+    });
+  });
+}
+
+}  // namespace lm
+}  // namespace titans
