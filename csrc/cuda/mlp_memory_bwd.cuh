@@ -38,12 +38,12 @@
 
 namespace titans {
 
-// Shared memory of the backward kernel (byte offsets, kernel::SmemLayout).
+// Shared memory of the backward kernel (byte offsets).
 template <typename Ktraits>
 struct MlpMemoryBwdSmem {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
-  kernel::SmemLayout carver;
+  mlp::SmemCarver<Ktraits> carver;
   int ld;                                              // leading dimension of the staged q, k, dO
   int gates, gate_rows;                                // lm::ChunkGates, lm::ChunkGateRows of the chunk
   int P, norms;                                        // [C]: the g column's sigma, yaad's norms
@@ -61,29 +61,28 @@ struct MlpMemoryBwdSmem {
   __host__ __device__ MlpMemoryBwdSmem(const MlpMemoryParams& p, int NB) : ld(kernel::padded<input_t>(p.dim)) {
     const int C = p.chunk_size, D = p.dim, N = p.hidden;
     const bool token = p.read_token, kl = p.miras.retention == RetentionKind::kl;
-    const auto compute = [&](int n) { return carver.array<compute_t>(n); };
-    const auto input = [&](int n) { return carver.array<input_t>(n); };
-    gates = compute(lm::ChunkGates<compute_t>::size(C)), gate_rows = compute(lm::ChunkGateRows<compute_t>::size(C));
-    P = compute(C), norms = compute(C);
-    d_a = compute(C), d_g = compute(C), d_s = compute(C);
-    prod_a = compute(C), prod_gb = compute(C), prod_ge = compute(C);
-    scalars = compute(4 + 3 * mlp::kThreads / device::kWarpSize);
-    c = compute(C * C), sig = compute(C * C);
-    hh = compute(token ? C * C : 0), da = compute(C * C), db = compute(token ? C * C : 0);
-    resid = compute(p.miras.objective == ObjectiveKind::l2 ? 0 : C * D);
-    errors = compute(C * D), d_err = compute(C * D);
-    row_sums = compute(4 * C * row_tiles(D, NB));
+    gates = carver.compute(lm::ChunkGates<compute_t>::size(C));
+    gate_rows = carver.compute(lm::ChunkGateRows<compute_t>::size(C));
+    P = carver.compute(C), norms = carver.compute(C);
+    d_a = carver.compute(C), d_g = carver.compute(C), d_s = carver.compute(C);
+    prod_a = carver.compute(C), prod_gb = carver.compute(C), prod_ge = carver.compute(C);
+    scalars = carver.compute(4 + 3 * mlp::kThreads / device::kWarpSize);
+    c = carver.compute(C * C), sig = carver.compute(C * C);
+    hh = carver.compute(token ? C * C : 0), da = carver.compute(C * C), db = carver.compute(token ? C * C : 0);
+    resid = carver.compute(p.miras.objective == ObjectiveKind::l2 ? 0 : C * D);
+    errors = carver.compute(C * D), d_err = carver.compute(C * D);
+    row_sums = carver.compute(4 * C * row_tiles(D, NB));
     const int tile = C * NB;
-    h = compute(tile), a1 = compute(tile), ga2 = compute(tile), dz = compute(tile);
-    aq1 = compute(tile), hq = compute(tile), ddz = compute(tile), dh = compute(tile);
-    dzq = compute(tile);
+    h = carver.compute(tile), a1 = carver.compute(tile), ga2 = carver.compute(tile), dz = carver.compute(tile);
+    aq1 = carver.compute(tile), hq = carver.compute(tile), ddz = carver.compute(tile), dh = carver.compute(tile);
+    dzq = carver.compute(tile);
     const int lag_n = kl ? N : 0, lag_d = kl ? D : 0;
-    lag_hidden = compute(lag_n), lag_first = compute(lag_n), lag_second = compute(lag_n);
-    lag_grad = compute(lag_n), lag_dx = compute(lag_n), lag_dy = compute(lag_n);
-    lag_resid = compute(lag_d), lag_err = compute(lag_d), lag_de = compute(lag_d);
-    q = input(C * ld), k = input(C * ld), d_o = input(C * ld);
+    lag_hidden = carver.compute(lag_n), lag_first = carver.compute(lag_n), lag_second = carver.compute(lag_n);
+    lag_grad = carver.compute(lag_n), lag_dx = carver.compute(lag_n), lag_dy = carver.compute(lag_n);
+    lag_resid = carver.compute(lag_d), lag_err = carver.compute(lag_d), lag_de = carver.compute(lag_d);
+    q = carver.input(C * ld), k = carver.input(C * ld), d_o = carver.input(C * ld);
     for (auto& buffer : blocks)
-      for (int w = 0; w < 4; ++w) buffer[w] = input(NB * D);
+      for (int w = 0; w < 4; ++w) buffer[w] = carver.input(NB * D);
   }
   // Column tiles of the row sums: they come from [C, NB] and [C, D] products.
   __host__ __device__ static int row_tiles(int D, int NB) { return ((D > NB ? D : NB) + 7) / 8; }
@@ -160,33 +159,32 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
 
   const MlpMemoryBwdSmem<Ktraits> layout(params, NB);
   const int ld = layout.ld;
-  const auto compute = [](int offset) { return kernel::shared_array<T>(offset); };
-  const auto input = [](int offset) { return kernel::shared_array<input_t>(offset); };
-  const lm::ChunkGates<T> gates(compute(layout.gates), C);
-  const lm::ChunkGateRows<T> gate_rows(compute(layout.gate_rows), C);
+  const mlp::SmemArrays<Ktraits> smem;
+  const lm::ChunkGates<T> gates(smem.compute(layout.gates), C);
+  const lm::ChunkGateRows<T> gate_rows(smem.compute(layout.gate_rows), C);
   const auto a = gate_rows.a, g = gate_rows.g, s_end = gate_rows.s_end;
-  const auto P = compute(layout.P);
-  const auto norms = compute(layout.norms);
-  const auto d_a = compute(layout.d_a), d_g = compute(layout.d_g), d_s = compute(layout.d_s);
-  const auto prod_a = compute(layout.prod_a), prod_gb = compute(layout.prod_gb);
-  const auto prod_ge = compute(layout.prod_ge), scalars = compute(layout.scalars);
-  const auto c = compute(layout.c), sig = compute(layout.sig), hh = compute(layout.hh);
-  const auto da = compute(layout.da), db = compute(layout.db);
+  const auto P = smem.compute(layout.P);
+  const auto norms = smem.compute(layout.norms);
+  const auto d_a = smem.compute(layout.d_a), d_g = smem.compute(layout.d_g), d_s = smem.compute(layout.d_s);
+  const auto prod_a = smem.compute(layout.prod_a), prod_gb = smem.compute(layout.prod_gb);
+  const auto prod_ge = smem.compute(layout.prod_ge), scalars = smem.compute(layout.scalars);
+  const auto c = smem.compute(layout.c), sig = smem.compute(layout.sig), hh = smem.compute(layout.hh);
+  const auto da = smem.compute(layout.da), db = smem.compute(layout.db);
   const auto qk = sig;  // Q K^T while the products need it; the adjoint rebuilds sig there at the end
   const bool keep_residuals = params.miras.objective != ObjectiveKind::l2;
-  const auto errors = compute(layout.errors);
-  const auto resid = keep_residuals ? compute(layout.resid) : errors;  // E = 2 R is computed in place
-  const auto d_err = compute(layout.d_err), row_sums = compute(layout.row_sums);
-  const auto hid = compute(layout.h), a1 = compute(layout.a1), ga2 = compute(layout.ga2);
-  const auto dz = compute(layout.dz), aq1 = compute(layout.aq1), hq = compute(layout.hq);
-  const auto ddz = compute(layout.ddz);
-  const auto dh = compute(layout.dh), dzq = compute(layout.dzq);
-  const auto q_s = input(layout.q), k_s = input(layout.k), do_s = input(layout.d_o);
+  const auto errors = smem.compute(layout.errors);
+  const auto resid = keep_residuals ? smem.compute(layout.resid) : errors;  // E = 2 R is computed in place
+  const auto d_err = smem.compute(layout.d_err), row_sums = smem.compute(layout.row_sums);
+  const auto hid = smem.compute(layout.h), a1 = smem.compute(layout.a1), ga2 = smem.compute(layout.ga2);
+  const auto dz = smem.compute(layout.dz), aq1 = smem.compute(layout.aq1), hq = smem.compute(layout.hq);
+  const auto ddz = smem.compute(layout.ddz);
+  const auto dh = smem.compute(layout.dh), dzq = smem.compute(layout.dzq);
+  const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k), do_s = smem.input(layout.d_o);
   const StateBlock blocks[2] = {
-      {input(layout.blocks[0][0]), input(layout.blocks[0][1]), input(layout.blocks[0][2]),
-       input(layout.blocks[0][3]), D, NB},
-      {input(layout.blocks[1][0]), input(layout.blocks[1][1]), input(layout.blocks[1][2]),
-       input(layout.blocks[1][3]), D, NB}};
+      {smem.input(layout.blocks[0][0]), smem.input(layout.blocks[0][1]), smem.input(layout.blocks[0][2]),
+       smem.input(layout.blocks[0][3]), D, NB},
+      {smem.input(layout.blocks[1][0]), smem.input(layout.blocks[1][1]), smem.input(layout.blocks[1][2]),
+       smem.input(layout.blocks[1][3]), D, NB}};
   // The carried cotangent: the initial-state gradient outputs, from the final state's cotangent.
   const index_t state_offset = bh * block_elems;
   const mlp::GlobalState<T> cot(static_cast<T*>(params.dw1_0_ptr) + state_offset,
@@ -292,8 +290,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     int lag = 0;
     mlp::GlobalState<const input_t> start = saved;
     const mlp::LagVectors<decltype(norms)> lag_vec{
-        compute(layout.lag_hidden), compute(layout.lag_first), compute(layout.lag_second),
-        compute(layout.lag_grad),   compute(layout.lag_resid), compute(layout.lag_err),
+        smem.compute(layout.lag_hidden), smem.compute(layout.lag_first), smem.compute(layout.lag_second),
+        smem.compute(layout.lag_grad),   smem.compute(layout.lag_resid), smem.compute(layout.lag_err),
         scalars + 1};  // not norms[0]: the chunk proper's row 0 takes that
     const auto k0 = [&](int d) { return K(0, d); };
     const auto v0 = [&](int j) { return device::cast<T>(v_in[kernel::token_offset(params.v, b, t0, h_idx) + j]); };
@@ -646,8 +644,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
       __syncthreads();
       // The lag token: its softmax steps, then its key path at the saved state.
       T gate_partials[3] = {T(0), T(0), T(0)};  // theta, eta, beta
-      const auto dx = compute(layout.lag_dx), dy = compute(layout.lag_dy);
-      const auto de0 = compute(layout.lag_de);
+      const auto dx = smem.compute(layout.lag_dx), dy = smem.compute(layout.lag_dy);
+      const auto de0 = smem.compute(layout.lag_de);
       for (int i = threadIdx.x; i < N; i += blockDim.x) dx[i] = dy[i] = T(0);
       for (int j = threadIdx.x; j < D; j += blockDim.x) de0[j] = T(0);
       __syncthreads();

@@ -49,6 +49,26 @@ struct Traits {
                                     typename kernel::OperandPolicy<input_t>::type>;
 };
 
+// A kernel's shared-memory carve-up (kernel::SmemLayout) in arrays of its compute type and of its
+// input type (the staged q, k, dO keep their own, often narrower, dtype): the layout structs
+// build it on the host to size the launch and on the device to place the arrays.
+template <typename Ktraits>
+struct SmemCarver : kernel::SmemLayout {
+  __host__ __device__ int compute(int n) { return array<typename Ktraits::compute_t>(n); }
+  __host__ __device__ int input(int n) { return array<typename Ktraits::input_t>(n); }
+};
+
+// The arrays at a carve-up's byte offsets.
+template <typename Ktraits>
+struct SmemArrays {
+  __device__ device::SharedPtr<typename Ktraits::compute_t> compute(int offset) const {
+    return kernel::shared_array<typename Ktraits::compute_t>(offset);
+  }
+  __device__ device::SharedPtr<typename Ktraits::input_t> input(int offset) const {
+    return kernel::shared_array<typename Ktraits::input_t>(offset);
+  }
+};
+
 // Host side: the widest hidden block of kMlpHiddenBlocks (at most N rounded up to 8) whose shared
 // memory, smem(block), fits the device; 0 if none does.
 template <class Smem>

@@ -28,12 +28,12 @@
 
 namespace titans {
 
-// Shared memory of the forward kernel (byte offsets, kernel::SmemLayout).
+// Shared memory of the forward kernel (byte offsets).
 template <typename Ktraits>
 struct MlpMemoryFwdSmem {
   using input_t = typename Ktraits::input_t;
   using compute_t = typename Ktraits::compute_t;
-  kernel::SmemLayout carver;
+  mlp::SmemCarver<Ktraits> carver;
   int ld;                                        // leading dimension of the staged q, k
   int gates, gate_rows;                          // lm::ChunkGates, lm::ChunkGateRows of the chunk
   int norms;                                     // [C]: yaad's residual norms
@@ -48,19 +48,18 @@ struct MlpMemoryFwdSmem {
   __host__ __device__ MlpMemoryFwdSmem(const MlpMemoryParams& p, int NB) : ld(kernel::padded<input_t>(p.dim)) {
     const int C = p.chunk_size, D = p.dim, N = p.hidden;
     const bool token = p.read_token, kl = p.miras.retention == RetentionKind::kl;
-    const auto compute = [&](int n) { return carver.array<compute_t>(n); };
-    const auto input = [&](int n) { return carver.array<input_t>(n); };
-    gates = compute(lm::ChunkGates<compute_t>::size(C)), gate_rows = compute(lm::ChunkGateRows<compute_t>::size(C));
-    norms = compute(C);
-    scalars = compute(2 * mlp::kThreads / device::kWarpSize);
-    c = compute(C * C), qkc = compute(token ? C * C : 0), hh = compute(token ? C * C : 0);
-    errors = compute(C * D), out = compute(C * D);
+    gates = carver.compute(lm::ChunkGates<compute_t>::size(C));
+    gate_rows = carver.compute(lm::ChunkGateRows<compute_t>::size(C));
+    norms = carver.compute(C);
+    scalars = carver.compute(2 * mlp::kThreads / device::kWarpSize);
+    c = carver.compute(C * C), qkc = carver.compute(token ? C * C : 0), hh = carver.compute(token ? C * C : 0);
+    errors = carver.compute(C * D), out = carver.compute(C * D);
     for (auto& buffer : blocks)
-      for (int w = 0; w < 4; ++w) buffer[w] = compute(NB * D);
-    z = compute(C * NB), h = compute(C * NB), dz = compute(C * NB), zq = compute(C * NB);
-    lag_hidden = compute(kl ? N : 0), lag_first = compute(kl ? N : 0);
-    lag_grad = compute(kl ? N : 0), lag_resid = compute(kl ? D : 0), lag_err = compute(kl ? D : 0);
-    q = input(C * ld), k = input(C * ld);
+      for (int w = 0; w < 4; ++w) buffer[w] = carver.compute(NB * D);
+    z = carver.compute(C * NB), h = carver.compute(C * NB), dz = carver.compute(C * NB), zq = carver.compute(C * NB);
+    lag_hidden = carver.compute(kl ? N : 0), lag_first = carver.compute(kl ? N : 0);
+    lag_grad = carver.compute(kl ? N : 0), lag_resid = carver.compute(kl ? D : 0), lag_err = carver.compute(kl ? D : 0);
+    q = carver.input(C * ld), k = carver.input(C * ld);
   }
 };
 
@@ -82,26 +81,25 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
 
   const MlpMemoryFwdSmem<Ktraits> layout(params, NB);
   const int ld = layout.ld;
-  const auto compute = [](int offset) { return kernel::shared_array<T>(offset); };
-  const auto input = [](int offset) { return kernel::shared_array<input_t>(offset); };
-  const lm::ChunkGates<T> gates(compute(layout.gates), C);
-  const lm::ChunkGateRows<T> gate_rows(compute(layout.gate_rows), C);
+  const mlp::SmemArrays<Ktraits> smem;
+  const lm::ChunkGates<T> gates(smem.compute(layout.gates), C);
+  const lm::ChunkGateRows<T> gate_rows(smem.compute(layout.gate_rows), C);
   const auto a = gate_rows.a, g = gate_rows.g, m_end = gate_rows.m_end, s_end = gate_rows.s_end;
-  const auto norms = compute(layout.norms);
-  const auto scalars = compute(layout.scalars);
-  const auto c = compute(layout.c), qkc = compute(layout.qkc), hh = compute(layout.hh);
-  const auto errors = compute(layout.errors), out = compute(layout.out);
-  const auto z = compute(layout.z), hid = compute(layout.h), dz = compute(layout.dz);
-  const auto zq = compute(layout.zq);
-  const auto lag_hidden = compute(layout.lag_hidden), lag_first = compute(layout.lag_first);
-  const auto lag_grad = compute(layout.lag_grad), lag_resid = compute(layout.lag_resid);
-  const auto lag_err = compute(layout.lag_err);
-  const auto q_s = input(layout.q), k_s = input(layout.k);
+  const auto norms = smem.compute(layout.norms);
+  const auto scalars = smem.compute(layout.scalars);
+  const auto c = smem.compute(layout.c), qkc = smem.compute(layout.qkc), hh = smem.compute(layout.hh);
+  const auto errors = smem.compute(layout.errors), out = smem.compute(layout.out);
+  const auto z = smem.compute(layout.z), hid = smem.compute(layout.h), dz = smem.compute(layout.dz);
+  const auto zq = smem.compute(layout.zq);
+  const auto lag_hidden = smem.compute(layout.lag_hidden), lag_first = smem.compute(layout.lag_first);
+  const auto lag_grad = smem.compute(layout.lag_grad), lag_resid = smem.compute(layout.lag_resid);
+  const auto lag_err = smem.compute(layout.lag_err);
+  const auto q_s = smem.input(layout.q), k_s = smem.input(layout.k);
   const Block buffers[2] = {
-      {compute(layout.blocks[0][0]), compute(layout.blocks[0][1]), compute(layout.blocks[0][2]),
-       compute(layout.blocks[0][3]), D, NB},
-      {compute(layout.blocks[1][0]), compute(layout.blocks[1][1]), compute(layout.blocks[1][2]),
-       compute(layout.blocks[1][3]), D, NB}};
+      {smem.compute(layout.blocks[0][0]), smem.compute(layout.blocks[0][1]), smem.compute(layout.blocks[0][2]),
+       smem.compute(layout.blocks[0][3]), D, NB},
+      {smem.compute(layout.blocks[1][0]), smem.compute(layout.blocks[1][1]), smem.compute(layout.blocks[1][2]),
+       smem.compute(layout.blocks[1][3]), D, NB}};
 
   // The working state: the final-state outputs, from the initial state (momenta default to 0).
   const index_t state_offset = bh * block_elems;
