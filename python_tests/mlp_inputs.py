@@ -37,6 +37,17 @@ def mlp_inputs(B, T, H, D, E, dtype=torch.float32, seed=0, momentum=True):
     return inputs, weights, moments
 
 
+def opcheck_mlp_memory_bwd(fwd_args):
+    """torch.library.opcheck of mlp_memory_bwd at the outputs of mlp_memory_fwd(*fwd_args), with
+    cotangents for o, W1_T and S2_T only (the others None)."""
+    q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, _, *miras = fwd_args
+    o, w1_T, w2_T, s1_T, s2_T, states = torch.ops.titans_ext.mlp_memory_fwd(
+        q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, True, *miras)
+    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(w1_T), None, None,
+            torch.randn_like(s2_T), w1.shape[2], C, read_token, act, *miras)
+    torch.library.opcheck(torch.ops.titans_ext.mlp_memory_bwd.default, args)
+
+
 def mlp_outputs_and_grads(fn, inputs, weights, momentum, **kwargs):
     """Runs fn(*inputs, weights, momentum=..., output_final_state=True), backpropagates a
     random functional of o AND the final state; returns [o, W1_T, W2_T, S1_T, S2_T, grads of

@@ -92,3 +92,19 @@ def test_demo_command_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "recall accuracy by distance" in printed and "no memory" in printed and str(out) in printed
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, label", [(["--memory", "mlp"], "Titans (MAL, mlp)"),
+                                          (["--preset", "memora", "--block", "lmm"], "Titans (LMM, memora)")])
+def test_demo_memory_and_preset(tmp_path, capsys, flags, label):
+    main(["demo", "--steps", "1", "--seq-len", "16", "--window", "8", "--pairs", "1", "--dim", "16",
+          "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "plot.png"), *flags])
+    assert label in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_demo_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import titans_ext
 from titans_ext.reference import mlp_memory_chunked, mlp_memory_recurrent
 
 from miras_cases import OBJECTIVES, RETENTIONS, compare, needs_delta, values_and_grads
-from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
+from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs, opcheck_mlp_memory_bwd
 from utils import TOLERANCE, assert_close, random_cotangents
 
 F64 = TOLERANCE[torch.float64]
@@ -241,12 +241,7 @@ def test_opcheck_forward(requires_grad):
 
 
 def test_opcheck_backward():
-    q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, _, *miras = _opcheck_args(False)
-    o, w1_T, w2_T, s1_T, s2_T, states = torch.ops.titans_ext.mlp_memory_fwd(
-        q, k, v, theta, eta, alpha, w1, w2, s1, s2, C, read_token, act, True, *miras)
-    args = (q, k, v, theta, eta, alpha, states, torch.randn_like(o), torch.randn_like(w1_T), None, None,
-            torch.randn_like(s2_T), w1.shape[2], C, read_token, act, *miras)
-    torch.library.opcheck(torch.ops.titans_ext.mlp_memory_bwd.default, args)
+    opcheck_mlp_memory_bwd(_opcheck_args(False))
 
 
 def _call(**kwargs):

@@ -4,6 +4,8 @@ import argparse
 
 import torch
 
+from .model.memory import PRESETS
+
 
 def _positive_int(text):
     value = int(text)
@@ -24,6 +26,10 @@ def _parser():
     demo.add_argument("--steps", type=_positive_int, default=600, help="training steps per model (default 600)")
     demo.add_argument("--block", choices=("mac", "mag", "mal", "lmm"), default="mal",
                       help="Titans block (default mal)")
+    demo.add_argument("--memory", choices=("linear", "mlp"), default=None,
+                      help="the Titans model's memory (default: the preset's, else linear)")
+    demo.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                      help="MIRAS preset of the Titans model's memory (an MLP memory; --memory overrides it)")
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                       help="torch device (default: cuda if available, else cpu)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -40,9 +46,25 @@ def _parser():
     return parser
 
 
+def _check_device(parser, name):
+    """A device the demo can run on, or a parser error that says why not (no traceback)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: not a torch device: {name!r} (expected e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        _check_device(parser, args.device)
         from .demo.run import run
 
         run(args)

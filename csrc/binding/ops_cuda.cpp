@@ -6,19 +6,25 @@
 #include "binding/cuda_launch.h"
 #include "binding/linear_memory_device.h"
 #include "binding/linear_memory_plan.h"
+#include "binding/mlp_memory_device.h"
 
 namespace titans {
 namespace {
 
-// The CUDA kernels take the schemas' MIRAS and packed-sequence arguments but implement only their
+// The CUDA kernels take the schemas' packed-sequence argument but do not implement it yet.
+void check_no_packed_sequences(const char* op, const std::optional<Tensor>& cu_seqlens) {
+  STD_TORCH_CHECK(!cu_seqlens, op, " on CUDA: cu_seqlens is not supported by the CUDA kernels yet (packed sequences "
+                  "run on the CPU kernels)");
+}
+
+// The linear memory's CUDA kernels take the schemas' MIRAS arguments but implement only their
 // defaults.
 void check_default_options(int64_t objective, const std::optional<Tensor>& delta, int64_t retention,
                            const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
                   "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run "
                   "on the CPU kernels)");
-  STD_TORCH_CHECK(!cu_seqlens, "linear_memory on CUDA: cu_seqlens is not supported by the CUDA kernels yet (packed "
-                  "sequences run on the CPU kernels)");
+  check_no_packed_sequences("linear_memory", cu_seqlens);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
@@ -56,6 +62,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cuda(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
+    int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+    const std::optional<Tensor>& cu_seqlens) {
+  check_no_packed_sequences("mlp_memory", cu_seqlens);
+  const CudaLaunchContext context(q);
+  return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
+                               save_states, objective, p, eps, delta, retention, retention_q, context.limits(),
+                               [&](const MlpMemoryParams& params, InputType type, int block) {
+                                 STD_CUDA_CHECK(static_cast<cudaError_t>(
+                                     mlp_memory_fwd_launch(params, type, block, context.stream())));
+                               });
+}
+
+MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                   const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
+                                   const Tensor& d_o, const std::optional<Tensor>& d_w1_final,
+                                   const std::optional<Tensor>& d_w2_final, const std::optional<Tensor>& d_s1_final,
+                                   const std::optional<Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
+                                   bool read_token, std::string_view activation, int64_t objective, double p,
+                                   double eps, const std::optional<Tensor>& delta, int64_t retention,
+                                   double retention_q, const std::optional<Tensor>& cu_seqlens) {
+  check_no_packed_sequences("mlp_memory", cu_seqlens);
+  const CudaLaunchContext context(q);
+  return mlp_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, context.limits(),
+      [&](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
+        STD_CUDA_CHECK(
+            static_cast<cudaError_t>(mlp_memory_bwd_launch(params, workspace, type, block, context.stream())));
+      });
+}
+
 // The plans for the current CUDA device.
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
@@ -69,16 +110,26 @@ std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int
 }  // namespace
 
 // An operator of the CUDA build only (it describes the CUDA launches); it takes no tensor, so it
-// is defined here rather than in ops.cpp's schema list, with a kernel for every dispatch key.
-STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) { m.def(TITANS_LINEAR_MEMORY_PLAN_SCHEMA); }
+// is defined here rather than in ops.cpp's schema list, with a kernel for every dispatch key. What
+// the CUDA mlp_memory launchers choose on a device (binding/mlp_memory_device.h): the Python op asks
+// it before dispatch, so that a configuration no block fits is a ValueError naming the bytes.
+STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) {
+  m.def(TITANS_LINEAR_MEMORY_PLAN_SCHEMA);
+  m.def(
+      "mlp_memory_plan(int dim, int hidden, int chunk_size, ScalarType dtype, bool read_token, int retention, "
+      "int max_shared_bytes) -> (int fwd_block, int fwd_bytes, int bwd_block, int bwd_bytes)");
+}
 
 STABLE_TORCH_LIBRARY_IMPL(titans_ext, CompositeExplicitAutograd, m) {
   m.impl("linear_memory_plan", TORCH_BOX(&linear_memory_plan));
+  m.impl("mlp_memory_plan", TORCH_BOX(&mlp_memory_plan));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(titans_ext, CUDA, m) {
   m.impl("linear_memory_fwd", TORCH_BOX(&linear_memory_fwd_cuda));
   m.impl("linear_memory_bwd", TORCH_BOX(&linear_memory_bwd_cuda));
+  m.impl("mlp_memory_fwd", TORCH_BOX(&mlp_memory_fwd_cuda));
+  m.impl("mlp_memory_bwd", TORCH_BOX(&mlp_memory_bwd_cuda));
 }
 
 }  // namespace titans

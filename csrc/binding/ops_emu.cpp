@@ -3,7 +3,10 @@
 // a GPU runs the CUDA kernels' code:
 //   - the device layer's self-test kernels (csrc/device/selftest/), for python_tests/test_device_emulation.py;
 //   - linear_memory_fwd and linear_memory_bwd with the schemas and output contracts of
-//     titans_ext::linear_memory_fwd / titans_ext::linear_memory_bwd.
+//     titans_ext::linear_memory_fwd / titans_ext::linear_memory_bwd;
+//   - mlp_memory_fwd and mlp_memory_bwd with the schemas and the CUDA output contracts of
+//     titans_ext::mlp_memory_fwd / titans_ext::mlp_memory_bwd (chunk-start states in the inputs'
+//     dtype), and mlp_memory_plan, what their launchers choose on a device.
 // Emulation errors (barrier divergence, shared memory out of bounds, ...) raise RuntimeError
 // naming the kernel, block and thread. Inputs are CPU tensors. Stable ABI only, like the CUDA
 // binding it shares linear_memory_device.h with.
@@ -19,6 +22,7 @@
 
 #include "binding/linear_memory_device.h"
 #include "binding/linear_memory_plan.h"
+#include "binding/mlp_memory_device.h"
 #include "device/selftest/selftest.h"
 
 // runtime.h is torch-free and defines no macros, unlike the device layer's emu.h.
@@ -279,7 +283,40 @@ std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int
                                  has_initial_state, has_final_cotangent, emulated_device);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
+    const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
+    int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  STD_TORCH_CHECK(q.is_cpu(), "titans_emu::mlp_memory_fwd runs on CPU tensors");
+  return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
+                               save_states, objective, p, eps, delta, retention, retention_q, emulated_device,
+                               [](const MlpMemoryParams& params, InputType type, int block) {
+                                 mlp_memory_fwd_launch(params, type, block, nullptr);
+                               });
+}
+
+MlpMemoryGrads mlp_memory_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                              const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states, const Tensor& d_o,
+                              const std::optional<Tensor>& d_w1_final, const std::optional<Tensor>& d_w2_final,
+                              const std::optional<Tensor>& d_s1_final, const std::optional<Tensor>& d_s2_final,
+                              int64_t hidden, int64_t chunk_size, bool read_token, std::string_view activation,
+                              int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
+                              int64_t retention, double retention_q) {
+  STD_TORCH_CHECK(q.is_cpu(), "titans_emu::mlp_memory_bwd runs on CPU tensors");
+  return mlp_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, emulated_device,
+      [](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
+        mlp_memory_bwd_launch(params, workspace, type, block, nullptr);
+      });
+}
+
 }  // namespace
+
+// The MIRAS arguments of the titans_ext:: schemas (ops.cpp).
+#define TITANS_EMU_MIRAS_ARGS \
+  "int objective=0, float p=2., float eps=0., Tensor? delta=None, int retention=0, float retention_q=2."
 
 STABLE_TORCH_LIBRARY(titans_emu, m) {
   m.def("set_schedule(int seed) -> ()");
@@ -312,6 +349,20 @@ STABLE_TORCH_LIBRARY(titans_emu, m) {
       "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)");
+  m.def(
+      "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "
+      "bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
+      "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)");
+  m.def(
+      "mlp_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
+      "Tensor chunk_states, Tensor d_o, Tensor? d_w1_final, Tensor? d_w2_final, Tensor? d_s1_final, "
+      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_EMU_MIRAS_ARGS ") "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
+      "Tensor ds1, Tensor ds2, Tensor d_delta)");
+  m.def(
+      "mlp_memory_plan(int dim, int hidden, int chunk_size, ScalarType dtype, bool read_token, int retention, "
+      "int max_shared_bytes) -> (int fwd_block, int fwd_bytes, int bwd_block, int bwd_bytes)");
 }
 
 // CompositeExplicitAutograd: several ops take no tensor to dispatch on, and none is differentiable.
@@ -340,6 +391,9 @@ STABLE_TORCH_LIBRARY_IMPL(titans_emu, CompositeExplicitAutograd, m) {
   m.impl("half_round_trip", TORCH_BOX(&half_round_trip));
   m.impl("linear_memory_fwd", TORCH_BOX(&linear_memory_fwd));
   m.impl("linear_memory_bwd", TORCH_BOX(&linear_memory_bwd));
+  m.impl("mlp_memory_fwd", TORCH_BOX(&mlp_memory_fwd));
+  m.impl("mlp_memory_bwd", TORCH_BOX(&mlp_memory_bwd));
+  m.impl("mlp_memory_plan", TORCH_BOX(&mlp_memory_plan));
 }
 
 }  // namespace titans

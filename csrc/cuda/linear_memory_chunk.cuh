@@ -16,11 +16,7 @@ __device__ __forceinline__ index_t checkpoint_offset(const LinearMemoryParams& p
   return (bh * ((p.n_chunks + stride - 1) / stride) + n / stride) * 2 * index_t(p.dv) * p.dk;
 }
 
-// Tokens in chunk n (the last chunk may be short).
-__device__ __forceinline__ int chunk_length(const LinearMemoryParams& p, int n) {
-  const int left = p.seqlen - n * p.chunk_size;
-  return left < p.chunk_size ? left : p.chunk_size;
-}
+using kernel::chunk_length;
 
 // Value features in the tile starting at v0 (the last tile may be partial).
 __device__ __forceinline__ int tile_rows(const LinearMemoryParams& p, int v0, int tile_v) {

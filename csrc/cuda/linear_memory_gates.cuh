@@ -40,7 +40,7 @@ struct ChunkGates {
   __device__ __forceinline__ ChunkGates(const device::SharedPtr<T>& base, int stride)
       : theta(base), eta(base + stride), alpha(base + 2 * stride) {}
   static constexpr int size(int stride) { return 3 * stride; }
-  __device__ __forceinline__ void stage(const LinearMemoryParams& p, int b, int h, int t0, int L) const {
+  __device__ __forceinline__ void stage(const SequenceParams& p, int b, int h, int t0, int L) const {
     kernel::stage_token_scalars<T>(p.theta, b, h, t0, L, theta);
     kernel::stage_token_scalars<T>(p.eta, b, h, t0, L, eta);
     kernel::stage_token_scalars<T>(p.alpha, b, h, t0, L, alpha);

@@ -23,8 +23,11 @@ def distance_edges(window, seq_len):
 
 
 def build_model(task, block, args):
+    # The memory options (--memory, --preset) concern the Titans model only; the baseline has none,
+    # and bench.recall's settings leave them at TitansLM's defaults.
+    memory = {} if block == "swa" else dict(memory=getattr(args, "memory", None), preset=getattr(args, "preset", None))
     return TitansLM(task.vocab_size, dim=args.dim, depth=args.depth, block=block, heads=args.heads,
-                    window=args.window, chunk_size=args.chunk_size)
+                    window=args.window, chunk_size=args.chunk_size, **memory)
 
 
 def format_accuracy(value):
@@ -86,7 +89,8 @@ def run(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     task = RecallTask(seq_len=args.seq_len, n_pairs=args.pairs, n_keys=16, n_values=16, n_noise=16)
-    models = {f"Titans ({args.block.upper()})": build_model(task, args.block, args),
+    described = "".join(f", {x}" for x in (args.preset, args.memory) if x)
+    models = {f"Titans ({args.block.upper()}{described})": build_model(task, args.block, args),
               "no memory (window only)": build_model(task, "swa", args)}
     print(f"task: {task.seq_len} tokens, {task.n_pairs} facts per sequence, answers among {task.n_values} values; "
           f"attention window {args.window} tokens; {args.steps} training steps per model on {device}")

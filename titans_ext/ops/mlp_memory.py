@@ -12,6 +12,49 @@ from .checks import (check_cu_seqlens_device, check_miras_args, check_mlp_inputs
                      state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
+# Limits of the CUDA kernels (csrc/cuda/mlp_memory.h): a chunk's q, k, dO tiles and its C x D and
+# C x C sums live in shared memory, the state is streamed in blocks of hidden units (so E is not
+# limited). What does not fit the device's shared memory raises a ValueError naming the bytes
+# (check_cuda_shared_memory). Every MIRAS option runs on them.
+CUDA_MAX_CHUNK_SIZE = 64
+CUDA_MAX_DIM = 128
+
+
+def check_cuda_limits(q, chunk_size):
+    """The CUDA kernels' limits for ``mlp_memory`` on ``q.device`` (a CUDA device): a ValueError
+    naming the argument, the limit and the device."""
+    device = q.device
+    if chunk_size > CUDA_MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size: the CUDA kernels of mlp_memory support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE}, "
+                         f"got {chunk_size} (q is on {device})")
+    if q.shape[-1] > CUDA_MAX_DIM:
+        raise ValueError(f"q: the CUDA kernels of mlp_memory support head dimensions D <= {CUDA_MAX_DIM}, "
+                         f"got D={q.shape[-1]} (q is on {device})")
+
+
+def check_cuda_shared_memory(q, hidden, chunk_size, read_token, retention_code, backward, plan=None,
+                             max_shared_bytes=None):
+    """A ValueError naming chunk_size, the bytes of shared memory needed and those ``q.device``
+    allows, when no hidden block of the CUDA forward (or, with ``backward``, of the backward) fits.
+
+    ``plan``: what the launchers choose (``torch.ops.titans_ext.mlp_memory_plan`` of a CUDA build;
+    ``titans_emu::mlp_memory_plan`` has the same schema); ``max_shared_bytes``: the device's
+    shared memory per block (read from its properties by default).
+    """
+    if plan is None:
+        plan = torch.ops.titans_ext.mlp_memory_plan
+    if max_shared_bytes is None:
+        max_shared_bytes = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    fwd_block, fwd_bytes, bwd_block, bwd_bytes = plan(q.shape[-1], hidden, chunk_size, q.dtype, read_token,
+                                                      retention_code, max_shared_bytes)
+    kernels = [("forward", fwd_block, fwd_bytes)] + ([("backward", bwd_block, bwd_bytes)] if backward else [])
+    for name, block, needed in kernels:
+        if block == 0:
+            raise ValueError(f"chunk_size: mlp_memory's CUDA {name} with chunk_size {chunk_size}, D={q.shape[-1]}, "
+                             f"E*D={hidden} and {str(q.dtype).replace('torch.', '')} inputs needs {needed} bytes "
+                             f"of shared memory per block, more than the {max_shared_bytes} that {q.device} allows; "
+                             "use a smaller chunk_size")
+
 
 def _state_shapes(q, hidden, cu_seqlens):
     B, _, H, D = q.shape
@@ -31,8 +74,10 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
     w1_final, s1_final = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
     states_shape = (B, H, chunk_slots(T, chunk_size, cu_seqlens), 4, N * D) if save_states else (0,)
+    # The CUDA kernels save the chunk-start states in the inputs' dtype, the CPU ones in the state's.
+    states_dtype = q.dtype if q.device.type == "cuda" else state_dtype
     return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
-            q.new_empty(states_shape, dtype=state_dtype))
+            q.new_empty(states_shape, dtype=states_dtype))
 
 
 @torch.library.register_fake("titans_ext::mlp_memory_bwd")
@@ -98,8 +143,11 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         o_t = M_t(q_t)   (read="token")   or   M_{t0-1}(q_t)   (read="chunk_start")
 
     ``chunk_size=1`` is the exact per-token recurrence. Token reads use the dual form
-    (per-token weights are never materialized). The C++ backward is handwritten, including the
-    second derivative of the activation that the inner gradient brings in.
+    (per-token weights are never materialized). The backward (C++ on the CPU, CUDA kernels on a
+    GPU) is handwritten, including the second derivative of the activation that the inner
+    gradient brings in. On CUDA tensors one block per (batch, head) streams the fp32 state
+    through shared memory (``csrc/cuda/mlp_memory.h``); a chunk-start state is saved per chunk in
+    the inputs' dtype when a gradient is needed, none under ``torch.no_grad()``.
 
     MIRAS options (``docs/miras.md`` §2), as for :func:`titans_ext.linear_memory`:
 
@@ -134,7 +182,8 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         alpha: forget gate ``[B, T, H]``, in [0, 1]: the fraction of each weight forgotten per token.
         weights: initial weights ``(W1 [B, H, E*D, D], W2 [B, H, D, E*D])``.
         chunk_size: tokens per chunk (>= 1). The default, 64, matches :func:`titans_ext.linear_memory`;
-            ``NeuralMemory`` defaults to 16 (``docs/design.md`` §4.2).
+            ``NeuralMemory`` defaults to 16 (``docs/design.md`` §4.2). On CUDA 1..64 (and D <= 128); a
+            chunk whose tiles do not fit the GPU's shared memory raises a ValueError naming the bytes.
         momentum: initial momenta ``(S1, S2)`` shaped like the weights, or None for zeros.
         output_final_state: also return the final weights and momenta.
         read: ``"token"`` or ``"chunk_start"``.
@@ -153,7 +202,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         checks by default only on CPU tensors; ``TITANS_EXT_CHECK_VALUES``).
     """
     check_op_device(q)
-    B, T, H, D, _ = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum,
+    B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum,
                                      cu_seqlens)
     check_cu_seqlens_device(q.device, cu_seqlens)
     state_dtype = state_dtype_for(q.dtype)
@@ -164,6 +213,10 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     s1, s2 = (None, None) if momentum is None else (s.to(state_dtype) for s in momentum)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, w1, w2, s1, s2, delta))
+    if q.is_cuda:
+        check_cuda_limits(q, chunk_size)
+        if not torch.compiler.is_compiling():  # under torch.compile the kernel's own check raises
+            check_cuda_shared_memory(q, N, chunk_size, read == "token", retention.code, needs_grad)
     o, w1_final, w2_final, s1_final, s2_final, _ = torch.ops.titans_ext.mlp_memory_fwd(
         q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read == "token", activation, needs_grad,
         objective.code, objective.p, objective.eps, delta, retention.code, retention.q, cu_seqlens)

@@ -15,6 +15,13 @@ namespace kernel {
 
 __host__ __device__ constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
 
+// Leading dimension of a [rows, width] array of T: one 16-byte piece wider than the row, so that
+// the 8 rows an ldmatrix reads (or consecutive rows read together) fall in different banks.
+template <typename T>
+__host__ __device__ constexpr int padded(int width) {
+  return width + 16 / int(sizeof(T));
+}
+
 // Rows and columns of a tile's storage are whole MMA k-steps (16 covers bf16's k = 16 and tf32's
 // and fp64's k = 8), so that no product leaves a tile's storage.
 constexpr int kTileGranule = 16;
@@ -35,14 +42,13 @@ struct SmemLayout {
     bytes = at + n * int(sizeof(T));
     return at;
   }
-  // A tile of at least rows x cols. Its rows are one 16-byte piece longer than its columns, so
-  // that the 8 rows an ldmatrix reads fall in different banks.
+  // A tile of at least rows x cols, its rows padded.
   template <typename T>
   __host__ __device__ TileSlot tile(int rows, int cols) {
     TileSlot s;
     s.rows = round_up(rows, kTileGranule);
     s.cols = round_up(cols, kTileGranule);
-    s.ld = s.cols + 16 / int(sizeof(T));
+    s.ld = padded<T>(s.cols);
     s.offset = array<T>(s.rows * s.ld);
     return s;
   }

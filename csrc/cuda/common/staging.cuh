@@ -21,6 +21,12 @@ __device__ __forceinline__ index_t contiguous_token_offset(int b, int t, int h, 
   return ((index_t(b) * seqlen + t) * heads + h) * d;
 }
 
+// Tokens in chunk n of a sequence (the last chunk may be short).
+__device__ __forceinline__ int chunk_length(const SequenceParams& p, int n) {
+  const int left = p.seqlen - n * p.chunk_size;
+  return left < p.chunk_size ? left : p.chunk_size;
+}
+
 // Staging. Tiles go from global to shared memory through cp.async, so that the sequential
 // kernels can load chunk n + 1 while they compute on chunk n. A staging call only issues the
 // copies: the caller commits them (device::cp_async_commit), waits for them
