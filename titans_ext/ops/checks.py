@@ -101,17 +101,21 @@ def check_gate_values(gates):
                          f"got values in [{g.min().item():g}, {g.max().item():g}]")
 
 
-def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values=True):
-    check_tensor("q", q, 4)
-    B, T, H, Dk = q.shape
-    check_tensor("k", k, 4)
-    check_shape("k", k, (B, T, H, Dk), ("B", "T", "H", "Dk"))
-    check_tensor("v", v, 4)
-    check_shape("v", v, (B, T, H, v.shape[-1]), ("B", "T", "H", "Dv"))
+def check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read, check_values=True, token_axis=True):
+    """q, k, v, the gates, chunk_size and read of an op call (``token_axis``: q ``[B, T, H, Dk]``,
+    gates ``[B, T, H]``) or of a decode step (q ``[B, H, Dk]``, gates ``[B, H]``); returns q's
+    leading sizes, Dk and Dv: ``(B, T, H, Dk, Dv)`` or ``(B, H, Dk, Dv)``."""
+    lead_names = ("B", "T", "H") if token_axis else ("B", "H")
+    check_tensor("q", q, len(lead_names) + 1)
+    lead, Dk = tuple(q.shape[:-1]), q.shape[-1]
+    check_tensor("k", k, len(lead) + 1)
+    check_shape("k", k, (*lead, Dk), (*lead_names, "Dk"))
+    check_tensor("v", v, len(lead) + 1)
+    check_shape("v", v, (*lead, v.shape[-1]), (*lead_names, "Dv"))
     gates = {"theta": theta, "eta": eta, "alpha": alpha}
     for name, g in gates.items():
-        check_tensor(name, g, 3)
-        check_shape(name, g, (B, T, H), ("B", "T", "H"))
+        check_tensor(name, g, len(lead))
+        check_shape(name, g, lead, lead_names)
     for name, t in (("k", k), ("v", v), *gates.items()):
         check_device(name, t, q.device)
         if t.dtype != q.dtype and not (name in gates and t.dtype in (torch.float32, torch.float64)):
@@ -124,7 +128,7 @@ def _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values=Tru
         raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
     if check_values:
         check_gate_values(gates)
-    return B, T, H, Dk, v.shape[-1]
+    return (*lead, Dk, v.shape[-1])
 
 
 # Packed variable-length sequences (FlashAttention's cu_seqlens, docs/design.md §6).
@@ -191,9 +195,9 @@ def _check_state_pair(name, pair, shape, dims, device):
 
 
 def _check_common_and_offsets(q, k, v, theta, eta, alpha, chunk_size, read, check_values, cu_seqlens):
-    """:func:`_check_common` and ``cu_seqlens``; returns its sizes and the states' leading dim and
+    """:func:`check_token_inputs` and ``cu_seqlens``; returns its sizes and the states' leading dim and
     its name (B, or N with cu_seqlens)."""
-    sizes = _check_common(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
+    sizes = check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read, check_values)
     if cu_seqlens is None:
         return sizes, sizes[0], "B"
     return sizes, check_cu_seqlens(cu_seqlens, q), "N"

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import (READ_MODES, _check_state_pair, _dtype_name, check_device, check_gate_values,
-                     check_kl_state, check_shape, check_tensor, expand_delta, parse_objective, parse_retention,
-                     state_dtype_for, value_checks_enabled)
+from .checks import (_check_state_pair, _dtype_name, check_device, check_kl_state, check_shape, check_tensor,
+                     check_token_inputs, expand_delta, parse_objective, parse_retention, state_dtype_for,
+                     value_checks_enabled)
 from .cuda_arch import check_fake_device, check_op_device
 
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -64,32 +64,6 @@ def _no_backward(op_name):
                            "torch.no_grad()")
 
     return backward
-
-
-def _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read):
-    """The per-token inputs of a step; returns ``(B, H, Dk, Dv)``."""
-    check_tensor("q", q, 3)
-    B, H, Dk = q.shape
-    check_tensor("k", k, 3)
-    check_shape("k", k, (B, H, Dk), ("B", "H", "Dk"))
-    check_tensor("v", v, 3)
-    check_shape("v", v, (B, H, v.shape[-1]), ("B", "H", "Dv"))
-    gates = {"theta": theta, "eta": eta, "alpha": alpha}
-    for name, g in gates.items():
-        check_tensor(name, g, 2)
-        check_shape(name, g, (B, H), ("B", "H"))
-    for name, t in (("k", k), ("v", v), *gates.items()):
-        check_device(name, t, q.device)
-        if t.dtype != q.dtype and not (name in gates and t.dtype in (torch.float32, torch.float64)):
-            raise TypeError(f"{name}: expected dtype {_dtype_name(q.dtype)} (the dtype of q), got {_dtype_name(t.dtype)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size}")
-    if read not in READ_MODES:
-        raise ValueError(f"read: expected one of {READ_MODES}, got {read!r}")
-    check_gate_values(gates)
-    return B, H, Dk, v.shape[-1]
 
 
 def _step_miras(objective, retention, memories, B, H, Dv, device, dtype, memory_name):
@@ -263,7 +237,7 @@ def run_linear_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, c
     """:func:`linear_memory_step` on the operator ``op`` (the emulation tests pass the emulated
     CUDA kernel's)."""
     check_op_device(q)
-    B, H, Dk, Dv = _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read)
+    B, H, Dk, Dv = check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read, token_axis=False)
     state_shape, dims = (B, H, Dv, Dk), ("B", "H", "Dv", "Dk")
     if state is not None:
         _check_state_pair("state", state, state_shape, dims, q.device)
@@ -376,7 +350,7 @@ def run_mlp_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chun
                         objective, retention):
     """:func:`mlp_memory_step` on the operator ``op`` (as :func:`run_linear_memory_step`)."""
     check_op_device(q)
-    B, H, D, Dv = _check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read)
+    B, H, D, Dv = check_token_inputs(q, k, v, theta, eta, alpha, chunk_size, read, token_axis=False)
     if Dv != D:
         raise ValueError(f"v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk={D}, Dv={Dv}")
     if activation not in ("gelu", "silu"):
