@@ -51,7 +51,9 @@ inline double scan_chunk_work(const LinearMemoryParams& p, InputType type, int t
 // chunks per block times a chunk's MMAs (it runs one block per SM, throughput-bound), plus the
 // scan's waves times its chunks times its step when there are several groups. Ties go to the larger
 // group, which moves less. At B * H = 128, T = 8192, D = 64 on an H100 it takes the whole sequence
-// (128 blocks, one wave, no scan); when B * H leaves most SMs idle it takes smaller groups.
+// (128 blocks, one wave, no scan); when B * H leaves most SMs idle it takes smaller groups. A
+// non-l2 objective takes the whole sequence: the scan carries the cotangent through the l2 error
+// map only (its f' would need each chunk's start state, a pass over the checkpoints).
 LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputType type, const DeviceLimits& device,
                                            bool has_final_cotangent) {
   LinearMemoryBwdPlan plan;
@@ -59,14 +61,15 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   const int64_t heads = int64_t(p.batch) * p.heads;
   double best = -1;
   size_t smallest_smem = 0;
-  for (int group = 1;; group = group * 2 < n ? group * 2 : n) {
+  const bool whole_sequence = p.miras.objective != ObjectiveKind::l2;
+  for (int group = whole_sequence && n > 1 ? n : 1;; group = group * 2 < n ? group * 2 : n) {
     const bool carry = group > 1;
     int slice = 0;
     size_t smem = 0;
     for (const int s : {32, 16}) {
       if (s == 32 && type == InputType::kFloat64) continue;  // lm::has_wide_slice
       smem = lm::chunks_smem_bytes(p, type, s, carry);
-      if (!carry && s == 16) smallest_smem = smem;
+      if (s == 16 && smallest_smem == 0) smallest_smem = smem;  // the first group tried, narrowest slice
       if (smem <= device.max_shared_bytes) {
         slice = s;
         break;
@@ -112,6 +115,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   const int64_t state = int64_t(p.batch) * p.heads * p.dv * p.dk;
   const int in = input_type_bytes(type), cmp = compute_type_bytes(type);
   const int64_t final_cotangent = has_final_cotangent ? 2 * state * cmp : 0;
+  const int64_t delta = objective_has_delta(p.miras.objective) ? tokens * p.dv * cmp : 0;  // read, and d_delta written
   const int64_t group_cotangents = plan.n_groups > 1 ? int64_t(plan.n_groups - 1) * 2 * state * in : 0;
   if (plan.n_groups > 1) {
     KernelPlan& scan = plan.add_kernel("linear_memory_bwd_scan");
@@ -127,8 +131,8 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   chunks.smem_bytes = plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry) : smallest_smem;
   chunks.blocks = int64_t(plan.n_groups > 0 ? plan.n_groups : 1) * heads;
   chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) +
-                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent;
-  chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp;
+                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent + delta;
+  chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp + delta;
   return plan;
 }
 

@@ -16,13 +16,16 @@
 // Per chunk of L tokens (token read; for the chunk_start read U, W, dW, dG and the a, g factors are
 // absent):
 //   setup:   gate tables c, sig, a, g, P; G = Q K^T (kept in registers); W = G .* c
-//   a slice: E = 2 (K M0^T - V), X | Y = K [dM; dS]^T, Q M0^T | Q S0^T, U = W^T dO
-//            dE = diag(m) X + diag(s) Y + U,  dV = -2 dE
+//   a slice: R = K M0^T - V, E = f(R), X | Y = K [dM; dS]^T, Q M0^T | Q S0^T, U = W^T dO
+//            dE = diag(m) X + diag(s) Y + U,  dR = dE .* f'(R),  dV = -dR,  d delta = dE .* df/d delta
 //            row cotangents <e, x>, <e, y>, <dO, Q M0^T>, <dO, Q S0^T> (summed over the slices)
 //            dW += dO E^T, dQ += [diag(a) dO | diag(g) dO] [M0; S0],
-//            dK += [diag(m) E | diag(s) E | 2 dE] [dM; dS; M0]
-//            the carry: dM0 = a_L dM + (2 dE)^T K + (diag(a) dO)^T Q, dS0 = g_L dM + p dS + (diag(g) dO)^T Q
+//            dK += [diag(m) E | diag(s) E | dR] [dM; dS; M0]
+//            the carry: dM0 = a_L dM + dR^T K + (diag(a) dO)^T Q, dS0 = g_L dM + p dS + (diag(g) dO)^T Q
 //   tail:    d_c = dW .* G, dG = dW .* c;  dQ += dG K,  dK += dG^T Q;  the gate adjoint
+// f is the objective's elementwise error map (2r, f' = 2 for l2; ChunkObjective, docs/miras.md
+// §2.1). Its R is per element, so the slices stay independent; but the reverse scan carries the
+// cotangent through R's linear l2 map only, so a non-l2 objective runs one group per sequence.
 // The stacks let one product serve several terms: [dM; dS; M0; S0] is one tile, and dK reads its
 // first three quarters, dQ its last two, X | Y and E its quarters transposed.
 //
@@ -30,7 +33,7 @@
 // chunk's start state is recomputed per slice, one chunk step from the checkpoint of the chunk
 // before it (its keys and gates are staged one chunk ahead, which the reverse walk needs next
 // anyway, and its values' slice beside the chunk's):
-//   E' = 2 (K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
+//   E' = f(K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
 #pragma once
 
 #include "cuda/common/smem.cuh"
@@ -178,6 +181,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto partials = kernel::shared_array<compute_t>(at.partials);
   const auto partial = [&](int which, int t, int part) { return (which * C16 + t) * (kSlice / 8) + part; };
   const PaddedTile<operand_t> w(at.w), err(at.err), dk_lhs(at.dk_lhs), dq_lhs(at.dq_lhs);
+  const ChunkObjective<compute_t> objective(params);
+  auto* d_delta_out = static_cast<compute_t*>(params.d_delta_ptr);
 
   for (int i = 0; i < kChunkBuffers; ++i) k_tile(i).zero_all();
   for (int i = 0; i < 2; ++i) {
@@ -324,7 +329,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         kernel::zero(acc);
         kernel::strip_mma<Policy>(K_prev, r0, c0, dk, kernel::times(acc, M_prev_t));
         kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-          const compute_t value = compute_t(2) * (compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)));
+          const compute_t value =
+              objective.error(compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)),
+                              objective.threshold(t < C && j < w_rows, b, t0 - C + t, h, v0 + j));
           dk_lhs(t, j) = device::cast<operand_t>(prev_rows.m_end[t] * value);
           dk_lhs(t, kSlice + j) = device::cast<operand_t>(prev_rows.s_end[t] * value);
         });
@@ -366,18 +373,25 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       compute_t sums[2][4] = {};  // [row half][RowCotangent]
       kernel::for_each_strip_element<1>(r0, c0, [&](int t, int j, int, int e) {
         const compute_t x_te = compute_t(x[0][e]), y_te = compute_t(y[0][e]);
-        const compute_t e_te = compute_t(2) * (compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j)));
+        const bool inside = t < L && j < w_rows;
+        const compute_t r = compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j));
+        const compute_t delta = objective.threshold(inside, b, t0 + t, h, v0 + j);
+        const compute_t e_te = objective.error(r, delta);
         const compute_t d_e = g_rows.m_end[t] * x_te + g_rows.s_end[t] * y_te + compute_t(u[0][e]);
+        const compute_t d_r = d_e * objective.slope(r, delta);
         const compute_t d_o = device::cast<compute_t>(dO(t, j));
         err(t, j) = device::cast<operand_t>(e_te);
         dk_lhs(t, j) = device::cast<operand_t>(g_rows.m_end[t] * e_te);
         dk_lhs(t, kSlice + j) = device::cast<operand_t>(g_rows.s_end[t] * e_te);
-        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(compute_t(2) * d_e);
+        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(d_r);
         dq_lhs(t, j) = device::cast<operand_t>(token_read ? g_rows.a[t] * d_o : d_o);
         dq_lhs(t, kSlice + j) = device::cast<operand_t>(token_read ? g_rows.g[t] * d_o : compute_t(0));
-        if (t < L && j < w_rows)
+        if (inside) {
           dv_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-              device::cast<input_t>(compute_t(-2) * d_e);
+              device::cast<input_t>(-d_r);
+          if (objective.has_delta())
+            d_delta_out[objective.at(b, t0 + t, h, v0 + j)] = d_e * objective.delta_slope(r, delta);
+        }
         compute_t(&row)[4] = sums[e / 2];
         row[kErrX] += e_te * x_te;
         row[kErrY] += e_te * y_te;

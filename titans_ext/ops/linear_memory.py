@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, state_dtype_for,
-                     state_rows)
+from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, parse_objective,
+                     state_dtype_for, state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
@@ -20,18 +20,39 @@ CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_KEY_DIM = 128
 
 
-def _check_cuda_limits(q, chunk_size, objective, retention):
-    if objective.kind != "l2":
-        raise ValueError(f'objective: the CUDA kernels support only "l2" so far, got {objective.kind!r} '
-                         "(the MIRAS objectives run on the CPU kernels)")
-    if retention.kind != "l2":
-        raise ValueError(f'retention: the CUDA kernels support only "l2" so far, got {retention.kind!r} '
-                         "(the MIRAS retentions run on the CPU kernels)")
+# The MIRAS options the CUDA kernels do not run yet (docs/miras.md §2): yaad's switch reads a
+# token's norm over all of Dv, which the forward's value tiles split; the lq and kl retentions act on
+# the whole state at each chunk start. They run on the CPU kernels.
+CUDA_UNSUPPORTED_OBJECTIVES = ("yaad",)
+CUDA_UNSUPPORTED_RETENTIONS = ("lq", "kl")
+
+
+def _check_cuda_limits(q, v, chunk_size, read, objective, retention, needs_grad):
+    if objective.kind in CUDA_UNSUPPORTED_OBJECTIVES:
+        raise ValueError(f"objective: {objective.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
+                         "it runs on the CPU kernels")
+    if retention.kind in CUDA_UNSUPPORTED_RETENTIONS:
+        raise ValueError(f"retention: {retention.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
+                         "it runs on the CPU kernels")
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
     if q.shape[-1] > CUDA_MAX_KEY_DIM:
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
+    if objective.kind != "l2" and needs_grad and not torch.compiler.is_compiling():
+        # The backward of a non-l2 objective runs one block per sequence and head, which carries the
+        # cotangent of all Dv in shared memory: the one launch whose size the objective changes
+        # (docs/kernels.md §6.1.12). Under torch.compile the op's own check raises at run time.
+        B, T, H, Dk = q.shape
+        with torch.cuda.device(q.device):
+            plan = cuda_launch_plan(B, T, H, Dk, v.shape[-1], chunk_size, q.dtype, read=read, objective=objective)
+        if not plan["backward"]["fits"]:
+            kernel = plan["backward"]["kernels"][-1]
+            raise ValueError(f"objective: {objective.kind!r} on {q.device} with Dk={Dk}, Dv={v.shape[-1]}, "
+                             f"chunk_size={chunk_size} and {q.dtype} inputs: its backward needs "
+                             f"{kernel['smem_bytes']} bytes of shared memory per block, more than the device's "
+                             f"{plan['device']['max_shared_bytes']}; use a smaller chunk_size, bf16 inputs or the "
+                             "CPU kernels")
 
 
 def checkpoint_count(q, T, chunk_size, cu_seqlens=None):
@@ -148,7 +169,9 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
-            On CUDA, Dk <= 128.
+            On CUDA, Dk <= 128, and every objective but "yaad" with the "l2" retention (the others
+            run on the CPU kernels); a non-l2 objective's backward runs one block per sequence and
+            head, whose carried cotangent of all Dv must fit in shared memory beside the chunk.
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
@@ -192,12 +215,12 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
     check_cu_seqlens_device(q.device, cu_seqlens)
-    if q.is_cuda:
-        _check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0, delta))
+    if q.is_cuda:
+        _check_cuda_limits(q, v, chunk_size, read, objective, retention, needs_grad)
     o, m_final, s_final, _ = torch.ops.titans_ext.linear_memory_fwd(
         q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
         objective.eps, delta, retention.code, retention.q, cu_seqlens)
@@ -205,7 +228,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
 
 def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
-                     save_states=True, has_initial_state=False, has_final_cotangent=False, emulated=False):
+                     save_states=True, has_initial_state=False, has_final_cotangent=False, objective="l2",
+                     emulated=False):
     """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
 
     Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
@@ -213,7 +237,8 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     shared memory and the bytes it reads and writes in global memory, every tensor counted once)
     and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
     forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
-    the chosen value tile, chunk group and slice. For the current CUDA device, or with
+    the chosen value tile, chunk group and slice. ``objective`` (as ``linear_memory`` takes it, or
+    parsed) changes the backward: a non-l2 one takes one group per sequence. For the current CUDA device, or with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
     ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU.
     """
@@ -223,4 +248,4 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     else:
         op = torch.ops.titans_ext.linear_memory_plan
     return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
-                         has_initial_state, has_final_cotangent))
+                         has_initial_state, has_final_cotangent, parse_objective(objective).code))
