@@ -121,8 +121,12 @@ def test_head_dim_64_five_chunks(dtype, objective):
     check(1, 77, 1, 64, 64, 16, dtype, objective=objective)
 
 
-def test_head_dim_128():
-    check(1, 20, 1, 128, 128, 16, torch.float32, objective="pseudo_huber")
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 20), (torch.float16, 37)])
+def test_head_dim_128(dtype, T):
+    # Several chunks: the backward carries the cotangent through dm0 / ds0 (it does not fit beside
+    # the chunk's tiles in fp32 or fp16, test_plans_of_a_non_l2_objective); fp16 also recomputes
+    # every other chunk's start state through the objective.
+    check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
 
 
 # ---- The launch plans: a non-l2 objective's backward takes one group per sequence (the reverse scan
@@ -139,9 +143,16 @@ def test_plans_of_a_non_l2_objective():
     assert huber["forward"]["kernels"][0]["bytes_read"] == l2["forward"]["kernels"][0]["bytes_read"] + delta_bytes
     lp = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, objective=("lp", 3), emulated=True)
     assert lp["forward"] == l2["forward"] and lp["backward"]["n_groups"] == 1
-    # fp32 at Dk = Dv = 128: the carried cotangent of all Dv (128 KiB) does not fit beside the chunk.
+    assert not huber["backward"]["global_carry"]
+    # fp32 at Dk = Dv = 128: the carried cotangent of all Dv (128 KiB) does not fit beside the chunk,
+    # so it goes through dm0 / ds0 (read twice and written once per chunk).
+    wide_l2 = cuda_launch_plan(B, 200, H, 128, 128, 32, torch.float32, emulated=True)
     wide = cuda_launch_plan(B, 200, H, 128, 128, 32, torch.float32, objective=("lp", 3), emulated=True)
-    assert not wide["backward"]["fits"] and wide["backward"]["kernels"][-1]["smem_bytes"] > 227 * 1024
+    assert wide["backward"]["fits"] and wide["backward"]["global_carry"] and wide["backward"]["n_groups"] == 1
+    state_bytes, n_chunks = 2 * B * H * 128 * 128 * 4, -(-200 // 32)
+    [chunks] = wide["backward"]["kernels"]
+    assert chunks["smem_bytes"] <= 227 * 1024
+    assert chunks["bytes_written"] == wide_l2["backward"]["kernels"][-1]["bytes_written"] + n_chunks * state_bytes
 
 
 # ---- Refusals: the options the kernels do not run, named by the operators themselves

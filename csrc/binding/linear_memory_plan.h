@@ -56,7 +56,8 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
     out << ", \"backward\": ";
     write_plan_json(out, bwd);
     out << ", \"group\": " << bwd.group << ", \"n_groups\": " << bwd.n_groups << ", \"slice\": " << bwd.slice
-        << ", \"scan_tile\": " << bwd.scan_tile << "}";
+        << ", \"scan_tile\": " << bwd.scan_tile << ", \"global_carry\": " << (bwd.global_carry ? "true" : "false")
+        << "}";
   }
   out << "}";
   return out.str();

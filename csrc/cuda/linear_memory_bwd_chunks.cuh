@@ -107,6 +107,22 @@ struct ChunksLayout {
   }
 };
 
+// The cotangent [dM; dS] of all Dv that the chunk kernel carries across its chunks: in shared
+// memory ([2 Dv, dk16]), or, where that does not fit beside the chunk's tiles (a non-l2
+// objective's whole-sequence group at large Dv and Dk, docs/kernels.md §6.1.12), in the block's own
+// rows of dm0 and ds0, the outputs it ends as ([Dv, Dk] each). Either way an element is read and
+// written by the threads that own it between the block's barriers; columns past Dk are not kept.
+template <typename compute_t>
+struct CarriedCotangent {
+  device::SharedPtr<compute_t> shared;
+  compute_t *global_m, *global_s;  // null: in shared memory
+  int dv, dk, dk16;
+  __device__ __forceinline__ compute_t& operator()(int which, int row, int d) const {
+    if (global_m) return (which == 0 ? global_m : global_s)[index_t(row) * dk + d];
+    return shared[(which * dv + row) * dk16 + d];
+  }
+};
+
 // rows x dk elements of a [.., Dk] state at src into tile (rows 0 .. rows), in the tile's type:
 // by cp.async when the types agree (the checkpoints of bf16, fp32, fp64 inputs), else converted
 // by plain loads (fp16 checkpoints, fp32 cotangents into bf16 or fp32 operands). A null source
@@ -124,7 +140,7 @@ __device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int
 template <typename input_t, int kSlice>
 __global__ void __launch_bounds__(kChunkThreads, 1)
     linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int group,
-                                    bool with_carry) {
+                                    bool with_carry, bool global_carry) {
   using T = Types<input_t>;
   using compute_t = typename T::compute_t;
   using operand_t = typename T::operand_t;
@@ -138,7 +154,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
-  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry);
+  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry && !global_carry);
   const int C16 = at.chunk16, dk16 = at.dk16;
   const int g0 = blockIdx.x * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
   const int n_groups = (n_chunks + group - 1) / group;
@@ -149,7 +165,6 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
 
   using Layout = ChunksLayout<input_t, kSlice>;
   constexpr int kStride = T::kCheckpointStride, kChunkBuffers = Layout::kChunkBuffers;
-  const auto carry = kernel::shared_array<compute_t>(at.carry);
   // Buffers by the chunk's place in the block's walk, ci: q alternates, and with recompute the
   // keys and gates run one chunk ahead in a ring of three (chunk ci + 1 is the one before chunk ci).
   const auto q_tile = [&](int ci) { return PaddedTile<input_t>(at.q, ci % 2); };
@@ -199,18 +214,21 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto* group_end = last_group ? nullptr
                                      : static_cast<const checkpoint_t*>(workspace.group_cotangents) +
                                            (bh * (n_groups - 1) + blockIdx.x) * 2 * index_t(dv) * dk;
+  auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
+  auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
+  const CarriedCotangent<compute_t> carry{kernel::shared_array<compute_t>(at.carry),
+                                          global_carry ? dm0 + bh * index_t(dv) * dk : nullptr,
+                                          global_carry ? ds0 + bh * index_t(dv) * dk : nullptr, dv, dk, dk16};
   if (with_carry)
-    for (int idx = threadIdx.x; idx < 2 * dv * dk16; idx += blockDim.x) {
-      const int r = idx / dk16, d = idx % dk16, which = r / dv, j = r % dv;
+    for (int idx = threadIdx.x; idx < 2 * dv * dk; idx += blockDim.x) {
+      const int r = idx / dk, d = idx % dk, which = r / dv, j = r % dv;
+      const index_t at_row = index_t(j) * dk + d;
       compute_t value = compute_t(0);
-      if (d < dk) {
-        const index_t at_row = index_t(j) * dk + d;
-        if (!last_group)
-          value = device::cast<compute_t>(group_end[which * index_t(dv) * dk + at_row]);
-        else if (const compute_t* src = which == 0 ? d_final_m : d_final_s)
-          value = src[bh * index_t(dv) * dk + at_row];
-      }
-      carry[idx] = value;
+      if (!last_group)
+        value = device::cast<compute_t>(group_end[which * index_t(dv) * dk + at_row]);
+      else if (const compute_t* src = which == 0 ? d_final_m : d_final_s)
+        value = src[bh * index_t(dv) * dk + at_row];
+      carry(which, j, d) = value;
     }
   __syncthreads();
 
@@ -316,7 +334,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     if (with_carry)  // the slice's rows of the carried cotangent of chunk n's end
       for (int idx = threadIdx.x; idx < 2 * kSlice * dk16; idx += blockDim.x) {
         const int r = idx / dk16, d = idx % dk16, which = r / kSlice, j = r % kSlice;
-        stack(r, d) = device::cast<operand_t>(j < w_rows ? carry[(which * dv + v0 + j) * dk16 + d] : compute_t(0));
+        stack(r, d) = device::cast<operand_t>(j < w_rows && d < dk ? carry(which, v0 + j, d) : compute_t(0));
       }
     __syncthreads();
 
@@ -422,8 +440,6 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     });
     if (updates_carry) {
       const compute_t a_L = g_rows.a_end(), g_L = g_rows.g_end(), p_L = g_rows.p_end();
-      auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
-      auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
       kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
         acc_t am[2][4], aq[2][4], as[2][4];
         kernel::zero(am);
@@ -435,15 +451,15 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
                                               kernel::product<Policy>(as, dq_lhs.cols_from(kSlice).transposed()));
         kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
           if (j >= w_rows || d >= dk) return;
-          const int m_at = (v0 + j) * dk16 + d, s_at = (dv + v0 + j) * dk16 + d;
-          const compute_t dm_old = with_carry ? carry[m_at] : compute_t(device::cast<compute_t>(stack(j, d)));
+          const compute_t dm_old =
+              with_carry ? carry(0, v0 + j, d) : compute_t(device::cast<compute_t>(stack(j, d)));
           const compute_t ds_old =
-              with_carry ? carry[s_at] : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
+              with_carry ? carry(1, v0 + j, d) : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
           const compute_t dm_new = a_L * dm_old + compute_t(am[s][e]) + compute_t(aq[s][e]);
           const compute_t ds_new = g_L * dm_old + p_L * ds_old + compute_t(as[s][e]);
           if (n > g0) {
-            carry[m_at] = dm_new;
-            carry[s_at] = ds_new;
+            carry(0, v0 + j, d) = dm_new;
+            carry(1, v0 + j, d) = ds_new;
           } else {
             const index_t out = (bh * dv + v0 + j) * index_t(dk) + d;
             dm0[out] = dm_new;

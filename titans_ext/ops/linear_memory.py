@@ -27,7 +27,7 @@ CUDA_UNSUPPORTED_OBJECTIVES = ("yaad",)
 CUDA_UNSUPPORTED_RETENTIONS = ("lq", "kl")
 
 
-def _check_cuda_limits(q, v, chunk_size, read, objective, retention, needs_grad):
+def _check_cuda_limits(q, chunk_size, objective, retention):
     if objective.kind in CUDA_UNSUPPORTED_OBJECTIVES:
         raise ValueError(f"objective: {objective.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
                          "it runs on the CPU kernels")
@@ -39,20 +39,6 @@ def _check_cuda_limits(q, v, chunk_size, read, objective, retention, needs_grad)
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
     if q.shape[-1] > CUDA_MAX_KEY_DIM:
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
-    if objective.kind != "l2" and needs_grad and not torch.compiler.is_compiling():
-        # The backward of a non-l2 objective runs one block per sequence and head, which carries the
-        # cotangent of all Dv in shared memory: the one launch whose size the objective changes
-        # (docs/kernels.md §6.1.12). Under torch.compile the op's own check raises at run time.
-        B, T, H, Dk = q.shape
-        with torch.cuda.device(q.device):
-            plan = cuda_launch_plan(B, T, H, Dk, v.shape[-1], chunk_size, q.dtype, read=read, objective=objective)
-        if not plan["backward"]["fits"]:
-            kernel = plan["backward"]["kernels"][-1]
-            raise ValueError(f"objective: {objective.kind!r} on {q.device} with Dk={Dk}, Dv={v.shape[-1]}, "
-                             f"chunk_size={chunk_size} and {q.dtype} inputs: its backward needs "
-                             f"{kernel['smem_bytes']} bytes of shared memory per block, more than the device's "
-                             f"{plan['device']['max_shared_bytes']}; use a smaller chunk_size, bf16 inputs or the "
-                             "CPU kernels")
 
 
 def checkpoint_count(q, T, chunk_size, cu_seqlens=None):
@@ -170,8 +156,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
             On CUDA, Dk <= 128, and every objective but "yaad" with the "l2" retention (the others
-            run on the CPU kernels); a non-l2 objective's backward runs one block per sequence and
-            head, whose carried cotangent of all Dv must fit in shared memory beside the chunk.
+            run on the CPU kernels; ``docs/kernels.md`` §6.1.12).
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
@@ -215,12 +200,12 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
     check_cu_seqlens_device(q.device, cu_seqlens)
+    if q.is_cuda:
+        _check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, theta, eta, alpha, m0, s0, delta))
-    if q.is_cuda:
-        _check_cuda_limits(q, v, chunk_size, read, objective, retention, needs_grad)
     o, m_final, s_final, _ = torch.ops.titans_ext.linear_memory_fwd(
         q, k, v, theta, eta, alpha, m0, s0, chunk_size, read == "token", needs_grad, objective.code, objective.p,
         objective.eps, delta, retention.code, retention.q, cu_seqlens)
