@@ -186,4 +186,7 @@ def test_grid(index):
     D, C, dtype = _GRID[index]
     read, objective = _OPTIONS[index % len(_OPTIONS)]
     T = 3 * C + 5 if C > 1 else 9
+    plan = cuda_launch_plan(1, T, 2, D, D, C, dtype, read=read, objective=OBJECTIVES[objective](0.5), emulated=True)
+    if not (plan["forward"]["fits"] and plan["backward"]["fits"]):
+        pytest.skip("beyond the kernels' shared memory on an H100 (docs/kernels.md §6.1.10)")
     check(1, T, 2, D, D, C, dtype, objective=objective, read=read, theta_scale=0.2 if D > 16 else 1.0)
