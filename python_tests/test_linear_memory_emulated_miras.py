@@ -15,6 +15,7 @@ import itertools
 import pytest
 import torch
 
+import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract comparison)
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.ops.linear_memory import cuda_launch_plan
 from titans_ext.reference import linear_memory_chunked
@@ -127,6 +128,20 @@ def test_head_dim_128(dtype, T):
     # the chunk's tiles in fp32 or fp16, test_plans_of_a_non_l2_objective); fp16 also recomputes
     # every other chunk's start state through the objective.
     check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
+
+
+def test_backward_contract_matches_the_cpu_op():
+    # Same outputs as titans_ext::linear_memory_bwd (d_delta included): shapes and dtypes.
+    inputs, init = memory_inputs(1, 20, 2, 8, 6, torch.bfloat16)
+    miras = op_miras_args(("huber", 0.5), "l2", inputs[2], torch.float32)
+    o, m, s, states = emu.linear_memory_fwd(*inputs, *init, 16, True, True, *miras)
+    cpu_states = torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, True, *miras)[3]
+    d_o, d_m = torch.randn_like(o), torch.randn_like(m)
+    emulated = emu.linear_memory_bwd(*inputs, states, d_o, d_m, None, 16, True, *miras)
+    cpu = torch.ops.titans_ext.linear_memory_bwd(*inputs, cpu_states, d_o, d_m, None, 16, True, *miras)
+    assert len(emulated) == len(cpu) == len(GRAD_NAMES) + 1
+    for name, e, c in zip(GRAD_NAMES + ["d_delta"], emulated, cpu):
+        assert e.shape == c.shape and e.dtype == c.dtype, name
 
 
 # ---- The launch plans: a non-l2 objective's backward takes one group per sequence (the reverse scan
