@@ -130,6 +130,21 @@ def test_head_dim_128(dtype, T):
     check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
 
 
+def test_state_carried_across_calls_equals_one_call():
+    # A stream split at a chunk boundary: the second call starts from the first's final state.
+    inputs, init = memory_inputs(1, 48, 2, 16, 16, torch.float32)
+    delta = torch.full_like(inputs[2], 0.5, dtype=torch.float32)
+
+    def run(piece, state, rows):
+        miras = op_miras_args(("huber", delta[:, rows]), "l2", piece[2], torch.float32)
+        return emu.linear_memory_fwd(*piece, *state, 16, True, False, *miras)[:3]
+
+    o, m, s = run(inputs, init, slice(None))
+    o1, m1, s1 = run([x[:, :32] for x in inputs], init, slice(0, 32))
+    o2, m2, s2 = run([x[:, 32:] for x in inputs], (m1, s1), slice(32, None))
+    assert torch.equal(o, torch.cat([o1, o2], dim=1)) and torch.equal(m, m2) and torch.equal(s, s2)
+
+
 def test_backward_contract_matches_the_cpu_op():
     # Same outputs as titans_ext::linear_memory_bwd (d_delta included): shapes and dtypes.
     inputs, init = memory_inputs(1, 20, 2, 8, 6, torch.bfloat16)
