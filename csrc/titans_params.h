@@ -25,6 +25,12 @@ struct TokenTensor {
 enum class ObjectiveKind : int { l2 = 0, lp = 1, huber = 2, pseudo_huber = 3, yaad = 4 };
 enum class RetentionKind : int { l2 = 0, lq = 1, kl = 2 };
 
+// Whether the objective reads the thresholds delta (MirasParams::delta_ptr).
+constexpr bool objective_has_delta(ObjectiveKind objective) {
+  return objective == ObjectiveKind::huber || objective == ObjectiveKind::pseudo_huber ||
+         objective == ObjectiveKind::yaad;
+}
+
 // Entries of a "kl" memory are clamped to this before the log (KL_LOG_FLOOR in checks.py).
 constexpr double kKlLogFloor = 1e-6;
 

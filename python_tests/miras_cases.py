@@ -3,7 +3,9 @@ ignored by the objectives without one, and retentions, by test id) and their sha
 
 import torch
 
-from utils import assert_close, random_cotangents
+from titans_ext.ops.checks import expand_delta, parse_objective, parse_retention
+
+from utils import TOLERANCE, assert_close, random_cotangents
 
 OBJECTIVES = {
     "l2": lambda delta: "l2",
@@ -32,3 +34,24 @@ def compare(names, ref, out, ratio):
     assert len(ref) == len(out)
     for name, r, o in zip(names, ref, out):
         assert_close(name, r, o, ratio)
+
+
+def op_miras_args(objective, retention, v, state_dtype):
+    """The ops' trailing MIRAS arguments for ``objective`` (a parsed-able option, its delta included)
+    and ``retention``: delta expanded to v's ``[B, T, H, Dv]`` in the state dtype, contiguous."""
+    objective, retention = parse_objective(objective), parse_retention(retention)
+    delta = expand_delta(objective, v.shape, v.device, state_dtype)
+    return (objective.code, objective.p, objective.eps, None if delta is None else delta.contiguous(),
+            retention.code, retention.q)
+
+
+def assert_matches(names, ref, out, dtype, ratio=None, largest=0.03):
+    """Relative RMS within TOLERANCE[dtype] (or ratio) and, for bf16 / fp16, the largest error
+    within `largest` of the reference's largest entry."""
+    assert len(ref) == len(out)
+    for name, r, x in zip(names, ref, out):
+        assert_close(name, r, x, ratio or TOLERANCE[dtype])
+        if dtype in (torch.bfloat16, torch.float16):
+            worst, scale = (r - x.double()).abs().max().item(), r.abs().max().item()
+            assert worst <= largest * scale, (f"{name}: largest error {worst:.3e} > {largest:.0%} of the largest "
+                                              f"entry {scale:.3e}")

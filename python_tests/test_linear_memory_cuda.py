@@ -16,6 +16,7 @@ from titans_ext.ops.checks import CHECK_VALUES_ENV
 from titans_ext.ops.linear_memory import cuda_launch_plan
 from titans_ext.reference import linear_memory_recurrent
 
+from miras_cases import OBJECTIVES, needs_delta, values_and_grads
 from utils import (GRAD_NAMES, TOLERANCE, assert_close, assert_compile_matches_eager, memory_inputs,
                    opcheck_linear_memory, outputs_and_grads, shape_id)
 
@@ -194,12 +195,14 @@ def test_limits_raise_value_errors():
     wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="Dk <= 128"):
         titans_ext.linear_memory(*wide, chunk_size=16)
-    with pytest.raises(ValueError, match="objective: the CUDA kernels support only"):
-        titans_ext.linear_memory(*inputs, chunk_size=16, objective=("huber", 0.5))
-    with pytest.raises(ValueError, match="retention: the CUDA kernels support only"):
-        titans_ext.linear_memory(*inputs, chunk_size=16, retention=("lq", 4))
-    with pytest.raises(RuntimeError, match="only objective=\"l2\" and retention=\"l2\""):  # the op itself
-        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 1, 3.0)
+    with pytest.raises(ValueError, match=r"objective: 'yaad' does not run on the CUDA kernels yet \(device cuda"):
+        titans_ext.linear_memory(*inputs, chunk_size=16, objective=("yaad", 0.5))
+    for retention in [("lq", 4), "kl"]:
+        with pytest.raises(ValueError, match=r"retention: '(lq|kl)' does not run on the CUDA kernels yet \(device"):
+            titans_ext.linear_memory(*inputs, chunk_size=16, retention=retention)
+    with pytest.raises(RuntimeError, match="do not run objective \"yaad\""):  # the op itself
+        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 4, 2.0, 0.0,
+                                               torch.full_like(inputs[2], 0.5))
 
 
 def test_opcheck():
@@ -215,3 +218,38 @@ def test_torch_compile_fullgraph():
         return o.square().sum() + m.sum() + s.sum()
 
     assert_compile_matches_eager(step, inputs + list(init), GRAD_NAMES)
+
+
+# ---- MIRAS objectives (every one the kernels run; "yaad", "lq", "kl" are refused above) against the
+# CPU op in float64, values and gradients, delta's included (per channel and per token).
+
+def _miras_run(inputs, init, objective, delta, **kwargs):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    init_leaves = [x.detach().clone().requires_grad_() for x in init]
+    delta_leaf = None if delta is None else delta.detach().clone().requires_grad_()
+    o, (m, s) = titans_ext.linear_memory(*leaves, initial_state=init_leaves, output_final_state=True,
+                                         objective=OBJECTIVES[objective](delta_leaf), **kwargs)
+    return values_and_grads([o, m, s], leaves + init_leaves + ([delta_leaf] if delta is not None else []))
+
+
+@pytest.mark.parametrize("delta_kind", ["channel", "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("objective", ["lp3", "lp1.5", "huber", "pseudo_huber"])
+def test_miras_objectives_match_the_cpu_op(objective, read, dtype, delta_kind):
+    B, T, H, Dk, Dv, C = 2, 150, 2, 64, 48, 32
+    inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda", theta_max=0.1)
+    g = torch.Generator().manual_seed(5)
+    delta = None
+    if needs_delta(objective):
+        shape = (B, T, H) if delta_kind == "token" else (B, T, H, Dv)
+        delta = (0.3 + 0.6 * torch.rand(shape, generator=g, dtype=torch.float64)).cuda()
+    elif delta_kind == "token":
+        pytest.skip("the objective has no delta")
+    cpu = [x.detach().cpu().double() for x in inputs]
+    cpu_init = [x.detach().cpu().double() for x in init]
+    cpu_delta = None if delta is None else delta.cpu()
+    ref = _miras_run(cpu, cpu_init, objective, cpu_delta, chunk_size=C, read=read)
+    out = _miras_run(inputs, init, objective, delta, chunk_size=C, read=read)
+    _compare(ref, out, TOLERANCE[dtype], names=NAMES + ["d_delta"])
+

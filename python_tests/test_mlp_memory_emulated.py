@@ -18,12 +18,13 @@ import torch
 
 import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract comparison)
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
-from titans_ext.ops.checks import expand_delta, parse_objective, parse_retention
+from titans_ext.ops.checks import parse_retention
 from titans_ext.reference import mlp_memory_chunked, mlp_memory_recurrent
 
-from miras_cases import OBJECTIVES, RETENTIONS, needs_delta
+from miras_cases import OBJECTIVES, RETENTIONS, needs_delta, op_miras_args
+from miras_cases import assert_matches as assert_matches_names
 from mlp_inputs import GRAD_NAMES, OUT_NAMES, mlp_inputs
-from utils import TOLERANCE, assert_close, random_cotangents
+from utils import assert_close, random_cotangents
 
 emu = torch.ops.titans_emu
 NAMES = OUT_NAMES + GRAD_NAMES + ["d_delta"]
@@ -73,10 +74,7 @@ class Case:
 
     def miras(self):
         """The ops' MIRAS arguments (delta expanded to [B, T, H, D] in the state dtype)."""
-        objective, retention = parse_objective(self.objective(self.delta)), parse_retention(self.retention)
-        delta = expand_delta(objective, self.inputs[2].shape, self.inputs[2].device, self.state_dtype)
-        return (objective.code, objective.p, objective.eps, None if delta is None else delta.contiguous(),
-                retention.code, retention.q)
+        return op_miras_args(self.objective(self.delta), self.retention, self.inputs[2], self.state_dtype)
 
     def emulated(self, save_states=True):
         """The emulated forward and backward: o, final state, then every gradient (d_delta summed
@@ -113,15 +111,7 @@ class Case:
 
 
 def assert_matches(ref, out, dtype, ratio=None, largest=0.03):
-    """Relative RMS within TOLERANCE[dtype] (or ratio) and, for bf16 / fp16, the largest error
-    within `largest` of the reference's largest entry."""
-    assert len(ref) == len(out)
-    for name, r, x in zip(NAMES, ref, out):
-        assert_close(name, r, x, ratio or TOLERANCE[dtype])
-        if dtype in (torch.bfloat16, torch.float16):
-            worst, scale = (r - x.double()).abs().max().item(), r.abs().max().item()
-            assert worst <= largest * scale, (f"{name}: largest error {worst:.3e} > {largest:.0%} of the largest "
-                                              f"entry {scale:.3e}")
+    assert_matches_names(NAMES, ref, out, dtype, ratio, largest)
 
 
 def check(*args, **kwargs):

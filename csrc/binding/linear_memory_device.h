@@ -38,6 +38,16 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
                   " (fold the batch into fewer, longer sequences or process it in parts)");
 }
 
+// The MIRAS options the device kernels run: every objective but yaad (whose switch reads a token's
+// norm over all of Dv, across the value tiles) with the l2 retention; titans_ext.linear_memory
+// raises a ValueError first, this guards direct calls of the operators.
+inline void check_device_miras(int64_t objective, int64_t retention) {
+  STD_TORCH_CHECK(objective != int64_t(ObjectiveKind::yaad),
+                  "linear_memory: the CUDA kernels do not run objective \"yaad\" yet (it runs on the CPU kernels)");
+  STD_TORCH_CHECK(retention == int64_t(RetentionKind::l2), "linear_memory: the CUDA kernels run only retention "
+                  "\"l2\" so far (\"lq\" and \"kl\" run on the CPU kernels)");
+}
+
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
 inline void check_shared_memory(const char* op, const LaunchPlan& plan, const DeviceLimits& device,
                                 int64_t chunk_size, const Tensor& q) {
@@ -49,23 +59,26 @@ inline void check_shared_memory(const char* op, const LaunchPlan& plan, const De
 }
 
 // Validates, allocates the outputs, plans the launch for the device and calls launch(params,
-// input_type, plan). The kernel reads q, k, v in their own dtype (o is written in it), gates and
-// states in the compute dtype, and writes the checkpoints (chunk_states) in q's dtype when
+// input_type, plan). The kernel reads q, k, v in their own dtype (o is written in it), gates,
+// states and delta in the compute dtype, and writes the checkpoints (chunk_states) in q's dtype when
 // save_states; otherwise it allocates none.
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
-    bool save_states, const DeviceLimits& device, const Launch& launch) {
+    bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
+    int64_t retention, double retention_q, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
   check_device_limits(q, chunk_size);
+  check_device_miras(objective, retention);
   const InputType type = input_type(q);
   const ScalarType dtype = compute_dtype(q);
   const Tensor q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
   const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
-  const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype);
+  const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype), delta_c = contiguous_in(delta, dtype);
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
   const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
@@ -74,20 +87,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
   return {out.o, out.m_final, out.s_final, out.chunk_states};
 }
 
-using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using LinearMemoryGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Validates, allocates the gradients and the plan's buffer (the group cotangents, when the plan has
 // several groups: one allocation), and calls launch(params, input_type, plan, workspace). Same
 // output contract as the CPU op: dq, dk, dv in the input dtype, gate gradients in the gates'
-// dtype, dm0 and ds0 in the compute dtype. chunk_states: the forward's checkpoints (q's dtype).
+// dtype, dm0 and ds0 in the compute dtype, d_delta in delta's (an empty [0] without delta). chunk_states: the forward's checkpoints (q's dtype).
 template <typename Launch>
 LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                            const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
                                            const Tensor& d_o, const std::optional<Tensor>& d_m_final,
                                            const std::optional<Tensor>& d_s_final, int64_t chunk_size,
-                                           bool read_token, const DeviceLimits& device, const Launch& launch) {
+                                           bool read_token, int64_t objective, double p, double eps,
+                                           const std::optional<Tensor>& delta, int64_t retention,
+                                           double retention_q, const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
   check_device_limits(q, chunk_size);
+  check_device_miras(objective, retention);
   STD_TORCH_CHECK(same_shape(d_o, v), "linear_memory_bwd: d_o must have the shape of v / o");
   STD_TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
                   "linear_memory_bwd: d_o and chunk_states must be on the device of q");
@@ -97,11 +113,13 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   const Tensor d_o_c = with_unit_inner_stride(to_dtype(d_o, q.scalar_type()));
   const Tensor theta_c = to_dtype(theta, dtype), eta_c = to_dtype(eta, dtype), alpha_c = to_dtype(alpha, dtype);
   const auto dm_c = contiguous_in(d_m_final, dtype), ds_c = contiguous_in(d_s_final, dtype);
+  const auto delta_c = contiguous_in(delta, dtype);
   const Tensor states_c = torch::stable::contiguous(to_dtype(chunk_states, q.scalar_type()));
 
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
                                                                   std::nullopt, chunk_size, read_token);
+  params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads *
                                           linear_memory_checkpoints(params.n_chunks, type) * 2 * params.dv * params.dk,
                   "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
@@ -113,7 +131,7 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   params.d_s_final_ptr = data_or_null(ds_c);
 
   // The kernels write dq, dk, dv in the input dtype and everything else in the compute dtype.
-  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, std::nullopt, std::nullopt, dtype);
+  const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, std::nullopt, dtype);
   const Tensor dm0 = empty_on(q, {params.batch, params.heads, params.dv, params.dk}, dtype);
   const Tensor ds0 = torch::stable::empty_like(dm0);
   params.dm0_ptr = dm0.data_ptr();
@@ -124,7 +142,8 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   workspace.group_cotangents = plan.n_buffers > 0 ? buffer.data_ptr() : nullptr;
   launch(params, type, plan, workspace);
   return {g.dq, g.dk, g.dv, to_dtype(g.dtheta, theta.scalar_type()), to_dtype(g.deta, eta.scalar_type()),
-          to_dtype(g.dalpha, alpha.scalar_type()), dm0, ds0};
+          to_dtype(g.dalpha, alpha.scalar_type()), dm0, ds0,
+          delta ? to_dtype(g.d_delta, delta->scalar_type()) : g.d_delta};
 }
 
 }  // namespace titans

@@ -27,17 +27,21 @@ inline void write_plan_json(std::ostringstream& out, const LaunchPlan& plan) {
   out << "]";
 }
 
-// The forward's plan (saving checkpoints or not), and with save_states the backward's.
+// The forward's plan (saving checkpoints or not), and with save_states the backward's, for the
+// objective's code (titans_params.h's ObjectiveKind: the backward of a non-l2 one takes no scan).
 inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv,
                                            int64_t chunk_size, ScalarType dtype, bool read_token,
                                            bool save_states, bool has_initial_state, bool has_final_cotangent,
-                                           const DeviceLimits& device) {
+                                           int64_t objective, const DeviceLimits& device) {
   STD_TORCH_CHECK(batch >= 0 && seqlen >= 0 && heads >= 0 && dk >= 1 && dv >= 1,
                   "linear_memory_plan: sizes must be >= 0 (B, T, H) and >= 1 (Dk, Dv)");
   STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize && dk <= kCudaMaxKeyDim,
                   "linear_memory_plan: the CUDA kernels take chunk_size 1..", kCudaMaxChunkSize, " and Dk <= ",
                   kCudaMaxKeyDim);
+  STD_TORCH_CHECK(objective >= 0 && objective <= int64_t(ObjectiveKind::yaad), "linear_memory_plan: unknown objective "
+                  "code ", objective);
   LinearMemoryParams p;
+  p.miras.objective = ObjectiveKind(objective);
   p.batch = int(batch), p.seqlen = int(seqlen), p.heads = int(heads), p.dk = int(dk), p.dv = int(dv);
   p.chunk_size = int(chunk_size), p.n_chunks = int((seqlen + chunk_size - 1) / chunk_size), p.read_token = read_token;
   const InputType type = input_type(dtype);
@@ -52,7 +56,8 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
     out << ", \"backward\": ";
     write_plan_json(out, bwd);
     out << ", \"group\": " << bwd.group << ", \"n_groups\": " << bwd.n_groups << ", \"slice\": " << bwd.slice
-        << ", \"scan_tile\": " << bwd.scan_tile << "}";
+        << ", \"scan_tile\": " << bwd.scan_tile << ", \"global_carry\": " << (bwd.global_carry ? "true" : "false")
+        << "}";
   }
   out << "}";
   return out.str();
@@ -61,6 +66,7 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
 // The schema of both registrations.
 #define TITANS_LINEAR_MEMORY_PLAN_SCHEMA                                                                        \
   "linear_memory_plan(int batch, int seqlen, int heads, int dk, int dv, int chunk_size, ScalarType dtype, "     \
-  "bool read_token, bool save_states, bool has_initial_state=False, bool has_final_cotangent=False) -> str"
+  "bool read_token, bool save_states, bool has_initial_state=False, bool has_final_cotangent=False, "          \
+  "int objective=0) -> str"
 
 }  // namespace titans

@@ -17,49 +17,37 @@ void check_no_packed_sequences(const char* op, const std::optional<Tensor>& cu_s
                   "run on the CPU kernels)");
 }
 
-// The linear memory's CUDA kernels take the schemas' MIRAS arguments but implement only their
-// defaults.
-void check_default_options(int64_t objective, const std::optional<Tensor>& delta, int64_t retention,
-                           const std::optional<Tensor>& cu_seqlens) {
-  STD_TORCH_CHECK(objective == int64_t(ObjectiveKind::l2) && !delta && retention == int64_t(RetentionKind::l2),
-                  "linear_memory on CUDA: only objective=\"l2\" and retention=\"l2\" so far (the MIRAS options run "
-                  "on the CPU kernels)");
-  check_no_packed_sequences("linear_memory", cu_seqlens);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
-    bool save_states, int64_t objective, double /*p*/, double /*eps*/, const std::optional<Tensor>& delta,
-    int64_t retention, double /*retention_q*/, const std::optional<Tensor>& cu_seqlens) {
-  check_default_options(objective, delta, retention, cu_seqlens);
+    bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
+    int64_t retention, double retention_q, const std::optional<Tensor>& cu_seqlens) {
+  check_no_packed_sequences("linear_memory", cu_seqlens);
   const CudaLaunchContext context(q);
-  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  context.limits(),
+  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective,
+                                  p, eps, delta, retention, retention_q, context.limits(),
                                   [&](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     STD_CUDA_CHECK(static_cast<cudaError_t>(
                                         linear_memory_fwd_launch(params, type, plan, context.stream())));
                                   });
 }
 
-// The gradients of linear_memory_bwd's schema: those of linear_memory_bwd_device and an empty d_delta.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_memory_bwd_cuda(
+LinearMemoryGrads linear_memory_bwd_cuda(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& chunk_states, const Tensor& d_o, const std::optional<Tensor>& d_m_final,
-    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double /*p*/,
-    double /*eps*/, const std::optional<Tensor>& delta, int64_t retention, double /*retention_q*/,
+    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double p,
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
     const std::optional<Tensor>& cu_seqlens) {
-  check_default_options(objective, delta, retention, cu_seqlens);
+  check_no_packed_sequences("linear_memory", cu_seqlens);
   const CudaLaunchContext context(q);
-  const LinearMemoryGrads grads = linear_memory_bwd_device(
-      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, context.limits(),
+  return linear_memory_bwd_device(
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, objective, p, eps,
+      delta, retention, retention_q, context.limits(),
       [&](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
           const LinearMemoryBwdWorkspace& workspace) {
         STD_CUDA_CHECK(
             static_cast<cudaError_t>(linear_memory_bwd_launch(params, type, plan, workspace, context.stream())));
       });
-  const Tensor& dm0 = std::get<6>(grads);
-  return std::tuple_cat(grads, std::make_tuple(empty_on(dm0, {0}, dm0.scalar_type())));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cuda(
@@ -100,11 +88,11 @@ MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tenso
 // The plans for the current CUDA device.
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent) {
+                               bool has_final_cotangent, int64_t objective) {
   int device = 0;
   STD_CUDA_CHECK(cudaGetDevice(&device));
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, device_limits(device));
+                                 has_initial_state, has_final_cotangent, objective, device_limits(device));
 }
 
 }  // namespace

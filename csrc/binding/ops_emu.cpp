@@ -255,10 +255,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd(const Tensor& q, co
                                                              const Tensor& theta, const Tensor& eta,
                                                              const Tensor& alpha, const std::optional<Tensor>& m0,
                                                              const std::optional<Tensor>& s0, int64_t chunk_size,
-                                                             bool read_token, bool save_states) {
+                                                             bool read_token, bool save_states, int64_t objective,
+                                                             double p, double eps, const std::optional<Tensor>& delta,
+                                                             int64_t retention, double retention_q) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
-  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states,
-                                  emulated_device,
+  return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective,
+                                  p, eps, delta, retention, retention_q, emulated_device,
                                   [](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     linear_memory_fwd_launch(params, type, plan, nullptr);
                                   });
@@ -267,20 +269,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd(const Tensor& q, co
 LinearMemoryGrads linear_memory_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
                                     const Tensor& eta, const Tensor& alpha, const Tensor& chunk_states,
                                     const Tensor& d_o, const std::optional<Tensor>& d_m_final,
-                                    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token) {
+                                    const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token,
+                                    int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
+                                    int64_t retention, double retention_q) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_bwd runs on CPU tensors");
   return linear_memory_bwd_device(
-      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token,
-      emulated_device,
+      q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, objective, p, eps,
+      delta, retention, retention_q, emulated_device,
       [](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
          const LinearMemoryBwdWorkspace& workspace) { linear_memory_bwd_launch(params, type, plan, workspace, nullptr); });
 }
 
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent) {
+                               bool has_final_cotangent, int64_t objective) {
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, emulated_device);
+                                 has_initial_state, has_final_cotangent, objective, emulated_device);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd(
@@ -343,12 +347,14 @@ STABLE_TORCH_LIBRARY(titans_emu, m) {
   m.def("half_round_trip(Tensor x, ScalarType dtype) -> (Tensor narrow, Tensor back)");
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states) "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
       "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)");
   m.def(
       "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0)");
+      "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token, "
+      TITANS_EMU_MIRAS_ARGS ") "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0, "
+      "Tensor d_delta)");
   m.def(
       "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "

@@ -191,9 +191,7 @@ inline MirasParams miras_params(int64_t objective, double p, double eps, const s
   STD_TORCH_CHECK(m.objective != ObjectiveKind::lp || (p >= 1 && eps >= 0 && (eps > 0 || p >= 2)),
                   "objective lp: needs p >= 1, eps >= 0, and eps > 0 when p < 2; got p=", p, ", eps=", eps);
   STD_TORCH_CHECK(m.retention != RetentionKind::lq || q > 1, "retention lq: needs q > 1, got ", q);
-  const bool needs_delta = m.objective == ObjectiveKind::huber || m.objective == ObjectiveKind::pseudo_huber ||
-                           m.objective == ObjectiveKind::yaad;
-  STD_TORCH_CHECK(needs_delta == delta.has_value(),
+  STD_TORCH_CHECK(objective_has_delta(m.objective) == delta.has_value(),
                   "delta: required exactly by the huber, pseudo_huber and yaad objectives");
   if (delta) {
     STD_TORCH_CHECK(same_shape(*delta, v) && delta->is_contiguous() && delta->device() == v.device(),

@@ -51,7 +51,11 @@ inline double scan_chunk_work(const LinearMemoryParams& p, InputType type, int t
 // chunks per block times a chunk's MMAs (it runs one block per SM, throughput-bound), plus the
 // scan's waves times its chunks times its step when there are several groups. Ties go to the larger
 // group, which moves less. At B * H = 128, T = 8192, D = 64 on an H100 it takes the whole sequence
-// (128 blocks, one wave, no scan); when B * H leaves most SMs idle it takes smaller groups.
+// (128 blocks, one wave, no scan); when B * H leaves most SMs idle it takes smaller groups. A
+// non-l2 objective takes the whole sequence: the scan carries the cotangent through the l2 error
+// map only (its f' would need each chunk's start state, a pass over the checkpoints); where its
+// carry does not fit in shared memory beside the chunk, the carry goes through dm0 / ds0 (the
+// block's own rows, mostly in L2), which costs a read of them twice and a write per chunk.
 LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputType type, const DeviceLimits& device,
                                            bool has_final_cotangent) {
   LinearMemoryBwdPlan plan;
@@ -59,16 +63,24 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   const int64_t heads = int64_t(p.batch) * p.heads;
   double best = -1;
   size_t smallest_smem = 0;
-  for (int group = 1;; group = group * 2 < n ? group * 2 : n) {
+  const bool whole_sequence = p.miras.objective != ObjectiveKind::l2;
+  for (int group = whole_sequence && n > 1 ? n : 1;; group = group * 2 < n ? group * 2 : n) {
     const bool carry = group > 1;
     int slice = 0;
-    size_t smem = 0;
-    for (const int s : {32, 16}) {
-      if (s == 32 && type == InputType::kFloat64) continue;  // lm::has_wide_slice
-      smem = lm::chunks_smem_bytes(p, type, s, carry);
-      if (!carry && s == 16) smallest_smem = smem;
-      if (smem <= device.max_shared_bytes) {
-        slice = s;
+    bool global_carry = false;
+    for (const bool in_global : {false, true}) {
+      if (in_global && !(carry && whole_sequence)) break;
+      for (const int s : {32, 16}) {
+        if (s == 32 && type == InputType::kFloat64) continue;  // lm::has_wide_slice
+        const size_t smem = lm::chunks_smem_bytes(p, type, s, carry && !in_global);
+        if (smallest_smem == 0 || smem < smallest_smem) smallest_smem = smem;  // reported when nothing fits
+        if (smem <= device.max_shared_bytes) {
+          slice = s;
+          break;
+        }
+      }
+      if (slice > 0) {
+        global_carry = in_global;
         break;
       }
     }
@@ -101,7 +113,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
       if (cost >= 0 && (best < 0 || cost <= best)) {
         best = cost;
         plan.group = group, plan.n_groups = n_groups, plan.slice = slice, plan.scan_tile = scan_tile;
-        plan.carry = carry;
+        plan.carry = carry, plan.global_carry = global_carry;
       }
     }
     if (group >= n) break;
@@ -112,6 +124,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   const int64_t state = int64_t(p.batch) * p.heads * p.dv * p.dk;
   const int in = input_type_bytes(type), cmp = compute_type_bytes(type);
   const int64_t final_cotangent = has_final_cotangent ? 2 * state * cmp : 0;
+  const int64_t delta = objective_has_delta(p.miras.objective) ? tokens * p.dv * cmp : 0;  // read, and d_delta written
   const int64_t group_cotangents = plan.n_groups > 1 ? int64_t(plan.n_groups - 1) * 2 * state * in : 0;
   if (plan.n_groups > 1) {
     KernelPlan& scan = plan.add_kernel("linear_memory_bwd_scan");
@@ -124,11 +137,16 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   }
   KernelPlan& chunks = plan.add_kernel("linear_memory_bwd_chunks");
   chunks.threads = lm::kChunkThreads;
-  chunks.smem_bytes = plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry) : smallest_smem;
+  chunks.smem_bytes =
+      plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry && !plan.global_carry) : smallest_smem;
   chunks.blocks = int64_t(plan.n_groups > 0 ? plan.n_groups : 1) * heads;
   chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) +
-                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent;
-  chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp;
+                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent + delta;
+  chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp + delta;
+  if (plan.global_carry) {
+    chunks.bytes_read += int64_t(n) * 2 * 2 * state * cmp;
+    chunks.bytes_written += int64_t(n) * 2 * state * cmp;
+  }
   return plan;
 }
 
@@ -156,7 +174,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
       return device::launch("linear_memory_bwd_chunks", lm::linear_memory_bwd_chunks_kernel<input_t, kSlice>,
                             dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),
                             dim3(lm::kChunkThreads), plan.kernels[next].smem_bytes, stream, params, workspace,
-                            plan.group, plan.carry);
+                            plan.group, plan.carry, plan.global_carry);
     });
   }));
 }

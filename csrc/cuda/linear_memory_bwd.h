@@ -16,6 +16,9 @@ namespace titans {
 struct LinearMemoryBwdPlan : LaunchPlan {
   int group = 1, n_groups = 0, slice = 16, scan_tile = 16;
   bool carry = false;  // whether the chunk kernel carries the cotangent across the chunks of a group
+  // whether it carries it in dm0 / ds0 rather than in shared memory (where that does not fit: only a
+  // non-l2 objective's whole-sequence group, whose carry cannot shrink to a smaller group)
+  bool global_carry = false;
 };
 
 struct LinearMemoryBwdWorkspace {

@@ -16,13 +16,16 @@
 // Per chunk of L tokens (token read; for the chunk_start read U, W, dW, dG and the a, g factors are
 // absent):
 //   setup:   gate tables c, sig, a, g, P; G = Q K^T (kept in registers); W = G .* c
-//   a slice: E = 2 (K M0^T - V), X | Y = K [dM; dS]^T, Q M0^T | Q S0^T, U = W^T dO
-//            dE = diag(m) X + diag(s) Y + U,  dV = -2 dE
+//   a slice: R = K M0^T - V, E = f(R), X | Y = K [dM; dS]^T, Q M0^T | Q S0^T, U = W^T dO
+//            dE = diag(m) X + diag(s) Y + U,  dR = dE .* f'(R),  dV = -dR,  d delta = dE .* df/d delta
 //            row cotangents <e, x>, <e, y>, <dO, Q M0^T>, <dO, Q S0^T> (summed over the slices)
 //            dW += dO E^T, dQ += [diag(a) dO | diag(g) dO] [M0; S0],
-//            dK += [diag(m) E | diag(s) E | 2 dE] [dM; dS; M0]
-//            the carry: dM0 = a_L dM + (2 dE)^T K + (diag(a) dO)^T Q, dS0 = g_L dM + p dS + (diag(g) dO)^T Q
+//            dK += [diag(m) E | diag(s) E | dR] [dM; dS; M0]
+//            the carry: dM0 = a_L dM + dR^T K + (diag(a) dO)^T Q, dS0 = g_L dM + p dS + (diag(g) dO)^T Q
 //   tail:    d_c = dW .* G, dG = dW .* c;  dQ += dG K,  dK += dG^T Q;  the gate adjoint
+// f is the objective's elementwise error map (2r, f' = 2 for l2; ChunkObjective, docs/miras.md
+// §2.1). Its R is per element, so the slices stay independent; but the reverse scan carries the
+// cotangent through R's linear l2 map only, so a non-l2 objective runs one group per sequence.
 // The stacks let one product serve several terms: [dM; dS; M0; S0] is one tile, and dK reads its
 // first three quarters, dQ its last two, X | Y and E its quarters transposed.
 //
@@ -30,7 +33,7 @@
 // chunk's start state is recomputed per slice, one chunk step from the checkpoint of the chunk
 // before it (its keys and gates are staged one chunk ahead, which the reverse walk needs next
 // anyway, and its values' slice beside the chunk's):
-//   E' = 2 (K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
+//   E' = f(K' M0'^T - V'),  M0 = a'_L M0' + g'_L S0' + (diag(m') E')^T K',  S0 = p' S0' + (diag(s') E')^T K'.
 #pragma once
 
 #include "cuda/common/smem.cuh"
@@ -104,6 +107,22 @@ struct ChunksLayout {
   }
 };
 
+// The cotangent [dM; dS] of all Dv that the chunk kernel carries across its chunks: in shared
+// memory ([2 Dv, dk16]), or, where that does not fit beside the chunk's tiles (a non-l2
+// objective's whole-sequence group at large Dv and Dk, docs/kernels.md §6.1.12), in the block's own
+// rows of dm0 and ds0, the outputs it ends as ([Dv, Dk] each). Either way an element is read and
+// written by the threads that own it between the block's barriers; columns past Dk are not kept.
+template <typename compute_t>
+struct CarriedCotangent {
+  device::SharedPtr<compute_t> shared;
+  compute_t *global_m, *global_s;  // null: in shared memory
+  int dv, dk, dk16;
+  __device__ __forceinline__ compute_t& operator()(int which, int row, int d) const {
+    if (global_m) return (which == 0 ? global_m : global_s)[index_t(row) * dk + d];
+    return shared[(which * dv + row) * dk16 + d];
+  }
+};
+
 // rows x dk elements of a [.., Dk] state at src into tile (rows 0 .. rows), in the tile's type:
 // by cp.async when the types agree (the checkpoints of bf16, fp32, fp64 inputs), else converted
 // by plain loads (fp16 checkpoints, fp32 cotangents into bf16 or fp32 operands). A null source
@@ -121,7 +140,7 @@ __device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int
 template <typename input_t, int kSlice>
 __global__ void __launch_bounds__(kChunkThreads, 1)
     linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int group,
-                                    bool with_carry) {
+                                    bool with_carry, bool global_carry) {
   using T = Types<input_t>;
   using compute_t = typename T::compute_t;
   using operand_t = typename T::operand_t;
@@ -135,7 +154,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
-  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry);
+  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry && !global_carry);
   const int C16 = at.chunk16, dk16 = at.dk16;
   const int g0 = blockIdx.x * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
   const int n_groups = (n_chunks + group - 1) / group;
@@ -146,7 +165,6 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
 
   using Layout = ChunksLayout<input_t, kSlice>;
   constexpr int kStride = T::kCheckpointStride, kChunkBuffers = Layout::kChunkBuffers;
-  const auto carry = kernel::shared_array<compute_t>(at.carry);
   // Buffers by the chunk's place in the block's walk, ci: q alternates, and with recompute the
   // keys and gates run one chunk ahead in a ring of three (chunk ci + 1 is the one before chunk ci).
   const auto q_tile = [&](int ci) { return PaddedTile<input_t>(at.q, ci % 2); };
@@ -178,6 +196,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto partials = kernel::shared_array<compute_t>(at.partials);
   const auto partial = [&](int which, int t, int part) { return (which * C16 + t) * (kSlice / 8) + part; };
   const PaddedTile<operand_t> w(at.w), err(at.err), dk_lhs(at.dk_lhs), dq_lhs(at.dq_lhs);
+  const ChunkObjective<compute_t> objective(params);
+  auto* d_delta_out = static_cast<compute_t*>(params.d_delta_ptr);
 
   for (int i = 0; i < kChunkBuffers; ++i) k_tile(i).zero_all();
   for (int i = 0; i < 2; ++i) {
@@ -194,18 +214,21 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto* group_end = last_group ? nullptr
                                      : static_cast<const checkpoint_t*>(workspace.group_cotangents) +
                                            (bh * (n_groups - 1) + blockIdx.x) * 2 * index_t(dv) * dk;
+  auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
+  auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
+  const CarriedCotangent<compute_t> carry{kernel::shared_array<compute_t>(at.carry),
+                                          global_carry ? dm0 + bh * index_t(dv) * dk : nullptr,
+                                          global_carry ? ds0 + bh * index_t(dv) * dk : nullptr, dv, dk, dk16};
   if (with_carry)
-    for (int idx = threadIdx.x; idx < 2 * dv * dk16; idx += blockDim.x) {
-      const int r = idx / dk16, d = idx % dk16, which = r / dv, j = r % dv;
+    for (int idx = threadIdx.x; idx < 2 * dv * dk; idx += blockDim.x) {
+      const int r = idx / dk, d = idx % dk, which = r / dv, j = r % dv;
+      const index_t at_row = index_t(j) * dk + d;
       compute_t value = compute_t(0);
-      if (d < dk) {
-        const index_t at_row = index_t(j) * dk + d;
-        if (!last_group)
-          value = device::cast<compute_t>(group_end[which * index_t(dv) * dk + at_row]);
-        else if (const compute_t* src = which == 0 ? d_final_m : d_final_s)
-          value = src[bh * index_t(dv) * dk + at_row];
-      }
-      carry[idx] = value;
+      if (!last_group)
+        value = device::cast<compute_t>(group_end[which * index_t(dv) * dk + at_row]);
+      else if (const compute_t* src = which == 0 ? d_final_m : d_final_s)
+        value = src[bh * index_t(dv) * dk + at_row];
+      carry(which, j, d) = value;
     }
   __syncthreads();
 
@@ -311,7 +334,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     if (with_carry)  // the slice's rows of the carried cotangent of chunk n's end
       for (int idx = threadIdx.x; idx < 2 * kSlice * dk16; idx += blockDim.x) {
         const int r = idx / dk16, d = idx % dk16, which = r / kSlice, j = r % kSlice;
-        stack(r, d) = device::cast<operand_t>(j < w_rows ? carry[(which * dv + v0 + j) * dk16 + d] : compute_t(0));
+        stack(r, d) = device::cast<operand_t>(j < w_rows && d < dk ? carry(which, v0 + j, d) : compute_t(0));
       }
     __syncthreads();
 
@@ -324,7 +347,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         kernel::zero(acc);
         kernel::strip_mma<Policy>(K_prev, r0, c0, dk, kernel::times(acc, M_prev_t));
         kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-          const compute_t value = compute_t(2) * (compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)));
+          const compute_t value =
+              objective.error(compute_t(acc[s][e]) - device::cast<compute_t>(V_prev(t, j)),
+                              objective.threshold(t < C && j < w_rows, b, t0 - C + t, h, v0 + j));
           dk_lhs(t, j) = device::cast<operand_t>(prev_rows.m_end[t] * value);
           dk_lhs(t, kSlice + j) = device::cast<operand_t>(prev_rows.s_end[t] * value);
         });
@@ -366,18 +391,25 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       compute_t sums[2][4] = {};  // [row half][RowCotangent]
       kernel::for_each_strip_element<1>(r0, c0, [&](int t, int j, int, int e) {
         const compute_t x_te = compute_t(x[0][e]), y_te = compute_t(y[0][e]);
-        const compute_t e_te = compute_t(2) * (compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j)));
+        const bool inside = t < L && j < w_rows;
+        const compute_t r = compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j));
+        const compute_t delta = objective.threshold(inside, b, t0 + t, h, v0 + j);
+        const compute_t e_te = objective.error(r, delta);
         const compute_t d_e = g_rows.m_end[t] * x_te + g_rows.s_end[t] * y_te + compute_t(u[0][e]);
+        const compute_t d_r = d_e * objective.slope(r, delta);
         const compute_t d_o = device::cast<compute_t>(dO(t, j));
         err(t, j) = device::cast<operand_t>(e_te);
         dk_lhs(t, j) = device::cast<operand_t>(g_rows.m_end[t] * e_te);
         dk_lhs(t, kSlice + j) = device::cast<operand_t>(g_rows.s_end[t] * e_te);
-        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(compute_t(2) * d_e);
+        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(d_r);
         dq_lhs(t, j) = device::cast<operand_t>(token_read ? g_rows.a[t] * d_o : d_o);
         dq_lhs(t, kSlice + j) = device::cast<operand_t>(token_read ? g_rows.g[t] * d_o : compute_t(0));
-        if (t < L && j < w_rows)
+        if (inside) {
           dv_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-              device::cast<input_t>(compute_t(-2) * d_e);
+              device::cast<input_t>(-d_r);
+          if (objective.has_delta())
+            d_delta_out[objective.at(b, t0 + t, h, v0 + j)] = d_e * objective.delta_slope(r, delta);
+        }
         compute_t(&row)[4] = sums[e / 2];
         row[kErrX] += e_te * x_te;
         row[kErrY] += e_te * y_te;
@@ -408,8 +440,6 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     });
     if (updates_carry) {
       const compute_t a_L = g_rows.a_end(), g_L = g_rows.g_end(), p_L = g_rows.p_end();
-      auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
-      auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
       kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
         acc_t am[2][4], aq[2][4], as[2][4];
         kernel::zero(am);
@@ -421,15 +451,15 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
                                               kernel::product<Policy>(as, dq_lhs.cols_from(kSlice).transposed()));
         kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
           if (j >= w_rows || d >= dk) return;
-          const int m_at = (v0 + j) * dk16 + d, s_at = (dv + v0 + j) * dk16 + d;
-          const compute_t dm_old = with_carry ? carry[m_at] : compute_t(device::cast<compute_t>(stack(j, d)));
+          const compute_t dm_old =
+              with_carry ? carry(0, v0 + j, d) : compute_t(device::cast<compute_t>(stack(j, d)));
           const compute_t ds_old =
-              with_carry ? carry[s_at] : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
+              with_carry ? carry(1, v0 + j, d) : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
           const compute_t dm_new = a_L * dm_old + compute_t(am[s][e]) + compute_t(aq[s][e]);
           const compute_t ds_new = g_L * dm_old + p_L * ds_old + compute_t(as[s][e]);
           if (n > g0) {
-            carry[m_at] = dm_new;
-            carry[s_at] = ds_new;
+            carry(0, v0 + j, d) = dm_new;
+            carry(1, v0 + j, d) = ds_new;
           } else {
             const index_t out = (bh * dv + v0 + j) * index_t(dk) + d;
             dm0[out] = dm_new;

@@ -2,6 +2,7 @@
 // kernels.
 #pragma once
 
+#include "cuda/common/objective.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
 #include "device/device.h"
@@ -51,6 +52,41 @@ __device__ __forceinline__ void store_state_stack(out_t* first, out_t* second, i
     (which == 0 ? first : second)[offset + index_t(j) * dk + d] = device::cast<out_t>(value(which * kTileV + j, d));
   }
 }
+
+// The error map of the MIRAS objective on a block's residuals (docs/miras.md §2.1): E = f(R) with
+// R = K W0^T - V at the chunk-start weights, elementwise, so a value tile or slice needs only its
+// own rows (yaad's switch reads the token's norm over all of Dv and does not run on these kernels).
+// The thresholds delta are read, only when the objective has them, from the contiguous
+// [B, T, H, Dv] tensor in compute_t (MirasParams::delta_ptr), where d_delta has the same layout.
+template <typename compute_t>
+struct ChunkObjective {
+  kernel::Objective<compute_t> f;
+  const compute_t* delta;
+  int seqlen, heads, dv;
+
+  __device__ __forceinline__ explicit ChunkObjective(const LinearMemoryParams& p)
+      : f(p.miras), delta(static_cast<const compute_t*>(p.miras.delta_ptr)), seqlen(p.seqlen), heads(p.heads),
+        dv(p.dv) {}
+
+  __device__ __forceinline__ bool has_delta() const { return f.uses_delta(); }
+  // Offset of token t's value feature j in the [B, T, H, Dv] layout of delta and d_delta.
+  __device__ __forceinline__ index_t at(int b, int t, int h, int j) const {
+    return kernel::contiguous_token_offset(b, t, h, seqlen, heads, dv) + j;
+  }
+  // Token t's threshold of feature j; padding (inside == false) gets 1, where r = 0.
+  __device__ __forceinline__ compute_t threshold(bool inside, int b, int t, int h, int j) const {
+    return has_delta() && inside ? delta[at(b, t, h, j)] : compute_t(1);
+  }
+  __device__ __forceinline__ compute_t error(compute_t r, compute_t threshold) const {
+    return f.error(r, threshold, compute_t(0));
+  }
+  __device__ __forceinline__ compute_t slope(compute_t r, compute_t threshold) const {
+    return f.slope(r, threshold, compute_t(0));
+  }
+  __device__ __forceinline__ compute_t delta_slope(compute_t r, compute_t threshold) const {
+    return f.delta_slope(r, threshold, compute_t(0));
+  }
+};
 
 }  // namespace lm
 }  // namespace titans

@@ -4,11 +4,12 @@
 // One kernel, linear_memory_fwd_kernel: one block per (value tile, head, batch) walks the chunks in
 // order, keeping its rows of M and S on chip (value tiles never communicate: row j of M and S
 // evolves from row j of E only, docs/kernels.md §5.4), and per chunk of L tokens computes
-//   E   = 2 (K M0^T - V)                                       errors at the chunk-start memory
+//   E   = f(K M0^T - V)                                        errors at the chunk-start memory
 //   M_L = a_L M0 + g_L S0 + (diag(m) E)^T K,  S_L = p S0 + (diag(s) E)^T K     the chunk step
 //   O   = diag(a) Q M0^T + diag(g) Q S0^T + (Q K^T .* c) E     (token read; O = Q M0^T for the
 //                                                              chunk_start read)
-// with the gate tables of docs/backward_linear.md §0. Only the step carries a dependency from chunk
+// with the gate tables of docs/backward_linear.md §0 and f the objective's elementwise error map
+// (2r for l2; ChunkObjective, docs/miras.md §2.1). Only the step carries a dependency from chunk
 // to chunk (E, then the update); the outputs and Q K^T run in the same phases as independent
 // products, and the next chunk's gate tables are built while the update runs, so neither sits on
 // the chain. The outputs never leave the chip as states: without a gradient nothing but q, k, v,
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   const int C16 = at.chunk16, dk16 = at.dk16;
   const ChunkGateTables<compute_t>& tables = walk.tables;
   const PaddedTile<operand_t> err(at.err), err_m(at.err_m), err_s(at.err_s), w(at.w);
+  const ChunkObjective<compute_t> objective(params);
 
   walk.zero_staged();
   // The block's rows [v0, v0 + rows) of the initial state (zeros without one): into the state
@@ -108,7 +110,9 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
       kernel::zero(acc);
       kernel::strip_mma<Policy>(K, r0, c0, dk, kernel::times(acc, M0t));
       kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-        const compute_t value = compute_t(2) * (compute_t(acc[s][e]) - device::cast<compute_t>(V(t, j)));
+        const compute_t value =
+            objective.error(compute_t(acc[s][e]) - device::cast<compute_t>(V(t, j)),
+                            objective.threshold(t < L && j < rows, b, n * C + t, h, v0 + j));
         err(t, j) = device::cast<operand_t>(value);
         err_m(t, j) = device::cast<operand_t>(g_rows.m_end[t] * value);
         err_s(t, j) = device::cast<operand_t>(g_rows.s_end[t] * value);
@@ -238,7 +242,8 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
   k.smem_bytes = plan.fits ? lm::fwd_smem_bytes(p, type, plan.tile_v) : narrowest_smem;
   k.threads = lm::kForwardThreads;
   k.blocks = int64_t((p.dv + plan.tile_v - 1) / plan.tile_v) * p.heads * p.batch;
-  k.bytes_read = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + (has_initial_state ? 2 * state_elems * cmp : 0);
+  k.bytes_read = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + (has_initial_state ? 2 * state_elems * cmp : 0) +
+                 (objective_has_delta(p.miras.objective) ? tokens * p.dv * cmp : 0);
   const int64_t checkpoints = save_states ? linear_memory_checkpoints(p.n_chunks, type) * 2 * state_elems * in : 0;
   k.bytes_written = tokens * p.dv * in + 2 * state_elems * cmp + checkpoints;
   if (save_states) plan.add_buffer("checkpoints", checkpoints);

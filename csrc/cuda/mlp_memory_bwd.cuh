@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
   const bool lq = params.miras.retention == RetentionKind::lq;
   const MlpActivation act_kind = params.activation;
-  const mlp::Objective<T> objective(params.miras);
+  const kernel::Objective<T> objective(params.miras);
   const T* delta = static_cast<const T*>(params.miras.delta_ptr);
   T* d_delta = static_cast<T*>(params.d_delta_ptr);
 

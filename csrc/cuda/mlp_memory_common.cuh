@@ -4,8 +4,7 @@
 // (csrc/cuda/common/), the gate tables and their adjoint the linear memory's
 // (linear_memory_gates.cuh); what is here is specific to the deep memory:
 // - the activation (exact GELU or SiLU) with its first and second derivatives, and the MIRAS
-//   objective chosen at run time (objectives.h's functors behind one switch, so each kernel is
-//   instantiated per dtype only);
+//   objective (cuda/common/objective.cuh, shared with the linear memory's kernels);
 // - `product`: an M x N block product as a sum of terms, each a K-contraction of two operand views
 //   (callables), with an epilogue that sees every term's value of each element. An element is
 //   owned by one lane for a given (M, N) (16 x 8 tiles dealt by kernel::for_each_strip), so sums over hidden blocks are
@@ -26,7 +25,7 @@
 #include "cuda/common/tile_loops.cuh"
 #include "cuda/linear_memory_gates.cuh"
 #include "cuda/mlp_memory.h"
-#include "objectives.h"
+#include "cuda/common/objective.cuh"
 
 namespace titans {
 namespace mlp {
@@ -146,40 +145,6 @@ __device__ __forceinline__ Activation<T> activation(MlpActivation kind, T x) {
   }
   return out;
 }
-
-// The objective's error map f(r) (docs/miras.md §2.1, objectives.h), chosen at run time: one switch per
-// element is cheap beside the products and keeps the kernels instantiated per dtype only.
-template <typename T>
-struct Objective {
-  ObjectiveKind kind;
-  T p, eps;
-  __host__ __device__ explicit Objective(const MirasParams& m) : kind(m.objective), p(T(m.p)), eps(T(m.eps)) {}
-
-  __device__ bool uses_norm() const { return kind == ObjectiveKind::yaad; }
-  __device__ bool uses_delta() const {
-    return kind == ObjectiveKind::huber || kind == ObjectiveKind::pseudo_huber || kind == ObjectiveKind::yaad;
-  }
-  template <class F>
-  __device__ T with(const F& f) const {
-    switch (kind) {
-      case ObjectiveKind::lp: return f(LpObjective<T>{p, eps});
-      case ObjectiveKind::huber: return f(HuberObjective<T>{});
-      case ObjectiveKind::pseudo_huber: return f(PseudoHuberObjective<T>{});
-      case ObjectiveKind::yaad: return f(YaadObjective<T>{});
-      case ObjectiveKind::l2: break;
-    }
-    return f(L2Objective<T>{});
-  }
-  __device__ T error(T r, T delta, T norm) const {
-    return with([&](const auto& o) { return o.error(r, delta, norm); });
-  }
-  __device__ T slope(T r, T delta, T norm) const {
-    return with([&](const auto& o) { return o.slope(r, delta, norm); });
-  }
-  __device__ T delta_slope(T r, T delta, T norm) const {
-    return with([&](const auto& o) { return o.delta_slope(r, delta, norm); });
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Block products
@@ -398,7 +363,7 @@ struct LagVectors {
 // act''(W1 k0). k0(d), v0(d), delta0(d): the token's key, value and thresholds. Ends with a barrier.
 template <typename T, typename S, class K0, class V0, class Delta0, class Ptr>
 __device__ __forceinline__ void lag_key_path(const GlobalState<const S>& state, int D, int N, MlpActivation act_kind,
-                                             const Objective<T>& objective, const K0& k0, const V0& v0,
+                                             const kernel::Objective<T>& objective, const K0& k0, const V0& v0,
                                              const Delta0& delta0, bool with_second, const LagVectors<Ptr>& vec) {
   const bool lane0 = device::lane_id() == 0;
   warp_matvec<T>(N, D, state.w1, D, k0, [&](int i, T zi) {

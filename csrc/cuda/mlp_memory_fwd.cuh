@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
   const bool lq = params.miras.retention == RetentionKind::lq;
   const MlpActivation act_kind = params.activation;
-  const mlp::Objective<T> objective(params.miras);
+  const kernel::Objective<T> objective(params.miras);
   const T* delta = static_cast<const T*>(params.miras.delta_ptr);
 
   const MlpMemoryFwdSmem<Ktraits> layout(params, NB);

@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, state_dtype_for,
-                     state_rows)
+from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, parse_objective,
+                     state_dtype_for, state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
@@ -20,13 +20,20 @@ CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_KEY_DIM = 128
 
 
+# The MIRAS options the CUDA kernels do not run yet (docs/miras.md §2): yaad's switch reads a
+# token's norm over all of Dv, which the forward's value tiles split; the lq and kl retentions act on
+# the whole state at each chunk start. They run on the CPU kernels.
+CUDA_UNSUPPORTED_OBJECTIVES = ("yaad",)
+CUDA_UNSUPPORTED_RETENTIONS = ("lq", "kl")
+
+
 def _check_cuda_limits(q, chunk_size, objective, retention):
-    if objective.kind != "l2":
-        raise ValueError(f'objective: the CUDA kernels support only "l2" so far, got {objective.kind!r} '
-                         "(the MIRAS objectives run on the CPU kernels)")
-    if retention.kind != "l2":
-        raise ValueError(f'retention: the CUDA kernels support only "l2" so far, got {retention.kind!r} '
-                         "(the MIRAS retentions run on the CPU kernels)")
+    if objective.kind in CUDA_UNSUPPORTED_OBJECTIVES:
+        raise ValueError(f"objective: {objective.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
+                         "it runs on the CPU kernels")
+    if retention.kind in CUDA_UNSUPPORTED_RETENTIONS:
+        raise ValueError(f"retention: {retention.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
+                         "it runs on the CPU kernels")
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
@@ -148,7 +155,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
-            On CUDA, Dk <= 128.
+            On CUDA, Dk <= 128, and every objective but "yaad" with the "l2" retention (the others
+            run on the CPU kernels; ``docs/kernels.md`` §6.1.12).
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
@@ -205,7 +213,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
 
 def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
-                     save_states=True, has_initial_state=False, has_final_cotangent=False, emulated=False):
+                     save_states=True, has_initial_state=False, has_final_cotangent=False, objective="l2",
+                     emulated=False):
     """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
 
     Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
@@ -213,7 +222,8 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     shared memory and the bytes it reads and writes in global memory, every tensor counted once)
     and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
     forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
-    the chosen value tile, chunk group and slice. For the current CUDA device, or with
+    the chosen value tile, chunk group and slice. ``objective`` (as ``linear_memory`` takes it, or
+    parsed) changes the backward: a non-l2 one takes one group per sequence. For the current CUDA device, or with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
     ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU.
     """
@@ -223,4 +233,4 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     else:
         op = torch.ops.titans_ext.linear_memory_plan
     return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
-                         has_initial_state, has_final_cotangent))
+                         has_initial_state, has_final_cotangent, parse_objective(objective).code))

@@ -1,0 +1,222 @@
+"""MIRAS objectives of the CUDA linear_memory kernels, forward AND backward
+(csrc/cuda/linear_memory_{fwd,bwd,bwd_chunks}.cuh), run by the CPU SIMT emulation
+(``titans_emu::linear_memory_fwd`` / ``_bwd``) against autograd of the float64 chunked reference
+(itself checked against the token loop in test_miras_linear.py): outputs, final state and every
+gradient, delta's (per channel and per token) and the initial state's included. The options the
+kernels do not run (objective "yaad", retentions "lq" and "kl") are refused by name.
+
+Bounds as in test_mlp_memory_emulated.py (the kernels' MMA wrappers round operands as the GPU
+does): fp64 1e-10, fp32 1e-4, bf16 relative RMS 1e-2 and a largest error of at most 3 % of the
+reference's largest entry. The grid beyond the CI subset is marked slow (``pytest -m slow``).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import titans_ext  # noqa: F401  (registers titans_ext::, used for the contract comparison)
+import titans_ext._emu  # noqa: F401  (registers titans_emu::)
+from titans_ext.ops.linear_memory import cuda_launch_plan
+from titans_ext.reference import linear_memory_chunked
+
+from miras_cases import OBJECTIVES, assert_matches, needs_delta, op_miras_args
+from utils import GRAD_NAMES, memory_inputs, random_cotangents
+
+emu = torch.ops.titans_emu
+NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES + ["d_delta"]
+# The objectives the kernels run ("yaad" reads a token's norm over all of Dv and is refused).
+OBJECTIVE_IDS = ["l2", "lp3", "lp1.5", "huber", "pseudo_huber"]
+
+
+@pytest.fixture(autouse=True)
+def deterministic_schedule():
+    emu.set_schedule(-1)
+    yield
+    emu.set_schedule(-1)
+
+
+class Case:
+    """Inputs of one run: q, k, v, gates, an initial state (or none), the objective with a delta
+    for those that take one (per channel, or per token with delta_kind="token") and random
+    cotangents of o and of the final state."""
+
+    def __init__(self, B, T, H, Dk, Dv, C, dtype, objective="l2", read="token", delta_kind="channel", init=True,
+                 theta_scale=1.0, seed=0):
+        self.inputs, self.init = memory_inputs(B, T, H, Dk, Dv, dtype, seed=seed, state=init)
+        self.inputs[3] = self.inputs[3] * theta_scale
+        self.chunk_size, self.read, self.dtype = C, read, dtype
+        self.state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.delta = None
+        if needs_delta(objective):  # thresholds inside the residuals' range: both branches occur
+            g = torch.Generator().manual_seed(seed + 3)
+            shape = (B, T, H) if delta_kind == "token" else (B, T, H, Dv)
+            self.delta = 0.3 + 0.6 * torch.rand(shape, generator=g, dtype=torch.float64)
+        self.objective = OBJECTIVES[objective]
+        state = torch.empty(B, H, Dv, Dk, dtype=self.state_dtype)
+        self.cotangents = random_cotangents([self.inputs[2], state, state], seed=seed + 1)
+
+    def emulated(self):
+        """The emulated forward and backward: o, final state, then every gradient (d_delta summed
+        back to delta's shape)."""
+        m0, s0 = (None, None) if self.init is None else self.init
+        miras, token = op_miras_args(self.objective(self.delta), "l2", self.inputs[2], self.state_dtype), \
+            self.read == "token"
+        o, m, s, states = emu.linear_memory_fwd(*self.inputs, m0, s0, self.chunk_size, token, True, *miras)
+        d_o, d_m, d_s = self.cotangents
+        grads = list(emu.linear_memory_bwd(*self.inputs, states, d_o.to(o.dtype), d_m, d_s, self.chunk_size, token,
+                                           *miras))
+        if self.init is None:
+            grads[6:8] = []
+        if self.delta is None:
+            assert grads.pop().numel() == 0
+        elif self.delta.dim() == 3:
+            grads[-1] = grads[-1].sum(-1)
+        return [o, m, s] + grads
+
+    def reference(self):
+        """The same from autograd of the float64 chunked reference."""
+        leaves = [x.detach().double().requires_grad_() for x in self.inputs]
+        init = None if self.init is None else [x.detach().double().requires_grad_() for x in self.init]
+        delta = None if self.delta is None else self.delta.clone().requires_grad_()
+        o, (m, s) = linear_memory_chunked(*leaves, chunk_size=self.chunk_size, initial_state=init,
+                                          output_final_state=True, read=self.read, objective=self.objective(delta))
+        d_o = self.cotangents[0].to(self.dtype).double()  # bf16 runs see a rounded d_o
+        loss = (o * d_o).sum() + (m * self.cotangents[1].double()).sum() + (s * self.cotangents[2].double()).sum()
+        wrt = leaves + (init or []) + ([delta] if delta is not None else [])
+        return [o.detach(), m.detach(), s.detach()] + list(torch.autograd.grad(loss, wrt))
+
+
+def check(*args, **kwargs):
+    case = Case(*args, **kwargs)
+    assert_matches(NAMES, case.reference(), case.emulated(), case.dtype)
+
+
+# ---- The CI subset: D = 16, every objective the kernels run, both reads, C in {1, 16}, fp32, T with a
+# short last chunk (C = 1: the exact per-token recurrence).
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("objective", OBJECTIVE_IDS)
+@pytest.mark.parametrize("C, T", [(16, 37), (1, 6)], ids=["C16-T37", "C1-T6"])
+def test_objectives_float32(C, T, objective, read):
+    check(1, T, 2, 16, 16, C, torch.float32, objective=objective, read=read)
+
+
+@pytest.mark.parametrize("objective", ["huber", "pseudo_huber"])
+def test_per_token_delta(objective):
+    check(2, 19, 1, 16, 16, 8, torch.float32, objective=objective, delta_kind="token")
+
+
+@pytest.mark.parametrize("objective, read", [("lp1.5", "token"), ("huber", "chunk_start")])
+def test_float64(objective, read):
+    # Dk != Dv with a partial value tile and slice; no initial state.
+    check(1, 23, 2, 8, 20, 8, torch.float64, objective=objective, read=read, init=False)
+
+
+# ---- The CI subset: D = 64 over five chunks (bf16 recomputes every other chunk's start state in the
+# backward, through the objective), D = 128.
+
+@pytest.mark.parametrize("objective", ["l2", "huber"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_64_five_chunks(dtype, objective):
+    check(1, 77, 1, 64, 64, 16, dtype, objective=objective)
+
+
+@pytest.mark.parametrize("dtype, T", [(torch.float32, 20), (torch.float16, 37)])
+def test_head_dim_128(dtype, T):
+    # Several chunks: the backward carries the cotangent through dm0 / ds0 (it does not fit beside
+    # the chunk's tiles in fp32 or fp16, test_plans_of_a_non_l2_objective); fp16 also recomputes
+    # every other chunk's start state through the objective.
+    check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
+
+
+def test_state_carried_across_calls_equals_one_call():
+    # A stream split at a chunk boundary: the second call starts from the first's final state.
+    inputs, init = memory_inputs(1, 48, 2, 16, 16, torch.float32)
+    delta = torch.full_like(inputs[2], 0.5, dtype=torch.float32)
+
+    def run(piece, state, rows):
+        miras = op_miras_args(("huber", delta[:, rows]), "l2", piece[2], torch.float32)
+        return emu.linear_memory_fwd(*piece, *state, 16, True, False, *miras)[:3]
+
+    o, m, s = run(inputs, init, slice(None))
+    o1, m1, s1 = run([x[:, :32] for x in inputs], init, slice(0, 32))
+    o2, m2, s2 = run([x[:, 32:] for x in inputs], (m1, s1), slice(32, None))
+    assert torch.equal(o, torch.cat([o1, o2], dim=1)) and torch.equal(m, m2) and torch.equal(s, s2)
+
+
+def test_backward_contract_matches_the_cpu_op():
+    # Same outputs as titans_ext::linear_memory_bwd (d_delta included): shapes and dtypes.
+    inputs, init = memory_inputs(1, 20, 2, 8, 6, torch.bfloat16)
+    miras = op_miras_args(("huber", 0.5), "l2", inputs[2], torch.float32)
+    o, m, s, states = emu.linear_memory_fwd(*inputs, *init, 16, True, True, *miras)
+    cpu_states = torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, True, *miras)[3]
+    d_o, d_m = torch.randn_like(o), torch.randn_like(m)
+    emulated = emu.linear_memory_bwd(*inputs, states, d_o, d_m, None, 16, True, *miras)
+    cpu = torch.ops.titans_ext.linear_memory_bwd(*inputs, cpu_states, d_o, d_m, None, 16, True, *miras)
+    assert len(emulated) == len(cpu) == len(GRAD_NAMES) + 1
+    for name, e, c in zip(GRAD_NAMES + ["d_delta"], emulated, cpu):
+        assert e.shape == c.shape and e.dtype == c.dtype, name
+
+
+# ---- The launch plans: a non-l2 objective's backward takes one group per sequence (the reverse scan
+# runs the l2 map only), and a delta adds its read (and d_delta's write) to the traffic.
+
+def test_plans_of_a_non_l2_objective():
+    B, T, H, D, C = 1, 4096, 2, 64, 16
+    l2 = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, emulated=True)
+    huber = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, objective=("huber", 0.5), emulated=True)
+    assert l2["backward"]["n_groups"] > 1, "the l2 shape should split the sequence (else the test proves nothing)"
+    assert huber["backward"]["n_groups"] == 1
+    assert [k["name"] for k in huber["backward"]["kernels"]] == ["linear_memory_bwd_chunks"]
+    delta_bytes = B * T * H * D * 4
+    assert huber["forward"]["kernels"][0]["bytes_read"] == l2["forward"]["kernels"][0]["bytes_read"] + delta_bytes
+    lp = cuda_launch_plan(B, T, H, D, D, C, torch.bfloat16, objective=("lp", 3), emulated=True)
+    assert lp["forward"] == l2["forward"] and lp["backward"]["n_groups"] == 1
+    assert not huber["backward"]["global_carry"]
+    # fp32 at Dk = Dv = 128: the carried cotangent of all Dv (128 KiB) does not fit beside the chunk,
+    # so it goes through dm0 / ds0 (read twice and written once per chunk).
+    wide_l2 = cuda_launch_plan(B, 200, H, 128, 128, 32, torch.float32, emulated=True)
+    wide = cuda_launch_plan(B, 200, H, 128, 128, 32, torch.float32, objective=("lp", 3), emulated=True)
+    assert wide["backward"]["fits"] and wide["backward"]["global_carry"] and wide["backward"]["n_groups"] == 1
+    state_bytes, n_chunks = 2 * B * H * 128 * 128 * 4, -(-200 // 32)
+    [chunks] = wide["backward"]["kernels"]
+    assert chunks["smem_bytes"] <= 227 * 1024
+    assert chunks["bytes_written"] == wide_l2["backward"]["kernels"][-1]["bytes_written"] + n_chunks * state_bytes
+
+
+# ---- Refusals: the options the kernels do not run, named by the operators themselves
+# (titans_ext.linear_memory raises a ValueError before dispatch on CUDA tensors).
+
+@pytest.mark.parametrize("objective, retention, match", [
+    (("yaad", 0.5), "l2", r'do not run objective "yaad"'),
+    ("l2", ("lq", 4), r'run only retention "l2"'),
+    ("l2", "kl", r'run only retention "l2"'),
+])
+def test_unsupported_options_are_refused(objective, retention, match):
+    inputs, init = memory_inputs(1, 8, 1, 8, 8, torch.float32)
+    miras = op_miras_args(objective, retention, inputs[2], torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        emu.linear_memory_fwd(*inputs, *init, 4, True, True, *miras)
+    states = torch.zeros(1, 1, 2, 2, 8, 8)
+    with pytest.raises(RuntimeError, match=match):
+        emu.linear_memory_bwd(*inputs, states, torch.zeros_like(inputs[2]), None, None, 4, True, *miras)
+
+
+# ---- The rest of the grid (pytest -m slow): D in {16, 64, 128}, C in {1, 16, 64}, every dtype, the
+# reads and objectives taken in turn across the cases.
+
+_GRID = list(itertools.product([16, 64, 128], [1, 16, 64], [torch.float32, torch.bfloat16, torch.float16]))
+_OPTIONS = list(itertools.product(["token", "chunk_start"], OBJECTIVE_IDS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(_GRID)))
+def test_grid(index):
+    D, C, dtype = _GRID[index]
+    read, objective = _OPTIONS[index % len(_OPTIONS)]
+    T = 3 * C + 5 if C > 1 else 9
+    plan = cuda_launch_plan(1, T, 2, D, D, C, dtype, read=read, objective=OBJECTIVES[objective](0.5), emulated=True)
+    if not (plan["forward"]["fits"] and plan["backward"]["fits"]):
+        pytest.skip("beyond the kernels' shared memory on an H100 (docs/kernels.md §6.1.10)")
+    check(1, T, 2, D, D, C, dtype, objective=objective, read=read, theta_scale=0.2 if D > 16 else 1.0)
