@@ -31,6 +31,7 @@ from torch import nn
 from ..ops import linear_memory, linear_memory_read, mlp_memory_read
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
 from ..ops.step import linear_memory_step, mlp_memory_step
+from ..reference.miras import lq_scale
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
                      check_unit_interval)
 from .packed import check_packed, document_positions
@@ -511,21 +512,19 @@ class NeuralMemory(nn.Module):
 
         Returns ``o [B, T, H, D]``: every token reads ``memory`` as the op reads it at a chunk
         start. The read ops (:func:`titans_ext.ops.linear_memory_read`, ``mlp_memory_read``) do
-        it without the inner-gradient work of an op call; the ``lq`` retention, which rescales the
-        state at a chunk start, is read through an op call over one chunk with zero gates.
+        it without the inner-gradient work of an op call, for any T on every device (an op call
+        over T tokens in one chunk would need ``chunk_size = T``, which the CUDA kernels cap).
+        With the ``lq`` retention the state is the accumulator A and the op reads the weights
+        ``rho0 A`` (``docs/miras.md`` §2.3), each weight matrix with its own scale.
         """
         weights = memory[0]
-        if self.retention.kind != "lq":
-            if self.memory_kind == "linear":
-                return linear_memory_read(q, weights)
-            return mlp_memory_read(q, weights, self.activation)
-        zero = q.new_zeros(q.shape[:3], dtype=state_dtype_for(q.dtype))
-        # Zero gates write nothing, so the keys, values and objective are placeholders (a learned
-        # delta, when the objective takes one, as well).
-        delta = () if self.delta_proj is None else (torch.ones_like(q, dtype=zero.dtype),)
-        o, _ = self.run_op(q, (q, q, zero, zero, zero, *delta), memory, output_final_state=False,
-                           chunk_size=max(q.shape[1], 1), read="chunk_start")
-        return o
+        if self.retention.kind == "lq":
+            q_norm = self.retention.q
+            weights = (lq_scale(weights, q_norm) * weights if self.memory_kind == "linear"
+                       else tuple(lq_scale(w, q_norm) * w for w in weights))
+        if self.memory_kind == "linear":
+            return linear_memory_read(q, weights)
+        return mlp_memory_read(q, weights, self.activation)
 
     def retrieve(self, x, memory, conv_cache):
         """Reads ``memory`` (op state format) with the queries of ``x [B, T, dim]``, writing nothing.
