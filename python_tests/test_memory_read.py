@@ -70,15 +70,21 @@ def test_mlp_memory_read_equals_the_op_chunk_start_read(dtype, activation):
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
-@pytest.mark.parametrize("retention", ["l2", "kl", ("lq", 3)])
+@pytest.mark.parametrize("retention", ["l2", "kl", ("lq", 3), ("lq", 4), ("lq", 1.5)])
 def test_neural_memory_lookup_reads_as_the_op_does_at_a_chunk_start(memory, retention):
     torch.manual_seed(2)
     layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=4, retention=retention).double()
     _, state = layer(torch.randn(2, 8, 16, dtype=torch.float64))  # a memory that has been written
     q = torch.nn.functional.normalize(torch.randn(2, 5, 2, 8, dtype=torch.float64), dim=-1)
-    weights = state.memory[0]
-    expected = op_read(q, weights, mlp=memory == "mlp", activation=layer.activation, retention=layer.retention)
-    torch.testing.assert_close(layer.lookup(q, state.memory), expected, rtol=1e-12, atol=1e-12)
+    # The read ops with lq's scale rho0 applied to the weights (docs/miras.md §2.3), against the op
+    # that applies it itself: values and gradients in q and in the state's weights.
+    if memory == "linear":
+        compare(lambda q, m: layer.lookup(q, (m, None)),
+                lambda q, m: op_read(q, m, retention=layer.retention), [q, state.memory[0]], torch.float64)
+    else:
+        compare(lambda q, w1, w2: layer.lookup(q, ((w1, w2), None)),
+                lambda q, w1, w2: op_read(q, (w1, w2), mlp=True, activation=layer.activation,
+                                          retention=layer.retention), [q, *state.memory[0]], torch.float64)
 
 
 def test_read_argument_errors():

@@ -77,3 +77,8 @@ def test_readme_decode_step_example_runs():
     """The decode-step example checks itself: a stream of steps equals one chunked call."""
     namespace = readme_example("titans_ext.linear_memory_step(\n")
     assert namespace["state"][0].shape == (2, 4, 32, 32)
+
+
+def test_readme_packed_documents_example_runs():
+    namespace = readme_example("model(tokens, cu_seqlens=cu_seqlens)")
+    assert namespace["logits"].shape == (1, 408, 1000) and namespace["state"] is None

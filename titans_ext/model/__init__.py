@@ -4,6 +4,8 @@
 - :class:`MACBlock`, :class:`MAGBlock`, :class:`MALBlock`, :class:`LMMBlock`: the Titans blocks;
   :class:`SWABlock`: sliding-window attention without memory (the baseline).
 - :class:`TitansLM`: embeddings, blocks, tied head, cached ``generate()``.
+
+Each takes packed documents, ``forward(x, cu_seqlens=...)`` (:mod:`titans_ext.model.packed`).
 """
 
 from .attention import Attention, AttentionCache, SlidingWindowAttention

@@ -4,6 +4,12 @@ the memory alone (LMM), and sliding-window attention alone (SWA, the no-memory b
 Every block maps ``x [B, T, dim] -> x [B, T, dim]`` with pre-norm residual branches and a
 feed-forward, and streams: ``forward(x, state=None) -> (x, state)``, where feeding a sequence
 in pieces with the state carried gives the outputs of one call.
+
+``forward(x, cu_seqlens=cu_seqlens)`` runs packed documents (``x [1, T, dim]``, FlashAttention's
+offsets, :mod:`titans_ext.model.packed`): the result is each document run alone from the start of
+a stream, concatenated. Nothing crosses a document boundary: the memory's chunks and causal
+convolutions restart at each document, the attention windows and MAC segments count from its
+first token. Such a call takes no state and returns None as its state.
 """
 
 from dataclasses import dataclass
@@ -14,6 +20,7 @@ from torch import nn
 from .attention import Attention, AttentionCache, SlidingWindowAttention
 from .checks import check_input, check_positive_int
 from .memory import MemoryState, NeuralMemory
+from .packed import check_packed, run_in_rounds
 
 
 class FeedForward(nn.Module):
@@ -52,9 +59,11 @@ class _MixerBlock(_Block):
     def initial_state(self, batch_size, dtype=torch.float32, device=None):
         return self.mixer.initial_state(batch_size, dtype, device)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, cu_seqlens=None):
         check_input("x", x, self.dim)
-        y, state = self.mixer(self.norm(x), state)
+        if cu_seqlens is not None:
+            check_packed(x, state, cu_seqlens)  # the block's argument is "state" whatever the mixer calls it
+        y, state = self.mixer(self.norm(x), state, cu_seqlens)
         return self.feed_forward(x + y), state
 
 
@@ -99,6 +108,14 @@ class _HybridBlock(_Block):
         return HybridState(self.memory.initial_state(batch_size, dtype, device),
                            self.attention.initial_state(batch_size, dtype, device))
 
+    def part_states(self, x, state, cu_seqlens):
+        """The memory's and the attention's state for a call on ``x`` (None for packed documents)."""
+        if cu_seqlens is not None:
+            check_packed(x, state, cu_seqlens)
+            return None, None
+        state = self.initial_state(x.shape[0], x.dtype, x.device) if state is None else state
+        return state.memory, state.attention
+
 
 class MALBlock(_HybridBlock):
     """Memory as a layer (MAL): ``x + NeuralMemory(norm(x))``, then sliding-window attention
@@ -110,13 +127,13 @@ class MALBlock(_HybridBlock):
         self.memory_norm = nn.RMSNorm(dim)
         self.attention_norm = nn.RMSNorm(dim)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, cu_seqlens=None):
         check_input("x", x, self.dim)
-        state = self.initial_state(x.shape[0], x.dtype, x.device) if state is None else state
-        m, memory_state = self.memory(self.memory_norm(x), state.memory)
+        memory_state, attention_cache = self.part_states(x, state, cu_seqlens)
+        m, memory_state = self.memory(self.memory_norm(x), memory_state, cu_seqlens)
         x = x + m
-        y, attention_cache = self.attention(self.attention_norm(x), state.attention)
-        return self.feed_forward(x + y), HybridState(memory_state, attention_cache)
+        y, attention_cache = self.attention(self.attention_norm(x), attention_cache, cu_seqlens)
+        return self.feed_forward(x + y), None if cu_seqlens is not None else HybridState(memory_state, attention_cache)
 
 
 class MAGBlock(_HybridBlock):
@@ -132,14 +149,15 @@ class MAGBlock(_HybridBlock):
         self.attention_out_norm = nn.RMSNorm(dim)
         self.memory_out_norm = nn.RMSNorm(dim)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, cu_seqlens=None):
         check_input("x", x, self.dim)
-        state = self.initial_state(x.shape[0], x.dtype, x.device) if state is None else state
+        memory_state, attention_cache = self.part_states(x, state, cu_seqlens)
         h = self.norm(x)
-        y, attention_cache = self.attention(h, state.attention)
-        m, memory_state = self.memory(h, state.memory)
+        y, attention_cache = self.attention(h, attention_cache, cu_seqlens)
+        m, memory_state = self.memory(h, memory_state, cu_seqlens)
         gated = self.attention_out_norm(y) * torch.sigmoid(self.memory_out_norm(m))
-        return self.feed_forward(x + gated), HybridState(memory_state, attention_cache)
+        return (self.feed_forward(x + gated),
+                None if cu_seqlens is not None else HybridState(memory_state, attention_cache))
 
 
 @dataclass
@@ -229,8 +247,13 @@ class MACBlock(_Block):
                                           dtype=dtype, device=device)
         return MACState(memory_state, memory_state.memory, retrieve_conv_cache, cache)
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, cu_seqlens=None):
         check_input("x", x, self.dim)
+        if cu_seqlens is not None:
+            check_packed(x, state, cu_seqlens)
+            # The segments of all documents that reach segment j run as one padded batch (the
+            # loop below runs segments in order anyway), not one document after another.
+            return run_in_rounds(self, x, cu_seqlens, self.segment_size), None
         B, T, _ = x.shape
         state = self.initial_state(B, x.dtype, x.device) if state is None else state
         h = self.norm(x)

@@ -5,6 +5,7 @@ from torch import nn
 
 from .blocks import BLOCKS, make_block
 from .checks import check_choice, check_nonnegative_int, check_positive_int, check_tokens
+from .packed import check_packed
 
 
 class TitansLM(nn.Module):
@@ -13,6 +14,13 @@ class TitansLM(nn.Module):
     ``forward(tokens [B, T] int, state=None) -> (logits [B, T, vocab_size] in the parameters'
     dtype, state)``; ``state`` is a list with one state per block (None: the start of a
     stream). Feeding a sequence in pieces with the state carried gives the logits of one call.
+
+    ``forward(tokens [1, T], cu_seqlens=cu_seqlens)`` runs packed documents (FlashAttention's
+    offsets ``[N + 1]``, int32 or int64): the logits are those of each document run alone,
+    concatenated; nothing crosses a document boundary (see :mod:`titans_ext.model.blocks`). Such a
+    call starts every document at the beginning of a stream: ``state`` must be None, and the
+    returned state is None (the documents stand at different positions, a state has one;
+    :mod:`titans_ext.model.packed`).
 
     Args:
         vocab_size: number of token ids.
@@ -54,18 +62,20 @@ class TitansLM(nn.Module):
         dtype = self.embedding.weight.dtype
         return [block.initial_state(batch_size, dtype, device) for block in self.blocks]
 
-    def forward(self, tokens, state=None):
+    def forward(self, tokens, state=None, cu_seqlens=None):
         check_tokens("tokens", tokens, self.vocab_size)
-        if state is not None and (not isinstance(state, list) or len(state) != len(self.blocks)):
+        if cu_seqlens is not None:
+            check_packed(tokens, state, cu_seqlens)
+        elif state is not None and (not isinstance(state, list) or len(state) != len(self.blocks)):
             raise ValueError(f"state: expected a list of {len(self.blocks)} block states (from a previous call) "
                              f"or None, got {type(state).__name__}")
         x = self.embedding(tokens)
         states = [None] * len(self.blocks) if state is None else state
         new_states = []
         for block, block_state in zip(self.blocks, states):
-            x, block_state = block(x, block_state)
+            x, block_state = block(x, block_state, cu_seqlens)
             new_states.append(block_state)
-        return self.norm(x) @ self.embedding.weight.t(), new_states
+        return self.norm(x) @ self.embedding.weight.t(), None if cu_seqlens is not None else new_states
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, *, temperature=0.0, use_cache=True, generator=None):

@@ -31,8 +31,10 @@ from torch import nn
 from ..ops import linear_memory, linear_memory_read, mlp_memory_read
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
 from ..ops.step import linear_memory_step, mlp_memory_step
+from ..reference.miras import lq_scale
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
                      check_unit_interval)
+from .packed import check_packed, document_positions
 
 MEMORY_KINDS = ("linear", "mlp")
 # Objectives that take a threshold delta; NeuralMemory can learn it per token and channel.
@@ -111,6 +113,9 @@ class CausalDepthwiseConv(nn.Module):
     ``forward(x [B, T, C], history [B, K-1, C]) -> (y [B, T, C], new history)``; a zero history is
     the start of a stream, so a stream cut anywhere convolves the same as in one piece.
     ``channels`` (a slice) convolves only those channels (x and history hold just them).
+    ``document_position [T]`` (packed documents, see :mod:`titans_ext.model.packed`): each token's
+    position in its document; taps that reach before the document's first token read zeros, as
+    at the start of a stream.
 
     Computed as K shifted multiply-adds: on the CPU a grouped ``conv1d`` costs several times
     more, most of all on the short pieces a segmented block feeds it.
@@ -123,14 +128,21 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel_size).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
-    def forward(self, x, history, channels=slice(None)):
+    def forward(self, x, history, channels=slice(None), document_position=None):
         padded = torch.cat([history.to(x.dtype), x], dim=1)
         weight, bias = self.weight[channels], self.bias[channels]
-        T = x.shape[1]
-        y = torch.addcmul(bias, padded[:, :T], weight[:, 0])
-        for lag in range(1, self.kernel_size):
-            y = torch.addcmul(y, padded[:, lag:lag + T], weight[:, lag])
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
+        T, K = x.shape[1], self.kernel_size
+
+        def tap(lag):  # the inputs K - 1 - lag tokens back
+            shifted = padded[:, lag:lag + T]
+            if document_position is None or lag == K - 1:
+                return shifted
+            return shifted * (document_position >= K - 1 - lag).to(x.dtype)[:, None]
+
+        y = torch.addcmul(bias, tap(0), weight[:, 0])
+        for lag in range(1, K):
+            y = torch.addcmul(y, tap(lag), weight[:, lag])
+        return y, padded[:, padded.shape[1] - (K - 1):]
 
 
 class NeuralMemory(nn.Module):
@@ -195,9 +207,9 @@ class NeuralMemory(nn.Module):
             scale ``rho0 = ||A||_q^(2-q)`` is 1.
         preset: ``"titans"``, ``"moneta"``, ``"yaad"``, ``"memora"`` or None (the arguments alone).
 
-    ``forward(x, state=None) -> (y, state)``: ``state`` is a :class:`MemoryState` (None: the
-    learned initial memory); feeding a sequence in pieces with the state carried gives the
-    outputs of one call.
+    ``forward(x, state=None, cu_seqlens=None) -> (y, state)``: ``state`` is a :class:`MemoryState`
+    (None: the learned initial memory); feeding a sequence in pieces with the state carried gives
+    the outputs of one call. ``cu_seqlens``: packed documents, see :meth:`forward`.
     """
 
     def __init__(self, dim, heads=4, head_dim=None, memory=None, expansion=2, chunk_size=16, conv_kernel=4,
@@ -300,20 +312,21 @@ class NeuralMemory(nn.Module):
         return MemoryState(memory=memory, conv_cache=conv_cache,
                            step_position=torch.zeros((), dtype=torch.int64, device=device))
 
-    def _convolved(self, x, conv_cache, parts):
+    def _convolved(self, x, conv_cache, parts, document_position=None):
         """The first ``parts`` of q, k, v of ``x [B, T, dim]`` -> ``([B, T, parts, H, D], conv_cache)``."""
         B, T, _ = x.shape
         width = parts * self.heads * self.head_dim
         projected = F.linear(x, self.qkv_proj.weight[:width])
-        convolved, conv_cache = self.qkv_conv(projected, conv_cache, slice(0, width))
+        convolved, conv_cache = self.qkv_conv(projected, conv_cache, slice(0, width), document_position)
         return F.silu(convolved).view(B, T, parts, self.heads, self.head_dim), conv_cache
 
-    def project(self, x, conv_cache):
+    def project(self, x, conv_cache, document_position=None):
         """Op inputs of ``x [B, T, dim]``: ``q [B, T, H, D]`` (unit), the per-token inputs the memory
         learns from, ``(k, v, theta, eta, alpha)`` (k unit, gates ``[B, T, H]`` in fp32, fp64 for
-        fp64 x) plus a learned delta ``[B, T, H, D]`` when there is one, and the new conv cache."""
+        fp64 x) plus a learned delta ``[B, T, H, D]`` when there is one, and the new conv cache.
+        ``document_position``: see :class:`CausalDepthwiseConv`."""
         B, T, _ = x.shape
-        qkv, conv_cache = self._convolved(x, conv_cache, 3)
+        qkv, conv_cache = self._convolved(x, conv_cache, 3, document_position)
         q, k, v = qkv.unbind(dim=2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         state_dtype = state_dtype_for(x.dtype)
@@ -335,10 +348,10 @@ class NeuralMemory(nn.Module):
     def output(self, o, x):
         """``y = W_out(RMSNorm(o) * SiLU(W_gate x))`` for op outputs ``o [B, T, H, D]``, inputs ``x [B, T, dim]``."""
         B, T = o.shape[:2]
-        gated = self.out_norm(o.to(x.dtype)).reshape(B, T, -1) * F.silu(self.out_gate(x))
+        gated = self.out_norm(o.to(x.dtype)).reshape(B, T, self.heads * self.head_dim) * F.silu(self.out_gate(x))
         return self.out_proj(gated)
 
-    def run_op(self, q, inputs, memory, *, output_final_state, chunk_size=None, read=None):
+    def run_op(self, q, inputs, memory, *, output_final_state, chunk_size=None, read=None, cu_seqlens=None):
         """Calls the memory op from ``memory`` (op state format, see :class:`MemoryState`) on the
         queries q and the per-token ``inputs`` of :meth:`project`."""
         chunk_size = self.chunk_size if chunk_size is None else chunk_size
@@ -346,7 +359,7 @@ class NeuralMemory(nn.Module):
         k, v, theta, eta, alpha, *learned_delta = inputs
         objective = (self.objective[0], learned_delta[0]) if learned_delta else self.objective
         options = dict(chunk_size=chunk_size, output_final_state=output_final_state, read=read, objective=objective,
-                       retention=self.retention)
+                       retention=self.retention, cu_seqlens=cu_seqlens)
         if self.memory_kind == "linear":
             return linear_memory(q, k, v, theta, eta, alpha, initial_state=memory, **options)
         import titans_ext  # the MLP op is looked up when used: it may be missing from older builds
@@ -369,20 +382,27 @@ class NeuralMemory(nn.Module):
             return linear_memory_step(q, k, v, theta, eta, alpha, **options)
         return mlp_memory_step(q, k, v, theta, eta, alpha, activation=self.activation, **options)
 
-    def forward(self, x, state=None):
-        """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``."""
-        o, state = self.update(x, state)
+    def forward(self, x, state=None, cu_seqlens=None):
+        """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``.
+
+        ``cu_seqlens``: packed documents (:mod:`titans_ext.model.packed`), ``x [1, T, dim]``; each
+        document is written and read as if alone, from the learned initial memory (its chunks
+        and convolutions start at its first token); ``state`` must be None and None is returned.
+        """
+        o, state = self.update(x, state, cu_seqlens)
         return self.output(o, x), state
 
-    def update(self, x, state=None):
+    def update(self, x, state=None, cu_seqlens=None):
         """Writes ``x [B, T, dim]`` into the memory, each token reading after its own update.
 
         Returns the reads before the output transform, ``o [B, T, H, D]`` (``forward`` is
-        ``output(o, x)``), and the new :class:`MemoryState`. A block that transforms the reads
-        of several calls at once uses this.
+        ``output(o, x)``), and the new :class:`MemoryState` (None with ``cu_seqlens``). A block
+        that transforms the reads of several calls at once uses this.
         """
         check_input("x", x, self.dim)
         B, T, _ = x.shape
+        if cu_seqlens is not None:
+            return self._update_packed(x, state, cu_seqlens), None
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
         elif state.step_position is None:  # a state put together by hand
@@ -398,6 +418,15 @@ class NeuralMemory(nn.Module):
         new_state.conv_cache, new_state.position = conv_cache, state.position + T
         new_state.step_position = state.step_position + T
         return o, new_state
+
+    def _update_packed(self, x, state, cu_seqlens):
+        """The reads of the packed documents of ``x [1, T, dim]``: one op call over all of them."""
+        n_documents = check_packed(x, state, cu_seqlens)
+        _, document_position = document_positions(cu_seqlens, x.shape[1])
+        start = self.initial_state(n_documents, x.dtype, x.device)
+        q, inputs, _ = self.project(x, start.conv_cache[:1], document_position)
+        o, _ = self.run_op(q, inputs, start.memory, output_final_state=False, cu_seqlens=cu_seqlens)
+        return o
 
     def _decode(self, q, inputs, state):
         """Without autograd: decode steps for the tokens of chunks shared with other calls, the
@@ -483,21 +512,19 @@ class NeuralMemory(nn.Module):
 
         Returns ``o [B, T, H, D]``: every token reads ``memory`` as the op reads it at a chunk
         start. The read ops (:func:`titans_ext.ops.linear_memory_read`, ``mlp_memory_read``) do
-        it without the inner-gradient work of an op call; the ``lq`` retention, which rescales the
-        state at a chunk start, is read through an op call over one chunk with zero gates.
+        it without the inner-gradient work of an op call, for any T on every device (an op call
+        over T tokens in one chunk would need ``chunk_size = T``, which the CUDA kernels cap).
+        With the ``lq`` retention the state is the accumulator A and the op reads the weights
+        ``rho0 A`` (``docs/miras.md`` §2.3), each weight matrix with its own scale.
         """
         weights = memory[0]
-        if self.retention.kind != "lq":
-            if self.memory_kind == "linear":
-                return linear_memory_read(q, weights)
-            return mlp_memory_read(q, weights, self.activation)
-        zero = q.new_zeros(q.shape[:3], dtype=state_dtype_for(q.dtype))
-        # Zero gates write nothing, so the keys, values and objective are placeholders (a learned
-        # delta, when the objective takes one, as well).
-        delta = () if self.delta_proj is None else (torch.ones_like(q, dtype=zero.dtype),)
-        o, _ = self.run_op(q, (q, q, zero, zero, zero, *delta), memory, output_final_state=False,
-                           chunk_size=max(q.shape[1], 1), read="chunk_start")
-        return o
+        if self.retention.kind == "lq":
+            q_norm = self.retention.q
+            weights = (lq_scale(weights, q_norm) * weights if self.memory_kind == "linear"
+                       else tuple(lq_scale(w, q_norm) * w for w in weights))
+        if self.memory_kind == "linear":
+            return linear_memory_read(q, weights)
+        return mlp_memory_read(q, weights, self.activation)
 
     def retrieve(self, x, memory, conv_cache):
         """Reads ``memory`` (op state format) with the queries of ``x [B, T, dim]``, writing nothing.
