@@ -265,6 +265,28 @@ def test_saturated_gates_stay_finite():
     assert torch.isfinite(y).all() and state.memory[0].abs().max() < 10
 
 
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_starting_gates_learn_a_repeated_pair_within_four_chunks(chunk_size):
+    """The default gates at initialization make the memory a delta rule on the scale of a few
+    chunks, not a slowly growing sum: one key-value pair written at every token is learned at
+    least halfway (M k . v / |v|^2 >= 0.5) within four chunks. With the former default
+    max_momentum 0.9 the stable max_lr left a fifth of today's step (about 0.3 here), and the
+    models of the recall benchmark stayed at chance for the first third of their training
+    (docs/design.md §4.1, issue 16)."""
+    torch.manual_seed(7)
+    heads, D, T = 2, 16, 4 * chunk_size
+    layer = NeuralMemory(heads * D, heads=heads, chunk_size=chunk_size)
+    # The gates of an input the gate projection maps to zero: their biases, the starting gates.
+    gates = torch.sigmoid(layer.gate_proj.bias.detach()).view(3, heads).expand(1, T, 3, heads)
+    theta, eta, alpha = layer.max_lr * gates[:, :, 0], layer.max_momentum * gates[:, :, 1], gates[:, :, 2]
+    k = torch.nn.functional.normalize(torch.randn(1, 1, heads, D), dim=-1).expand(1, T, heads, D)
+    v = torch.randn(1, 1, heads, D).expand(1, T, heads, D)
+    _, (M, _) = titans_ext.linear_memory(k, k, v, theta, eta, alpha, chunk_size=chunk_size,
+                                         initial_state=layer.initial_state(1).memory, output_final_state=True)
+    learned = torch.einsum("bhij,bhj,bhi->bh", M, k[:, -1], v[:, -1]) / v[:, -1].pow(2).sum(-1)
+    assert (learned >= 0.5).all(), learned
+
 # --- argument errors -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -193,8 +193,12 @@ class NeuralMemory(nn.Module):
             and a MAC segment must be a multiple of it.
         conv_kernel: width of the causal depthwise convolutions (>= 1; 1 is no mixing in time).
         max_lr: upper bound of the inner learning rate theta (default: the stable bound above).
-        max_momentum: upper bound of the momentum gate eta, in [0, 1] (default 0.9, or the
-            preset's); 0 is plain gradient descent.
+        max_momentum: upper bound of the momentum gate eta, in [0, 1] (default 0.5, or the
+            preset's); 0 is plain gradient descent. The stable ``max_lr`` shrinks as
+            ``1 - max_momentum``, so the bound trades momentum for inner step: at 0.9 a token's
+            step at the starting gates is about 1 % of its value (chunk 4), the memory stays a
+            slowly growing sum of everything written rather than a delta rule, and models
+            learned long-range recall late or not at all (``docs/design.md`` §4.1).
         activation: ``"gelu"`` or ``"silu"``, the MLP memory's activation.
         read: ``"token"`` (read after each token's update) or ``"chunk_start"``.
         objective: the op's ``objective`` (default ``"l2"``, or the preset's); for ``"huber"``,
@@ -218,7 +222,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         if preset is not None:
             check_choice("preset", preset, tuple(PRESETS))
-        chosen = PRESETS.get(preset, dict(memory="linear", objective="l2", retention="l2", max_momentum=0.9))
+        chosen = PRESETS.get(preset, dict(memory="linear", objective="l2", retention="l2", max_momentum=0.5))
         memory = chosen["memory"] if memory is None else memory
         objective = chosen["objective"] if objective is None else objective
         retention = chosen["retention"] if retention is None else retention
