@@ -107,10 +107,11 @@ def test_mlp_memory_at_tile_sized_shapes_matches_reference(read):
         assert_close(name, r, o, TOLERANCE[torch.float64])
 
 
-def _build_and_run_matmul_check(compiler, tmp_path, run_prefix=(), extra_flags=()):
-    sources = [ROOT / "python_tests/cpp/matmul_check.cpp", ROOT / "csrc/cpu/matmul.cpp", ROOT / "csrc/cpu/cpu_isa.cpp",
+def _build_and_run_check(check, compiler, tmp_path, run_prefix=(), extra_flags=()):
+    """Builds python_tests/cpp/<check>.cpp with the per-variant kernels and runs it."""
+    sources = [ROOT / f"python_tests/cpp/{check}.cpp", ROOT / "csrc/cpu/matmul.cpp", ROOT / "csrc/cpu/cpu_isa.cpp",
                *sorted((ROOT / "csrc/cpu").glob("isa_*.cpp"))]
-    exe = tmp_path / "matmul_check"
+    exe = tmp_path / check
     subprocess.run([compiler, "-O2", "-std=c++20", *extra_flags, f"-I{ROOT / 'csrc'}", *map(str, sources), "-o",
                     str(exe)], check=True, timeout=600)
     result = subprocess.run([*run_prefix, str(exe)], capture_output=True, text=True, timeout=600)
@@ -118,11 +119,13 @@ def _build_and_run_matmul_check(compiler, tmp_path, run_prefix=(), extra_flags=(
     return result.stdout
 
 
-def test_matmul_of_every_variant_matches_a_plain_loop(tmp_path):
+@pytest.mark.parametrize("check", ["matmul_check", "activation_check"])
+def test_kernels_of_every_variant_match_a_plain_loop(check, tmp_path):
+    """The matrix product against a triple loop, the activations against libm (python_tests/cpp/)."""
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    out = _build_and_run_matmul_check(compiler, tmp_path)
+    out = _build_and_run_check(check, compiler, tmp_path)
     for name in titans_ext.supported_cpu_isas():
         assert f"{name}: " in out, out
 
@@ -131,5 +134,5 @@ def test_matmul_on_aarch64_under_qemu(tmp_path):
     compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if compiler is None or qemu is None:
         pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu qemu-user)")
-    out = _build_and_run_matmul_check(compiler, tmp_path, run_prefix=(qemu,), extra_flags=("-static",))
+    out = _build_and_run_check("matmul_check", compiler, tmp_path, run_prefix=(qemu,), extra_flags=("-static",))
     assert out.startswith("default: "), out

@@ -161,6 +161,33 @@ TITANS_ISA_TARGET void pack_panel(bool trans_b, int K, int cols, const T* B, ind
   }
 }
 
+// Starts loading the part of B that pack_panel reads for the panel at column j0, into the
+// cache: issued one panel ahead, it overlaps with the products of the current panel. A panel's
+// rows of B are a row stride apart (or, transposed, K elements long), and often cold: the
+// backward reads the chunk-start states it saved in the forward from memory, and the hardware
+// prefetchers do not follow one cache line per row far enough ahead.
+template <class Tile, typename T>
+TITANS_ISA_TARGET void prefetch_panel(bool trans_b, int K, int cols, const T* B, index_t ldb, int j0) {
+  constexpr int kLine = 64 / int(sizeof(T));
+  if (!trans_b) {
+    for (int k = 0; k < K; ++k) {
+      const T* row = B + k * ldb + j0;
+      __builtin_prefetch(row);
+      __builtin_prefetch(row + cols - 1);  // the row's part may straddle two lines
+      asm volatile("" : : "r"(row));      // keeps the loop (prefetch_rows, kernel_utils.h)
+    }
+    return;
+  }
+  for (int j = 0; j < cols; ++j) {
+    const T* row = B + index_t(j0 + j) * ldb;
+    for (int k = 0; k < K; k += kLine) {
+      __builtin_prefetch(row + k);
+      asm volatile("" : : "r"(row + k));
+    }
+    __builtin_prefetch(row + K - 1);
+  }
+}
+
 // C[0:R, 0:cols] = beta C + alpha A[0:R, :] B_panel (beta == 0: C is not read), with A's element
 // (r, k) at A[k * lda + r] (kTransA) or A[r * lda + k], and the panel's row k at B + k * ldb.
 template <class Tile, typename T, int R, bool kTransA>
@@ -249,6 +276,7 @@ TITANS_ISA_TARGET void matmul_tiled(bool trans_a, bool trans_b, int M, int N, in
   for (int j0 = 0; j0 < N; j0 += P) {
     const int cols = std::min(P, N - j0);
     pack_panel<Tile, T>(trans_b, K, cols, B, ldb, j0, panel.data());
+    if (j0 + P < N) prefetch_panel<Tile, T>(trans_b, K, std::min(P, N - j0 - P), B, ldb, j0 + P);
     if (trans_a) panel_product<Tile, T, true>(tri, M, K, alpha, A, lda, panel.data(), beta, C + j0, ldc, j0, cols);
     else panel_product<Tile, T, false>(tri, M, K, alpha, A, lda, panel.data(), beta, C + j0, ldc, j0, cols);
   }
