@@ -55,8 +55,13 @@ inline double scan_chunk_work(const LinearMemoryParams& p, InputType type, int t
 LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputType type, const DeviceLimits& device,
                                            bool has_final_cotangent) {
   LinearMemoryBwdPlan plan;
+  // n: the chunks of a sequence (with cu_seqlens, of the longest one possible, ceil(T / C)).
   const int n = p.n_chunks;
-  const int64_t heads = int64_t(p.batch) * p.heads;
+  const int64_t heads = int64_t(sequence_rows(p)) * p.heads;
+  // The chunk kernel's blocks for a group size (with cu_seqlens its grid's bound, sequences.h).
+  const auto chunk_blocks = [&](int group, int n_groups) {
+    return p.cu_seqlens ? sequence_units(p, group) * p.heads : int64_t(n_groups > 0 ? n_groups : 1) * heads;
+  };
   double best = -1;
   size_t smallest_smem = 0;
   for (int group = 1;; group = group * 2 < n ? group * 2 : n) {
@@ -74,7 +79,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
     }
     if (slice > 0) {
       const int n_groups = n > 0 ? (n + group - 1) / group : 0;
-      const int64_t blocks = int64_t(n_groups > 0 ? n_groups : 1) * heads;
+      const int64_t blocks = chunk_blocks(group, n_groups);
       // A chunk: its MMAs on the SM, or its barriers and the chain of its slices' products.
       const int slices = (p.dv + slice - 1) / slice;
       const double chain = slices * double(kernel::round_up(p.dk, 16) / 16 + kernel::round_up(3 * slice, 16) / 16);
@@ -109,10 +114,12 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   plan.fits = best >= 0;
 
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  const int64_t state = int64_t(p.batch) * p.heads * p.dv * p.dk;
+  const int64_t state = int64_t(sequence_rows(p)) * p.heads * p.dv * p.dk;
+  const int64_t row_states = int64_t(p.batch) * p.heads * p.dv * p.dk;  // a state per (batch row, head)
   const int in = input_type_bytes(type), cmp = compute_type_bytes(type);
   const int64_t final_cotangent = has_final_cotangent ? 2 * state * cmp : 0;
-  const int64_t group_cotangents = plan.n_groups > 1 ? int64_t(plan.n_groups - 1) * 2 * state * in : 0;
+  const int64_t group_slots = p.cu_seqlens ? sequence_units(p, plan.group) : plan.n_groups - 1;
+  const int64_t group_cotangents = plan.n_groups > 1 ? group_slots * 2 * row_states * in : 0;
   if (plan.n_groups > 1) {
     KernelPlan& scan = plan.add_kernel("linear_memory_bwd_scan");
     scan.threads = lm::kScanThreads;
@@ -125,9 +132,9 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   KernelPlan& chunks = plan.add_kernel("linear_memory_bwd_chunks");
   chunks.threads = lm::kChunkThreads;
   chunks.smem_bytes = plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry) : smallest_smem;
-  chunks.blocks = int64_t(plan.n_groups > 0 ? plan.n_groups : 1) * heads;
+  chunks.blocks = chunk_blocks(plan.group, plan.n_groups);
   chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) +
-                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent;
+                      linear_memory_checkpoints(p, type) * 2 * row_states * in + group_cotangents + final_cotangent;
   chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp;
   return plan;
 }
@@ -135,7 +142,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType input_type,
                              const LinearMemoryBwdPlan& plan, const LinearMemoryBwdWorkspace& workspace,
                              CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
+  if (sequence_rows(params) == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   return static_cast<int>(kernel::dispatch_input_type(input_type, [&](auto input) {
     using input_t = decltype(input);
     device::Error err = device::kSuccess;
@@ -144,7 +151,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
       err = lm::dispatch_scan_tile(plan.scan_tile, [&](auto tile) {
         constexpr int kTile = decltype(tile)::value;
         return device::launch("linear_memory_bwd_scan", lm::linear_memory_bwd_scan_kernel<input_t, kTile>,
-                              dim3((params.dv + kTile - 1) / kTile, params.heads, params.batch),
+                              dim3((params.dv + kTile - 1) / kTile, params.heads, sequence_rows(params)),
                               dim3(lm::kScanThreads), plan.kernels[next].smem_bytes, stream, params, workspace,
                               plan.group);
       });
@@ -154,7 +161,8 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
     return lm::dispatch_slice<input_t>(plan.slice, [&](auto slice) {
       constexpr int kSlice = decltype(slice)::value;
       return device::launch("linear_memory_bwd_chunks", lm::linear_memory_bwd_chunks_kernel<input_t, kSlice>,
-                            dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),
+                            params.cu_seqlens ? dim3(unsigned(sequence_units(params, plan.group)), params.heads, 1)
+                                              : dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),
                             dim3(lm::kChunkThreads), plan.kernels[next].smem_bytes, stream, params, workspace,
                             plan.group, plan.carry);
     });
