@@ -124,7 +124,7 @@ def test_packed_plan_sizes_grids_from_T_and_N():
     assert forward["buffers"] == [{"name": "checkpoints", "bytes": (T // CHUNK + N) * H * 2 * Dv * Dk * 4}]
 
 
-@pytest.mark.parametrize("launch", ["groups", "chunk"])
+@pytest.mark.parametrize("launch", ["sequence", "groups", "chunk"])
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 def test_linear_packed_is_each_sequence_alone(launch, read):
     steer(LENGTHS, launch, read=read)

@@ -13,6 +13,8 @@
 // cotangents for the parallelism of more blocks.
 #pragma once
 
+#include <algorithm>
+
 #include "cuda/common/launch.cuh"
 #include "cuda/linear_memory_bwd.h"
 #include "cuda/linear_memory_bwd_chunks.cuh"
@@ -83,8 +85,14 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
       // A chunk: its MMAs on the SM, or its barriers and the chain of its slices' products.
       const int slices = (p.dv + slice - 1) / slice;
       const double chain = slices * double(kernel::round_up(p.dk, 16) / 16 + kernel::round_up(3 * slice, 16) / 16);
-      double cost = double(kernel::waves(blocks, 1, device)) * group *
-                    lm::step_cycles(lm::chunks_chunk_work(p, type), 1, chain, 3 * slices + 5);
+      // Chunks one SM walks: every block walks `group`, in waves; with cu_seqlens a block walks at
+      // most `group` of its sequence's and all blocks together at most T / C + N per head
+      // (sequences.h), so the larger of that spread over the SMs and one block's walk.
+      const int64_t sms = device.sm_count > 0 ? device.sm_count : 1;
+      const double packed_spread = double(sequence_units(p, 1) * p.heads) / double(std::min(blocks, sms));
+      const double chunks_per_sm = p.cu_seqlens ? std::max(packed_spread, double(group))
+                                                : double(kernel::waves(blocks, 1, device)) * group;
+      double cost = chunks_per_sm * lm::step_cycles(lm::chunks_chunk_work(p, type), 1, chain, 3 * slices + 5);
       int scan_tile = 16;
       if (n_groups > 1) {
         double scan_best = -1;
@@ -93,7 +101,6 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
           if (scan_smem > device.max_shared_bytes) continue;
           const int64_t scan_blocks = int64_t((p.dv + tile - 1) / tile) * heads;
           const int64_t resident = kernel::resident_blocks_per_sm(scan_smem, device, 2);
-          const int64_t sms = device.sm_count > 0 ? device.sm_count : 1;
           const int64_t per_sm = (scan_blocks + sms - 1) / sms;
           const double chain = double(2 * kernel::round_up(p.dk, 16) / 16 + kernel::round_up(p.chunk_size, 16) / 16);
           const double scan_cost = double(kernel::waves(scan_blocks, resident, device)) * (n - group) *
