@@ -11,8 +11,9 @@
 // entries end before sequence i + 1's first, and the last sequence's by T / (C unit) + N, for every
 // split of T tokens into N sequences; a block finds its sequence by a binary search over the
 // offsets, so no kernel needs a prefix sum over the sequences (the CPU kernels' chunk_offsets).
-// The cost against that prefix sum: at most about N / unit + 1 more entries per head, never read
-// or written beyond the ones the sequences use.
+// The cost: entries no sequence uses, up to N per head against the exact count of a split (about
+// N / C + 1 more than the CPU layout's bound for unit 1), zeroed once by the binding where they
+// are an output, and the blocks a kernel runs on them, which exit at once.
 #pragma once
 
 #include <cstdint>
