@@ -1,4 +1,5 @@
-"""Packed variable-length sequences (cu_seqlens) against padding to the longest one, on the CPU.
+"""Packed variable-length sequences (cu_seqlens) against padding to the longest one, on the CPU
+and, where there is a GPU, on CUDA.
 
     python -m bench.varlen [--sequences 8] [--scale 8] [--repeats 5] [--out bench/results/varlen.md]
 
@@ -11,7 +12,8 @@ sequence's outputs on its real tokens are those of its packed sequence (the padd
 them), which the "error" column checks. Times are medians of forward and forward+backward over
 rounds that time both layouts in turn (the load of a shared machine drifts); ratio = padded
 time / packed time. What to expect: the kernels' work is proportional to the
-tokens they run, so the ratio approaches N * max(len) / sum(len).
+tokens they run, so the ratio approaches N * max(len) / sum(len) (on a GPU only once the
+sequences are long enough to fill it: the kernels run a block per (sequence, head) at least).
 """
 
 import argparse
@@ -63,12 +65,13 @@ def padded_inputs(packed, cu_seqlens):
     return rows
 
 
-def initial_state(op, n):
+def initial_state(op, n, device):
     g = torch.Generator().manual_seed(SEED + 2)
     if op == "linear_memory":
-        return {"initial_state": tuple(0.1 * torch.randn(n, H, D, D, generator=g) for _ in range(2))}
+        return {"initial_state": tuple((0.1 * torch.randn(n, H, D, D, generator=g)).to(device) for _ in range(2))}
     N = EXPANSION * D
-    return {"weights": (torch.randn(n, H, N, D, generator=g) * D ** -0.5, torch.randn(n, H, D, N, generator=g) * N ** -0.5)}
+    return {"weights": ((torch.randn(n, H, N, D, generator=g) * D ** -0.5).to(device),
+                        (torch.randn(n, H, D, N, generator=g) * N ** -0.5).to(device))}
 
 
 def call(op, tokens, state, **kwargs):
@@ -83,7 +86,7 @@ def fwd_bwd(op, tokens, state, **kwargs):
     torch.autograd.grad(o.square().sum(), leaves)
 
 
-def interleaved_medians(op, layouts, n, repeats):
+def interleaved_medians(op, layouts, n, repeats, device):
     """{layout name: (forward ms, forward+backward ms)}, medians of ``repeats`` rounds after one
     warm-up round. Each round times every layout in turn, so that the load of a shared machine,
     which drifts over seconds, weighs on all of them alike (the comparison is the point)."""
@@ -91,14 +94,17 @@ def interleaved_medians(op, layouts, n, repeats):
         with torch.no_grad():
             call(op, tokens, state, **kwargs)
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     samples = {name: ([], []) for name, _, _ in layouts}
     for round_ in range(repeats + 1):
         for name, tokens, kwargs in layouts:
-            state = initial_state(op, n)
+            state = initial_state(op, n, device)
             for run, times in ((lambda: forward(tokens, state, kwargs), samples[name][0]),
                                (lambda: fwd_bwd(op, tokens, state, **kwargs), samples[name][1])):
+                sync()
                 start = time.perf_counter()
                 run()
+                sync()
                 if round_:
                     times.append((time.perf_counter() - start) * 1e3)
     return {name: (statistics.median(fwd), statistics.median(both)) for name, (fwd, both) in samples.items()}
@@ -122,33 +128,39 @@ def main():
 
     load = os.getloadavg()[0]
     lengths = draw_lengths(args.sequences, args.scale)
-    packed, cu_seqlens = packed_inputs(lengths)
-    padded = padded_inputs(packed, cu_seqlens)
+    cpu_packed, cpu_cu_seqlens = packed_inputs(lengths)
+    cpu_padded = padded_inputs(cpu_packed, cpu_cu_seqlens)
     n, T, longest = len(lengths), sum(lengths), max(lengths)
+    header = ["device", "op", "layout", "fwd ms", "fwd+bwd ms", "real tokens/s (fwd+bwd)", "fwd ratio",
+              "fwd+bwd ratio", "error"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for op in ("linear_memory", "mlp_memory"):
-        with torch.no_grad():
-            packed_o, _ = call(op, packed, initial_state(op, n), cu_seqlens=cu_seqlens)
-            padded_o, _ = call(op, padded, initial_state(op, n))
-        error = output_error(packed_o, padded_o, cu_seqlens)
-        layouts = (("packed (cu_seqlens)", packed, {"cu_seqlens": cu_seqlens}), ("padded to the longest", padded, {}))
-        times = interleaved_medians(op, layouts, n, args.repeats)
-        base = times["packed (cu_seqlens)"]
-        for name, (fwd, both) in times.items():
-            rows.append([op if op == "linear_memory" else f"mlp_memory (E = {EXPANSION})", name, f"{fwd:.1f}",
-                         f"{both:.1f}", f"{T / both * 1e3:,.0f}", f"{fwd / base[0]:.2f}x", f"{both / base[1]:.2f}x",
-                         f"{error:.1e}" if name != "packed (cu_seqlens)" else "-"])
-        print(markdown_table(["op", "layout", "fwd ms", "fwd+bwd ms", "real tokens/s (fwd+bwd)", "fwd ratio",
-                              "fwd+bwd ratio", "error"], rows[-2:]), flush=True)
+    for device in devices:
+        packed, padded = [x.to(device) for x in cpu_packed], [x.to(device) for x in cpu_padded]
+        cu_seqlens = cpu_cu_seqlens.to(device)
+        for op in ("linear_memory", "mlp_memory"):
+            with torch.no_grad():
+                packed_o, _ = call(op, packed, initial_state(op, n, device), cu_seqlens=cu_seqlens)
+                padded_o, _ = call(op, padded, initial_state(op, n, device))
+            error = output_error(packed_o.cpu(), padded_o.cpu(), cpu_cu_seqlens)
+            layouts = (("packed (cu_seqlens)", packed, {"cu_seqlens": cu_seqlens}),
+                       ("padded to the longest", padded, {}))
+            times = interleaved_medians(op, layouts, n, args.repeats, device)
+            base = times["packed (cu_seqlens)"]
+            for name, (fwd, both) in times.items():
+                rows.append([device, op if op == "linear_memory" else f"mlp_memory (E = {EXPANSION})", name,
+                             f"{fwd:.1f}", f"{both:.1f}", f"{T / both * 1e3:,.0f}", f"{fwd / base[0]:.2f}x",
+                             f"{both / base[1]:.2f}x", f"{error:.1e}" if name != "packed (cu_seqlens)" else "-"])
+            print(markdown_table(header, rows[-2:]), flush=True)
 
-    title = (f"Packed (cu_seqlens) vs padded, CPU, N={n} sequences of lengths {lengths} (drawn from 256..8192, "
+    gpu = f", CUDA on {torch.cuda.get_device_name()}" if "cuda" in devices else ""
+    title = (f"Packed (cu_seqlens) vs padded, CPU{gpu}, N={n} sequences of lengths {lengths} (drawn from 256..8192, "
              f"divided by {args.scale}; T={T}, padded to {longest}: {n * longest / T:.2f}x the tokens), H={H}, "
              f"D={D}, chunk {CHUNK}, fp32 ({platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at "
              f"the start, {torch.get_num_threads()} threads, torch {torch.__version__}; "
              f"{datetime.date.today().isoformat()}); ratio = time / packed time; error = relative RMS difference "
              "of the padded outputs on the real tokens from the packed ones")
-    table = markdown_table(["op", "layout", "fwd ms", "fwd+bwd ms", "real tokens/s (fwd+bwd)", "fwd ratio",
-                            "fwd+bwd ratio", "error"], rows)
+    table = markdown_table(header, rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(f"{title}\n\n{table}\n")
     print(f"\n{title}\n\n{table}\nwrote {args.out}")

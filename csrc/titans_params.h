@@ -54,7 +54,9 @@ struct SequenceParams {
   int chunk_size = 0;
   // Saved chunk-start state slots per (batch, head): ceil(seqlen / chunk_size), or with
   // cu_seqlens (seqlen + n_seqs (chunk_size - 1)) / chunk_size, the most chunks any split of the
-  // seqlen tokens into n_seqs sequences has, so that no shape depends on the offsets' values.
+  // seqlen tokens into n_seqs sequences has, so that no shape depends on the offsets' values. The
+  // CUDA kernels keep ceil(seqlen / chunk_size) with cu_seqlens too (the longest sequence's
+  // chunks) and size their buffers by cuda/common/sequences.h.
   int n_chunks = 0;
   bool read_token = true;
 
@@ -62,9 +64,9 @@ struct SequenceParams {
   // every batch row is one sequence (n_seqs == batch). Else batch == 1 and cu_seqlens holds
   // n_seqs + 1 non-decreasing token offsets from 0 to seqlen: sequence i is tokens
   // cu_seqlens[i] .. cu_seqlens[i + 1] - 1, run from its own initial state with its chunks counted
-  // from its first token; initial and final states are [n_seqs, H, ...]. chunk_offsets (n_seqs + 1
-  // entries, set with cu_seqlens): sequence i's chunk-start states are saved in the slots
-  // chunk_offsets[i] .. chunk_offsets[i + 1] - 1 of each head.
+  // from its first token; initial and final states are [n_seqs, H, ...]. chunk_offsets (the CPU
+  // kernels'; n_seqs + 1 entries, set with cu_seqlens): sequence i's chunk-start states are saved
+  // in the slots chunk_offsets[i] .. chunk_offsets[i + 1] - 1 of each head.
   const int64_t* cu_seqlens = nullptr;
   const int64_t* chunk_offsets = nullptr;
   int n_seqs = 0;
@@ -108,7 +110,8 @@ struct LinearMemoryParams : SequenceParams {
   void* m_final_ptr = nullptr;
   void* s_final_ptr = nullptr;
   // The chunk-start states the backward needs: contiguous [B, H, n_chunks, 2, Dv, Dk]
-  // (index 0: M, index 1: S; with cu_seqlens only the slots of chunk_offsets are written).
+  // (index 0: M, index 1: S; with cu_seqlens only the sequences' slots are written; the CUDA
+  // kernels' layout: cuda/linear_memory_fwd.h).
   // nullptr when no backward will run.
   void* chunk_states_ptr = nullptr;
 };

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import titans_ext
-from titans_ext.ops.checks import check_cu_seqlens_device
 from titans_ext.reference import (linear_memory_chunked, linear_memory_recurrent, mlp_memory_chunked,
                                   mlp_memory_recurrent)
 
@@ -348,32 +347,19 @@ def test_offsets_checked_by_the_kernel_without_value_checks(monkeypatch):
         _bad_offsets_call("mlp", torch.tensor([0, 3, 5]))()
 
 
-def test_cuda_tensors_refuse_offsets_by_name():
-    """The CUDA kernels do not take packed sequences yet: the ops say so (checked here without a
-    GPU on the check itself; the test below runs the op where there is one)."""
-    cu = torch.tensor([0, 3])
-    with pytest.raises(ValueError, match="cu_seqlens: the CUDA kernels do not take packed sequences yet"):
-        check_cu_seqlens_device(torch.device("cuda", 0), cu)
-    check_cu_seqlens_device(torch.device("cpu"), cu)
-    check_cu_seqlens_device(torch.device("cuda", 0), None)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_op_refuses_offsets():
-    inputs, init = _linear_case(lengths=(3, 3), dtype=torch.float32)
-    inputs, init = [x.cuda() for x in inputs], tuple(x.cuda() for x in init)
-    with pytest.raises(ValueError, match="cu_seqlens: the CUDA kernels do not take packed sequences yet"):
-        titans_ext.linear_memory(*inputs, initial_state=init, cu_seqlens=offsets((3, 3)).cuda())
-
-
 # ---- opcheck and torch.compile
 
 
+# The CUDA kernels take cu_seqlens too (python_tests/test_varlen_emulated.py runs them emulated).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_linear(requires_grad):
+def test_opcheck_linear(requires_grad, device):
     inputs, init = _linear_case(dtype=torch.float32)
-    cu = offsets(LENGTHS)
-    args = [x.requires_grad_(requires_grad) for x in inputs + list(init)]
+    cu = offsets(LENGTHS).to(device)
+    args = [x.to(device).requires_grad_(requires_grad) for x in inputs + list(init)]
     torch.library.opcheck(torch.ops.titans_ext.linear_memory_fwd.default, (*args, 4, True, True),
                           {"cu_seqlens": cu})
     q, k, v, theta, eta, alpha, m0, s0 = (x.detach() for x in args)
@@ -383,11 +369,12 @@ def test_opcheck_linear(requires_grad):
     torch.library.opcheck(torch.ops.titans_ext.linear_memory_bwd.default, bwd_args, {"cu_seqlens": cu})
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_mlp(requires_grad):
+def test_opcheck_mlp(requires_grad, device):
     inputs, weights, moments = _mlp_case(dtype=torch.float32)
-    cu = offsets(LENGTHS, torch.int64)
-    args = [x.requires_grad_(requires_grad) for x in inputs + list(weights) + list(moments)]
+    cu = offsets(LENGTHS, torch.int64).to(device)
+    args = [x.to(device).requires_grad_(requires_grad) for x in inputs + list(weights) + list(moments)]
     torch.library.opcheck(torch.ops.titans_ext.mlp_memory_fwd.default, (*args, 3, True, "gelu", True),
                           {"cu_seqlens": cu})
     q, k, v, theta, eta, alpha, w1, w2, s1, s2 = (x.detach() for x in args)
@@ -408,10 +395,11 @@ def test_saved_states_have_a_static_shape():
     assert not states[:, :, 3:].any() and states[:, :, :3].any()
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
     inputs, init = _linear_case(dtype=torch.float32)
     mlp_tokens, weights, moments = _mlp_case(dtype=torch.float32)
-    cu = offsets(LENGTHS)
+    cu = offsets(LENGTHS).to(device)
 
     def step(*tensors):
         o, (m, s) = titans_ext.linear_memory(*tensors[:3], tensors[3].sigmoid(), *tensors[4:6], chunk_size=4,
@@ -420,7 +408,7 @@ def test_torch_compile_fullgraph():
                                                          chunk_size=3, output_final_state=True, cu_seqlens=cu)
         return o.square().sum() + m.sum() + s.sum() + o2.square().sum() + sum(x.sum() for x in (W1, W2, S1, S2))
 
-    tensors = inputs + list(init) + mlp_tokens + list(weights) + list(moments)
+    tensors = [x.to(device) for x in inputs + list(init) + mlp_tokens + list(weights) + list(moments)]
     names = [f"gradient {i}" for i in range(len(tensors))]
     assert_compile_matches_eager(step, tensors, names)
 

@@ -6,6 +6,7 @@
 #include <optional>
 #include <tuple>
 
+#include "binding/packed_sequences.h"
 #include "binding/tensor_params.h"
 #include "cuda/linear_memory_bwd.h"
 
@@ -26,7 +27,7 @@ inline InputType input_type(const Tensor& x) { return input_type(x.scalar_type()
 
 // The kernels' limits (linear_memory_fwd.h); titans_ext.linear_memory raises a ValueError for the
 // first two before dispatch, this guards direct calls of the operators.
-inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
+inline void check_device_limits(const Tensor& q, int64_t chunk_size, const DeviceSequences& sequences) {
   STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize, "linear_memory: chunk_size must be in 1..",
                   kCudaMaxChunkSize, " for the CUDA kernels (16, 32 and 64 are the tuned sizes), got ", chunk_size);
   STD_TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMaxKeyDim, "linear_memory: the CUDA kernels support Dk <= ",
@@ -36,6 +37,8 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size) {
                   "linear_memory: the CUDA kernels support batch and heads up to ", kCudaMaxGridYZ,
                   " each, got q of shape ", shape_str(q),
                   " (fold the batch into fewer, longer sequences or process it in parts)");
+  STD_TORCH_CHECK(sequences.n_seqs() <= kCudaMaxGridYZ, "linear_memory: the CUDA kernels support up to ",
+                  kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
 // The MIRAS options the device kernels run: every objective but yaad (whose switch reads a token's
@@ -67,9 +70,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
     bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-    int64_t retention, double retention_q, const DeviceLimits& device, const Launch& launch) {
-  check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size);
-  check_device_limits(q, chunk_size);
+    int64_t retention, double retention_q, const DeviceSequences& sequences, const DeviceLimits& device,
+    const Launch& launch) {
+  check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size, sequences.n_seqs());
+  check_device_limits(q, chunk_size, sequences);
   check_device_miras(objective, retention);
   const InputType type = input_type(q);
   const ScalarType dtype = compute_dtype(q);
@@ -78,11 +82,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
   const auto m0_c = contiguous_in(m0, dtype), s0_c = contiguous_in(s0, dtype), delta_c = contiguous_in(delta, dtype);
   LinearMemoryParams params =
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
+  sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
-  const auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
-                                             linear_memory_checkpoints(params.n_chunks, type));
+  auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
+                                       linear_memory_checkpoints(params, type));
+  // Packed, the checkpoint entries no sequence uses are zeros: an op's outputs must not depend on
+  // uninitialized memory (one more write of the checkpoints, only with cu_seqlens).
+  if (sequences.packed() && save_states) torch::stable::zero_(out.chunk_states);
   launch(params, type, plan);
   return {out.o, out.m_final, out.s_final, out.chunk_states};
 }
@@ -100,9 +108,10 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
                                            const std::optional<Tensor>& d_s_final, int64_t chunk_size,
                                            bool read_token, int64_t objective, double p, double eps,
                                            const std::optional<Tensor>& delta, int64_t retention,
-                                           double retention_q, const DeviceLimits& device, const Launch& launch) {
-  check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size);
-  check_device_limits(q, chunk_size);
+                                           double retention_q, const DeviceSequences& sequences,
+                                           const DeviceLimits& device, const Launch& launch) {
+  check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size, sequences.n_seqs());
+  check_device_limits(q, chunk_size, sequences);
   check_device_miras(objective, retention);
   STD_TORCH_CHECK(same_shape(d_o, v), "linear_memory_bwd: d_o must have the shape of v / o");
   STD_TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
@@ -119,9 +128,10 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
   LinearMemoryBwdParams params;
   static_cast<LinearMemoryParams&>(params) = linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, std::nullopt,
                                                                   std::nullopt, chunk_size, read_token);
+  sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads *
-                                          linear_memory_checkpoints(params.n_chunks, type) * 2 * params.dv * params.dk,
+  STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * linear_memory_checkpoints(params, type) *
+                                          2 * params.dv * params.dk,
                   "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   const LinearMemoryBwdPlan plan = linear_memory_bwd_plan(params, type, device, dm_c || ds_c);
   check_shared_memory("linear_memory_bwd", plan, device, chunk_size, q);
@@ -132,7 +142,7 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
 
   // The kernels write dq, dk, dv in the input dtype and everything else in the compute dtype.
   const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, std::nullopt, dtype);
-  const Tensor dm0 = empty_on(q, {params.batch, params.heads, params.dv, params.dk}, dtype);
+  const Tensor dm0 = empty_on(q, {params.n_seqs, params.heads, params.dv, params.dk}, dtype);
   const Tensor ds0 = torch::stable::empty_like(dm0);
   params.dm0_ptr = dm0.data_ptr();
   params.ds0_ptr = ds0.data_ptr();

@@ -28,11 +28,12 @@ inline void write_plan_json(std::ostringstream& out, const LaunchPlan& plan) {
 }
 
 // The forward's plan (saving checkpoints or not), and with save_states the backward's, for the
-// objective's code (titans_params.h's ObjectiveKind: the backward of a non-l2 one takes no scan).
+// objective's code (titans_params.h's ObjectiveKind: the backward of a non-l2 one takes no scan);
+// n_seqs > 0: with cu_seqlens of n_seqs sequences (batch 1).
 inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv,
                                            int64_t chunk_size, ScalarType dtype, bool read_token,
                                            bool save_states, bool has_initial_state, bool has_final_cotangent,
-                                           int64_t objective, const DeviceLimits& device) {
+                                           int64_t objective, int64_t n_seqs, const DeviceLimits& device) {
   STD_TORCH_CHECK(batch >= 0 && seqlen >= 0 && heads >= 0 && dk >= 1 && dv >= 1,
                   "linear_memory_plan: sizes must be >= 0 (B, T, H) and >= 1 (Dk, Dv)");
   STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize && dk <= kCudaMaxKeyDim,
@@ -44,6 +45,12 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
   p.miras.objective = ObjectiveKind(objective);
   p.batch = int(batch), p.seqlen = int(seqlen), p.heads = int(heads), p.dk = int(dk), p.dv = int(dv);
   p.chunk_size = int(chunk_size), p.n_chunks = int((seqlen + chunk_size - 1) / chunk_size), p.read_token = read_token;
+  STD_TORCH_CHECK(n_seqs >= 0 && (n_seqs == 0 || batch == 1),
+                  "linear_memory_plan: n_seqs must be >= 0, and with n_seqs > 0 (packed sequences) batch 1");
+  // The plans read no pointer, only whether cu_seqlens is set (sequences.h).
+  static const int64_t kOffsetsNotRead[1] = {0};
+  p.cu_seqlens = n_seqs > 0 ? kOffsetsNotRead : nullptr;
+  p.n_seqs = int(n_seqs > 0 ? n_seqs : batch);
   const InputType type = input_type(dtype);
   std::ostringstream out;
   out << "{\"device\": {\"sm_count\": " << device.sm_count << ", \"max_shared_bytes\": " << device.max_shared_bytes
@@ -67,6 +74,6 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
 #define TITANS_LINEAR_MEMORY_PLAN_SCHEMA                                                                        \
   "linear_memory_plan(int batch, int seqlen, int heads, int dk, int dv, int chunk_size, ScalarType dtype, "     \
   "bool read_token, bool save_states, bool has_initial_state=False, bool has_final_cotangent=False, "          \
-  "int objective=0) -> str"
+  "int objective=0, int n_seqs=0) -> str"
 
 }  // namespace titans

@@ -15,7 +15,7 @@ namespace titans {
 
 // The kernels' limits (mlp_memory.h); titans_ext.mlp_memory raises a ValueError for them before
 // dispatch, this guards direct calls of the operators.
-inline void check_mlp_device_limits(const Tensor& q, int64_t chunk_size) {
+inline void check_mlp_device_limits(const Tensor& q, int64_t chunk_size, const DeviceSequences& sequences) {
   STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMlpMaxChunkSize, "mlp_memory: chunk_size must be in 1..",
                   kCudaMlpMaxChunkSize, " for the CUDA kernels, got ", chunk_size);
   STD_TORCH_CHECK(q.dim() == 4 && q.size(3) <= kCudaMlpMaxDim, "mlp_memory: the CUDA kernels support D <= ",
@@ -23,6 +23,8 @@ inline void check_mlp_device_limits(const Tensor& q, int64_t chunk_size) {
   // The batch is the grid's y dimension (heads its x, up to 2^31 - 1).
   STD_TORCH_CHECK(q.size(0) <= kCudaMaxGridYZ, "mlp_memory: the CUDA kernels support a batch of up to ",
                   kCudaMaxGridYZ, ", got q of shape ", shape_str(q));
+  STD_TORCH_CHECK(sequences.n_seqs() <= kCudaMaxGridYZ, "mlp_memory: the CUDA kernels support up to ",
+                  kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
 // The message of a configuration whose narrowest hidden block does not fit the device (the Python
@@ -71,12 +73,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_device
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
     int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
-    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q, const DeviceLimits& device,
-    const Launch& launch) {
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+    const DeviceSequences& sequences, const DeviceLimits& device, const Launch& launch) {
   STD_TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", shape_str(w1));
   const int64_t hidden = w1.size(2);
-  check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size);
-  check_mlp_device_limits(q, chunk_size);
+  check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size, sequences.n_seqs());
+  check_mlp_device_limits(q, chunk_size, sequences);
   const InputType type = input_type(q);
   const ScalarType dtype = compute_dtype(q);
   const Tensor q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
@@ -86,6 +88,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_device
 
   MlpMemoryParams params =
       mlp_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, hidden, chunk_size, read_token, activation);
+  sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   const int block = mlp_memory_fwd_hidden_block(params, type, device);
   check_mlp_hidden_block("mlp_memory_fwd", block, mlp_memory_fwd_smem_bytes(params, type, kMlpHiddenBlocks[3]),
@@ -98,9 +101,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_device
   const Tensor o = empty_on(q, q.sizes(), q.scalar_type());
   const Tensor w1_final = empty_on(q, w1.sizes(), dtype), s1_final = empty_on(q, w1.sizes(), dtype);
   const Tensor w2_final = empty_on(q, w2.sizes(), dtype), s2_final = empty_on(q, w2.sizes(), dtype);
-  const Tensor chunk_states =
-      save_states ? empty_on(q, {params.batch, params.heads, params.n_chunks, 4, hidden * params.dim}, q.scalar_type())
-                  : empty_on(q, {0}, q.scalar_type());
+  Tensor chunk_states = save_states ? empty_on(q,
+                                              {params.batch, params.heads, sequence_units(params, 1), 4,
+                                               hidden * params.dim},
+                                              q.scalar_type())
+                                    : empty_on(q, {0}, q.scalar_type());
+  // Packed, the entries no sequence uses are zeros (linear_memory_fwd_device).
+  if (sequences.packed() && save_states) torch::stable::zero_(chunk_states);
   params.o_ptr = o.data_ptr();
   params.w1_final_ptr = w1_final.data_ptr();
   params.w2_final_ptr = w2_final.data_ptr();
@@ -126,10 +133,11 @@ MlpMemoryGrads mlp_memory_bwd_device(const Tensor& q, const Tensor& k, const Ten
                                      const std::optional<Tensor>& d_s2_final, int64_t hidden, int64_t chunk_size,
                                      bool read_token, std::string_view activation, int64_t objective, double p,
                                      double eps, const std::optional<Tensor>& delta, int64_t retention,
-                                     double retention_q, const DeviceLimits& device, const Launch& launch) {
+                                     double retention_q, const DeviceSequences& sequences,
+                                     const DeviceLimits& device, const Launch& launch) {
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
-                        chunk_size);
-  check_mlp_device_limits(q, chunk_size);
+                        chunk_size, sequences.n_seqs());
+  check_mlp_device_limits(q, chunk_size, sequences);
   STD_TORCH_CHECK(same_shape(d_o, q), "mlp_memory_bwd: d_o must have the shape of q / o");
   STD_TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
                   "mlp_memory_bwd: d_o and chunk_states must be on the device of q");
@@ -146,8 +154,10 @@ MlpMemoryGrads mlp_memory_bwd_device(const Tensor& q, const Tensor& k, const Ten
   MlpMemoryBwdParams params;
   static_cast<MlpMemoryParams&>(params) =
       mlp_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, hidden, chunk_size, read_token, activation);
+  sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
+  STD_TORCH_CHECK(states_c.numel() ==
+                      int64_t(params.batch) * params.heads * sequence_units(params, 1) * 4 * hidden * params.dim,
                   "mlp_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   const int block = mlp_memory_bwd_hidden_block(params, type, device);
   check_mlp_hidden_block("mlp_memory_bwd", block, mlp_memory_bwd_smem_bytes(params, type, kMlpHiddenBlocks[3]),
@@ -161,8 +171,8 @@ MlpMemoryGrads mlp_memory_bwd_device(const Tensor& q, const Tensor& k, const Ten
 
   // The kernels write dq, dk, dv in the input dtype and everything else in the compute dtype.
   const SequenceGrads g = allocate_sequence_grads(params, q, k, v, theta, delta_c, std::nullopt, dtype);
-  const Tensor dw1 = empty_on(q, {params.batch, params.heads, hidden, params.dim}, dtype);
-  const Tensor dw2 = empty_on(q, {params.batch, params.heads, params.dim, hidden}, dtype);
+  const Tensor dw1 = empty_on(q, {params.n_seqs, params.heads, hidden, params.dim}, dtype);
+  const Tensor dw2 = empty_on(q, {params.n_seqs, params.heads, params.dim, hidden}, dtype);
   const Tensor ds1 = torch::stable::empty_like(dw1), ds2 = torch::stable::empty_like(dw2);
   params.dw1_0_ptr = dw1.data_ptr();
   params.dw2_0_ptr = dw2.data_ptr();

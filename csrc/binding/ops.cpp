@@ -16,6 +16,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include "binding/cpu_dispatch.h"
+#include "binding/packed_sequences.h"
 #include "binding/tensor_params.h"
 #include "cpu/linear_memory.h"
 #include "cpu/mlp_memory.h"
@@ -72,15 +73,10 @@ struct ComputeInputs {
 // torch.ops calls). Without cu_seqlens it changes nothing.
 class PackedSequences {
  public:
-  explicit PackedSequences(const std::optional<Tensor>& cu_seqlens) {
+  PackedSequences(const std::optional<Tensor>& cu_seqlens, const Tensor& q) {
     if (!cu_seqlens) return;
-    const Tensor& cu = *cu_seqlens;
-    STD_TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be a 1-d tensor of N + 1 offsets, N >= 1, got ",
-                    shape_str(cu));
-    STD_TORCH_CHECK(cu.scalar_type() == ScalarType::Int || cu.scalar_type() == ScalarType::Long,
-                    "cu_seqlens must be int32 or int64");
-    STD_TORCH_CHECK(cu.is_cpu(), "cu_seqlens must be on cpu (the device of q), got ", device_str(cu));
-    offsets_ = torch::stable::contiguous(to_dtype(cu, ScalarType::Long));
+    check_cu_seqlens_tensor(*cu_seqlens, q);
+    offsets_ = torch::stable::contiguous(to_dtype(*cu_seqlens, ScalarType::Long));
   }
 
   // The rows of the initial and final states: N with cu_seqlens, -1 (the batch) without.
@@ -93,14 +89,10 @@ class PackedSequences {
     const auto* offsets = static_cast<const int64_t*>(offsets_->data_ptr());
     STD_TORCH_CHECK(params.batch == 1, "cu_seqlens needs B == 1 (the sequences packed along T), got B = ",
                     params.batch);
-    STD_TORCH_CHECK(offsets[0] == 0 && offsets[n] == params.seqlen, "cu_seqlens must run from 0 to T = ",
-                    params.seqlen, ", got ", offsets[0], " .. ", offsets[n]);
+    check_cu_seqlens_values(offsets, n, params.seqlen);
     chunk_offsets_.assign(1, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      STD_TORCH_CHECK(offsets[i + 1] >= offsets[i], "cu_seqlens must be non-decreasing, got ", offsets[i],
-                      " then ", offsets[i + 1]);
+    for (int64_t i = 0; i < n; ++i)
       chunk_offsets_.push_back(chunk_offsets_.back() + (offsets[i + 1] - offsets[i] + C - 1) / C);
-    }
     params.cu_seqlens = offsets;
     params.chunk_offsets = chunk_offsets_.data();
     params.n_seqs = int(n);
@@ -127,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
     bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
     double retention_q, const std::optional<Tensor>& cu_seqlens) {
-  PackedSequences packed(cu_seqlens);
+  PackedSequences packed(cu_seqlens, q);
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto m0_c = in.state(m0), s0_c = in.state(s0), delta_c = in.state(delta);
@@ -151,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double p,
     double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
     const std::optional<Tensor>& cu_seqlens) {
-  PackedSequences packed(cu_seqlens);
+  PackedSequences packed(cu_seqlens, q);
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const auto dm_c = in.state(d_m_final), ds_c = in.state(d_s_final), delta_c = in.state(delta);
@@ -191,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
     const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", shape_str(w1));
   const int64_t hidden = w1.size(2);
-  PackedSequences packed(cu_seqlens);
+  PackedSequences packed(cu_seqlens, q);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, w1, w2, s1, s2, hidden, chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);
   const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
@@ -231,7 +223,7 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective, double p,
                    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
                    const std::optional<Tensor>& cu_seqlens) {
-  PackedSequences packed(cu_seqlens);
+  PackedSequences packed(cu_seqlens, q);
   check_mlp_memory_args(q, k, v, theta, eta, alpha, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
                         chunk_size, packed.n_seqs());
   const ComputeInputs in(q, k, v, theta, eta, alpha);

@@ -11,10 +11,10 @@
 namespace titans {
 namespace {
 
-// The CUDA kernels take the schemas' packed-sequence argument but do not implement it yet.
-void check_no_packed_sequences(const char* op, const std::optional<Tensor>& cu_seqlens) {
-  STD_TORCH_CHECK(!cu_seqlens, op, " on CUDA: cu_seqlens is not supported by the CUDA kernels yet (packed sequences "
-                  "run on the CPU kernels)");
+// Packed sequences on a GPU: their values are not read (a host sync; the Python op checks them
+// under value_checks_enabled).
+DeviceSequences cuda_sequences(const std::optional<Tensor>& cu_seqlens, const Tensor& q) {
+  return DeviceSequences(cu_seqlens, q, /*check_values=*/false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
@@ -22,10 +22,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cuda(
     const std::optional<Tensor>& m0, const std::optional<Tensor>& s0, int64_t chunk_size, bool read_token,
     bool save_states, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
     int64_t retention, double retention_q, const std::optional<Tensor>& cu_seqlens) {
-  check_no_packed_sequences("linear_memory", cu_seqlens);
   const CudaLaunchContext context(q);
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective,
-                                  p, eps, delta, retention, retention_q, context.limits(),
+                                  p, eps, delta, retention, retention_q, cuda_sequences(cu_seqlens, q),
+                                  context.limits(),
                                   [&](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     STD_CUDA_CHECK(static_cast<cudaError_t>(
                                         linear_memory_fwd_launch(params, type, plan, context.stream())));
@@ -38,11 +38,10 @@ LinearMemoryGrads linear_memory_bwd_cuda(
     const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token, int64_t objective, double p,
     double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
     const std::optional<Tensor>& cu_seqlens) {
-  check_no_packed_sequences("linear_memory", cu_seqlens);
   const CudaLaunchContext context(q);
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, objective, p, eps,
-      delta, retention, retention_q, context.limits(),
+      delta, retention, retention_q, cuda_sequences(cu_seqlens, q), context.limits(),
       [&](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
           const LinearMemoryBwdWorkspace& workspace) {
         STD_CUDA_CHECK(
@@ -56,10 +55,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cuda(
     int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
     double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
     const std::optional<Tensor>& cu_seqlens) {
-  check_no_packed_sequences("mlp_memory", cu_seqlens);
   const CudaLaunchContext context(q);
   return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
-                               save_states, objective, p, eps, delta, retention, retention_q, context.limits(),
+                               save_states, objective, p, eps, delta, retention, retention_q,
+                               cuda_sequences(cu_seqlens, q), context.limits(),
                                [&](const MlpMemoryParams& params, InputType type, int block) {
                                  STD_CUDA_CHECK(static_cast<cudaError_t>(
                                      mlp_memory_fwd_launch(params, type, block, context.stream())));
@@ -74,11 +73,11 @@ MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tenso
                                    bool read_token, std::string_view activation, int64_t objective, double p,
                                    double eps, const std::optional<Tensor>& delta, int64_t retention,
                                    double retention_q, const std::optional<Tensor>& cu_seqlens) {
-  check_no_packed_sequences("mlp_memory", cu_seqlens);
   const CudaLaunchContext context(q);
   return mlp_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
-      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, context.limits(),
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q,
+      cuda_sequences(cu_seqlens, q), context.limits(),
       [&](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
         STD_CUDA_CHECK(
             static_cast<cudaError_t>(mlp_memory_bwd_launch(params, workspace, type, block, context.stream())));
@@ -88,11 +87,11 @@ MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tenso
 // The plans for the current CUDA device.
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent, int64_t objective) {
+                               bool has_final_cotangent, int64_t objective, int64_t n_seqs) {
   int device = 0;
   STD_CUDA_CHECK(cudaGetDevice(&device));
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, objective, device_limits(device));
+                                 has_initial_state, has_final_cotangent, objective, n_seqs, device_limits(device));
 }
 
 }  // namespace

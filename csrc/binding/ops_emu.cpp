@@ -251,16 +251,24 @@ void set_device_limits(int64_t sm_count, int64_t max_shared_bytes) {
   emulated_device = {sm_count, size_t(max_shared_bytes), kH100SharedPerSm};
 }
 
+// Packed sequences in the emulation: its tensors are on the CPU, where reading the offsets costs
+// nothing, so it checks their values always, as the CPU ops do.
+DeviceSequences emulated_sequences(const std::optional<Tensor>& cu_seqlens, const Tensor& q) {
+  return DeviceSequences(cu_seqlens, q, /*check_values=*/true);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                              const Tensor& theta, const Tensor& eta,
                                                              const Tensor& alpha, const std::optional<Tensor>& m0,
                                                              const std::optional<Tensor>& s0, int64_t chunk_size,
                                                              bool read_token, bool save_states, int64_t objective,
                                                              double p, double eps, const std::optional<Tensor>& delta,
-                                                             int64_t retention, double retention_q) {
+                                                             int64_t retention, double retention_q,
+                                                             const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_fwd runs on CPU tensors");
   return linear_memory_fwd_device(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read_token, save_states, objective,
-                                  p, eps, delta, retention, retention_q, emulated_device,
+                                  p, eps, delta, retention, retention_q, emulated_sequences(cu_seqlens, q),
+                                  emulated_device,
                                   [](const LinearMemoryParams& params, InputType type, const LinearMemoryFwdPlan& plan) {
                                     linear_memory_fwd_launch(params, type, plan, nullptr);
                                   });
@@ -271,30 +279,32 @@ LinearMemoryGrads linear_memory_bwd(const Tensor& q, const Tensor& k, const Tens
                                     const Tensor& d_o, const std::optional<Tensor>& d_m_final,
                                     const std::optional<Tensor>& d_s_final, int64_t chunk_size, bool read_token,
                                     int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-                                    int64_t retention, double retention_q) {
+                                    int64_t retention, double retention_q, const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::linear_memory_bwd runs on CPU tensors");
   return linear_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_m_final, d_s_final, chunk_size, read_token, objective, p, eps,
-      delta, retention, retention_q, emulated_device,
+      delta, retention, retention_q, emulated_sequences(cu_seqlens, q), emulated_device,
       [](const LinearMemoryBwdParams& params, InputType type, const LinearMemoryBwdPlan& plan,
          const LinearMemoryBwdWorkspace& workspace) { linear_memory_bwd_launch(params, type, plan, workspace, nullptr); });
 }
 
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent, int64_t objective) {
+                               bool has_final_cotangent, int64_t objective, int64_t n_seqs) {
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, objective, emulated_device);
+                                 has_initial_state, has_final_cotangent, objective, n_seqs, emulated_device);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
     const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
     int64_t chunk_size, bool read_token, std::string_view activation, bool save_states, int64_t objective, double p,
-    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+    double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+    const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::mlp_memory_fwd runs on CPU tensors");
   return mlp_memory_fwd_device(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation,
-                               save_states, objective, p, eps, delta, retention, retention_q, emulated_device,
+                               save_states, objective, p, eps, delta, retention, retention_q,
+                               emulated_sequences(cu_seqlens, q), emulated_device,
                                [](const MlpMemoryParams& params, InputType type, int block) {
                                  mlp_memory_fwd_launch(params, type, block, nullptr);
                                });
@@ -306,11 +316,12 @@ MlpMemoryGrads mlp_memory_bwd(const Tensor& q, const Tensor& k, const Tensor& v,
                               const std::optional<Tensor>& d_s1_final, const std::optional<Tensor>& d_s2_final,
                               int64_t hidden, int64_t chunk_size, bool read_token, std::string_view activation,
                               int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-                              int64_t retention, double retention_q) {
+                              int64_t retention, double retention_q, const std::optional<Tensor>& cu_seqlens) {
   STD_TORCH_CHECK(q.is_cpu(), "titans_emu::mlp_memory_bwd runs on CPU tensors");
   return mlp_memory_bwd_device(
       q, k, v, theta, eta, alpha, chunk_states, d_o, d_w1_final, d_w2_final, d_s1_final, d_s2_final, hidden,
-      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q, emulated_device,
+      chunk_size, read_token, activation, objective, p, eps, delta, retention, retention_q,
+      emulated_sequences(cu_seqlens, q), emulated_device,
       [](const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace, InputType type, int block) {
         mlp_memory_bwd_launch(params, workspace, type, block, nullptr);
       });
@@ -347,23 +358,25 @@ STABLE_TORCH_LIBRARY(titans_emu, m) {
   m.def("half_round_trip(Tensor x, ScalarType dtype) -> (Tensor narrow, Tensor back)");
   m.def(
       "linear_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
-      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
+      "Tensor? m0, Tensor? s0, int chunk_size, bool read_token, bool save_states, " TITANS_EMU_MIRAS_ARGS
+      ", Tensor? cu_seqlens=None) "
       "-> (Tensor o, Tensor m_final, Tensor s_final, Tensor chunk_states)");
   m.def(
       "linear_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_m_final, Tensor? d_s_final, int chunk_size, bool read_token, "
-      TITANS_EMU_MIRAS_ARGS ") "
+      TITANS_EMU_MIRAS_ARGS ", Tensor? cu_seqlens=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dm0, Tensor ds0, "
       "Tensor d_delta)");
   m.def(
       "mlp_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor w1, Tensor w2, Tensor? s1, Tensor? s2, int chunk_size, bool read_token, str activation, "
-      "bool save_states, " TITANS_EMU_MIRAS_ARGS ") "
+      "bool save_states, " TITANS_EMU_MIRAS_ARGS ", Tensor? cu_seqlens=None) "
       "-> (Tensor o, Tensor w1_final, Tensor w2_final, Tensor s1_final, Tensor s2_final, Tensor chunk_states)");
   m.def(
       "mlp_memory_bwd(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, "
       "Tensor chunk_states, Tensor d_o, Tensor? d_w1_final, Tensor? d_w2_final, Tensor? d_s1_final, "
-      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_EMU_MIRAS_ARGS ") "
+      "Tensor? d_s2_final, int hidden, int chunk_size, bool read_token, str activation, " TITANS_EMU_MIRAS_ARGS
+      ", Tensor? cu_seqlens=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dtheta, Tensor deta, Tensor dalpha, Tensor dw1, Tensor dw2, "
       "Tensor ds1, Tensor ds2, Tensor d_delta)");
   m.def(

@@ -13,6 +13,8 @@
 // cotangents for the parallelism of more blocks.
 #pragma once
 
+#include <algorithm>
+
 #include "cuda/common/launch.cuh"
 #include "cuda/linear_memory_bwd.h"
 #include "cuda/linear_memory_bwd_chunks.cuh"
@@ -59,8 +61,13 @@ inline double scan_chunk_work(const LinearMemoryParams& p, InputType type, int t
 LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputType type, const DeviceLimits& device,
                                            bool has_final_cotangent) {
   LinearMemoryBwdPlan plan;
+  // n: the chunks of a sequence (with cu_seqlens, of the longest one possible, ceil(T / C)).
   const int n = p.n_chunks;
-  const int64_t heads = int64_t(p.batch) * p.heads;
+  const int64_t heads = int64_t(sequence_rows(p)) * p.heads;
+  // The chunk kernel's blocks for a group size (with cu_seqlens its grid's bound, sequences.h).
+  const auto chunk_blocks = [&](int group, int n_groups) {
+    return p.cu_seqlens ? sequence_units(p, group) * p.heads : int64_t(n_groups > 0 ? n_groups : 1) * heads;
+  };
   double best = -1;
   size_t smallest_smem = 0;
   const bool whole_sequence = p.miras.objective != ObjectiveKind::l2;
@@ -86,12 +93,18 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
     }
     if (slice > 0) {
       const int n_groups = n > 0 ? (n + group - 1) / group : 0;
-      const int64_t blocks = int64_t(n_groups > 0 ? n_groups : 1) * heads;
+      const int64_t blocks = chunk_blocks(group, n_groups);
       // A chunk: its MMAs on the SM, or its barriers and the chain of its slices' products.
       const int slices = (p.dv + slice - 1) / slice;
       const double chain = slices * double(kernel::round_up(p.dk, 16) / 16 + kernel::round_up(3 * slice, 16) / 16);
-      double cost = double(kernel::waves(blocks, 1, device)) * group *
-                    lm::step_cycles(lm::chunks_chunk_work(p, type), 1, chain, 3 * slices + 5);
+      // Chunks one SM walks: every block walks `group`, in waves; with cu_seqlens a block walks at
+      // most `group` of its sequence's and all blocks together at most T / C + N per head
+      // (sequences.h), so the larger of that spread over the SMs and one block's walk.
+      const int64_t sms = device.sm_count > 0 ? device.sm_count : 1;
+      const double packed_spread = double(sequence_units(p, 1) * p.heads) / double(std::min(blocks, sms));
+      const double chunks_per_sm = p.cu_seqlens ? std::max(packed_spread, double(group))
+                                                : double(kernel::waves(blocks, 1, device)) * group;
+      double cost = chunks_per_sm * lm::step_cycles(lm::chunks_chunk_work(p, type), 1, chain, 3 * slices + 5);
       int scan_tile = 16;
       if (n_groups > 1) {
         double scan_best = -1;
@@ -100,7 +113,6 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
           if (scan_smem > device.max_shared_bytes) continue;
           const int64_t scan_blocks = int64_t((p.dv + tile - 1) / tile) * heads;
           const int64_t resident = kernel::resident_blocks_per_sm(scan_smem, device, 2);
-          const int64_t sms = device.sm_count > 0 ? device.sm_count : 1;
           const int64_t per_sm = (scan_blocks + sms - 1) / sms;
           const double chain = double(2 * kernel::round_up(p.dk, 16) / 16 + kernel::round_up(p.chunk_size, 16) / 16);
           const double scan_cost = double(kernel::waves(scan_blocks, resident, device)) * (n - group) *
@@ -121,11 +133,13 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   plan.fits = best >= 0;
 
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  const int64_t state = int64_t(p.batch) * p.heads * p.dv * p.dk;
+  const int64_t state = int64_t(sequence_rows(p)) * p.heads * p.dv * p.dk;
+  const int64_t row_states = int64_t(p.batch) * p.heads * p.dv * p.dk;  // a state per (batch row, head)
   const int in = input_type_bytes(type), cmp = compute_type_bytes(type);
   const int64_t final_cotangent = has_final_cotangent ? 2 * state * cmp : 0;
   const int64_t delta = objective_has_delta(p.miras.objective) ? tokens * p.dv * cmp : 0;  // read, and d_delta written
-  const int64_t group_cotangents = plan.n_groups > 1 ? int64_t(plan.n_groups - 1) * 2 * state * in : 0;
+  const int64_t group_slots = p.cu_seqlens ? sequence_units(p, plan.group) : plan.n_groups - 1;
+  const int64_t group_cotangents = plan.n_groups > 1 ? group_slots * 2 * row_states * in : 0;
   if (plan.n_groups > 1) {
     KernelPlan& scan = plan.add_kernel("linear_memory_bwd_scan");
     scan.threads = lm::kScanThreads;
@@ -139,13 +153,17 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   chunks.threads = lm::kChunkThreads;
   chunks.smem_bytes =
       plan.fits ? lm::chunks_smem_bytes(p, type, plan.slice, plan.carry && !plan.global_carry) : smallest_smem;
-  chunks.blocks = int64_t(plan.n_groups > 0 ? plan.n_groups : 1) * heads;
+  chunks.blocks = chunk_blocks(plan.group, plan.n_groups);
   chunks.bytes_read = tokens * (2 * (p.dk + p.dv) * in + 3 * cmp) +
-                      linear_memory_checkpoints(n, type) * 2 * state * in + group_cotangents + final_cotangent + delta;
+                      linear_memory_checkpoints(p, type) * 2 * row_states * in + group_cotangents + final_cotangent +
+                      delta;
   chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp + delta;
   if (plan.global_carry) {
-    chunks.bytes_read += int64_t(n) * 2 * 2 * state * cmp;
-    chunks.bytes_written += int64_t(n) * 2 * state * cmp;
+    // Every chunk of every (sequence, head) walked: with cu_seqlens at most T / C + N per head.
+    const int64_t chunk_states =
+        (p.cu_seqlens ? sequence_units(p, 1) : int64_t(p.batch) * n) * p.heads * p.dv * p.dk;
+    chunks.bytes_read += chunk_states * 2 * 2 * cmp;
+    chunks.bytes_written += chunk_states * 2 * cmp;
   }
   return plan;
 }
@@ -153,7 +171,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
 int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType input_type,
                              const LinearMemoryBwdPlan& plan, const LinearMemoryBwdWorkspace& workspace,
                              CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
+  if (sequence_rows(params) == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   return static_cast<int>(kernel::dispatch_input_type(input_type, [&](auto input) {
     using input_t = decltype(input);
     device::Error err = device::kSuccess;
@@ -162,7 +180,7 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
       err = lm::dispatch_scan_tile(plan.scan_tile, [&](auto tile) {
         constexpr int kTile = decltype(tile)::value;
         return device::launch("linear_memory_bwd_scan", lm::linear_memory_bwd_scan_kernel<input_t, kTile>,
-                              dim3((params.dv + kTile - 1) / kTile, params.heads, params.batch),
+                              dim3((params.dv + kTile - 1) / kTile, params.heads, sequence_rows(params)),
                               dim3(lm::kScanThreads), plan.kernels[next].smem_bytes, stream, params, workspace,
                               plan.group);
       });
@@ -172,7 +190,8 @@ int linear_memory_bwd_launch(const LinearMemoryBwdParams& params, InputType inpu
     return lm::dispatch_slice<input_t>(plan.slice, [&](auto slice) {
       constexpr int kSlice = decltype(slice)::value;
       return device::launch("linear_memory_bwd_chunks", lm::linear_memory_bwd_chunks_kernel<input_t, kSlice>,
-                            dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),
+                            params.cu_seqlens ? dim3(unsigned(sequence_units(params, plan.group)), params.heads, 1)
+                                              : dim3(plan.n_groups > 0 ? plan.n_groups : 1, params.heads, params.batch),
                             dim3(lm::kChunkThreads), plan.kernels[next].smem_bytes, stream, params, workspace,
                             plan.group, plan.carry, plan.global_carry);
     });

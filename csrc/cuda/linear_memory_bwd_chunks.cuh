@@ -139,7 +139,7 @@ __device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int
 
 template <typename input_t, int kSlice>
 __global__ void __launch_bounds__(kChunkThreads, 1)
-    linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int group,
+    linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams launch, LinearMemoryBwdWorkspace workspace, int group,
                                     bool with_carry, bool global_carry) {
   using T = Types<input_t>;
   using compute_t = typename T::compute_t;
@@ -151,14 +151,24 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   static_assert(!std::is_same<input_t, device::fp16>::value || !std::is_same<checkpoint_t, operand_t>::value,
                 "fp16 checkpoints are converted to fp32 operands");
 
-  const int h = blockIdx.y, b = blockIdx.z;
+  // Block (x, z) runs group x of batch row z. With cu_seqlens the grid has one x per entry of
+  // sequence_units(launch, group) (sequences.h: no host sync sizes it), and block x runs group
+  // x - first_unit(z) of the sequence z that holds entry x, in its view; blocks past the
+  // sequence's groups (one of an empty sequence's runs, for dM0) have nothing to do.
+  const int z = launch.cu_seqlens ? kernel::sequence_of_unit(launch, blockIdx.x, group) : int(blockIdx.z);
+  const int group_index =
+      launch.cu_seqlens ? int(index_t(blockIdx.x) - kernel::first_unit(launch, z, group)) : int(blockIdx.x);
+  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, z, T::kCheckpointStride);
+  const index_t checkpoint_slots = sequence_units(launch, T::kCheckpointStride);
+  const int h = blockIdx.y, b = kernel::batch_row(launch, z);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
+  if (group_index < 0 || (group_index > 0 && group_index * group >= n_chunks)) return;
   const bool token_read = params.read_token;
   const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry && !global_carry);
   const int C16 = at.chunk16, dk16 = at.dk16;
-  const int g0 = blockIdx.x * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
+  const int g0 = group_index * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
   const int n_groups = (n_chunks + group - 1) / group;
-  const bool last_group = int(blockIdx.x) + 1 >= n_groups;
+  const bool last_group = group_index + 1 >= n_groups;
   const int n_slices = (dv + kSlice - 1) / kSlice, steps = (g1 - g0) * n_slices;
   const auto chunk_of = [&](int i) { return g1 - 1 - i / n_slices; };
   const auto slice_rows = [&](int v0) { return dv - v0 < kSlice ? dv - v0 : kSlice; };
@@ -211,9 +221,11 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const index_t bh = index_t(b) * params.heads + h;
   const auto* d_final_m = static_cast<const compute_t*>(params.d_m_final_ptr);
   const auto* d_final_s = static_cast<const compute_t*>(params.d_s_final_ptr);
-  const auto* group_end = last_group ? nullptr
-                                     : static_cast<const checkpoint_t*>(workspace.group_cotangents) +
-                                           (bh * (n_groups - 1) + blockIdx.x) * 2 * index_t(dv) * dk;
+  const checkpoint_t* group_end =
+      last_group ? nullptr
+                 : group_cotangent<checkpoint_t>(launch, workspace.group_cotangents, z, bh, group_index, group);
+  // The carry in global memory: the block's rows of dm0, ds0 in its view (its sequence's with
+  // cu_seqlens).
   auto* dm0 = static_cast<compute_t*>(params.dm0_ptr);
   auto* ds0 = static_cast<compute_t*>(params.ds0_ptr);
   const CarriedCotangent<compute_t> carry{kernel::shared_array<compute_t>(at.carry),
@@ -275,7 +287,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     // The slice's rows of the checkpoint (the chunk's start, or the chunk before's): M0, S0 into
     // the stack's last two quarters.
     const PaddedTile<operand_t> stack = stack_tile(buffer);
-    const checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, bh, n, kStride) + index_t(v0) * dk;
+    const checkpoint_t* at_chunk =
+        checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, kStride) + index_t(v0) * dk;
     stage_state_rows(at_chunk, w_rows, dk, stack.rows_from(2 * kSlice));
     stage_state_rows(at_chunk + index_t(dv) * dk, w_rows, dk, stack.rows_from(3 * kSlice));
     // Without a carry (one chunk per block), the end cotangent's slice into the first two.
@@ -548,7 +561,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   });
 
   // An empty sequence: the initial state's cotangent is the final state's.
-  if (n_chunks == 0 && blockIdx.x == 0)
+  if (n_chunks == 0 && group_index == 0)
     for (int idx = threadIdx.x; idx < dv * dk; idx += blockDim.x) {
       const index_t at_row = bh * index_t(dv) * dk + idx;
       static_cast<compute_t*>(params.dm0_ptr)[at_row] = d_final_m ? d_final_m[at_row] : compute_t(0);

@@ -42,7 +42,7 @@ struct ScanLayout : WalkLayout<input_t, kTileV> {
 
 template <typename input_t, int kTileV>
 __global__ void __launch_bounds__(kScanThreads, 2)
-    linear_memory_bwd_scan_kernel(LinearMemoryBwdParams params, LinearMemoryBwdWorkspace workspace, int group) {
+    linear_memory_bwd_scan_kernel(LinearMemoryBwdParams launch, LinearMemoryBwdWorkspace workspace, int group) {
   using T = Types<input_t>;
   using compute_t = typename T::compute_t;
   using operand_t = typename T::operand_t;
@@ -51,7 +51,9 @@ __global__ void __launch_bounds__(kScanThreads, 2)
   using acc_t = typename Policy::acc_t;
   using kernel::PaddedTile;
 
-  const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
+  // Block z walks batch row z, or with cu_seqlens sequence z (its view, sequences.cuh).
+  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, blockIdx.z, T::kCheckpointStride);
+  const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = kernel::batch_row(launch, blockIdx.z);
   const int rows = tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
@@ -70,8 +72,6 @@ __global__ void __launch_bounds__(kScanThreads, 2)
   const index_t state_offset = (bh * dv + v0) * dk;
   walk.load_stack(params.d_m_final_ptr, params.d_s_final_ptr, state_offset, rows, dk);
   __syncthreads();
-  auto* group_cotangents = static_cast<checkpoint_t*>(workspace.group_cotangents);
-  const int n_groups = (n_chunks + group - 1) / group;
 
   const auto stage = [&](int i) {
     const int n = chunk_of(i);
@@ -133,7 +133,9 @@ __global__ void __launch_bounds__(kScanThreads, 2)
     // The new carry is the cotangent of chunk n - 1's end: stored where that ends a group.
     const compute_t a_L = g_rows.a_end(), g_L = g_rows.g_end(), p_L = g_rows.p_end();
     checkpoint_t* group_end =
-        n % group == 0 ? group_cotangents + (bh * (n_groups - 1) + n / group - 1) * 2 * index_t(dv) * dk : nullptr;
+        n % group == 0
+            ? group_cotangent<checkpoint_t>(launch, workspace.group_cotangents, blockIdx.z, bh, n / group - 1, group)
+            : nullptr;
     kernel::for_each_strip<2>(kTileV, dk16, [&](int r0, int c0) {
       acc_t am[2][4], aq[2][4], as[2][4];
       kernel::zero(am);

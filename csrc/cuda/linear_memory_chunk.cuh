@@ -3,6 +3,8 @@
 #pragma once
 
 #include "cuda/common/objective.cuh"
+#include "cuda/common/operands.cuh"
+#include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
 #include "device/device.h"
@@ -12,9 +14,55 @@ namespace titans {
 namespace lm {
 
 // Offset of the checkpoint that holds chunk n's start state, or, when n is not a multiple of the
-// stride, the one before it, in [B, H, ceil(n_chunks / stride), 2, Dv, Dk].
-__device__ __forceinline__ index_t checkpoint_offset(const LinearMemoryParams& p, index_t bh, int n, int stride) {
-  return (bh * ((p.n_chunks + stride - 1) / stride) + n / stride) * 2 * index_t(p.dv) * p.dk;
+// stride, the one before it, in [B, H, slots, 2, Dv, Dk], slots = sequence_units(params, stride)
+// of the launch's params (ceil(n_chunks / stride) without cu_seqlens).
+__device__ __forceinline__ index_t checkpoint_offset(const LinearMemoryParams& p, index_t slots, index_t bh, int n,
+                                                     int stride) {
+  return (bh * slots + n / stride) * 2 * index_t(p.dv) * p.dk;
+}
+
+// The params block z works with (sequences.cuh): the launch's, or with cu_seqlens those of
+// sequence z's view, its state rows and its checkpoints (every `stride`-th chunk's) included.
+template <typename input_t>
+__device__ __forceinline__ LinearMemoryParams sequence_view(const LinearMemoryParams& launch, int z, int stride) {
+  using compute_t = kernel::compute_type<input_t>;
+  if (!launch.cu_seqlens) return launch;
+  LinearMemoryParams p = launch;
+  const kernel::SequenceSpan s = kernel::view_sequence<input_t, compute_t>(p, z, p.dv);
+  kernel::advance_all<compute_t>(index_t(z) * p.heads * p.dv * p.dk, p.m0_ptr, p.s0_ptr, p.m_final_ptr,
+                                 p.s_final_ptr);
+  kernel::advance_all<input_t>(index_t(s.begin) * p.heads * p.dv, p.o_ptr);
+  kernel::advance_all<input_t>(kernel::first_unit(launch, z, stride) * 2 * p.dv * p.dk, p.chunk_states_ptr);
+  return p;
+}
+
+// The same for the backward: the forward's fields, dO, the gradients, the final state's
+// cotangents and dm0, ds0.
+template <typename input_t>
+__device__ __forceinline__ LinearMemoryBwdParams sequence_view(const LinearMemoryBwdParams& launch, int z,
+                                                               int stride) {
+  using compute_t = kernel::compute_type<input_t>;
+  if (!launch.cu_seqlens) return launch;
+  LinearMemoryBwdParams p = launch;
+  static_cast<LinearMemoryParams&>(p) = sequence_view<input_t>(static_cast<const LinearMemoryParams&>(launch), z,
+                                                               stride);
+  kernel::view_sequence_grads<input_t, compute_t>(p, kernel::packed_sequence(launch, z), p.heads, p.dk, p.dv);
+  kernel::advance_all<compute_t>(index_t(z) * p.heads * p.dv * p.dk, p.d_m_final_ptr, p.d_s_final_ptr, p.dm0_ptr,
+                                 p.ds0_ptr);
+  return p;
+}
+
+// The store of the cotangent of group g's end state (g below the sequence's groups - 1, written by
+// the reverse scan, read by the chunk kernel's block of group g) for the block of sequence (or
+// batch row) z at bh in its view: [B, H, n_groups - 1, 2, Dv, Dk], or with cu_seqlens
+// [1, H, sequence_units(launch, group), 2, Dv, Dk] from sequence z's first unit on.
+template <typename checkpoint_t>
+__device__ __forceinline__ checkpoint_t* group_cotangent(const LinearMemoryParams& launch, void* store, int z,
+                                                         index_t bh, int g, int group) {
+  const index_t per_head =
+      launch.cu_seqlens ? sequence_units(launch, group) : (launch.n_chunks + group - 1) / group - 1;
+  const index_t first = launch.cu_seqlens ? kernel::first_unit(launch, z, group) : 0;
+  return static_cast<checkpoint_t*>(store) + (bh * per_head + first + g) * 2 * index_t(launch.dv) * launch.dk;
 }
 
 using kernel::chunk_length;

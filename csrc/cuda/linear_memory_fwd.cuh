@@ -52,7 +52,7 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
 };
 
 template <typename input_t, int kTileV>
-__global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(LinearMemoryParams params) {
+__global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(LinearMemoryParams launch) {
   using T = Types<input_t>;
   using compute_t = typename T::compute_t;
   using operand_t = typename T::operand_t;
@@ -61,7 +61,10 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   using acc_t = typename Policy::acc_t;
   using kernel::PaddedTile;
 
-  const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = blockIdx.z;
+  // Block z walks batch row z, or with cu_seqlens sequence z (its view, sequences.cuh).
+  const LinearMemoryParams params = sequence_view<input_t>(launch, blockIdx.z, T::kCheckpointStride);
+  const index_t checkpoint_slots = sequence_units(launch, T::kCheckpointStride);
+  const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = kernel::batch_row(launch, blockIdx.z);
   const int rows = tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
           },
           kernel::strip_count<2>(C16, kTileV));
     if (checkpoints && n % T::kCheckpointStride == 0) {
-      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, bh, n, T::kCheckpointStride);
+      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, T::kCheckpointStride);
       store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
                                 [&](int r, int d) { return S0(r, d); });
     }
@@ -222,7 +225,7 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
     const size_t smem = lm::fwd_smem_bytes(p, type, tile);
     if (tile == 16) narrowest_smem = smem;
     if (smem > device.max_shared_bytes) continue;
-    const int64_t blocks = int64_t((p.dv + tile - 1) / tile) * p.heads * p.batch;
+    const int64_t blocks = int64_t((p.dv + tile - 1) / tile) * p.heads * sequence_rows(p);
     const int64_t resident = kernel::resident_blocks_per_sm(smem, device, 2);
     const int64_t sms = device.sm_count > 0 ? device.sm_count : 1, per_sm = (blocks + sms - 1) / sms;
     const int C = p.chunk_size, dk = p.dk;
@@ -235,16 +238,17 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
     if (best < 0 || cost <= best) best = cost, plan.tile_v = tile;
   }
   const int64_t tokens = int64_t(p.batch) * p.seqlen * p.heads;
-  const int64_t state_elems = int64_t(p.batch) * p.heads * p.dv * p.dk;
+  const int64_t state_elems = int64_t(sequence_rows(p)) * p.heads * p.dv * p.dk;
   const int in = input_type_bytes(type), cmp = compute_type_bytes(type);
   KernelPlan& k = plan.add_kernel("linear_memory_fwd");
   plan.fits = best >= 0;
   k.smem_bytes = plan.fits ? lm::fwd_smem_bytes(p, type, plan.tile_v) : narrowest_smem;
   k.threads = lm::kForwardThreads;
-  k.blocks = int64_t((p.dv + plan.tile_v - 1) / plan.tile_v) * p.heads * p.batch;
+  k.blocks = int64_t((p.dv + plan.tile_v - 1) / plan.tile_v) * p.heads * sequence_rows(p);
   k.bytes_read = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + (has_initial_state ? 2 * state_elems * cmp : 0) +
                  (objective_has_delta(p.miras.objective) ? tokens * p.dv * cmp : 0);
-  const int64_t checkpoints = save_states ? linear_memory_checkpoints(p.n_chunks, type) * 2 * state_elems * in : 0;
+  const int64_t checkpoints =
+      save_states ? int64_t(p.batch) * p.heads * linear_memory_checkpoints(p, type) * 2 * p.dv * p.dk * in : 0;
   k.bytes_written = tokens * p.dv * in + 2 * state_elems * cmp + checkpoints;
   if (save_states) plan.add_buffer("checkpoints", checkpoints);
   return plan;
@@ -252,14 +256,14 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
 
 int linear_memory_fwd_launch(const LinearMemoryParams& params, InputType input_type, const LinearMemoryFwdPlan& plan,
                              CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
+  if (sequence_rows(params) == 0 || params.heads == 0 || params.dv == 0) return device::kSuccess;
   const KernelPlan& k = plan.kernels[0];
   return static_cast<int>(kernel::dispatch_input_type(input_type, [&](auto input) {
     return lm::dispatch_fwd_tile(plan.tile_v, [&](auto tile_v) {
       using input_t = decltype(input);
       constexpr int kTileV = decltype(tile_v)::value;
       return device::launch("linear_memory_fwd", lm::linear_memory_fwd_kernel<input_t, kTileV>,
-                            dim3((params.dv + kTileV - 1) / kTileV, params.heads, params.batch),
+                            dim3((params.dv + kTileV - 1) / kTileV, params.heads, sequence_rows(params)),
                             dim3(lm::kForwardThreads), k.smem_bytes, stream, params);
     });
   }));

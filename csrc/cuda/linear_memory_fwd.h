@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/common/launch.h"
+#include "cuda/common/sequences.h"
 #include "titans_params.h"
 
 struct CUstream_st;  // cudaStream_t is a CUstream_st*
@@ -18,18 +19,18 @@ namespace titans {
 // memory, sized by the chunk and by Dk (Dv is split into value tiles, so it is not limited).
 constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
-constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch index the grid's y and z
+constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch (or sequences) index the grid's y and z
 
-// The checkpoints the forward keeps for the backward: chunk_states [B, H, ceil(n_chunks / stride),
-// 2, Dv, Dk] in the input dtype, the start states (M, S) of chunks 0, stride, 2 stride, ... 16-bit
-// inputs keep every other one (the backward recomputes the others, one chunk step from the one
-// before), fp32 and fp64 inputs every one.
+// The checkpoints the forward keeps for the backward: chunk_states [B, H, checkpoints, 2, Dv, Dk]
+// in the input dtype, the start states (M, S) of each sequence's chunks 0, stride, 2 stride, ...
+// 16-bit inputs keep every other one (the backward recomputes the others, one chunk step from the
+// one before), fp32 and fp64 inputs every one. checkpoints: ceil(n_chunks / stride), or with
+// cu_seqlens the bound of sequences.h (the entries no sequence uses are left as the buffer was).
 inline int linear_memory_checkpoint_stride(InputType type) {
   return type == InputType::kBFloat16 || type == InputType::kFloat16 ? 2 : 1;
 }
-inline int64_t linear_memory_checkpoints(int64_t n_chunks, InputType type) {
-  const int stride = linear_memory_checkpoint_stride(type);
-  return (n_chunks + stride - 1) / stride;
+inline int64_t linear_memory_checkpoints(const SequenceParams& p, InputType type) {
+  return sequence_units(p, linear_memory_checkpoint_stride(type));
 }
 
 // The forward's launch: one kernel (linear_memory_fwd.cuh) over value tiles of tile_v rows. Its

@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "cuda/common/launch.h"  // InputType, DeviceLimits
+#include "cuda/common/sequences.h"
 #include "titans_params.h"
 
 struct CUstream_st;  // cudaStream_t is a CUstream_st*
@@ -67,8 +68,9 @@ struct MlpMemoryBwdWorkspaceSizes {
   int64_t hidden_grads, token_grads, start_state;  // elements
 };
 
+// Per block, one block per (sequence, head).
 inline MlpMemoryBwdWorkspaceSizes mlp_memory_bwd_workspace_sizes(const MlpMemoryParams& p) {
-  const int64_t heads = int64_t(p.batch) * p.heads;
+  const int64_t heads = int64_t(sequence_rows(p)) * p.heads;
   return {heads * p.chunk_size * p.hidden, heads * 2 * p.chunk_size * p.dim,
           p.miras.retention == RetentionKind::kl ? heads * 4 * int64_t(p.hidden) * p.dim : 0};
 }
@@ -82,8 +84,9 @@ int mlp_memory_bwd_hidden_block(const MlpMemoryParams& params, InputType input_t
 size_t mlp_memory_fwd_smem_bytes(const MlpMemoryParams& params, InputType input_type, int block);
 size_t mlp_memory_bwd_smem_bytes(const MlpMemoryParams& params, InputType input_type, int block);
 
-// Fills o, the final state and (if chunk_states_ptr, [B, H, n_chunks, 4, N D] in the input dtype)
-// the chunk-start states of `params`. The final-state outputs are required: they hold the working
+// Fills o, the final state and (if chunk_states_ptr, [B, H, sequence_units(params, 1), 4, N D] in
+// the input dtype: ceil(T / C) entries, or with cu_seqlens the bound of sequences.h) the
+// chunk-start states of `params`. The final-state outputs are required: they hold the working
 // state. Returns the launch's cudaError_t; the emulation returns 0 and throws
 // device::emu::KernelError on a kernel error.
 int mlp_memory_fwd_launch(const MlpMemoryParams& params, InputType input_type, int block, CUstream_st* stream);

@@ -139,14 +139,19 @@ __device__ __forceinline__ void kl_softmax_rows_backward(const S* w, const S* s,
 
 template <typename Ktraits>
 __global__ void __launch_bounds__(mlp::kThreads, 1)
-    mlp_memory_bwd_kernel(MlpMemoryBwdParams params, MlpMemoryBwdWorkspace workspace, int NB) {
+    mlp_memory_bwd_kernel(MlpMemoryBwdParams launch, MlpMemoryBwdWorkspace workspace, int NB) {
   using input_t = typename Ktraits::input_t;
   using T = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
   using acc_t = typename Policy::acc_t;
   using StateBlock = mlp::StateBlock<input_t, T>;
 
-  const int h_idx = blockIdx.x, b = blockIdx.y;
+  // Block y walks batch row y, or with cu_seqlens sequence y (its view, sequences.cuh); the
+  // workspace has a part per block.
+  const MlpMemoryBwdParams params = mlp::sequence_view<input_t>(launch, blockIdx.y);
+  const index_t state_slots = sequence_units(launch, 1);
+  const index_t block_index = index_t(blockIdx.y) * launch.heads + blockIdx.x;
+  const int h_idx = blockIdx.x, b = kernel::batch_row(launch, blockIdx.y);
   const int D = params.dim, N = params.hidden, C = params.chunk_size;
   const int row_tiles = MlpMemoryBwdSmem<Ktraits>::row_tiles(D, NB);
   const index_t bh = index_t(b) * params.heads + h_idx, block_elems = index_t(N) * D;
@@ -201,9 +206,9 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         carried[w][i] = finals[w] ? finals[w][state_offset + i] : T(0);
   }
   // Scratch: the chunk's dK and dQ sums [C, D] and the [C, N] part of dZ known after pass 2.
-  T* dk_acc = static_cast<T*>(workspace.token_grads) + bh * 2 * C * D;
+  T* dk_acc = static_cast<T*>(workspace.token_grads) + block_index * 2 * C * D;
   T* dq_acc = dk_acc + C * D;
-  T* hidden_grads = static_cast<T*>(workspace.hidden_grads) + bh * C * N;
+  T* hidden_grads = static_cast<T*>(workspace.hidden_grads) + block_index * C * N;
   __syncthreads();
 
   const auto* v_in = static_cast<const input_t*>(params.v.ptr);
@@ -271,7 +276,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
   for (int n = params.n_chunks - 1; n >= 0; --n) {
     const int t0 = n * C, L = kernel::chunk_length(params, n);
     const mlp::GlobalState<const input_t> saved(
-        static_cast<const input_t*>(params.chunk_states_ptr) + (bh * params.n_chunks + n) * 4 * block_elems,
+        static_cast<const input_t*>(params.chunk_states_ptr) + (bh * state_slots + n) * 4 * block_elems,
         block_elems);
     kernel::stage_token_rows<input_t>(params.q, b, h_idx, t0, L, 0, D, ld, q_s);
     kernel::stage_token_rows<input_t>(params.k, b, h_idx, t0, L, 0, D, ld, k_s);
@@ -296,7 +301,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     const auto k0 = [&](int d) { return K(0, d); };
     const auto v0 = [&](int j) { return device::cast<T>(v_in[kernel::token_offset(params.v, b, t0, h_idx) + j]); };
     if (kl) {
-      const mlp::GlobalState<input_t> scratch(static_cast<input_t*>(workspace.start_state) + bh * 4 * block_elems,
+      const mlp::GlobalState<input_t> scratch(static_cast<input_t*>(workspace.start_state) + block_index * 4 * block_elems,
                                               block_elems);
       mlp::lag_key_path(saved, D, N, act_kind, objective, k0, v0, [&](int j) { return delta_at(t0, j); }, true,
                         lag_vec);
@@ -723,10 +728,10 @@ int mlp_memory_bwd_hidden_block(const MlpMemoryParams& params, InputType input_t
 
 int mlp_memory_bwd_launch(const MlpMemoryBwdParams& params, const MlpMemoryBwdWorkspace& workspace,
                           InputType input_type, int block, CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0) return device::kSuccess;
+  if (sequence_rows(params) == 0 || params.heads == 0) return device::kSuccess;
   return static_cast<int>(mlp::dispatch(input_type, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    return device::launch("mlp_memory_bwd", mlp_memory_bwd_kernel<Ktraits>, dim3(params.heads, params.batch),
+    return device::launch("mlp_memory_bwd", mlp_memory_bwd_kernel<Ktraits>, dim3(params.heads, sequence_rows(params)),
                           dim3(mlp::kThreads), mlp_memory_bwd_smem_bytes(params, input_type, block), stream, params,
                           workspace, block);
   }));

@@ -20,6 +20,7 @@
 
 #include "cuda/common/launch.cuh"
 #include "cuda/common/operands.cuh"
+#include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
 #include "cuda/common/tile_loops.cuh"
@@ -33,6 +34,36 @@ namespace mlp {
 // Threads per block: one block per (batch, head) runs the whole sequence, so it takes eight warps
 // to keep its products' 16 x 8 tiles busy.
 constexpr int kThreads = 256;
+
+// The params block y works with (sequences.cuh): the launch's, or with cu_seqlens those of
+// sequence y's view: its tokens, its rows of the initial and final states, its chunk-start states.
+template <typename input_t>
+__device__ __forceinline__ MlpMemoryParams sequence_view(const MlpMemoryParams& launch, int y) {
+  using compute_t = kernel::compute_type<input_t>;
+  if (!launch.cu_seqlens) return launch;
+  MlpMemoryParams p = launch;
+  const kernel::SequenceSpan s = kernel::view_sequence<input_t, compute_t>(p, y, p.dim);
+  kernel::advance_all<compute_t>(index_t(y) * p.heads * p.hidden * p.dim, p.w1_0_ptr, p.w2_0_ptr, p.s1_0_ptr,
+                                 p.s2_0_ptr, p.w1_final_ptr, p.w2_final_ptr, p.s1_final_ptr, p.s2_final_ptr);
+  kernel::advance_all<input_t>(index_t(s.begin) * p.heads * p.dim, p.o_ptr);
+  kernel::advance_all<input_t>(kernel::first_unit(launch, y, 1) * 4 * p.hidden * p.dim, p.chunk_states_ptr);
+  return p;
+}
+
+// The same for the backward: the forward's fields, dO, the gradients, the final state's
+// cotangents and the initial state's gradients.
+template <typename input_t>
+__device__ __forceinline__ MlpMemoryBwdParams sequence_view(const MlpMemoryBwdParams& launch, int y) {
+  using compute_t = kernel::compute_type<input_t>;
+  if (!launch.cu_seqlens) return launch;
+  MlpMemoryBwdParams p = launch;
+  static_cast<MlpMemoryParams&>(p) = sequence_view<input_t>(static_cast<const MlpMemoryParams&>(launch), y);
+  kernel::view_sequence_grads<input_t, compute_t>(p, kernel::packed_sequence(launch, y), p.heads, p.dim, p.dim);
+  kernel::advance_all<compute_t>(index_t(y) * p.heads * p.hidden * p.dim, p.d_w1_final_ptr, p.d_w2_final_ptr,
+                                 p.d_s1_final_ptr, p.d_s2_final_ptr, p.dw1_0_ptr, p.dw2_0_ptr, p.ds1_0_ptr,
+                                 p.ds2_0_ptr);
+  return p;
+}
 
 template <typename input_t_>
 struct Traits {

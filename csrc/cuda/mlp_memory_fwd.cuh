@@ -64,13 +64,16 @@ struct MlpMemoryFwdSmem {
 };
 
 template <typename Ktraits>
-__global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMemoryParams params, int NB) {
+__global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMemoryParams launch, int NB) {
   using input_t = typename Ktraits::input_t;
   using T = typename Ktraits::compute_t;
   using Policy = typename Ktraits::Policy;
   using Block = mlp::StateBlock<T, T>;
 
-  const int h_idx = blockIdx.x, b = blockIdx.y;
+  // Block y walks batch row y, or with cu_seqlens sequence y (its view, sequences.cuh).
+  const MlpMemoryParams params = mlp::sequence_view<input_t>(launch, blockIdx.y);
+  const index_t state_slots = sequence_units(launch, 1);
+  const int h_idx = blockIdx.x, b = kernel::batch_row(launch, blockIdx.y);
   const int D = params.dim, N = params.hidden, C = params.chunk_size;
   const index_t bh = index_t(b) * params.heads + h_idx, block_elems = index_t(N) * D;
   const bool token_read = params.read_token, kl = params.miras.retention == RetentionKind::kl;
@@ -133,7 +136,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
   for (int n = 0; n < params.n_chunks; ++n) {
     const int t0 = n * C, L = kernel::chunk_length(params, n);
     if (params.chunk_states_ptr) {
-      auto* saved = static_cast<input_t*>(params.chunk_states_ptr) + (bh * params.n_chunks + n) * 4 * block_elems;
+      auto* saved = static_cast<input_t*>(params.chunk_states_ptr) + (bh * state_slots + n) * 4 * block_elems;
       for (index_t i = threadIdx.x; i < block_elems; i += blockDim.x) {
         saved[i] = device::cast<input_t>(state.w1[i]);
         saved[block_elems + i] = device::cast<input_t>(state.s1[i]);
@@ -324,10 +327,10 @@ int mlp_memory_fwd_hidden_block(const MlpMemoryParams& params, InputType input_t
 }
 
 int mlp_memory_fwd_launch(const MlpMemoryParams& params, InputType input_type, int block, CUstream_st* stream) {
-  if (params.batch == 0 || params.heads == 0) return device::kSuccess;
+  if (sequence_rows(params) == 0 || params.heads == 0) return device::kSuccess;
   return static_cast<int>(mlp::dispatch(input_type, [&](auto ktraits) {
     using Ktraits = decltype(ktraits);
-    return device::launch("mlp_memory_fwd", mlp_memory_fwd_kernel<Ktraits>, dim3(params.heads, params.batch),
+    return device::launch("mlp_memory_fwd", mlp_memory_fwd_kernel<Ktraits>, dim3(params.heads, sequence_rows(params)),
                           dim3(mlp::kThreads), mlp_memory_fwd_smem_bytes(params, input_type, block), stream, params,
                           block);
   }));

@@ -164,18 +164,18 @@ def check_cu_seqlens(cu_seqlens, q):
     return cu_seqlens.shape[0] - 1
 
 
-def check_cu_seqlens_device(device, cu_seqlens):
-    """The CUDA kernels do not take packed sequences yet: a named error instead of the kernels'."""
-    if cu_seqlens is not None and device.type == "cuda":
-        raise ValueError("cu_seqlens: the CUDA kernels do not take packed sequences yet (the CPU kernels do); "
-                         "on a GPU, run each sequence as its own batch row or call")
-
-
-def chunk_slots(T, chunk_size, cu_seqlens):
-    """Saved chunk-start states per (batch, head): ``ceil(T / chunk_size)``, or with ``cu_seqlens``
-    of N sequences ``(T + N (chunk_size - 1)) // chunk_size``, the most chunks any split of T tokens
-    into N sequences has, so that no shape depends on the offsets' values (torch.compile)."""
-    n_seqs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+def chunk_slots(T, chunk_size, cu_seqlens, device_type="cpu", unit=1):
+    """Saved chunk-start states per (batch, head), one per ``unit`` consecutive chunks of a sequence,
+    so that no shape depends on the offsets' values (torch.compile): without ``cu_seqlens``
+    ``ceil(ceil(T / chunk_size) / unit)``; with N sequences on the CPU (unit 1)
+    ``(T + N (chunk_size - 1)) // chunk_size``, the most chunks any split of T tokens into N
+    sequences has; on CUDA ``T // (chunk_size unit) + N``, the bound under which the kernels place
+    each sequence's entries from its offset alone, without a prefix sum (csrc/cuda/common/sequences.h)."""
+    if cu_seqlens is None:
+        return ((T + chunk_size - 1) // chunk_size + unit - 1) // unit
+    n_seqs = cu_seqlens.shape[0] - 1
+    if device_type == "cuda":
+        return T // (chunk_size * unit) + n_seqs
     return (T + n_seqs * (chunk_size - 1)) // chunk_size
 
 

@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from .checks import (check_cu_seqlens_device, check_linear_inputs, check_miras_args, chunk_slots, parse_objective,
-                     state_dtype_for, state_rows)
+from .checks import (check_linear_inputs, check_miras_args, chunk_slots, parse_objective, state_dtype_for,
+                     state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
@@ -42,13 +42,13 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
 
 
 def checkpoint_count(q, T, chunk_size, cu_seqlens=None):
-    """How many chunk-start states the forward keeps for the backward (in q's dtype on every
-    device): every chunk's on the CPU (with ``cu_seqlens`` the bound ``chunk_slots``); on CUDA
-    every chunk's for fp32 and fp64 inputs and every other chunk's for bf16 and fp16, whose
-    backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
-    n_chunks = chunk_slots(T, chunk_size, cu_seqlens)
+    """How many chunk-start states the forward keeps for the backward per (batch, head), in q's
+    dtype on every device (with ``cu_seqlens`` the bound :func:`~titans_ext.ops.checks.chunk_slots`):
+    every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and every other
+    chunk's of a sequence for bf16 and fp16, whose backward recomputes the rest
+    (csrc/cuda/linear_memory_fwd.h)."""
     stride = 2 if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) else 1
-    return (n_chunks + stride - 1) // stride
+    return chunk_slots(T, chunk_size, cu_seqlens, q.device.type, stride)
 
 
 @torch.library.register_fake("titans_ext::linear_memory_fwd")
@@ -177,7 +177,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
             being tokens ``cu_seqlens[i] .. cu_seqlens[i + 1] - 1``. Each sequence runs as its own
             call: chunks restart at its first token, ``initial_state`` and the final state are
             ``[N, H, Dv, Dk]`` (one row per sequence; an empty sequence returns its initial
-            state), nothing crosses a boundary. CPU only so far.
+            state), nothing crosses a boundary. CPU and CUDA; on CUDA no launch reads the offsets
+            on the host, so the default path makes no host sync.
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, Dv]`` in q's dtype; ``final_state`` is
@@ -199,7 +200,6 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
     objective, retention, delta = check_miras_args(objective, retention,
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
-    check_cu_seqlens_device(q.device, cu_seqlens)
     if q.is_cuda:
         _check_cuda_limits(q, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
@@ -214,7 +214,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
 def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
                      save_states=True, has_initial_state=False, has_final_cotangent=False, objective="l2",
-                     emulated=False):
+                     emulated=False, n_seqs=0):
     """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
 
     Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
@@ -225,7 +225,8 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     the chosen value tile, chunk group and slice. ``objective`` (as ``linear_memory`` takes it, or
     parsed) changes the backward: a non-l2 one takes one group per sequence. For the current CUDA device, or with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
-    ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU.
+    ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU. ``n_seqs``
+    > 0: the launches with ``cu_seqlens`` of that many sequences packed along ``seqlen`` (batch 1).
     """
     if emulated:
         import titans_ext._emu  # noqa: F401  (registers titans_emu::)
@@ -233,4 +234,4 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     else:
         op = torch.ops.titans_ext.linear_memory_plan
     return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
-                         has_initial_state, has_final_cotangent, parse_objective(objective).code))
+                         has_initial_state, has_final_cotangent, parse_objective(objective).code, n_seqs))

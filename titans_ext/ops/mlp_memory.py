@@ -8,8 +8,7 @@ torch.compile and checked by ``torch.library.opcheck``.
 
 import torch
 
-from .checks import (check_cu_seqlens_device, check_miras_args, check_mlp_inputs, chunk_slots, state_dtype_for,
-                     state_rows)
+from .checks import check_miras_args, check_mlp_inputs, chunk_slots, state_dtype_for, state_rows
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/mlp_memory.h): a chunk's q, k, dO tiles and its C x D and
@@ -73,7 +72,7 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
     shape1, shape2 = _state_shapes(q, N, cu_seqlens)
     w1_final, s1_final = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    states_shape = (B, H, chunk_slots(T, chunk_size, cu_seqlens), 4, N * D) if save_states else (0,)
+    states_shape = (B, H, chunk_slots(T, chunk_size, cu_seqlens, q.device.type), 4, N * D) if save_states else (0,)
     # The CUDA kernels save the chunk-start states in the inputs' dtype, the CPU ones in the state's.
     states_dtype = q.dtype if q.device.type == "cuda" else state_dtype
     return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
@@ -190,7 +189,7 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
         activation: ``"gelu"`` (exact, erf) or ``"silu"``.
         cu_seqlens: None, or packed variable-length sequences (``docs/design.md`` §6), as for
             :func:`titans_ext.linear_memory`: B = 1, int32 or int64 offsets ``[N + 1]``; the weights,
-            momenta and final state have one row per sequence (``[N, H, ...]``). CPU only so far.
+            momenta and final state have one row per sequence (``[N, H, ...]``). CPU and CUDA.
 
     Returns:
         ``(o, final_state)``: ``o`` ``[B, T, H, D]`` in q's dtype; ``final_state`` is
@@ -204,7 +203,6 @@ def mlp_memory(q, k, v, theta, eta, alpha, weights, *, chunk_size=64, momentum=N
     check_op_device(q)
     B, T, H, D, N = check_mlp_inputs(q, k, v, theta, eta, alpha, weights, chunk_size, read, activation, momentum,
                                      cu_seqlens)
-    check_cu_seqlens_device(q.device, cu_seqlens)
     state_dtype = state_dtype_for(q.dtype)
     objective, retention, delta = check_miras_args(objective, retention, weights, (B, T, H, D), q.device, state_dtype,
                                                    memory_name="weights")
