@@ -20,13 +20,12 @@ import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 from titans_ext.ops.linear_memory import cuda_launch_plan
 from titans_ext.reference import linear_memory_chunked
 
-from miras_cases import OBJECTIVES, assert_matches, needs_delta, op_miras_args
+from miras_cases import OBJECTIVES, RETENTIONS, assert_matches, needs_delta, op_miras_args
 from utils import GRAD_NAMES, memory_inputs, random_cotangents
 
 emu = torch.ops.titans_emu
 NAMES = ["o", "M_T", "S_T"] + GRAD_NAMES + ["d_delta"]
-# The objectives the kernels run ("yaad" reads a token's norm over all of Dv and is refused).
-OBJECTIVE_IDS = ["l2", "lp3", "lp1.5", "huber", "pseudo_huber"]
+OBJECTIVE_IDS = ["l2", "lp3", "lp1.5", "huber", "pseudo_huber", "yaad"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +41,7 @@ class Case:
     cotangents of o and of the final state."""
 
     def __init__(self, B, T, H, Dk, Dv, C, dtype, objective="l2", read="token", delta_kind="channel", init=True,
-                 theta_scale=1.0, seed=0):
+                 theta_scale=1.0, seed=0, retention="l2"):
         self.inputs, self.init = memory_inputs(B, T, H, Dk, Dv, dtype, seed=seed, state=init)
         self.inputs[3] = self.inputs[3] * theta_scale
         self.chunk_size, self.read, self.dtype = C, read, dtype
@@ -52,7 +51,7 @@ class Case:
             g = torch.Generator().manual_seed(seed + 3)
             shape = (B, T, H) if delta_kind == "token" else (B, T, H, Dv)
             self.delta = 0.3 + 0.6 * torch.rand(shape, generator=g, dtype=torch.float64)
-        self.objective = OBJECTIVES[objective]
+        self.objective, self.retention = OBJECTIVES[objective], RETENTIONS[retention]
         state = torch.empty(B, H, Dv, Dk, dtype=self.state_dtype)
         self.cotangents = random_cotangents([self.inputs[2], state, state], seed=seed + 1)
 
@@ -60,8 +59,8 @@ class Case:
         """The emulated forward and backward: o, final state, then every gradient (d_delta summed
         back to delta's shape)."""
         m0, s0 = (None, None) if self.init is None else self.init
-        miras, token = op_miras_args(self.objective(self.delta), "l2", self.inputs[2], self.state_dtype), \
-            self.read == "token"
+        miras, token = op_miras_args(self.objective(self.delta), self.retention, self.inputs[2],
+                                     self.state_dtype), self.read == "token"
         o, m, s, states = emu.linear_memory_fwd(*self.inputs, m0, s0, self.chunk_size, token, True, *miras)
         d_o, d_m, d_s = self.cotangents
         grads = list(emu.linear_memory_bwd(*self.inputs, states, d_o.to(o.dtype), d_m, d_s, self.chunk_size, token,
@@ -80,7 +79,8 @@ class Case:
         init = None if self.init is None else [x.detach().double().requires_grad_() for x in self.init]
         delta = None if self.delta is None else self.delta.clone().requires_grad_()
         o, (m, s) = linear_memory_chunked(*leaves, chunk_size=self.chunk_size, initial_state=init,
-                                          output_final_state=True, read=self.read, objective=self.objective(delta))
+                                          output_final_state=True, read=self.read, objective=self.objective(delta),
+                                          retention=self.retention)
         d_o = self.cotangents[0].to(self.dtype).double()  # bf16 runs see a rounded d_o
         loss = (o * d_o).sum() + (m * self.cotangents[1].double()).sum() + (s * self.cotangents[2].double()).sum()
         wrt = leaves + (init or []) + ([delta] if delta is not None else [])

@@ -4,9 +4,11 @@
 
 #include "cuda/common/objective.cuh"
 #include "cuda/common/operands.cuh"
+#include "cuda/common/retention.cuh"
 #include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
 #include "device/device.h"
 #include "titans_params.h"
 
@@ -103,7 +105,8 @@ __device__ __forceinline__ void store_state_stack(out_t* first, out_t* second, i
 
 // The error map of the MIRAS objective on a block's residuals (docs/miras.md §2.1): E = f(R) with
 // R = K W0^T - V at the chunk-start weights, elementwise, so a value tile or slice needs only its
-// own rows (yaad's switch reads the token's norm over all of Dv and does not run on these kernels).
+// own rows, except for yaad's switch, which also reads the token's residual norm over all of Dv
+// (`norm`; the kernels compute it over one tile of all of Dv, or across the slices).
 // The thresholds delta are read, only when the objective has them, from the contiguous
 // [B, T, H, Dv] tensor in compute_t (MirasParams::delta_ptr), where d_delta has the same layout.
 template <typename compute_t>
@@ -125,16 +128,28 @@ struct ChunkObjective {
   __device__ __forceinline__ compute_t threshold(bool inside, int b, int t, int h, int j) const {
     return has_delta() && inside ? delta[at(b, t, h, j)] : compute_t(1);
   }
-  __device__ __forceinline__ compute_t error(compute_t r, compute_t threshold) const {
-    return f.error(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t error(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.error(r, threshold, norm);
   }
-  __device__ __forceinline__ compute_t slope(compute_t r, compute_t threshold) const {
-    return f.slope(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t slope(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.slope(r, threshold, norm);
   }
-  __device__ __forceinline__ compute_t delta_slope(compute_t r, compute_t threshold) const {
-    return f.delta_slope(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t delta_slope(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.delta_slope(r, threshold, norm);
   }
 };
+
+// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, kWidth] compute_t array: a warp per row.
+template <int kWidth, typename compute_t>
+__device__ __forceinline__ void row_norms(int rows, const device::SharedPtr<compute_t>& resid,
+                                          const device::SharedPtr<compute_t>& norm) {
+  for (int t = device::warp_id(); t < rows; t += kernel::warp_count()) {
+    compute_t sum = 0;
+    for (int j = device::lane_id(); j < kWidth; j += device::kWarpSize) sum += resid[t * kWidth + j] * resid[t * kWidth + j];
+    sum = device::warp_reduce_sum(sum);
+    if (device::lane_id() == 0) norm[t] = fmath::sqrt(sum);
+  }
+}
 
 }  // namespace lm
 }  // namespace titans

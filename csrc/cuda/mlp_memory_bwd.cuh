@@ -30,7 +30,7 @@
 // differentiated with matrix-vector products (kl_softmax_rows_backward and the key path's
 // matrix-vector backward). Retention "lq": the products scale their sums by rho as in the forward;
 // what reaches the scaled weights goes to the carried cotangent times rho and, through
-// rho = ||A||_q^(2-q), to the accumulators (mlp::lq_scale_backward) with the masked products'
+// rho = ||A||_q^(2-q), to the accumulators (kernel::lq_scale_backward) with the masked products'
 // direct terms.
 #pragma once
 
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         mlp::warp_row_sums<T>(
             Lc, D, [&](int t, int j) { return resid[t * D + j] * resid[t * D + j]; },
             [&](int t, T sum) {
-              if (device::lane_id() == 0) norms[t] = mlp::fmath::sqrt(sum);
+              if (device::lane_id() == 0) norms[t] = fmath::sqrt(sum);
             });
         __syncthreads();
       }
@@ -705,8 +705,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     __syncthreads();
     if (lq) {  // d rho -> dA through rho = ||A||_q^(2-q), for each weight
       kernel::block_sum(rho_partials, scalars + 4);
-      mlp::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
-      mlp::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
+      kernel::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
+      kernel::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
       __syncthreads();
     }
     for (int idx = threadIdx.x; idx < L * D; idx += blockDim.x) {

@@ -20,6 +20,7 @@
 
 #include "cuda/common/launch.cuh"
 #include "cuda/common/operands.cuh"
+#include "cuda/common/retention.cuh"
 #include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
@@ -133,23 +134,7 @@ int layout_hidden_block(const MlpMemoryParams& params, InputType type, const Dev
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise math
-
-// The C math functions by argument type (CUDA's device overloads under nvcc, libm in the emulation).
-namespace fmath {
-__device__ __forceinline__ float exp(float x) { return ::expf(x); }
-__device__ __forceinline__ double exp(double x) { return ::exp(x); }
-__device__ __forceinline__ float log(float x) { return ::logf(x); }
-__device__ __forceinline__ double log(double x) { return ::log(x); }
-__device__ __forceinline__ float erfc(float x) { return ::erfcf(x); }
-__device__ __forceinline__ double erfc(double x) { return ::erfc(x); }
-__device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
-__device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
-__device__ __forceinline__ float pow(float x, float y) { return ::powf(x, y); }
-__device__ __forceinline__ double pow(double x, double y) { return ::pow(x, y); }
-__device__ __forceinline__ float abs(float x) { return ::fabsf(x); }
-__device__ __forceinline__ double abs(double x) { return ::fabs(x); }
-}  // namespace fmath
+// Elementwise math (fmath: cuda/common/retention.cuh)
 
 // act(x) and, up to kOrder, act'(x) and act''(x) (docs/mlp_dual_form.md §4):
 //   gelu: x Phi(x);  Phi + x phi;  phi (2 - x^2)          (Phi, phi: standard normal cdf, pdf)
@@ -490,24 +475,12 @@ __device__ __forceinline__ LqScales<T> lq_scales(const GlobalState<const S>& sta
                                                  const Scratch& scratch) {
   LqScales<T> out;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
-    out.sums[0] += fmath::pow(fmath::abs(device::cast<T>(state.w1[i])), q);
-    out.sums[1] += fmath::pow(fmath::abs(device::cast<T>(state.w2[i])), q);
+    out.sums[0] += kernel::lq_power(device::cast<T>(state.w1[i]), q);
+    out.sums[1] += kernel::lq_power(device::cast<T>(state.w2[i]), q);
   }
   kernel::block_sum(out.sums, scratch);
-  for (int w = 0; w < 2; ++w) out.rho[w] = out.sums[w] == T(0) ? T(1) : fmath::pow(out.sums[w], (T(2) - q) / q);
+  for (int w = 0; w < 2; ++w) out.rho[w] = kernel::lq_rho(out.sums[w], q);
   return out;
-}
-
-// dA += d_rho drho/dA = d_rho (2 - q) sign(A) |A|^(q-1) sum^((2-2q)/q) over the n entries of one
-// weight matrix A with power sum `sum` (nothing where sum = 0: rho is constant there).
-template <typename T, typename S>
-__device__ __forceinline__ void lq_scale_backward(const S* A, index_t n, T q, T sum, T d_rho, T* dA) {
-  if (sum == T(0)) return;
-  const T coef = d_rho * (T(2) - q) * fmath::pow(sum, (T(2) - T(2) * q) / q);
-  for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const T a = device::cast<T>(A[i]);
-    dA[i] += coef * sign_of(a) * fmath::pow(fmath::abs(a), q - T(1));
-  }
 }
 
 }  // namespace mlp
