@@ -11,7 +11,7 @@ import json
 import torch
 
 from .checks import (OBJECTIVES, RETENTIONS, check_linear_inputs, check_miras_args, chunk_slots, parse_objective,
-                     state_dtype_for, state_rows)
+                     parse_retention, state_dtype_for, state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
@@ -224,7 +224,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
 def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
                      save_states=True, has_initial_state=False, has_final_cotangent=False, objective="l2",
-                     emulated=False, n_seqs=0):
+                     emulated=False, n_seqs=0, retention="l2"):
     """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
 
     Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
@@ -232,8 +232,10 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     shared memory and the bytes it reads and writes in global memory, every tensor counted once)
     and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
     forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
-    the chosen value tile, chunk group and slice. ``objective`` (as ``linear_memory`` takes it, or
-    parsed) changes the backward: a non-l2 one takes one group per sequence. For the current CUDA device, or with
+    the chosen value tile, chunk group and slice. ``objective`` and ``retention`` (as
+    ``linear_memory`` takes them, or parsed) change the launches: a non-l2 one takes one backward
+    group per sequence; "yaad" and "lq" one forward value tile over all of Dv and every chunk's
+    checkpoint. For the current CUDA device, or with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
     ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU. ``n_seqs``
     > 0: the launches with ``cu_seqlens`` of that many sequences packed along ``seqlen`` (batch 1).
@@ -244,4 +246,5 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     else:
         op = torch.ops.titans_ext.linear_memory_plan
     return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
-                         has_initial_state, has_final_cotangent, parse_objective(objective).code, n_seqs))
+                         has_initial_state, has_final_cotangent, parse_objective(objective).code, n_seqs,
+                         parse_retention(retention).code))
