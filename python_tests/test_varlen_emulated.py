@@ -191,12 +191,14 @@ def test_linear_packed_non_l2_objective_is_each_sequence_alone(carry):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("objective, retention", [("yaad", "l2"), ("huber", ("lq", 3))])
+@pytest.mark.parametrize("objective, retention", [("yaad", "l2"), ("huber", ("lq", 3)), ("huber", "kl")])
 def test_linear_packed_whole_state_options_are_each_sequence_alone(objective, retention, dtype):
     """yaad (per-token delta) and lq: the forward runs one value tile over all of Dv per (sequence,
     head), and every chunk of a sequence keeps its checkpoint (bf16 included), so its rho0 and token
-    norms come from the sequence's own entries."""
+    norms come from the sequence's own entries; kl's lag token restarts with each sequence's chunks."""
     inputs, init, cot = linear_case(LENGTHS, dtype, Dk=8, Dv=8)
+    if retention == "kl":
+        init = (init[0].softmax(-1), init[1])
     delta = 0.5 + 2.0 * torch.rand(inputs[2].shape[:3], generator=torch.Generator().manual_seed(7))
     miras = op_miras_args((objective, delta), retention, inputs[2], torch.float32)
     packed_outs, packed_grads = linear_emulated(inputs, init, cot, CHUNK, True, offsets(LENGTHS), miras)

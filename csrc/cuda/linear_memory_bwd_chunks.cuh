@@ -70,6 +70,7 @@ struct ChunksLayout {
   int d_c, d_a, d_g, d_s, dc_last, d_p, prod;  // the coefficient cotangents; prod: 3 x [C]
   int scratch;              // compute_t [kBlockSums warps]: block sums
   int norm;                 // compute_t [C]: yaad's residual norms of the chunk's tokens over Dv
+  int lag;                  // compute_t [5 kSlice + dk16]: kl's lag token, LagRows
   int partials;             // compute_t [4][C][kSlice / 8]: a slice's row cotangents per 8 columns
   kernel::TileSlot w;       // operand_t [C, C]: W, then dG
   kernel::TileSlot v, d_o;  // 2 x input_t [C, kSlice]: a slice's values and output cotangent
@@ -101,6 +102,7 @@ struct ChunksLayout {
     dc_last = smem.array<compute_t>(C16), d_p = smem.array<compute_t>(1), prod = smem.array<compute_t>(3 * C16);
     scratch = smem.array<compute_t>(kBlockSums * kChunkThreads / device::kWarpSize);
     norm = smem.array<compute_t>(miras.objective == ObjectiveKind::yaad ? C16 : 0);
+    lag = smem.array<compute_t>(miras.retention == RetentionKind::kl ? 5 * kSlice + dk16 : 0);
     partials = smem.array<compute_t>(4 * C16 * (kSlice / 8));
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
     v = smem.tiles<input_t>(2, chunk, kSlice);
@@ -142,6 +144,16 @@ __device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int
   for (int idx = threadIdx.x; idx < rows * dk; idx += blockDim.x)
     tile(idx / dk, idx % dk) = device::cast<dst_t>(src ? device::cast<float>(src[idx]) : 0.f);
 }
+
+// kl's lag token at a slice's rows: its residual, threshold, error and error cotangent, its
+// residual's cotangent, and the key's cotangent summed over the slices.
+template <typename compute_t, int kSlice>
+struct LagRows {
+  device::SharedPtr<compute_t> r, delta, e, de, dr, dk0;
+  __device__ __forceinline__ explicit LagRows(const device::SharedPtr<compute_t>& base)
+      : r(base), delta(base + kSlice), e(base + 2 * kSlice), de(base + 3 * kSlice), dr(base + 4 * kSlice),
+        dk0(base + 5 * kSlice) {}
+};
 
 template <typename input_t, int kSlice>
 __global__ void __launch_bounds__(kChunkThreads, 1)
@@ -217,7 +229,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   // The whole-state options (checkpoint stride 1, so no chunk is recomputed): yaad's token norms
   // and lq's rho0 come at the chunk's setup from its checkpoint over all of Dv.
   const bool yaad = objective.f.uses_norm(), lq = params.miras.retention == RetentionKind::lq;
+  const bool kl = params.miras.retention == RetentionKind::kl;
   const auto norm = kernel::shared_array<compute_t>(at.norm);
+  const LagRows<compute_t, kSlice> lag(kernel::shared_array<compute_t>(at.lag));
+  compute_t lag_gate_partials[3] = {};  // this thread's share of the lag token's d theta, d eta, d beta
   const compute_t lq_q = compute_t(params.miras.q);
   compute_t rho = compute_t(1), lq_sum = compute_t(0);
 
@@ -369,6 +384,45 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     }
   };
 
+  // kl: the backward of the lag token at a slice's rows (rows j < w_rows, feature v0 + j), once the
+  // slice's start cotangent (of the lagged state: the carry's rows, or dM0 / dS0 for the group's
+  // first chunk) is complete: the softmax step's (into the cotangent of the checkpoint's state), then
+  // the lag error's, dR = dE f'(R) at the checkpoint's M: dV, d delta, dM += dR k0^T, dk0 += dR^T M.
+  const auto lag_backward = [&](int n, int g0, int v0, int w_rows, const auto& k0, const ChunkGates<compute_t>& g,
+                                const auto& lagged, compute_t(&gate_partials)[3]) {
+    __syncthreads();  // the slice's start cotangent is complete
+    const checkpoint_t* prev = chunk_start(n) + index_t(v0) * dk;
+    const auto m_prev = [&](int r, int d) { return device::cast<compute_t>(prev[index_t(r) * dk + d]); };
+    const auto start_cot = [&](int which) {
+      return [&, which](int r, int d) -> compute_t& {
+        if (n > g0) return carry(which, v0 + r, d);
+        return (which == 0 ? dm0 : ds0)[(bh * dv + v0 + r) * index_t(dk) + d];
+      };
+    };
+    kernel::kl_softmax_rows_backward<compute_t>(
+        w_rows, dk, g.theta[0], g.eta[0], compute_t(1) - g.alpha[0], m_prev,
+        [&](int r, int d) { return device::cast<compute_t>(prev[index_t(dv) * dk + index_t(r) * dk + d]); }, lagged,
+        start_cot(0), start_cot(1), [&](int r) { return lag.e[r]; }, k0, lag.de, lag.dk0, gate_partials);
+    const int t0 = n * C;
+    for (int j = threadIdx.x; j < w_rows; j += blockDim.x) {
+      const compute_t dr = lag.de[j] * objective.slope(lag.r[j], lag.delta[j]);
+      lag.dr[j] = dr;
+      dv_out[kernel::contiguous_token_offset(b, t0, h, params.seqlen, params.heads, dv) + v0 + j] =
+          device::cast<input_t>(-dr);
+      if (objective.has_delta())
+        d_delta_out[objective.at(b, t0, h, v0 + j)] = lag.de[j] * objective.delta_slope(lag.r[j], lag.delta[j]);
+    }
+    __syncthreads();
+    const auto dm = start_cot(0);
+    for (int idx = threadIdx.x; idx < w_rows * dk; idx += blockDim.x)
+      dm(idx / dk, idx % dk) += lag.dr[idx / dk] * k0(idx % dk);
+    for (int d = threadIdx.x; d < dk; d += blockDim.x) {
+      compute_t sum = 0;
+      for (int j = 0; j < w_rows; ++j) sum += lag.dr[j] * m_prev(j, d);
+      lag.dk0[d] += sum;
+    }
+  };
+
   // Kept across a chunk's slices, in registers.
   kernel::WarpStrips<acc_t, kSquareStripsPerWarp, 2> g_acc(C16, C16), dw_acc(C16, C16);
   kernel::WarpStrips<acc_t, kKeyStripsPerWarp, 2> dq_acc(C16, dk16), dk_acc(C16, dk16);
@@ -387,7 +441,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     const bool updates_carry = n > g0 || g0 == 0;  // the start cotangent is needed by a chunk or is dM0
 
     if (slice == 0) {  // the chunk's setup
-      build_gate_tables(L, C16, gates(ci), g_rows, &tables);
+      build_gate_tables(L, C16, gates(ci), g_rows, &tables, kl);
       if (recompute) build_gate_tables<compute_t>(C, C16, gates(ci + 1), prev_rows, nullptr);
       if (token_read)
         g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
@@ -399,6 +453,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       dk_acc.zero();
       for (int t = threadIdx.x; t < C16; t += blockDim.x) cot.d_a[t] = cot.d_g[t] = cot.d_s[t] = dc_last[t] = 0;
       for (compute_t& dot : dots) dot = 0;
+      if (kl) {
+        for (int d = threadIdx.x; d < dk16; d += blockDim.x) lag.dk0[d] = 0;
+        for (compute_t& partial : lag_gate_partials) partial = 0;
+      }
       __syncthreads();
       if (lq || yaad) whole_state_setup(n, L, ci);
       if (token_read)
@@ -415,6 +473,29 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         stack(r, d) = device::cast<operand_t>(j < w_rows && d < dk ? carry(which, v0 + j, d) : compute_t(0));
       }
     __syncthreads();
+
+    // kl: the lag token's step at the slice's rows of the checkpoint (row-local), in place: the
+    // chunk proper starts from its result.
+    const PaddedTile<input_t> keys = k_tile(ci);
+    const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+    const ChunkGates<compute_t> chunk_gates = gates(ci);
+    const auto stack_value = [&](int quarter) {
+      return [&, quarter](int r, int d) { return device::cast<compute_t>(stack(quarter * kSlice + r, d)); };
+    };
+    if (kl) {
+      lag_errors(objective, w_rows, dk, stack_value(2), k0, [&](int j) { return device::cast<compute_t>(V(0, j)); },
+                 b, t0, h, v0, [&](int j, compute_t r, compute_t delta, compute_t e) {
+                   lag.r[j] = r, lag.delta[j] = delta, lag.e[j] = e, lag.de[j] = 0;
+                 });
+      __syncthreads();
+      kernel::kl_softmax_rows<compute_t>(
+          w_rows, dk, chunk_gates.theta[0], chunk_gates.eta[0], compute_t(1) - chunk_gates.alpha[0], stack_value(2),
+          stack_value(3), [&](int r) { return lag.e[r]; }, k0, [&](int r, int d, compute_t m, compute_t s) {
+            stack(2 * kSlice + r, d) = device::cast<operand_t>(m);
+            stack(3 * kSlice + r, d) = device::cast<operand_t>(s);
+          });
+      __syncthreads();
+    }
 
     if (recompute) {  // the chunk's start state, one step from the checkpoint of the chunk before
       const auto K_prev = k_tile(ci + 1).matrix();
@@ -553,6 +634,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         });
       });
     }
+    if (kl) lag_backward(n, g0, v0, w_rows, k0, chunk_gates, stack_value(2), lag_gate_partials);
     for (int t = threadIdx.x; t < C16; t += blockDim.x)
       for (int part = 0; part < kSlice / 8; ++part) {
         dc_last[t] += partials[partial(kErrX, t, part)];
@@ -609,27 +691,32 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         kernel::strip_mma<Policy>(w.transposed(), r0, c0, C16, kernel::times(acc, Q));
       });
     }
-    const auto write_grad = [&](input_t* out) {
-      return [&, out](acc_t(&acc)[2][4], int r0, int c0) {
+    if (kl) kernel::block_sum(lag_gate_partials, scratch);
+    // dk of token 0 adds kl's lag token's.
+    const auto write_grad = [&](input_t* out, bool with_lag) {
+      return [&, out, with_lag](acc_t(&acc)[2][4], int r0, int c0) {
         kernel::for_each_strip_element<2>(r0, c0, [&](int t, int d, int n8, int e) {
           if (t < L && d < dk)
             out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d] =
-                device::cast<input_t>(compute_t(acc[n8][e]));
+                device::cast<input_t>(compute_t(acc[n8][e]) + (with_lag && t == 0 ? lag.dk0[d] : compute_t(0)));
         });
       };
     };
-    dq_acc.for_each(write_grad(dq_out));
-    dk_acc.for_each(write_grad(dk_out));
+    dq_acc.for_each(write_grad(dq_out, false));
+    dk_acc.for_each(write_grad(dk_out, kl));
     __syncthreads();
     const auto gate_at = [&](int t) { return (index_t(b) * params.seqlen + t0 + t) * params.heads + h; };
     auto* dtheta = static_cast<compute_t*>(params.dtheta_ptr);
     auto* deta = static_cast<compute_t*>(params.deta_ptr);
     auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
+    // kl: token 0's gates are the lag step's (the lag tables do not read them).
+    const bool lag_token = kl;
     gate_adjoint(
-        L, gates(ci), g_rows, tables, cot, [&](int t, compute_t value) { dtheta[gate_at(t)] = value; },
+        L, gates(ci), g_rows, tables, cot,
+        [&](int t, compute_t value) { dtheta[gate_at(t)] = lag_token && t == 0 ? lag_gate_partials[0] : value; },
         [&](int t, compute_t d_eta, compute_t d_alpha) {
-          deta[gate_at(t)] = d_eta;
-          dalpha[gate_at(t)] = d_alpha;
+          deta[gate_at(t)] = lag_token && t == 0 ? lag_gate_partials[1] : d_eta;
+          dalpha[gate_at(t)] = lag_token && t == 0 ? -lag_gate_partials[2] : d_alpha;
         });
   });
 

@@ -76,17 +76,18 @@ __device__ __forceinline__ int tile_rows(const LinearMemoryParams& p, int v0, in
 
 // The stack [X; Y] of a block's rows [v0, v0 + rows) of two states of a [B, H, Dv, Dk] layout
 // (M and S, or their cotangents), each half kTileV rows: loaded from contiguous compute_t states at
-// `offset` (null: zeros) into the compute_t master (when kMaster; [2 kTileV, dk16]) and the operand
-// tile, zero past the rows and past Dk.
+// `offset` (null: first_fill for X, zeros for Y) into the compute_t master (when kMaster;
+// [2 kTileV, dk16]) and the operand tile, zero past the rows and past Dk.
 template <int kTileV, bool kMaster, typename compute_t, typename operand_t>
 __device__ __forceinline__ void load_state_stack(const compute_t* first, const compute_t* second, index_t offset,
                                                  int rows, int dk, int dk16,
                                                  const device::SharedPtr<compute_t>& master,
-                                                 const kernel::PaddedTile<operand_t>& tile) {
+                                                 const kernel::PaddedTile<operand_t>& tile, compute_t first_fill) {
   for (int idx = threadIdx.x; idx < 2 * kTileV * dk16; idx += blockDim.x) {
     const int r = idx / dk16, d = idx % dk16, j = r % kTileV;
     const compute_t* src = r < kTileV ? first : second;
-    const compute_t value = j < rows && d < dk && src ? src[offset + index_t(j) * dk + d] : compute_t(0);
+    const compute_t fill = r < kTileV ? first_fill : compute_t(0);
+    const compute_t value = j < rows && d < dk ? (src ? src[offset + index_t(j) * dk + d] : fill) : compute_t(0);
     if constexpr (kMaster) master[idx] = value;
     tile(r, d) = device::cast<operand_t>(value);
   }
@@ -138,6 +139,23 @@ struct ChunkObjective {
     return f.delta_slope(r, threshold, norm);
   }
 };
+
+// Retention kl's lag token (token 0 of the chunk at t0, docs/miras.md §2.3): its residuals and errors
+// at the memory before it, r_j = M_j . k0 - v0_j, e_j = f(r_j), for a block's value rows j < rows
+// (feature v_base + j), a warp per row: m(j, d), k0(d), v0(j); out(j, r_j, threshold_j, e_j).
+template <typename compute_t, class M, class K0, class V0, class Out>
+__device__ __forceinline__ void lag_errors(const ChunkObjective<compute_t>& objective, int rows, int dk, const M& m,
+                                           const K0& k0, const V0& v0, int b, int t0, int h, int v_base,
+                                           const Out& out) {
+  for (int j = device::warp_id(); j < rows; j += kernel::warp_count()) {
+    compute_t dot = 0;
+    for (int d = device::lane_id(); d < dk; d += device::kWarpSize) dot += m(j, d) * k0(d);
+    dot = device::warp_reduce_sum(dot);
+    if (device::lane_id() != 0) continue;
+    const compute_t r = dot - v0(j), delta = objective.threshold(true, b, t0, h, v_base + j);
+    out(j, r, delta, objective.error(r, delta));
+  }
+}
 
 // norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, kWidth] compute_t array: a warp per row.
 template <int kWidth, typename compute_t>

@@ -43,6 +43,7 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
   kernel::TileSlot w;                  // operand_t [C, C]: W = Q K^T .* c (token read)
   int resid, norm;                     // compute_t [C16, kTileV], [C16]: R and its row norms (yaad only)
   int scratch;                         // compute_t [warps]: the block sum of lq's rho0 (lq only)
+  int lag_err;                         // compute_t [kTileV]: kl's lag token errors (kl only)
   __host__ __device__ FwdLayout(int dk, int chunk, bool token_read, const MirasParams& miras)
       : WalkLayout<input_t, kTileV>(dk, chunk) {
     using operand_t = typename Types<input_t>::operand_t;
@@ -56,6 +57,7 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
     resid = smem.array<compute_t>(yaad ? this->chunk16 * kTileV : 0);
     norm = smem.array<compute_t>(yaad ? this->chunk16 : 0);
     scratch = smem.array<compute_t>(lq ? kForwardThreads / device::kWarpSize : 0);
+    lag_err = smem.array<compute_t>(miras.retention == RetentionKind::kl ? kTileV : 0);
   }
 };
 
@@ -86,6 +88,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   // The whole-state options run one tile over all of Dv (the plan's rule), so the block's sums over
   // its rows are the sums over Dv.
   const bool yaad = objective.f.uses_norm(), lq = params.miras.retention == RetentionKind::lq;
+  const bool kl = params.miras.retention == RetentionKind::kl;
   const auto resid = kernel::shared_array<compute_t>(at.resid);
   const auto norm = kernel::shared_array<compute_t>(at.norm);
   const compute_t lq_q = compute_t(params.miras.q);
@@ -95,7 +98,8 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   // (and its operand copy), zero past the rows and past Dk.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  walk.load_stack(params.m0_ptr, params.s0_ptr, state_offset, rows, dk);
+  // kl's default memory is uniform, 1 / Dk.
+  walk.load_stack(params.m0_ptr, params.s0_ptr, state_offset, rows, dk, kl ? compute_t(1) / compute_t(dk) : 0);
   __syncthreads();
 
   auto* checkpoints = static_cast<checkpoint_t*>(params.chunk_states_ptr);
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   kernel::pipelined_steps(n_chunks, stage, [&](int n) {
     const int L = chunk_length(params, n), cur = n & 1, nxt = cur ^ 1;
     if (n == 0) {
-      build_gate_tables(L, C16, walk.gates(0), walk.gate_rows(0), &tables);
+      build_gate_tables(L, C16, walk.gates(0), walk.gate_rows(0), &tables, kl);
       __syncthreads();
     }
     const ChunkGateRows<compute_t> g_rows = walk.gate_rows(n);
@@ -132,8 +136,34 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
       kernel::block_sum(sum, kernel::shared_array<compute_t>(at.scratch));
       rho = kernel::lq_rho(sum[0], lq_q);
     }
+    if (checkpoints && n % stride == 0) {
+      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, stride);
+      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
+                                [&](int r, int d) { return S0(r, d); });
+    }
+    // kl: token 0 takes Memora's step on the state's rows (row-local, so any value tile), then the
+    // chunk runs from its result with lag tables (token 0 the identity; its read is q0 M_lag).
+    if (kl) {
+      const auto lag_err = kernel::shared_array<compute_t>(at.lag_err);
+      const PaddedTile<input_t> keys = walk.k(cur);
+      const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+      lag_errors(objective, rows, dk, [&](int j, int d) { return walk.value(S0, j, d); }, k0,
+                 [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, n * C, h, v0,
+                 [&](int j, compute_t, compute_t, compute_t e) { lag_err[j] = e; });
+      __syncthreads();  // also: the checkpoint has read the state
+      const ChunkGates<compute_t> lag_gates = walk.gates(n);
+      kernel::kl_softmax_rows<compute_t>(
+          rows, dk, lag_gates.theta[0], lag_gates.eta[0], compute_t(1) - lag_gates.alpha[0],
+          [&](int r, int d) { return walk.value(S0, r, d); },
+          [&](int r, int d) { return walk.value(S0, kTileV + r, d); }, [&](int r) { return lag_err[r]; }, k0,
+          [&](int r, int d, compute_t m, compute_t s) {
+            walk.set(S0, r, d, m);
+            walk.set(S0, kTileV + r, d, s);
+          });
+      __syncthreads();
+    }
 
-    // Phase A: E and its row-scaled copies; W; the checkpoint. yaad first keeps R and its row norms.
+    // Phase A: E and its row-scaled copies; W. yaad first keeps R and its row norms.
     const auto write_error = [&](int t, int j, compute_t r) {
       const compute_t value =
           objective.error(r, objective.threshold(t < L && j < rows, b, n * C + t, h, v0 + j), yaad ? norm[t] : 0);
@@ -173,11 +203,6 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
             });
           },
           kernel::strip_count<2>(C16, kTileV));
-    if (checkpoints && n % stride == 0) {
-      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, stride);
-      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
-                                [&](int r, int d) { return S0(r, d); });
-    }
     __syncthreads();
 
     // Phase B: the chunk step into the other state tile; the outputs; the next chunk's tables.
@@ -221,7 +246,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
         kernel::strip_count<2>(kTileV, dk16));
     // c was last read in phase A; the next chunk's rows go to the other buffer.
     if (n + 1 < n_chunks)
-      build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables);
+      build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables, kl);
   });
   __syncthreads();
 

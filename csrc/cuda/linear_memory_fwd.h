@@ -34,11 +34,12 @@ constexpr bool linear_memory_whole_state(const MirasParams& m) {
 // in the input dtype, the start states (M, S) of each sequence's chunks 0, stride, 2 stride, ...
 // 16-bit inputs keep every other one (the backward recomputes the others, one chunk step from the
 // one before), fp32 and fp64 inputs every one, and so does every dtype under a whole-state option
-// (whose recomputed step would need the chunk before's whole-state reduction first).
+// (whose recomputed step would need the chunk before's whole-state reduction first) and under the
+// kl retention (whose recomputed step would need the chunk before's lag token first).
 // checkpoints: ceil(n_chunks / stride), or with cu_seqlens the bound of sequences.h (the entries no
 // sequence uses are left as the buffer was). input_bytes: the input dtype's size.
 constexpr int linear_memory_checkpoint_stride(int input_bytes, const MirasParams& m) {
-  return input_bytes == 2 && !linear_memory_whole_state(m) ? 2 : 1;
+  return input_bytes == 2 && !linear_memory_whole_state(m) && m.retention != RetentionKind::kl ? 2 : 1;
 }
 inline int64_t linear_memory_checkpoints(const SequenceParams& p, InputType type) {
   return sequence_units(p, linear_memory_checkpoint_stride(input_type_bytes(type), p.miras));

@@ -410,39 +410,18 @@ __device__ __forceinline__ void lag_key_path(const GlobalState<const S>& state, 
 }
 
 // Memora's step on every row of one weight matrix W [rows, cols] with momentum S, whose inner
-// gradient is x y^T (cpu/miras_rows.h kl_step):
-//   S' = eta S - theta x y^T,   W' = rowsoftmax(beta log max(W, kKlLogFloor) + S'),
-// from (w, s) into (w_out, s_out), which may be the same arrays. A warp per row; each of the three
-// sweeps (max, sum, write) recomputes the logits, so nothing else is stored (in a bf16 copy they
-// would lose their precision).
+// gradient is x y^T, from (w, s) into (w_out, s_out), which may be the same arrays
+// (kernel::kl_softmax_rows over row-major arrays).
 template <typename T, typename S, typename Out, class X, class Y>
 __device__ __forceinline__ void kl_softmax_rows(const S* w, const S* s, Out* w_out, Out* s_out, int rows, int cols,
                                                 T theta, T eta, T beta, const X& x, const Y& y) {
-  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
-  for (int row = device::warp_id(); row < rows; row += n_warps) {
-    const index_t at = index_t(row) * cols;
-    const auto momentum = [&](int col) { return eta * device::cast<T>(s[at + col]) - theta * x(row) * y(col); };
-    const auto logit = [&](int col, T momentum_new) {
-      const T m = device::cast<T>(w[at + col]);
-      return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
-    };
-    T row_max = T(-INFINITY);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T l = logit(col, momentum(col));
-      row_max = l > row_max ? l : row_max;
-    }
-    row_max = device::warp_reduce_max(row_max);
-    T total = 0;
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
-      total += fmath::exp(logit(col, momentum(col)) - row_max);
-    total = device::warp_reduce_sum(total);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T momentum_new = momentum(col);
-      const T value = fmath::exp(logit(col, momentum_new) - row_max) / total;
-      w_out[at + col] = device::cast<Out>(value);
-      s_out[at + col] = device::cast<Out>(momentum_new);
-    }
-  }
+  kernel::kl_softmax_rows<T>(
+      rows, cols, theta, eta, beta, [&](int r, int c) { return device::cast<T>(w[index_t(r) * cols + c]); },
+      [&](int r, int c) { return device::cast<T>(s[index_t(r) * cols + c]); }, x, y,
+      [&](int r, int c, T value, T momentum) {
+        w_out[index_t(r) * cols + c] = device::cast<Out>(value);
+        s_out[index_t(r) * cols + c] = device::cast<Out>(momentum);
+      });
 }
 
 // The lag token's step on both weights, from `state` into `out` (may be the same), after

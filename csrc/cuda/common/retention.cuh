@@ -58,5 +58,83 @@ __device__ __forceinline__ void lq_scale_backward(const S* A, index_t n, T q, T 
   for (index_t i = threadIdx.x; i < n; i += blockDim.x) dA[i] += lq_rho_grad(device::cast<T>(A[i]), q, coef);
 }
 
+// Retention "kl": Memora's step on rows [0, rows) of one weight matrix W [rows, cols] with momentum
+// S, whose inner gradient is x y^T (cpu/miras_rows.h kl_step):
+//   S' = eta S - theta x y^T,   W' = rowsoftmax(beta log max(W, kKlLogFloor) + S'),
+// reading w(r, c), s(r, c) and calling out(r, c, W'_rc, S'_rc), which may overwrite what w and s
+// read (each element is read and written by the same lane). A warp per row; each of the three
+// sweeps (max, sum, write) recomputes the logits, so nothing else is stored (in a bf16 copy they
+// would lose their precision).
+template <typename T, class W, class S, class X, class Y, class Out>
+__device__ __forceinline__ void kl_softmax_rows(int rows, int cols, T theta, T eta, T beta, const W& w, const S& s,
+                                                const X& x, const Y& y, const Out& out) {
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int row = device::warp_id(); row < rows; row += n_warps) {
+    const auto momentum = [&](int col) { return eta * s(row, col) - theta * x(row) * y(col); };
+    const auto logit = [&](int col, T momentum_new) {
+      const T m = w(row, col);
+      return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
+    };
+    T row_max = T(-INFINITY);
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+      const T l = logit(col, momentum(col));
+      row_max = l > row_max ? l : row_max;
+    }
+    row_max = device::warp_reduce_max(row_max);
+    T total = 0;
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
+      total += fmath::exp(logit(col, momentum(col)) - row_max);
+    total = device::warp_reduce_sum(total);
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+      const T momentum_new = momentum(col);
+      out(row, col, fmath::exp(logit(col, momentum_new) - row_max) / total, momentum_new);
+    }
+  }
+}
+
+// Backward of kl_softmax_rows (cpu/miras_rows.h kl_step_backward): w, s: its inputs; w1(r, c): its
+// output W'; dw(r, c), ds(r, c): references to the cotangents of its outputs, turned in place into
+// those of its inputs; dx [rows], dy [cols]: the cotangents of x and y (added to); gate_partials[3]:
+// this thread's shares of the cotangents of theta, eta and beta (added to). A warp per row, then a
+// thread per column for the sums over rows (dy, and eta dS once dy has read dS). Contains barriers.
+template <typename T, class W, class S, class W1, class DW, class DS, class X, class Y, class DX, class DY>
+__device__ __forceinline__ void kl_softmax_rows_backward(int rows, int cols, T theta, T eta, T beta, const W& w,
+                                                         const S& s, const W1& w1, const DW& dw, const DS& ds,
+                                                         const X& x, const Y& y, const DX& dx, const DY& dy,
+                                                         T (&gate_partials)[3]) {
+  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
+  for (int row = device::warp_id(); row < rows; row += n_warps) {
+    T row_dot = 0;
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) row_dot += dw(row, col) * w1(row, col);
+    row_dot = device::warp_reduce_sum(row_dot);
+    T ds_y = 0;  // (dS_total y)_row
+    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+      const T m_prev = w(row, col);
+      const T d_logit = w1(row, col) * (dw(row, col) - row_dot);  // softmax backward
+      const T d_s = ds(row, col) + d_logit;                      // the logits contain the new S
+      gate_partials[2] += d_logit * fmath::log(m_prev > T(kKlLogFloor) ? m_prev : T(kKlLogFloor));
+      gate_partials[1] += d_s * s(row, col);
+      dw(row, col) = m_prev >= T(kKlLogFloor) ? beta * d_logit / m_prev : T(0);
+      ds(row, col) = d_s;  // scaled by eta below, once dy has read it
+      ds_y += d_s * y(col);
+    }
+    ds_y = device::warp_reduce_sum(ds_y);
+    if (device::lane_id() == 0) {
+      gate_partials[0] -= x(row) * ds_y;
+      dx[row] -= theta * ds_y;
+    }
+  }
+  __syncthreads();
+  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+    T sum = 0;
+    for (int row = 0; row < rows; ++row) {
+      sum += ds(row, col) * x(row);
+      ds(row, col) *= eta;
+    }
+    dy[col] -= theta * sum;
+  }
+  __syncthreads();
+}
+
 }  // namespace kernel
 }  // namespace titans
