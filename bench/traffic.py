@@ -1,7 +1,7 @@
 """Global-memory traffic and buffers of the CUDA linear_memory kernels, per token and head.
 
     python -m bench.traffic --shape B,T,H,Dk,Dv,C --dtype bf16 [--read token] [--device emulated|cuda]
-        [--objective l2|lp|huber|pseudo_huber|yaad] [--retention l2|lq]
+        [--objective l2|lp|huber|pseudo_huber|yaad] [--retention l2|lq|kl]
 
 For the forward without a gradient (no checkpoints), the forward with one and the backward: every
 kernel's bytes read and written in global memory per token-head (each tensor a kernel touches
@@ -13,7 +13,8 @@ they need no GPU: by default for the device the CPU emulation describes (an H100
 of shared memory per block; --sm-count and --smem-per-block describe another), or --device cuda
 for the current GPU. A MIRAS objective or retention changes the launches (docs/kernels.md
 §6.1.12): delta's read and write; a non-l2 option's backward walks each sequence whole; yaad and lq
-run one forward value tile over all of Dv, keep every chunk's checkpoint and re-read its state.
+run one forward value tile over all of Dv, keep every chunk's checkpoint and re-read its state, and
+so do kl's checkpoints and lag backward.
 """
 
 import argparse
@@ -31,7 +32,7 @@ MIB = 1 << 20
 # The options' forms for the plans (the thresholds and exponents do not change the launches).
 OBJECTIVES = {"l2": "l2", "lp": ("lp", 3), "huber": ("huber", 1.0), "pseudo_huber": ("pseudo_huber", 1.0),
               "yaad": ("yaad", 1.0)}
-RETENTIONS = {"l2": "l2", "lq": ("lq", 3)}
+RETENTIONS = {"l2": "l2", "lq": ("lq", 3), "kl": "kl"}
 
 
 def plans(B, T, H, Dk, Dv, C, dtype, read="token", initial_state=False, final_cotangent=False, emulated=True,

@@ -195,10 +195,11 @@ def test_limits_raise_value_errors():
     wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="Dk <= 128"):
         titans_ext.linear_memory(*wide, chunk_size=16)
-    with pytest.raises(ValueError, match=r"retention: 'kl' does not run on the CUDA kernels yet \(device cuda"):
-        titans_ext.linear_memory(*inputs, chunk_size=16, retention="kl")
-    with pytest.raises(RuntimeError, match="do not run retention \"kl\""):  # the op itself
-        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 0, 2.0, 0.0, None, 2, 2.0)
+    with pytest.raises(ValueError, match=r"retention: 'kl' with objective 'l2' and read 'chunk_start' does not run on "
+                                         r"the CUDA kernels yet \(device cuda"):
+        titans_ext.linear_memory(*inputs, chunk_size=16, retention="kl", read="chunk_start")
+    with pytest.raises(RuntimeError, match="do not run retention \"kl\" with"):  # the op itself
+        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, False, False, 0, 2.0, 0.0, None, 2, 2.0)
     # The whole-state options read all of Dv in one block.
     wide_v, _ = memory_inputs(1, 10, 1, 16, 80, torch.float32, device="cuda")
     for options in [dict(objective=("yaad", 0.5)), dict(retention=("lq", 3))]:
@@ -221,8 +222,9 @@ def test_torch_compile_fullgraph():
     assert_compile_matches_eager(step, inputs + list(init), GRAD_NAMES)
 
 
-# ---- MIRAS objectives and the lq retention (every option the kernels run; "kl" is refused above)
-# against the CPU op in float64, values and gradients, delta's included (per channel and per token).
+# ---- MIRAS objectives and retentions (every option the kernels run; kl's with read "chunk_start" or
+# yaad are refused above) against the CPU op in float64, values and gradients, delta's included (per
+# channel and per token).
 
 def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -238,12 +240,16 @@ def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("objective, retention", [("lp3", "l2"), ("lp1.5", "l2"), ("huber", "l2"),
                                                  ("pseudo_huber", "l2"), ("yaad", "l2"), ("l2", "lq3"),
-                                                 ("yaad", "lq4"), ("huber", "lq3")])
+                                                 ("yaad", "lq4"), ("huber", "lq3"), ("l2", "kl"), ("huber", "kl")])
 def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind):
     B, T, H, Dk, Dv, C = 2, 150, 2, 64, 48, 32
     inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda", theta_max=0.1)
     retention = RETENTIONS[retention]
-    if retention != "l2":  # unit q-norm, rho0 = 1 (as NeuralMemory starts)
+    if retention == "kl":
+        if read == "chunk_start":
+            pytest.skip("kl with read chunk_start runs on the CPU kernels only")
+        init = (init[0].softmax(-1), init[1])  # a positive memory, rows on the simplex
+    elif retention != "l2":  # unit q-norm, rho0 = 1 (as NeuralMemory starts)
         m0 = init[0]
         init = (m0 / m0.abs().pow(retention[1]).sum(dim=(-2, -1), keepdim=True).pow(1 / retention[1]), init[1])
     g = torch.Generator().manual_seed(5)
@@ -261,5 +267,12 @@ def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, de
     cpu_delta = None if delta is None else delta.cpu()
     ref = _miras_run(cpu, cpu_init, objective, cpu_delta, retention, chunk_size=C, read=read)
     out = _miras_run(inputs, init, objective, delta, retention, chunk_size=C, read=read)
-    _compare(ref, out, TOLERANCE[dtype], names=NAMES + ["d_delta"])
+    names = NAMES + ["d_delta"]
+    if retention == "kl" and dtype == torch.bfloat16:
+        # kl's lag backward (d log M) amplifies rounding several hundredfold across chunks
+        # (test_linear_memory_emulated_miras.test_kl_bf16): the gradients get 5 %.
+        _compare(ref[:3], out[:3], TOLERANCE[dtype], names=names[:3])
+        _compare(ref[3:], out[3:], 5e-2, names=names[3:])
+    else:
+        _compare(ref, out, TOLERANCE[dtype], names=names)
 

@@ -159,10 +159,12 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
                       linear_memory_checkpoints(p, type) * 2 * row_states * in + group_cotangents + final_cotangent +
                       delta;
   chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp + delta;
-  if (linear_memory_whole_state(p.miras)) {
+  if (linear_memory_whole_state(p.miras) || p.miras.retention == RetentionKind::kl) {
     // The chunk's setup and lq's tail re-read its checkpoint's M over all of Dv (lq twice, yaad
-    // once) and yaad's setup the chunk's values: re-reads of what the slices stage, mostly from L2.
-    const int64_t passes = (p.miras.retention == RetentionKind::lq ? 2 : 0) + (p.miras.objective == ObjectiveKind::yaad);
+    // once), kl's lag backward its M and S, and yaad's setup the chunk's values: re-reads of what
+    // the slices stage, mostly from L2.
+    const int64_t passes = (p.miras.retention == RetentionKind::lq ? 2 : p.miras.retention == RetentionKind::kl ? 2 : 0) +
+                           (p.miras.objective == ObjectiveKind::yaad);
     chunks.bytes_read += passes * linear_memory_checkpoints(p, type) * row_states * in +
                          (p.miras.objective == ObjectiveKind::yaad ? tokens * p.dv * in : 0);
   }
