@@ -303,8 +303,8 @@ _OPTIONS = list(itertools.product(["token", "chunk_start"], OBJECTIVE_IDS, ["l2"
 def test_grid(index):
     D, C, dtype = _GRID[index]
     read, objective, retention = _OPTIONS[(5 * index) % len(_OPTIONS)]
-    if D > 64 and (objective == "yaad" or retention != "l2"):
-        retention, objective = "l2", "huber"  # the whole-state options take Dv <= 64
+    if D > 64:  # the whole-state options take Dv <= 64
+        retention, objective = "l2", "l2" if objective == "yaad" else objective
     T = 3 * C + 5 if C > 1 else 9
     plan = cuda_launch_plan(1, T, 2, D, D, C, dtype, read=read, objective=OBJECTIVES[objective](0.5),
                             retention=RETENTIONS[retention], emulated=True)
