@@ -1,6 +1,7 @@
 """Global-memory traffic and buffers of the CUDA linear_memory kernels, per token and head.
 
     python -m bench.traffic --shape B,T,H,Dk,Dv,C --dtype bf16 [--read token] [--device emulated|cuda]
+        [--objective l2|lp|huber|pseudo_huber|yaad] [--retention l2|lq|kl]
 
 For the forward without a gradient (no checkpoints), the forward with one and the backward: every
 kernel's bytes read and written in global memory per token-head (each tensor a kernel touches
@@ -10,7 +11,10 @@ allocates beyond its inputs and ordinary outputs (checkpoints, group cotangents)
 from the plans the launchers themselves use (titans_ext.ops.linear_memory.cuda_launch_plan), so
 they need no GPU: by default for the device the CPU emulation describes (an H100: 132 SMs, 227 KiB
 of shared memory per block; --sm-count and --smem-per-block describe another), or --device cuda
-for the current GPU.
+for the current GPU. A MIRAS objective or retention changes the launches (docs/kernels.md
+§6.1.12): delta's read and write; a non-l2 option's backward walks each sequence whole; yaad and lq
+run one forward value tile over all of Dv, keep every chunk's checkpoint and re-read its state, and
+so do kl's checkpoints and lag backward.
 """
 
 import argparse
@@ -25,9 +29,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 MIB = 1 << 20
 
 
-def plans(B, T, H, Dk, Dv, C, dtype, read="token", initial_state=False, final_cotangent=False, emulated=True):
+# The options' forms for the plans (the thresholds and exponents do not change the launches).
+OBJECTIVES = {"l2": "l2", "lp": ("lp", 3), "huber": ("huber", 1.0), "pseudo_huber": ("pseudo_huber", 1.0),
+              "yaad": ("yaad", 1.0)}
+RETENTIONS = {"l2": "l2", "lq": ("lq", 3), "kl": "kl"}
+
+
+def plans(B, T, H, Dk, Dv, C, dtype, read="token", initial_state=False, final_cotangent=False, emulated=True,
+          objective="l2", retention="l2"):
     """(no-grad plan, grad plan): the second holds the backward."""
-    common = dict(read=read, has_initial_state=initial_state, has_final_cotangent=final_cotangent, emulated=emulated)
+    common = dict(read=read, has_initial_state=initial_state, has_final_cotangent=final_cotangent, emulated=emulated,
+                  objective=OBJECTIVES[objective], retention=RETENTIONS[retention])
     return (cuda_launch_plan(B, T, H, Dk, Dv, C, dtype, save_states=False, **common),
             cuda_launch_plan(B, T, H, Dk, Dv, C, dtype, save_states=True, **common))
 
@@ -59,7 +71,9 @@ def report(B, T, H, Dk, Dv, C, dtype_name, **kwargs):
     no_grad, grad = plans(B, T, H, Dk, Dv, C, DTYPES[dtype_name], **kwargs)
     token_heads = B * T * H
     device = grad["device"]
-    lines = [f"linear_memory, B={B} T={T} H={H} Dk={Dk} Dv={Dv} C={C} {dtype_name}, read {kwargs.get('read', 'token')}; "
+    options = f"objective {kwargs.get('objective', 'l2')}, retention {kwargs.get('retention', 'l2')}"
+    lines = [f"linear_memory, B={B} T={T} H={H} Dk={Dk} Dv={Dv} C={C} {dtype_name}, read {kwargs.get('read', 'token')}, "
+             f"{options}; "
              f"device: {device['sm_count']} SMs, {device['max_shared_bytes'] / 1024:.0f} KiB shared memory per block. "
              "Bytes per token-head; every tensor a kernel touches counted once.", ""]
     table = []
@@ -92,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--read", choices=["token", "chunk_start"], default="token")
     parser.add_argument("--initial-state", action="store_true", help="the forward reads (M0, S0)")
     parser.add_argument("--final-cotangent", action="store_true", help="the backward reads (dM_T, dS_T)")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="l2")
+    parser.add_argument("--retention", choices=list(RETENTIONS), default="l2")
     parser.add_argument("--device", choices=["emulated", "cuda"], default="emulated")
     parser.add_argument("--sm-count", type=int, help="emulated device: SMs (default 132)")
     parser.add_argument("--smem-per-block", type=int, help="emulated device: shared memory per block, bytes")
@@ -103,7 +119,8 @@ def main(argv=None):
 
         torch.ops.titans_emu.set_device_limits(args.sm_count or 132, args.smem_per_block or 227 * 1024)
     print(report(B, T, H, Dk, Dv, C, args.dtype, read=args.read, initial_state=args.initial_state,
-                 final_cotangent=args.final_cotangent, emulated=emulated))
+                 final_cotangent=args.final_cotangent, emulated=emulated, objective=args.objective,
+                 retention=args.retention))
 
 
 if __name__ == "__main__":

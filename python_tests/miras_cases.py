@@ -55,3 +55,34 @@ def assert_matches(names, ref, out, dtype, ratio=None, largest=0.03):
             worst, scale = (r - x.double()).abs().max().item(), r.abs().max().item()
             assert worst <= largest * scale, (f"{name}: largest error {worst:.3e} > {largest:.0%} of the largest "
                                               f"entry {scale:.3e}")
+
+
+def yaad_delta_clear_of_the_switch(inputs, init, chunk_size, retention="l2", per_token=False, seed=0):
+    """Yaad thresholds for the linear memory's inputs ``[q, k, v, theta, eta, alpha]`` that sit a
+    factor 0.6 or 1.5 (at random) from each token's residual norm at its chunk-start weights, so that
+    16-bit rounding cannot flip the switch (a flip moves an error by up to 2 delta): both branches
+    occur, none near its edge. Built chunk by chunk on the float64 reference (lq: the residual at
+    rho0 A0). Returns delta ``[B, T, H, Dv]`` (``[B, T, H]`` with ``per_token``), float64."""
+    from titans_ext.reference import linear_memory_chunked
+    q, k, v, theta, eta, alpha = (x.double() for x in inputs)
+    B, T, H, Dv = v.shape
+    m, s = (torch.zeros(B, H, Dv, k.shape[-1], dtype=torch.float64) for _ in range(2)) if init is None \
+        else (x.double() for x in init)
+    retention = parse_retention(retention)
+    g = torch.Generator().manual_seed(seed)
+    pieces = []
+    for t0 in range(0, T, chunk_size):
+        rows = slice(t0, min(t0 + chunk_size, T))
+        weights = m
+        if retention.kind == "lq":
+            power = m.abs().pow(retention.q).sum(dim=(-2, -1), keepdim=True)
+            weights = m * torch.where(power > 0, power.pow((2 - retention.q) / retention.q), torch.ones_like(power))
+        norm = (torch.einsum("bthk,bhvk->bthv", k[:, rows], weights) - v[:, rows]).norm(dim=-1)  # [B, L, H]
+        shape = norm.shape if per_token else (*norm.shape, Dv)
+        factor = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5, 0.6, 1.5)
+        delta = factor * (norm if per_token else norm[..., None])
+        pieces.append(delta)
+        _, (m, s) = linear_memory_chunked(q[:, rows], k[:, rows], v[:, rows], theta[:, rows], eta[:, rows],
+                                          alpha[:, rows], chunk_size=chunk_size, initial_state=(m, s),
+                                          output_final_state=True, objective=("yaad", delta), retention=retention)
+    return torch.cat(pieces, dim=1)

@@ -16,7 +16,7 @@ from titans_ext.ops.checks import CHECK_VALUES_ENV
 from titans_ext.ops.linear_memory import cuda_launch_plan
 from titans_ext.reference import linear_memory_recurrent
 
-from miras_cases import OBJECTIVES, needs_delta, values_and_grads
+from miras_cases import OBJECTIVES, RETENTIONS, needs_delta, values_and_grads, yaad_delta_clear_of_the_switch
 from utils import (GRAD_NAMES, TOLERANCE, assert_close, assert_compile_matches_eager, memory_inputs,
                    opcheck_linear_memory, outputs_and_grads, shape_id)
 
@@ -195,14 +195,16 @@ def test_limits_raise_value_errors():
     wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="Dk <= 128"):
         titans_ext.linear_memory(*wide, chunk_size=16)
-    with pytest.raises(ValueError, match=r"objective: 'yaad' does not run on the CUDA kernels yet \(device cuda"):
-        titans_ext.linear_memory(*inputs, chunk_size=16, objective=("yaad", 0.5))
-    for retention in [("lq", 4), "kl"]:
-        with pytest.raises(ValueError, match=r"retention: '(lq|kl)' does not run on the CUDA kernels yet \(device"):
-            titans_ext.linear_memory(*inputs, chunk_size=16, retention=retention)
-    with pytest.raises(RuntimeError, match="do not run objective \"yaad\""):  # the op itself
-        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, True, False, 4, 2.0, 0.0,
-                                               torch.full_like(inputs[2], 0.5))
+    with pytest.raises(ValueError, match=r"retention: 'kl' with objective 'l2' and read 'chunk_start' does not run on "
+                                         r"the CUDA kernels yet \(device cuda"):
+        titans_ext.linear_memory(*inputs, chunk_size=16, retention="kl", read="chunk_start")
+    with pytest.raises(RuntimeError, match="do not run retention \"kl\" with"):  # the op itself
+        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, False, False, 0, 2.0, 0.0, None, 2, 2.0)
+    # The whole-state options read all of Dv in one block.
+    wide_v, _ = memory_inputs(1, 10, 1, 16, 80, torch.float32, device="cuda")
+    for options in [dict(objective=("yaad", 0.5)), dict(retention=("lq", 3))]:
+        with pytest.raises(ValueError, match=r"v: .* runs on the CUDA kernels for Dv <= 64 \(device cuda"):
+            titans_ext.linear_memory(*wide_v, chunk_size=16, **options)
 
 
 def test_opcheck():
@@ -220,36 +222,57 @@ def test_torch_compile_fullgraph():
     assert_compile_matches_eager(step, inputs + list(init), GRAD_NAMES)
 
 
-# ---- MIRAS objectives (every one the kernels run; "yaad", "lq", "kl" are refused above) against the
-# CPU op in float64, values and gradients, delta's included (per channel and per token).
+# ---- MIRAS objectives and retentions (every option the kernels run; kl's with read "chunk_start" or
+# yaad are refused above) against the CPU op in float64, values and gradients, delta's included (per
+# channel and per token).
 
-def _miras_run(inputs, init, objective, delta, **kwargs):
+def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     init_leaves = [x.detach().clone().requires_grad_() for x in init]
     delta_leaf = None if delta is None else delta.detach().clone().requires_grad_()
     o, (m, s) = titans_ext.linear_memory(*leaves, initial_state=init_leaves, output_final_state=True,
-                                         objective=OBJECTIVES[objective](delta_leaf), **kwargs)
+                                         objective=OBJECTIVES[objective](delta_leaf), retention=retention, **kwargs)
     return values_and_grads([o, m, s], leaves + init_leaves + ([delta_leaf] if delta is not None else []))
 
 
 @pytest.mark.parametrize("delta_kind", ["channel", "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
-@pytest.mark.parametrize("objective", ["lp3", "lp1.5", "huber", "pseudo_huber"])
-def test_miras_objectives_match_the_cpu_op(objective, read, dtype, delta_kind):
+@pytest.mark.parametrize("objective, retention", [("lp3", "l2"), ("lp1.5", "l2"), ("huber", "l2"),
+                                                 ("pseudo_huber", "l2"), ("yaad", "l2"), ("l2", "lq3"),
+                                                 ("yaad", "lq4"), ("huber", "lq3"), ("l2", "kl"), ("huber", "kl")])
+def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind):
     B, T, H, Dk, Dv, C = 2, 150, 2, 64, 48, 32
     inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda", theta_max=0.1)
+    retention = RETENTIONS[retention]
+    if retention == "kl":
+        if read == "chunk_start":
+            pytest.skip("kl with read chunk_start runs on the CPU kernels only")
+        init = (init[0].softmax(-1), init[1])  # a positive memory, rows on the simplex
+    elif retention != "l2":  # unit q-norm, rho0 = 1 (as NeuralMemory starts)
+        m0 = init[0]
+        init = (m0 / m0.abs().pow(retention[1]).sum(dim=(-2, -1), keepdim=True).pow(1 / retention[1]), init[1])
     g = torch.Generator().manual_seed(5)
     delta = None
     if needs_delta(objective):
         shape = (B, T, H) if delta_kind == "token" else (B, T, H, Dv)
         delta = (0.3 + 0.6 * torch.rand(shape, generator=g, dtype=torch.float64)).cuda()
+        if objective == "yaad":  # 16-bit rounding must not flip the switch
+            delta = yaad_delta_clear_of_the_switch([x.cpu() for x in inputs], [x.cpu() for x in init], C, retention,
+                                                   delta_kind == "token").cuda()
     elif delta_kind == "token":
         pytest.skip("the objective has no delta")
     cpu = [x.detach().cpu().double() for x in inputs]
     cpu_init = [x.detach().cpu().double() for x in init]
     cpu_delta = None if delta is None else delta.cpu()
-    ref = _miras_run(cpu, cpu_init, objective, cpu_delta, chunk_size=C, read=read)
-    out = _miras_run(inputs, init, objective, delta, chunk_size=C, read=read)
-    _compare(ref, out, TOLERANCE[dtype], names=NAMES + ["d_delta"])
+    ref = _miras_run(cpu, cpu_init, objective, cpu_delta, retention, chunk_size=C, read=read)
+    out = _miras_run(inputs, init, objective, delta, retention, chunk_size=C, read=read)
+    names = NAMES + ["d_delta"]
+    if retention == "kl" and dtype == torch.bfloat16:
+        # kl's lag backward (d log M) amplifies rounding several hundredfold across chunks
+        # (test_linear_memory_emulated_miras.test_kl_bf16): the gradients get 5 %.
+        _compare(ref[:3], out[:3], TOLERANCE[dtype], names=names[:3])
+        _compare(ref[3:], out[3:], 5e-2, names=names[3:])
+    else:
+        _compare(ref, out, TOLERANCE[dtype], names=names)
 

@@ -190,6 +190,24 @@ def test_linear_packed_non_l2_objective_is_each_sequence_alone(carry):
         assert_close(name, got, want, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("objective, retention", [("yaad", "l2"), ("huber", ("lq", 3)), ("huber", "kl")])
+def test_linear_packed_whole_state_options_are_each_sequence_alone(objective, retention, dtype):
+    """yaad (per-token delta) and lq: the forward runs one value tile over all of Dv per (sequence,
+    head), and every chunk of a sequence keeps its checkpoint (bf16 included), so its rho0 and token
+    norms come from the sequence's own entries; kl's lag token restarts with each sequence's chunks."""
+    inputs, init, cot = linear_case(LENGTHS, dtype, Dk=8, Dv=8)
+    if retention == "kl":
+        init = (init[0].softmax(-1), init[1])
+    delta = 0.5 + 2.0 * torch.rand(inputs[2].shape[:3], generator=torch.Generator().manual_seed(7))
+    miras = op_miras_args((objective, delta), retention, inputs[2], torch.float32)
+    packed_outs, packed_grads = linear_emulated(inputs, init, cot, CHUNK, True, offsets(LENGTHS), miras)
+    expected = linear_per_sequence(inputs, init, cot, CHUNK, True, LENGTHS, miras)
+    assert len(packed_outs + packed_grads) == len(expected) == len(LINEAR_NAMES)
+    for name, got, want in zip(LINEAR_NAMES, packed_outs + packed_grads, expected):
+        assert_close(name, got.float(), want.float(), TOLERANCE[dtype])
+
+
 def test_linear_packed_bf16_with_int64_offsets():
     """bf16 keeps every other chunk's checkpoint of a sequence; the backward recomputes the others."""
     lengths = (9, 0, 1, 14)
@@ -200,13 +218,15 @@ def test_linear_packed_bf16_with_int64_offsets():
         assert_close(name, got.float(), want.float(), TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.parametrize("dtype, stride", [(torch.float32, 1), (torch.bfloat16, 2)])
-def test_linear_checkpoints_have_a_static_shape(dtype, stride):
+@pytest.mark.parametrize("dtype, stride, retention", [(torch.float32, 1, "l2"), (torch.bfloat16, 2, "l2"),
+                                                     (torch.bfloat16, 1, ("lq", 3))])
+def test_linear_checkpoints_have_a_static_shape(dtype, stride, retention):
     """T // (C stride) + N checkpoint entries per head whatever the lengths (csrc/cuda/common/sequences.h),
-    as the fake kernel says on CUDA; the entries no sequence uses are zeros."""
+    as the fake kernel says on CUDA; the entries no sequence uses are zeros. lq keeps every chunk's."""
     lengths = (8, 0, 4)
     inputs, init, _ = linear_case(lengths, dtype)
-    _, _, _, states = emu.linear_memory_fwd(*inputs, *init, CHUNK, True, True, cu_seqlens=offsets(lengths))
+    miras = op_miras_args("l2", retention, inputs[2], torch.float32)
+    _, _, _, states = emu.linear_memory_fwd(*inputs, *init, CHUNK, True, True, *miras, cu_seqlens=offsets(lengths))
     assert states.shape == (1, 2, 12 // (CHUNK * stride) + 3, 2, 3, 5)
     # Sequence i's entries start at cu_seqlens[i] // (C stride) + i.
     used = {1: [0, 1, 4], 2: [0, 3]}[stride]

@@ -41,14 +41,18 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size, const Devic
                   kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
-// The MIRAS options the device kernels run: every objective but yaad (whose switch reads a token's
-// norm over all of Dv, across the value tiles) with the l2 retention; titans_ext.linear_memory
-// raises a ValueError first, this guards direct calls of the operators.
-inline void check_device_miras(int64_t objective, int64_t retention) {
-  STD_TORCH_CHECK(objective != int64_t(ObjectiveKind::yaad),
-                  "linear_memory: the CUDA kernels do not run objective \"yaad\" yet (it runs on the CPU kernels)");
-  STD_TORCH_CHECK(retention == int64_t(RetentionKind::l2), "linear_memory: the CUDA kernels run only retention "
-                  "\"l2\" so far (\"lq\" and \"kl\" run on the CPU kernels)");
+// The MIRAS options the device kernels run: every objective with every retention, but kl with
+// objective yaad or read "chunk_start"; the whole-state options (objective yaad, retention lq) in
+// one value tile, Dv <= kCudaMaxWholeStateDv. titans_ext.linear_memory raises a ValueError first,
+// this guards direct calls of the operators.
+inline void check_device_miras(const MirasParams& miras, const Tensor& v, bool read_token) {
+  STD_TORCH_CHECK(miras.retention != RetentionKind::kl || (read_token && miras.objective != ObjectiveKind::yaad),
+                  "linear_memory: the CUDA kernels do not run retention \"kl\" with objective \"yaad\" or read "
+                  "\"chunk_start\" yet (they run on the CPU kernels)");
+  STD_TORCH_CHECK(!linear_memory_whole_state(miras) || v.size(-1) <= kCudaMaxWholeStateDv,
+                  "linear_memory: objective \"yaad\" and retention \"lq\" run on the CUDA kernels for Dv <= ",
+                  kCudaMaxWholeStateDv, " (their chunk start reads all of Dv in one block), got v of shape ",
+                  shape_str(v));
 }
 
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
@@ -74,7 +78,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
     const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, m0, s0, chunk_size, sequences.n_seqs());
   check_device_limits(q, chunk_size, sequences);
-  check_device_miras(objective, retention);
   const InputType type = input_type(q);
   const ScalarType dtype = compute_dtype(q);
   const Tensor q_c = with_unit_inner_stride(q), k_c = with_unit_inner_stride(k), v_c = with_unit_inner_stride(v);
@@ -84,6 +87,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
+  check_device_miras(params.miras, v, read_token);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
   auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
@@ -112,7 +116,6 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
                                            const DeviceLimits& device, const Launch& launch) {
   check_linear_memory_args(q, k, v, theta, eta, alpha, d_m_final, d_s_final, chunk_size, sequences.n_seqs());
   check_device_limits(q, chunk_size, sequences);
-  check_device_miras(objective, retention);
   STD_TORCH_CHECK(same_shape(d_o, v), "linear_memory_bwd: d_o must have the shape of v / o");
   STD_TORCH_CHECK(d_o.device() == q.device() && chunk_states.device() == q.device(),
                   "linear_memory_bwd: d_o and chunk_states must be on the device of q");
@@ -130,6 +133,7 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
                                                                   std::nullopt, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
+  check_device_miras(params.miras, v, read_token);
   STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * linear_memory_checkpoints(params, type) *
                                           2 * params.dv * params.dk,
                   "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");

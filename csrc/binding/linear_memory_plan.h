@@ -33,7 +33,8 @@ inline void write_plan_json(std::ostringstream& out, const LaunchPlan& plan) {
 inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv,
                                            int64_t chunk_size, ScalarType dtype, bool read_token,
                                            bool save_states, bool has_initial_state, bool has_final_cotangent,
-                                           int64_t objective, int64_t n_seqs, const DeviceLimits& device) {
+                                           int64_t objective, int64_t n_seqs, int64_t retention,
+                                           const DeviceLimits& device) {
   STD_TORCH_CHECK(batch >= 0 && seqlen >= 0 && heads >= 0 && dk >= 1 && dv >= 1,
                   "linear_memory_plan: sizes must be >= 0 (B, T, H) and >= 1 (Dk, Dv)");
   STD_TORCH_CHECK(chunk_size >= 1 && chunk_size <= kCudaMaxChunkSize && dk <= kCudaMaxKeyDim,
@@ -41,8 +42,11 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
                   kCudaMaxKeyDim);
   STD_TORCH_CHECK(objective >= 0 && objective <= int64_t(ObjectiveKind::yaad), "linear_memory_plan: unknown objective "
                   "code ", objective);
+  STD_TORCH_CHECK(retention >= 0 && retention <= int64_t(RetentionKind::kl), "linear_memory_plan: unknown retention "
+                  "code ", retention);
   LinearMemoryParams p;
   p.miras.objective = ObjectiveKind(objective);
+  p.miras.retention = RetentionKind(retention);
   p.batch = int(batch), p.seqlen = int(seqlen), p.heads = int(heads), p.dk = int(dk), p.dv = int(dv);
   p.chunk_size = int(chunk_size), p.n_chunks = int((seqlen + chunk_size - 1) / chunk_size), p.read_token = read_token;
   STD_TORCH_CHECK(n_seqs >= 0 && (n_seqs == 0 || batch == 1),
@@ -74,6 +78,6 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
 #define TITANS_LINEAR_MEMORY_PLAN_SCHEMA                                                                        \
   "linear_memory_plan(int batch, int seqlen, int heads, int dk, int dv, int chunk_size, ScalarType dtype, "     \
   "bool read_token, bool save_states, bool has_initial_state=False, bool has_final_cotangent=False, "          \
-  "int objective=0, int n_seqs=0) -> str"
+  "int objective=0, int n_seqs=0, int retention=0) -> str"
 
 }  // namespace titans

@@ -87,11 +87,12 @@ MlpMemoryGrads mlp_memory_bwd_cuda(const Tensor& q, const Tensor& k, const Tenso
 // The plans for the current CUDA device.
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent, int64_t objective, int64_t n_seqs) {
+                               bool has_final_cotangent, int64_t objective, int64_t n_seqs, int64_t retention) {
   int device = 0;
   STD_CUDA_CHECK(cudaGetDevice(&device));
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, objective, n_seqs, device_limits(device));
+                                 has_initial_state, has_final_cotangent, objective, n_seqs, retention,
+                                 device_limits(device));
 }
 
 }  // namespace

@@ -290,9 +290,10 @@ LinearMemoryGrads linear_memory_bwd(const Tensor& q, const Tensor& k, const Tens
 
 std::string linear_memory_plan(int64_t batch, int64_t seqlen, int64_t heads, int64_t dk, int64_t dv, int64_t chunk_size,
                                ScalarType dtype, bool read_token, bool save_states, bool has_initial_state,
-                               bool has_final_cotangent, int64_t objective, int64_t n_seqs) {
+                               bool has_final_cotangent, int64_t objective, int64_t n_seqs, int64_t retention) {
   return linear_memory_plan_json(batch, seqlen, heads, dk, dv, chunk_size, dtype, read_token, save_states,
-                                 has_initial_state, has_final_cotangent, objective, n_seqs, emulated_device);
+                                 has_initial_state, has_final_cotangent, objective, n_seqs, retention,
+                                 emulated_device);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd(

@@ -54,8 +54,9 @@ inline double scan_chunk_work(const LinearMemoryParams& p, InputType type, int t
 // scan's waves times its chunks times its step when there are several groups. Ties go to the larger
 // group, which moves less. At B * H = 128, T = 8192, D = 64 on an H100 it takes the whole sequence
 // (128 blocks, one wave, no scan); when B * H leaves most SMs idle it takes smaller groups. A
-// non-l2 objective takes the whole sequence: the scan carries the cotangent through the l2 error
-// map only (its f' would need each chunk's start state, a pass over the checkpoints); where its
+// non-l2 objective or retention takes the whole sequence: the scan carries the cotangent through the
+// l2 error map and retention only (its f' would need each chunk's start state, a pass over the
+// checkpoints, and lq's rho0 terms a sum over all of Dv); where its
 // carry does not fit in shared memory beside the chunk, the carry goes through dm0 / ds0 (the
 // block's own rows, mostly in L2), which costs a read of them twice and a write per chunk.
 LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputType type, const DeviceLimits& device,
@@ -70,7 +71,7 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   };
   double best = -1;
   size_t smallest_smem = 0;
-  const bool whole_sequence = p.miras.objective != ObjectiveKind::l2;
+  const bool whole_sequence = p.miras.objective != ObjectiveKind::l2 || p.miras.retention != RetentionKind::l2;
   for (int group = whole_sequence && n > 1 ? n : 1;; group = group * 2 < n ? group * 2 : n) {
     const bool carry = group > 1;
     int slice = 0;
@@ -158,6 +159,15 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
                       linear_memory_checkpoints(p, type) * 2 * row_states * in + group_cotangents + final_cotangent +
                       delta;
   chunks.bytes_written = tokens * ((2 * p.dk + p.dv) * in + 3 * cmp) + 2 * state * cmp + delta;
+  if (linear_memory_whole_state(p.miras) || p.miras.retention == RetentionKind::kl) {
+    // The chunk's setup and lq's tail re-read its checkpoint's M over all of Dv (lq twice, yaad
+    // once), kl's lag backward its M and S, and yaad's setup the chunk's values: re-reads of what
+    // the slices stage, mostly from L2.
+    const int64_t passes = (p.miras.retention == RetentionKind::lq ? 2 : p.miras.retention == RetentionKind::kl ? 2 : 0) +
+                           (p.miras.objective == ObjectiveKind::yaad);
+    chunks.bytes_read += passes * linear_memory_checkpoints(p, type) * row_states * in +
+                         (p.miras.objective == ObjectiveKind::yaad ? tokens * p.dv * in : 0);
+  }
   if (plan.global_carry) {
     // Every chunk of every (sequence, head) walked: with cu_seqlens at most T / C + N per head.
     const int64_t chunk_states =

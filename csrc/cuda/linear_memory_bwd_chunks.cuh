@@ -68,38 +68,46 @@ struct ChunksLayout {
   int rows, prev_rows;      // ChunkGateRows: the chunk's, and with recompute the chunk before's
   int c, sig, P;            // compute_t [C, C], [C, C], [C]: the full tables, then the adjoint's products
   int d_c, d_a, d_g, d_s, dc_last, d_p, prod;  // the coefficient cotangents; prod: 3 x [C]
-  int scratch;              // compute_t [3 warps]: block sums
+  int scratch;              // compute_t [kBlockSums warps]: block sums
+  int norm;                 // compute_t [C]: yaad's residual norms of the chunk's tokens over Dv
+  int lag;                  // compute_t [5 kSlice + dk16]: kl's lag token, LagRows
   int partials;             // compute_t [4][C][kSlice / 8]: a slice's row cotangents per 8 columns
   kernel::TileSlot w;       // operand_t [C, C]: W, then dG
   kernel::TileSlot v, d_o;  // 2 x input_t [C, kSlice]: a slice's values and output cotangent
   kernel::TileSlot v_prev;  // 2 x input_t [C, kSlice]: with recompute, the chunk before's values
   kernel::TileSlot stack;   // 2 x operand_t [4 kSlice, Dk]: [dM; dS; M0; S0] of a slice
   kernel::TileSlot err, dk_lhs, dq_lhs;  // operand_t [C, kSlice], [C, 3 kSlice], [C, 2 kSlice]
-  static constexpr bool kRecompute = T::kCheckpointStride > 1;
-  static constexpr int kChunkBuffers = kRecompute ? 3 : 2;
-  __host__ __device__ ChunksLayout(int dk, int dv, int chunk, bool token_read, bool with_carry)
-      : chunk16(kernel::round_up(chunk, kernel::kTileGranule)), dk16(kernel::round_up(dk, kernel::kTileGranule)) {
+  // The block sums of a chunk: <dM, M0>, <dM, S0>, <dS, S0> and lq's two parts of d rho0.
+  static constexpr int kBlockSums = 5;
+  bool recompute;           // odd chunks' start states are recomputed (checkpoint stride 2)
+  int chunk_buffers;
+  __host__ __device__ ChunksLayout(int dk, int dv, int chunk, bool token_read, bool with_carry,
+                                   const MirasParams& miras)
+      : chunk16(kernel::round_up(chunk, kernel::kTileGranule)), dk16(kernel::round_up(dk, kernel::kTileGranule)),
+        recompute(T::checkpoint_stride(miras) > 1), chunk_buffers(recompute ? 3 : 2) {
     using compute_t = typename T::compute_t;
     using operand_t = typename T::operand_t;
     const int C16 = chunk16;
     carry = smem.array<compute_t>(with_carry ? 2 * dv * dk16 : 0);
     q = smem.tiles<input_t>(2, chunk, dk);
-    k = smem.tiles<input_t>(kChunkBuffers, chunk, dk);
-    gates = smem.array<compute_t>(kChunkBuffers * ChunkGates<compute_t>::size(C16));
+    k = smem.tiles<input_t>(chunk_buffers, chunk, dk);
+    gates = smem.array<compute_t>(chunk_buffers * ChunkGates<compute_t>::size(C16));
     rows = smem.array<compute_t>(ChunkGateRows<compute_t>::size(C16));
-    prev_rows = smem.array<compute_t>(kRecompute ? ChunkGateRows<compute_t>::size(C16) : 0);
+    prev_rows = smem.array<compute_t>(recompute ? ChunkGateRows<compute_t>::size(C16) : 0);
     c = smem.array<compute_t>(C16 * C16);
     sig = smem.array<compute_t>(C16 * C16);
     P = smem.array<compute_t>(C16);
     d_c = smem.array<compute_t>(C16 * C16);
     d_a = smem.array<compute_t>(C16), d_g = smem.array<compute_t>(C16), d_s = smem.array<compute_t>(C16);
     dc_last = smem.array<compute_t>(C16), d_p = smem.array<compute_t>(1), prod = smem.array<compute_t>(3 * C16);
-    scratch = smem.array<compute_t>(3 * kChunkThreads / device::kWarpSize);
+    scratch = smem.array<compute_t>(kBlockSums * kChunkThreads / device::kWarpSize);
+    norm = smem.array<compute_t>(miras.objective == ObjectiveKind::yaad ? C16 : 0);
+    lag = smem.array<compute_t>(miras.retention == RetentionKind::kl ? 5 * kSlice + dk16 : 0);
     partials = smem.array<compute_t>(4 * C16 * (kSlice / 8));
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
     v = smem.tiles<input_t>(2, chunk, kSlice);
     d_o = smem.tiles<input_t>(2, chunk, kSlice);
-    v_prev = smem.tiles<input_t>(2, kRecompute ? chunk : 0, kRecompute ? kSlice : 0);
+    v_prev = smem.tiles<input_t>(2, recompute ? chunk : 0, recompute ? kSlice : 0);
     stack = smem.tiles<operand_t>(2, 4 * kSlice, dk);
     err = smem.tile<operand_t>(chunk, kSlice);
     dk_lhs = smem.tile<operand_t>(chunk, 3 * kSlice);
@@ -137,6 +145,16 @@ __device__ __forceinline__ void stage_state_rows(const src_t* src, int rows, int
     tile(idx / dk, idx % dk) = device::cast<dst_t>(src ? device::cast<float>(src[idx]) : 0.f);
 }
 
+// kl's lag token at a slice's rows: its residual, threshold, error and error cotangent, its
+// residual's cotangent, and the key's cotangent summed over the slices.
+template <typename compute_t, int kSlice>
+struct LagRows {
+  device::SharedPtr<compute_t> r, delta, e, de, dr, dk0;
+  __device__ __forceinline__ explicit LagRows(const device::SharedPtr<compute_t>& base)
+      : r(base), delta(base + kSlice), e(base + 2 * kSlice), de(base + 3 * kSlice), dr(base + 4 * kSlice),
+        dk0(base + 5 * kSlice) {}
+};
+
 template <typename input_t, int kSlice>
 __global__ void __launch_bounds__(kChunkThreads, 1)
     linear_memory_bwd_chunks_kernel(LinearMemoryBwdParams launch, LinearMemoryBwdWorkspace workspace, int group,
@@ -158,13 +176,14 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const int z = launch.cu_seqlens ? kernel::sequence_of_unit(launch, blockIdx.x, group) : int(blockIdx.z);
   const int group_index =
       launch.cu_seqlens ? int(index_t(blockIdx.x) - kernel::first_unit(launch, z, group)) : int(blockIdx.x);
-  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, z, T::kCheckpointStride);
-  const index_t checkpoint_slots = sequence_units(launch, T::kCheckpointStride);
+  const int kStride = T::checkpoint_stride(launch.miras);
+  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, z, kStride);
+  const index_t checkpoint_slots = sequence_units(launch, kStride);
   const int h = blockIdx.y, b = kernel::batch_row(launch, z);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   if (group_index < 0 || (group_index > 0 && group_index * group >= n_chunks)) return;
   const bool token_read = params.read_token;
-  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry && !global_carry);
+  const ChunksLayout<input_t, kSlice> at(dk, dv, C, token_read, with_carry && !global_carry, params.miras);
   const int C16 = at.chunk16, dk16 = at.dk16;
   const int g0 = group_index * group, g1 = g0 + group < n_chunks ? g0 + group : n_chunks;
   const int n_groups = (n_chunks + group - 1) / group;
@@ -173,8 +192,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto chunk_of = [&](int i) { return g1 - 1 - i / n_slices; };
   const auto slice_rows = [&](int v0) { return dv - v0 < kSlice ? dv - v0 : kSlice; };
 
-  using Layout = ChunksLayout<input_t, kSlice>;
-  constexpr int kStride = T::kCheckpointStride, kChunkBuffers = Layout::kChunkBuffers;
+  const int kChunkBuffers = at.chunk_buffers;
   // Buffers by the chunk's place in the block's walk, ci: q alternates, and with recompute the
   // keys and gates run one chunk ahead in a ring of three (chunk ci + 1 is the one before chunk ci).
   const auto q_tile = [&](int ci) { return PaddedTile<input_t>(at.q, ci % 2); };
@@ -208,13 +226,22 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const PaddedTile<operand_t> w(at.w), err(at.err), dk_lhs(at.dk_lhs), dq_lhs(at.dq_lhs);
   const ChunkObjective<compute_t> objective(params);
   auto* d_delta_out = static_cast<compute_t*>(params.d_delta_ptr);
+  // The whole-state options (checkpoint stride 1, so no chunk is recomputed): yaad's token norms
+  // and lq's rho0 come at the chunk's setup from its checkpoint over all of Dv.
+  const bool yaad = objective.f.uses_norm(), lq = params.miras.retention == RetentionKind::lq;
+  const bool kl = params.miras.retention == RetentionKind::kl;
+  const auto norm = kernel::shared_array<compute_t>(at.norm);
+  const LagRows<compute_t, kSlice> lag(kernel::shared_array<compute_t>(at.lag));
+  compute_t lag_gate_partials[3] = {};  // this thread's share of the lag token's d theta, d eta, d beta
+  const compute_t lq_q = compute_t(params.miras.q);
+  compute_t rho = compute_t(1), lq_sum = compute_t(0);
 
   for (int i = 0; i < kChunkBuffers; ++i) k_tile(i).zero_all();
   for (int i = 0; i < 2; ++i) {
     q_tile(i).zero_all();
     v_tile(i).zero_all();
     do_tile(i).zero_all();
-    if (Layout::kRecompute) v_prev_tile(i).zero_all();
+    if (at.recompute) v_prev_tile(i).zero_all();
     stack_tile(i).zero_all();
   }
   // The cotangent of the end of the block's last chunk: the final state's, or the scan's store.
@@ -265,7 +292,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       const PaddedTile<input_t> q = q_tile(ci);
       kernel::stage_token_rows<input_t>(params.q, b, h, n * C, L, 0, dk, q.ld, q.data);
       if (L < C) q.zero_outside(L, q.cols);
-      if (Layout::kRecompute) {
+      if (at.recompute) {
         if (ci == 0) stage_keys(0, n);
         if (n > g0 || recompute) stage_keys(ci + 1, n - 1);
       } else {
@@ -307,10 +334,101 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       for (int quarter = 0; quarter < 4; ++quarter) stack.part(quarter * kSlice, kSlice).zero_outside(w_rows, stack.cols);
   };
 
+  const auto chunk_start = [&](int n) {
+    return checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, kStride);
+  };
+  // At chunk n's setup (L tokens, walk position ci; its keys staged), from its checkpoint over all
+  // of Dv: lq's power sum and rho0, then yaad's residual norms, a warp per token, a lane per value
+  // row (plain loads of the checkpoint and v: one more read of the chunk's state and values).
+  const auto whole_state_setup = [&](int n, int L, int ci) {
+    const checkpoint_t* m0 = chunk_start(n);
+    if (lq) {
+      compute_t sum[1] = {compute_t(0)};
+      for (int idx = threadIdx.x; idx < dv * dk; idx += blockDim.x)
+        sum[0] += kernel::lq_power(device::cast<compute_t>(m0[idx]), lq_q);
+      kernel::block_sum(sum, scratch);
+      lq_sum = sum[0];
+      rho = kernel::lq_rho(lq_sum, lq_q);
+    }
+    if (yaad) {
+      const PaddedTile<input_t> keys = k_tile(ci);
+      for (int t = device::warp_id(); t < C16; t += kernel::warp_count()) {
+        compute_t sum = 0;
+        if (t < L)
+          for (int j = device::lane_id(); j < dv; j += device::kWarpSize) {
+            compute_t km = 0;
+            for (int d = 0; d < dk; ++d)
+              km += device::cast<compute_t>(keys(t, d)) * device::cast<compute_t>(m0[index_t(j) * dk + d]);
+            const input_t* v_row = static_cast<const input_t*>(params.v.ptr) + kernel::token_offset(params.v, b, n * C + t, h);
+            const compute_t r = rho * km - device::cast<compute_t>(v_row[j]);
+            sum += r * r;
+          }
+        sum = device::warp_reduce_sum(sum);
+        if (device::lane_id() == 0) norm[t] = fmath::sqrt(sum);
+      }
+      __syncthreads();
+    }
+  };
+  // lq: adds d_rho drho0/dM0 to chunk n's start cotangent (the carry, or dM0 for the group's first
+  // chunk), d_rho being the chunk's block-summed cotangent of rho0.
+  const auto lq_start_cotangent = [&](int n, int g0, compute_t d_rho) {
+    const compute_t coef = kernel::lq_rho_slope(lq_sum, lq_q, d_rho);
+    const checkpoint_t* m0 = chunk_start(n);
+    for (int idx = threadIdx.x; idx < dv * dk; idx += blockDim.x) {
+      const int j = idx / dk, d = idx % dk;
+      const compute_t grad = kernel::lq_rho_grad(device::cast<compute_t>(m0[idx]), lq_q, coef);
+      if (n > g0)
+        carry(0, j, d) += grad;
+      else
+        dm0[(bh * dv + j) * index_t(dk) + d] += grad;
+    }
+  };
+
+  // kl: the backward of the lag token at a slice's rows (rows j < w_rows, feature v0 + j), once the
+  // slice's start cotangent (of the lagged state: the carry's rows, or dM0 / dS0 for the group's
+  // first chunk) is complete: the softmax step's (into the cotangent of the checkpoint's state), then
+  // the lag error's, dR = dE f'(R) at the checkpoint's M: dV, d delta, dM += dR k0^T, dk0 += dR^T M.
+  const auto lag_backward = [&](int n, int g0, int v0, int w_rows, const auto& k0, const ChunkGates<compute_t>& g,
+                                const auto& lagged, compute_t(&gate_partials)[3]) {
+    __syncthreads();  // the slice's start cotangent is complete
+    const checkpoint_t* prev = chunk_start(n) + index_t(v0) * dk;
+    const auto m_prev = [&](int r, int d) { return device::cast<compute_t>(prev[index_t(r) * dk + d]); };
+    const auto start_cot = [&](int which) {
+      return [&, which](int r, int d) -> compute_t& {
+        if (n > g0) return carry(which, v0 + r, d);
+        return (which == 0 ? dm0 : ds0)[(bh * dv + v0 + r) * index_t(dk) + d];
+      };
+    };
+    kernel::kl_softmax_rows_backward<compute_t>(
+        w_rows, dk, g.theta[0], g.eta[0], compute_t(1) - g.alpha[0], m_prev,
+        [&](int r, int d) { return device::cast<compute_t>(prev[index_t(dv) * dk + index_t(r) * dk + d]); }, lagged,
+        start_cot(0), start_cot(1), [&](int r) { return lag.e[r]; }, k0, lag.de, lag.dk0, gate_partials);
+    const int t0 = n * C;
+    for (int j = threadIdx.x; j < w_rows; j += blockDim.x) {
+      const compute_t dr = lag.de[j] * objective.slope(lag.r[j], lag.delta[j]);
+      lag.dr[j] = dr;
+      dv_out[kernel::contiguous_token_offset(b, t0, h, params.seqlen, params.heads, dv) + v0 + j] =
+          device::cast<input_t>(-dr);
+      if (objective.has_delta())
+        d_delta_out[objective.at(b, t0, h, v0 + j)] = lag.de[j] * objective.delta_slope(lag.r[j], lag.delta[j]);
+    }
+    __syncthreads();
+    const auto dm = start_cot(0);
+    for (int idx = threadIdx.x; idx < w_rows * dk; idx += blockDim.x)
+      dm(idx / dk, idx % dk) += lag.dr[idx / dk] * k0(idx % dk);
+    for (int d = threadIdx.x; d < dk; d += blockDim.x) {
+      compute_t sum = 0;
+      for (int j = 0; j < w_rows; ++j) sum += lag.dr[j] * m_prev(j, d);
+      lag.dk0[d] += sum;
+    }
+  };
+
   // Kept across a chunk's slices, in registers.
   kernel::WarpStrips<acc_t, kSquareStripsPerWarp, 2> g_acc(C16, C16), dw_acc(C16, C16);
   kernel::WarpStrips<acc_t, kKeyStripsPerWarp, 2> dq_acc(C16, dk16), dk_acc(C16, dk16);
-  compute_t dots[3] = {};  // this thread's part of <dM, M0>, <dM, S0>, <dS, S0>
+  // This thread's part of <dM, M0>, <dM, S0>, <dS, S0>, and under lq of d rho0's two parts: the
+  // unscaled <dR, K M0^T> + <dW, W> and rho0 (<(diag(a) dO)^T Q, M0> + <(diag(g) dO)^T Q, S0>).
+  compute_t dots[ChunksLayout<input_t, kSlice>::kBlockSums] = {};
 
   kernel::pipelined_steps(steps, stage, [&](int i) {
     const int n = chunk_of(i), slice = i % n_slices, L = chunk_length(params, n), v0 = slice * kSlice;
@@ -323,7 +441,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     const bool updates_carry = n > g0 || g0 == 0;  // the start cotangent is needed by a chunk or is dM0
 
     if (slice == 0) {  // the chunk's setup
-      build_gate_tables(L, C16, gates(ci), g_rows, &tables);
+      build_gate_tables(L, C16, gates(ci), g_rows, &tables, kl);
       if (recompute) build_gate_tables<compute_t>(C, C16, gates(ci + 1), prev_rows, nullptr);
       if (token_read)
         g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
@@ -334,8 +452,13 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       dq_acc.zero();
       dk_acc.zero();
       for (int t = threadIdx.x; t < C16; t += blockDim.x) cot.d_a[t] = cot.d_g[t] = cot.d_s[t] = dc_last[t] = 0;
-      dots[0] = dots[1] = dots[2] = 0;
+      for (compute_t& dot : dots) dot = 0;
+      if (kl) {
+        for (int d = threadIdx.x; d < dk16; d += blockDim.x) lag.dk0[d] = 0;
+        for (compute_t& partial : lag_gate_partials) partial = 0;
+      }
       __syncthreads();
+      if (lq || yaad) whole_state_setup(n, L, ci);
       if (token_read)
         g_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
           kernel::for_each_strip_element<2>(r0, c0, [&](int t, int col, int n8, int e) {
@@ -350,6 +473,29 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         stack(r, d) = device::cast<operand_t>(j < w_rows && d < dk ? carry(which, v0 + j, d) : compute_t(0));
       }
     __syncthreads();
+
+    // kl: the lag token's step at the slice's rows of the checkpoint (row-local), in place: the
+    // chunk proper starts from its result.
+    const PaddedTile<input_t> keys = k_tile(ci);
+    const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+    const ChunkGates<compute_t> chunk_gates = gates(ci);
+    const auto stack_value = [&](int quarter) {
+      return [&, quarter](int r, int d) { return device::cast<compute_t>(stack(quarter * kSlice + r, d)); };
+    };
+    if (kl) {
+      lag_errors(objective, w_rows, dk, stack_value(2), k0, [&](int j) { return device::cast<compute_t>(V(0, j)); },
+                 b, t0, h, v0, [&](int j, compute_t r, compute_t delta, compute_t e) {
+                   lag.r[j] = r, lag.delta[j] = delta, lag.e[j] = e, lag.de[j] = 0;
+                 });
+      __syncthreads();
+      kernel::kl_softmax_rows<compute_t>(
+          w_rows, dk, chunk_gates.theta[0], chunk_gates.eta[0], compute_t(1) - chunk_gates.alpha[0], stack_value(2),
+          stack_value(3), [&](int r) { return lag.e[r]; }, k0, [&](int r, int d, compute_t m, compute_t s) {
+            stack(2 * kSlice + r, d) = device::cast<operand_t>(m);
+            stack(3 * kSlice + r, d) = device::cast<operand_t>(s);
+          });
+      __syncthreads();
+    }
 
     if (recompute) {  // the chunk's start state, one step from the checkpoint of the chunk before
       const auto K_prev = k_tile(ci + 1).matrix();
@@ -405,24 +551,28 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       kernel::for_each_strip_element<1>(r0, c0, [&](int t, int j, int, int e) {
         const compute_t x_te = compute_t(x[0][e]), y_te = compute_t(y[0][e]);
         const bool inside = t < L && j < w_rows;
-        const compute_t r = compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j));
+        // Under lq the errors and reads see rho0 M0 (rho0 = 1 otherwise): R = rho0 K M0^T - V and
+        // the reads' cotangent is rho0 dO.
+        const compute_t r = rho * compute_t(e_acc[0][e]) - device::cast<compute_t>(V(t, j));
         const compute_t delta = objective.threshold(inside, b, t0 + t, h, v0 + j);
-        const compute_t e_te = objective.error(r, delta);
-        const compute_t d_e = g_rows.m_end[t] * x_te + g_rows.s_end[t] * y_te + compute_t(u[0][e]);
-        const compute_t d_r = d_e * objective.slope(r, delta);
-        const compute_t d_o = device::cast<compute_t>(dO(t, j));
+        const compute_t token_norm = yaad ? norm[t] : compute_t(0);
+        const compute_t e_te = objective.error(r, delta, token_norm);
+        const compute_t d_e = g_rows.m_end[t] * x_te + g_rows.s_end[t] * y_te + rho * compute_t(u[0][e]);
+        const compute_t d_r = d_e * objective.slope(r, delta, token_norm);
+        const compute_t d_o = rho * device::cast<compute_t>(dO(t, j));
         err(t, j) = device::cast<operand_t>(e_te);
         dk_lhs(t, j) = device::cast<operand_t>(g_rows.m_end[t] * e_te);
         dk_lhs(t, kSlice + j) = device::cast<operand_t>(g_rows.s_end[t] * e_te);
-        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(d_r);
+        dk_lhs(t, 2 * kSlice + j) = device::cast<operand_t>(rho * d_r);
         dq_lhs(t, j) = device::cast<operand_t>(token_read ? g_rows.a[t] * d_o : d_o);
         dq_lhs(t, kSlice + j) = device::cast<operand_t>(token_read ? g_rows.g[t] * d_o : compute_t(0));
         if (inside) {
           dv_out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dv) + v0 + j] =
               device::cast<input_t>(-d_r);
           if (objective.has_delta())
-            d_delta_out[objective.at(b, t0 + t, h, v0 + j)] = d_e * objective.delta_slope(r, delta);
+            d_delta_out[objective.at(b, t0 + t, h, v0 + j)] = d_e * objective.delta_slope(r, delta, token_norm);
         }
+        if (lq) dots[3] += d_r * compute_t(e_acc[0][e]);
         compute_t(&row)[4] = sums[e / 2];
         row[kErrX] += e_te * x_te;
         row[kErrY] += e_te * y_te;
@@ -470,6 +620,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
               with_carry ? carry(1, v0 + j, d) : compute_t(device::cast<compute_t>(stack(kSlice + j, d)));
           const compute_t dm_new = a_L * dm_old + compute_t(am[s][e]) + compute_t(aq[s][e]);
           const compute_t ds_new = g_L * dm_old + p_L * ds_old + compute_t(as[s][e]);
+          if (lq)
+            dots[4] += compute_t(aq[s][e]) * device::cast<compute_t>(stack(2 * kSlice + j, d)) +
+                       compute_t(as[s][e]) * device::cast<compute_t>(stack(3 * kSlice + j, d));
           if (n > g0) {
             carry(0, v0 + j, d) = dm_new;
             carry(1, v0 + j, d) = ds_new;
@@ -481,6 +634,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         });
       });
     }
+    if (kl) lag_backward(n, g0, v0, w_rows, k0, chunk_gates, stack_value(2), lag_gate_partials);
     for (int t = threadIdx.x; t < C16; t += blockDim.x)
       for (int part = 0; part < kSlice / 8; ++part) {
         dc_last[t] += partials[partial(kErrX, t, part)];
@@ -501,10 +655,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
     }
     if (slice < n_slices - 1) return;
 
-    // The chunk's tail.
+    // The chunk's tail: d_c = rho0 dW .* G and dG = rho0 dW .* c (into W's tile), lq's <dW, W>;
+    // then the row L - 1 terms of the end state.
     __syncthreads();
-    kernel::block_sum(dots, scratch);
-    // d_c = dW .* G and dG = dW .* c (into W's tile); then the row L - 1 terms of the end state.
     if (token_read) {
 #pragma unroll
       for (int s = 0; s < kSquareStripsPerWarp; ++s) {
@@ -513,15 +666,17 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         const int r0 = strip / g_acc.per_row * kernel::kStripRows, c0 = strip % g_acc.per_row * 16;
         kernel::for_each_strip_element<2>(r0, c0, [&](int t, int col, int n8, int e) {
           const bool inside = col <= t && t < L;
-          const compute_t dw = compute_t(dw_acc.acc[s][n8][e]);
-          cot.d_c[t * C16 + col] = inside ? dw * compute_t(g_acc.acc[s][n8][e]) : compute_t(0);
-          w(t, col) = device::cast<operand_t>(inside ? dw * tables.c[t * C16 + col] : compute_t(0));
+          const compute_t dw = compute_t(dw_acc.acc[s][n8][e]), g = compute_t(g_acc.acc[s][n8][e]);
+          cot.d_c[t * C16 + col] = inside ? rho * dw * g : compute_t(0);
+          w(t, col) = device::cast<operand_t>(inside ? rho * dw * tables.c[t * C16 + col] : compute_t(0));
+          if (lq && inside) dots[3] += dw * g * tables.c[t * C16 + col];
         });
       }
     } else {
       for (int idx = threadIdx.x; idx < C16 * C16; idx += blockDim.x) cot.d_c[idx] = 0;
     }
-    __syncthreads();
+    kernel::block_sum(dots, scratch);  // its barriers also publish d_c and W's tile
+    if (lq) lq_start_cotangent(n, g0, dots[3] + dots[4] / rho);
     for (int col = threadIdx.x; col < L; col += blockDim.x) cot.d_c[(L - 1) * C16 + col] += dc_last[col];
     if (threadIdx.x == 0) {
       cot.d_a[L - 1] += dots[0];
@@ -536,27 +691,32 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         kernel::strip_mma<Policy>(w.transposed(), r0, c0, C16, kernel::times(acc, Q));
       });
     }
-    const auto write_grad = [&](input_t* out) {
-      return [&, out](acc_t(&acc)[2][4], int r0, int c0) {
+    if (kl) kernel::block_sum(lag_gate_partials, scratch);
+    // dk of token 0 adds kl's lag token's.
+    const auto write_grad = [&](input_t* out, bool with_lag) {
+      return [&, out, with_lag](acc_t(&acc)[2][4], int r0, int c0) {
         kernel::for_each_strip_element<2>(r0, c0, [&](int t, int d, int n8, int e) {
           if (t < L && d < dk)
             out[kernel::contiguous_token_offset(b, t0 + t, h, params.seqlen, params.heads, dk) + d] =
-                device::cast<input_t>(compute_t(acc[n8][e]));
+                device::cast<input_t>(compute_t(acc[n8][e]) + (with_lag && t == 0 ? lag.dk0[d] : compute_t(0)));
         });
       };
     };
-    dq_acc.for_each(write_grad(dq_out));
-    dk_acc.for_each(write_grad(dk_out));
+    dq_acc.for_each(write_grad(dq_out, false));
+    dk_acc.for_each(write_grad(dk_out, kl));
     __syncthreads();
     const auto gate_at = [&](int t) { return (index_t(b) * params.seqlen + t0 + t) * params.heads + h; };
     auto* dtheta = static_cast<compute_t*>(params.dtheta_ptr);
     auto* deta = static_cast<compute_t*>(params.deta_ptr);
     auto* dalpha = static_cast<compute_t*>(params.dalpha_ptr);
+    // kl: token 0's gates are the lag step's (the lag tables do not read them).
+    const bool lag_token = kl;
     gate_adjoint(
-        L, gates(ci), g_rows, tables, cot, [&](int t, compute_t value) { dtheta[gate_at(t)] = value; },
+        L, gates(ci), g_rows, tables, cot,
+        [&](int t, compute_t value) { dtheta[gate_at(t)] = lag_token && t == 0 ? lag_gate_partials[0] : value; },
         [&](int t, compute_t d_eta, compute_t d_alpha) {
-          deta[gate_at(t)] = d_eta;
-          dalpha[gate_at(t)] = d_alpha;
+          deta[gate_at(t)] = lag_token && t == 0 ? lag_gate_partials[1] : d_eta;
+          dalpha[gate_at(t)] = lag_token && t == 0 ? -lag_gate_partials[2] : d_alpha;
         });
   });
 
@@ -588,7 +748,8 @@ inline size_t chunks_smem_bytes(const LinearMemoryParams& p, InputType type, int
   return kernel::dispatch_input_type(type, [&](auto input) {
     return dispatch_slice<decltype(input)>(slice, [&](auto s) {
       return size_t(
-          ChunksLayout<decltype(input), decltype(s)::value>(p.dk, p.dv, p.chunk_size, p.read_token, with_carry)
+          ChunksLayout<decltype(input), decltype(s)::value>(p.dk, p.dv, p.chunk_size, p.read_token, with_carry,
+                                                            p.miras)
               .smem.bytes);
     });
   });

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kScanThreads, 2)
   using kernel::PaddedTile;
 
   // Block z walks batch row z, or with cu_seqlens sequence z (its view, sequences.cuh).
-  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, blockIdx.z, T::kCheckpointStride);
+  const LinearMemoryBwdParams params = sequence_view<input_t>(launch, blockIdx.z, T::checkpoint_stride(launch.miras));
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = kernel::batch_row(launch, blockIdx.z);
   const int rows = tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;

@@ -4,9 +4,11 @@
 
 #include "cuda/common/objective.cuh"
 #include "cuda/common/operands.cuh"
+#include "cuda/common/retention.cuh"
 #include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
+#include "cuda/common/tile_loops.cuh"
 #include "device/device.h"
 #include "titans_params.h"
 
@@ -74,17 +76,18 @@ __device__ __forceinline__ int tile_rows(const LinearMemoryParams& p, int v0, in
 
 // The stack [X; Y] of a block's rows [v0, v0 + rows) of two states of a [B, H, Dv, Dk] layout
 // (M and S, or their cotangents), each half kTileV rows: loaded from contiguous compute_t states at
-// `offset` (null: zeros) into the compute_t master (when kMaster; [2 kTileV, dk16]) and the operand
-// tile, zero past the rows and past Dk.
+// `offset` (null: first_fill for X, zeros for Y) into the compute_t master (when kMaster;
+// [2 kTileV, dk16]) and the operand tile, zero past the rows and past Dk.
 template <int kTileV, bool kMaster, typename compute_t, typename operand_t>
 __device__ __forceinline__ void load_state_stack(const compute_t* first, const compute_t* second, index_t offset,
                                                  int rows, int dk, int dk16,
                                                  const device::SharedPtr<compute_t>& master,
-                                                 const kernel::PaddedTile<operand_t>& tile) {
+                                                 const kernel::PaddedTile<operand_t>& tile, compute_t first_fill) {
   for (int idx = threadIdx.x; idx < 2 * kTileV * dk16; idx += blockDim.x) {
     const int r = idx / dk16, d = idx % dk16, j = r % kTileV;
     const compute_t* src = r < kTileV ? first : second;
-    const compute_t value = j < rows && d < dk && src ? src[offset + index_t(j) * dk + d] : compute_t(0);
+    const compute_t fill = r < kTileV ? first_fill : compute_t(0);
+    const compute_t value = j < rows && d < dk ? (src ? src[offset + index_t(j) * dk + d] : fill) : compute_t(0);
     if constexpr (kMaster) master[idx] = value;
     tile(r, d) = device::cast<operand_t>(value);
   }
@@ -103,7 +106,8 @@ __device__ __forceinline__ void store_state_stack(out_t* first, out_t* second, i
 
 // The error map of the MIRAS objective on a block's residuals (docs/miras.md §2.1): E = f(R) with
 // R = K W0^T - V at the chunk-start weights, elementwise, so a value tile or slice needs only its
-// own rows (yaad's switch reads the token's norm over all of Dv and does not run on these kernels).
+// own rows, except for yaad's switch, which also reads the token's residual norm over all of Dv
+// (`norm`; the kernels compute it over one tile of all of Dv, or across the slices).
 // The thresholds delta are read, only when the objective has them, from the contiguous
 // [B, T, H, Dv] tensor in compute_t (MirasParams::delta_ptr), where d_delta has the same layout.
 template <typename compute_t>
@@ -125,16 +129,45 @@ struct ChunkObjective {
   __device__ __forceinline__ compute_t threshold(bool inside, int b, int t, int h, int j) const {
     return has_delta() && inside ? delta[at(b, t, h, j)] : compute_t(1);
   }
-  __device__ __forceinline__ compute_t error(compute_t r, compute_t threshold) const {
-    return f.error(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t error(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.error(r, threshold, norm);
   }
-  __device__ __forceinline__ compute_t slope(compute_t r, compute_t threshold) const {
-    return f.slope(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t slope(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.slope(r, threshold, norm);
   }
-  __device__ __forceinline__ compute_t delta_slope(compute_t r, compute_t threshold) const {
-    return f.delta_slope(r, threshold, compute_t(0));
+  __device__ __forceinline__ compute_t delta_slope(compute_t r, compute_t threshold, compute_t norm = 0) const {
+    return f.delta_slope(r, threshold, norm);
   }
 };
+
+// Retention kl's lag token (token 0 of the chunk at t0, docs/miras.md §2.3): its residuals and errors
+// at the memory before it, r_j = M_j . k0 - v0_j, e_j = f(r_j), for a block's value rows j < rows
+// (feature v_base + j), a warp per row: m(j, d), k0(d), v0(j); out(j, r_j, threshold_j, e_j).
+template <typename compute_t, class M, class K0, class V0, class Out>
+__device__ __forceinline__ void lag_errors(const ChunkObjective<compute_t>& objective, int rows, int dk, const M& m,
+                                           const K0& k0, const V0& v0, int b, int t0, int h, int v_base,
+                                           const Out& out) {
+  for (int j = device::warp_id(); j < rows; j += kernel::warp_count()) {
+    compute_t dot = 0;
+    for (int d = device::lane_id(); d < dk; d += device::kWarpSize) dot += m(j, d) * k0(d);
+    dot = device::warp_reduce_sum(dot);
+    if (device::lane_id() != 0) continue;
+    const compute_t r = dot - v0(j), delta = objective.threshold(true, b, t0, h, v_base + j);
+    out(j, r, delta, objective.error(r, delta));
+  }
+}
+
+// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, kWidth] compute_t array: a warp per row.
+template <int kWidth, typename compute_t>
+__device__ __forceinline__ void row_norms(int rows, const device::SharedPtr<compute_t>& resid,
+                                          const device::SharedPtr<compute_t>& norm) {
+  for (int t = device::warp_id(); t < rows; t += kernel::warp_count()) {
+    compute_t sum = 0;
+    for (int j = device::lane_id(); j < kWidth; j += device::kWarpSize) sum += resid[t * kWidth + j] * resid[t * kWidth + j];
+    sum = device::warp_reduce_sum(sum);
+    if (device::lane_id() == 0) norm[t] = fmath::sqrt(sum);
+  }
+}
 
 }  // namespace lm
 }  // namespace titans

@@ -41,13 +41,23 @@ template <typename input_t, int kTileV>
 struct FwdLayout : WalkLayout<input_t, kTileV> {
   kernel::TileSlot err, err_m, err_s;  // operand_t [C, kTileV]: E, diag(m) E, diag(s) E
   kernel::TileSlot w;                  // operand_t [C, C]: W = Q K^T .* c (token read)
-  __host__ __device__ FwdLayout(int dk, int chunk, bool token_read) : WalkLayout<input_t, kTileV>(dk, chunk) {
+  int resid, norm;                     // compute_t [C16, kTileV], [C16]: R and its row norms (yaad only)
+  int scratch;                         // compute_t [warps]: the block sum of lq's rho0 (lq only)
+  int lag_err;                         // compute_t [kTileV]: kl's lag token errors (kl only)
+  __host__ __device__ FwdLayout(int dk, int chunk, bool token_read, const MirasParams& miras)
+      : WalkLayout<input_t, kTileV>(dk, chunk) {
     using operand_t = typename Types<input_t>::operand_t;
+    using compute_t = typename Types<input_t>::compute_t;
     kernel::SmemLayout& smem = this->smem;
+    const bool yaad = miras.objective == ObjectiveKind::yaad, lq = miras.retention == RetentionKind::lq;
     err = smem.tile<operand_t>(chunk, kTileV);
     err_m = smem.tile<operand_t>(chunk, kTileV);
     err_s = smem.tile<operand_t>(chunk, kTileV);
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
+    resid = smem.array<compute_t>(yaad ? this->chunk16 * kTileV : 0);
+    norm = smem.array<compute_t>(yaad ? this->chunk16 : 0);
+    scratch = smem.array<compute_t>(lq ? kForwardThreads / device::kWarpSize : 0);
+    lag_err = smem.array<compute_t>(miras.retention == RetentionKind::kl ? kTileV : 0);
   }
 };
 
@@ -62,25 +72,34 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   using kernel::PaddedTile;
 
   // Block z walks batch row z, or with cu_seqlens sequence z (its view, sequences.cuh).
-  const LinearMemoryParams params = sequence_view<input_t>(launch, blockIdx.z, T::kCheckpointStride);
-  const index_t checkpoint_slots = sequence_units(launch, T::kCheckpointStride);
+  const int stride = T::checkpoint_stride(launch.miras);
+  const LinearMemoryParams params = sequence_view<input_t>(launch, blockIdx.z, stride);
+  const index_t checkpoint_slots = sequence_units(launch, stride);
   const int v0 = blockIdx.x * kTileV, h = blockIdx.y, b = kernel::batch_row(launch, blockIdx.z);
   const int rows = tile_rows(params, v0, kTileV);
   const int dk = params.dk, dv = params.dv, C = params.chunk_size, n_chunks = params.n_chunks;
   const bool token_read = params.read_token;
-  const FwdLayout<input_t, kTileV> at(dk, C, token_read);
+  const FwdLayout<input_t, kTileV> at(dk, C, token_read, params.miras);
   const Walk<input_t, kTileV> walk(at);
   const int C16 = at.chunk16, dk16 = at.dk16;
   const ChunkGateTables<compute_t>& tables = walk.tables;
   const PaddedTile<operand_t> err(at.err), err_m(at.err_m), err_s(at.err_s), w(at.w);
   const ChunkObjective<compute_t> objective(params);
+  // The whole-state options run one tile over all of Dv (the plan's rule), so the block's sums over
+  // its rows are the sums over Dv.
+  const bool yaad = objective.f.uses_norm(), lq = params.miras.retention == RetentionKind::lq;
+  const bool kl = params.miras.retention == RetentionKind::kl;
+  const auto resid = kernel::shared_array<compute_t>(at.resid);
+  const auto norm = kernel::shared_array<compute_t>(at.norm);
+  const compute_t lq_q = compute_t(params.miras.q);
 
   walk.zero_staged();
   // The block's rows [v0, v0 + rows) of the initial state (zeros without one): into the state
   // (and its operand copy), zero past the rows and past Dk.
   const index_t bh = index_t(b) * params.heads + h;
   const index_t state_offset = (bh * dv + v0) * dk;
-  walk.load_stack(params.m0_ptr, params.s0_ptr, state_offset, rows, dk);
+  // kl's default memory is uniform, 1 / Dk.
+  walk.load_stack(params.m0_ptr, params.s0_ptr, state_offset, rows, dk, kl ? compute_t(1) / compute_t(dk) : 0);
   __syncthreads();
 
   auto* checkpoints = static_cast<checkpoint_t*>(params.chunk_states_ptr);
@@ -96,7 +115,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
   kernel::pipelined_steps(n_chunks, stage, [&](int n) {
     const int L = chunk_length(params, n), cur = n & 1, nxt = cur ^ 1;
     if (n == 0) {
-      build_gate_tables(L, C16, walk.gates(0), walk.gate_rows(0), &tables);
+      build_gate_tables(L, C16, walk.gates(0), walk.gate_rows(0), &tables, kl);
       __syncthreads();
     }
     const ChunkGateRows<compute_t> g_rows = walk.gate_rows(n);
@@ -107,20 +126,70 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
     const auto M0t = S0.transposed();                  // B operand M0^T: (d, j) -> M0[j, d]
     const auto S0t = S0.rows_from(kTileV).transposed();
 
-    // Phase A: E and its row-scaled copies; W; the checkpoint.
+    // lq: the chunk learns and reads with rho0 M0 (M is the accumulator). rho0 comes from the
+    // operand copy, which is what the checkpoint holds, so the backward recomputes the same value.
+    compute_t rho = compute_t(1);
+    if (lq) {
+      compute_t sum[1] = {compute_t(0)};
+      for (int idx = threadIdx.x; idx < rows * dk; idx += blockDim.x)
+        sum[0] += kernel::lq_power(device::cast<compute_t>(S0(idx / dk, idx % dk)), lq_q);
+      kernel::block_sum(sum, kernel::shared_array<compute_t>(at.scratch));
+      rho = kernel::lq_rho(sum[0], lq_q);
+    }
+    if (checkpoints && n % stride == 0) {
+      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, stride);
+      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
+                                [&](int r, int d) { return S0(r, d); });
+    }
+    // kl: token 0 takes Memora's step on the state's rows (row-local, so any value tile), then the
+    // chunk runs from its result with lag tables (token 0 the identity; its read is q0 M_lag).
+    if (kl) {
+      const auto lag_err = kernel::shared_array<compute_t>(at.lag_err);
+      const PaddedTile<input_t> keys = walk.k(cur);
+      const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+      lag_errors(objective, rows, dk, [&](int j, int d) { return walk.value(S0, j, d); }, k0,
+                 [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, n * C, h, v0,
+                 [&](int j, compute_t, compute_t, compute_t e) { lag_err[j] = e; });
+      __syncthreads();  // also: the checkpoint has read the state
+      const ChunkGates<compute_t> lag_gates = walk.gates(n);
+      kernel::kl_softmax_rows<compute_t>(
+          rows, dk, lag_gates.theta[0], lag_gates.eta[0], compute_t(1) - lag_gates.alpha[0],
+          [&](int r, int d) { return walk.value(S0, r, d); },
+          [&](int r, int d) { return walk.value(S0, kTileV + r, d); }, [&](int r) { return lag_err[r]; }, k0,
+          [&](int r, int d, compute_t m, compute_t s) {
+            walk.set(S0, r, d, m);
+            walk.set(S0, kTileV + r, d, s);
+          });
+      __syncthreads();
+    }
+
+    // Phase A: E and its row-scaled copies; W. yaad first keeps R and its row norms.
+    const auto write_error = [&](int t, int j, compute_t r) {
+      const compute_t value =
+          objective.error(r, objective.threshold(t < L && j < rows, b, n * C + t, h, v0 + j), yaad ? norm[t] : 0);
+      err(t, j) = device::cast<operand_t>(value);
+      err_m(t, j) = device::cast<operand_t>(g_rows.m_end[t] * value);
+      err_s(t, j) = device::cast<operand_t>(g_rows.s_end[t] * value);
+    };
     kernel::for_each_strip<2>(C16, kTileV, [&](int r0, int c0) {
       acc_t acc[2][4];
       kernel::zero(acc);
       kernel::strip_mma<Policy>(K, r0, c0, dk, kernel::times(acc, M0t));
       kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-        const compute_t value =
-            objective.error(compute_t(acc[s][e]) - device::cast<compute_t>(V(t, j)),
-                            objective.threshold(t < L && j < rows, b, n * C + t, h, v0 + j));
-        err(t, j) = device::cast<operand_t>(value);
-        err_m(t, j) = device::cast<operand_t>(g_rows.m_end[t] * value);
-        err_s(t, j) = device::cast<operand_t>(g_rows.s_end[t] * value);
+        const compute_t r = rho * compute_t(acc[s][e]) - device::cast<compute_t>(V(t, j));
+        if (yaad)
+          resid[t * kTileV + j] = t < L && j < rows ? r : compute_t(0);
+        else
+          write_error(t, j, r);
       });
     });
+    if (yaad) {
+      __syncthreads();
+      row_norms<kTileV>(C16, resid, norm);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < C16 * kTileV; idx += blockDim.x)
+        write_error(idx / kTileV, idx % kTileV, resid[idx]);
+    }
     if (token_read)
       kernel::for_each_strip<2>(
           C16, C16,
@@ -134,11 +203,6 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
             });
           },
           kernel::strip_count<2>(C16, kTileV));
-    if (checkpoints && n % T::kCheckpointStride == 0) {
-      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, T::kCheckpointStride);
-      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
-                                [&](int r, int d) { return S0(r, d); });
-    }
     __syncthreads();
 
     // Phase B: the chunk step into the other state tile; the outputs; the next chunk's tables.
@@ -171,9 +235,10 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
           // The gate rows scale accumulators, so a and g never round into the MMA operands.
           kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
             if (t >= L || j >= rows) return;
-            const compute_t out = token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
-                                                   compute_t(we[s][e])
-                                             : compute_t(qm[s][e]);
+            const compute_t out =
+                rho * (token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
+                                        compute_t(we[s][e])
+                                  : compute_t(qm[s][e]));
             o_out[kernel::contiguous_token_offset(b, n * C + t, h, params.seqlen, params.heads, dv) + v0 + j] =
                 device::cast<input_t>(out);
           });
@@ -181,7 +246,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
         kernel::strip_count<2>(kTileV, dk16));
     // c was last read in phase A; the next chunk's rows go to the other buffer.
     if (n + 1 < n_chunks)
-      build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables);
+      build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables, kl);
   });
   __syncthreads();
 
@@ -201,7 +266,8 @@ auto dispatch_fwd_tile(int tile, const F& f) {
 inline size_t fwd_smem_bytes(const LinearMemoryParams& p, InputType type, int tile) {
   return kernel::dispatch_input_type(type, [&](auto input) {
     return dispatch_fwd_tile(tile, [&](auto tile_v) {
-      return size_t(FwdLayout<decltype(input), decltype(tile_v)::value>(p.dk, p.chunk_size, p.read_token).smem.bytes);
+      return size_t(
+          FwdLayout<decltype(input), decltype(tile_v)::value>(p.dk, p.chunk_size, p.read_token, p.miras).smem.bytes);
     });
   });
 }
@@ -220,8 +286,10 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
   const int dv16 = kernel::round_up(p.dv, kernel::kTileGranule);
   double best = -1;
   size_t narrowest_smem = 0;
+  const bool whole_state = linear_memory_whole_state(p.miras);
   for (const int tile : {16, 32, 64}) {
     if (tile > 16 && tile / 2 >= dv16) break;  // wider than Dv needs
+    if (whole_state && tile < p.dv && tile < kCudaMaxWholeStateDv) continue;  // one tile over all of Dv
     const size_t smem = lm::fwd_smem_bytes(p, type, tile);
     if (tile == 16) narrowest_smem = smem;
     if (smem > device.max_shared_bytes) continue;

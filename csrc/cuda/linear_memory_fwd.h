@@ -21,16 +21,28 @@ constexpr int kCudaMaxChunkSize = 64;
 constexpr int kCudaMaxKeyDim = 128;
 constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch (or sequences) index the grid's y and z
 
+// The MIRAS options whose chunk start reads more than a value row: objective "yaad" (its switch
+// reads each token's residual norm over all of Dv) and retention "lq" (rho0 = ||A0||_q^(2-q) over the
+// whole Dv x Dk state). Their forward runs one value tile over all of Dv (Dv <= kCudaMaxWholeStateDv)
+// and their backward walks each sequence in one block (docs/kernels.md §6.1.12).
+constexpr int kCudaMaxWholeStateDv = 64;
+constexpr bool linear_memory_whole_state(const MirasParams& m) {
+  return m.objective == ObjectiveKind::yaad || m.retention == RetentionKind::lq;
+}
+
 // The checkpoints the forward keeps for the backward: chunk_states [B, H, checkpoints, 2, Dv, Dk]
 // in the input dtype, the start states (M, S) of each sequence's chunks 0, stride, 2 stride, ...
 // 16-bit inputs keep every other one (the backward recomputes the others, one chunk step from the
-// one before), fp32 and fp64 inputs every one. checkpoints: ceil(n_chunks / stride), or with
-// cu_seqlens the bound of sequences.h (the entries no sequence uses are left as the buffer was).
-inline int linear_memory_checkpoint_stride(InputType type) {
-  return type == InputType::kBFloat16 || type == InputType::kFloat16 ? 2 : 1;
+// one before), fp32 and fp64 inputs every one, and so does every dtype under a whole-state option
+// (whose recomputed step would need the chunk before's whole-state reduction first) and under the
+// kl retention (whose recomputed step would need the chunk before's lag token first).
+// checkpoints: ceil(n_chunks / stride), or with cu_seqlens the bound of sequences.h (the entries no
+// sequence uses are left as the buffer was). input_bytes: the input dtype's size.
+constexpr int linear_memory_checkpoint_stride(int input_bytes, const MirasParams& m) {
+  return input_bytes == 2 && !linear_memory_whole_state(m) && m.retention != RetentionKind::kl ? 2 : 1;
 }
 inline int64_t linear_memory_checkpoints(const SequenceParams& p, InputType type) {
-  return sequence_units(p, linear_memory_checkpoint_stride(type));
+  return sequence_units(p, linear_memory_checkpoint_stride(input_type_bytes(type), p.miras));
 }
 
 // The forward's launch: one kernel (linear_memory_fwd.cuh) over value tiles of tile_v rows. Its

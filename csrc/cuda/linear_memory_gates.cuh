@@ -18,15 +18,19 @@ using kernel::token_offset;
 //   sigma_t = eta_t sigma_{t-1} - theta_t [t == col],   mu_t = beta_t mu_{t-1} + sigma_t,
 // and emit(t, mu_t, sigma_t) is called. The multiplicative form never divides, is exact for
 // gates equal to 0 or 1, and cannot amplify rounding (every factor is in [0, 1]). Rows above the
-// diagonal of a c column come out as exact zeros.
+// diagonal of a c column come out as exact zeros. With `lag` (retention kl: token 0 took Memora's
+// step before the chunk, docs/miras.md §2.3) row 0 is the identity, M_0 = M, S_0 = S: tokens
+// 1..L-1 are a chunk from the lagged state, and column 0 is zero.
 template <typename T, class Theta, class Eta, class Beta, class Emit>
 __device__ __forceinline__ void gate_column(int col, int L, const Theta& theta, const Eta& eta, const Beta& beta,
-                                            const Emit& emit) {
+                                            const Emit& emit, bool lag = false) {
   T mu = col == L ? T(1) : T(0);
   T sigma = col == L + 1 ? T(1) : T(0);
   for (int t = 0; t < L; ++t) {
-    sigma = eta[t] * sigma - (col == t ? theta[t] : T(0));
-    mu = beta[t] * mu + sigma;
+    if (t > 0 || !lag) {
+      sigma = eta[t] * sigma - (col == t ? theta[t] : T(0));
+      mu = beta[t] * mu + sigma;
+    }
     emit(t, mu, sigma);
   }
 }
@@ -78,10 +82,11 @@ struct ChunkGateTables {
 
 // Builds a chunk's rows, and c (and sig, P with_sig) when `tables` is non-null, from its staged
 // gates: one thread per column of the recurrence (gate_column), so the loop is sequential only in
-// L. Rows past L up to `stride` are zeroed. No barrier inside; readers need one.
+// L. Rows past L up to `stride` are zeroed. No barrier inside; readers need one. lag: gate_column's.
 template <typename T>
 __device__ __forceinline__ void build_gate_tables(int L, int stride, const ChunkGates<T>& gates,
-                                                  const ChunkGateRows<T>& rows, const ChunkGateTables<T>* tables) {
+                                                  const ChunkGateRows<T>& rows, const ChunkGateTables<T>* tables,
+                                                  bool lag = false) {
   const OneMinus<T, device::SharedPtr<T>> beta{gates.alpha};
   for (int col = threadIdx.x; col < L + 2; col += blockDim.x) {
     gate_column<T>(col, L, gates.theta, gates.eta, beta, [&](int t, T mu, T sigma) {
@@ -99,7 +104,7 @@ __device__ __forceinline__ void build_gate_tables(int L, int stride, const Chunk
         if (tables && tables->with_sig) tables->P[t] = sigma;
         if (t == L - 1) rows.ends[1] = mu, rows.ends[2] = sigma;
       }
-    });
+    }, lag);
   }
   if (L == 0 && threadIdx.x == 0) rows.ends[0] = T(1), rows.ends[1] = T(0), rows.ends[2] = T(1);
   for (int idx = threadIdx.x; idx < 4 * (stride - L); idx += blockDim.x) {
@@ -125,7 +130,10 @@ struct GateCotangents {
 // deta_t = <sigbar_t, sigma_{t-1}> as row sums of products written in place of the tables c and
 // sig (row t of a column is overwritten once row t + 1 has read it; c columns past the row are
 // exact zeros). write_theta(t, dtheta_t) and write_rows(t, deta_t, dalpha_t) store them. The
-// tables must be complete (a barrier before); contains one barrier; c and sig are consumed.
+// tables must be complete (a barrier before); contains one barrier; c and sig are consumed. With
+// lag tables the rows t >= 1 are exact as they are (they read only rows >= t and the identity row
+// 0's values), and token 0's gates, which the chunk does not read, come out meaningless: the
+// caller stores the lag step's instead.
 template <typename T, class WriteTheta, class WriteRows>
 __device__ __forceinline__ void gate_adjoint(int L, const ChunkGates<T>& gates, const ChunkGateRows<T>& rows,
                                              const ChunkGateTables<T>& tables, const GateCotangents<T>& cot,

@@ -9,6 +9,7 @@
 #include "cuda/common/launch.cuh"
 #include "cuda/common/operands.cuh"
 #include "cuda/common/smem.cuh"
+#include "cuda/linear_memory_fwd.h"
 #include "device/device.h"
 #include "titans_params.h"
 
@@ -30,8 +31,12 @@ struct Types {
   // bf16 operand tiles round the state, so the state itself is kept beside them in compute_t; the
   // other dtypes' operand tiles are the state.
   static constexpr bool kSeparateMaster = !std::is_same<operand_t, compute_t>::value;
-  // The forward checkpoints every kCheckpointStride-th chunk start (linear_memory_checkpoint_stride).
-  static constexpr int kCheckpointStride = sizeof(input_t) == 2 ? 2 : 1;
+  // 16-bit inputs may checkpoint every other chunk start only, which the backward recomputes.
+  static constexpr bool kMayRecompute = sizeof(input_t) == 2;
+  // The forward checkpoints every stride-th chunk start (linear_memory_checkpoint_stride).
+  __host__ __device__ static int checkpoint_stride(const MirasParams& m) {
+    return linear_memory_checkpoint_stride(int(sizeof(input_t)), m);
+  }
 };
 
 // The cost model of the launch rules: estimated cycles of one chunk step of a block. Constants are

@@ -86,13 +86,13 @@ struct Walk {
       row_input(i).zero_all();
     }
   }
-  // The stack's rows [v0, v0 + rows) from two contiguous compute_t states at `offset` (null: zeros)
-  // into the master and operand tile 0.
+  // The stack's rows [v0, v0 + rows) from two contiguous compute_t states at `offset` (null: zeros,
+  // or first_fill for the first) into the master and operand tile 0.
   __device__ __forceinline__ void load_stack(const void* first, const void* second, index_t offset, int rows,
-                                             int dk) const {
+                                             int dk, compute_t first_fill = 0) const {
     load_state_stack<kTileV, T::kSeparateMaster>(static_cast<const compute_t*>(first),
                                                  static_cast<const compute_t*>(second), offset, rows, dk, at.dk16,
-                                                 master, stack(0));
+                                                 master, stack(0), first_fill);
   }
   // Element (r, d) of the stack in compute_t, whose operand copy is `tile`.
   __device__ __forceinline__ compute_t value(const Tile<operand_t>& tile, int r, int d) const {

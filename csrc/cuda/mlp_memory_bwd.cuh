@@ -30,7 +30,7 @@
 // differentiated with matrix-vector products (kl_softmax_rows_backward and the key path's
 // matrix-vector backward). Retention "lq": the products scale their sums by rho as in the forward;
 // what reaches the scaled weights goes to the carried cotangent times rho and, through
-// rho = ||A||_q^(2-q), to the accumulators (mlp::lq_scale_backward) with the masked products'
+// rho = ||A||_q^(2-q), to the accumulators (kernel::lq_scale_backward) with the masked products'
 // direct terms.
 #pragma once
 
@@ -90,49 +90,19 @@ struct MlpMemoryBwdSmem {
 
 namespace mlp {
 
-// Backward of one weight matrix's Memora step (kl_softmax_rows; cpu/miras_rows.h kl_step_backward):
-// w, s: its inputs; w1: its output W' [rows, cols]; dw, ds: the cotangents of its outputs, turned
-// in place into those of its inputs; dx [rows], dy [cols]: the cotangents of x and y (added to);
-// gate_partials[3]: this thread's shares of the cotangents of theta, eta and beta (added to). A warp
-// per row, then a thread per column for the sums over rows (dy, and eta dS once dy has read dS).
+// Backward of one weight matrix's Memora step (kernel::kl_softmax_rows_backward over row-major
+// arrays): w, s: its inputs; w1: its output W' [rows, cols]; dw, ds: the cotangents of its
+// outputs, turned in place into those of its inputs.
 template <typename T, typename S, class X, class Y, class DX, class DY>
 __device__ __forceinline__ void kl_softmax_rows_backward(const S* w, const S* s, const S* w1, T* dw, T* ds, int rows,
                                                          int cols, T theta, T eta, T beta, const X& x, const Y& y,
                                                          const DX& dx, const DY& dy, T (&gate_partials)[3]) {
-  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
-  for (int row = device::warp_id(); row < rows; row += n_warps) {
-    const index_t at = index_t(row) * cols;
-    T row_dot = 0;
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
-      row_dot += dw[at + col] * device::cast<T>(w1[at + col]);
-    row_dot = device::warp_reduce_sum(row_dot);
-    T ds_y = 0;  // (dS_total y)_row
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T m_prev = device::cast<T>(w[at + col]);
-      const T d_logit = device::cast<T>(w1[at + col]) * (dw[at + col] - row_dot);  // softmax backward
-      const T d_s = ds[at + col] + d_logit;  // the logits contain the new S
-      gate_partials[2] += d_logit * fmath::log(m_prev > T(kKlLogFloor) ? m_prev : T(kKlLogFloor));
-      gate_partials[1] += d_s * device::cast<T>(s[at + col]);
-      dw[at + col] = m_prev >= T(kKlLogFloor) ? beta * d_logit / m_prev : T(0);
-      ds[at + col] = d_s;  // scaled by eta below, once dy has read it
-      ds_y += d_s * y(col);
-    }
-    ds_y = device::warp_reduce_sum(ds_y);
-    if (device::lane_id() == 0) {
-      gate_partials[0] -= x(row) * ds_y;
-      dx[row] -= theta * ds_y;
-    }
-  }
-  __syncthreads();
-  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
-    T sum = 0;
-    for (int row = 0; row < rows; ++row) {
-      sum += ds[index_t(row) * cols + col] * x(row);
-      ds[index_t(row) * cols + col] *= eta;
-    }
-    dy[col] -= theta * sum;
-  }
-  __syncthreads();
+  const auto at = [cols](int r, int c) { return index_t(r) * cols + c; };
+  kernel::kl_softmax_rows_backward<T>(
+      rows, cols, theta, eta, beta, [&](int r, int c) { return device::cast<T>(w[at(r, c)]); },
+      [&](int r, int c) { return device::cast<T>(s[at(r, c)]); },
+      [&](int r, int c) { return device::cast<T>(w1[at(r, c)]); }, [&](int r, int c) -> T& { return dw[at(r, c)]; },
+      [&](int r, int c) -> T& { return ds[at(r, c)]; }, x, y, dx, dy, gate_partials);
 }
 
 }  // namespace mlp
@@ -346,7 +316,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
         mlp::warp_row_sums<T>(
             Lc, D, [&](int t, int j) { return resid[t * D + j] * resid[t * D + j]; },
             [&](int t, T sum) {
-              if (device::lane_id() == 0) norms[t] = mlp::fmath::sqrt(sum);
+              if (device::lane_id() == 0) norms[t] = fmath::sqrt(sum);
             });
         __syncthreads();
       }
@@ -705,8 +675,8 @@ __global__ void __launch_bounds__(mlp::kThreads, 1)
     __syncthreads();
     if (lq) {  // d rho -> dA through rho = ||A||_q^(2-q), for each weight
       kernel::block_sum(rho_partials, scalars + 4);
-      mlp::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
-      mlp::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
+      kernel::lq_scale_backward(saved.w1, block_elems, T(params.miras.q), scale.sums[0], rho_partials[0], cot.w1);
+      kernel::lq_scale_backward(saved.w2, block_elems, T(params.miras.q), scale.sums[1], rho_partials[1], cot.w2);
       __syncthreads();
     }
     for (int idx = threadIdx.x; idx < L * D; idx += blockDim.x) {

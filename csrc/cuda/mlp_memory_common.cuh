@@ -20,6 +20,7 @@
 
 #include "cuda/common/launch.cuh"
 #include "cuda/common/operands.cuh"
+#include "cuda/common/retention.cuh"
 #include "cuda/common/sequences.cuh"
 #include "cuda/common/smem.cuh"
 #include "cuda/common/staging.cuh"
@@ -133,23 +134,7 @@ int layout_hidden_block(const MlpMemoryParams& params, InputType type, const Dev
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise math
-
-// The C math functions by argument type (CUDA's device overloads under nvcc, libm in the emulation).
-namespace fmath {
-__device__ __forceinline__ float exp(float x) { return ::expf(x); }
-__device__ __forceinline__ double exp(double x) { return ::exp(x); }
-__device__ __forceinline__ float log(float x) { return ::logf(x); }
-__device__ __forceinline__ double log(double x) { return ::log(x); }
-__device__ __forceinline__ float erfc(float x) { return ::erfcf(x); }
-__device__ __forceinline__ double erfc(double x) { return ::erfc(x); }
-__device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
-__device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
-__device__ __forceinline__ float pow(float x, float y) { return ::powf(x, y); }
-__device__ __forceinline__ double pow(double x, double y) { return ::pow(x, y); }
-__device__ __forceinline__ float abs(float x) { return ::fabsf(x); }
-__device__ __forceinline__ double abs(double x) { return ::fabs(x); }
-}  // namespace fmath
+// Elementwise math (fmath: cuda/common/retention.cuh)
 
 // act(x) and, up to kOrder, act'(x) and act''(x) (docs/mlp_dual_form.md §4):
 //   gelu: x Phi(x);  Phi + x phi;  phi (2 - x^2)          (Phi, phi: standard normal cdf, pdf)
@@ -425,39 +410,18 @@ __device__ __forceinline__ void lag_key_path(const GlobalState<const S>& state, 
 }
 
 // Memora's step on every row of one weight matrix W [rows, cols] with momentum S, whose inner
-// gradient is x y^T (cpu/miras_rows.h kl_step):
-//   S' = eta S - theta x y^T,   W' = rowsoftmax(beta log max(W, kKlLogFloor) + S'),
-// from (w, s) into (w_out, s_out), which may be the same arrays. A warp per row; each of the three
-// sweeps (max, sum, write) recomputes the logits, so nothing else is stored (in a bf16 copy they
-// would lose their precision).
+// gradient is x y^T, from (w, s) into (w_out, s_out), which may be the same arrays
+// (kernel::kl_softmax_rows over row-major arrays).
 template <typename T, typename S, typename Out, class X, class Y>
 __device__ __forceinline__ void kl_softmax_rows(const S* w, const S* s, Out* w_out, Out* s_out, int rows, int cols,
                                                 T theta, T eta, T beta, const X& x, const Y& y) {
-  const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
-  for (int row = device::warp_id(); row < rows; row += n_warps) {
-    const index_t at = index_t(row) * cols;
-    const auto momentum = [&](int col) { return eta * device::cast<T>(s[at + col]) - theta * x(row) * y(col); };
-    const auto logit = [&](int col, T momentum_new) {
-      const T m = device::cast<T>(w[at + col]);
-      return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
-    };
-    T row_max = T(-INFINITY);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T l = logit(col, momentum(col));
-      row_max = l > row_max ? l : row_max;
-    }
-    row_max = device::warp_reduce_max(row_max);
-    T total = 0;
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
-      total += fmath::exp(logit(col, momentum(col)) - row_max);
-    total = device::warp_reduce_sum(total);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T momentum_new = momentum(col);
-      const T value = fmath::exp(logit(col, momentum_new) - row_max) / total;
-      w_out[at + col] = device::cast<Out>(value);
-      s_out[at + col] = device::cast<Out>(momentum_new);
-    }
-  }
+  kernel::kl_softmax_rows<T>(
+      rows, cols, theta, eta, beta, [&](int r, int c) { return device::cast<T>(w[index_t(r) * cols + c]); },
+      [&](int r, int c) { return device::cast<T>(s[index_t(r) * cols + c]); }, x, y,
+      [&](int r, int c, T value, T momentum) {
+        w_out[index_t(r) * cols + c] = device::cast<Out>(value);
+        s_out[index_t(r) * cols + c] = device::cast<Out>(momentum);
+      });
 }
 
 // The lag token's step on both weights, from `state` into `out` (may be the same), after
@@ -490,24 +454,12 @@ __device__ __forceinline__ LqScales<T> lq_scales(const GlobalState<const S>& sta
                                                  const Scratch& scratch) {
   LqScales<T> out;
   for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
-    out.sums[0] += fmath::pow(fmath::abs(device::cast<T>(state.w1[i])), q);
-    out.sums[1] += fmath::pow(fmath::abs(device::cast<T>(state.w2[i])), q);
+    out.sums[0] += kernel::lq_power(device::cast<T>(state.w1[i]), q);
+    out.sums[1] += kernel::lq_power(device::cast<T>(state.w2[i]), q);
   }
   kernel::block_sum(out.sums, scratch);
-  for (int w = 0; w < 2; ++w) out.rho[w] = out.sums[w] == T(0) ? T(1) : fmath::pow(out.sums[w], (T(2) - q) / q);
+  for (int w = 0; w < 2; ++w) out.rho[w] = kernel::lq_rho(out.sums[w], q);
   return out;
-}
-
-// dA += d_rho drho/dA = d_rho (2 - q) sign(A) |A|^(q-1) sum^((2-2q)/q) over the n entries of one
-// weight matrix A with power sum `sum` (nothing where sum = 0: rho is constant there).
-template <typename T, typename S>
-__device__ __forceinline__ void lq_scale_backward(const S* A, index_t n, T q, T sum, T d_rho, T* dA) {
-  if (sum == T(0)) return;
-  const T coef = d_rho * (T(2) - q) * fmath::pow(sum, (T(2) - T(2) * q) / q);
-  for (index_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const T a = device::cast<T>(A[i]);
-    dA[i] += coef * sign_of(a) * fmath::pow(fmath::abs(a), q - T(1));
-  }
 }
 
 }  // namespace mlp

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(mlp::kThreads, 1) mlp_memory_fwd_kernel(MlpMem
         mlp::warp_row_sums<T>(
             Lc, D, [&](int t, int j) { return errors[t * D + j] * errors[t * D + j]; },
             [&](int t, T sum) {
-              if (device::lane_id() == 0) norms[t] = mlp::fmath::sqrt(sum);
+              if (device::lane_id() == 0) norms[t] = fmath::sqrt(sum);
             });
         __syncthreads();
       }

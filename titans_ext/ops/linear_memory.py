@@ -10,30 +10,38 @@ import json
 
 import torch
 
-from .checks import (check_linear_inputs, check_miras_args, chunk_slots, parse_objective, state_dtype_for,
-                     state_rows)
+from .checks import (OBJECTIVES, RETENTIONS, check_linear_inputs, check_miras_args, chunk_slots, parse_objective,
+                     parse_retention, state_dtype_for, state_rows)
 from .cuda_arch import check_fake_device, check_op_device
 
 # Limits of the CUDA kernels (csrc/cuda/linear_memory_fwd.h): a chunk's tiles and the key
-# dimension of the state rows live in shared memory. Dv is split into tiles and is not limited.
+# dimension of the state rows live in shared memory. Dv is split into tiles and is not limited,
+# except under the whole-state options below.
 CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_KEY_DIM = 128
 
 
-# The MIRAS options the CUDA kernels do not run yet (docs/miras.md §2): yaad's switch reads a
-# token's norm over all of Dv, which the forward's value tiles split; the lq and kl retentions act on
-# the whole state at each chunk start. They run on the CPU kernels.
-CUDA_UNSUPPORTED_OBJECTIVES = ("yaad",)
-CUDA_UNSUPPORTED_RETENTIONS = ("lq", "kl")
+# The MIRAS combinations the CUDA kernels do not run yet (docs/miras.md §2): the kl retention with
+# objective "yaad" (the lag token's norm at the memory before it) or with read "chunk_start" (every
+# token reading the memory before the lag token). They run on the CPU kernels.
+# The whole-state options (docs/kernels.md §6.1.12): objective "yaad" (its switch reads a token's
+# residual norm over all of Dv) and retention "lq" (rho0 is the q-norm of the whole state) run one
+# value tile over all of Dv, so Dv <= CUDA_MAX_WHOLE_STATE_DV, and keep every chunk's checkpoint.
+CUDA_MAX_WHOLE_STATE_DV = 64
 
 
-def _check_cuda_limits(q, chunk_size, objective, retention):
-    if objective.kind in CUDA_UNSUPPORTED_OBJECTIVES:
-        raise ValueError(f"objective: {objective.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
-                         "it runs on the CPU kernels")
-    if retention.kind in CUDA_UNSUPPORTED_RETENTIONS:
-        raise ValueError(f"retention: {retention.kind!r} does not run on the CUDA kernels yet (device {q.device}); "
-                         "it runs on the CPU kernels")
+def _whole_state(objective_code, retention_code):
+    return objective_code == OBJECTIVES.index("yaad") or retention_code == RETENTIONS.index("lq")
+
+
+def _check_cuda_limits(q, v, chunk_size, read, objective, retention):
+    if retention.kind == "kl" and (objective.kind == "yaad" or read == "chunk_start"):
+        raise ValueError(f"retention: 'kl' with objective {objective.kind!r} and read {read!r} does not run on the "
+                         f"CUDA kernels yet (device {q.device}); it runs on the CPU kernels")
+    if _whole_state(objective.code, retention.code) and v.shape[-1] > CUDA_MAX_WHOLE_STATE_DV:
+        raise ValueError(f"v: objective {objective.kind!r} with retention {retention.kind!r} runs on the CUDA kernels "
+                         f"for Dv <= {CUDA_MAX_WHOLE_STATE_DV} (device {q.device}; the chunk start reads all of Dv "
+                         f"in one block), got Dv = {v.shape[-1]}; it runs on the CPU kernels")
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
@@ -41,13 +49,15 @@ def _check_cuda_limits(q, chunk_size, objective, retention):
         raise ValueError(f"q: the CUDA kernels support key dimensions Dk <= {CUDA_MAX_KEY_DIM}, got {q.shape[-1]}")
 
 
-def checkpoint_count(q, T, chunk_size, cu_seqlens=None):
+def checkpoint_count(q, T, chunk_size, cu_seqlens=None, objective=0, retention=0):
     """How many chunk-start states the forward keeps for the backward per (batch, head), in q's
     dtype on every device (with ``cu_seqlens`` the bound :func:`~titans_ext.ops.checks.chunk_slots`):
-    every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and every other
-    chunk's of a sequence for bf16 and fp16, whose backward recomputes the rest
-    (csrc/cuda/linear_memory_fwd.h)."""
-    stride = 2 if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) else 1
+    every chunk's on the CPU; on CUDA every chunk's for fp32 and fp64 inputs and under the
+    whole-state options and kl (objective and retention codes), else every other chunk's of a
+    sequence for bf16 and fp16, whose backward recomputes the rest (csrc/cuda/linear_memory_fwd.h)."""
+    sixteen_bit = q.dtype in (torch.bfloat16, torch.float16)
+    every_chunk = _whole_state(objective, retention) or retention == RETENTIONS.index("kl")
+    stride = 2 if q.device.type == "cuda" and sixteen_bit and not every_chunk else 1
     return chunk_slots(T, chunk_size, cu_seqlens, q.device.type, stride)
 
 
@@ -61,7 +71,8 @@ def _linear_memory_fwd_fake(q, k, v, theta, eta, alpha, m0, s0, chunk_size, read
     o = q.new_empty(B, T, H, Dv)
     m_final = q.new_empty(state_rows(B, cu_seqlens), H, Dv, Dk, dtype=state_dtype)
     s_final = torch.empty_like(m_final)
-    shape = (B, H, checkpoint_count(q, T, chunk_size, cu_seqlens), 2, Dv, Dk) if save_states else (0,)
+    shape = (B, H, checkpoint_count(q, T, chunk_size, cu_seqlens, objective, retention), 2, Dv, Dk) \
+        if save_states else (0,)
     return o, m_final, s_final, q.new_empty(shape)
 
 
@@ -155,8 +166,9 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
-            On CUDA, Dk <= 128, and every objective but "yaad" with the "l2" retention (the others
-            run on the CPU kernels; ``docs/kernels.md`` §6.1.12).
+            On CUDA, Dk <= 128, every objective and retention ("kl" with read "token" and an
+            objective other than "yaad"; the rest of "kl" runs on the CPU kernels), "yaad" and
+            "lq" for Dv <= 64 (``docs/kernels.md`` §6.1.12).
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
@@ -201,7 +213,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
     if q.is_cuda:
-        _check_cuda_limits(q, chunk_size, objective, retention)
+        _check_cuda_limits(q, v, chunk_size, read, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
@@ -214,7 +226,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
 def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bfloat16, *, read="token",
                      save_states=True, has_initial_state=False, has_final_cotangent=False, objective="l2",
-                     emulated=False, n_seqs=0):
+                     emulated=False, n_seqs=0, retention="l2"):
     """The CUDA kernels' launch plan for a shape and dtype, as the launchers compute it.
 
     Returns a dict: ``device`` (SM count, shared memory), ``forward`` and, with ``save_states``
@@ -222,8 +234,10 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     shared memory and the bytes it reads and writes in global memory, every tensor counted once)
     and ``buffers`` (what the direction allocates beyond its inputs and ordinary outputs: the
     forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
-    the chosen value tile, chunk group and slice. ``objective`` (as ``linear_memory`` takes it, or
-    parsed) changes the backward: a non-l2 one takes one group per sequence. For the current CUDA device, or with
+    the chosen value tile, chunk group and slice. ``objective`` and ``retention`` (as
+    ``linear_memory`` takes them, or parsed) change the launches: a non-l2 one takes one backward
+    group per sequence; "yaad" and "lq" one forward value tile over all of Dv and every chunk's
+    checkpoint. For the current CUDA device, or with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
     ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU. ``n_seqs``
     > 0: the launches with ``cu_seqlens`` of that many sequences packed along ``seqlen`` (batch 1).
@@ -234,4 +248,5 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     else:
         op = torch.ops.titans_ext.linear_memory_plan
     return json.loads(op(batch, seqlen, heads, dk, dv, chunk_size, dtype, read == "token", save_states,
-                         has_initial_state, has_final_cotangent, parse_objective(objective).code, n_seqs))
+                         has_initial_state, has_final_cotangent, parse_objective(objective).code, n_seqs,
+                         parse_retention(retention).code))
