@@ -1,11 +1,12 @@
 """The model's fast paths against their plain-PyTorch references: the causal convolution's own
-backward (values and gradients of every input, packed documents, dtypes), and whole models
-with every fast path against the same models on the references."""
+backward (values and gradients of every input, packed documents, dtypes), the rotary embedding,
+and whole models with the fast convolution against the same models on the reference."""
 
 import pytest
 import torch
 
 from titans_ext.model import TitansLM, memory
+from titans_ext.model.attention import rotate
 from titans_ext.model.memory import CausalConvFunction, causal_conv_reference
 
 from utils import TOLERANCE, assert_close
@@ -66,3 +67,30 @@ def test_models_match_the_reference_paths(monkeypatch, kind):
     assert_close("logits", reference[0], fast[0], TOLERANCE[torch.float64])
     for name, grad in reference[1].items():
         assert_close(name, grad, fast[1][name], TOLERANCE[torch.float64])
+
+
+def rotate_reference(x, positions, base=10000.0):
+    """The rotary embedding as written: the halves ``[x1 cos - x2 sin, x1 sin + x2 cos]``."""
+    half = x.shape[-1] // 2
+    angles = positions.double()[:, None] * base ** (-torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rotate_matches_reference(dtype):
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.tensor([0, 1, 2, 7, 40, 3, 3])
+    x = torch.randn(2, 3, 7, 8, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+    cotangent = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dtype)
+    results = []
+    for fn in (rotate_reference, rotate):
+        y = fn(x, positions)
+        (y * cotangent).sum().backward()
+        results.append((y, x.grad))
+        x.grad = None
+    # fp32 angles in rotate (fp64 here): the reference's cos and sin differ by an fp32 rounding.
+    ratio = max(TOLERANCE[dtype], 1e-6)
+    assert_close("y", results[0][0], results[1][0], ratio)
+    assert_close("dx", results[0][1], results[1][1], ratio)
