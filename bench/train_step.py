@@ -31,9 +31,23 @@ MODELS = ("mac", "mag", "mal", "lmm", "swa", "full")
 QUICK_MODELS = ("mac", "mag", "mal", "lmm", "swa")
 
 
-def time_steps(config, model, steps, warmup):
+def step_allocations(step):
+    """``{"mib": ..., "aten_calls": ...}``: the bytes the operators allocate and how many run in one
+    call of ``step``, counted by torch.profiler: the work a step does, which a machine's load
+    does not change."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    events = profiler.key_averages()
+    return {"mib": sum(max(e.self_cpu_memory_usage, 0) for e in events) / 2 ** 20,
+            "aten_calls": sum(e.count for e in events if e.key.startswith("aten::"))}
+
+
+def time_steps(config, model, steps, warmup, allocations=False):
     """In a worker: ``{"wall_ms": median, "cpu_ms": mean per step}`` of ``steps`` training steps of ``model``
-    (``config``: bench.recall's Config as a dict) after ``warmup`` steps."""
+    (``config``: bench.recall's Config as a dict) after ``warmup`` steps; with ``allocations``
+    :func:`step_allocations` of the next step instead."""
     import torch
 
     from titans_ext.demo.recall import RecallTask
@@ -59,6 +73,8 @@ def time_steps(config, model, steps, warmup):
 
     for _ in range(warmup):
         step()
+    if allocations:
+        return step_allocations(step)
     wall = []
     cpu_start = time.process_time()
     for _ in range(steps):
@@ -79,8 +95,8 @@ def worker(root, threads):
     print(json.dumps({"titans_ext": titans_ext.__file__}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        print(json.dumps(time_steps(request["config"], request["model"], request["steps"], request["warmup"])),
-              flush=True)
+        print(json.dumps(time_steps(request["config"], request["model"], request["steps"], request["warmup"],
+                                    request.get("allocations", False))), flush=True)
 
 
 class Worker:
@@ -93,8 +109,9 @@ class Worker:
         if not self.imported.startswith(str(Path(root).resolve())):
             raise RuntimeError(f"--baseline: the worker for {root} imported titans_ext from {self.imported}")
 
-    def time(self, config, model, steps, warmup):
-        self.process.stdin.write(json.dumps(dict(config=config, model=model, steps=steps, warmup=warmup)) + "\n")
+    def time(self, config, model, steps, warmup, allocations=False):
+        request = dict(config=config, model=model, steps=steps, warmup=warmup, allocations=allocations)
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())
 
@@ -149,6 +166,13 @@ def main(argv=None):
             worker_.close()
         loads.append(os.getloadavg()[0])
 
+    # The work of a step, deterministic: one profiled step per model and checkout, 1 thread.
+    workers = {name: Worker(root, 1) for name, root in trees.items()}
+    allocations = {(name, model): worker_.time(config, model, 0, 1, allocations=True)
+                   for model in args.models for name, worker_ in workers.items()}
+    for worker_ in workers.values():
+        worker_.close()
+
     def wall(name, threads, model):
         return statistics.median(r["wall_ms"] for r in timings[(name, threads, model)])
 
@@ -180,6 +204,12 @@ def main(argv=None):
              "(the speed-ups and ratios use it: on a loaded machine the wall time also counts the waits). "
              f"Load average {' -> '.join(f'{x:.1f}' for x in loads)} (1 min, at the start and after each thread count).",
              "", markdown_table(header, rows), ""]
+    header = ["model"] + [f"{name}: {column}" for name in trees for column in ("MiB allocated", "operator calls")]
+    rows = [[model] + [f"{allocations[(name, model)][key]:.0f}" for name in trees for key in ("mib", "aten_calls")]
+            for model in args.models]
+    lines += ["The work of one step (torch.profiler, 1 thread, after one step; the same on any machine): the "
+              "bytes the operators allocate and the number of aten operator calls, forward, backward and "
+              "optimizer:", "", markdown_table(header, rows), ""]
     if 1 in args.threads and set(MODELS) <= set(args.models):
         estimate_rows = []
         for name in trees:
@@ -196,7 +226,8 @@ def main(argv=None):
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
         {"config": config, "trees": trees, "loads": loads, "args": vars(args),
-         "timings": {" ".join(map(str, key)): value for key, value in timings.items()}}, indent=1))
+         "timings": {" ".join(map(str, key)): value for key, value in timings.items()},
+         "allocations": {" ".join(key): value for key, value in allocations.items()}}, indent=1))
     return timings
 
 

@@ -166,10 +166,11 @@ class CausalConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_padded = torch.zeros_like(padded)
             for lag in range(K):
-                d_tap = grad * weight[:, lag]
+                d_tap = grad
                 if document_position is not None and lag < K - 1:
-                    d_tap = d_tap * (document_position >= K - 1 - lag).to(d_tap.dtype)[:, None]
-                d_padded[:, lag:lag + T] += d_tap
+                    d_tap = grad * (document_position >= K - 1 - lag).to(grad.dtype)[:, None]
+                # In place through the view (`d_padded[...] += ...` would also copy the view onto itself).
+                d_padded[:, lag:lag + T].addcmul_(d_tap, weight[:, lag])
         if ctx.needs_input_grad[1]:
             taps = causal_conv_taps(padded, T, document_position)
             d_weight = torch.stack([(grad * tap).sum(dim=(0, 1)) for tap in taps], dim=1).to(weight.dtype)
