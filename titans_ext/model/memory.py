@@ -144,7 +144,9 @@ class CausalConvFunction(torch.autograd.Function):
     """:func:`causal_conv_reference` with a backward that accumulates the input's gradient in one
     buffer, tap by tap in place. Autograd's own backward of the K shifted products makes a
     zero-filled copy of the whole input per tap and adds them up (three more passes over it per
-    tap), which made this convolution a tenth of a MAL training step on the CPU (bench/train_step.py)."""
+    tap). Forward and backward on the CPU (1 thread, B 32, K 4): 1.5x faster than autograd's at
+    T 80 with 384 channels (MAL's and MAG's call), 0.9x at T 16 (MAC's segments, where the calls'
+    fixed costs dominate)."""
 
     @staticmethod
     def forward(padded, weight, bias, T, document_position):
