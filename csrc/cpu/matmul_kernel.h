@@ -244,13 +244,13 @@ TITANS_ISA_TARGET void last_rows_tile(int rows, int K, const T* A, index_t lda, 
   }
 }
 
-// Every row block of C against the panel of B's columns j0 .. j0 + cols - 1 (C points at column
-// j0), skipping what the triangular structure tri says is zero or not wanted: row blocks wholly
+// Every row block of C against the panel of B's columns j0 .. j0 + cols - 1 (packed, or B itself:
+// rows ldp apart; C points at column j0), skipping what the triangular structure tri says is zero or not wanted: row blocks wholly
 // above the diagonal (kLowerC) and the zero part of the depth (kLowerA, kUpperA).
 template <class Tile, typename T, bool kTransA>
 TITANS_ISA_TARGET void panel_product(Triangular tri, int M, int K, T alpha, const T* A, index_t lda,
-                                        const T* panel, T beta, T* C, index_t ldc, int j0, int cols) {
-  constexpr int MR = Tile::kRows, P = TileShape<Tile, T>::kCols;
+                                        const T* panel, index_t ldp, T beta, T* C, index_t ldc, int j0, int cols) {
+  constexpr int MR = Tile::kRows;
   // Steps in A of one row and one unit of depth.
   const index_t row_step = kTransA ? 1 : lda, depth_step = kTransA ? lda : 1;
   for (int i0 = tri == Triangular::kLowerC ? j0 / MR * MR : 0; i0 < M; i0 += MR) {
@@ -259,9 +259,9 @@ TITANS_ISA_TARGET void panel_product(Triangular tri, int M, int K, T alpha, cons
     if (tri == Triangular::kLowerA) k1 = std::min(K, i0 + rows);
     if (tri == Triangular::kUpperA) k0 = std::min(K, i0);
     const T* a = A + i0 * row_step + k0 * depth_step;
-    const T* b = panel + index_t(k0) * P;
-    if (rows == MR) micro_tile<Tile, T, MR, kTransA>(k1 - k0, a, lda, b, P, alpha, beta, C + i0 * ldc, ldc, cols);
-    else last_rows_tile<Tile, T, kTransA>(rows, k1 - k0, a, lda, b, P, alpha, beta, C + i0 * ldc, ldc, cols);
+    const T* b = panel + index_t(k0) * ldp;
+    if (rows == MR) micro_tile<Tile, T, MR, kTransA>(k1 - k0, a, lda, b, ldp, alpha, beta, C + i0 * ldc, ldc, cols);
+    else last_rows_tile<Tile, T, kTransA>(rows, k1 - k0, a, lda, b, ldp, alpha, beta, C + i0 * ldc, ldc, cols);
   }
 }
 
@@ -273,12 +273,22 @@ TITANS_ISA_TARGET void matmul_tiled(bool trans_a, bool trans_b, int M, int N, in
   // Per thread: the kernels call this from several workers at once.
   thread_local std::vector<T> panel;
   panel.resize(size_t(K) * P);
+  // With one row block (the chunk's rows at small chunk sizes) a packed panel would be read once:
+  // the copy costs about what the product does, so whole panels of an untransposed B are read in
+  // place, rows ldb apart (a partial panel is packed: the micro-tile reads whole vectors).
+  const bool in_place = !trans_b && M <= Tile::kRows;
   for (int j0 = 0; j0 < N; j0 += P) {
     const int cols = std::min(P, N - j0);
-    pack_panel<Tile, T>(trans_b, K, cols, B, ldb, j0, panel.data());
-    if (j0 + P < N) prefetch_panel<Tile, T>(trans_b, K, std::min(P, N - j0 - P), B, ldb, j0 + P);
-    if (trans_a) panel_product<Tile, T, true>(tri, M, K, alpha, A, lda, panel.data(), beta, C + j0, ldc, j0, cols);
-    else panel_product<Tile, T, false>(tri, M, K, alpha, A, lda, panel.data(), beta, C + j0, ldc, j0, cols);
+    const T* b = B + j0;
+    index_t ldp = ldb;
+    if (!in_place || cols < P) {
+      pack_panel<Tile, T>(trans_b, K, cols, B, ldb, j0, panel.data());
+      if (j0 + P < N) prefetch_panel<Tile, T>(trans_b, K, std::min(P, N - j0 - P), B, ldb, j0 + P);
+      b = panel.data();
+      ldp = P;
+    }
+    if (trans_a) panel_product<Tile, T, true>(tri, M, K, alpha, A, lda, b, ldp, beta, C + j0, ldc, j0, cols);
+    else panel_product<Tile, T, false>(tri, M, K, alpha, A, lda, b, ldp, beta, C + j0, ldc, j0, cols);
   }
 }
 

@@ -266,29 +266,37 @@ class MACBlock(_Block):
         queries = self.attention.queries(h, positions)
         input_keys, input_values = self.attention.keys_values(h, positions)
         memory_state, segment_memory, cache = state.memory, state.segment_memory, state.attention
-        ys, writes, reads, piece_start = [], [], [], 0
+        pieces, piece_start = [], 0  # up to each segment's end
         while piece_start < T:
             offset = (start + piece_start) % self.segment_size
-            piece = slice(piece_start, min(T, piece_start + self.segment_size - offset))
+            pieces.append(slice(piece_start, min(T, piece_start + self.segment_size - offset)))
+            piece_start = pieces[-1].stop
+        # Split once along time: a slice per piece would cost the backward a zero-filled gradient of
+        # the whole tensor per piece.
+        lengths = [piece.stop - piece.start for piece in pieces]
+        x_pieces, h_pieces, read_query_pieces = (t.split(lengths, dim=1) for t in (x, h, read_queries))
+        query_pieces, key_pieces, value_pieces = (t.split(lengths, dim=2) for t in (queries, input_keys, input_values))
+        ys, writes, reads = [], [], []
+        for i, piece in enumerate(pieces):
+            offset = (start + piece.start) % self.segment_size
             if offset == 0:  # a new segment: read the memory as it is now, at a chunk boundary
                 segment_memory = memory_state.memory
                 cache = AttentionCache(cache.keys[:, :, :0], cache.values[:, :, :0], cache.key_positions[:0],
                                        cache.position)
-            retrieved = self.memory.output(self.memory.lookup(read_queries[:, piece], segment_memory), h[:, piece])
+            retrieved = self.memory.output(self.memory.lookup(read_query_pieces[i], segment_memory), h_pieces[i])
             retrieved = self.retrieved_norm(retrieved)
             retrieved_keys, retrieved_values = self.attention.keys_values(retrieved, positions[piece])
-            keys = torch.cat([cache.keys, retrieved_keys, input_keys[:, :, piece]], dim=2)
-            values = torch.cat([cache.values, retrieved_values, input_values[:, :, piece]], dim=2)
+            keys = torch.cat([cache.keys, retrieved_keys, key_pieces[i]], dim=2)
+            values = torch.cat([cache.values, retrieved_values, value_pieces[i]], dim=2)
             key_positions = torch.cat([cache.key_positions, positions[piece], positions[piece]])
             mask = key_positions[None, :] <= positions[piece, None]
-            y = self.attention.attend(queries[:, :, piece], keys, values, mask)
-            written = self.memory_norm(x[:, piece] + y)
+            y = self.attention.attend(query_pieces[i], keys, values, mask)
+            written = self.memory_norm(x_pieces[i] + y)
             read, memory_state = self.memory.update(written, memory_state)
             ys.append(y)
             writes.append(written)
             reads.append(read)
             cache = AttentionCache(keys, values, key_positions, cache.position + y.shape[1])
-            piece_start = piece.stop
         state = MACState(memory_state, segment_memory, retrieve_conv_cache, cache)
         if not ys:
             return self.feed_forward(x), state

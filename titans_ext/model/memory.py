@@ -73,6 +73,14 @@ def detach_state(state):
     return map_tensors(torch.Tensor.detach, state)
 
 
+def time_range(t, start, stop=None):
+    """``t[:, start:stop]``, or ``t`` itself when that is all of it: autograd turns even a whole slice
+    into a zero-filled copy of ``t`` in the backward (the segmented blocks call the memory often,
+    on short pieces)."""
+    stop = t.shape[1] if stop is None else stop
+    return t if start == 0 and stop == t.shape[1] else t[:, start:stop]
+
+
 @dataclass
 class MemoryState:
     """Streaming state of a :class:`NeuralMemory`.
@@ -107,6 +115,72 @@ class MemoryState:
         return detach_state(self)
 
 
+def causal_conv_taps(padded, T, document_position=None):
+    """The K inputs of a causal convolution of width K over ``padded [B, K - 1 + T, C]`` (history,
+    then the T tokens): tap ``lag`` is the tokens ``K - 1 - lag`` back ``[B, T, C]``, zero where
+    that reaches before the token's document (``document_position [T]``, see
+    :class:`CausalDepthwiseConv`)."""
+    K = padded.shape[1] - T + 1
+    taps = []
+    for lag in range(K):
+        shifted = padded[:, lag:lag + T]
+        if document_position is not None and lag < K - 1:
+            shifted = shifted * (document_position >= K - 1 - lag).to(padded.dtype)[:, None]
+        taps.append(shifted)
+    return taps
+
+
+def causal_conv_reference(padded, weight, bias, T, document_position=None):
+    """``y [B, T, C] = bias + sum_lag tap_lag * weight[:, lag]`` in plain PyTorch (autograd
+    differentiates it); :class:`CausalConvFunction` computes the same with its own backward."""
+    taps = causal_conv_taps(padded, T, document_position)
+    y = torch.addcmul(bias, taps[0], weight[:, 0])
+    for lag in range(1, len(taps)):
+        y = torch.addcmul(y, taps[lag], weight[:, lag])
+    return y
+
+
+class CausalConvFunction(torch.autograd.Function):
+    """:func:`causal_conv_reference` with a backward that accumulates the input's gradient in one
+    buffer, tap by tap in place. Autograd's own backward of the K shifted products makes a
+    zero-filled copy of the whole input per tap and adds them up (three more passes over it per
+    tap). Forward and backward on the CPU (1 thread, B 32, K 4): 1.5x faster than autograd's at
+    T 80 with 384 channels (MAL's and MAG's call), 0.9x at T 16 (MAC's segments, where the calls'
+    fixed costs dominate)."""
+
+    @staticmethod
+    def forward(padded, weight, bias, T, document_position):
+        return causal_conv_reference(padded, weight, bias, T, document_position)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        padded, weight, bias, T, document_position = inputs
+        ctx.save_for_backward(padded, weight, document_position)
+        ctx.T = T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        padded, weight, document_position = ctx.saved_tensors
+        T = ctx.T
+        K = weight.shape[1]
+        d_padded = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_padded = torch.zeros_like(padded)
+            for lag in range(K):
+                d_tap = grad
+                if document_position is not None and lag < K - 1:
+                    d_tap = grad * (document_position >= K - 1 - lag).to(grad.dtype)[:, None]
+                # In place through the view (`d_padded[...] += ...` would also copy the view onto itself).
+                d_padded[:, lag:lag + T].addcmul_(d_tap, weight[:, lag])
+        if ctx.needs_input_grad[1]:
+            taps = causal_conv_taps(padded, T, document_position)
+            d_weight = torch.stack([(grad * tap).sum(dim=(0, 1)) for tap in taps], dim=1).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            d_bias = grad.sum(dim=(0, 1)).to(weight.dtype)
+        return d_padded, d_weight, d_bias, None, None
+
+
 class CausalDepthwiseConv(nn.Module):
     """Depthwise causal 1-d convolution over time with an explicit history.
 
@@ -117,8 +191,8 @@ class CausalDepthwiseConv(nn.Module):
     position in its document; taps that reach before the document's first token read zeros, as
     at the start of a stream.
 
-    Computed as K shifted multiply-adds: on the CPU a grouped ``conv1d`` costs several times
-    more, most of all on the short pieces a segmented block feeds it.
+    Computed as K shifted multiply-adds (:class:`CausalConvFunction`): on the CPU a grouped
+    ``conv1d`` costs several times more, most of all on the short pieces a segmented block feeds it.
     """
 
     def __init__(self, channels, kernel_size):
@@ -131,18 +205,8 @@ class CausalDepthwiseConv(nn.Module):
     def forward(self, x, history, channels=slice(None), document_position=None):
         padded = torch.cat([history.to(x.dtype), x], dim=1)
         weight, bias = self.weight[channels], self.bias[channels]
-        T, K = x.shape[1], self.kernel_size
-
-        def tap(lag):  # the inputs K - 1 - lag tokens back
-            shifted = padded[:, lag:lag + T]
-            if document_position is None or lag == K - 1:
-                return shifted
-            return shifted * (document_position >= K - 1 - lag).to(x.dtype)[:, None]
-
-        y = torch.addcmul(bias, tap(0), weight[:, 0])
-        for lag in range(1, K):
-            y = torch.addcmul(y, tap(lag), weight[:, lag])
-        return y, padded[:, padded.shape[1] - (K - 1):]
+        y = CausalConvFunction.apply(padded, weight, bias, x.shape[1], document_position)
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
 
 
 class NeuralMemory(nn.Module):
@@ -491,22 +555,24 @@ class NeuralMemory(nn.Module):
         else:
             boundary, pending = state.replay
         n_pending = pending[0].shape[1]
-        # Replay the tokens since the last boundary so that chunks are counted from the stream's start;
-        # their queries are placeholders (their outputs were returned by an earlier call).
-        q = torch.cat([q.new_zeros(B, n_pending, *q.shape[2:]), q], dim=1)
-        inputs = tuple(torch.cat([old.to(new.dtype), new], dim=1) for old, new in zip(pending, inputs))
+        if n_pending:
+            # Replay the tokens since the last boundary so that chunks are counted from the stream's start;
+            # their queries are placeholders (their outputs were returned by an earlier call).
+            q = torch.cat([q.new_zeros(B, n_pending, *q.shape[2:]), q], dim=1)
+            inputs = tuple(torch.cat([old.to(new.dtype), new], dim=1) for old, new in zip(pending, inputs))
         n_complete = (q.shape[1] // C) * C
         outputs, memory = [], boundary
         if n_complete > 0:
-            o, boundary = self.run_op(q[:, :n_complete], tuple(t[:, :n_complete] for t in inputs), boundary,
-                                      output_final_state=True)
+            o, boundary = self.run_op(time_range(q, 0, n_complete), tuple(time_range(t, 0, n_complete) for t in inputs),
+                                      boundary, output_final_state=True)
             outputs.append(o)
             memory = boundary
         if q.shape[1] > n_complete:
-            o, memory = self.run_op(q[:, n_complete:], tuple(t[:, n_complete:] for t in inputs), boundary,
-                                    output_final_state=True)
+            o, memory = self.run_op(time_range(q, n_complete), tuple(time_range(t, n_complete) for t in inputs),
+                                    boundary, output_final_state=True)
             outputs.append(o)
-        o = torch.cat(outputs, dim=1)[:, n_pending:] if outputs else q[:, n_pending:]
+        o = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1) if outputs else q
+        o = time_range(o, n_pending)
         pending = tuple(t[:, n_complete:] for t in inputs)
         replay = (boundary, pending) if pending[0].shape[1] else None
         return o, MemoryState(memory=memory, conv_cache=state.conv_cache, replay=replay)
