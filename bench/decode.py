@@ -256,8 +256,8 @@ def main(argv=None):
     if breakdown:
         text += (f"\nOne step call in the middle of a chunk (chunk {max(chunk_sizes)}), µs per call, median of "
                  f"{args.repeats} interleaved runs of {breakdown_calls} calls:\n\n")
-        text += markdown_table(["memory", "layer", "µs per call"],
-                               [(memory, layer, f"{us:.0f}") for (memory, layer, _), us in zip(breakdown, breakdown_us)])
+        rows = [(memory, layer, f"{us:.0f}") for (memory, layer, _), us in zip(breakdown, breakdown_us)]
+        text += markdown_table(["memory", "layer", "µs per call"], rows)
         text += "\n"
     print("\n" + text)
     out = Path(args.out or ("bench/results/decode_cuda.md" if device.type == "cuda" else "bench/results/decode.md"))

@@ -62,6 +62,13 @@ def test_per_channel_delta(memory, objective):
     check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=OBJECTIVES[objective](delta))
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_number_delta(memory):
+    # A number delta: the steps after the first build its tensor on the path without Python checks.
+    tokens, state = make_stream(memory, 2, 6, 2, 4)
+    check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=("pseudo_huber", 0.3))
+
+
 @pytest.mark.parametrize("retention", ["l2", "kl"])
 def test_default_initial_state(retention):
     # state=None is the chunked op's initial_state=None: zeros, or uniform rows 1/Dk for kl.

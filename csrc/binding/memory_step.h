@@ -302,8 +302,9 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
                   ", Dv = ", v.size(2));
   STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
   const int64_t N = w1.size(2);
-  STD_TORCH_CHECK(N >= 1 && N % D == 0, "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ",
-                  D, ", got ", shape_str(w1));
+  STD_TORCH_CHECK(N >= 1 && N % D == 0,
+                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
+                  shape_str(w1));
   check_state_tensor("state[0][0]", w1, {B, H, N, D}, "[B, H, E*D, D]", q);
   check_state_tensor("state[0][1]", w2, {B, H, D, N}, "[B, H, D, E*D]", q);
   using Named = std::pair<const char*, const std::optional<Tensor>*>;

@@ -170,7 +170,7 @@ class _Checked(Exception):
     """Raised by :func:`_decode_fast` for a call it leaves to the checked path."""
 
 
-def _decode_fast(q, position, state, chunk_state, chunk_size, read, objective, retention):
+def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective, retention):
     """The arguments of a decode step in the middle of a stream, as the operator takes them, for a
     call the operator's own checks cover: ``(position, read_token, objective, retention, delta)``.
     Raises :class:`_Checked` for any other call (which then takes the checked path)."""
@@ -190,15 +190,8 @@ def _decode_fast(q, position, state, chunk_state, chunk_size, read, objective, r
     if delta is not None:
         if isinstance(delta, torch.Tensor):
             raise _Checked
-        B, H, Dv = q.shape[0], q.shape[1], _state_value_dim(state)
-        delta = torch.full((B, H, Dv), delta, device=device, dtype=state_dtype_for(q.dtype))
+        delta = torch.full(v.shape, delta, device=device, dtype=state_dtype_for(q.dtype))
     return position, read == "token", objective, retention, delta
-
-
-def _state_value_dim(state):
-    """Dv of a linear running state ``(M, S)`` or D of an MLP one ``((W1, W2), momenta)``."""
-    first = state[0]
-    return first[1].shape[2] if isinstance(first, (tuple, list)) else first.shape[2]
 
 
 # ---- linear memory ----------------------------------------------------------------------------------------
@@ -281,7 +274,7 @@ def linear_memory_step(q, k, v, theta, eta, alpha, *, position, state=None, chun
 
 def _linear_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, objective,
                              retention):
-    position, read_token, objective, retention, delta = _decode_fast(q, position, state, chunk_state, chunk_size,
+    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
                                                                      read, objective, retention)
     m, s = state
     chunk_weights, chunk_scale, chunk_read = chunk_state
@@ -414,7 +407,7 @@ def mlp_memory_step(q, k, v, theta, eta, alpha, *, position, state, chunk_state=
 
 def _mlp_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, activation,
                           objective, retention):
-    position, read_token, objective, retention, delta = _decode_fast(q, position, state, chunk_state, chunk_size,
+    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
                                                                      read, objective, retention)
     (w1, w2), momentum = state
     s1, s2 = (None, None) if momentum is None else momentum
