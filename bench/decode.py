@@ -1,7 +1,7 @@
 """Decode benchmark: tokens per second of one token at a time, the step ops against the streaming
 path they replace.
 
-    python -m bench.decode [--device cpu|cuda] [--tokens 256] [--threads 2] [--model] [--out PATH]
+    python -m bench.decode [--device cpu|cuda] [--tokens 256] [--threads 2] [--model] [--breakdown] [--out PATH]
 
 For each memory (linear; MLP with expansion E) and chunk size (16 and 64), a stream of ``--tokens``
 tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed):
@@ -13,6 +13,9 @@ tokens is decoded one token per call, on inputs prepared beforehand (the project
   at the last chunk boundary and, per token, run the chunked op on the tokens since that boundary
   plus the new one (``t % C + 1`` tokens, returning the state when they complete the chunk), so a
   token costs O(C) memory work.
+
+With ``--breakdown``, also one step call layer by layer (the public function with value checks on
+and off, the operator through and below the dispatcher's autograd layer), in µs per call.
 
 With ``--model``, also ``TitansLM.generate`` (cached, so the decode steps; an LMM model of two
 blocks: embedding, memory, feed-forward, head) in generated tokens per second.
@@ -100,6 +103,51 @@ def decode_with_replay(memory, tokens, state, chunk_size):
     return run
 
 
+def step_call_breakdown(memory, tokens, state, chunk_size, calls):
+    """Functions that each make ``calls`` calls of one decode step in the middle of a chunk, from
+    the outside in: the public function with value checks on and off, the operator through the
+    dispatcher's autograd layer, and the operator below it (what the public function reaches).
+    Their differences are the per-call costs of the Python wrapper and of the autograd layer."""
+    step = titans_ext.linear_memory_step if memory == "linear" else titans_ext.mlp_memory_step
+    token = [x[:, 0] for x in tokens]
+    with torch.no_grad():
+        _, running, chunk_state = step(*token, position=0, state=state, chunk_size=chunk_size)
+    position = torch.tensor(1)
+    if memory == "linear":
+        op = torch.ops.titans_ext.linear_memory_step.default
+        op_args = (*token, *running, chunk_state.weights, chunk_state.scale, None, position, chunk_size, True,
+                   0, 2.0, 0.0, None, 0, 2.0)
+    else:
+        op = torch.ops.titans_ext.mlp_memory_step.default
+        op_args = (*token, *running[0], *running[1], *chunk_state.weights, chunk_state.scale, None, None, position,
+                   chunk_size, True, "gelu", 0, 2.0, 0.0, None, 0, 2.0)
+
+    def public(env):
+        def run():
+            os.environ[CHECK_VALUES_ENV] = env
+            try:
+                with torch.no_grad():
+                    for _ in range(calls):
+                        step(*token, position=1, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+            finally:
+                os.environ.pop(CHECK_VALUES_ENV)
+        return run
+
+    def operator(below_autograd):
+        def run():
+            with torch.no_grad():
+                for _ in range(calls):
+                    if below_autograd:
+                        with torch._C._AutoDispatchBelowADInplaceOrView():
+                            op(*op_args)
+                    else:
+                        op(*op_args)
+        return run
+
+    return [("public function, value checks on", public("1")), ("public function, value checks off", public("0")),
+            ("operator via torch.ops", operator(False)), ("operator below the autograd layer", operator(True))]
+
+
 def decode_with_model(B, T, H, D, chunk_size, device):
     torch.manual_seed(0)
     model = titans_ext.TitansLM(256, dim=H * D, depth=2, block="lmm", memory_heads=H, chunk_size=chunk_size).to(device)
@@ -128,6 +176,8 @@ def main(argv=None):
     parser.add_argument("--model", action="store_true", help="also time TitansLM.generate (an LMM model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one step call layer by layer (public function, operator) in µs per call")
     parser.add_argument("--out", default=None, help="default: bench/results/decode.md (decode_cuda.md on CUDA)")
     args = parser.parse_args(argv)
 
@@ -163,7 +213,17 @@ def main(argv=None):
     if args.model:
         for C in chunk_sizes:
             rows_to_time.append(("model", C, "TitansLM.generate (lmm)", "-", decode_with_model(B, T, H, D, C, device)))
-    medians = interleaved_medians_ms([row[-1] for row in rows_to_time], device, warmup=1, repeats=args.repeats)
+    breakdown_calls = 64
+    breakdown = []  # (memory, layer, function)
+    if args.breakdown:
+        for memory in ("linear", "mlp"):
+            tokens, state = stream(memory, B, 1, H, D, args.expansion, device, dtype)
+            breakdown += [(memory, *row) for row in step_call_breakdown(memory, tokens, state, max(chunk_sizes),
+                                                                          breakdown_calls)]
+    medians = interleaved_medians_ms([row[-1] for row in rows_to_time + breakdown], device, warmup=1,
+                                     repeats=args.repeats)
+    breakdown_us = [ms * 1e3 / breakdown_calls for ms in medians[len(rows_to_time):]]
+    medians = medians[:len(rows_to_time)]
     results = [dict(memory=memory, chunk_size=C, path=path, checks=checks, tokens_per_s=T / ms * 1e3)
                for (memory, C, path, checks, _), ms in zip(rows_to_time, medians)]
 
@@ -193,6 +253,12 @@ def main(argv=None):
              f"{torch.__version__}; {datetime.date.today().isoformat()})")
     table = markdown_table(["memory", "chunk", "path", "value checks", "tokens/s", "step / replay"], rows)
     text = title + "\n\n" + table + "\n\n" + "\n".join(verdicts) + "\n"
+    if breakdown:
+        text += (f"\nOne step call in the middle of a chunk (chunk {max(chunk_sizes)}), µs per call, median of "
+                 f"{args.repeats} interleaved runs of {breakdown_calls} calls:\n\n")
+        rows = [(memory, layer, f"{us:.0f}") for (memory, layer, _), us in zip(breakdown, breakdown_us)]
+        text += markdown_table(["memory", "layer", "µs per call"], rows)
+        text += "\n"
     print("\n" + text)
     out = Path(args.out or ("bench/results/decode_cuda.md" if device.type == "cuda" else "bench/results/decode.md"))
     out.parent.mkdir(parents=True, exist_ok=True)

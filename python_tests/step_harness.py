@@ -70,14 +70,21 @@ def chunked(memory, tokens, state, n, **options):
 
 
 def step(memory, op, tokens, t, state, chunk_state, position=None, **options):
-    """Token t of the stream through the step operator ``op``: ``(o, state, chunk_state)``."""
+    """Token t of the stream through the step operator ``op``: ``(o, state, chunk_state)``. The
+    titans_ext:: operator runs through the public function under no_grad, so that the tokens after
+    the first take its decode path (the operator called without the Python checks); another
+    operator (the emulated kernel's) through the checked path."""
     token = [x[:, t] for x in tokens]
     options = dict(options, objective=_token_objective(options.get("objective", "l2"), t))
     position = t if position is None else position
-    run = run_linear_memory_step if memory == "linear" else run_mlp_memory_step
     if memory == "mlp":
         options.setdefault("activation", "gelu")
     options = dict(dict(read="token", objective="l2", retention="l2"), **options)
+    if op is getattr(torch.ops.titans_ext, STEP_OPS[memory]):
+        with torch.no_grad():
+            return getattr(titans_ext, STEP_OPS[memory])(*token, position=position, state=state,
+                                                         chunk_state=chunk_state, **options)
+    run = run_linear_memory_step if memory == "linear" else run_mlp_memory_step
     return run(op, *token, position=position, state=state, chunk_state=chunk_state, **options)
 
 

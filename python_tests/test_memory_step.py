@@ -62,6 +62,13 @@ def test_per_channel_delta(memory, objective):
     check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=OBJECTIVES[objective](delta))
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_number_delta(memory):
+    # A number delta: the steps after the first build its tensor on the path without Python checks.
+    tokens, state = make_stream(memory, 2, 6, 2, 4)
+    check_stream(memory, OPS[memory], tokens, state, 4, RATIO, objective=("pseudo_huber", 0.3))
+
+
 @pytest.mark.parametrize("retention", ["l2", "kl"])
 def test_default_initial_state(retention):
     # state=None is the chunked op's initial_state=None: zeros, or uniform rows 1/Dk for kl.
@@ -294,3 +301,129 @@ def test_autograd_is_refused():
     with pytest.raises(RuntimeError, match=r"mlp_memory_step has no backward"):
         titans_ext.mlp_memory_step(*(x[:, 0] for x in tokens), position=0, chunk_size=4,
                                    state=((w1.requires_grad_(), w2), momentum))
+
+
+# ---- the checks of a step in the middle of a stream -------------------------------------------------------
+# There the public functions call the operator straight away and run their Python checks only when
+# it raises (titans_ext/ops/step.py): the same errors as at a stream's start, raised by the
+# operator's C++ checks first.
+
+
+def _mid_stream_linear():
+    """A linear token at position 1 of a stream (chunk_size 4), with the state and chunk-start state
+    the step at position 0 returned."""
+    token, state = _linear_token()
+    with torch.no_grad():
+        _, state, chunk_state = _call_linear(token, state=state)
+    return token, dict(position=1, state=state, chunk_state=chunk_state)
+
+
+@pytest.mark.parametrize("change, kwargs, error, match", [pytest.param(*case, id=case[-1][:24]) for case in [
+    (lambda x: x.__setitem__(1, x[1][:, :2]), {}, ValueError, r"k: expected shape \[B, H, Dk\] = \[2, 3, 5\]"),
+    (lambda x: x.__setitem__(2, x[2].double()), {}, TypeError, r"v: expected dtype float32 \(the dtype of q\)"),
+    (lambda x: x.__setitem__(3, x[3][:, :, None]), {}, ValueError, r"theta: expected a 2-d tensor"),
+    (lambda x: x.__setitem__(4, x[4].half()), {}, TypeError, r"eta: expected dtype float32"),
+    (lambda x: x.__setitem__(4, x[4] + 2), {}, ValueError, r"eta: expected values in \[0, 1\]"),
+    (lambda x: x.__setitem__(3, x[3] - 1), {}, ValueError, r"theta: expected values >= 0"),
+    (lambda x: x.__setitem__(5, x[5] * float("nan")), {}, ValueError, r"alpha: gates must be finite"),
+    (None, dict(position=-1), ValueError, r"position: expected an int >= 0, got -1"),
+    (None, dict(position=torch.tensor(-3)), ValueError, r"position: expected positions >= 0"),
+    (None, dict(position=torch.tensor([1, 1, 1])), ValueError, r"position: expected a scalar or \[B\] = \[2\]"),
+    (None, dict(position=torch.tensor(1.0)), TypeError, r"position: expected an int64 or int32 tensor"),
+    (None, dict(chunk_size=True), TypeError, r"chunk_size: expected an int >= 1"),
+    (None, dict(read="last"), ValueError, r"read: expected one of"),
+    (None, dict(state=(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))), ValueError,
+     r"state\[0\]: expected shape \[B, H, Dv, Dk\] = \[2, 3, 4, 5\]"),
+    (None, dict(state=(torch.zeros(2, 3, 4, 5, dtype=torch.int32), torch.zeros(2, 3, 4, 5))), TypeError,
+     r"state\[0\]: expected dtype in"),
+    (None, dict(chunk_state=titans_ext.ChunkStartState(torch.zeros(2, 3, 4, 5), torch.ones(2))), ValueError,
+     r"chunk_state.scale: expected a 2-d tensor, got shape \[2\]"),
+    (None, dict(chunk_state=(torch.zeros(2, 3, 4, 5),)), TypeError, r"chunk_state: expected the ChunkStartState"),
+]])
+def test_bad_arguments_mid_stream(change, kwargs, error, match):
+    token, options = _mid_stream_linear()
+    if change is not None:
+        change(token)
+    with torch.no_grad(), pytest.raises(error, match=match):
+        _call_linear(token, **dict(options, **kwargs))
+
+
+def test_bad_mlp_arguments_mid_stream():
+    tokens, state = make_stream("mlp", 2, 1, 2, 4, dtype=torch.float32)
+    token = [x[:, 0] for x in tokens]
+    with torch.no_grad():
+        _, state, chunk_state = titans_ext.mlp_memory_step(*token, position=0, state=state, chunk_size=4)
+        options = dict(position=1, state=state, chunk_state=chunk_state, chunk_size=4)
+        (w1, w2), momentum = state
+        with pytest.raises(ValueError, match=r"state\[0\]\[1\]: expected shape \[B, H, D, E\*D\] = \[2, 2, 4, 8\]"):
+            titans_ext.mlp_memory_step(*token, **dict(options, state=((w1, w2[..., :4]), momentum)))
+        with pytest.raises(ValueError, match=r"activation: expected one of"):
+            titans_ext.mlp_memory_step(*token, activation="relu", **options)
+        bad_alpha = token[:5] + [token[5] + 1.5]
+        with pytest.raises(ValueError, match=r"alpha: expected values in \[0, 1\]"):
+            titans_ext.mlp_memory_step(*bad_alpha, **options)
+
+
+def test_mid_stream_value_checks_switch(monkeypatch):
+    """With value checks off, the operator reads no values either (the caller's responsibility)."""
+    token, options = _mid_stream_linear()
+    token[4] = token[4] + 2
+    monkeypatch.setenv(CHECK_VALUES_ENV, "0")
+    with torch.no_grad():
+        o, _, _ = _call_linear(token, **options)
+    assert o.shape == (2, 3, 4)
+    monkeypatch.setenv(CHECK_VALUES_ENV, "yes")
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{CHECK_VALUES_ENV}: expected 0 or 1"):
+        _call_linear(token, **options)
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (1, lambda a: a[1][:, :2], r"k: expected shape \[B, H, Dk\] = \[2, 3, 5\] \(that of q\), got \[2, 2, 5\]"),
+    (0, lambda a: a[0].long(), r"q: expected dtype float32, float64, bfloat16 or float16, got Long"),
+    (4, lambda a: a[4].half(), r"eta: expected dtype Float \(the dtype of q\), float32 or float64, got Half"),
+    (4, lambda a: a[4] + 2, r"eta: expected finite values in \[0, 1\], got 2\.\d+ \(batch 0, head 0\)"),
+    (3, lambda a: a[3] * float("inf"), r"theta: expected finite values >= 0, got inf"),
+    (6, lambda a: a[6][..., :3], r"state\[0\]: expected shape \[B, H, Dv, Dk\], got \[2, 3, 4, 3\]"),
+    (7, lambda a: a[7].int(), r"state\[1\]: expected dtype float32, float64, bfloat16 or float16, got Int"),
+    (9, lambda a: a[9][:1], r"chunk_state.scale: expected shape \[B, H\], got \[1, 3\]"),
+    (11, lambda a: torch.tensor([-1, 4]), r"position: expected positions >= 0, got -1"),
+    (11, lambda a: torch.tensor([4, 4, 4]), r"position: expected a scalar or \[B\] = \[2\] tensor"),
+    (10, lambda a: a[8], r"chunk_state: the read weights must be given exactly with read \"chunk_start\""),
+])
+def test_operator_checks(index, value, match):
+    """The operator's own checks (csrc/binding/memory_step.h), which name the argument as the public
+    function does; on CPU tensors they include the value checks."""
+    args = list(_linear_op_args())
+    args[index] = value(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.titans_ext.linear_memory_step(*args)
+
+
+def test_operator_value_checks_switch(monkeypatch):
+    args = list(_linear_op_args())
+    args[4] = args[4] + 2
+    monkeypatch.setenv(CHECK_VALUES_ENV, "0")
+    torch.ops.titans_ext.linear_memory_step(*args)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mid_stream_calls_skip_the_checked_path(memory, monkeypatch):
+    """In the middle of a stream without autograd the public functions call the operator directly
+    (their per-token cost); the streams above compare that path with the chunked op."""
+    import titans_ext.ops.step as step_module
+
+    tokens, state = make_stream(memory, 2, 3, 2, 4, dtype=torch.float32)
+    function = getattr(titans_ext, STEP_OPS[memory])
+    token = [x[:, 0] for x in tokens]
+    with torch.no_grad():
+        _, state, chunk_state = function(*token, position=0, state=state, chunk_size=4)
+
+        def checked_path(*args, **kwargs):
+            raise AssertionError("the checked path ran")
+
+        monkeypatch.setattr(step_module, f"run_{STEP_OPS[memory]}", checked_path)
+        for t in (1, 2):
+            _, state, chunk_state = function(*(x[:, t] for x in tokens), position=t, state=state,
+                                             chunk_state=chunk_state, chunk_size=4)
+        with pytest.raises(AssertionError, match="the checked path ran"):  # a stream's start takes it
+            function(*token, position=0, state=state, chunk_size=4)

@@ -1,15 +1,23 @@
 // Binding of the decode-step kernels (step_params.h), shared by their three builds: the CPU
 // kernels (ops_step.cpp), the CUDA kernels (ops_step_cuda.cpp) and the CUDA kernels under the
-// emulation (ops_step_emu.cpp). They differ in the dtype the kernels read q, k, v in and in how
-// they launch. Stable ABI only, like tensor_params.h.
+// emulation (ops_step_emu.cpp). The operators are written once here, templated on a backend that
+// says how a build reads q, k, v and launches (CpuStep in ops_step.cpp, DeviceStep in
+// memory_step_device.h). Stable ABI only, like tensor_params.h.
 //
-// The public Python functions (titans_ext/ops/step.py) check arguments with user-facing messages;
-// the checks here guard the kernels against direct torch.ops calls.
+// These are the steps' argument checks: titans_ext.linear_memory_step and mlp_memory_step call the
+// operator first and run their Python checks only when it raises, to turn the error into a
+// ValueError / TypeError naming the argument (titans_ext/ops/step.py). So every check a decode
+// step needs is here, on CPU tensors the value checks too.
 #pragma once
 
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <utility>
+
+#include <torch/csrc/stable/library.h>
 
 #include "binding/tensor_params.h"
 #include "step_params.h"
@@ -43,20 +51,45 @@ inline HeadTensor head_tensor(const Tensor& x) {
   return t;
 }
 
-inline void check_sizes(const char* name, const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef sizes,
-                        const char* dims, const Tensor& q) {
-  STD_TORCH_CHECK(x.sizes() == sizes, name, " must be ", dims, ", got ", shape_str(x));
-  STD_TORCH_CHECK(x.device() == q.device(), name, " must be on ", device_str(q), ", got ", device_str(x));
+inline bool is_float_dtype(ScalarType dtype) {
+  return dtype == ScalarType::Float || dtype == ScalarType::Double || dtype == ScalarType::BFloat16 ||
+         dtype == ScalarType::Half;
 }
 
-inline void check_optional_sizes(const char* name, const std::optional<Tensor>& x,
+inline void check_on_device_of_q(const char* name, const Tensor& x, const Tensor& q) {
+  STD_TORCH_CHECK(x.device() == q.device(), name, ": expected a tensor on ", device_str(q), " (the device of q), got ",
+                  device_str(x));
+}
+
+// A state tensor: floating point, of the given sizes (named by dims), on q's device.
+inline void check_state_tensor(const char* name, const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                               const char* dims, const Tensor& q) {
+  STD_TORCH_CHECK(x.sizes() == sizes, name, ": expected shape ", dims, ", got ", shape_str(x));
+  STD_TORCH_CHECK(is_float_dtype(x.scalar_type()), name, ": expected dtype float32, float64, bfloat16 or float16, got ",
+                  x.scalar_type());
+  check_on_device_of_q(name, x, q);
+}
+
+inline void check_optional_state(const char* name, const std::optional<Tensor>& x,
                                  torch::headeronly::IntHeaderOnlyArrayRef sizes, const char* dims, const Tensor& q) {
-  if (x) check_sizes(name, *x, sizes, dims, q);
+  if (x) check_state_tensor(name, *x, sizes, dims, q);
+}
+
+// Whether the checks that read tensor values run on CPU tensors: TITANS_EXT_CHECK_VALUES as
+// titans_ext/ops/checks.py reads it (unset or empty: on for CPU tensors; "1" on; "0" off), read at
+// every call like there. CUDA tensors are never read here (that would sync the host).
+inline bool cpu_value_checks_enabled() {
+  const char* setting = std::getenv("TITANS_EXT_CHECK_VALUES");
+  if (setting == nullptr || *setting == '\0') return true;
+  const std::string_view value(setting);
+  STD_TORCH_CHECK(value == "0" || value == "1", "TITANS_EXT_CHECK_VALUES: expected 0 or 1 (or unset), got ", value);
+  return value == "1";
 }
 
 // The per-token inputs of one step, in the dtypes the kernels read them in: q, k, v in the
 // compute dtype (CPU) or their own (CUDA, which reads bf16/fp16 directly); gates, delta and states
-// in the compute dtype; the position as int64.
+// in the compute dtype; the position as int64. A tensor already in its dtype and layout is used as
+// it is (no dispatcher call).
 struct StepInputs {
   ScalarType dtype;
   Tensor q, k, v, theta, eta, alpha, position;
@@ -82,28 +115,66 @@ struct StepInputs {
 
 inline void* data_if_present(const Tensor& x) { return x.numel() ? x.data_ptr() : nullptr; }
 
-// Checks what both memories share and fills the StepParams part of `p` (but the MIRAS options).
-inline void fill_step_params(StepParams& p, const StepInputs& in, const Tensor& q, const Tensor& k, const Tensor& v,
-                             const Tensor& theta, const Tensor& eta, const Tensor& alpha, const Tensor& position,
-                             int64_t chunk_size, bool read_token) {
-  STD_TORCH_CHECK(q.dim() == 3, "q must be [B, H, Dk], got ", shape_str(q));
+// Checks the per-token inputs both memories share (shapes, dtypes, devices; q, k [B, H, Dk],
+// v [B, H, Dv], gates [B, H], position a scalar or [B]).
+inline void check_token_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                             const Tensor& eta, const Tensor& alpha, const Tensor& position, int64_t chunk_size) {
+  STD_TORCH_CHECK(q.dim() == 3, "q: expected a 3-d tensor [B, H, Dk], got shape ", shape_str(q));
+  STD_TORCH_CHECK(is_float_dtype(q.scalar_type()), "q: expected dtype float32, float64, bfloat16 or float16, got ",
+                  q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1);
-  check_sizes("k", k, q.sizes(), "[B, H, Dk] like q", q);
-  STD_TORCH_CHECK(v.dim() == 3 && v.size(0) == B && v.size(1) == H, "v must be [B, H, Dv] with B, H of q, got ",
-                  shape_str(v));
-  STD_TORCH_CHECK(v.device() == q.device(), "v must be on ", device_str(q));
-  STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-                  "q, k, v must have one dtype");
-  for (const Tensor* g : {&theta, &eta, &alpha}) check_sizes("gates", *g, {B, H}, "[B, H]", q);
+  STD_TORCH_CHECK(k.sizes() == q.sizes(), "k: expected shape [B, H, Dk] = ", shape_str(q), " (that of q), got ",
+                  shape_str(k));
+  STD_TORCH_CHECK(v.dim() == 3 && v.size(0) == B && v.size(1) == H, "v: expected shape [B, H, Dv] with B = ", B,
+                  ", H = ", H, " (those of q), got ", shape_str(v));
+  for (const auto& [name, x] : {std::pair<const char*, const Tensor*>{"k", &k}, {"v", &v}}) {
+    STD_TORCH_CHECK(x->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+                    " (the dtype of q), got ", x->scalar_type());
+    check_on_device_of_q(name, *x, q);
+  }
+  for (const auto& [name, g] :
+       {std::pair<const char*, const Tensor*>{"theta", &theta}, {"eta", &eta}, {"alpha", &alpha}}) {
+    STD_TORCH_CHECK(g->dim() == 2 && g->size(0) == B && g->size(1) == H, name, ": expected shape [B, H] = [", B,
+                    ", ", H, "], got ", shape_str(*g));
+    const ScalarType dtype = g->scalar_type();
+    STD_TORCH_CHECK(dtype == q.scalar_type() || dtype == ScalarType::Float || dtype == ScalarType::Double, name,
+                    ": expected dtype ", q.scalar_type(), " (the dtype of q), float32 or float64, got ", dtype);
+    check_on_device_of_q(name, *g, q);
+  }
   STD_TORCH_CHECK(position.dim() == 0 || (position.dim() == 1 && position.size(0) == B),
-                  "position must be a scalar or [B] tensor, got ", shape_str(position));
-  STD_TORCH_CHECK(position.device() == q.device(), "position must be on ", device_str(q), ", got ",
-                  device_str(position));
+                  "position: expected a scalar or [B] = [", B, "] tensor, got shape ", shape_str(position));
   STD_TORCH_CHECK(position.scalar_type() == ScalarType::Long || position.scalar_type() == ScalarType::Int,
-                  "position must be an int64 or int32 tensor");
-  STD_TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-  p.batch = int(B);
-  p.heads = int(H);
+                  "position: expected an int64 or int32 tensor, got ", position.scalar_type());
+  check_on_device_of_q("position", position, q);
+  STD_TORCH_CHECK(chunk_size >= 1, "chunk_size: expected an int >= 1, got ", chunk_size);
+}
+
+// The value checks of a step on the CPU (docs/design.md §1 for the gate ranges): finite gates,
+// theta >= 0, eta and alpha in [0, 1]; positions >= 0. One pass over B * H values, no tensors.
+template <typename T>
+void check_step_values(const StepParams& p) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (const auto& [name, gate, high] : {std::tuple<const char*, const HeadTensor*, T>{"theta", &p.theta, inf},
+                                          {"eta", &p.eta, T(1)},
+                                          {"alpha", &p.alpha, T(1)}}) {
+    for (int b = 0; b < p.batch; ++b)
+      for (int h = 0; h < p.heads; ++h) {
+        const T x = static_cast<const T*>(gate->ptr)[b * gate->batch_stride + h * gate->head_stride];
+        // Comparisons with NaN are false; the strict bound rejects inf.
+        STD_TORCH_CHECK(x >= T(0) && (high == inf ? x < high : x <= high), name, ": expected finite values ",
+                        high == inf ? ">= 0" : "in [0, 1]", ", got ", x, " (batch ", b, ", head ", h, ")");
+      }
+  }
+  for (int b = 0; b < (p.position_stride ? p.batch : 1); ++b) {
+    const int64_t position = p.position_ptr[b * p.position_stride];
+    STD_TORCH_CHECK(position >= 0, "position: expected positions >= 0, got ", position);
+  }
+}
+
+// Fills the StepParams part of `p` (but the MIRAS options) from checked inputs.
+inline void fill_step_params(StepParams& p, const StepInputs& in, int64_t chunk_size, bool read_token) {
+  p.batch = int(in.q.size(0));
+  p.heads = int(in.q.size(1));
   p.chunk_size = int(chunk_size);
   p.read_token = read_token;
   p.q = head_tensor(in.q);
@@ -119,11 +190,14 @@ inline void fill_step_params(StepParams& p, const StepInputs& in, const Tensor& 
 // The MIRAS options of a step; delta, when given, is the token's [B, H, Dv].
 inline MirasParams step_miras_params(int64_t objective, double p, double eps, const StepInputs& in,
                                      int64_t retention, double retention_q, const Tensor& v) {
-  // miras_params checks delta against a [B, T, H, Dv] tensor: the token's is [B, H, Dv].
-  const Tensor v_one_token = torch::stable::unsqueeze(v, 1);
-  const std::optional<Tensor> delta =
-      in.delta ? std::optional<Tensor>(torch::stable::unsqueeze(*in.delta, 1)) : std::nullopt;
-  return miras_params(objective, p, eps, delta, retention, retention_q, v_one_token);
+  MirasParams m = miras_options(objective, p, eps, in.delta.has_value(), retention, retention_q);
+  if (in.delta) {
+    STD_TORCH_CHECK(in.delta->sizes() == v.sizes(), "delta: expected shape [B, H, Dv] = ", shape_str(v), ", got ",
+                    shape_str(*in.delta));
+    check_on_device_of_q("delta", *in.delta, v);
+    m.delta_ptr = in.delta->data_ptr();
+  }
+  return m;
 }
 
 // Whether the chunk-start state carries read weights of its own (step_params.h).
@@ -134,34 +208,61 @@ inline bool step_has_read_weights(bool read_token, int64_t retention) {
 // Checks that a chunk-start state is given whole (weights and scale, and the read weights exactly
 // when they exist) or not at all.
 inline void check_chunk_state_parts(bool has_weights, bool has_scale, bool has_read, bool read_weights) {
-  STD_TORCH_CHECK(has_weights == has_scale, "the chunk-start weights and scale must be given together");
+  STD_TORCH_CHECK(has_weights == has_scale, "chunk_state: the chunk-start weights and scale must be given together");
   STD_TORCH_CHECK(!has_weights || has_read == read_weights,
-                  "the chunk-start read weights must be given exactly with read \"chunk_start\" and retention kl");
+                  "chunk_state: the read weights must be given exactly with read \"chunk_start\" and retention kl");
 }
 
-// Validates, converts, allocates the outputs of the linear memory's step and calls
-// launch(params, in) with every tensor alive. o is in the compute dtype when
-// inputs_in_compute_dtype (the caller converts it), else in q's.
-template <typename Launch>
-LinearStepResult linear_memory_step_binding(
-    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
-    const std::optional<Tensor>& m, const std::optional<Tensor>& s, const std::optional<Tensor>& chunk_weights,
-    const std::optional<Tensor>& chunk_scale, const std::optional<Tensor>& chunk_read, const Tensor& position,
-    int64_t chunk_size, bool read_token, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-    int64_t retention, double retention_q, bool inputs_in_compute_dtype, const Launch& launch) {
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, inputs_in_compute_dtype);
-  LinearMemoryStepParams params;
-  fill_step_params(params, in, q, k, v, theta, eta, alpha, position, chunk_size, read_token);
+// Runs the backend's launch, after the checks that read values where the backend does them.
+template <typename Backend, typename Params>
+void run_step(const Backend& backend, const Params& params, const StepInputs& in) {
+  if constexpr (Backend::kChecksValues) {
+    if (cpu_value_checks_enabled()) {
+      if (in.dtype == ScalarType::Double) check_step_values<double>(params);
+      else check_step_values<float>(params);
+    }
+  }
+  if (params.batch * params.heads > 0) backend.launch(params, in);
+}
+
+// o in q's dtype: the CPU kernels write it in the compute dtype.
+template <typename Backend>
+Tensor output_in_dtype_of(const Tensor& o, const Tensor& q) {
+  if constexpr (Backend::kInputsInComputeDtype) return to_dtype(o, q.scalar_type());
+  else return o;
+}
+
+// The operator titans_ext::linear_memory_step (its schema above) on a backend: a type with
+//   static constexpr bool kInputsInComputeDtype;  // the kernels read q, k, v in the compute dtype
+//   static constexpr bool kChecksValues;          // the inputs are host memory: value checks run here
+//   explicit Backend(const Tensor& q);             // per call (device guard, stream)
+//   void launch(const LinearMemoryStepParams&, const StepInputs&) const;
+//   void launch(const MlpMemoryStepParams&, const StepInputs&) const;
+template <typename Backend>
+LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                       const Tensor& eta, const Tensor& alpha, const std::optional<Tensor>& m,
+                                       const std::optional<Tensor>& s, const std::optional<Tensor>& chunk_weights,
+                                       const std::optional<Tensor>& chunk_scale,
+                                       const std::optional<Tensor>& chunk_read, const Tensor& position,
+                                       int64_t chunk_size, bool read_token, int64_t objective, double p, double eps,
+                                       const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), Dv = v.size(2);
-  params.dk = int(Dk);
-  params.dv = int(Dv);
-  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
-  for (const auto* x : {&m, &s, &chunk_weights, &chunk_read})
-    check_optional_sizes("the states", *x, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
-  check_optional_sizes("chunk_scale", chunk_scale, {B, H}, "[B, H]", q);
+  for (const auto& [name, x] :
+       {std::pair<const char*, const std::optional<Tensor>*>{"state[0]", &m}, {"state[1]", &s},
+        {"chunk_state.weights", &chunk_weights}, {"chunk_state.read_weights", &chunk_read}})
+    check_optional_state(name, *x, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
+  check_optional_state("chunk_state.scale", chunk_scale, {B, H}, "[B, H]", q);
   const bool read_weights = step_has_read_weights(read_token, retention);
   check_chunk_state_parts(chunk_weights.has_value(), chunk_scale.has_value(), chunk_read.has_value(), read_weights);
 
+  const Backend backend(q);
+  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
+  LinearMemoryStepParams params;
+  fill_step_params(params, in, chunk_size, read_token);
+  params.dk = int(Dk);
+  params.dv = int(Dv);
+  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   const auto m_c = in.state(m), s_c = in.state(s), chunk_weights_c = in.state(chunk_weights);
   const auto chunk_scale_c = in.state(chunk_scale), chunk_read_c = in.state(chunk_read);
   params.m_ptr = data_or_null(m_c);
@@ -170,7 +271,7 @@ LinearStepResult linear_memory_step_binding(
   params.chunk_scale_ptr = data_or_null(chunk_scale_c);
   params.chunk_read_ptr = data_or_null(chunk_read_c);
 
-  const Tensor o = empty_on(q, {B, H, Dv}, inputs_in_compute_dtype ? in.dtype : q.scalar_type());
+  const Tensor o = empty_on(q, {B, H, Dv}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
   const Tensor m_out = in.empty({B, H, Dv, Dk}), s_out = in.empty({B, H, Dv, Dk});
   const Tensor chunk_weights_out = in.empty({B, H, Dv, Dk}), chunk_scale_out = in.empty({B, H});
   const Tensor chunk_read_out = in.empty_if(read_weights, {B, H, Dv, Dk});
@@ -180,45 +281,54 @@ LinearStepResult linear_memory_step_binding(
   params.chunk_weights_out_ptr = chunk_weights_out.data_ptr();
   params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
   params.chunk_read_out_ptr = data_if_present(chunk_read_out);
-  if (B * H > 0) launch(params, in);
-  return {o, m_out, s_out, chunk_weights_out, chunk_scale_out, chunk_read_out};
+  run_step(backend, params, in);
+  return {output_in_dtype_of<Backend>(o, q), m_out, s_out, chunk_weights_out, chunk_scale_out, chunk_read_out};
 }
 
-// The MLP memory's step, as linear_memory_step_binding.
-template <typename Launch>
-MlpStepResult mlp_memory_step_binding(
-    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta, const Tensor& alpha,
-    const Tensor& w1, const Tensor& w2, const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
-    const std::optional<Tensor>& chunk_w1, const std::optional<Tensor>& chunk_w2,
-    const std::optional<Tensor>& chunk_scale, const std::optional<Tensor>& chunk_read_w1,
-    const std::optional<Tensor>& chunk_read_w2, const Tensor& position, int64_t chunk_size, bool read_token,
-    std::string_view activation, int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-    int64_t retention, double retention_q, bool inputs_in_compute_dtype, const Launch& launch) {
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, inputs_in_compute_dtype);
-  MlpMemoryStepParams params;
-  fill_step_params(params, in, q, k, v, theta, eta, alpha, position, chunk_size, read_token);
+// The operator titans_ext::mlp_memory_step on a backend, as linear_memory_step_op.
+template <typename Backend>
+MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                 const Tensor& eta, const Tensor& alpha, const Tensor& w1, const Tensor& w2,
+                                 const std::optional<Tensor>& s1, const std::optional<Tensor>& s2,
+                                 const std::optional<Tensor>& chunk_w1, const std::optional<Tensor>& chunk_w2,
+                                 const std::optional<Tensor>& chunk_scale, const std::optional<Tensor>& chunk_read_w1,
+                                 const std::optional<Tensor>& chunk_read_w2, const Tensor& position,
+                                 int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective,
+                                 double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
+                                 double retention_q) {
+  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  STD_TORCH_CHECK(v.size(2) == D, "the MLP memory needs Dk == Dv, got Dk = ", D, ", Dv = ", v.size(2));
-  STD_TORCH_CHECK(w1.dim() == 4, "w1 must be [B, H, N, D], got ", shape_str(w1));
+  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
+                  ", Dv = ", v.size(2));
+  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
   const int64_t N = w1.size(2);
-  STD_TORCH_CHECK(N >= 1 && N % D == 0, "the hidden width must be a positive multiple of D = ", D, ", got ", N);
+  STD_TORCH_CHECK(N >= 1 && N % D == 0,
+                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
+                  shape_str(w1));
+  check_state_tensor("state[0][0]", w1, {B, H, N, D}, "[B, H, E*D, D]", q);
+  check_state_tensor("state[0][1]", w2, {B, H, D, N}, "[B, H, D, E*D]", q);
+  using Named = std::pair<const char*, const std::optional<Tensor>*>;
+  for (const auto& [name, x] : {Named{"state[1][0]", &s1}, Named{"chunk_state.weights[0]", &chunk_w1},
+                                Named{"chunk_state.read_weights[0]", &chunk_read_w1}})
+    check_optional_state(name, *x, {B, H, N, D}, "[B, H, E*D, D]", q);
+  for (const auto& [name, x] : {Named{"state[1][1]", &s2}, Named{"chunk_state.weights[1]", &chunk_w2},
+                                Named{"chunk_state.read_weights[1]", &chunk_read_w2}})
+    check_optional_state(name, *x, {B, H, D, N}, "[B, H, D, E*D]", q);
+  check_optional_state("chunk_state.scale", chunk_scale, {B, H, 2}, "[B, H, 2]", q);
+  const bool read_weights = step_has_read_weights(read_token, retention);
+  STD_TORCH_CHECK(chunk_w1.has_value() == chunk_w2.has_value() &&
+                      chunk_read_w1.has_value() == chunk_read_w2.has_value(),
+                  "chunk_state: the chunk-start states of W1 and W2 must be given together");
+  check_chunk_state_parts(chunk_w1.has_value(), chunk_scale.has_value(), chunk_read_w1.has_value(), read_weights);
+
+  const Backend backend(q);
+  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
+  MlpMemoryStepParams params;
+  fill_step_params(params, in, chunk_size, read_token);
   params.dim = int(D);
   params.hidden = int(N);
   params.activation = mlp_activation(activation);
   params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
-  for (const auto* x : {&s1, &chunk_w1, &chunk_read_w1})
-    check_optional_sizes("the W1 states", *x, {B, H, N, D}, "[B, H, N, D]", q);
-  for (const auto* x : {&s2, &chunk_w2, &chunk_read_w2})
-    check_optional_sizes("the W2 states", *x, {B, H, D, N}, "[B, H, D, N]", q);
-  check_sizes("w1", w1, {B, H, N, D}, "[B, H, N, D]", q);
-  check_sizes("w2", w2, {B, H, D, N}, "[B, H, D, N]", q);
-  check_optional_sizes("chunk_scale", chunk_scale, {B, H, 2}, "[B, H, 2]", q);
-  const bool read_weights = step_has_read_weights(read_token, retention);
-  STD_TORCH_CHECK(chunk_w1.has_value() == chunk_w2.has_value() &&
-                      chunk_read_w1.has_value() == chunk_read_w2.has_value(),
-                  "the chunk-start states of W1 and W2 must be given together");
-  check_chunk_state_parts(chunk_w1.has_value(), chunk_scale.has_value(), chunk_read_w1.has_value(), read_weights);
-
   const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
   const auto s1_c = in.state(s1), s2_c = in.state(s2), chunk_w1_c = in.state(chunk_w1),
              chunk_w2_c = in.state(chunk_w2), chunk_scale_c = in.state(chunk_scale),
@@ -233,7 +343,7 @@ MlpStepResult mlp_memory_step_binding(
   params.chunk_read_w1_ptr = data_or_null(chunk_read_w1_c);
   params.chunk_read_w2_ptr = data_or_null(chunk_read_w2_c);
 
-  const Tensor o = empty_on(q, {B, H, D}, inputs_in_compute_dtype ? in.dtype : q.scalar_type());
+  const Tensor o = empty_on(q, {B, H, D}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
   const Tensor w1_out = in.empty({B, H, N, D}), s1_out = in.empty({B, H, N, D});
   const Tensor w2_out = in.empty({B, H, D, N}), s2_out = in.empty({B, H, D, N});
   const Tensor chunk_w1_out = in.empty({B, H, N, D}), chunk_w2_out = in.empty({B, H, D, N});
@@ -250,9 +360,16 @@ MlpStepResult mlp_memory_step_binding(
   params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
   params.chunk_read_w1_out_ptr = data_if_present(chunk_read_w1_out);
   params.chunk_read_w2_out_ptr = data_if_present(chunk_read_w2_out);
-  if (B * H > 0) launch(params, in);
-  return {o, w1_out, w2_out, s1_out, s2_out, chunk_w1_out, chunk_w2_out, chunk_scale_out, chunk_read_w1_out,
-          chunk_read_w2_out};
+  run_step(backend, params, in);
+  return {output_in_dtype_of<Backend>(o, q), w1_out, w2_out, s1_out, s2_out, chunk_w1_out, chunk_w2_out,
+          chunk_scale_out, chunk_read_w1_out, chunk_read_w2_out};
+}
+
+// Registers both step operators of a backend in a STABLE_TORCH_LIBRARY_IMPL block.
+template <typename Backend>
+void impl_step_ops(torch::stable::detail::StableLibrary& m) {
+  m.impl("linear_memory_step", TORCH_BOX(&linear_memory_step_op<Backend>));
+  m.impl("mlp_memory_step", TORCH_BOX(&mlp_memory_step_op<Backend>));
 }
 
 }  // namespace titans

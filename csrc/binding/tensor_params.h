@@ -43,13 +43,18 @@ inline ScalarType compute_dtype(const Tensor& q) {
   return q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
-// x in dtype (x itself when it already is).
-inline Tensor to_dtype(const Tensor& x, ScalarType dtype) { return torch::stable::to(x, dtype); }
+// x in dtype (x itself when it already is). Every stable-ABI op is a call through the dispatcher
+// by name, microseconds each; a decode step would spend more in such no-op calls than in its
+// kernel, so the no-ops are decided here, from metadata.
+inline Tensor to_dtype(const Tensor& x, ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : torch::stable::to(x, dtype);
+}
 
-// A state, state cotangent or delta in dtype and contiguous, or none.
+// A state, state cotangent or delta in dtype and contiguous, or none (x itself when it already is).
 inline std::optional<Tensor> contiguous_in(const std::optional<Tensor>& x, ScalarType dtype) {
   if (!x) return std::nullopt;
-  return torch::stable::contiguous(to_dtype(*x, dtype));
+  const Tensor converted = to_dtype(*x, dtype);
+  return converted.is_contiguous() ? converted : torch::stable::contiguous(converted);
 }
 
 // Kernels index every per-token tensor by (batch, seq, head) strides and read the feature
@@ -177,8 +182,9 @@ inline LinearMemoryParams linear_memory_params(const Tensor& q, const Tensor& k,
 
 // The MIRAS arguments of the schemas as kernel parameters. delta (when the objective has one) must
 // already be contiguous [B, T, H, Dv] in the compute dtype; the caller keeps it alive.
-inline MirasParams miras_params(int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
-                                int64_t retention, double q, const Tensor& v) {
+// The MIRAS options but delta (miras_params); has_delta: whether a delta tensor is given.
+inline MirasParams miras_options(int64_t objective, double p, double eps, bool has_delta, int64_t retention,
+                                 double q) {
   STD_TORCH_CHECK(objective >= 0 && objective <= int64_t(ObjectiveKind::yaad), "objective: unknown code ",
                   objective);
   STD_TORCH_CHECK(retention >= 0 && retention <= int64_t(RetentionKind::kl), "retention: unknown code ", retention);
@@ -191,8 +197,15 @@ inline MirasParams miras_params(int64_t objective, double p, double eps, const s
   STD_TORCH_CHECK(m.objective != ObjectiveKind::lp || (p >= 1 && eps >= 0 && (eps > 0 || p >= 2)),
                   "objective lp: needs p >= 1, eps >= 0, and eps > 0 when p < 2; got p=", p, ", eps=", eps);
   STD_TORCH_CHECK(m.retention != RetentionKind::lq || q > 1, "retention lq: needs q > 1, got ", q);
-  STD_TORCH_CHECK(objective_has_delta(m.objective) == delta.has_value(),
+  STD_TORCH_CHECK(objective_has_delta(m.objective) == has_delta,
                   "delta: required exactly by the huber, pseudo_huber and yaad objectives");
+  return m;
+}
+
+// The MIRAS options of an op; delta, when given, is a contiguous tensor shaped like v.
+inline MirasParams miras_params(int64_t objective, double p, double eps, const std::optional<Tensor>& delta,
+                                int64_t retention, double q, const Tensor& v) {
+  MirasParams m = miras_options(objective, p, eps, delta.has_value(), retention, q);
   if (delta) {
     STD_TORCH_CHECK(same_shape(*delta, v) && delta->is_contiguous() && delta->device() == v.device(),
                     "delta: expected a contiguous [B, T, H, Dv] tensor ", shape_str(v), " on ", device_str(v),

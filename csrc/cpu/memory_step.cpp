@@ -15,7 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include "activations.h"
+#include "cpu/activation.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
@@ -85,13 +85,24 @@ struct StepWeight {
       std::memcpy(chunk_w_out, w_out, size() * sizeof(T));
       return;
     }
-    for (index_t i = 0; i < rows; ++i)
-      for (index_t j = 0; j < cols; ++j) {
-        const index_t ij = i * cols + j;
-        const T s_new = (s ? eta * s[ij] : T(0)) - theta * x[i] * y[j];
-        s_out[ij] = s_new;
-        w_out[ij] = beta * (w ? w[ij] : w_default) + s_new;
+    // Row by row with the branches outside the inner loops, which the compiler then vectorizes.
+    for (index_t i = 0; i < rows; ++i) {
+      const T step = theta * x[i];
+      T* __restrict s_row = s_out + i * cols;
+      T* __restrict w_row = w_out + i * cols;
+      if (s) {
+        const T* __restrict s_in = s + i * cols;
+        for (index_t j = 0; j < cols; ++j) s_row[j] = eta * s_in[j] - step * y[j];
+      } else {
+        for (index_t j = 0; j < cols; ++j) s_row[j] = -step * y[j];
       }
+      if (w) {
+        const T* __restrict w_in = w + i * cols;
+        for (index_t j = 0; j < cols; ++j) w_row[j] = beta * w_in[j] + s_row[j];
+      } else {
+        for (index_t j = 0; j < cols; ++j) w_row[j] = beta * w_default + s_row[j];
+      }
+    }
   }
 
  private:
@@ -155,21 +166,11 @@ struct MlpStepScratch {
   MlpStepScratch(int D, int N) : z_act(N), z_slope(N), dz(N), zq(N), r(D) {}
 };
 
-// out = act(x) elementwise over n values, and act'(x) into slope when it is given.
-template <typename T>
-void apply_activation(MlpActivation kind, index_t n, const T* x, T* out, T* slope) {
-  for (index_t i = 0; i < n; ++i) {
-    const ActivationValue<T> a = activation_value(kind, x[i]);
-    out[i] = a.value;
-    if (slope) slope[i] = a.slope;
-  }
-}
-
 // o = x + rho2 W2 act(rho1 W1 x) for the weights W1 [N, D], W2 [D, N].
 template <typename T>
 void mlp_read(const MlpMemoryStepParams& p, const T* W1, const T* W2, T rho1, T rho2, const T* x, T* hidden, T* o) {
   matvec(W1, p.hidden, p.dim, x, rho1, hidden);
-  apply_activation(p.activation, p.hidden, hidden, hidden, static_cast<T*>(nullptr));
+  activation(p.activation, p.hidden, hidden, hidden, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
   matvec(W2, p.dim, p.hidden, hidden, rho2, o);
   for (int j = 0; j < p.dim; ++j) o[j] += x[j];
 }
@@ -207,14 +208,19 @@ void mlp_step_head(const MlpMemoryStepParams& p, const Objective& objective, ind
   T* hidden = ws.z_act.data();
   T* e = ws.r.data();
   matvec(w1.chunk_w_out, N, D, k, T(1), hidden);
-  apply_activation(p.activation, N, hidden, hidden, ws.z_slope.data());
+  // The activations of the chunked CPU op (cpu/activation.h), vectorized, in place.
+  activation(p.activation, N, hidden, hidden, ws.z_slope.data(), static_cast<T*>(nullptr));
   matvec(w2.chunk_w_out, D, N, hidden, T(1), e);
   for (int j = 0; j < D; ++j) e[j] += k[j] - v[j];
   objective_error_row(objective, e, delta, D, e);
-  std::fill(ws.dz.begin(), ws.dz.end(), T(0));
-  for (int j = 0; j < D; ++j)
-    for (int i = 0; i < N; ++i) ws.dz[i] += w2.chunk_w_out[index_t(j) * N + i] * e[j];
-  for (int i = 0; i < N; ++i) ws.dz[i] *= ws.z_slope[i];
+  T* __restrict dz = ws.dz.data();
+  std::fill(dz, dz + N, T(0));
+  for (int j = 0; j < D; ++j) {
+    const T* __restrict w2_row = w2.chunk_w_out + index_t(j) * N;
+    const T e_j = e[j];
+    for (int i = 0; i < N; ++i) dz[i] += w2_row[i] * e_j;
+  }
+  for (int i = 0; i < N; ++i) dz[i] *= ws.z_slope[i];
   w1.update(ws.dz.data(), k, theta, eta, alpha, kl && start);
   w2.update(e, hidden, theta, eta, alpha, kl && start);
 

@@ -69,6 +69,10 @@ class TitansLM(nn.Module):
         elif state is not None and (not isinstance(state, list) or len(state) != len(self.blocks)):
             raise ValueError(f"state: expected a list of {len(self.blocks)} block states (from a previous call) "
                              f"or None, got {type(state).__name__}")
+        return self._run(tokens, state, cu_seqlens)
+
+    def _run(self, tokens, state, cu_seqlens=None):
+        """``forward`` on checked arguments (``generate`` feeds its own tokens and states)."""
         x = self.embedding(tokens)
         states = [None] * len(self.blocks) if state is None else state
         new_states = []
@@ -102,5 +106,7 @@ class TitansLM(nn.Module):
                 probs = torch.softmax(last / temperature, dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator)
             tokens = torch.cat([tokens, next_token], dim=1)
-            logits, state = self(next_token, state) if use_cache else self(tokens, None)
+            # Ids picked from the logits and the states of the last call need no checks: each token
+            # costs the model's work only (the ids' value check would be a host sync on a GPU).
+            logits, state = self._run(next_token, state) if use_cache else self._run(tokens, None)
         return tokens

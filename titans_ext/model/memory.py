@@ -477,15 +477,19 @@ class NeuralMemory(nn.Module):
             state = dataclasses.replace(
                 state, step_position=torch.full((), state.position, dtype=torch.int64, device=x.device))
         q, inputs, conv_cache = self.project(x, state.conv_cache)
-        tensors = [q, *inputs]
-        map_tensors(tensors.append, (state.memory, state.replay))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.is_grad_enabled() and self._needs_grad(q, inputs, state):
             o, new_state = self._replay(q, inputs, state)
         else:
             o, new_state = self._decode(q, inputs, state)
         new_state.conv_cache, new_state.position = conv_cache, state.position + T
         new_state.step_position = state.step_position + T
         return o, new_state
+
+    @staticmethod
+    def _needs_grad(q, inputs, state):
+        tensors = [q, *inputs]
+        map_tensors(tensors.append, (state.memory, state.replay))
+        return any(t.requires_grad for t in tensors)
 
     def _update_packed(self, x, state, cu_seqlens):
         """The reads of the packed documents of ``x [1, T, dim]``: one op call over all of them."""

@@ -298,6 +298,12 @@ class Retention:
         return RETENTIONS.index(self.kind)
 
 
+# The parsed forms of the plain options (frozen, so shared): a decode step parses its options at
+# every token.
+_L2_OBJECTIVE = Objective()
+_PLAIN_RETENTIONS = {"l2": Retention("l2"), "kl": Retention("kl")}
+
+
 def _real(name, x):
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name}: expected a real number, got {x!r}")
@@ -309,7 +315,7 @@ def parse_objective(objective):
     if isinstance(objective, Objective):
         return objective
     if objective == "l2":
-        return Objective()
+        return _L2_OBJECTIVE
     if not isinstance(objective, (tuple, list)) or not objective or objective[0] not in OBJECTIVES[1:]:
         raise ValueError(f"objective: expected {_OBJECTIVE_FORMS}, got {objective!r}")
     kind, *args = objective
@@ -339,8 +345,8 @@ def parse_retention(retention):
     """``retention=`` as a :class:`Retention`; raises a ValueError/TypeError naming the argument."""
     if isinstance(retention, Retention):
         return retention
-    if retention in ("l2", "kl"):
-        return Retention(retention)
+    if isinstance(retention, str) and retention in _PLAIN_RETENTIONS:
+        return _PLAIN_RETENTIONS[retention]
     if isinstance(retention, (tuple, list)) and len(retention) == 2 and retention[0] == "lq":
         q = _real("retention (q)", retention[1])
         if not q > 1:

@@ -13,6 +13,13 @@ The compiled operators are ``titans_ext::linear_memory_step`` and ``titans_ext::
 position on the device and never synchronize the host, so a step can be captured in a CUDA graph
 when the position is a tensor. The steps are for inference and have no backward (see
 :func:`linear_memory_step`).
+
+A decode step's own work is microseconds, so its Python is kept to the unavoidable: in the middle
+of a stream without autograd (every generated token), the public functions call the operator
+straight away (:func:`_decode_fast`); its C++ binding checks every argument, and on the CPU the
+values (csrc/binding/memory_step.h). Only when it raises do the Python checks below run, to raise
+the error as a ValueError or TypeError naming the argument. The start of a stream, autograd, CUDA
+tensors with value checks on (each a host sync) and torch.compile take the checked path.
 """
 
 import dataclasses
@@ -20,9 +27,9 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import (_check_state_pair, _dtype_name, check_device, check_kl_state, check_shape, check_tensor,
-                     check_token_inputs, expand_delta, parse_objective, parse_retention, state_dtype_for,
-                     value_checks_enabled)
+from .checks import (READ_MODES, _check_state_pair, _dtype_name, check_device, check_kl_state, check_shape,
+                     check_tensor, check_token_inputs, expand_delta, parse_objective, parse_retention,
+                     state_dtype_for, value_checks_enabled)
 from .cuda_arch import check_fake_device, check_op_device
 
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -159,6 +166,34 @@ def _chunk_state_result(weights, scale, read, has_read):
     return ChunkStartState(weights, scale, read if has_read else None)
 
 
+class _Checked(Exception):
+    """Raised by :func:`_decode_fast` for a call it leaves to the checked path."""
+
+
+def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective, retention):
+    """The arguments of a decode step in the middle of a stream, as the operator takes them, for a
+    call the operator's own checks cover: ``(position, read_token, objective, retention, delta)``.
+    Raises :class:`_Checked` for any other call (which then takes the checked path)."""
+    if (torch.is_grad_enabled() or state is None or chunk_state is None or type(chunk_size) is not int
+            or read not in READ_MODES or torch.compiler.is_compiling()):
+        raise _Checked
+    device = q.device
+    if device.type != "cpu" and value_checks_enabled(device):  # Python reads the values (a host sync)
+        raise _Checked
+    check_op_device(q)
+    if type(position) is int:
+        if position < 0:
+            raise _Checked
+        position = torch.full((), position, dtype=torch.int64, device=device)
+    objective, retention = parse_objective(objective), parse_retention(retention)
+    delta = objective.delta
+    if delta is not None:
+        if isinstance(delta, torch.Tensor):
+            raise _Checked
+        delta = torch.full(v.shape, delta, device=device, dtype=state_dtype_for(q.dtype))
+    return position, read == "token", objective, retention, delta
+
+
 # ---- linear memory ----------------------------------------------------------------------------------------
 
 
@@ -227,9 +262,28 @@ def linear_memory_step(q, k, v, theta, eta, alpha, *, position, state=None, chun
         ``(o, state, chunk_state)``: ``o`` ``[B, H, Dv]`` in q's dtype, the running state ``(M', S')``
         and the :class:`ChunkStartState` after the token (fp32, fp64 for fp64 inputs).
     """
+    try:
+        return _linear_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
+                                        objective, retention)
+    except (_Checked, RuntimeError, TypeError, ValueError, AttributeError):
+        pass  # the checked path raises the error naming the argument, or runs the call it leaves to it
     return run_linear_memory_step(torch.ops.titans_ext.linear_memory_step, q, k, v, theta, eta, alpha,
                                   position=position, state=state, chunk_state=chunk_state, chunk_size=chunk_size,
                                   read=read, objective=objective, retention=retention)
+
+
+def _linear_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, objective,
+                             retention):
+    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
+                                                                     read, objective, retention)
+    m, s = state
+    chunk_weights, chunk_scale, chunk_read = chunk_state
+    with torch._C._AutoDispatchBelowADInplaceOrView():  # no autograd kernel to pass through: grad mode is off
+        o, m, s, chunk_weights, chunk_scale, chunk_read = torch.ops.titans_ext.linear_memory_step.default(
+            q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position, chunk_size,
+            read_token, objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
+    has_read = not read_token and retention.kind == "kl"
+    return o, (m, s), _chunk_state_result(chunk_weights, chunk_scale, chunk_read, has_read)
 
 
 def run_linear_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read,
@@ -341,9 +395,33 @@ def mlp_memory_step(q, k, v, theta, eta, alpha, *, position, state, chunk_state=
         ``(o, state, chunk_state)``: ``o`` ``[B, H, D]`` in q's dtype, ``((W1', W2'), (S1', S2'))`` and
         the :class:`ChunkStartState` after the token.
     """
+    try:
+        return _mlp_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
+                                     activation, objective, retention)
+    except (_Checked, RuntimeError, TypeError, ValueError, AttributeError):
+        pass  # as in linear_memory_step
     return run_mlp_memory_step(torch.ops.titans_ext.mlp_memory_step, q, k, v, theta, eta, alpha, position=position,
                                state=state, chunk_state=chunk_state, chunk_size=chunk_size, read=read,
                                activation=activation, objective=objective, retention=retention)
+
+
+def _mlp_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, activation,
+                          objective, retention):
+    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
+                                                                     read, objective, retention)
+    (w1, w2), momentum = state
+    s1, s2 = (None, None) if momentum is None else momentum
+    (chunk_w1, chunk_w2), chunk_scale, chunk_read = chunk_state
+    chunk_read_w1, chunk_read_w2 = (None, None) if chunk_read is None else chunk_read
+    with torch._C._AutoDispatchBelowADInplaceOrView():  # as in _linear_memory_step_fast
+        out = torch.ops.titans_ext.mlp_memory_step.default(
+            q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
+            chunk_read_w2, position, chunk_size, read_token, activation, objective.code, objective.p, objective.eps,
+            delta, retention.code, retention.q)
+    o, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1, chunk_read_w2 = out
+    has_read = not read_token and retention.kind == "kl"
+    return (o, ((w1, w2), (s1, s2)),
+            _chunk_state_result((chunk_w1, chunk_w2), chunk_scale, (chunk_read_w1, chunk_read_w2), has_read))
 
 
 def run_mlp_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read, activation,
