@@ -67,35 +67,24 @@ def test_segment_read_uses_the_memory_at_the_segment_start(memory):
     assert all(not torch.allclose(a, b) for a, b in zip(flat, flat[1:]))
 
 
-def test_memory_writes_the_residual_stream_after_the_attention():
-    # The deliberate departure from eq. 24 (MACBlock's docstring): the write is norm(x + y) of
-    # each segment piece, not the attention output y alone.
+def test_memory_writes_the_residual_stream_and_the_output_adds_its_read():
+    # The deliberate departures from eqs. 24 and 25 (MACBlock's docstring): the write is
+    # u = norm(x + y) of each segment piece, not the attention output y alone, and the output is
+    # x + y + M*(u), not y gated by M*(u).
     torch.manual_seed(3)
     block = mac_block().double()
-    outputs, writes = [], []
-    attend, update = block.attention.attend, block.memory.update
+    outputs, writes, transformed = [], [], []
+    attend, update, output = block.attention.attend, block.memory.update, block.memory.output
     block.attention.attend = lambda *args: outputs.append(attend(*args)) or outputs[-1]
     block.memory.update = lambda x, state: writes.append(x) or update(x, state)
-    x = torch.randn(2, 2 * SEGMENT + 3, 16, dtype=torch.float64)
-    block(x)
-    assert [w.shape[1] for w in writes] == [SEGMENT, SEGMENT, 3]
-    expected = block.memory_norm(x + torch.cat(outputs, dim=1))
-    torch.testing.assert_close(torch.cat(writes, dim=1), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_output_adds_the_attention_and_the_memory_read_after_the_write():
-    # The deliberate departure from eq. 25 (MACBlock's docstring): x + y + M*(u), where u is what
-    # the memory wrote, instead of y gated by M*(u).
-    torch.manual_seed(4)
-    block = mac_block().double()
-    outputs, transformed = [], []
-    attend, output = block.attention.attend, block.memory.output
-    block.attention.attend = lambda *args: outputs.append(attend(*args)) or outputs[-1]
     block.memory.output = lambda o, x: transformed.append(output(o, x)) or transformed[-1]
     x = torch.randn(2, 2 * SEGMENT + 3, 16, dtype=torch.float64)
     y, _ = block(x)
+    assert [w.shape[1] for w in writes] == [SEGMENT, SEGMENT, 3]
+    y_attention = torch.cat(outputs, dim=1)
+    torch.testing.assert_close(torch.cat(writes, dim=1), block.memory_norm(x + y_attention), rtol=1e-12, atol=1e-12)
     assert len(transformed) == 3 + 1  # one segment read per segment piece, then the reads after the writes
-    expected = block.feed_forward(x + torch.cat(outputs, dim=1) + transformed[-1])
+    expected = block.feed_forward(x + y_attention + transformed[-1])
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
 
 
