@@ -323,7 +323,8 @@ def test_grid(index, case):
         case.inputs[4] = case.inputs[4] * 1e-3
     try:
         out = case.emulated()
-    except ValueError as error:  # what does not fit an H100 block must say so (D = 128, C = 64)
+    except (ValueError, RuntimeError) as error:  # what does not fit an H100 block must say so (D = 128, C = 64):
+        # the backward's limit is the binding's C++ check, a RuntimeError on a direct operator call
         assert D == 128 and C == 64 and "bytes of shared memory per block" in str(error)
         return
     if retention != "l2" and dtype != torch.float32:
