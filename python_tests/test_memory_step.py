@@ -45,6 +45,7 @@ def test_chunk_start_read(memory, objective, retention):
                  objective=OBJECTIVES[objective](token_delta(2, 9, 2)), retention=RETENTIONS[retention])
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 @pytest.mark.parametrize("retention", ["l2", "lq4", "kl"])
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -76,6 +77,7 @@ def test_default_initial_state(retention):
     check_stream("linear", OPS["linear"], tokens, None, 4, RATIO, retention=retention)
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_low_precision_inputs(memory, dtype):
@@ -93,6 +95,29 @@ def test_low_precision_inputs(memory, dtype):
     assert_close("o", o64, o, ratio)
     for i, (e, s) in enumerate(zip(flat(running64) + flat(chunk_state64), flat(running) + flat(chunk_state))):
         assert_close(f"state {i}", e, s, ratio)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("memory, B, H", [("linear", 4, 256), ("linear", 1, 3), ("mlp", 2, 160), ("mlp", 1, 3)])
+def test_threads_split_heads_alike(memory, B, H, read):
+    # B * H above the per-task work (csrc/binding/ops_step.cpp) splits the heads over the threads,
+    # a small step runs on the calling thread: the same values either way, at every chunk position.
+    tokens, state = make_stream(memory, B, 5, H, 16, dtype=torch.float32)
+    streams = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            running, chunk_state, outputs = state, None, []
+            for t in range(5):
+                o, running, chunk_state = step(memory, OPS[memory], tokens, t, running, chunk_state, chunk_size=4,
+                                               read=read)
+                outputs += [o, *flat(running), *flat(chunk_state)]
+            streams.append(outputs)
+    finally:
+        torch.set_num_threads(previous)
+    for i, (one, two) in enumerate(zip(*streams)):
+        assert torch.equal(one, two), f"output {i}: 1 thread != 2 threads"
 
 
 def _rows(tokens, t_per_row):

@@ -213,17 +213,33 @@ inline void check_chunk_state_parts(bool has_weights, bool has_scale, bool has_r
                   "chunk_state: the read weights must be given exactly with read \"chunk_start\" and retention kl");
 }
 
-// Runs the backend's launch, after the checks that read values where the backend does them.
+// What both step operators set up after their argument checks: the backend, the token's inputs in
+// the dtypes the kernels read, and the params' shared fields and MIRAS options (the operator adds
+// its memory's own); run() launches after the checks that read values where the backend does them.
 template <typename Backend, typename Params>
-void run_step(const Backend& backend, const Params& params, const StepInputs& in) {
-  if constexpr (Backend::kChecksValues) {
-    if (cpu_value_checks_enabled()) {
-      if (in.dtype == ScalarType::Double) check_step_values<double>(params);
-      else check_step_values<float>(params);
-    }
+struct StepCall {
+  const Backend backend;
+  const StepInputs in;
+  Params params;
+
+  StepCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
+           const Tensor& alpha, const Tensor& position, int64_t chunk_size, bool read_token, int64_t objective,
+           double p, double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q)
+      : backend(q), in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype) {
+    fill_step_params(params, in, chunk_size, read_token);
+    params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   }
-  if (params.batch * params.heads > 0) backend.launch(params, in);
-}
+
+  void run() const {
+    if constexpr (Backend::kChecksValues) {
+      if (cpu_value_checks_enabled()) {
+        if (in.dtype == ScalarType::Double) check_step_values<double>(params);
+        else check_step_values<float>(params);
+      }
+    }
+    if (params.batch * params.heads > 0) backend.launch(params, in);
+  }
+};
 
 // o in q's dtype: the CPU kernels write it in the compute dtype.
 template <typename Backend>
@@ -256,13 +272,12 @@ LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const T
   const bool read_weights = step_has_read_weights(read_token, retention);
   check_chunk_state_parts(chunk_weights.has_value(), chunk_scale.has_value(), chunk_read.has_value(), read_weights);
 
-  const Backend backend(q);
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
-  LinearMemoryStepParams params;
-  fill_step_params(params, in, chunk_size, read_token);
+  StepCall<Backend, LinearMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token,
+                                                 objective, p, eps, delta, retention, retention_q);
+  const StepInputs& in = call.in;
+  LinearMemoryStepParams& params = call.params;
   params.dk = int(Dk);
   params.dv = int(Dv);
-  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   const auto m_c = in.state(m), s_c = in.state(s), chunk_weights_c = in.state(chunk_weights);
   const auto chunk_scale_c = in.state(chunk_scale), chunk_read_c = in.state(chunk_read);
   params.m_ptr = data_or_null(m_c);
@@ -281,7 +296,7 @@ LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const T
   params.chunk_weights_out_ptr = chunk_weights_out.data_ptr();
   params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
   params.chunk_read_out_ptr = data_if_present(chunk_read_out);
-  run_step(backend, params, in);
+  call.run();
   return {output_in_dtype_of<Backend>(o, q), m_out, s_out, chunk_weights_out, chunk_scale_out, chunk_read_out};
 }
 
@@ -321,14 +336,13 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
                   "chunk_state: the chunk-start states of W1 and W2 must be given together");
   check_chunk_state_parts(chunk_w1.has_value(), chunk_scale.has_value(), chunk_read_w1.has_value(), read_weights);
 
-  const Backend backend(q);
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
-  MlpMemoryStepParams params;
-  fill_step_params(params, in, chunk_size, read_token);
+  StepCall<Backend, MlpMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token, objective,
+                                              p, eps, delta, retention, retention_q);
+  const StepInputs& in = call.in;
+  MlpMemoryStepParams& params = call.params;
   params.dim = int(D);
   params.hidden = int(N);
   params.activation = mlp_activation(activation);
-  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
   const auto s1_c = in.state(s1), s2_c = in.state(s2), chunk_w1_c = in.state(chunk_w1),
              chunk_w2_c = in.state(chunk_w2), chunk_scale_c = in.state(chunk_scale),
@@ -360,7 +374,7 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
   params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
   params.chunk_read_w1_out_ptr = data_if_present(chunk_read_w1_out);
   params.chunk_read_w2_out_ptr = data_if_present(chunk_read_w2_out);
-  run_step(backend, params, in);
+  call.run();
   return {output_in_dtype_of<Backend>(o, q), w1_out, w2_out, s1_out, s2_out, chunk_w1_out, chunk_w2_out,
           chunk_scale_out, chunk_read_w1_out, chunk_read_w2_out};
 }
