@@ -170,6 +170,22 @@ class _Checked(Exception):
     """Raised by :func:`_decode_fast` for a call it leaves to the checked path."""
 
 
+# The operators read a position only modulo chunk_size (does the token start a chunk?), so the
+# decode path passes an int position on the CPU as a kept scalar tensor of ``position %
+# chunk_size``, a dictionary lookup instead of a new tensor per token (at most as many tensors as
+# the largest chunk_size in use). Not on CUDA: a tensor first made while a CUDA graph is being captured
+# would hold no value outside the graph.
+_CPU_POSITION_OFFSETS = {}
+
+
+def _cpu_position_offset(position, chunk_size):
+    offset = position % chunk_size
+    tensor = _CPU_POSITION_OFFSETS.get(offset)
+    if tensor is None:
+        tensor = _CPU_POSITION_OFFSETS[offset] = torch.full((), offset, dtype=torch.int64)
+    return tensor
+
+
 def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective, retention):
     """The arguments of a decode step in the middle of a stream, as the operator takes them, for a
     call the operator's own checks cover: ``(position, read_token, objective, retention, delta)``.
@@ -184,7 +200,10 @@ def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective
     if type(position) is int:
         if position < 0:
             raise _Checked
-        position = torch.full((), position, dtype=torch.int64, device=device)
+        if device.type == "cpu":
+            position = _cpu_position_offset(position, chunk_size)
+        else:
+            position = torch.full((), position, dtype=torch.int64, device=device)
     objective, retention = parse_objective(objective), parse_retention(retention)
     delta = objective.delta
     if delta is not None:
