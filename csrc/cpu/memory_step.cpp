@@ -51,17 +51,18 @@ struct StepWeight {
   const T* chunk_read;  // chunk_start read weights (null: they are chunk_w)
   T* w_out;
   T* s_out;
-  T* chunk_w_out;
-  T* chunk_read_out;  // null unless read "chunk_start" with kl
+  T* chunk_w_out;     // null with mid_chunk (then the token does not start a chunk)
+  T* chunk_read_out;  // null unless read "chunk_start" with kl, and with mid_chunk
 
   index_t size() const { return rows * cols; }
 
   // Writes the chunk-start state after the token but the kl lag token's weights (written by
   // update) and returns its scale: from the running state at a chunk start, else a copy of the
-  // given one. From here on the chunk's weights are chunk_w_out and its read weights read().
+  // given one (none with mid_chunk). From here on the chunk's weights are weights() and its read
+  // weights read().
   T begin(bool start, const MirasParams& miras, const T* scale_in) const {
     if (!start) {
-      std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
+      if (chunk_w_out) std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
       if (chunk_read_out) std::memcpy(chunk_read_out, chunk_read, size() * sizeof(T));
       return *scale_in;
     }
@@ -74,7 +75,11 @@ struct StepWeight {
     return rho;
   }
 
-  const T* read() const { return chunk_read_out ? chunk_read_out : chunk_w_out; }
+  const T* weights() const { return chunk_w_out ? chunk_w_out : chunk_w; }
+  const T* read() const {
+    if (chunk_read_out) return chunk_read_out;
+    return chunk_w_out ? chunk_w_out : chunk_read ? chunk_read : chunk_w;
+  }
 
   // The token's update with the inner gradient u = x y^T (x: rows, y: cols); lag: the kl lag token.
   // With read_vec given, also read_out [rows] = read_scale W' read_vec (the read of the new weights).
@@ -133,10 +138,10 @@ void linear_step_head(const LinearMemoryStepParams& p, const Objective& objectiv
                         at_head<T>(p.chunk_weights_out_ptr, bh, n), at_head<T>(p.chunk_read_out_ptr, bh, n)};
   const bool start = starts_chunk(p, p.chunk_weights_ptr, b);
   const T rho = m.begin(start, p.miras, at_head<T>(p.chunk_scale_ptr, bh, 1));
-  static_cast<T*>(p.chunk_scale_out_ptr)[bh] = rho;
+  if (p.chunk_scale_out_ptr) static_cast<T*>(p.chunk_scale_out_ptr)[bh] = rho;
 
   // e = f(W0 k - v), at the chunk-start weights.
-  matvec(m.chunk_w_out, p.dv, p.dk, k, T(1), e.data());
+  matvec(m.weights(), p.dv, p.dk, k, T(1), e.data());
   for (int j = 0; j < p.dv; ++j) e[j] -= v[j];
   objective_error_row(objective, e.data(), delta, p.dv, e.data());
   T* o = static_cast<T*>(p.o_ptr) + bh * p.dv;
@@ -177,20 +182,22 @@ void mlp_step_head(const MlpMemoryStepParams& p, const Objective& objective, ind
   const T* scale_in = at_head<T>(p.chunk_scale_ptr, bh, 2);
   const T rho1 = w1.begin(start, p.miras, scale_in);
   const T rho2 = w2.begin(start, p.miras, scale_in ? scale_in + 1 : nullptr);
-  T* scale_out = static_cast<T*>(p.chunk_scale_out_ptr) + bh * 2;
-  scale_out[0] = rho1, scale_out[1] = rho2;
+  if (p.chunk_scale_out_ptr) {
+    T* scale_out = static_cast<T*>(p.chunk_scale_out_ptr) + bh * 2;
+    scale_out[0] = rho1, scale_out[1] = rho2;
+  }
 
   // Key path at the chunk-start weights: z = W1 k, h = act(z), r = k + W2 h - v, e = f(r),
   // dz = (W2^T e) .* act'(z); the inner gradients are u1 = dz k^T and u2 = e h^T.
   T* hidden = ws.z_act.data();
   T* e = ws.r.data();
-  matvec(w1.chunk_w_out, N, D, k, T(1), hidden);
+  matvec(w1.weights(), N, D, k, T(1), hidden);
   // The activations of the chunked CPU op (cpu/activation.h), vectorized, in place.
   activation(p.activation, N, hidden, hidden, ws.z_slope.data(), static_cast<T*>(nullptr));
-  matvec(w2.chunk_w_out, D, N, hidden, T(1), e);
+  matvec(w2.weights(), D, N, hidden, T(1), e);
   for (int j = 0; j < D; ++j) e[j] += k[j] - v[j];
   objective_error_row(objective, e, delta, D, e);
-  isa_kernels().step<T>().matvec_transposed(w2.chunk_w_out, D, N, e, ws.z_slope.data(), ws.dz.data());
+  isa_kernels().step<T>().matvec_transposed(w2.weights(), D, N, e, ws.z_slope.data(), ws.dz.data());
 
   // The read o = q + rho2 W2 act(rho1 W1 q): of the new weights (read "token") as the updates write
   // them, else of the chunk_start read weights.
