@@ -2,9 +2,9 @@
 // pointers per variant (isa_<variant>.cpp), and the table of the variant in use (torch-free).
 //
 // Only the vector-heavy inner kernels are per variant: the matrix product (matmul_kernel.h), the
-// MLP's activations (activation_kernel.h) and the decode steps' vector loops (step_kernel.h). The rest of the chunk algebra (gate tables,
-// row scalings, reductions) is compiled once: compiled for AVX2 it ran a few percent faster,
-// not worth a copy of every kernel per variant.
+// MLP's activations (activation_kernel.h) and the decode steps' vector loops (step_kernel.h). The
+// rest of the chunk algebra (gate tables, row scalings, reductions) is compiled once: compiled for
+// AVX2 it ran a few percent faster, not worth a copy of every kernel per variant.
 #pragma once
 
 #include "cpu/cpu_isa.h"

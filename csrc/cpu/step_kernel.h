@@ -6,10 +6,12 @@
 // elementwise update, O(state) work with no reuse: compiled for the baseline (SSE2 on x86-64,
 // no fused multiply-add) these loops were most of a step's instructions, so they are per variant
 // like the chunk kernels' products. Results equal the baseline's up to the rounding of fused
-// multiply-adds.
+// multiply-adds. The functions are flattened: kernel_utils.h's dot, compiled for the baseline where
+// it is called out of line, is inlined into each and so compiled for the variant.
 #pragma once
 
 #include "cpu/isa_kernels.h"
+#include "cpu/kernel_utils.h"
 
 #ifndef TITANS_ISA_TARGET
 #error "define TITANS_ISA_TARGET (the variant's target attribute) before including step_kernel.h"
@@ -18,29 +20,15 @@
 namespace titans::cpu {
 namespace {
 
-// sum_i x[i] y[i] in kLanes independent partial sums (as kernel_utils.h's dot), which the compiler
-// maps onto vector accumulators of the variant's width.
 template <typename T>
-TITANS_ISA_TARGET [[gnu::always_inline]] inline T step_dot(const T* __restrict x, const T* __restrict y, index_t n) {
-  constexpr int kLanes = 16;
-  T partial[kLanes] = {};
-  index_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) partial[j] += x[i + j] * y[i + j];
-  T acc = 0;
-  for (; i < n; ++i) acc += x[i] * y[i];
-  for (int j = 0; j < kLanes; ++j) acc += partial[j];
-  return acc;
+TITANS_ISA_TARGET [[gnu::flatten]] void step_matvec_variant(const T* W, index_t rows, index_t cols, const T* x, T scale,
+                                                            T* out) {
+  for (index_t i = 0; i < rows; ++i) out[i] = scale * dot(W + i * cols, x, cols);
 }
 
 template <typename T>
-TITANS_ISA_TARGET void step_matvec_variant(const T* W, index_t rows, index_t cols, const T* x, T scale, T* out) {
-  for (index_t i = 0; i < rows; ++i) out[i] = scale * step_dot(W + i * cols, x, cols);
-}
-
-template <typename T>
-TITANS_ISA_TARGET void step_matvec_transposed_variant(const T* W, index_t rows, index_t cols, const T* x,
-                                                      const T* slope, T* out) {
+TITANS_ISA_TARGET [[gnu::flatten]] void step_matvec_transposed_variant(const T* W, index_t rows, index_t cols,
+                                                                       const T* x, const T* slope, T* out) {
   T* __restrict acc = out;
   for (index_t j = 0; j < cols; ++j) acc[j] = T(0);
   for (index_t i = 0; i < rows; ++i) {
@@ -52,7 +40,7 @@ TITANS_ISA_TARGET void step_matvec_transposed_variant(const T* W, index_t rows, 
 }
 
 template <typename T>
-TITANS_ISA_TARGET void step_update_variant(const StepUpdate<T>& u) {
+TITANS_ISA_TARGET [[gnu::flatten]] void step_update_variant(const StepUpdate<T>& u) {
   // Row by row with the branches outside the inner loops, which the compiler then vectorizes; the
   // read takes each new row while it is in L1.
   for (index_t i = 0; i < u.rows; ++i) {
@@ -71,7 +59,7 @@ TITANS_ISA_TARGET void step_update_variant(const StepUpdate<T>& u) {
     } else {
       for (index_t j = 0; j < u.cols; ++j) w_row[j] = u.beta * u.w_default + s_row[j];
     }
-    if (u.read_vec) u.read_out[i] = u.read_scale * step_dot(w_row, u.read_vec, u.cols);
+    if (u.read_vec) u.read_out[i] = u.read_scale * dot(w_row, u.read_vec, u.cols);
   }
 }
 
