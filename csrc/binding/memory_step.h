@@ -28,11 +28,12 @@ namespace titans {
 // "chunk_start" and retention kl only (an empty [0] output otherwise); every other output always,
 // but with mid_chunk.
 //
-// mid_chunk: the caller states that no batch row's token starts a chunk (checked on CPU tensors,
-// not on CUDA ones, which the host does not read), so the chunk-start state after the token is the
-// one passed in, which the caller keeps: the chunk-start outputs are then empty [0] tensors instead
-// of copies (custom operators may not return their inputs). The decode path passes it for a
-// position it knows (titans_ext/ops/step.py); mid-chunk, a copy was most of a step's memory traffic.
+// mid_chunk: the caller states that no batch row's token starts a chunk (checked by the CPU
+// kernels' operator; not by the CUDA kernels', whose positions the host does not read), so the
+// chunk-start state after the token is the one passed in, which the caller keeps: the chunk-start
+// outputs are then empty [0] tensors instead of copies (custom operators may not return their
+// inputs). The decode path passes it for a position it knows (titans_ext/ops/step.py); mid-chunk,
+// a copy was most of a step's memory traffic.
 #define TITANS_LINEAR_MEMORY_STEP_SCHEMA                                                                   \
   "linear_memory_step(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, Tensor? m, "  \
   "Tensor? s, Tensor? chunk_weights, Tensor? chunk_scale, Tensor? chunk_read, Tensor position, "           \
@@ -222,7 +223,7 @@ inline void check_chunk_state_parts(bool has_weights, bool has_scale, bool has_r
   STD_TORCH_CHECK(has_weights || !mid_chunk, "mid_chunk: needs the chunk-start state (chunk_state is None)");
 }
 
-// With mid_chunk, no row's position may start a chunk: a host read, so on CPU tensors only.
+// With mid_chunk, no row's position may start a chunk: a host read, so for the CPU kernels only.
 inline void check_mid_chunk_positions(const StepParams& p) {
   for (int b = 0; b < (p.position_stride ? p.batch : 1); ++b) {
     const int64_t position = p.position_ptr[b * p.position_stride];
@@ -239,7 +240,6 @@ struct StepCall {
   const Backend backend;
   const StepInputs in;
   Params params;
-
   const bool mid_chunk;
 
   StepCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
