@@ -14,8 +14,10 @@
 //                         retentions it equals the weights).
 // The kernel starts a chunk (computes the chunk-start state from the running state before the
 // token) when the token's position is a multiple of chunk_size, or when no chunk-start state is
-// given; otherwise it reads the given one. The chunk-start state is always written out (a copy when
-// the chunk goes on), so a step reads its inputs and writes its outputs, never in place.
+// given; otherwise it reads the given one. The chunk-start state is written out (a copy when the
+// chunk goes on), so a step reads its inputs and writes its outputs, never in place; but with the
+// operators' mid_chunk (no token of the call starts a chunk, the caller keeps the chunk-start state
+// it passed) its output pointers are nullptr and nothing is written for it.
 #pragma once
 
 #include "titans_params.h"
@@ -65,7 +67,7 @@ struct LinearMemoryStepParams : StepParams {
 
   // Outputs, contiguous: o [B, H, Dv] (q's dtype), the running state and the chunk-start state
   // after the token, laid out like the inputs (chunk_read_out_ptr exactly when read "chunk_start"
-  // with retention kl).
+  // with retention kl; the chunk-start outputs nullptr with mid_chunk).
   void* o_ptr = nullptr;
   void* m_out_ptr = nullptr;
   void* s_out_ptr = nullptr;
@@ -92,7 +94,8 @@ struct MlpMemoryStepParams : StepParams {
   const void* chunk_read_w1_ptr = nullptr;
   const void* chunk_read_w2_ptr = nullptr;
 
-  // Outputs, contiguous: o [B, H, D] (q's dtype), then the states after the token like the inputs.
+  // Outputs, contiguous: o [B, H, D] (q's dtype), then the states after the token like the inputs
+  // (the chunk-start outputs nullptr with mid_chunk).
   void* o_ptr = nullptr;
   void* w1_out_ptr = nullptr;
   void* w2_out_ptr = nullptr;

@@ -134,6 +134,32 @@ def check_stream(memory, op, tokens, state, chunk_size, ratio, **options):
     return running, chunk_state
 
 
+def mid_chunk_op_args(memory, read_token, retention, position, dtype=torch.float64):
+    """The step operator's positional arguments up to ``retention_q`` (chunk_size 4; ``retention``
+    the kernels' code, 2 = kl) for a token of 2 batch rows at ``position`` with a running and a
+    chunk-start state (positive rows, which kl needs; read weights with read "chunk_start" and kl)."""
+    tokens, state = make_stream(memory, 2, 1, 3, 4, dtype=dtype, retention="kl")
+    weights = flat(state)
+    n = 1 if memory == "linear" else 2
+    chunk_weights = [(w + 0.1 * w.flip(-1)).softmax(-1) for w in weights[:n]]
+    scale = 0.5 + torch.rand(2, 3, *(() if memory == "linear" else (2,)), dtype=chunk_weights[0].dtype,
+                             generator=torch.Generator().manual_seed(1))
+    read = [w.flip(-2) for w in chunk_weights] if not read_token and retention == 2 else [None] * n
+    head = (*(x[:, 0] for x in tokens), *weights, *chunk_weights, scale, *read, torch.tensor(position), 4, read_token)
+    return (*head, *(() if memory == "linear" else ("gelu",)), 0, 2.0, 0.0, None, retention, 4.0)
+
+
+def check_mid_chunk(memory, op, read_token, retention):
+    """``op`` with mid_chunk gives the outputs and running state of the copying call, and empty
+    chunk-start outputs."""
+    args = mid_chunk_op_args(memory, read_token, retention, [5, 7])
+    copied, kept = op(*args, False), op(*args, True)
+    n_chunk = 3 if memory == "linear" else 5
+    for i, (a, b) in enumerate(zip(copied[:-n_chunk], kept[:-n_chunk])):
+        assert torch.equal(a, b), f"output {i}"
+    assert [x.shape for x in kept[-n_chunk:]] == [torch.Size([0])] * n_chunk
+
+
 def state_tensors(state):
     """The tensors of a model's streaming state (lists of block states, dataclasses), in order."""
     found = []

@@ -12,7 +12,8 @@ import titans_ext
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import MEMORIES, STEP_OPS, check_stream, flat, make_stream, step
+from step_harness import (MEMORIES, STEP_OPS, check_mid_chunk, check_stream, flat, make_stream,
+                          mid_chunk_op_args, step)
 from utils import TOLERANCE, assert_close
 
 OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in STEP_OPS.items()}
@@ -45,6 +46,7 @@ def test_chunk_start_read(memory, objective, retention):
                  objective=OBJECTIVES[objective](token_delta(2, 9, 2)), retention=RETENTIONS[retention])
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 @pytest.mark.parametrize("retention", ["l2", "lq4", "kl"])
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -76,6 +78,7 @@ def test_default_initial_state(retention):
     check_stream("linear", OPS["linear"], tokens, None, 4, RATIO, retention=retention)
 
 
+@pytest.mark.every_cpu_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_low_precision_inputs(memory, dtype):
@@ -93,6 +96,29 @@ def test_low_precision_inputs(memory, dtype):
     assert_close("o", o64, o, ratio)
     for i, (e, s) in enumerate(zip(flat(running64) + flat(chunk_state64), flat(running) + flat(chunk_state))):
         assert_close(f"state {i}", e, s, ratio)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("memory, B, H", [("linear", 4, 256), ("linear", 1, 3), ("mlp", 2, 160), ("mlp", 1, 3)])
+def test_threads_split_heads_alike(memory, B, H, read):
+    # B * H above the per-task work (csrc/binding/ops_step.cpp) splits the heads over the threads,
+    # a small step runs on the calling thread: the same values either way, at every chunk position.
+    tokens, state = make_stream(memory, B, 5, H, 16, dtype=torch.float32)
+    streams = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            running, chunk_state, outputs = state, None, []
+            for t in range(5):
+                o, running, chunk_state = step(memory, OPS[memory], tokens, t, running, chunk_state, chunk_size=4,
+                                               read=read)
+                outputs += [o, *flat(running), *flat(chunk_state)]
+            streams.append(outputs)
+    finally:
+        torch.set_num_threads(previous)
+    for i, (one, two) in enumerate(zip(*streams)):
+        assert torch.equal(one, two), f"output {i}: 1 thread != 2 threads"
 
 
 def _rows(tokens, t_per_row):
@@ -189,6 +215,61 @@ def test_opcheck_mlp(read_token, retention):
     args = (q, k, v, theta, eta, alpha, w1.softmax(-1), w2.softmax(-1), s1, s2, *chunk, *read, torch.tensor(5), 4,
             read_token, "silu", 0, 2.0, 0.0, None, retention, 3.0)
     torch.library.opcheck(torch.ops.titans_ext.mlp_memory_step.default, args)
+
+
+# (read_token, retention code): the chunk-start weights read as they are, kl's own read weights, lq.
+MID_CHUNK_CASES = [(True, 0), (False, 0), (False, 2), (True, 1)]
+
+
+@pytest.mark.parametrize("read_token, retention", MID_CHUNK_CASES)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mid_chunk_operator(memory, read_token, retention):
+    check_mid_chunk(memory, OPS[memory], read_token, retention)
+    args = mid_chunk_op_args(memory, read_token, retention, [5, 7], dtype=torch.float32)
+    torch.library.opcheck(OPS[memory].default, args, {"mid_chunk": True})
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mid_chunk_operator_checks(memory):
+    args = list(mid_chunk_op_args(memory, True, 0, [5, 8]))
+    with pytest.raises(RuntimeError, match=r"mid_chunk: position 8 starts a chunk \(a multiple of chunk_size = 4\)"):
+        OPS[memory](*args, mid_chunk=True)
+    first_chunk = 8 if memory == "linear" else 10  # the chunk-start state: None
+    n = 3 if memory == "linear" else 5
+    args[first_chunk:first_chunk + n] = [None] * n
+    args[first_chunk + n] = torch.tensor([5, 7])
+    with pytest.raises(RuntimeError, match=r"mid_chunk: needs the chunk-start state"):
+        OPS[memory](*args, mid_chunk=True)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mid_chunk_steps_pass_the_chunk_state_on(memory):
+    """Mid-chunk, the decode path keeps the chunk-start state it was given (the operator with
+    mid_chunk) when it is as a step returns it; otherwise (here: a non-contiguous copy) it returns
+    the operator's copy. The streams above check the values."""
+    tokens, state = make_stream(memory, 2, 6, 2, 4, dtype=torch.float32)
+    function = getattr(titans_ext, STEP_OPS[memory])
+    with torch.no_grad():
+        running, chunk_state = state, None
+        for t in range(6):
+            given = chunk_state
+            _, running, chunk_state = function(*(x[:, t] for x in tokens), position=t, state=running,
+                                               chunk_state=chunk_state, chunk_size=4)
+            assert isinstance(chunk_state, titans_ext.ChunkStartState)
+            assert (chunk_state is given) == (t % 4 != 0), f"token {t}"
+        position = torch.tensor(6)
+        _, _, kept = function(*(x[:, 4] for x in tokens), position=position, state=running, chunk_state=chunk_state,
+                              chunk_size=4)
+        assert kept is chunk_state
+        strided = chunk_state._replace(weights=tuple(w.transpose(-1, -2).contiguous().transpose(-1, -2)
+                                                     for w in flat(chunk_state.weights)))
+        if memory == "linear":
+            strided = strided._replace(weights=strided.weights[0])
+        _, _, copied = function(*(x[:, 4] for x in tokens), position=6, state=running, chunk_state=strided,
+                                chunk_size=4)
+    assert copied is not strided
+    for a, b in zip(flat(copied), flat(chunk_state)):
+        assert a.is_contiguous() and torch.equal(a, b)
 
 
 def test_torch_compile_fullgraph():

@@ -11,7 +11,7 @@ import titans_ext  # noqa: F401  (registers titans_ext::, the chunked op the str
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import MEMORIES, STEP_OPS, check_stream, flat, make_stream, step
+from step_harness import MEMORIES, STEP_OPS, check_mid_chunk, check_stream, flat, make_stream, step
 from utils import TOLERANCE, all_emulation_modes, assert_close, set_emulation_modes  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("all_emulation_modes")
@@ -89,3 +89,9 @@ def test_emulation_modes_give_identical_results(memory):
         runs.append(outs + flat(running) + flat(chunk_state))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("read_token, retention", [(True, 0), (False, 2), (True, 1)])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_mid_chunk(memory, read_token, retention):
+    check_mid_chunk(memory, EMULATED[memory], read_token, retention)

@@ -25,18 +25,26 @@
 namespace titans {
 
 // Schemas of the step ops. The chunk-start state's read weights (chunk_read*) exist with read
-// "chunk_start" and retention kl only (an empty [0] output otherwise); every other output always.
+// "chunk_start" and retention kl only (an empty [0] output otherwise); every other output always,
+// but with mid_chunk.
+//
+// mid_chunk: the caller states that no batch row's token starts a chunk (checked by the CPU
+// kernels' operator; not by the CUDA kernels', whose positions the host does not read), so the
+// chunk-start state after the token is the one passed in, which the caller keeps: the chunk-start
+// outputs are then empty [0] tensors instead of copies (custom operators may not return their
+// inputs). The decode path passes it for a position it knows (titans_ext/ops/step.py); mid-chunk,
+// a copy was most of a step's memory traffic.
 #define TITANS_LINEAR_MEMORY_STEP_SCHEMA                                                                   \
   "linear_memory_step(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, Tensor? m, "  \
   "Tensor? s, Tensor? chunk_weights, Tensor? chunk_scale, Tensor? chunk_read, Tensor position, "           \
-  "int chunk_size, bool read_token, " TITANS_MIRAS_ARGS                                                    \
+  "int chunk_size, bool read_token, " TITANS_MIRAS_ARGS ", bool mid_chunk=False"                          \
   ") -> (Tensor o, Tensor m_out, Tensor s_out, Tensor chunk_weights_out, Tensor chunk_scale_out, "        \
   "Tensor chunk_read_out)"
 #define TITANS_MLP_MEMORY_STEP_SCHEMA                                                                      \
   "mlp_memory_step(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, Tensor w1, "     \
   "Tensor w2, Tensor? s1, Tensor? s2, Tensor? chunk_w1, Tensor? chunk_w2, Tensor? chunk_scale, "           \
   "Tensor? chunk_read_w1, Tensor? chunk_read_w2, Tensor position, int chunk_size, bool read_token, "       \
-  "str activation, " TITANS_MIRAS_ARGS                                                                     \
+  "str activation, " TITANS_MIRAS_ARGS ", bool mid_chunk=False"                                           \
   ") -> (Tensor o, Tensor w1_out, Tensor w2_out, Tensor s1_out, Tensor s2_out, Tensor chunk_w1_out, "     \
   "Tensor chunk_w2_out, Tensor chunk_scale_out, Tensor chunk_read_w1_out, Tensor chunk_read_w2_out)"
 
@@ -206,24 +214,60 @@ inline bool step_has_read_weights(bool read_token, int64_t retention) {
 }
 
 // Checks that a chunk-start state is given whole (weights and scale, and the read weights exactly
-// when they exist) or not at all.
-inline void check_chunk_state_parts(bool has_weights, bool has_scale, bool has_read, bool read_weights) {
+// when they exist) or not at all, and given with mid_chunk.
+inline void check_chunk_state_parts(bool has_weights, bool has_scale, bool has_read, bool read_weights,
+                                    bool mid_chunk) {
   STD_TORCH_CHECK(has_weights == has_scale, "chunk_state: the chunk-start weights and scale must be given together");
   STD_TORCH_CHECK(!has_weights || has_read == read_weights,
                   "chunk_state: the read weights must be given exactly with read \"chunk_start\" and retention kl");
+  STD_TORCH_CHECK(has_weights || !mid_chunk, "mid_chunk: needs the chunk-start state (chunk_state is None)");
 }
 
-// Runs the backend's launch, after the checks that read values where the backend does them.
-template <typename Backend, typename Params>
-void run_step(const Backend& backend, const Params& params, const StepInputs& in) {
-  if constexpr (Backend::kChecksValues) {
-    if (cpu_value_checks_enabled()) {
-      if (in.dtype == ScalarType::Double) check_step_values<double>(params);
-      else check_step_values<float>(params);
-    }
+// With mid_chunk, no row's position may start a chunk: a host read, so for the CPU kernels only.
+inline void check_mid_chunk_positions(const StepParams& p) {
+  for (int b = 0; b < (p.position_stride ? p.batch : 1); ++b) {
+    const int64_t position = p.position_ptr[b * p.position_stride];
+    STD_TORCH_CHECK(position % p.chunk_size != 0, "mid_chunk: position ", position,
+                    " starts a chunk (a multiple of chunk_size = ", p.chunk_size, ")");
   }
-  if (params.batch * params.heads > 0) backend.launch(params, in);
 }
+
+// What both step operators set up after their argument checks: the backend, the token's inputs in
+// the dtypes the kernels read, and the params' shared fields and MIRAS options (the operator adds
+// its memory's own); run() launches after the checks that read values where the backend does them.
+template <typename Backend, typename Params>
+struct StepCall {
+  const Backend backend;
+  const StepInputs in;
+  Params params;
+  const bool mid_chunk;
+
+  StepCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta, const Tensor& eta,
+           const Tensor& alpha, const Tensor& position, int64_t chunk_size, bool read_token, int64_t objective,
+           double p, double eps, const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+           bool mid_chunk)
+      : backend(q), in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype),
+        mid_chunk(mid_chunk) {
+    fill_step_params(params, in, chunk_size, read_token);
+    params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
+  }
+
+  // A chunk-start output: present unless mid_chunk (and, for the read weights, `present`).
+  Tensor chunk_output(torch::headeronly::IntHeaderOnlyArrayRef sizes, bool present = true) const {
+    return in.empty_if(present && !mid_chunk, sizes);
+  }
+
+  void run() const {
+    if constexpr (Backend::kChecksValues) {
+      if (cpu_value_checks_enabled()) {
+        if (in.dtype == ScalarType::Double) check_step_values<double>(params);
+        else check_step_values<float>(params);
+      }
+      if (mid_chunk) check_mid_chunk_positions(params);
+    }
+    if (params.batch * params.heads > 0) backend.launch(params, in);
+  }
+};
 
 // o in q's dtype: the CPU kernels write it in the compute dtype.
 template <typename Backend>
@@ -245,7 +289,8 @@ LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const T
                                        const std::optional<Tensor>& chunk_scale,
                                        const std::optional<Tensor>& chunk_read, const Tensor& position,
                                        int64_t chunk_size, bool read_token, int64_t objective, double p, double eps,
-                                       const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+                                       const std::optional<Tensor>& delta, int64_t retention, double retention_q,
+                                       bool mid_chunk) {
   check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), Dv = v.size(2);
   for (const auto& [name, x] :
@@ -254,15 +299,15 @@ LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const T
     check_optional_state(name, *x, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
   check_optional_state("chunk_state.scale", chunk_scale, {B, H}, "[B, H]", q);
   const bool read_weights = step_has_read_weights(read_token, retention);
-  check_chunk_state_parts(chunk_weights.has_value(), chunk_scale.has_value(), chunk_read.has_value(), read_weights);
+  check_chunk_state_parts(chunk_weights.has_value(), chunk_scale.has_value(), chunk_read.has_value(), read_weights,
+                          mid_chunk);
 
-  const Backend backend(q);
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
-  LinearMemoryStepParams params;
-  fill_step_params(params, in, chunk_size, read_token);
+  StepCall<Backend, LinearMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token,
+                                                 objective, p, eps, delta, retention, retention_q, mid_chunk);
+  const StepInputs& in = call.in;
+  LinearMemoryStepParams& params = call.params;
   params.dk = int(Dk);
   params.dv = int(Dv);
-  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   const auto m_c = in.state(m), s_c = in.state(s), chunk_weights_c = in.state(chunk_weights);
   const auto chunk_scale_c = in.state(chunk_scale), chunk_read_c = in.state(chunk_read);
   params.m_ptr = data_or_null(m_c);
@@ -273,15 +318,15 @@ LinearStepResult linear_memory_step_op(const Tensor& q, const Tensor& k, const T
 
   const Tensor o = empty_on(q, {B, H, Dv}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
   const Tensor m_out = in.empty({B, H, Dv, Dk}), s_out = in.empty({B, H, Dv, Dk});
-  const Tensor chunk_weights_out = in.empty({B, H, Dv, Dk}), chunk_scale_out = in.empty({B, H});
-  const Tensor chunk_read_out = in.empty_if(read_weights, {B, H, Dv, Dk});
+  const Tensor chunk_weights_out = call.chunk_output({B, H, Dv, Dk}), chunk_scale_out = call.chunk_output({B, H});
+  const Tensor chunk_read_out = call.chunk_output({B, H, Dv, Dk}, read_weights);
   params.o_ptr = o.data_ptr();
   params.m_out_ptr = m_out.data_ptr();
   params.s_out_ptr = s_out.data_ptr();
-  params.chunk_weights_out_ptr = chunk_weights_out.data_ptr();
-  params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
+  params.chunk_weights_out_ptr = data_if_present(chunk_weights_out);
+  params.chunk_scale_out_ptr = data_if_present(chunk_scale_out);
   params.chunk_read_out_ptr = data_if_present(chunk_read_out);
-  run_step(backend, params, in);
+  call.run();
   return {output_in_dtype_of<Backend>(o, q), m_out, s_out, chunk_weights_out, chunk_scale_out, chunk_read_out};
 }
 
@@ -295,7 +340,7 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
                                  const std::optional<Tensor>& chunk_read_w2, const Tensor& position,
                                  int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective,
                                  double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
-                                 double retention_q) {
+                                 double retention_q, bool mid_chunk) {
   check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
@@ -319,16 +364,16 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
   STD_TORCH_CHECK(chunk_w1.has_value() == chunk_w2.has_value() &&
                       chunk_read_w1.has_value() == chunk_read_w2.has_value(),
                   "chunk_state: the chunk-start states of W1 and W2 must be given together");
-  check_chunk_state_parts(chunk_w1.has_value(), chunk_scale.has_value(), chunk_read_w1.has_value(), read_weights);
+  check_chunk_state_parts(chunk_w1.has_value(), chunk_scale.has_value(), chunk_read_w1.has_value(), read_weights,
+                          mid_chunk);
 
-  const Backend backend(q);
-  const StepInputs in(q, k, v, theta, eta, alpha, position, delta, Backend::kInputsInComputeDtype);
-  MlpMemoryStepParams params;
-  fill_step_params(params, in, chunk_size, read_token);
+  StepCall<Backend, MlpMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token, objective,
+                                              p, eps, delta, retention, retention_q, mid_chunk);
+  const StepInputs& in = call.in;
+  MlpMemoryStepParams& params = call.params;
   params.dim = int(D);
   params.hidden = int(N);
   params.activation = mlp_activation(activation);
-  params.miras = step_miras_params(objective, p, eps, in, retention, retention_q, v);
   const Tensor w1_c = *in.state(w1), w2_c = *in.state(w2);
   const auto s1_c = in.state(s1), s2_c = in.state(s2), chunk_w1_c = in.state(chunk_w1),
              chunk_w2_c = in.state(chunk_w2), chunk_scale_c = in.state(chunk_scale),
@@ -346,21 +391,21 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
   const Tensor o = empty_on(q, {B, H, D}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
   const Tensor w1_out = in.empty({B, H, N, D}), s1_out = in.empty({B, H, N, D});
   const Tensor w2_out = in.empty({B, H, D, N}), s2_out = in.empty({B, H, D, N});
-  const Tensor chunk_w1_out = in.empty({B, H, N, D}), chunk_w2_out = in.empty({B, H, D, N});
-  const Tensor chunk_scale_out = in.empty({B, H, 2});
-  const Tensor chunk_read_w1_out = in.empty_if(read_weights, {B, H, N, D});
-  const Tensor chunk_read_w2_out = in.empty_if(read_weights, {B, H, D, N});
+  const Tensor chunk_w1_out = call.chunk_output({B, H, N, D}), chunk_w2_out = call.chunk_output({B, H, D, N});
+  const Tensor chunk_scale_out = call.chunk_output({B, H, 2});
+  const Tensor chunk_read_w1_out = call.chunk_output({B, H, N, D}, read_weights);
+  const Tensor chunk_read_w2_out = call.chunk_output({B, H, D, N}, read_weights);
   params.o_ptr = o.data_ptr();
   params.w1_out_ptr = w1_out.data_ptr();
   params.w2_out_ptr = w2_out.data_ptr();
   params.s1_out_ptr = s1_out.data_ptr();
   params.s2_out_ptr = s2_out.data_ptr();
-  params.chunk_w1_out_ptr = chunk_w1_out.data_ptr();
-  params.chunk_w2_out_ptr = chunk_w2_out.data_ptr();
-  params.chunk_scale_out_ptr = chunk_scale_out.data_ptr();
+  params.chunk_w1_out_ptr = data_if_present(chunk_w1_out);
+  params.chunk_w2_out_ptr = data_if_present(chunk_w2_out);
+  params.chunk_scale_out_ptr = data_if_present(chunk_scale_out);
   params.chunk_read_w1_out_ptr = data_if_present(chunk_read_w1_out);
   params.chunk_read_w2_out_ptr = data_if_present(chunk_read_w2_out);
-  run_step(backend, params, in);
+  call.run();
   return {output_in_dtype_of<Backend>(o, q), w1_out, w2_out, s1_out, s2_out, chunk_w1_out, chunk_w2_out,
           chunk_scale_out, chunk_read_w1_out, chunk_read_w2_out};
 }

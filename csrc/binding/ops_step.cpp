@@ -13,9 +13,12 @@
 namespace titans {
 namespace {
 
-// A step's work per (batch, head) is its state, a few thousand multiply-adds: tasks of fewer than
-// this many state elements would cost more in thread hand-offs than they save.
-constexpr int64_t kStepElementsPerTask = 1 << 16;
+// A step's work per (batch, head) is a few passes over its state. Handing a task to another thread
+// costs microseconds on an idle core and can cost milliseconds when the cores are shared (the
+// worker waits for a time slice while the caller waits for the worker), so a task must be long
+// against that: at least this many state elements, about 4 MLP heads at D = 64, E = 4. Smaller
+// steps (a decode of B = 1 with a few heads) run on the calling thread.
+constexpr int64_t kStepElementsPerTask = 1 << 17;
 
 int64_t step_grain(int64_t state_elements_per_head) {
   return std::max<int64_t>(1, kStepElementsPerTask / std::max<int64_t>(1, state_elements_per_head));

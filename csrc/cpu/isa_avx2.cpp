@@ -5,6 +5,7 @@
 #define TITANS_ISA_TARGET __attribute__((target("avx2,fma")))
 #include "cpu/activation_kernel.h"
 #include "cpu/matmul_kernel.h"
+#include "cpu/step_kernel.h"
 
 namespace titans::cpu {
 namespace {
@@ -17,7 +18,8 @@ struct Avx2Tile {
 }  // namespace
 
 const IsaKernels kIsaKernelsAvx2 = {&matmul_tiled<Avx2Tile, float>, &matmul_tiled<Avx2Tile, double>,
-                                    &activation_variant<float>, &activation_variant<double>};
+                                    &activation_variant<float>, &activation_variant<double>,
+                                    step_kernels_variant<float>(), step_kernels_variant<double>()};
 
 }  // namespace titans::cpu
 #endif

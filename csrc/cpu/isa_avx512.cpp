@@ -5,6 +5,7 @@
 #define TITANS_ISA_TARGET __attribute__((target("avx512f")))
 #include "cpu/activation_kernel.h"
 #include "cpu/matmul_kernel.h"
+#include "cpu/step_kernel.h"
 
 namespace titans::cpu {
 namespace {
@@ -18,7 +19,8 @@ struct Avx512Tile {
 }  // namespace
 
 const IsaKernels kIsaKernelsAvx512 = {&matmul_tiled<Avx512Tile, float>, &matmul_tiled<Avx512Tile, double>,
-                                      &activation_variant<float>, &activation_variant<double>};
+                                      &activation_variant<float>, &activation_variant<double>,
+                                      step_kernels_variant<float>(), step_kernels_variant<double>()};
 
 }  // namespace titans::cpu
 #endif

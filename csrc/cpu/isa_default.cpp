@@ -4,6 +4,7 @@
 #include "cpu/activation_kernel.h"
 #include "cpu/isa_kernels.h"
 #include "cpu/matmul_kernel.h"
+#include "cpu/step_kernel.h"
 
 namespace titans::cpu {
 namespace {
@@ -24,6 +25,7 @@ struct DefaultTile {
 }  // namespace
 
 const IsaKernels kIsaKernelsDefault = {&matmul_tiled<DefaultTile, float>, &matmul_tiled<DefaultTile, double>,
-                                       &activation_variant<float>, &activation_variant<double>};
+                                       &activation_variant<float>, &activation_variant<double>,
+                                       step_kernels_variant<float>(), step_kernels_variant<double>()};
 
 }  // namespace titans::cpu

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/activation.h"
+#include "cpu/isa_kernels.h"
 #include "cpu/kernel_utils.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
@@ -50,17 +51,18 @@ struct StepWeight {
   const T* chunk_read;  // chunk_start read weights (null: they are chunk_w)
   T* w_out;
   T* s_out;
-  T* chunk_w_out;
-  T* chunk_read_out;  // null unless read "chunk_start" with kl
+  T* chunk_w_out;     // null with mid_chunk (then the token does not start a chunk)
+  T* chunk_read_out;  // null unless read "chunk_start" with kl, and with mid_chunk
 
   index_t size() const { return rows * cols; }
 
   // Writes the chunk-start state after the token but the kl lag token's weights (written by
   // update) and returns its scale: from the running state at a chunk start, else a copy of the
-  // given one. From here on the chunk's weights are chunk_w_out and its read weights read().
+  // given one (none with mid_chunk). From here on the chunk's weights are weights() and its read
+  // weights read().
   T begin(bool start, const MirasParams& miras, const T* scale_in) const {
     if (!start) {
-      std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
+      if (chunk_w_out) std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
       if (chunk_read_out) std::memcpy(chunk_read_out, chunk_read, size() * sizeof(T));
       return *scale_in;
     }
@@ -73,36 +75,27 @@ struct StepWeight {
     return rho;
   }
 
-  const T* read() const { return chunk_read_out ? chunk_read_out : chunk_w_out; }
+  const T* weights() const { return chunk_w_out ? chunk_w_out : chunk_w; }
+  const T* read() const {
+    if (chunk_read_out) return chunk_read_out;
+    return chunk_w_out ? chunk_w_out : chunk_read ? chunk_read : chunk_w;
+  }
 
   // The token's update with the inner gradient u = x y^T (x: rows, y: cols); lag: the kl lag token.
-  void update(const T* x, const T* y, T theta, T eta, T alpha, bool lag) const {
+  // With read_vec given, also read_out [rows] = read_scale W' read_vec (the read of the new weights).
+  void update(const T* x, const T* y, T theta, T eta, T alpha, bool lag, const T* read_vec, T read_scale,
+              T* read_out) const {
     const T beta = T(1) - alpha;
+    const StepKernels<T>& kernels = isa_kernels().step<T>();
     if (lag) {
       load(w, w_default, w_out);
       load(s, T(0), s_out);
       kl_step(w_out, s_out, int(rows), int(cols), x, y, theta, eta, beta);
       std::memcpy(chunk_w_out, w_out, size() * sizeof(T));
+      if (read_vec) kernels.matvec(w_out, rows, cols, read_vec, read_scale, read_out);
       return;
     }
-    // Row by row with the branches outside the inner loops, which the compiler then vectorizes.
-    for (index_t i = 0; i < rows; ++i) {
-      const T step = theta * x[i];
-      T* __restrict s_row = s_out + i * cols;
-      T* __restrict w_row = w_out + i * cols;
-      if (s) {
-        const T* __restrict s_in = s + i * cols;
-        for (index_t j = 0; j < cols; ++j) s_row[j] = eta * s_in[j] - step * y[j];
-      } else {
-        for (index_t j = 0; j < cols; ++j) s_row[j] = -step * y[j];
-      }
-      if (w) {
-        const T* __restrict w_in = w + i * cols;
-        for (index_t j = 0; j < cols; ++j) w_row[j] = beta * w_in[j] + s_row[j];
-      } else {
-        for (index_t j = 0; j < cols; ++j) w_row[j] = beta * w_default + s_row[j];
-      }
-    }
+    kernels.update({rows, cols, w, s, w_default, x, y, theta, eta, beta, w_out, s_out, read_vec, read_scale, read_out});
   }
 
  private:
@@ -115,7 +108,7 @@ struct StepWeight {
 // out [rows] = scale * W x for W [rows, cols].
 template <typename T>
 void matvec(const T* W, index_t rows, index_t cols, const T* x, T scale, T* out) {
-  for (index_t i = 0; i < rows; ++i) out[i] = scale * dot(W + i * cols, x, cols);
+  isa_kernels().step<T>().matvec(W, rows, cols, x, scale, out);
 }
 
 template <typename T>
@@ -145,17 +138,15 @@ void linear_step_head(const LinearMemoryStepParams& p, const Objective& objectiv
                         at_head<T>(p.chunk_weights_out_ptr, bh, n), at_head<T>(p.chunk_read_out_ptr, bh, n)};
   const bool start = starts_chunk(p, p.chunk_weights_ptr, b);
   const T rho = m.begin(start, p.miras, at_head<T>(p.chunk_scale_ptr, bh, 1));
-  static_cast<T*>(p.chunk_scale_out_ptr)[bh] = rho;
+  if (p.chunk_scale_out_ptr) static_cast<T*>(p.chunk_scale_out_ptr)[bh] = rho;
 
   // e = f(W0 k - v), at the chunk-start weights.
-  matvec(m.chunk_w_out, p.dv, p.dk, k, T(1), e.data());
+  matvec(m.weights(), p.dv, p.dk, k, T(1), e.data());
   for (int j = 0; j < p.dv; ++j) e[j] -= v[j];
   objective_error_row(objective, e.data(), delta, p.dv, e.data());
-  m.update(e.data(), k, theta, eta, alpha, kl && start);
-
   T* o = static_cast<T*>(p.o_ptr) + bh * p.dv;
-  if (p.read_token) matvec(m.w_out, p.dv, p.dk, q, rho, o);
-  else matvec(m.read(), p.dv, p.dk, q, T(1), o);
+  m.update(e.data(), k, theta, eta, alpha, kl && start, p.read_token ? q : nullptr, rho, o);
+  if (!p.read_token) matvec(m.read(), p.dv, p.dk, q, T(1), o);
 }
 
 // Scratch of one head's MLP step: the hidden vectors of the key and query paths and the output-side
@@ -165,15 +156,6 @@ struct MlpStepScratch {
   std::vector<T> z_act, z_slope, dz, zq, r;
   MlpStepScratch(int D, int N) : z_act(N), z_slope(N), dz(N), zq(N), r(D) {}
 };
-
-// o = x + rho2 W2 act(rho1 W1 x) for the weights W1 [N, D], W2 [D, N].
-template <typename T>
-void mlp_read(const MlpMemoryStepParams& p, const T* W1, const T* W2, T rho1, T rho2, const T* x, T* hidden, T* o) {
-  matvec(W1, p.hidden, p.dim, x, rho1, hidden);
-  activation(p.activation, p.hidden, hidden, hidden, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
-  matvec(W2, p.dim, p.hidden, hidden, rho2, o);
-  for (int j = 0; j < p.dim; ++j) o[j] += x[j];
-}
 
 template <typename T, typename Objective>
 void mlp_step_head(const MlpMemoryStepParams& p, const Objective& objective, index_t bh, MlpStepScratch<T>& ws) {
@@ -200,33 +182,35 @@ void mlp_step_head(const MlpMemoryStepParams& p, const Objective& objective, ind
   const T* scale_in = at_head<T>(p.chunk_scale_ptr, bh, 2);
   const T rho1 = w1.begin(start, p.miras, scale_in);
   const T rho2 = w2.begin(start, p.miras, scale_in ? scale_in + 1 : nullptr);
-  T* scale_out = static_cast<T*>(p.chunk_scale_out_ptr) + bh * 2;
-  scale_out[0] = rho1, scale_out[1] = rho2;
+  if (p.chunk_scale_out_ptr) {
+    T* scale_out = static_cast<T*>(p.chunk_scale_out_ptr) + bh * 2;
+    scale_out[0] = rho1, scale_out[1] = rho2;
+  }
 
   // Key path at the chunk-start weights: z = W1 k, h = act(z), r = k + W2 h - v, e = f(r),
   // dz = (W2^T e) .* act'(z); the inner gradients are u1 = dz k^T and u2 = e h^T.
   T* hidden = ws.z_act.data();
   T* e = ws.r.data();
-  matvec(w1.chunk_w_out, N, D, k, T(1), hidden);
+  matvec(w1.weights(), N, D, k, T(1), hidden);
   // The activations of the chunked CPU op (cpu/activation.h), vectorized, in place.
   activation(p.activation, N, hidden, hidden, ws.z_slope.data(), static_cast<T*>(nullptr));
-  matvec(w2.chunk_w_out, D, N, hidden, T(1), e);
+  matvec(w2.weights(), D, N, hidden, T(1), e);
   for (int j = 0; j < D; ++j) e[j] += k[j] - v[j];
   objective_error_row(objective, e, delta, D, e);
-  T* __restrict dz = ws.dz.data();
-  std::fill(dz, dz + N, T(0));
-  for (int j = 0; j < D; ++j) {
-    const T* __restrict w2_row = w2.chunk_w_out + index_t(j) * N;
-    const T e_j = e[j];
-    for (int i = 0; i < N; ++i) dz[i] += w2_row[i] * e_j;
-  }
-  for (int i = 0; i < N; ++i) dz[i] *= ws.z_slope[i];
-  w1.update(ws.dz.data(), k, theta, eta, alpha, kl && start);
-  w2.update(e, hidden, theta, eta, alpha, kl && start);
+  isa_kernels().step<T>().matvec_transposed(w2.weights(), D, N, e, ws.z_slope.data(), ws.dz.data());
 
+  // The read o = q + rho2 W2 act(rho1 W1 q): of the new weights (read "token") as the updates write
+  // them, else of the chunk_start read weights.
   T* o = static_cast<T*>(p.o_ptr) + bh * D;
-  if (p.read_token) mlp_read(p, w1.w_out, w2.w_out, rho1, rho2, q, ws.zq.data(), o);
-  else mlp_read(p, w1.read(), w2.read(), T(1), T(1), q, ws.zq.data(), o);
+  T* hidden_q = ws.zq.data();
+  const bool lag = kl && start;
+  const T* read_q = p.read_token ? q : nullptr;
+  w1.update(ws.dz.data(), k, theta, eta, alpha, lag, read_q, rho1, hidden_q);
+  if (!p.read_token) matvec(w1.read(), N, D, q, T(1), hidden_q);
+  activation(p.activation, N, hidden_q, hidden_q, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+  w2.update(e, hidden, theta, eta, alpha, lag, p.read_token ? hidden_q : nullptr, rho2, o);
+  if (!p.read_token) matvec(w2.read(), D, N, hidden_q, T(1), o);
+  for (int j = 0; j < D; ++j) o[j] += q[j];
 }
 
 }  // namespace

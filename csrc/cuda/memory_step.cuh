@@ -62,8 +62,8 @@ struct StepWeight {
   const T* chunk_read;  // null: the read weights are chunk_w
   T* w_out;
   T* s_out;
-  T* chunk_w_out;
-  T* chunk_read_out;  // null unless read "chunk_start" with kl
+  T* chunk_w_out;     // null with mid_chunk (then the token does not start a chunk)
+  T* chunk_read_out;  // null unless read "chunk_start" with kl, and with mid_chunk
   bool start;         // the token starts a chunk
   T rho;              // the chunk's lq scale (1 otherwise)
 
@@ -99,8 +99,8 @@ struct StepWeight {
       const T w_old = running(ij);
       const T s_new = (s ? eta * s[ij] : T(0)) - theta * x_i * y[j];
       s_out[ij] = s_new;
-      const T w0 = start ? rho * w_old : chunk_w[ij];
-      chunk_w_out[ij] = w0;  // a lag token overwrites it with its result below
+      // A lag token overwrites it with its result below.
+      if (chunk_w_out) chunk_w_out[ij] = start ? rho * w_old : chunk_w[ij];
       if (chunk_read_out) chunk_read_out[ij] = start_read(ij);
       if (!read_token) dot += start_read(ij) * read_vec[j];
       if (lag) {
@@ -124,7 +124,8 @@ struct StepWeight {
       total = device::warp_reduce_sum(total);
       for (int j = lane; j < cols; j += device::kWarpSize) {
         const T w_new = w_out[row + j] / total;
-        w_out[row + j] = chunk_w_out[row + j] = w_new;
+        w_out[row + j] = w_new;
+        if (chunk_w_out) chunk_w_out[row + j] = w_new;
         if (read_token) dot += w_new * read_vec[j];
       }
     }
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kStepThreads) linear_memory_step_kernel(Linear
                                    p.chunk_read_ptr, p.m_out_ptr, p.s_out_ptr, p.chunk_weights_out_ptr,
                                    p.chunk_read_out_ptr, start);
   m.rho = chunk_scale(m, p.miras, p.chunk_scale_ptr ? static_cast<const T*>(p.chunk_scale_ptr) + bh : nullptr, scratch);
-  if (threadIdx.x == 0) static_cast<T*>(p.chunk_scale_out_ptr)[bh] = m.rho;
+  if (threadIdx.x == 0 && p.chunk_scale_out_ptr) static_cast<T*>(p.chunk_scale_out_ptr)[bh] = m.rho;
   __syncthreads();
 
   // r = W0 k - v at the chunk-start weights.
@@ -240,7 +241,7 @@ __global__ void __launch_bounds__(kStepThreads) mlp_memory_step_kernel(MlpMemory
   const T* scale_in = p.chunk_scale_ptr ? static_cast<const T*>(p.chunk_scale_ptr) + 2 * bh : nullptr;
   w1.rho = chunk_scale(w1, p.miras, scale_in, scratch);
   w2.rho = chunk_scale(w2, p.miras, scale_in ? scale_in + 1 : nullptr, scratch);
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && p.chunk_scale_out_ptr) {
     static_cast<T*>(p.chunk_scale_out_ptr)[2 * bh] = w1.rho;
     static_cast<T*>(p.chunk_scale_out_ptr)[2 * bh + 1] = w2.rho;
   }

@@ -19,7 +19,10 @@ of a stream without autograd (every generated token), the public functions call 
 straight away (:func:`_decode_fast`); its C++ binding checks every argument, and on the CPU the
 values (csrc/binding/memory_step.h). Only when it raises do the Python checks below run, to raise
 the error as a ValueError or TypeError naming the argument. The start of a stream, autograd, CUDA
-tensors with value checks on (each a host sync) and torch.compile take the checked path.
+tensors with value checks on (each a host sync) and torch.compile take the checked path. Where the
+host knows the token does not start a chunk, the operator runs with ``mid_chunk`` and the step
+returns the chunk-start state it was given instead of the operator's copy (``docs/design.md``
+§4.3).
 """
 
 import dataclasses
@@ -166,32 +169,77 @@ def _chunk_state_result(weights, scale, read, has_read):
     return ChunkStartState(weights, scale, read if has_read else None)
 
 
+def _kept_chunk_state(chunk_state):
+    """The chunk-start state a mid_chunk step passes on: the one it was given."""
+    return chunk_state if type(chunk_state) is ChunkStartState else ChunkStartState(*chunk_state)
+
+
 class _Checked(Exception):
     """Raised by :func:`_decode_fast` for a call it leaves to the checked path."""
 
 
+# The operators read a position only modulo chunk_size (does the token start a chunk?), so the
+# decode path passes an int position on the CPU as a kept scalar tensor of ``position %
+# chunk_size``, a dictionary lookup instead of a new tensor per token (at most as many tensors as
+# the largest chunk_size in use). Not on CUDA: a tensor first made while a CUDA graph is being captured
+# would hold no value outside the graph.
+_CPU_POSITION_OFFSETS = {}
+
+
+def _cpu_position_offset(position, chunk_size):
+    offset = position % chunk_size
+    tensor = _CPU_POSITION_OFFSETS.get(offset)
+    if tensor is None:
+        tensor = _CPU_POSITION_OFFSETS[offset] = torch.full((), offset, dtype=torch.int64)
+    return tensor
+
+
 def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective, retention):
     """The arguments of a decode step in the middle of a stream, as the operator takes them, for a
-    call the operator's own checks cover: ``(position, read_token, objective, retention, delta)``.
-    Raises :class:`_Checked` for any other call (which then takes the checked path)."""
+    call the operator's own checks cover: ``(position, read_token, objective, retention, delta,
+    mid_chunk)``. Raises :class:`_Checked` for any other call (which then takes the checked path).
+
+    ``mid_chunk`` (the operators' argument, csrc/binding/memory_step.h): the token is known on the
+    host not to start a chunk (an int position, or a scalar position on the CPU) and the given
+    chunk-start state is as a step returns it (the state dtype, contiguous), so the step passes
+    that state on instead of the operator copying it."""
     if (torch.is_grad_enabled() or state is None or chunk_state is None or type(chunk_size) is not int
             or read not in READ_MODES or torch.compiler.is_compiling()):
         raise _Checked
     device = q.device
-    if device.type != "cpu" and value_checks_enabled(device):  # Python reads the values (a host sync)
+    on_cpu = device.type == "cpu"
+    if not on_cpu and value_checks_enabled(device):  # Python reads the values (a host sync)
         raise _Checked
     check_op_device(q)
     if type(position) is int:
         if position < 0:
             raise _Checked
-        position = torch.full((), position, dtype=torch.int64, device=device)
+        mid_chunk = position % chunk_size != 0
+        if on_cpu:
+            position = _cpu_position_offset(position, chunk_size)
+        else:
+            position = torch.full((), position, dtype=torch.int64, device=device)
+    else:  # a tensor (else the operator raises): read on the host where that is free
+        mid_chunk = on_cpu and position.dim() == 0 and int(position) % chunk_size != 0
+    if mid_chunk:
+        state_dtype = state_dtype_for(q.dtype)
+        mid_chunk = all(t is None or (t.dtype == state_dtype and t.is_contiguous()) for t in _flat(chunk_state))
     objective, retention = parse_objective(objective), parse_retention(retention)
     delta = objective.delta
     if delta is not None:
         if isinstance(delta, torch.Tensor):
             raise _Checked
         delta = torch.full(v.shape, delta, device=device, dtype=state_dtype_for(q.dtype))
-    return position, read == "token", objective, retention, delta
+    return position, read == "token", objective, retention, delta, mid_chunk
+
+
+def _flat(tensors):
+    """The tensors (or None) of a chunk-start state, whose fields are tensors, pairs or None."""
+    for x in tensors:
+        if isinstance(x, (tuple, list)):
+            yield from x
+        else:
+            yield x
 
 
 # ---- linear memory ----------------------------------------------------------------------------------------
@@ -200,15 +248,18 @@ def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective
 @torch.library.register_fake("titans_ext::linear_memory_step")
 def _linear_memory_step_fake(q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position,
                              chunk_size, read_token, objective=0, p=2.0, eps=0.0, delta=None, retention=0,
-                             retention_q=2.0):
+                             retention_q=2.0, mid_chunk=False):
     check_fake_device(q)
     B, H, Dk = q.shape
     Dv = v.shape[-1]
     state_dtype = state_dtype_for(q.dtype)
-    state = [q.new_empty(B, H, Dv, Dk, dtype=state_dtype) for _ in range(3)]
+
+    def chunk_output(*shape, present=True):  # empty with mid_chunk
+        return q.new_empty(shape if present and not mid_chunk else (0,), dtype=state_dtype)
+
     has_read = not read_token and retention == 2
-    read_out = q.new_empty((B, H, Dv, Dk) if has_read else (0,), dtype=state_dtype)
-    return q.new_empty(B, H, Dv), *state, q.new_empty(B, H, dtype=state_dtype), read_out
+    return (q.new_empty(B, H, Dv), *(q.new_empty(B, H, Dv, Dk, dtype=state_dtype) for _ in range(2)),
+            chunk_output(B, H, Dv, Dk), chunk_output(B, H), chunk_output(B, H, Dv, Dk, present=has_read))
 
 
 torch.library.register_autograd("titans_ext::linear_memory_step", _no_backward("linear_memory_step"),
@@ -274,14 +325,16 @@ def linear_memory_step(q, k, v, theta, eta, alpha, *, position, state=None, chun
 
 def _linear_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, objective,
                              retention):
-    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
-                                                                     read, objective, retention)
+    position, read_token, objective, retention, delta, mid_chunk = _decode_fast(
+        q, v, position, state, chunk_state, chunk_size, read, objective, retention)
     m, s = state
     chunk_weights, chunk_scale, chunk_read = chunk_state
     with torch._C._AutoDispatchBelowADInplaceOrView():  # no autograd kernel to pass through: grad mode is off
         o, m, s, chunk_weights, chunk_scale, chunk_read = torch.ops.titans_ext.linear_memory_step.default(
             q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position, chunk_size,
-            read_token, objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
+            read_token, objective.code, objective.p, objective.eps, delta, retention.code, retention.q, mid_chunk)
+    if mid_chunk:
+        return o, (m, s), _kept_chunk_state(chunk_state)
     has_read = not read_token and retention.kind == "kl"
     return o, (m, s), _chunk_state_result(chunk_weights, chunk_scale, chunk_read, has_read)
 
@@ -318,7 +371,7 @@ def run_linear_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, c
 @torch.library.register_fake("titans_ext::mlp_memory_step")
 def _mlp_memory_step_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
                           chunk_read_w2, position, chunk_size, read_token, activation, objective=0, p=2.0, eps=0.0,
-                          delta=None, retention=0, retention_q=2.0):
+                          delta=None, retention=0, retention_q=2.0, mid_chunk=False):
     check_fake_device(q)
     B, H, D = q.shape
     N = w1.shape[2]
@@ -328,10 +381,10 @@ def _mlp_memory_step_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, 
         shapes = ((B, H, N, D), (B, H, D, N)) if present else ((0,), (0,))
         return [q.new_empty(shape, dtype=state_dtype) for shape in shapes]
 
-    (w1_out, w2_out), (s1_out, s2_out), (cw1, cw2) = pair(), pair(), pair()
+    (w1_out, w2_out), (s1_out, s2_out), (cw1, cw2) = pair(), pair(), pair(not mid_chunk)
     has_read = not read_token and retention == 2
     return (q.new_empty(B, H, D), w1_out, w2_out, s1_out, s2_out, cw1, cw2,
-            q.new_empty(B, H, 2, dtype=state_dtype), *pair(has_read))
+            q.new_empty((0,) if mid_chunk else (B, H, 2), dtype=state_dtype), *pair(has_read and not mid_chunk))
 
 
 torch.library.register_autograd("titans_ext::mlp_memory_step", _no_backward("mlp_memory_step"),
@@ -407,8 +460,8 @@ def mlp_memory_step(q, k, v, theta, eta, alpha, *, position, state, chunk_state=
 
 def _mlp_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, activation,
                           objective, retention):
-    position, read_token, objective, retention, delta = _decode_fast(q, v, position, state, chunk_state, chunk_size,
-                                                                     read, objective, retention)
+    position, read_token, objective, retention, delta, mid_chunk = _decode_fast(
+        q, v, position, state, chunk_state, chunk_size, read, objective, retention)
     (w1, w2), momentum = state
     s1, s2 = (None, None) if momentum is None else momentum
     (chunk_w1, chunk_w2), chunk_scale, chunk_read = chunk_state
@@ -417,8 +470,10 @@ def _mlp_memory_step_fast(q, k, v, theta, eta, alpha, position, state, chunk_sta
         out = torch.ops.titans_ext.mlp_memory_step.default(
             q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
             chunk_read_w2, position, chunk_size, read_token, activation, objective.code, objective.p, objective.eps,
-            delta, retention.code, retention.q)
+            delta, retention.code, retention.q, mid_chunk)
     o, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1, chunk_read_w2 = out
+    if mid_chunk:
+        return o, ((w1, w2), (s1, s2)), _kept_chunk_state(chunk_state)
     has_read = not read_token and retention.kind == "kl"
     return (o, ((w1, w2), (s1, s2)),
             _chunk_state_result((chunk_w1, chunk_w2), chunk_scale, (chunk_read_w1, chunk_read_w2), has_read))
