@@ -3,9 +3,9 @@
 (``titans_emu::linear_memory_fwd`` / ``_bwd``) against autograd of the float64 chunked reference
 (itself checked against the token loop in test_miras_linear.py): outputs, final state and every
 gradient, delta's (per channel and per token), the initial state's and lq's rho0 terms included.
-The whole-state options (objective "yaad", retention "lq") run one value tile over all of Dv; the
-options the kernels do not run (retention "kl"; the whole-state options past Dv = 64) are refused by
-name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
+The whole-state options (objective "yaad", retention "lq") run one value tile over all of Dv; kl's
+lag token runs with every objective and both reads; the options the kernels do not run (the
+whole-state options past Dv = 64) are refused by name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
 (miras_cases.yaad_delta_clear_of_the_switch), and lq's start from a unit q-norm state.
 
 Bounds as in test_mlp_memory_emulated.py (the kernels' MMA wrappers round operands as the GPU
@@ -149,25 +149,55 @@ def test_lq_float64(objective, retention, init):
 
 
 # ---- kl: each chunk's token 0 takes Memora's softmax step (the lag token), the rest is a chunk from
-# its result (read "token"; with "yaad" or read "chunk_start" it is refused below).
+# its result. Under yaad the lag token's switch reads its residual norm at the memory before it and
+# the rest's at the lagged memory (the backward's setup recomputes the lag step over all of Dv); read
+# "chunk_start" reads the memory before the lag token (dQ and the reads' cotangent go to it).
 
-@pytest.mark.parametrize("objective, C, T", [("l2", 16, 37), ("huber", 1, 6), ("pseudo_huber", 64, 70)])
-def test_kl_float32(objective, C, T):
-    check(1, T, 2, 16, 16, C, torch.float32, objective=objective, retention="kl")
+@pytest.mark.parametrize("objective, read, C, T", [
+    ("l2", "token", 16, 37), ("huber", "token", 1, 6), ("pseudo_huber", "token", 64, 70),
+    ("yaad", "token", 16, 37), ("yaad", "token", 1, 6), ("l2", "chunk_start", 16, 37),
+    ("lp3", "chunk_start", 1, 6), ("yaad", "chunk_start", 16, 37)])
+def test_kl_float32(objective, read, C, T):
+    check(1, T, 2, 16, 16, C, torch.float32, objective=objective, retention="kl", read=read)
 
 
-@pytest.mark.parametrize("objective, init", [("lp3", False), ("huber", True)])
-def test_kl_float64(objective, init):
+def test_kl_yaad_per_token_delta():
+    check(2, 19, 1, 16, 16, 8, torch.float32, objective="yaad", delta_kind="token", retention="kl")
+
+
+@pytest.mark.parametrize("objective, read, init", [("lp3", "token", False), ("huber", "token", True),
+                                                   ("yaad", "token", False), ("huber", "chunk_start", True),
+                                                   ("yaad", "chunk_start", True)])
+def test_kl_float64(objective, read, init):
     # Three value slices in the backward (Dv = 40); without an initial state the memory is 1 / Dk.
-    check(1, 23, 2, 8, 40, 8, torch.float64, objective=objective, retention="kl", init=init)
+    check(1, 23, 2, 8, 40, 8, torch.float64, objective=objective, retention="kl", read=read, init=init)
 
 
-def test_kl_bf16():
+@pytest.mark.parametrize("objective, read", [("l2", "token"), ("yaad", "token"), ("l2", "chunk_start")])
+def test_kl_bf16(objective, read):
     # The lag step's backward divides by the memory (d log M): across chunk boundaries it amplifies
     # rounding several hundredfold (at D = 64, C = 16 over five chunks the CPU op in fp32 is 5e-5 off
     # the float64 reference in dk and dv), so bf16's gradients get a relative RMS of 3 % and a
     # largest error of 6 % of the largest entry (values: the bf16 bounds).
-    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective="l2", retention="kl", grad_bounds=(3e-2, 0.06))
+    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective=objective, retention="kl", read=read,
+          grad_bounds=(3e-2, 0.06))
+
+
+@pytest.mark.parametrize("objective, read", [("yaad", "token"), ("huber", "chunk_start"), ("yaad", "chunk_start")])
+def test_kl_matches_the_cpu_op(objective, read):
+    # The emulated kernels against titans_ext's CPU kernels on the same fp32 inputs: values and
+    # every gradient (delta's included), at fp32's bounds.
+    inputs, init = memory_inputs(1, 37, 2, 16, 24, torch.float32)
+    init = (init[0].softmax(-1), init[1])
+    delta = torch.full_like(inputs[2], 0.5 if objective == "huber" else 2.0, dtype=torch.float32)
+    miras = op_miras_args((objective, delta), "kl", inputs[2], torch.float32)
+    d_o, d_m, d_s = random_cotangents([inputs[2], init[0], init[1]], seed=4)
+    token = read == "token"
+    results = []
+    for ops in (emu, torch.ops.titans_ext):
+        o, m, s, states = ops.linear_memory_fwd(*inputs, *init, 16, token, True, *miras)
+        results.append([o, m, s] + list(ops.linear_memory_bwd(*inputs, states, d_o, d_m, d_s, 16, token, *miras)))
+    assert_matches(NAMES, results[1], results[0], torch.float32)
 
 
 # ---- The CI subset: D = 64 over five chunks (bf16 recomputes every other chunk's start state in the
@@ -188,9 +218,10 @@ def test_head_dim_128(dtype, T):
     check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
 
 
-@pytest.mark.parametrize("objective, retention", [("huber", "l2"), ("yaad", "l2"), ("l2", ("lq", 3)),
-                                                 ("yaad", ("lq", 4)), ("huber", "kl")])
-def test_state_carried_across_calls_equals_one_call(objective, retention):
+@pytest.mark.parametrize("objective, retention, read", [
+    ("huber", "l2", "token"), ("yaad", "l2", "token"), ("l2", ("lq", 3), "token"), ("yaad", ("lq", 4), "token"),
+    ("huber", "kl", "token"), ("yaad", "kl", "token"), ("l2", "kl", "chunk_start")])
+def test_state_carried_across_calls_equals_one_call(objective, retention, read):
     # A stream split at a chunk boundary: the second call starts from the first's final state (lq's
     # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk).
     inputs, init = memory_inputs(1, 48, 2, 16, 16, torch.float32)
@@ -201,7 +232,7 @@ def test_state_carried_across_calls_equals_one_call(objective, retention):
     def run(piece, state, rows):
         miras = op_miras_args((objective, delta[:, rows]) if objective != "l2" else "l2", retention, piece[2],
                               torch.float32)
-        return emu.linear_memory_fwd(*piece, *state, 16, True, False, *miras)[:3]
+        return emu.linear_memory_fwd(*piece, *state, 16, read == "token", False, *miras)[:3]
 
     o, m, s = run(inputs, init, slice(None))
     o1, m1, s1 = run([x[:, :32] for x in inputs], init, slice(0, 32))
@@ -264,13 +295,22 @@ def test_plans_of_the_whole_state_options():
     kl = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, retention="kl", emulated=True)
     assert kl["forward"]["tile_v"] == l2["forward"]["tile_v"] and kl["backward"]["n_groups"] == 1
     assert kl["forward"]["buffers"][0]["bytes"] == 2 * l2["forward"]["buffers"][0]["bytes"]
+    # kl with yaad: yaad's tile; the backward's setup lags every row (two more passes over the
+    # checkpoint, token 0's values twice more per chunk) besides kl's lag backward (M and S).
+    yaad = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, objective=("yaad", 0.5), emulated=True)
+    kl_yaad = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, objective=("yaad", 0.5), retention="kl",
+                               emulated=True)
+    assert kl_yaad["forward"]["tile_v"] == 64 and kl_yaad["forward"]["kernels"][0]["bytes_read"] == \
+        yaad["forward"]["kernels"][0]["bytes_read"]
+    checkpoint_half, value_rows = B * H * (T // C) * 48 * D * 2, B * H * (T // C) * 48 * 2
+    assert kl_yaad["backward"]["kernels"][0]["bytes_read"] == \
+        yaad["backward"]["kernels"][0]["bytes_read"] + 4 * checkpoint_half + 2 * value_rows
 
 
 # ---- Refusals: the options the kernels do not run, named by the operators themselves
 # (titans_ext.linear_memory raises a ValueError before dispatch on CUDA tensors).
 
 @pytest.mark.parametrize("objective, retention, Dv, match", [
-    (("yaad", 0.5), "kl", 8, r'do not run retention "kl" with objective "yaad" or read "chunk_start"'),
     (("yaad", 0.5), "l2", 65, r'"yaad" and retention "lq" run on the CUDA kernels for Dv <= 64'),
     ("l2", ("lq", 4), 80, r'for Dv <= 64 .* got v of shape \[1, 8, 1, 80\]'),
 ])
@@ -282,13 +322,6 @@ def test_unsupported_options_are_refused(objective, retention, Dv, match):
     states = torch.zeros(1, 1, 2, 2, Dv, 8)
     with pytest.raises(RuntimeError, match=match):
         emu.linear_memory_bwd(*inputs, states, torch.zeros_like(inputs[2]), None, None, 4, True, *miras)
-
-
-def test_kl_chunk_start_read_is_refused():
-    inputs, init = memory_inputs(1, 8, 1, 8, 8, torch.float32)
-    miras = op_miras_args("l2", "kl", inputs[2], torch.float32)
-    with pytest.raises(RuntimeError, match=r'do not run retention "kl" with objective "yaad" or read "chunk_start"'):
-        emu.linear_memory_fwd(*inputs, *init, 4, False, True, *miras)
 
 
 # ---- The rest of the grid (pytest -m slow): D in {16, 64, 128}, C in {1, 16, 64}, every dtype, the

@@ -141,16 +141,57 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
       store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
                                 [&](int r, int d) { return S0(r, d); });
     }
+    // The chunk's outputs: the token reads diag(a) Q M0^T + diag(g) Q S0^T + W E, or under read
+    // "chunk_start" Q M0^T, rho0 times (strips from first_strip's warp on, after the update's).
+    const auto write_outputs = [&](int first_strip) {
+      kernel::for_each_strip<2>(
+          C16, kTileV,
+          [&](int r0, int c0) {
+            acc_t qm[2][4], qs[2][4], we[2][4];
+            kernel::zero(qm);
+            kernel::zero(qs);
+            kernel::zero(we);
+            if (token_read) {
+              kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t), kernel::times(qs, S0t));
+              kernel::strip_mma<Policy>(w.matrix(), r0, c0, C16, kernel::times(we, err.matrix()));
+            } else {
+              kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t));
+            }
+            // The gate rows scale accumulators, so a and g never round into the MMA operands.
+            kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
+              if (t >= L || j >= rows) return;
+              const compute_t out =
+                  rho * (token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
+                                          compute_t(we[s][e])
+                                    : compute_t(qm[s][e]));
+              o_out[kernel::contiguous_token_offset(b, n * C + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+                  device::cast<input_t>(out);
+            });
+          },
+          first_strip);
+    };
     // kl: token 0 takes Memora's step on the state's rows (row-local, so any value tile), then the
-    // chunk runs from its result with lag tables (token 0 the identity; its read is q0 M_lag).
+    // chunk runs from its result with lag tables (token 0 the identity; its read is q0 M_lag). Read
+    // "chunk_start" reads the memory before the step, so those outputs are written first.
     if (kl) {
+      if (!token_read) write_outputs(0);
       const auto lag_err = kernel::shared_array<compute_t>(at.lag_err);
       const PaddedTile<input_t> keys = walk.k(cur);
       const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+      // Under yaad the lag token's switch reads its residual norm over the tile, all of Dv: the
+      // residuals first (zero past the rows), then the errors.
+      for (int j = rows + threadIdx.x; j < kTileV; j += blockDim.x) lag_err[j] = 0;
       lag_errors(objective, rows, dk, [&](int j, int d) { return walk.value(S0, j, d); }, k0,
                  [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, n * C, h, v0,
-                 [&](int j, compute_t, compute_t, compute_t e) { lag_err[j] = e; });
-      __syncthreads();  // also: the checkpoint has read the state
+                 [&](int j, compute_t r, compute_t, compute_t e) { lag_err[j] = yaad ? r : e; });
+      __syncthreads();  // also: the checkpoint and the chunk_start reads have read the state
+      if (yaad) {
+        row_norms<kTileV>(1, lag_err, norm);
+        __syncthreads();
+        for (int j = threadIdx.x; j < rows; j += blockDim.x)
+          lag_err[j] = objective.error(lag_err[j], objective.threshold(true, b, n * C, h, v0 + j), norm[0]);
+        __syncthreads();
+      }
       const ChunkGates<compute_t> lag_gates = walk.gates(n);
       kernel::kl_softmax_rows<compute_t>(
           rows, dk, lag_gates.theta[0], lag_gates.eta[0], compute_t(1) - lag_gates.alpha[0],
@@ -219,31 +260,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2) linear_memory_fwd_kernel(L
         walk.set(S1, kTileV + j, d, p_L * s_old + compute_t(as[s][e]));
       });
     });
-    kernel::for_each_strip<2>(
-        C16, kTileV,
-        [&](int r0, int c0) {
-          acc_t qm[2][4], qs[2][4], we[2][4];
-          kernel::zero(qm);
-          kernel::zero(qs);
-          kernel::zero(we);
-          if (token_read) {
-            kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t), kernel::times(qs, S0t));
-            kernel::strip_mma<Policy>(w.matrix(), r0, c0, C16, kernel::times(we, err.matrix()));
-          } else {
-            kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t));
-          }
-          // The gate rows scale accumulators, so a and g never round into the MMA operands.
-          kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-            if (t >= L || j >= rows) return;
-            const compute_t out =
-                rho * (token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
-                                        compute_t(we[s][e])
-                                  : compute_t(qm[s][e]));
-            o_out[kernel::contiguous_token_offset(b, n * C + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-                device::cast<input_t>(out);
-          });
-        },
-        kernel::strip_count<2>(kTileV, dk16));
+    if (token_read || !kl) write_outputs(kernel::strip_count<2>(kTileV, dk16));
     // c was last read in phase A; the next chunk's rows go to the other buffer.
     if (n + 1 < n_chunks)
       build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables, kl);
