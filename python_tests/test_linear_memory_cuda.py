@@ -195,11 +195,11 @@ def test_limits_raise_value_errors():
     wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="Dk <= 128"):
         titans_ext.linear_memory(*wide, chunk_size=16)
-    # The whole-state options read all of Dv in one block.
+    # kl with yaad reads all of Dv in one value tile.
     wide_v, _ = memory_inputs(1, 10, 1, 16, 80, torch.float32, device="cuda")
-    for options in [dict(objective=("yaad", 0.5)), dict(retention=("lq", 3))]:
-        with pytest.raises(ValueError, match=r"v: .* runs on the CUDA kernels for Dv <= 64 \(device cuda"):
-            titans_ext.linear_memory(*wide_v, chunk_size=16, **options)
+    with pytest.raises(ValueError, match=r"v: objective 'yaad' with retention 'kl' runs on the CUDA kernels for "
+                                         r"Dv <= 64 \(device cuda"):
+        titans_ext.linear_memory(*wide_v, chunk_size=16, objective=("yaad", 0.5), retention="kl")
 
 
 def test_opcheck():
@@ -237,8 +237,8 @@ def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
                                                  ("pseudo_huber", "l2"), ("yaad", "l2"), ("l2", "lq3"),
                                                  ("yaad", "lq4"), ("huber", "lq3"), ("l2", "kl"), ("huber", "kl"),
                                                  ("yaad", "kl")])
-def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind):
-    B, T, H, Dk, Dv, C = 2, 150, 2, 64, 48, 32
+def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind, Dv=48):
+    B, T, H, Dk, C = 2, 150, 2, 64, 32
     inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda", theta_max=0.1)
     retention = RETENTIONS[retention]
     if retention == "kl":
@@ -270,3 +270,10 @@ def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, de
     else:
         _compare(ref, out, TOLERANCE[dtype], names=names)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("objective, retention, read", [("yaad", "l2", "token"), ("l2", "lq3", "chunk_start"),
+                                                       ("yaad", "lq4", "token")])
+def test_whole_state_options_past_one_tile_match_the_cpu_op(objective, retention, read, dtype):
+    # Dv = 128: the forward's block walks two value tiles of 64 with the state in global memory.
+    test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, "channel", Dv=128)

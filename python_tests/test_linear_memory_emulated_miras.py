@@ -3,9 +3,9 @@
 (``titans_emu::linear_memory_fwd`` / ``_bwd``) against autograd of the float64 chunked reference
 (itself checked against the token loop in test_miras_linear.py): outputs, final state and every
 gradient, delta's (per channel and per token), the initial state's and lq's rho0 terms included.
-The whole-state options (objective "yaad", retention "lq") run one value tile over all of Dv; kl's
-lag token runs with every objective and both reads; the options the kernels do not run (the
-whole-state options past Dv = 64) are refused by name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
+The whole-state options (objective "yaad", retention "lq") run one block over all of Dv (one value
+tile, or past 64 rows tiles of 64 in turn); kl's lag token runs with every objective and both reads;
+the option the kernels do not run (kl with yaad past Dv = 64) is refused by name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
 (miras_cases.yaad_delta_clear_of_the_switch), and lq's start from a unit q-norm state.
 
 Bounds as in test_mlp_memory_emulated.py (the kernels' MMA wrappers round operands as the GPU
@@ -148,6 +148,33 @@ def test_lq_float64(objective, retention, init):
     check(1, 23, 2, 8, 20, 8, torch.float64, objective=objective, retention=retention, init=init)
 
 
+# ---- The whole-state options past one value tile (Dv > 64): the forward's block walks tiles of 64
+# rows in turn, the state between them in the final state's outputs; a partial last tile (Dv = 80,
+# 130), three tiles (130).
+
+@pytest.mark.parametrize("objective, retention, read, C, T", [
+    ("yaad", "l2", "token", 16, 37), ("l2", "lq3", "token", 16, 37), ("yaad", "lq4", "chunk_start", 16, 37),
+    ("huber", "lq3", "token", 1, 5), ("yaad", "l2", "chunk_start", 1, 5)])
+def test_whole_state_past_one_tile_float32(objective, retention, read, C, T):
+    check(1, T, 2, 16, 80, C, torch.float32, objective=objective, retention=retention, read=read)
+
+
+@pytest.mark.parametrize("objective, retention, init", [("yaad", "lq3", False), ("pseudo_huber", "lq4", True)])
+def test_whole_state_past_one_tile_float64(objective, retention, init):
+    check(1, 23, 2, 8, 130, 8, torch.float64, objective=objective, retention=retention, init=init)
+
+
+@pytest.mark.parametrize("objective, retention", [("yaad", "l2"), ("l2", "lq3")])
+def test_whole_state_past_one_tile_bf16(objective, retention):
+    # theta as the grid takes it past D = 16 (at full theta the D = 32 recurrence grows until bf16's
+    # rounding is several percent of the outputs, at Dv = 64 too).
+    check(1, 45, 1, 32, 80, 16, torch.bfloat16, objective=objective, retention=retention, theta_scale=0.2)
+
+
+def test_whole_state_past_one_tile_per_token_delta():
+    check(2, 19, 1, 16, 72, 8, torch.float32, objective="yaad", delta_kind="token", retention="lq3")
+
+
 # ---- kl: each chunk's token 0 takes Memora's softmax step (the lag token), the rest is a chunk from
 # its result. Under yaad the lag token's switch reads its residual norm at the memory before it and
 # the rest's at the lagged memory (the backward's setup recomputes the lag step over all of Dv); read
@@ -220,11 +247,13 @@ def test_head_dim_128(dtype, T):
 
 @pytest.mark.parametrize("objective, retention, read", [
     ("huber", "l2", "token"), ("yaad", "l2", "token"), ("l2", ("lq", 3), "token"), ("yaad", ("lq", 4), "token"),
-    ("huber", "kl", "token"), ("yaad", "kl", "token"), ("l2", "kl", "chunk_start")])
+    ("huber", "kl", "token"), ("yaad", "kl", "token"), ("l2", "kl", "chunk_start"), ("yaad", ("lq", 3), "wide"),
+    ("l2", ("lq", 4), "wide")])
 def test_state_carried_across_calls_equals_one_call(objective, retention, read):
     # A stream split at a chunk boundary: the second call starts from the first's final state (lq's
-    # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk).
-    inputs, init = memory_inputs(1, 48, 2, 16, 16, torch.float32)
+    # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk). "wide":
+    # token reads at Dv = 80, past one value tile.
+    inputs, init = memory_inputs(1, 48, 2, 16, 80 if read == "wide" else 16, torch.float32)
     if retention == "kl":
         init = (init[0].softmax(-1), init[1])
     delta = torch.full_like(inputs[2], 0.5 if objective == "huber" else 2.0, dtype=torch.float32)
@@ -232,7 +261,7 @@ def test_state_carried_across_calls_equals_one_call(objective, retention, read):
     def run(piece, state, rows):
         miras = op_miras_args((objective, delta[:, rows]) if objective != "l2" else "l2", retention, piece[2],
                               torch.float32)
-        return emu.linear_memory_fwd(*piece, *state, 16, read == "token", False, *miras)[:3]
+        return emu.linear_memory_fwd(*piece, *state, 16, read != "chunk_start", False, *miras)[:3]
 
     o, m, s = run(inputs, init, slice(None))
     o1, m1, s1 = run([x[:, :32] for x in inputs], init, slice(0, 32))
@@ -291,6 +320,23 @@ def test_plans_of_the_whole_state_options():
         assert plan["forward"]["tile_v"] == 64 and plan["forward"]["kernels"][0]["blocks"] == B * H
         assert plan["backward"]["n_groups"] == 1
         assert plan["forward"]["buffers"][0]["bytes"] == 2 * l2["forward"]["buffers"][0]["bytes"]
+    # Past one tile (Dv = 128): one block per head walks two tiles of 64; the state's trips home per
+    # chunk (written once, read once, M once more for yaad's residuals with the values, once more for
+    # lq's rho0) add to the traffic.
+    n_chunks, state_bytes = T // C, B * H * 128 * D * 4  # one of M, S of every head in fp32
+    wide_l2 = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, emulated=True)["forward"]
+    for objective, retention, extra_reads in [(("yaad", 0.5), "l2", 1), ("l2", ("lq", 3), 1),
+                                              (("yaad", 0.5), ("lq", 3), 2)]:
+        plan = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=objective, retention=retention,
+                                emulated=True)["forward"]
+        assert plan["tile_v"] == 64 and plan["block_tiles"] == 2 and plan["kernels"][0]["blocks"] == B * H
+        yaad = objective != "l2"
+        delta_and_values = B * T * H * 128 * (4 + 2) if yaad else 0
+        [kernel], [l2_kernel] = plan["kernels"], wide_l2["kernels"]
+        assert kernel["bytes_written"] - plan["buffers"][0]["bytes"] == \
+            l2_kernel["bytes_written"] - wide_l2["buffers"][0]["bytes"] + 2 * n_chunks * state_bytes
+        assert kernel["bytes_read"] == \
+            l2_kernel["bytes_read"] + delta_and_values + (2 + extra_reads) * n_chunks * state_bytes
     # kl: row-local, so any value tile, but every chunk's checkpoint and one group per sequence.
     kl = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, retention="kl", emulated=True)
     assert kl["forward"]["tile_v"] == l2["forward"]["tile_v"] and kl["backward"]["n_groups"] == 1
@@ -311,8 +357,8 @@ def test_plans_of_the_whole_state_options():
 # (titans_ext.linear_memory raises a ValueError before dispatch on CUDA tensors).
 
 @pytest.mark.parametrize("objective, retention, Dv, match", [
-    (("yaad", 0.5), "l2", 65, r'"yaad" and retention "lq" run on the CUDA kernels for Dv <= 64'),
-    ("l2", ("lq", 4), 80, r'for Dv <= 64 .* got v of shape \[1, 8, 1, 80\]'),
+    (("yaad", 0.5), "kl", 65, r'"kl" with objective "yaad" runs on the CUDA kernels for Dv <= 64 .* got v of shape '
+                              r'\[1, 8, 1, 65\]'),
 ])
 def test_unsupported_options_are_refused(objective, retention, Dv, match):
     inputs, init = memory_inputs(1, 8, 1, 8, Dv, torch.float32)
@@ -336,8 +382,6 @@ _OPTIONS = list(itertools.product(["token", "chunk_start"], OBJECTIVE_IDS, ["l2"
 def test_grid(index):
     D, C, dtype = _GRID[index]
     read, objective, retention = _OPTIONS[(5 * index) % len(_OPTIONS)]
-    if D > 64:  # the whole-state options take Dv <= 64
-        retention, objective = "l2", "l2" if objective == "yaad" else objective
     T = 3 * C + 5 if C > 1 else 9
     plan = cuda_launch_plan(1, T, 2, D, D, C, dtype, read=read, objective=OBJECTIVES[objective](0.5),
                             retention=RETENTIONS[retention], emulated=True)

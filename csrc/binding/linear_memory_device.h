@@ -41,14 +41,14 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size, const Devic
                   kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
-// The MIRAS options the device kernels run: every objective with every retention and both reads;
-// the whole-state options (objective yaad, retention lq) in one value tile, Dv <=
-// kCudaMaxWholeStateDv. titans_ext.linear_memory raises a ValueError first, this guards direct
-// calls of the operators.
+// The MIRAS options the device kernels run: every objective with every retention and both reads,
+// kl with objective yaad for Dv <= kCudaMaxKlYaadDv (one value tile). titans_ext.linear_memory
+// raises a ValueError first, this guards direct calls of the operators.
 inline void check_device_miras(const MirasParams& miras, const Tensor& v) {
-  STD_TORCH_CHECK(!linear_memory_whole_state(miras) || v.size(-1) <= kCudaMaxWholeStateDv,
-                  "linear_memory: objective \"yaad\" and retention \"lq\" run on the CUDA kernels for Dv <= ",
-                  kCudaMaxWholeStateDv, " (their chunk start reads all of Dv in one block), got v of shape ",
+  STD_TORCH_CHECK(miras.retention != RetentionKind::kl || miras.objective != ObjectiveKind::yaad ||
+                      v.size(-1) <= kCudaMaxKlYaadDv,
+                  "linear_memory: retention \"kl\" with objective \"yaad\" runs on the CUDA kernels for Dv <= ",
+                  kCudaMaxKlYaadDv, " (the lag token's norm and the chunk's read all of Dv in one value tile), got v of shape ",
                   shape_str(v));
 }
 

@@ -158,13 +158,13 @@ __device__ __forceinline__ void lag_errors(const ChunkObjective<compute_t>& obje
   }
 }
 
-// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, kWidth] compute_t array: a warp per row.
-template <int kWidth, typename compute_t>
-__device__ __forceinline__ void row_norms(int rows, const device::SharedPtr<compute_t>& resid,
+// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, width] compute_t array: a warp per row.
+template <typename compute_t>
+__device__ __forceinline__ void row_norms(int rows, int width, const device::SharedPtr<compute_t>& resid,
                                           const device::SharedPtr<compute_t>& norm) {
   for (int t = device::warp_id(); t < rows; t += kernel::warp_count()) {
     compute_t sum = 0;
-    for (int j = device::lane_id(); j < kWidth; j += device::kWarpSize) sum += resid[t * kWidth + j] * resid[t * kWidth + j];
+    for (int j = device::lane_id(); j < width; j += device::kWarpSize) sum += resid[t * width + j] * resid[t * width + j];
     sum = device::warp_reduce_sum(sum);
     if (device::lane_id() == 0) norm[t] = fmath::sqrt(sum);
   }
