@@ -4,8 +4,7 @@
 (itself checked against the token loop in test_miras_linear.py): outputs, final state and every
 gradient, delta's (per channel and per token), the initial state's and lq's rho0 terms included.
 The whole-state options (objective "yaad", retention "lq") run one block over all of Dv (one value
-tile, or past 64 rows tiles of 64 in turn); kl's lag token runs with every objective and both reads;
-the option the kernels do not run (kl with yaad past Dv = 64) is refused by name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
+tile, or past 64 rows tiles of 64 in turn); kl's lag token runs with every objective and both reads. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
 (miras_cases.yaad_delta_clear_of_the_switch), and lq's start from a unit q-norm state.
 
 Bounds as in test_mlp_memory_emulated.py (the kernels' MMA wrappers round operands as the GPU
@@ -154,13 +153,18 @@ def test_lq_float64(objective, retention, init):
 
 @pytest.mark.parametrize("objective, retention, read, C, T", [
     ("yaad", "l2", "token", 16, 37), ("l2", "lq3", "token", 16, 37), ("yaad", "lq4", "chunk_start", 16, 37),
-    ("huber", "lq3", "token", 1, 5), ("yaad", "l2", "chunk_start", 1, 5)])
+    ("huber", "lq3", "token", 1, 5), ("yaad", "l2", "chunk_start", 1, 5), ("yaad", "kl", "token", 16, 37),
+    ("yaad", "kl", "chunk_start", 16, 37), ("yaad", "kl", "token", 1, 5)])
 def test_whole_state_past_one_tile_float32(objective, retention, read, C, T):
+    # kl with yaad: the lag token's residuals of every tile first (its norm), then each tile's step
+    # and its lagged state home, then yaad's pass.
     check(1, T, 2, 16, 80, C, torch.float32, objective=objective, retention=retention, read=read)
 
 
-@pytest.mark.parametrize("objective, retention, init", [("yaad", "lq3", False), ("pseudo_huber", "lq4", True)])
+@pytest.mark.parametrize("objective, retention, init", [("yaad", "lq3", False), ("pseudo_huber", "lq4", True),
+                                                       ("yaad", "kl", False)])
 def test_whole_state_past_one_tile_float64(objective, retention, init):
+    # Without an initial state: zeros, or kl's uniform 1 / Dk memory, copied home.
     check(1, 23, 2, 8, 130, 8, torch.float64, objective=objective, retention=retention, init=init)
 
 
@@ -169,6 +173,11 @@ def test_whole_state_past_one_tile_bf16(objective, retention):
     # theta as the grid takes it past D = 16 (at full theta the D = 32 recurrence grows until bf16's
     # rounding is several percent of the outputs, at Dv = 64 too).
     check(1, 45, 1, 32, 80, 16, torch.bfloat16, objective=objective, retention=retention, theta_scale=0.2)
+
+
+def test_kl_yaad_past_one_tile_bf16():
+    # kl's gradient bounds (test_kl_bf16), its chunk size.
+    check(1, 45, 1, 32, 80, 8, torch.bfloat16, objective="yaad", retention="kl", grad_bounds=(3e-2, 0.06))
 
 
 def test_whole_state_past_one_tile_per_token_delta():
@@ -248,7 +257,7 @@ def test_head_dim_128(dtype, T):
 @pytest.mark.parametrize("objective, retention, read", [
     ("huber", "l2", "token"), ("yaad", "l2", "token"), ("l2", ("lq", 3), "token"), ("yaad", ("lq", 4), "token"),
     ("huber", "kl", "token"), ("yaad", "kl", "token"), ("l2", "kl", "chunk_start"), ("yaad", ("lq", 3), "wide"),
-    ("l2", ("lq", 4), "wide")])
+    ("l2", ("lq", 4), "wide"), ("yaad", "kl", "wide")])
 def test_state_carried_across_calls_equals_one_call(objective, retention, read):
     # A stream split at a chunk boundary: the second call starts from the first's final state (lq's
     # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk). "wide":
@@ -337,6 +346,15 @@ def test_plans_of_the_whole_state_options():
             l2_kernel["bytes_written"] - wide_l2["buffers"][0]["bytes"] + 2 * n_chunks * state_bytes
         assert kernel["bytes_read"] == \
             l2_kernel["bytes_read"] + delta_and_values + (2 + extra_reads) * n_chunks * state_bytes
+    # kl with yaad past one tile: the lag token's pass (M, token 0's values) and its step's ([M; S]
+    # read, the lagged [M; S] written) besides yaad's.
+    yaad = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=("yaad", 0.5), emulated=True)["forward"]
+    kl_yaad = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=("yaad", 0.5), retention="kl",
+                               emulated=True)["forward"]
+    assert kl_yaad["block_tiles"] == 2
+    assert kl_yaad["kernels"][0]["bytes_written"] == yaad["kernels"][0]["bytes_written"] + 2 * n_chunks * state_bytes
+    assert kl_yaad["kernels"][0]["bytes_read"] == \
+        yaad["kernels"][0]["bytes_read"] + 3 * n_chunks * state_bytes + B * H * n_chunks * 128 * 2
     # kl: row-local, so any value tile, but every chunk's checkpoint and one group per sequence.
     kl = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, retention="kl", emulated=True)
     assert kl["forward"]["tile_v"] == l2["forward"]["tile_v"] and kl["backward"]["n_groups"] == 1
@@ -351,23 +369,6 @@ def test_plans_of_the_whole_state_options():
     checkpoint_half, value_rows = B * H * (T // C) * 48 * D * 2, B * H * (T // C) * 48 * 2
     assert kl_yaad["backward"]["kernels"][0]["bytes_read"] == \
         yaad["backward"]["kernels"][0]["bytes_read"] + 4 * checkpoint_half + 2 * value_rows
-
-
-# ---- Refusals: the options the kernels do not run, named by the operators themselves
-# (titans_ext.linear_memory raises a ValueError before dispatch on CUDA tensors).
-
-@pytest.mark.parametrize("objective, retention, Dv, match", [
-    (("yaad", 0.5), "kl", 65, r'"kl" with objective "yaad" runs on the CUDA kernels for Dv <= 64 .* got v of shape '
-                              r'\[1, 8, 1, 65\]'),
-])
-def test_unsupported_options_are_refused(objective, retention, Dv, match):
-    inputs, init = memory_inputs(1, 8, 1, 8, Dv, torch.float32)
-    miras = op_miras_args(objective, retention, inputs[2], torch.float32)
-    with pytest.raises(RuntimeError, match=match):
-        emu.linear_memory_fwd(*inputs, *init, 4, True, True, *miras)
-    states = torch.zeros(1, 1, 2, 2, Dv, 8)
-    with pytest.raises(RuntimeError, match=match):
-        emu.linear_memory_bwd(*inputs, states, torch.zeros_like(inputs[2]), None, None, 4, True, *miras)
 
 
 # ---- The rest of the grid (pytest -m slow): D in {16, 64, 128}, C in {1, 16, 64}, every dtype, the

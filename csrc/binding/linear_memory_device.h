@@ -41,17 +41,6 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size, const Devic
                   kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
-// The MIRAS options the device kernels run: every objective with every retention and both reads,
-// kl with objective yaad for Dv <= kCudaMaxKlYaadDv (one value tile). titans_ext.linear_memory
-// raises a ValueError first, this guards direct calls of the operators.
-inline void check_device_miras(const MirasParams& miras, const Tensor& v) {
-  STD_TORCH_CHECK(miras.retention != RetentionKind::kl || miras.objective != ObjectiveKind::yaad ||
-                      v.size(-1) <= kCudaMaxKlYaadDv,
-                  "linear_memory: retention \"kl\" with objective \"yaad\" runs on the CUDA kernels for Dv <= ",
-                  kCudaMaxKlYaadDv, " (the lag token's norm and the chunk's read all of Dv in one value tile), got v of shape ",
-                  shape_str(v));
-}
-
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
 inline void check_shared_memory(const char* op, const LaunchPlan& plan, const DeviceLimits& device,
                                 int64_t chunk_size, const Tensor& q) {
@@ -84,7 +73,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  check_device_miras(params.miras, v);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
   auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
@@ -130,7 +118,6 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
                                                                   std::nullopt, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  check_device_miras(params.miras, v);
   STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * linear_memory_checkpoints(params, type) *
                                           2 * params.dv * params.dk,
                   "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");

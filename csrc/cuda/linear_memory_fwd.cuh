@@ -46,7 +46,7 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
   kernel::TileSlot w;                  // operand_t [C, C]: W = Q K^T .* c (token read)
   int resid, norm;                     // compute_t [C16, kTileV tiles], [C16]: R and its row norms (yaad only)
   int scratch;                         // compute_t [warps]: the block sum of lq's rho0 (lq only)
-  int lag_err;                         // compute_t [kTileV]: kl's lag token errors (kl only)
+  int lag_err;                         // compute_t [kTileV tiles]: kl's lag token errors (kl only)
   // tiles: the value tiles one block walks per chunk (the whole-state options past one tile).
   __host__ __device__ FwdLayout(int dk, int chunk, bool token_read, const MirasParams& miras, int tiles)
       : WalkLayout<input_t, kTileV>(dk, chunk) {
@@ -61,7 +61,7 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
     resid = smem.array<compute_t>(yaad ? this->chunk16 * kTileV * tiles : 0);
     norm = smem.array<compute_t>(yaad ? this->chunk16 : 0);
     scratch = smem.array<compute_t>(lq ? kForwardThreads / device::kWarpSize : 0);
-    lag_err = smem.array<compute_t>(miras.retention == RetentionKind::kl ? kTileV : 0);
+    lag_err = smem.array<compute_t>(miras.retention == RetentionKind::kl ? kTileV * tiles : 0);
   }
 };
 
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
   const auto tile_start = [&](int tile) { return block_v0 + tile * kTileV; };
   // With one tile the state stays on chip. With several, the tiles take turns in the stack and the
   // state lives between them in the final state's outputs (its home, mostly in L2): the initial
-  // state (zeros without one) is copied there first.
+  // state (without one zeros, and kl's uniform 1 / Dk memory) is copied there first.
   const bool on_chip = block_tiles == 1;
   auto* home_m = static_cast<compute_t*>(params.m_final_ptr);
   auto* home_s = static_cast<compute_t*>(params.s_final_ptr);
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
     const auto* m0 = static_cast<const compute_t*>(params.m0_ptr);
     const auto* s0 = static_cast<const compute_t*>(params.s0_ptr);
     for (index_t idx = threadIdx.x; idx < index_t(dv) * dk; idx += blockDim.x) {
-      home_m[state_offset(0) + idx] = m0 ? m0[state_offset(0) + idx] : compute_t(0);
+      home_m[state_offset(0) + idx] = m0 ? m0[state_offset(0) + idx] : kl ? compute_t(1) / compute_t(dk) : compute_t(0);
       home_s[state_offset(0) + idx] = s0 ? s0[state_offset(0) + idx] : compute_t(0);
     }
   }
@@ -149,12 +149,12 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
     const auto M0t = S0.transposed();                  // B operand M0^T: (d, j) -> M0[j, d]
     const auto S0t = S0.rows_from(kTileV).transposed();
     // Several tiles: tile `tile`'s rows of the chunk's start state from home into the stack (only M
-    // with with_s false) and its values, then a barrier.
-    const auto load_tile = [&](int tile, bool with_s) {
+    // with with_s false) and of its values (tokens [0, value_rows)), then a barrier.
+    const auto load_tile = [&](int tile, bool with_s, int value_rows) {
       const int v0 = tile_start(tile), rows = tile_rows(params, v0, kTileV);
       load_state_stack<kTileV, T::kSeparateMaster>(home_m, with_s ? home_s : nullptr, state_offset(v0), rows, dk,
                                                    dk16, walk.master, S0, compute_t(0));
-      kernel::stage_token_rows<input_t>(params.v, b, h, n * C, L, v0, rows, V.ld, V.data);
+      kernel::stage_token_rows<input_t>(params.v, b, h, n * C, value_rows, v0, rows, V.ld, V.data);
       kernel::finish_staging();
       if (L < C || rows < kTileV) V.zero_outside(L, rows);
       __syncthreads();
@@ -187,10 +187,97 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
         });
       });
     };
-    // yaad: R of every tile first (kl's lag step before it; one tile only), then the row norms.
-    const auto residual_norms = [&]() {
+    // The tile's outputs (rows from v0): the token reads diag(a) Q M0^T + diag(g) Q S0^T + W E, or
+    // under read "chunk_start" Q M0^T, rho0 times (strips from first_strip's warp on).
+    const auto write_outputs = [&](int v0, int rows, int first_strip) {
+      kernel::for_each_strip<2>(
+          C16, kTileV,
+          [&](int r0, int c0) {
+            acc_t qm[2][4], qs[2][4], we[2][4];
+            kernel::zero(qm);
+            kernel::zero(qs);
+            kernel::zero(we);
+            if (token_read) {
+              kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t), kernel::times(qs, S0t));
+              kernel::strip_mma<Policy>(w.matrix(), r0, c0, C16, kernel::times(we, err.matrix()));
+            } else {
+              kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t));
+            }
+            // The gate rows scale accumulators, so a and g never round into the MMA operands.
+            kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
+              if (t >= L || j >= rows) return;
+              const compute_t out =
+                  rho * (token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
+                                          compute_t(we[s][e])
+                                    : compute_t(qm[s][e]));
+              o_out[kernel::contiguous_token_offset(b, n * C + t, h, params.seqlen, params.heads, dv) + v0 + j] =
+                  device::cast<input_t>(out);
+            });
+          },
+          first_strip);
+    };
+    const auto store_checkpoint = [&](int v0, int rows) {
+      if (!checkpoints || n % stride != 0) return;
+      checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, stride);
+      store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
+                                [&](int r, int d) { return S0(r, d); });
+    };
+
+    // kl: token 0 takes Memora's step on the state's rows (row-local), then the chunk runs from its
+    // result with lag tables (token 0 the identity; its read is q0 M_lag). Under yaad the lag
+    // token's switch reads its residual norm over all of Dv, so the lag residuals of every tile come
+    // first; then per tile the checkpoint, the chunk_start reads (of the memory before the step) and
+    // the step, its result home when there are several tiles.
+    if (kl) {
+      const auto lag_err = kernel::shared_array<compute_t>(at.lag_err);  // [kTileV tiles]
+      const int lag_width = kTileV * block_tiles;
+      const PaddedTile<input_t> keys = walk.k(cur);
+      const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
       for (int tile = 0; tile < block_tiles; ++tile) {
-        if (!on_chip) load_tile(tile, false);
+        const int v0 = tile_start(tile), rows = tile_rows(params, v0, kTileV);
+        if (!on_chip) load_tile(tile, false, 1);
+        for (int j = rows + threadIdx.x; j < kTileV; j += blockDim.x) lag_err[tile * kTileV + j] = 0;
+        lag_errors(objective, rows, dk, [&](int j, int d) { return walk.value(S0, j, d); }, k0,
+                   [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, n * C, h, v0,
+                   [&](int j, compute_t r, compute_t, compute_t e) { lag_err[tile * kTileV + j] = yaad ? r : e; });
+        __syncthreads();  // before the next tile's load, or the norm
+      }
+      if (yaad) {
+        row_norms(1, lag_width, lag_err, norm);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < lag_width; idx += blockDim.x)
+          if (block_v0 + idx < dv)
+            lag_err[idx] = objective.error(lag_err[idx], objective.threshold(true, b, n * C, h, block_v0 + idx),
+                                           norm[0]);
+        __syncthreads();
+      }
+      const ChunkGates<compute_t> lag_gates = walk.gates(n);
+      for (int tile = 0; tile < block_tiles; ++tile) {
+        const int v0 = tile_start(tile), rows = tile_rows(params, v0, kTileV);
+        if (!on_chip) load_tile(tile, true, 0);
+        store_checkpoint(v0, rows);
+        if (!token_read) write_outputs(v0, rows, 0);
+        __syncthreads();  // the checkpoint and the chunk_start reads have read the state
+        kernel::kl_softmax_rows<compute_t>(
+            rows, dk, lag_gates.theta[0], lag_gates.eta[0], compute_t(1) - lag_gates.alpha[0],
+            [&](int r, int d) { return walk.value(S0, r, d); },
+            [&](int r, int d) { return walk.value(S0, kTileV + r, d); },
+            [&](int r) { return lag_err[tile * kTileV + r]; }, k0, [&](int r, int d, compute_t m, compute_t s) {
+              walk.set(S0, r, d, m);
+              walk.set(S0, kTileV + r, d, s);
+            });
+        __syncthreads();
+        if (!on_chip) {
+          store_state_stack<kTileV>(home_m, home_s, state_offset(v0), rows, dk,
+                                    [&](int r, int d) { return walk.value(S0, r, d); });
+          __syncthreads();
+        }
+      }
+    }
+    // yaad: R of every tile (at the lagged memory under kl), then the row norms.
+    if (yaad) {
+      for (int tile = 0; tile < block_tiles; ++tile) {
+        if (!on_chip) load_tile(tile, false, L);
         residuals(tile_rows(params, tile_start(tile), kTileV), [&](int t, int j, compute_t r, bool inside) {
           resid[t * resid_width + tile * kTileV + j] = inside ? r : compute_t(0);
         });
@@ -198,81 +285,12 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
       }
       row_norms(C16, resid_width, resid, norm);
       __syncthreads();
-    };
-    if (yaad && !kl) residual_norms();
+    }
 
     for (int tile = 0; tile < block_tiles; ++tile) {
       const int v0 = tile_start(tile), rows = tile_rows(params, v0, kTileV);
-      if (!on_chip) load_tile(tile, true);
-      if (checkpoints && n % stride == 0) {
-        checkpoint_t* at_chunk = checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, stride);
-        store_state_stack<kTileV>(at_chunk, at_chunk + index_t(dv) * dk, index_t(v0) * dk, rows, dk,
-                                  [&](int r, int d) { return S0(r, d); });
-      }
-      // The tile's outputs: the token reads diag(a) Q M0^T + diag(g) Q S0^T + W E, or under read
-      // "chunk_start" Q M0^T, rho0 times (strips from first_strip's warp on, after the update's).
-      const auto write_outputs = [&](int first_strip) {
-        kernel::for_each_strip<2>(
-            C16, kTileV,
-            [&](int r0, int c0) {
-              acc_t qm[2][4], qs[2][4], we[2][4];
-              kernel::zero(qm);
-              kernel::zero(qs);
-              kernel::zero(we);
-              if (token_read) {
-                kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t), kernel::times(qs, S0t));
-                kernel::strip_mma<Policy>(w.matrix(), r0, c0, C16, kernel::times(we, err.matrix()));
-              } else {
-                kernel::strip_mma<Policy>(Q, r0, c0, dk, kernel::times(qm, M0t));
-              }
-              // The gate rows scale accumulators, so a and g never round into the MMA operands.
-              kernel::for_each_strip_element<2>(r0, c0, [&](int t, int j, int s, int e) {
-                if (t >= L || j >= rows) return;
-                const compute_t out =
-                    rho * (token_read ? g_rows.a[t] * compute_t(qm[s][e]) + g_rows.g[t] * compute_t(qs[s][e]) +
-                                            compute_t(we[s][e])
-                                      : compute_t(qm[s][e]));
-                o_out[kernel::contiguous_token_offset(b, n * C + t, h, params.seqlen, params.heads, dv) + v0 + j] =
-                    device::cast<input_t>(out);
-              });
-            },
-            first_strip);
-      };
-      // kl (one tile: it is not a whole-state option, and with yaad Dv <= kCudaMaxKlYaadDv): token 0
-      // takes Memora's step on the state's rows (row-local, so any value tile), then the chunk runs
-      // from its result with lag tables (token 0 the identity; its read is q0 M_lag). Read
-      // "chunk_start" reads the memory before the step, so those outputs are written first.
-      if (kl) {
-        if (!token_read) write_outputs(0);
-        const auto lag_err = kernel::shared_array<compute_t>(at.lag_err);
-        const PaddedTile<input_t> keys = walk.k(cur);
-        const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
-        // Under yaad the lag token's switch reads its residual norm over the tile, all of Dv: the
-        // residuals first (zero past the rows), then the errors.
-        for (int j = rows + threadIdx.x; j < kTileV; j += blockDim.x) lag_err[j] = 0;
-        lag_errors(objective, rows, dk, [&](int j, int d) { return walk.value(S0, j, d); }, k0,
-                   [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, n * C, h, v0,
-                   [&](int j, compute_t r, compute_t, compute_t e) { lag_err[j] = yaad ? r : e; });
-        __syncthreads();  // also: the checkpoint and the chunk_start reads have read the state
-        if (yaad) {
-          row_norms(1, kTileV, lag_err, norm);
-          __syncthreads();
-          for (int j = threadIdx.x; j < rows; j += blockDim.x)
-            lag_err[j] = objective.error(lag_err[j], objective.threshold(true, b, n * C, h, v0 + j), norm[0]);
-          __syncthreads();
-        }
-        const ChunkGates<compute_t> lag_gates = walk.gates(n);
-        kernel::kl_softmax_rows<compute_t>(
-            rows, dk, lag_gates.theta[0], lag_gates.eta[0], compute_t(1) - lag_gates.alpha[0],
-            [&](int r, int d) { return walk.value(S0, r, d); },
-            [&](int r, int d) { return walk.value(S0, kTileV + r, d); }, [&](int r) { return lag_err[r]; }, k0,
-            [&](int r, int d, compute_t m, compute_t s) {
-              walk.set(S0, r, d, m);
-              walk.set(S0, kTileV + r, d, s);
-            });
-        __syncthreads();
-        if (yaad) residual_norms();
-      }
+      if (!on_chip) load_tile(tile, true, L);
+      if (!kl) store_checkpoint(v0, rows);  // kl's came before its step
 
       // Phase A: E and its row-scaled copies; W (once per chunk). yaad's R and norms come first.
       const auto write_error = [&](int t, int j, compute_t r) {
@@ -317,7 +335,7 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
           walk.set(S1, kTileV + j, d, p_L * s_old + compute_t(as[s][e]));
         });
       });
-      if (token_read || !kl) write_outputs(kernel::strip_count<2>(kTileV, dk16));
+      if (token_read || !kl) write_outputs(v0, rows, kernel::strip_count<2>(kTileV, dk16));
       // c was last read in phase A of tile 0; the next chunk's rows go to the other buffer.
       if (tile + 1 == block_tiles && n + 1 < n_chunks)
         build_gate_tables(chunk_length(params, n + 1), C16, walk.gates(n + 1), walk.gate_rows(n + 1), &tables, kl);
@@ -409,12 +427,15 @@ LinearMemoryFwdPlan linear_memory_fwd_plan(const LinearMemoryParams& p, InputTyp
   if (plan.block_tiles > 1) {
     // The state's trips home, every chunk of every (sequence, head) (with cu_seqlens at most T / C + N
     // per head): [M; S] written once (and the initial copy), read once, and under yaad M once more
-    // with the values (the residuals' pass) and under lq M once more (rho0's sum).
+    // with the values (the residuals' pass) and under lq M once more (rho0's sum); kl's lag token
+    // (with yaad) reads M with token 0's values, then [M; S] again, and writes the lagged [M; S].
     const int64_t chunk_states = (p.cu_seqlens ? sequence_units(p, 1) : int64_t(p.batch) * p.n_chunks) * p.heads *
                                  p.dv * p.dk;
     const bool yaad = p.miras.objective == ObjectiveKind::yaad, lq = p.miras.retention == RetentionKind::lq;
-    k.bytes_written += 2 * chunk_states * cmp;
-    k.bytes_read += (2 + yaad + lq) * chunk_states * cmp + (yaad ? tokens * p.dv * in : 0);
+    const bool kl = p.miras.retention == RetentionKind::kl;
+    k.bytes_written += (kl ? 4 : 2) * chunk_states * cmp;
+    k.bytes_read += (2 + yaad + lq + (kl ? 3 : 0)) * chunk_states * cmp + (yaad ? tokens * p.dv * in : 0) +
+                    (kl ? chunk_states / p.dk * in : 0);
   }
   if (save_states) plan.add_buffer("checkpoints", checkpoints);
   return plan;

@@ -25,10 +25,8 @@ constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch (or sequences) ind
 // reads each token's residual norm over all of Dv) and retention "lq" (rho0 = ||A0||_q^(2-q) over the
 // whole Dv x Dk state). Their forward runs one block over all of Dv: one value tile, or past
 // kWideTile rows tiles of kWideTile in turn with the state in global memory between them; their
-// backward walks each sequence in one block (docs/kernels.md §6.1.12). kl with yaad takes one tile,
-// Dv <= kCudaMaxKlYaadDv (its lag step would need its own pass over the tiles).
+// backward walks each sequence in one block (docs/kernels.md §6.1.12).
 constexpr int kWideTile = 64;
-constexpr int kCudaMaxKlYaadDv = kWideTile;
 constexpr bool linear_memory_whole_state(const MirasParams& m) {
   return m.objective == ObjectiveKind::yaad || m.retention == RetentionKind::lq;
 }

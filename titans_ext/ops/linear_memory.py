@@ -23,9 +23,7 @@ CUDA_MAX_KEY_DIM = 128
 
 # The whole-state options (docs/kernels.md §6.1.12): objective "yaad" (its switch reads a token's
 # residual norm over all of Dv) and retention "lq" (rho0 is the q-norm of the whole state) run one
-# block over all of Dv and keep every chunk's checkpoint; kl with yaad one value tile, so
-# Dv <= CUDA_MAX_KL_YAAD_DV.
-CUDA_MAX_KL_YAAD_DV = 64
+# block over all of Dv and keep every chunk's checkpoint.
 
 
 def _whole_state(objective_code, retention_code):
@@ -33,10 +31,6 @@ def _whole_state(objective_code, retention_code):
 
 
 def _check_cuda_limits(q, v, chunk_size, objective, retention):
-    if objective.kind == "yaad" and retention.kind == "kl" and v.shape[-1] > CUDA_MAX_KL_YAAD_DV:
-        raise ValueError(f"v: objective 'yaad' with retention 'kl' runs on the CUDA kernels for Dv <= "
-                         f"{CUDA_MAX_KL_YAAD_DV} (device {q.device}; the lag token's norm and the chunk's read all of "
-                         f"Dv in one value tile), got Dv = {v.shape[-1]}; it runs on the CPU kernels")
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
@@ -161,8 +155,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
-            On CUDA, Dk <= 128, every objective with every retention and both reads ("yaad"
-            with "kl" for Dv <= 64; ``docs/kernels.md`` §6.1.12).
+            On CUDA, Dk <= 128, every objective with every retention and both reads
+            (``docs/kernels.md`` §6.1.12).
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
