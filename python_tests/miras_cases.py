@@ -62,27 +62,45 @@ def yaad_delta_clear_of_the_switch(inputs, init, chunk_size, retention="l2", per
     factor 0.6 or 1.5 (at random) from each token's residual norm at its chunk-start weights, so that
     16-bit rounding cannot flip the switch (a flip moves an error by up to 2 delta): both branches
     occur, none near its edge. Built chunk by chunk on the float64 reference (lq: the residual at
-    rho0 A0). Returns delta ``[B, T, H, Dv]`` (``[B, T, H]`` with ``per_token``), float64."""
+    rho0 A0; kl: the lag token's at the memory before it, the rest's at the lagged memory). Returns
+    delta ``[B, T, H, Dv]`` (``[B, T, H]`` with ``per_token``), float64."""
     from titans_ext.reference import linear_memory_chunked
     q, k, v, theta, eta, alpha = (x.double() for x in inputs)
     B, T, H, Dv = v.shape
     m, s = (torch.zeros(B, H, Dv, k.shape[-1], dtype=torch.float64) for _ in range(2)) if init is None \
         else (x.double() for x in init)
     retention = parse_retention(retention)
+    if init is None and retention.kind == "kl":  # the default kl memory, uniform rows
+        m = torch.full_like(m, 1 / k.shape[-1])
     g = torch.Generator().manual_seed(seed)
     pieces = []
+
+    def clear_of(weights, rows):
+        norm = (torch.einsum("bthk,bhvk->bthv", k[:, rows], weights) - v[:, rows]).norm(dim=-1)  # [B, L, H]
+        shape = norm.shape if per_token else (*norm.shape, Dv)
+        factor = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5, 0.6, 1.5)
+        pieces.append(factor * (norm if per_token else norm[..., None]))
+        return pieces[-1]
+
+    def advance(rows, state, delta, retention):  # the state after tokens `rows`, one chunk
+        _, state = linear_memory_chunked(q[:, rows], k[:, rows], v[:, rows], theta[:, rows], eta[:, rows],
+                                         alpha[:, rows], chunk_size=rows.stop - rows.start, initial_state=state,
+                                         output_final_state=True, objective=("yaad", delta), retention=retention)
+        return state
+
     for t0 in range(0, T, chunk_size):
-        rows = slice(t0, min(t0 + chunk_size, T))
+        end = min(t0 + chunk_size, T)
+        if retention.kind == "kl":  # the lag token, then an l2 chunk from the lagged memory
+            lag = slice(t0, t0 + 1)
+            m, s = advance(lag, (m, s), clear_of(m, lag), retention)
+            if end > t0 + 1:
+                rest = slice(t0 + 1, end)
+                m, s = advance(rest, (m, s), clear_of(m, rest), "l2")
+            continue
+        rows = slice(t0, end)
         weights = m
         if retention.kind == "lq":
             power = m.abs().pow(retention.q).sum(dim=(-2, -1), keepdim=True)
             weights = m * torch.where(power > 0, power.pow((2 - retention.q) / retention.q), torch.ones_like(power))
-        norm = (torch.einsum("bthk,bhvk->bthv", k[:, rows], weights) - v[:, rows]).norm(dim=-1)  # [B, L, H]
-        shape = norm.shape if per_token else (*norm.shape, Dv)
-        factor = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5, 0.6, 1.5)
-        delta = factor * (norm if per_token else norm[..., None])
-        pieces.append(delta)
-        _, (m, s) = linear_memory_chunked(q[:, rows], k[:, rows], v[:, rows], theta[:, rows], eta[:, rows],
-                                          alpha[:, rows], chunk_size=chunk_size, initial_state=(m, s),
-                                          output_final_state=True, objective=("yaad", delta), retention=retention)
+        m, s = advance(rows, (m, s), clear_of(weights, rows), retention)
     return torch.cat(pieces, dim=1)

@@ -189,22 +189,12 @@ def test_runs_on_the_current_stream(monkeypatch):
 
 
 def test_limits_raise_value_errors():
-    inputs, init = memory_inputs(1, 10, 1, 16, 16, torch.float32, device="cuda")
+    inputs, _ = memory_inputs(1, 10, 1, 16, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="chunk_size"):
         titans_ext.linear_memory(*inputs, chunk_size=128)
     wide, _ = memory_inputs(1, 10, 1, 256, 16, torch.float32, device="cuda")
     with pytest.raises(ValueError, match="Dk <= 128"):
         titans_ext.linear_memory(*wide, chunk_size=16)
-    with pytest.raises(ValueError, match=r"retention: 'kl' with objective 'l2' and read 'chunk_start' does not run on "
-                                         r"the CUDA kernels yet \(device cuda"):
-        titans_ext.linear_memory(*inputs, chunk_size=16, retention="kl", read="chunk_start")
-    with pytest.raises(RuntimeError, match="do not run retention \"kl\" with"):  # the op itself
-        torch.ops.titans_ext.linear_memory_fwd(*inputs, *init, 16, False, False, 0, 2.0, 0.0, None, 2, 2.0)
-    # The whole-state options read all of Dv in one block.
-    wide_v, _ = memory_inputs(1, 10, 1, 16, 80, torch.float32, device="cuda")
-    for options in [dict(objective=("yaad", 0.5)), dict(retention=("lq", 3))]:
-        with pytest.raises(ValueError, match=r"v: .* runs on the CUDA kernels for Dv <= 64 \(device cuda"):
-            titans_ext.linear_memory(*wide_v, chunk_size=16, **options)
 
 
 def test_opcheck():
@@ -222,9 +212,8 @@ def test_torch_compile_fullgraph():
     assert_compile_matches_eager(step, inputs + list(init), GRAD_NAMES)
 
 
-# ---- MIRAS objectives and retentions (every option the kernels run; kl's with read "chunk_start" or
-# yaad are refused above) against the CPU op in float64, values and gradients, delta's included (per
-# channel and per token).
+# ---- MIRAS objectives and retentions (every option, both reads) against the CPU op in float64,
+# values and gradients, delta's included (per channel and per token).
 
 def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -240,14 +229,13 @@ def _miras_run(inputs, init, objective, delta, retention="l2", **kwargs):
 @pytest.mark.parametrize("read", ["token", "chunk_start"])
 @pytest.mark.parametrize("objective, retention", [("lp3", "l2"), ("lp1.5", "l2"), ("huber", "l2"),
                                                  ("pseudo_huber", "l2"), ("yaad", "l2"), ("l2", "lq3"),
-                                                 ("yaad", "lq4"), ("huber", "lq3"), ("l2", "kl"), ("huber", "kl")])
-def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind):
-    B, T, H, Dk, Dv, C = 2, 150, 2, 64, 48, 32
+                                                 ("yaad", "lq4"), ("huber", "lq3"), ("l2", "kl"), ("huber", "kl"),
+                                                 ("yaad", "kl")])
+def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, delta_kind, Dv=48):
+    B, T, H, Dk, C = 2, 150, 2, 64, 32
     inputs, init = memory_inputs(B, T, H, Dk, Dv, dtype, device="cuda", theta_max=0.1)
     retention = RETENTIONS[retention]
     if retention == "kl":
-        if read == "chunk_start":
-            pytest.skip("kl with read chunk_start runs on the CPU kernels only")
         init = (init[0].softmax(-1), init[1])  # a positive memory, rows on the simplex
     elif retention != "l2":  # unit q-norm, rho0 = 1 (as NeuralMemory starts)
         m0 = init[0]
@@ -276,3 +264,10 @@ def test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, de
     else:
         _compare(ref, out, TOLERANCE[dtype], names=names)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("objective, retention, read", [("yaad", "l2", "token"), ("l2", "lq3", "chunk_start"),
+                                                       ("yaad", "lq4", "token"), ("yaad", "kl", "token")])
+def test_whole_state_options_past_one_tile_match_the_cpu_op(objective, retention, read, dtype):
+    # Dv = 128: the forward's block walks two value tiles of 64 with the state in global memory.
+    test_miras_objectives_match_the_cpu_op(objective, retention, read, dtype, "channel", Dv=128)

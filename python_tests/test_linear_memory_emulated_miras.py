@@ -3,9 +3,8 @@
 (``titans_emu::linear_memory_fwd`` / ``_bwd``) against autograd of the float64 chunked reference
 (itself checked against the token loop in test_miras_linear.py): outputs, final state and every
 gradient, delta's (per channel and per token), the initial state's and lq's rho0 terms included.
-The whole-state options (objective "yaad", retention "lq") run one value tile over all of Dv; the
-options the kernels do not run (retention "kl"; the whole-state options past Dv = 64) are refused by
-name. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
+The whole-state options (objective "yaad", retention "lq") run one block over all of Dv (one value
+tile, or past 64 rows tiles of 64 in turn); kl's lag token runs with every objective and both reads. yaad's switch is discontinuous, so its 16-bit cases take thresholds clear of the token norms
 (miras_cases.yaad_delta_clear_of_the_switch), and lq's start from a unit q-norm state.
 
 Bounds as in test_mlp_memory_emulated.py (the kernels' MMA wrappers round operands as the GPU
@@ -148,26 +147,93 @@ def test_lq_float64(objective, retention, init):
     check(1, 23, 2, 8, 20, 8, torch.float64, objective=objective, retention=retention, init=init)
 
 
+# ---- The whole-state options past one value tile (Dv > 64): the forward's block walks tiles of 64
+# rows in turn, the state between them in the final state's outputs; a partial last tile (Dv = 80,
+# 130), three tiles (130).
+
+@pytest.mark.parametrize("objective, retention, read, C, T", [
+    ("yaad", "l2", "token", 16, 37), ("l2", "lq3", "token", 16, 37), ("yaad", "lq4", "chunk_start", 16, 37),
+    ("huber", "lq3", "token", 1, 5), ("yaad", "l2", "chunk_start", 1, 5), ("yaad", "kl", "token", 16, 37),
+    ("yaad", "kl", "chunk_start", 16, 37), ("yaad", "kl", "token", 1, 5)])
+def test_whole_state_past_one_tile_float32(objective, retention, read, C, T):
+    # kl with yaad: the lag token's residuals of every tile first (its norm), then each tile's step
+    # and its lagged state home, then yaad's pass.
+    check(1, T, 2, 16, 80, C, torch.float32, objective=objective, retention=retention, read=read)
+
+
+@pytest.mark.parametrize("objective, retention, init", [("yaad", "lq3", False), ("pseudo_huber", "lq4", True),
+                                                       ("yaad", "kl", False)])
+def test_whole_state_past_one_tile_float64(objective, retention, init):
+    # Without an initial state: zeros, or kl's uniform 1 / Dk memory, copied home.
+    check(1, 23, 2, 8, 130, 8, torch.float64, objective=objective, retention=retention, init=init)
+
+
+@pytest.mark.parametrize("objective, retention", [("yaad", "l2"), ("l2", "lq3")])
+def test_whole_state_past_one_tile_bf16(objective, retention):
+    # theta as the grid takes it past D = 16 (at full theta the D = 32 recurrence grows until bf16's
+    # rounding is several percent of the outputs, at Dv = 64 too).
+    check(1, 45, 1, 32, 80, 16, torch.bfloat16, objective=objective, retention=retention, theta_scale=0.2)
+
+
+def test_kl_yaad_past_one_tile_bf16():
+    # kl's gradient bounds (test_kl_bf16), its chunk size.
+    check(1, 45, 1, 32, 80, 8, torch.bfloat16, objective="yaad", retention="kl", grad_bounds=(3e-2, 0.06))
+
+
+def test_whole_state_past_one_tile_per_token_delta():
+    check(2, 19, 1, 16, 72, 8, torch.float32, objective="yaad", delta_kind="token", retention="lq3")
+
+
 # ---- kl: each chunk's token 0 takes Memora's softmax step (the lag token), the rest is a chunk from
-# its result (read "token"; with "yaad" or read "chunk_start" it is refused below).
+# its result. Under yaad the lag token's switch reads its residual norm at the memory before it and
+# the rest's at the lagged memory (the backward's setup recomputes the lag step over all of Dv); read
+# "chunk_start" reads the memory before the lag token (dQ and the reads' cotangent go to it).
 
-@pytest.mark.parametrize("objective, C, T", [("l2", 16, 37), ("huber", 1, 6), ("pseudo_huber", 64, 70)])
-def test_kl_float32(objective, C, T):
-    check(1, T, 2, 16, 16, C, torch.float32, objective=objective, retention="kl")
+@pytest.mark.parametrize("objective, read, C, T", [
+    ("l2", "token", 16, 37), ("huber", "token", 1, 6), ("pseudo_huber", "token", 64, 70),
+    ("yaad", "token", 16, 37), ("yaad", "token", 1, 6), ("l2", "chunk_start", 16, 37),
+    ("lp3", "chunk_start", 1, 6), ("yaad", "chunk_start", 16, 37)])
+def test_kl_float32(objective, read, C, T):
+    check(1, T, 2, 16, 16, C, torch.float32, objective=objective, retention="kl", read=read)
 
 
-@pytest.mark.parametrize("objective, init", [("lp3", False), ("huber", True)])
-def test_kl_float64(objective, init):
+def test_kl_yaad_per_token_delta():
+    check(2, 19, 1, 16, 16, 8, torch.float32, objective="yaad", delta_kind="token", retention="kl")
+
+
+@pytest.mark.parametrize("objective, read, init", [("lp3", "token", False), ("huber", "token", True),
+                                                   ("yaad", "token", False), ("huber", "chunk_start", True),
+                                                   ("yaad", "chunk_start", True)])
+def test_kl_float64(objective, read, init):
     # Three value slices in the backward (Dv = 40); without an initial state the memory is 1 / Dk.
-    check(1, 23, 2, 8, 40, 8, torch.float64, objective=objective, retention="kl", init=init)
+    check(1, 23, 2, 8, 40, 8, torch.float64, objective=objective, retention="kl", read=read, init=init)
 
 
-def test_kl_bf16():
-    # The lag step's backward divides by the memory (d log M): across chunk boundaries it amplifies
-    # rounding several hundredfold (at D = 64, C = 16 over five chunks the CPU op in fp32 is 5e-5 off
-    # the float64 reference in dk and dv), so bf16's gradients get a relative RMS of 3 % and a
-    # largest error of 6 % of the largest entry (values: the bf16 bounds).
-    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective="l2", retention="kl", grad_bounds=(3e-2, 0.06))
+@pytest.mark.parametrize("objective, read", [("l2", "token"), ("yaad", "token"), ("l2", "chunk_start")])
+def test_kl_bf16(objective, read):
+    # The lag step's backward divides by the memory (d log M) and centers each row's cotangent: it
+    # amplifies the bf16 operand rounding of the kernels' products several fold (the CPU op on the same
+    # bf16 inputs is 0.2 % off, docs/kernels.md §6.1.12), so bf16's gradients get a relative RMS of
+    # 3 % and a largest error of 6 % of the largest entry (values: the bf16 bounds).
+    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective=objective, retention="kl", read=read,
+          grad_bounds=(3e-2, 0.06))
+
+
+@pytest.mark.parametrize("objective, read", [("yaad", "token"), ("huber", "chunk_start"), ("yaad", "chunk_start")])
+def test_kl_matches_the_cpu_op(objective, read):
+    # The emulated kernels against titans_ext's CPU kernels on the same fp32 inputs: values and
+    # every gradient (delta's included), at fp32's bounds.
+    inputs, init = memory_inputs(1, 37, 2, 16, 24, torch.float32)
+    init = (init[0].softmax(-1), init[1])
+    delta = torch.full_like(inputs[2], 0.5 if objective == "huber" else 2.0, dtype=torch.float32)
+    miras = op_miras_args((objective, delta), "kl", inputs[2], torch.float32)
+    d_o, d_m, d_s = random_cotangents([inputs[2], init[0], init[1]], seed=4)
+    token = read == "token"
+    results = []
+    for ops in (emu, torch.ops.titans_ext):
+        o, m, s, states = ops.linear_memory_fwd(*inputs, *init, 16, token, True, *miras)
+        results.append([o, m, s] + list(ops.linear_memory_bwd(*inputs, states, d_o, d_m, d_s, 16, token, *miras)))
+    assert_matches(NAMES, results[1], results[0], torch.float32)
 
 
 # ---- The CI subset: D = 64 over five chunks (bf16 recomputes every other chunk's start state in the
@@ -188,12 +254,15 @@ def test_head_dim_128(dtype, T):
     check(1, T, 1, 128, 128, 16, dtype, objective="pseudo_huber")
 
 
-@pytest.mark.parametrize("objective, retention", [("huber", "l2"), ("yaad", "l2"), ("l2", ("lq", 3)),
-                                                 ("yaad", ("lq", 4)), ("huber", "kl")])
-def test_state_carried_across_calls_equals_one_call(objective, retention):
+@pytest.mark.parametrize("objective, retention, read", [
+    ("huber", "l2", "token"), ("yaad", "l2", "token"), ("l2", ("lq", 3), "token"), ("yaad", ("lq", 4), "token"),
+    ("huber", "kl", "token"), ("yaad", "kl", "token"), ("l2", "kl", "chunk_start"), ("yaad", ("lq", 3), "wide"),
+    ("l2", ("lq", 4), "wide"), ("yaad", "kl", "wide")])
+def test_state_carried_across_calls_equals_one_call(objective, retention, read):
     # A stream split at a chunk boundary: the second call starts from the first's final state (lq's
-    # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk).
-    inputs, init = memory_inputs(1, 48, 2, 16, 16, torch.float32)
+    # accumulator A_T, whose next chunk fixes its own rho0; kl's memory after the chunk). "wide":
+    # token reads at Dv = 80, past one value tile.
+    inputs, init = memory_inputs(1, 48, 2, 16, 80 if read == "wide" else 16, torch.float32)
     if retention == "kl":
         init = (init[0].softmax(-1), init[1])
     delta = torch.full_like(inputs[2], 0.5 if objective == "huber" else 2.0, dtype=torch.float32)
@@ -201,7 +270,7 @@ def test_state_carried_across_calls_equals_one_call(objective, retention):
     def run(piece, state, rows):
         miras = op_miras_args((objective, delta[:, rows]) if objective != "l2" else "l2", retention, piece[2],
                               torch.float32)
-        return emu.linear_memory_fwd(*piece, *state, 16, True, False, *miras)[:3]
+        return emu.linear_memory_fwd(*piece, *state, 16, read != "chunk_start", False, *miras)[:3]
 
     o, m, s = run(inputs, init, slice(None))
     o1, m1, s1 = run([x[:, :32] for x in inputs], init, slice(0, 32))
@@ -260,35 +329,46 @@ def test_plans_of_the_whole_state_options():
         assert plan["forward"]["tile_v"] == 64 and plan["forward"]["kernels"][0]["blocks"] == B * H
         assert plan["backward"]["n_groups"] == 1
         assert plan["forward"]["buffers"][0]["bytes"] == 2 * l2["forward"]["buffers"][0]["bytes"]
+    # Past one tile (Dv = 128): one block per head walks two tiles of 64; the state's trips home per
+    # chunk (written once, read once, M once more for yaad's residuals with the values, once more for
+    # lq's rho0) add to the traffic.
+    n_chunks, state_bytes = T // C, B * H * 128 * D * 4  # one of M, S of every head in fp32
+    wide_l2 = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, emulated=True)["forward"]
+    for objective, retention, extra_reads in [(("yaad", 0.5), "l2", 1), ("l2", ("lq", 3), 1),
+                                              (("yaad", 0.5), ("lq", 3), 2)]:
+        plan = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=objective, retention=retention,
+                                emulated=True)["forward"]
+        assert plan["tile_v"] == 64 and plan["block_tiles"] == 2 and plan["kernels"][0]["blocks"] == B * H
+        yaad = objective != "l2"
+        delta_and_values = B * T * H * 128 * (4 + 2) if yaad else 0
+        [kernel], [l2_kernel] = plan["kernels"], wide_l2["kernels"]
+        assert kernel["bytes_written"] - plan["buffers"][0]["bytes"] == \
+            l2_kernel["bytes_written"] - wide_l2["buffers"][0]["bytes"] + 2 * n_chunks * state_bytes
+        assert kernel["bytes_read"] == \
+            l2_kernel["bytes_read"] + delta_and_values + (2 + extra_reads) * n_chunks * state_bytes
+    # kl with yaad past one tile: the lag token's pass (M, token 0's values) and its step's ([M; S]
+    # read, the lagged [M; S] written) besides yaad's.
+    yaad = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=("yaad", 0.5), emulated=True)["forward"]
+    kl_yaad = cuda_launch_plan(B, T, H, D, 128, C, torch.bfloat16, objective=("yaad", 0.5), retention="kl",
+                               emulated=True)["forward"]
+    assert kl_yaad["block_tiles"] == 2
+    assert kl_yaad["kernels"][0]["bytes_written"] == yaad["kernels"][0]["bytes_written"] + 2 * n_chunks * state_bytes
+    assert kl_yaad["kernels"][0]["bytes_read"] == \
+        yaad["kernels"][0]["bytes_read"] + 3 * n_chunks * state_bytes + B * H * n_chunks * 128 * 2
     # kl: row-local, so any value tile, but every chunk's checkpoint and one group per sequence.
     kl = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, retention="kl", emulated=True)
     assert kl["forward"]["tile_v"] == l2["forward"]["tile_v"] and kl["backward"]["n_groups"] == 1
     assert kl["forward"]["buffers"][0]["bytes"] == 2 * l2["forward"]["buffers"][0]["bytes"]
-
-
-# ---- Refusals: the options the kernels do not run, named by the operators themselves
-# (titans_ext.linear_memory raises a ValueError before dispatch on CUDA tensors).
-
-@pytest.mark.parametrize("objective, retention, Dv, match", [
-    (("yaad", 0.5), "kl", 8, r'do not run retention "kl" with objective "yaad" or read "chunk_start"'),
-    (("yaad", 0.5), "l2", 65, r'"yaad" and retention "lq" run on the CUDA kernels for Dv <= 64'),
-    ("l2", ("lq", 4), 80, r'for Dv <= 64 .* got v of shape \[1, 8, 1, 80\]'),
-])
-def test_unsupported_options_are_refused(objective, retention, Dv, match):
-    inputs, init = memory_inputs(1, 8, 1, 8, Dv, torch.float32)
-    miras = op_miras_args(objective, retention, inputs[2], torch.float32)
-    with pytest.raises(RuntimeError, match=match):
-        emu.linear_memory_fwd(*inputs, *init, 4, True, True, *miras)
-    states = torch.zeros(1, 1, 2, 2, Dv, 8)
-    with pytest.raises(RuntimeError, match=match):
-        emu.linear_memory_bwd(*inputs, states, torch.zeros_like(inputs[2]), None, None, 4, True, *miras)
-
-
-def test_kl_chunk_start_read_is_refused():
-    inputs, init = memory_inputs(1, 8, 1, 8, 8, torch.float32)
-    miras = op_miras_args("l2", "kl", inputs[2], torch.float32)
-    with pytest.raises(RuntimeError, match=r'do not run retention "kl" with objective "yaad" or read "chunk_start"'):
-        emu.linear_memory_fwd(*inputs, *init, 4, False, True, *miras)
+    # kl with yaad: yaad's tile; the backward's setup lags every row (two more passes over the
+    # checkpoint, token 0's values twice more per chunk) besides kl's lag backward (M and S).
+    yaad = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, objective=("yaad", 0.5), emulated=True)
+    kl_yaad = cuda_launch_plan(B, T, H, D, 48, C, torch.bfloat16, objective=("yaad", 0.5), retention="kl",
+                               emulated=True)
+    assert kl_yaad["forward"]["tile_v"] == 64 and kl_yaad["forward"]["kernels"][0]["bytes_read"] == \
+        yaad["forward"]["kernels"][0]["bytes_read"]
+    checkpoint_half, value_rows = B * H * (T // C) * 48 * D * 2, B * H * (T // C) * 48 * 2
+    assert kl_yaad["backward"]["kernels"][0]["bytes_read"] == \
+        yaad["backward"]["kernels"][0]["bytes_read"] + 4 * checkpoint_half + 2 * value_rows
 
 
 # ---- The rest of the grid (pytest -m slow): D in {16, 64, 128}, C in {1, 16, 64}, every dtype, the
@@ -303,8 +383,6 @@ _OPTIONS = list(itertools.product(["token", "chunk_start"], OBJECTIVE_IDS, ["l2"
 def test_grid(index):
     D, C, dtype = _GRID[index]
     read, objective, retention = _OPTIONS[(5 * index) % len(_OPTIONS)]
-    if D > 64:  # the whole-state options take Dv <= 64
-        retention, objective = "l2", "l2" if objective == "yaad" else objective
     T = 3 * C + 5 if C > 1 else 9
     plan = cuda_launch_plan(1, T, 2, D, D, C, dtype, read=read, objective=OBJECTIVES[objective](0.5),
                             retention=RETENTIONS[retention], emulated=True)

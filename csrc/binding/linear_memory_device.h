@@ -41,20 +41,6 @@ inline void check_device_limits(const Tensor& q, int64_t chunk_size, const Devic
                   kCudaMaxGridYZ, " packed sequences, got ", sequences.n_seqs(), " (process them in parts)");
 }
 
-// The MIRAS options the device kernels run: every objective with every retention, but kl with
-// objective yaad or read "chunk_start"; the whole-state options (objective yaad, retention lq) in
-// one value tile, Dv <= kCudaMaxWholeStateDv. titans_ext.linear_memory raises a ValueError first,
-// this guards direct calls of the operators.
-inline void check_device_miras(const MirasParams& miras, const Tensor& v, bool read_token) {
-  STD_TORCH_CHECK(miras.retention != RetentionKind::kl || (read_token && miras.objective != ObjectiveKind::yaad),
-                  "linear_memory: the CUDA kernels do not run retention \"kl\" with objective \"yaad\" or read "
-                  "\"chunk_start\" yet (they run on the CPU kernels)");
-  STD_TORCH_CHECK(!linear_memory_whole_state(miras) || v.size(-1) <= kCudaMaxWholeStateDv,
-                  "linear_memory: objective \"yaad\" and retention \"lq\" run on the CUDA kernels for Dv <= ",
-                  kCudaMaxWholeStateDv, " (their chunk start reads all of Dv in one block), got v of shape ",
-                  shape_str(v));
-}
-
 // Shared memory grows with chunk_size * Dk and with the dtype (fp64 doubles it).
 inline void check_shared_memory(const char* op, const LaunchPlan& plan, const DeviceLimits& device,
                                 int64_t chunk_size, const Tensor& q) {
@@ -87,7 +73,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_device(
       linear_memory_params(q_c, k_c, v_c, theta_c, eta_c, alpha_c, m0_c, s0_c, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  check_device_miras(params.miras, v, read_token);
   const LinearMemoryFwdPlan plan = linear_memory_fwd_plan(params, type, device, save_states, m0_c || s0_c);
   check_shared_memory("linear_memory_fwd", plan, device, chunk_size, q);
   auto out = linear_memory_fwd_outputs(params, q, dtype, q.scalar_type(), save_states,
@@ -133,7 +118,6 @@ LinearMemoryGrads linear_memory_bwd_device(const Tensor& q, const Tensor& k, con
                                                                   std::nullopt, chunk_size, read_token);
   sequences.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
-  check_device_miras(params.miras, v, read_token);
   STD_TORCH_CHECK(states_c.numel() == int64_t(params.batch) * params.heads * linear_memory_checkpoints(params, type) *
                                           2 * params.dv * params.dk,
                   "linear_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");

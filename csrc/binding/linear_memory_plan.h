@@ -61,7 +61,7 @@ inline std::string linear_memory_plan_json(int64_t batch, int64_t seqlen, int64_
       << ", \"shared_bytes_per_sm\": " << device.shared_bytes_per_sm << "}, \"forward\": ";
   const LinearMemoryFwdPlan fwd = linear_memory_fwd_plan(p, type, device, save_states, has_initial_state);
   write_plan_json(out, fwd);
-  out << ", \"tile_v\": " << fwd.tile_v << "}";
+  out << ", \"tile_v\": " << fwd.tile_v << ", \"block_tiles\": " << fwd.block_tiles << "}";
   if (save_states) {
     const LinearMemoryBwdPlan bwd = linear_memory_bwd_plan(p, type, device, has_final_cotangent);
     out << ", \"backward\": ";

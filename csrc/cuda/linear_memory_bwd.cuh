@@ -162,11 +162,14 @@ LinearMemoryBwdPlan linear_memory_bwd_plan(const LinearMemoryParams& p, InputTyp
   if (linear_memory_whole_state(p.miras) || p.miras.retention == RetentionKind::kl) {
     // The chunk's setup and lq's tail re-read its checkpoint's M over all of Dv (lq twice, yaad
     // once), kl's lag backward its M and S, and yaad's setup the chunk's values: re-reads of what
-    // the slices stage, mostly from L2.
-    const int64_t passes = (p.miras.retention == RetentionKind::lq ? 2 : p.miras.retention == RetentionKind::kl ? 2 : 0) +
-                           (p.miras.objective == ObjectiveKind::yaad);
+    // the slices stage, mostly from L2. Under kl, yaad's setup lags every row first: the lag
+    // token's residuals (M) and the lag step (M and S) are two more passes, and token 0's values
+    // two more reads per chunk.
+    const bool yaad = p.miras.objective == ObjectiveKind::yaad, kl = p.miras.retention == RetentionKind::kl;
+    const int64_t chunk_rows = linear_memory_checkpoints(p, type) * row_states / p.dk;  // a value row per chunk
+    const int64_t passes = (p.miras.retention == RetentionKind::lq ? 2 : kl ? 2 : 0) + yaad + (yaad && kl ? 2 : 0);
     chunks.bytes_read += passes * linear_memory_checkpoints(p, type) * row_states * in +
-                         (p.miras.objective == ObjectiveKind::yaad ? tokens * p.dv * in : 0);
+                         (yaad ? tokens * p.dv * in : 0) + (yaad && kl ? 2 * chunk_rows * in : 0);
   }
   if (plan.global_carry) {
     // Every chunk of every (sequence, head) walked: with cu_seqlens at most T / C + N per head.

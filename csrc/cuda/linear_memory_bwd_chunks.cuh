@@ -55,6 +55,23 @@ constexpr int kSquareStripsPerWarp = 2, kKeyStripsPerWarp = 4;
 // The four row-wise cotangents a slice sums over its value features, per token.
 enum RowCotangent { kErrX = 0, kErrY = 1, kOutM = 2, kOutS = 3 };
 
+// The setup of kl with yaad (the chunk's token norms at the lagged memory, over all of Dv): per warp,
+// the squared residuals of the value rows it walks, per token ([warps, C16]), and one lagged memory
+// row ([warps, dk16]); then the lag token's own residual norm at the memory before it.
+template <typename compute_t>
+struct KlYaadNorms {
+  device::SharedPtr<compute_t> base;
+  int chunk16, dk16;
+  __host__ __device__ static constexpr int size(int chunk16, int dk16) {
+    return kChunkThreads / device::kWarpSize * (chunk16 + dk16) + 1;
+  }
+  __device__ __forceinline__ compute_t& squares(int warp, int t) const { return base[warp * chunk16 + t]; }
+  __device__ __forceinline__ compute_t& row(int warp, int d) const {
+    return base[kChunkThreads / device::kWarpSize * chunk16 + warp * dk16 + d];
+  }
+  __device__ __forceinline__ compute_t& lag_norm() const { return base[size(chunk16, dk16) - 1]; }
+};
+
 // Shared memory of the chunk kernel (byte offsets; tiles are PaddedTiles).
 template <typename input_t, int kSlice>
 struct ChunksLayout {
@@ -71,6 +88,7 @@ struct ChunksLayout {
   int scratch;              // compute_t [kBlockSums warps]: block sums
   int norm;                 // compute_t [C]: yaad's residual norms of the chunk's tokens over Dv
   int lag;                  // compute_t [5 kSlice + dk16]: kl's lag token, LagRows
+  int lag_norms;            // compute_t [warps (C16 + dk16) + 1]: kl with yaad, KlYaadNorms
   int partials;             // compute_t [4][C][kSlice / 8]: a slice's row cotangents per 8 columns
   kernel::TileSlot w;       // operand_t [C, C]: W, then dG
   kernel::TileSlot v, d_o;  // 2 x input_t [C, kSlice]: a slice's values and output cotangent
@@ -103,6 +121,8 @@ struct ChunksLayout {
     scratch = smem.array<compute_t>(kBlockSums * kChunkThreads / device::kWarpSize);
     norm = smem.array<compute_t>(miras.objective == ObjectiveKind::yaad ? C16 : 0);
     lag = smem.array<compute_t>(miras.retention == RetentionKind::kl ? 5 * kSlice + dk16 : 0);
+    const bool kl_yaad = miras.retention == RetentionKind::kl && miras.objective == ObjectiveKind::yaad;
+    lag_norms = smem.array<compute_t>(kl_yaad ? KlYaadNorms<compute_t>::size(C16, dk16) : 0);
     partials = smem.array<compute_t>(4 * C16 * (kSlice / 8));
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
     v = smem.tiles<input_t>(2, chunk, kSlice);
@@ -232,6 +252,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const bool kl = params.miras.retention == RetentionKind::kl;
   const auto norm = kernel::shared_array<compute_t>(at.norm);
   const LagRows<compute_t, kSlice> lag(kernel::shared_array<compute_t>(at.lag));
+  const KlYaadNorms<compute_t> lag_norms{kernel::shared_array<compute_t>(at.lag_norms), C16, dk16};
+  // kl with read "chunk_start": every token reads the memory before the lag token, so dQ and the
+  // reads' share of the start cotangent belong to the checkpoint's state, not the lagged one.
+  const bool reads_before_lag = kl && !token_read;
   compute_t lag_gate_partials[3] = {};  // this thread's share of the lag token's d theta, d eta, d beta
   const compute_t lq_q = compute_t(params.miras.q);
   compute_t rho = compute_t(1), lq_sum = compute_t(0);
@@ -337,6 +361,67 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
   const auto chunk_start = [&](int n) {
     return checkpoints + checkpoint_offset(params, checkpoint_slots, bh, n, kStride);
   };
+  // kl with yaad, at chunk n's setup: the lag token's residual norm at the checkpoint's memory, then
+  // the chunk's token norms at the lagged memory, which the slices only reach for their own rows. A
+  // warp per value row recomputes the row's lag step into its row of lag_norms, then a lane per
+  // token takes the residuals (the squares summed per warp, then over the warps in a fixed order:
+  // deterministic). Plain loads of the checkpoint (M and S) and of v; C Dv Dk FMAs, as yaad's setup.
+  const auto kl_yaad_setup = [&](int n, int L, int ci) {
+    const checkpoint_t* m0 = chunk_start(n);
+    const PaddedTile<input_t> keys = k_tile(ci);
+    const ChunkGates<compute_t> g = gates(ci);
+    const int warp = device::warp_id(), lane = device::lane_id(), warps = kernel::warp_count();
+    const auto value = [&](int t, int j) {
+      const input_t* v_row = static_cast<const input_t*>(params.v.ptr) + kernel::token_offset(params.v, b, n * C + t, h);
+      return device::cast<compute_t>(v_row[j]);
+    };
+    const auto memory = [&](int which) {
+      return [&, which](int j, int d) { return device::cast<compute_t>(m0[(which * index_t(dv) + j) * dk + d]); };
+    };
+    const auto k0 = [&](int d) { return device::cast<compute_t>(keys(0, d)); };
+    const auto lag_residual = [&](int j) {  // warp-wide
+      compute_t dot = 0;
+      for (int d = lane; d < dk; d += device::kWarpSize) dot += memory(0)(j, d) * k0(d);
+      return device::warp_reduce_sum(dot) - value(0, j);
+    };
+    compute_t squares = 0;
+    for (int j = warp; j < dv; j += warps) {
+      const compute_t r = lag_residual(j);
+      squares += r * r;
+    }
+    if (lane == 0) lag_norms.squares(warp, 0) = squares;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      compute_t total = 0;
+      for (int w_index = 0; w_index < warps; ++w_index) total += lag_norms.squares(w_index, 0);
+      lag_norms.lag_norm() = fmath::sqrt(total);
+    }
+    __syncthreads();
+    const compute_t lag_norm = lag_norms.lag_norm();
+    for (int t = lane; t < C16; t += device::kWarpSize) lag_norms.squares(warp, t) = 0;
+    for (int j = warp; j < dv; j += warps) {
+      const compute_t r = lag_residual(j);
+      const compute_t e = objective.error(r, objective.threshold(true, b, n * C, h, j), lag_norm);
+      kernel::kl_softmax_row<compute_t>(
+          j, dk, g.theta[0], g.eta[0], compute_t(1) - g.alpha[0], memory(0), memory(1), [&](int) { return e; }, k0,
+          [&](int, int d, compute_t m, compute_t) { lag_norms.row(warp, d) = m; });
+      __syncwarp();
+      for (int t = lane; t < L; t += device::kWarpSize) {
+        compute_t dot = 0;
+        for (int d = 0; d < dk; ++d) dot += lag_norms.row(warp, d) * device::cast<compute_t>(keys(t, d));
+        const compute_t residual = dot - value(t, j);
+        lag_norms.squares(warp, t) += residual * residual;
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < C16; t += blockDim.x) {
+      compute_t total = 0;
+      for (int w_index = 0; w_index < warps; ++w_index) total += lag_norms.squares(w_index, t);
+      norm[t] = fmath::sqrt(total);
+    }
+    __syncthreads();
+  };
   // At chunk n's setup (L tokens, walk position ci; its keys staged), from its checkpoint over all
   // of Dv: lq's power sum and rho0, then yaad's residual norms, a warp per token, a lane per value
   // row (plain loads of the checkpoint and v: one more read of the chunk's state and values).
@@ -350,7 +435,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       lq_sum = sum[0];
       rho = kernel::lq_rho(lq_sum, lq_q);
     }
-    if (yaad) {
+    if (yaad && kl) {
+      kl_yaad_setup(n, L, ci);
+    } else if (yaad) {
       const PaddedTile<input_t> keys = k_tile(ci);
       for (int t = device::warp_id(); t < C16; t += kernel::warp_count()) {
         compute_t sum = 0;
@@ -404,13 +491,15 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         [&](int r, int d) { return device::cast<compute_t>(prev[index_t(dv) * dk + index_t(r) * dk + d]); }, lagged,
         start_cot(0), start_cot(1), [&](int r) { return lag.e[r]; }, k0, lag.de, lag.dk0, gate_partials);
     const int t0 = n * C;
+    const compute_t lag_norm = yaad ? lag_norms.lag_norm() : compute_t(0);
     for (int j = threadIdx.x; j < w_rows; j += blockDim.x) {
-      const compute_t dr = lag.de[j] * objective.slope(lag.r[j], lag.delta[j]);
+      const compute_t dr = lag.de[j] * objective.slope(lag.r[j], lag.delta[j], lag_norm);
       lag.dr[j] = dr;
       dv_out[kernel::contiguous_token_offset(b, t0, h, params.seqlen, params.heads, dv) + v0 + j] =
           device::cast<input_t>(-dr);
       if (objective.has_delta())
-        d_delta_out[objective.at(b, t0, h, v0 + j)] = lag.de[j] * objective.delta_slope(lag.r[j], lag.delta[j]);
+        d_delta_out[objective.at(b, t0, h, v0 + j)] =
+            lag.de[j] * objective.delta_slope(lag.r[j], lag.delta[j], lag_norm);
     }
     __syncthreads();
     const auto dm = start_cot(0);
@@ -483,10 +572,22 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       return [&, quarter](int r, int d) { return device::cast<compute_t>(stack(quarter * kSlice + r, d)); };
     };
     if (kl) {
-      lag_errors(objective, w_rows, dk, stack_value(2), k0, [&](int j) { return device::cast<compute_t>(V(0, j)); },
-                 b, t0, h, v0, [&](int j, compute_t r, compute_t delta, compute_t e) {
-                   lag.r[j] = r, lag.delta[j] = delta, lag.e[j] = e, lag.de[j] = 0;
-                 });
+      if (reads_before_lag) {  // dQ = dO M0 at the checkpoint's rows, before the step overwrites them
+        for (int idx = threadIdx.x; idx < C16 * kSlice; idx += blockDim.x)
+          dq_lhs(idx / kSlice, idx % kSlice) = device::cast<operand_t>(device::cast<compute_t>(dO(idx / kSlice, idx % kSlice)));
+        __syncthreads();
+        dq_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+          kernel::strip_mma<Policy>(dq_lhs.matrix(), r0, c0, kSlice,
+                                    kernel::times(acc, stack.rows_from(2 * kSlice).matrix()));
+        });
+      }
+      lag_errors(
+          objective, w_rows, dk, stack_value(2), k0, [&](int j) { return device::cast<compute_t>(V(0, j)); }, b, t0, h,
+          v0,
+          [&](int j, compute_t r, compute_t delta, compute_t e) {
+            lag.r[j] = r, lag.delta[j] = delta, lag.e[j] = e, lag.de[j] = 0;
+          },
+          yaad ? lag_norms.lag_norm() : compute_t(0));
       __syncthreads();
       kernel::kl_softmax_rows<compute_t>(
           w_rows, dk, chunk_gates.theta[0], chunk_gates.eta[0], compute_t(1) - chunk_gates.alpha[0], stack_value(2),
@@ -594,10 +695,11 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       dw_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
         kernel::strip_mma<Policy>(dO.matrix(), r0, c0, kSlice, kernel::times(acc, err.transposed()));
       });
-    dq_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
-      kernel::strip_mma<Policy>(dq_lhs.matrix(), r0, c0, 2 * kSlice,
-                                kernel::times(acc, stack.rows_from(2 * kSlice).matrix()));
-    });
+    if (!reads_before_lag)
+      dq_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
+        kernel::strip_mma<Policy>(dq_lhs.matrix(), r0, c0, 2 * kSlice,
+                                  kernel::times(acc, stack.rows_from(2 * kSlice).matrix()));
+      });
     dk_acc.for_each([&](acc_t(&acc)[2][4], int r0, int c0) {
       kernel::strip_mma<Policy>(dk_lhs.matrix(), r0, c0, 3 * kSlice, kernel::times(acc, stack.matrix()));
     });
@@ -610,8 +712,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
         kernel::zero(as);
         kernel::strip_mma_shared_b<Policy, 2>(K, r0, c0, C16,
                                               kernel::product<Policy>(am, dk_lhs.cols_from(2 * kSlice).transposed()));
-        kernel::strip_mma_shared_b<Policy, 2>(Q, r0, c0, C16, kernel::product<Policy>(aq, dq_lhs.transposed()),
-                                              kernel::product<Policy>(as, dq_lhs.cols_from(kSlice).transposed()));
+        if (!reads_before_lag)  // else the reads' share goes to the lag step's input, below
+          kernel::strip_mma_shared_b<Policy, 2>(Q, r0, c0, C16, kernel::product<Policy>(aq, dq_lhs.transposed()),
+                                                kernel::product<Policy>(as, dq_lhs.cols_from(kSlice).transposed()));
         kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
           if (j >= w_rows || d >= dk) return;
           const compute_t dm_old =
@@ -635,6 +738,21 @@ __global__ void __launch_bounds__(kChunkThreads, 1)
       });
     }
     if (kl) lag_backward(n, g0, v0, w_rows, k0, chunk_gates, stack_value(2), lag_gate_partials);
+    if (reads_before_lag) {  // the reads' share of the start cotangent, dO^T Q, to the checkpoint's M
+      __syncthreads();
+      kernel::for_each_strip<2>(kSlice, dk16, [&](int r0, int c0) {
+        acc_t aq[2][4];
+        kernel::zero(aq);
+        kernel::strip_mma_shared_b<Policy, 2>(Q, r0, c0, C16, kernel::product<Policy>(aq, dq_lhs.transposed()));
+        kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
+          if (j >= w_rows || d >= dk) return;
+          if (n > g0)
+            carry(0, v0 + j, d) += compute_t(aq[s][e]);
+          else
+            dm0[(bh * dv + v0 + j) * index_t(dk) + d] += compute_t(aq[s][e]);
+        });
+      });
+    }
     for (int t = threadIdx.x; t < C16; t += blockDim.x)
       for (int part = 0; part < kSlice / 8; ++part) {
         dc_last[t] += partials[partial(kErrX, t, part)];

@@ -142,28 +142,29 @@ struct ChunkObjective {
 
 // Retention kl's lag token (token 0 of the chunk at t0, docs/miras.md §2.3): its residuals and errors
 // at the memory before it, r_j = M_j . k0 - v0_j, e_j = f(r_j), for a block's value rows j < rows
-// (feature v_base + j), a warp per row: m(j, d), k0(d), v0(j); out(j, r_j, threshold_j, e_j).
+// (feature v_base + j), a warp per row: m(j, d), k0(d), v0(j); out(j, r_j, threshold_j, e_j); `norm`:
+// yaad's, the lag residual's norm over all of Dv.
 template <typename compute_t, class M, class K0, class V0, class Out>
 __device__ __forceinline__ void lag_errors(const ChunkObjective<compute_t>& objective, int rows, int dk, const M& m,
                                            const K0& k0, const V0& v0, int b, int t0, int h, int v_base,
-                                           const Out& out) {
+                                           const Out& out, compute_t norm = compute_t(0)) {
   for (int j = device::warp_id(); j < rows; j += kernel::warp_count()) {
     compute_t dot = 0;
     for (int d = device::lane_id(); d < dk; d += device::kWarpSize) dot += m(j, d) * k0(d);
     dot = device::warp_reduce_sum(dot);
     if (device::lane_id() != 0) continue;
     const compute_t r = dot - v0(j), delta = objective.threshold(true, b, t0, h, v_base + j);
-    out(j, r, delta, objective.error(r, delta));
+    out(j, r, delta, objective.error(r, delta, norm));
   }
 }
 
-// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, kWidth] compute_t array: a warp per row.
-template <int kWidth, typename compute_t>
-__device__ __forceinline__ void row_norms(int rows, const device::SharedPtr<compute_t>& resid,
+// norm[t] = ||resid[t, :]|| for the rows t < rows of a [rows, width] compute_t array: a warp per row.
+template <typename compute_t>
+__device__ __forceinline__ void row_norms(int rows, int width, const device::SharedPtr<compute_t>& resid,
                                           const device::SharedPtr<compute_t>& norm) {
   for (int t = device::warp_id(); t < rows; t += kernel::warp_count()) {
     compute_t sum = 0;
-    for (int j = device::lane_id(); j < kWidth; j += device::kWarpSize) sum += resid[t * kWidth + j] * resid[t * kWidth + j];
+    for (int j = device::lane_id(); j < width; j += device::kWarpSize) sum += resid[t * width + j] * resid[t * width + j];
     sum = device::warp_reduce_sum(sum);
     if (device::lane_id() == 0) norm[t] = fmath::sqrt(sum);
   }

@@ -23,9 +23,10 @@ constexpr int64_t kCudaMaxGridYZ = 65535;  // heads and batch (or sequences) ind
 
 // The MIRAS options whose chunk start reads more than a value row: objective "yaad" (its switch
 // reads each token's residual norm over all of Dv) and retention "lq" (rho0 = ||A0||_q^(2-q) over the
-// whole Dv x Dk state). Their forward runs one value tile over all of Dv (Dv <= kCudaMaxWholeStateDv)
-// and their backward walks each sequence in one block (docs/kernels.md §6.1.12).
-constexpr int kCudaMaxWholeStateDv = 64;
+// whole Dv x Dk state). Their forward runs one block over all of Dv: one value tile, or past
+// kWideTile rows tiles of kWideTile in turn with the state in global memory between them; their
+// backward walks each sequence in one block (docs/kernels.md §6.1.12).
+constexpr int kWideTile = 64;
 constexpr bool linear_memory_whole_state(const MirasParams& m) {
   return m.objective == ObjectiveKind::yaad || m.retention == RetentionKind::lq;
 }
@@ -50,6 +51,7 @@ inline int64_t linear_memory_checkpoints(const SequenceParams& p, InputType type
 // inputs and outputs.
 struct LinearMemoryFwdPlan : LaunchPlan {
   int tile_v = 16;
+  int block_tiles = 1;  // value tiles a block walks per chunk (whole-state options past kWideTile)
   bool save_states = false;
 };
 

@@ -21,27 +21,16 @@ CUDA_MAX_CHUNK_SIZE = 64
 CUDA_MAX_KEY_DIM = 128
 
 
-# The MIRAS combinations the CUDA kernels do not run yet (docs/miras.md §2): the kl retention with
-# objective "yaad" (the lag token's norm at the memory before it) or with read "chunk_start" (every
-# token reading the memory before the lag token). They run on the CPU kernels.
 # The whole-state options (docs/kernels.md §6.1.12): objective "yaad" (its switch reads a token's
 # residual norm over all of Dv) and retention "lq" (rho0 is the q-norm of the whole state) run one
-# value tile over all of Dv, so Dv <= CUDA_MAX_WHOLE_STATE_DV, and keep every chunk's checkpoint.
-CUDA_MAX_WHOLE_STATE_DV = 64
+# block over all of Dv and keep every chunk's checkpoint.
 
 
 def _whole_state(objective_code, retention_code):
     return objective_code == OBJECTIVES.index("yaad") or retention_code == RETENTIONS.index("lq")
 
 
-def _check_cuda_limits(q, v, chunk_size, read, objective, retention):
-    if retention.kind == "kl" and (objective.kind == "yaad" or read == "chunk_start"):
-        raise ValueError(f"retention: 'kl' with objective {objective.kind!r} and read {read!r} does not run on the "
-                         f"CUDA kernels yet (device {q.device}); it runs on the CPU kernels")
-    if _whole_state(objective.code, retention.code) and v.shape[-1] > CUDA_MAX_WHOLE_STATE_DV:
-        raise ValueError(f"v: objective {objective.kind!r} with retention {retention.kind!r} runs on the CUDA kernels "
-                         f"for Dv <= {CUDA_MAX_WHOLE_STATE_DV} (device {q.device}; the chunk start reads all of Dv "
-                         f"in one block), got Dv = {v.shape[-1]}; it runs on the CPU kernels")
+def _check_cuda_limits(q, v, chunk_size, objective, retention):
     if chunk_size > CUDA_MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size: the CUDA kernels support chunk sizes 1..{CUDA_MAX_CHUNK_SIZE} "
                          f"(16, 32 and 64 are the tuned sizes), got {chunk_size}")
@@ -166,9 +155,8 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
 
     Args:
         q: queries ``[B, T, H, Dk]``; fp32, fp64, bf16 or fp16 (bf16/fp16 are computed in fp32).
-            On CUDA, Dk <= 128, every objective and retention ("kl" with read "token" and an
-            objective other than "yaad"; the rest of "kl" runs on the CPU kernels), "yaad" and
-            "lq" for Dv <= 64 (``docs/kernels.md`` §6.1.12).
+            On CUDA, Dk <= 128, every objective with every retention and both reads
+            (``docs/kernels.md`` §6.1.12).
         k: keys ``[B, T, H, Dk]`` (same dtype as q). Normalized keys keep the inner steps stable.
         v: values ``[B, T, H, Dv]`` (same dtype as q).
         theta: inner learning rate ``[B, T, H]``, >= 0.
@@ -213,7 +201,7 @@ def linear_memory(q, k, v, theta, eta, alpha, *, chunk_size=64, initial_state=No
                                                    [] if initial_state is None else initial_state[:1],
                                                    (B, T, H, Dv), q.device, state_dtype)
     if q.is_cuda:
-        _check_cuda_limits(q, v, chunk_size, read, objective, retention)
+        _check_cuda_limits(q, v, chunk_size, objective, retention)
     theta, eta, alpha = (g.to(state_dtype) for g in (theta, eta, alpha))
     m0, s0 = (None, None) if initial_state is None else (x.to(state_dtype) for x in initial_state)
     needs_grad = torch.is_grad_enabled() and any(
@@ -236,8 +224,9 @@ def cuda_launch_plan(batch, seqlen, heads, dk, dv, chunk_size=64, dtype=torch.bf
     forward's ``checkpoints``, the backward's ``group cotangents``; none without a gradient), and
     the chosen value tile, chunk group and slice. ``objective`` and ``retention`` (as
     ``linear_memory`` takes them, or parsed) change the launches: a non-l2 one takes one backward
-    group per sequence; "yaad" and "lq" one forward value tile over all of Dv and every chunk's
-    checkpoint. For the current CUDA device, or with
+    group per sequence; "yaad" and "lq" one forward block over all of Dv (``block_tiles`` value
+    tiles of ``tile_v`` rows in turn) and every chunk's checkpoint. For the current CUDA device, or
+    with
     ``emulated=True`` for the device the CPU emulation describes (an H100 unless
     ``torch.ops.titans_emu.set_device_limits`` says otherwise), which needs no GPU. ``n_seqs``
     > 0: the launches with ``cu_seqlens`` of that many sequences packed along ``seqlen`` (batch 1).

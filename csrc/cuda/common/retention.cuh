@@ -58,38 +58,44 @@ __device__ __forceinline__ void lq_scale_backward(const S* A, index_t n, T q, T 
   for (index_t i = threadIdx.x; i < n; i += blockDim.x) dA[i] += lq_rho_grad(device::cast<T>(A[i]), q, coef);
 }
 
-// Retention "kl": Memora's step on rows [0, rows) of one weight matrix W [rows, cols] with momentum
-// S, whose inner gradient is x y^T (cpu/miras_rows.h kl_step):
+// Retention "kl": Memora's step on row `row` of one weight matrix W [rows, cols] with momentum S,
+// whose inner gradient is x y^T (cpu/miras_rows.h kl_step), by the calling warp:
 //   S' = eta S - theta x y^T,   W' = rowsoftmax(beta log max(W, kKlLogFloor) + S'),
 // reading w(r, c), s(r, c) and calling out(r, c, W'_rc, S'_rc), which may overwrite what w and s
-// read (each element is read and written by the same lane). A warp per row; each of the three
-// sweeps (max, sum, write) recomputes the logits, so nothing else is stored (in a bf16 copy they
-// would lose their precision).
+// read (each element is read and written by the same lane). Each of the three sweeps (max, sum,
+// write) recomputes the logits, so nothing else is stored (in a bf16 copy they would lose their
+// precision).
+template <typename T, class W, class S, class X, class Y, class Out>
+__device__ __forceinline__ void kl_softmax_row(int row, int cols, T theta, T eta, T beta, const W& w, const S& s,
+                                               const X& x, const Y& y, const Out& out) {
+  const auto momentum = [&](int col) { return eta * s(row, col) - theta * x(row) * y(col); };
+  const auto logit = [&](int col, T momentum_new) {
+    const T m = w(row, col);
+    return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
+  };
+  T row_max = T(-INFINITY);
+  for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+    const T l = logit(col, momentum(col));
+    row_max = l > row_max ? l : row_max;
+  }
+  row_max = device::warp_reduce_max(row_max);
+  T total = 0;
+  for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
+    total += fmath::exp(logit(col, momentum(col)) - row_max);
+  total = device::warp_reduce_sum(total);
+  for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
+    const T momentum_new = momentum(col);
+    out(row, col, fmath::exp(logit(col, momentum_new) - row_max) / total, momentum_new);
+  }
+}
+
+// The same step on rows [0, rows), a warp per row.
 template <typename T, class W, class S, class X, class Y, class Out>
 __device__ __forceinline__ void kl_softmax_rows(int rows, int cols, T theta, T eta, T beta, const W& w, const S& s,
                                                 const X& x, const Y& y, const Out& out) {
   const int n_warps = static_cast<int>(blockDim.x) / device::kWarpSize;
-  for (int row = device::warp_id(); row < rows; row += n_warps) {
-    const auto momentum = [&](int col) { return eta * s(row, col) - theta * x(row) * y(col); };
-    const auto logit = [&](int col, T momentum_new) {
-      const T m = w(row, col);
-      return beta * fmath::log(m > T(kKlLogFloor) ? m : T(kKlLogFloor)) + momentum_new;
-    };
-    T row_max = T(-INFINITY);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T l = logit(col, momentum(col));
-      row_max = l > row_max ? l : row_max;
-    }
-    row_max = device::warp_reduce_max(row_max);
-    T total = 0;
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize)
-      total += fmath::exp(logit(col, momentum(col)) - row_max);
-    total = device::warp_reduce_sum(total);
-    for (int col = device::lane_id(); col < cols; col += device::kWarpSize) {
-      const T momentum_new = momentum(col);
-      out(row, col, fmath::exp(logit(col, momentum_new) - row_max) / total, momentum_new);
-    }
-  }
+  for (int row = device::warp_id(); row < rows; row += n_warps)
+    kl_softmax_row<T>(row, cols, theta, eta, beta, w, s, x, y, out);
 }
 
 // Backward of kl_softmax_rows (cpu/miras_rows.h kl_step_backward): w, s: its inputs; w1(r, c): its
