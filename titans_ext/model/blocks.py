@@ -154,7 +154,8 @@ class MAGBlock(_HybridBlock):
     late or not at all: on MQAR with every fact beyond the window (``bench/recall.py``'s default
     setting, issue 16; ``bench/results/recall.md``) the gate alone was still at the training loss
     of chance at step 200 of 600 (4.18) and reached 5.0 % recall at seed 0, where with ``m``
-    added the loss was 2.58 at step 175.
+    added the loss was 2.58 at step 175 and recall reached 53.0 / 40.8 / 52.8 % at seeds
+    0 / 1 / 2 (MAL 57.5 / 24.7 / 64.6 %).
     """
 
     def __init__(self, dim, heads=4, window=64, persistent_tokens=4, memory_options=None):
