@@ -176,8 +176,8 @@ def test_whole_state_past_one_tile_bf16(objective, retention):
 
 
 def test_kl_yaad_past_one_tile_bf16():
-    # kl's gradient bounds (test_kl_bf16), its chunk size.
-    check(1, 45, 1, 32, 80, 8, torch.bfloat16, objective="yaad", retention="kl", grad_bounds=(3e-2, 0.06))
+    # kl's chunk size (test_kl_bf16), at the bf16 bounds.
+    check(1, 45, 1, 32, 80, 8, torch.bfloat16, objective="yaad", retention="kl")
 
 
 def test_whole_state_past_one_tile_per_token_delta():
@@ -211,12 +211,11 @@ def test_kl_float64(objective, read, init):
 
 @pytest.mark.parametrize("objective, read", [("l2", "token"), ("yaad", "token"), ("l2", "chunk_start")])
 def test_kl_bf16(objective, read):
-    # The lag step's backward divides by the memory (d log M) and centers each row's cotangent: it
-    # amplifies the bf16 operand rounding of the kernels' products several fold (the CPU op on the same
-    # bf16 inputs is 0.2 % off, docs/kernels.md §6.1.12), so bf16's gradients get a relative RMS of
-    # 3 % and a largest error of 6 % of the largest entry (values: the bf16 bounds).
-    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective=objective, retention="kl", read=read,
-          grad_bounds=(3e-2, 0.06))
+    # The lag step's backward divides by the memory (d log M) and centers each row's cotangent, so it
+    # amplifies any rounding of the state it differentiates at several fold: at the bf16 bounds only
+    # because the forward's state update takes the row-scaled errors as hi + lo (docs/kernels.md
+    # §6.1.12; through one bf16 copy dk, dv were 1-1.5 % RMS and 3-5 % largest error off).
+    check(1, 45, 1, 32, 32, 8, torch.bfloat16, objective=objective, retention="kl", read=read)
 
 
 @pytest.mark.parametrize("objective, read", [("yaad", "token"), ("huber", "chunk_start"), ("yaad", "chunk_start")])

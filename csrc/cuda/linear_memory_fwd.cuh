@@ -43,6 +43,7 @@ constexpr int kForwardThreads = 256;
 template <typename input_t, int kTileV>
 struct FwdLayout : WalkLayout<input_t, kTileV> {
   kernel::TileSlot err, err_m, err_s;  // operand_t [C, kTileV]: E, diag(m) E, diag(s) E
+  kernel::TileSlot err_lo;             // operand_t [C, 2 kTileV]: the rounding residues of err_m, err_s (split)
   kernel::TileSlot w;                  // operand_t [C, C]: W = Q K^T .* c (token read)
   int resid, norm;                     // compute_t [C16, kTileV tiles], [C16]: R and its row norms (yaad only)
   int scratch;                         // compute_t [warps]: the block sum of lq's rho0 (lq only)
@@ -57,11 +58,21 @@ struct FwdLayout : WalkLayout<input_t, kTileV> {
     err = smem.tile<operand_t>(chunk, kTileV);
     err_m = smem.tile<operand_t>(chunk, kTileV);
     err_s = smem.tile<operand_t>(chunk, kTileV);
+    err_lo = smem.tile<operand_t>(split_update(miras) ? chunk : 0, split_update(miras) ? 2 * kTileV : 0);
     w = smem.tile<operand_t>(token_read ? chunk : 0, token_read ? chunk : 0);
     resid = smem.array<compute_t>(yaad ? this->chunk16 * kTileV * tiles : 0);
     norm = smem.array<compute_t>(yaad ? this->chunk16 : 0);
     scratch = smem.array<compute_t>(lq ? kForwardThreads / device::kWarpSize : 0);
     lag_err = smem.array<compute_t>(miras.retention == RetentionKind::kl ? kTileV * tiles : 0);
+  }
+  // kl in bf16 operands: the state update K^T diag(m) E (and diag(s) E) takes the row-scaled errors
+  // as hi + lo, two bf16 tiles (the keys are exact in bf16, so two MMAs give about 16 bits of the
+  // errors): the lag step's backward is ill-conditioned in the state it differentiates at (it
+  // centres each row's cotangent and divides by the memory), and a state rounded through one bf16
+  // copy of the errors puts the gradients 1-5 % off (docs/kernels.md §6.1.12).
+  __host__ __device__ static bool split_update(const MirasParams& miras) {
+    using operand_t = typename Types<input_t>::operand_t;
+    return std::is_same<operand_t, device::bf16>::value && miras.retention == RetentionKind::kl;
   }
 };
 
@@ -87,7 +98,8 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
   const Walk<input_t, kTileV> walk(at);
   const int C16 = at.chunk16, dk16 = at.dk16;
   const ChunkGateTables<compute_t>& tables = walk.tables;
-  const PaddedTile<operand_t> err(at.err), err_m(at.err_m), err_s(at.err_s), w(at.w);
+  const PaddedTile<operand_t> err(at.err), err_m(at.err_m), err_s(at.err_s), err_lo(at.err_lo), w(at.w);
+  const bool split_update = FwdLayout<input_t, kTileV>::split_update(params.miras);
   const ChunkObjective<compute_t> objective(params);
   // The whole-state options run one block over all of Dv (the plan's rule): one tile, or with
   // block_tiles > 1 the block's tiles in turn, so the block's sums over its rows are the sums over Dv.
@@ -297,8 +309,13 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
         const compute_t value = objective.error(
             r, objective.threshold(t < L && j < rows, b, n * C + t, h, v0 + j), yaad ? norm[t] : 0);
         err(t, j) = device::cast<operand_t>(value);
-        err_m(t, j) = device::cast<operand_t>(g_rows.m_end[t] * value);
-        err_s(t, j) = device::cast<operand_t>(g_rows.s_end[t] * value);
+        const compute_t value_m = g_rows.m_end[t] * value, value_s = g_rows.s_end[t] * value;
+        err_m(t, j) = device::cast<operand_t>(value_m);
+        err_s(t, j) = device::cast<operand_t>(value_s);
+        if (split_update) {
+          err_lo(t, j) = device::cast<operand_t>(value_m - device::cast<compute_t>(err_m(t, j)));
+          err_lo(t, kTileV + j) = device::cast<operand_t>(value_s - device::cast<compute_t>(err_s(t, j)));
+        }
       };
       if (yaad)
         for (int idx = threadIdx.x; idx < C16 * kTileV; idx += blockDim.x)
@@ -327,6 +344,9 @@ __global__ void __launch_bounds__(kForwardThreads, 2)
         acc_t am[2][4], as[2][4];
         kernel::zero(am);
         kernel::zero(as);
+        if (split_update)  // the small parts first
+          kernel::strip_mma_shared_b<Policy, 2>(K, r0, c0, C16, kernel::product<Policy>(am, err_lo.transposed()),
+                                                kernel::product<Policy>(as, err_lo.cols_from(kTileV).transposed()));
         kernel::strip_mma_shared_b<Policy, 2>(K, r0, c0, C16, kernel::product<Policy>(am, err_m.transposed()),
                                               kernel::product<Policy>(as, err_s.transposed()));
         kernel::for_each_strip_element<2>(r0, c0, [&](int j, int d, int s, int e) {
