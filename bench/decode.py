@@ -4,10 +4,17 @@ path they replace.
     python -m bench.decode [--device cpu|cuda] [--tokens 256] [--threads 2] [--model] [--breakdown] [--out PATH]
 
 For each memory (linear; MLP with expansion E) and chunk size (16 and 64), a stream of ``--tokens``
-tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed):
+tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed).
+Each call's inputs are prepared too: the token's views ``x[:, t]`` for the step, the views
+``x[:, t0:t + 1]`` since the chunk boundary for the replay. In a real decode a token's q, k, v and
+gates arrive as fresh tensors from the projections; slicing them from the stream inside the timed
+loop (10-25 µs per token for the six inputs, both paths alike) measured the harness, not the paths.
 
 - step op: ``titans_ext.linear_memory_step`` / ``mlp_memory_step``, carrying the running and the
   chunk-start state (O(state) per token);
+- step op, in place: ``titans_ext.linear_memory_step_`` / ``mlp_memory_step_``, the same step on a
+  decode state the loop owns (cloned from the initial state once per run), updated in place: what
+  the model's streaming path runs;
 - chunked op, replay: what the model's streaming path did before the step ops (and still does
   under autograd, which the steps lack; what any caller of the chunked op must do): keep the state
   at the last chunk boundary and, per token, run the chunked op on the tokens since that boundary
@@ -41,7 +48,7 @@ from titans_ext.ops.checks import CHECK_VALUES_ENV
 from .timing import interleaved_medians_ms, markdown_table
 
 
-STEP, REPLAY = "step op", "chunked op, replay"
+STEP, IN_PLACE, REPLAY = "step op", "step op, in place", "chunked op, replay"
 
 
 def stream(memory, B, T, H, D, expansion, device, dtype):
@@ -66,14 +73,28 @@ def stream(memory, B, T, H, D, expansion, device, dtype):
 
 def decode_with_steps(memory, tokens, state, chunk_size):
     step = titans_ext.linear_memory_step if memory == "linear" else titans_ext.mlp_memory_step
-    T = tokens[0].shape[1]
+    per_token = [tuple(x[:, t] for x in tokens) for t in range(tokens[0].shape[1])]
 
     def run():
         running, chunk_state = state, None
         with torch.no_grad():
-            for t in range(T):
-                _, running, chunk_state = step(*(x[:, t] for x in tokens), position=t, state=running,
-                                               chunk_state=chunk_state, chunk_size=chunk_size)
+            for t, token in enumerate(per_token):
+                _, running, chunk_state = step(*token, position=t, state=running, chunk_state=chunk_state,
+                                               chunk_size=chunk_size)
+    return run
+
+
+def decode_with_steps_in_place(memory, tokens, state, chunk_size):
+    step = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
+    per_token = [tuple(x[:, t] for x in tokens) for t in range(tokens[0].shape[1])]
+
+    def run():
+        with torch.no_grad():
+            running = tuple(x.clone() for x in state) if memory == "linear" else \
+                tuple(tuple(x.clone() for x in pair) for pair in state)
+            chunk_state = titans_ext.empty_chunk_state(running)
+            for t, token in enumerate(per_token):
+                step(*token, position=t, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
     return run
 
 
@@ -89,15 +110,14 @@ def chunked_call(memory, inputs, state, chunk_size, output_final_state):
 def decode_with_replay(memory, tokens, state, chunk_size):
     """The streaming path before the step ops: per token, the chunked op on the tokens since the
     last chunk boundary and the new one, from the boundary state."""
-    T = tokens[0].shape[1]
+    since_boundary = [[x[:, t - t % chunk_size:t + 1] for x in tokens] for t in range(tokens[0].shape[1])]
 
     def run():
         boundary = state
         with torch.no_grad():
-            for t in range(T):
-                start = t - t % chunk_size
-                complete = t - start + 1 == chunk_size
-                _, final = chunked_call(memory, [x[:, start:t + 1] for x in tokens], boundary, chunk_size, complete)
+            for inputs in since_boundary:
+                complete = inputs[0].shape[1] == chunk_size
+                _, final = chunked_call(memory, inputs, boundary, chunk_size, complete)
                 if complete:
                     boundary = final
     return run
@@ -144,8 +164,27 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
                         op(*op_args)
         return run
 
-    return [("public function, value checks on", public("1")), ("public function, value checks off", public("0")),
+    rows = [("public function, value checks on", public("1")), ("public function, value checks off", public("0")),
             ("operator via torch.ops", operator(False)), ("operator below the autograd layer", operator(True))]
+    if not hasattr(titans_ext, "linear_memory_step_"):
+        return rows
+    in_place = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
+    buffers = tuple(x.clone() for x in running) if memory == "linear" else \
+        tuple(tuple(x.clone() for x in pair) for pair in running)
+    chunk_buffers = chunk_state._replace(weights=chunk_state.weights.clone() if memory == "linear" else
+                                         tuple(w.clone() for w in chunk_state.weights),
+                                         scale=chunk_state.scale.clone())
+
+    def public_in_place():
+        os.environ[CHECK_VALUES_ENV] = "0"
+        try:
+            with torch.no_grad():
+                for _ in range(calls):
+                    in_place(*token, position=1, state=buffers, chunk_state=chunk_buffers, chunk_size=chunk_size)
+        finally:
+            os.environ.pop(CHECK_VALUES_ENV)
+
+    return rows + [("in-place public function, value checks off", public_in_place)]
 
 
 def decode_with_model(B, T, H, D, chunk_size, device):
@@ -208,6 +247,9 @@ def main(argv=None):
             for C in chunk_sizes:
                 rows_to_time.append((memory, C, STEP, checks,
                                      value_checks(env, decode_with_steps(memory, tokens, state, C))))
+                if hasattr(titans_ext, "linear_memory_step_"):  # absent from builds before the in-place steps
+                    rows_to_time.append((memory, C, IN_PLACE, checks,
+                                         value_checks(env, decode_with_steps_in_place(memory, tokens, state, C))))
                 rows_to_time.append((memory, C, REPLAY, checks,
                                      value_checks(env, decode_with_replay(memory, tokens, state, C))))
     if args.model:
@@ -234,15 +276,16 @@ def main(argv=None):
     rows = []
     for r in results:
         vs_replay = ""
-        if r["path"] == STEP:
+        if r["path"] in (STEP, IN_PLACE):
             vs_replay = f"{r['tokens_per_s'] / speed(r['memory'], r['chunk_size'], REPLAY, r['checks']):.1f}x"
         rows.append((r["memory"], r["chunk_size"], r["path"], r["checks"], f"{r['tokens_per_s']:.0f}", vs_replay))
     lo, hi = min(chunk_sizes), max(chunk_sizes)
-    verdicts = [f"- {memory}, value checks {checks}: step op at chunk {lo} / chunk {hi}: "
-                f"{speed(memory, lo, STEP, checks) / speed(memory, hi, STEP, checks):.2f} (target within 10 %); "
-                f"step op / replay at chunk {hi}: "
-                f"{speed(memory, hi, STEP, checks) / speed(memory, hi, REPLAY, checks):.1f}x (target >= 5x)"
-                for memory in ("linear", "mlp") for checks in value_check_settings]
+    paths = [path for path in (STEP, IN_PLACE) if any(r["path"] == path for r in results)]
+    verdicts = [f"- {memory}, value checks {checks}, {path}: chunk {lo} / chunk {hi}: "
+                f"{speed(memory, lo, path, checks) / speed(memory, hi, path, checks):.2f} (target within 10 %); "
+                f"/ replay at chunk {hi}: "
+                f"{speed(memory, hi, path, checks) / speed(memory, hi, REPLAY, checks):.1f}x (target >= 5x)"
+                for memory in ("linear", "mlp") for checks in value_check_settings for path in paths]
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
