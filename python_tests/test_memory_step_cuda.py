@@ -102,6 +102,20 @@ def test_no_host_sync(monkeypatch, memory):
             run(0)
 
 
+def replay_over_stream(graph, static_o, token, tokens, position):
+    """Replays ``graph`` once per token of ``tokens`` from position 0, each token first copied into
+    the static ``token`` buffers; returns the outputs."""
+    position.zero_()
+    outs = []
+    for t in range(tokens[0].shape[1]):
+        for dst, src in zip(token, tokens):
+            dst.copy_(src[:, t])
+        graph.replay()
+        outs.append(static_o.clone())
+    torch.cuda.synchronize()
+    return outs
+
+
 def capture(fn):
     """``fn`` run once on a side stream (the warm-up), then captured: ``(graph, fn's outputs)``."""
     side = torch.cuda.Stream()
@@ -150,14 +164,7 @@ def test_cuda_graph_capture_and_replay(memory, read):
 
     for dst, src in zip(flat(static_state), static_state_init):
         dst.copy_(src)
-    position.zero_()
-    outs = []
-    for t in range(T):
-        for dst, src in zip(token, tokens):
-            dst.copy_(src[:, t])
-        graph.replay()
-        outs.append(static_o.clone())
-    torch.cuda.synchronize()
+    outs = replay_over_stream(graph, static_o, token, tokens, position)
     assert position.item() == T
     for i, (e, g) in enumerate(zip(eager, outs + flat(static_state) + flat(static_chunk))):
         assert torch.equal(e, g), f"output {i} differs between the replayed graph and the eager steps"
@@ -205,14 +212,7 @@ def test_in_place_step_captured_in_a_cuda_graph(memory):
     graph, static_o = capture(one_step)
     for dst, src in zip(flat(static_state), initial):
         dst.copy_(src)
-    position.zero_()
-    outs = []
-    for t in range(T):
-        for dst, src in zip(token, tokens):
-            dst.copy_(src[:, t])
-        graph.replay()
-        outs.append(static_o.clone())
-    torch.cuda.synchronize()
+    outs = replay_over_stream(graph, static_o, token, tokens, position)
     for i, (e, g) in enumerate(zip(eager + flat(eager_state) + flat(eager_chunk),
                                    outs + flat(static_state) + flat(static_chunk))):
         assert torch.equal(e, g), f"output {i} differs between the replayed graph and the eager in-place steps"

@@ -297,6 +297,16 @@ struct StepCall {
     return in.empty_if(present && !mid_chunk, sizes);
   }
 
+  // For the in-place operators: allocates o [B, H, dv] in the kernels' dtype, runs, and returns o in
+  // q's dtype.
+  Tensor run_for_output(const Tensor& q, int64_t dv) {
+    const Tensor o =
+        empty_on(q, {q.size(0), q.size(1), dv}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
+    params.o_ptr = o.data_ptr();
+    run();
+    return Backend::kInputsInComputeDtype ? to_dtype(o, q.scalar_type()) : o;
+  }
+
   void run() const {
     if constexpr (Backend::kChecksValues) {
       if (cpu_value_checks_enabled()) {
@@ -481,10 +491,7 @@ Tensor linear_memory_step_inplace_op(const Tensor& q, const Tensor& k, const Ten
   params.chunk_weights_ptr = params.chunk_weights_out_ptr = chunk_weights.data_ptr();
   params.chunk_scale_ptr = params.chunk_scale_out_ptr = chunk_scale.data_ptr();
   params.chunk_read_ptr = params.chunk_read_out_ptr = chunk_read ? chunk_read->data_ptr() : nullptr;
-  const Tensor o = empty_on(q, {B, H, Dv}, Backend::kInputsInComputeDtype ? call.in.dtype : q.scalar_type());
-  params.o_ptr = o.data_ptr();
-  call.run();
-  return output_in_dtype_of<Backend>(o, q);
+  return call.run_for_output(q, Dv);
 }
 
 // The operator titans_ext::mlp_memory_step_ on a backend, as linear_memory_step_inplace_op.
@@ -538,10 +545,7 @@ Tensor mlp_memory_step_inplace_op(const Tensor& q, const Tensor& k, const Tensor
   params.chunk_scale_ptr = params.chunk_scale_out_ptr = chunk_scale.data_ptr();
   params.chunk_read_w1_ptr = params.chunk_read_w1_out_ptr = chunk_read_w1 ? chunk_read_w1->data_ptr() : nullptr;
   params.chunk_read_w2_ptr = params.chunk_read_w2_out_ptr = chunk_read_w2 ? chunk_read_w2->data_ptr() : nullptr;
-  const Tensor o = empty_on(q, {B, H, D}, Backend::kInputsInComputeDtype ? call.in.dtype : q.scalar_type());
-  params.o_ptr = o.data_ptr();
-  call.run();
-  return output_in_dtype_of<Backend>(o, q);
+  return call.run_for_output(q, D);
 }
 
 // Registers the step operators of a backend in a STABLE_TORCH_LIBRARY_IMPL block.

@@ -210,54 +210,28 @@ def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective
     host not to start a chunk (an int position, or a scalar position on the CPU) and the given
     chunk-start state is as a step returns it (the state dtype, contiguous), so the step passes
     that state on instead of the operator copying it."""
-    if (torch.is_grad_enabled() or state is None or chunk_state is None or type(chunk_size) is not int
-            or read not in READ_MODES or torch.compiler.is_compiling()):
+    if state is None or chunk_state is None:
         raise _Checked
-    device = q.device
-    on_cpu = device.type == "cpu"
-    if not on_cpu and value_checks_enabled(device):  # Python reads the values (a host sync)
-        raise _Checked
-    check_op_device(q)
+    args = _fast_args(q, v, position, chunk_size, read, objective, retention)
     if type(position) is int:
-        if position < 0:
-            raise _Checked
         mid_chunk = position % chunk_size != 0
-        if on_cpu:
-            position = _cpu_position_offset(position, chunk_size)
-        else:
-            position = torch.full((), position, dtype=torch.int64, device=device)
     else:  # a tensor (else the operator raises): read on the host where that is free
-        mid_chunk = on_cpu and position.dim() == 0 and int(position) % chunk_size != 0
+        mid_chunk = q.device.type == "cpu" and position.dim() == 0 and int(position) % chunk_size != 0
     if mid_chunk:
         state_dtype = state_dtype_for(q.dtype)
         mid_chunk = all(t is None or (t.dtype == state_dtype and t.is_contiguous()) for t in _flat(chunk_state))
-    objective, retention = parse_objective(objective), parse_retention(retention)
-    delta = objective.delta
-    if delta is not None:
-        if isinstance(delta, torch.Tensor):
-            raise _Checked
-        delta = torch.full(v.shape, delta, device=device, dtype=state_dtype_for(q.dtype))
-    return position, read == "token", objective, retention, delta, mid_chunk
+    return (*args, mid_chunk)
 
 
-def _flat(tensors):
-    """The tensors (or None) of a chunk-start state, whose fields are tensors, pairs or None."""
-    for x in tensors:
-        if isinstance(x, (tuple, list)):
-            yield from x
-        else:
-            yield x
-
-
-def _in_place_args(q, v, position, chunk_size, read, objective, retention):
-    """The arguments of an in-place step as the operator takes them, ``(position, read_token,
-    objective, retention, delta)``, on its fast path (no autograd, no torch.compile, value checks
-    read on the host only for CPU tensors); raises :class:`_Checked` otherwise."""
-    if torch.is_grad_enabled() or type(chunk_size) is not int or read not in READ_MODES or \
-            torch.compiler.is_compiling():
+def _fast_args(q, v, position, chunk_size, read, objective, retention):
+    """The arguments every step operator takes, ``(position, read_token, objective, retention,
+    delta)``, for a call of the fast path: no autograd, no torch.compile, values read on the host
+    only for CPU tensors (the operator checks them). Raises :class:`_Checked` otherwise."""
+    if (torch.is_grad_enabled() or type(chunk_size) is not int or read not in READ_MODES
+            or torch.compiler.is_compiling()):
         raise _Checked
     device = q.device
-    if device.type != "cpu" and value_checks_enabled(device):
+    if device.type != "cpu" and value_checks_enabled(device):  # Python reads the values (a host sync)
         raise _Checked
     check_op_device(q)
     if type(position) is int:
@@ -274,11 +248,20 @@ def _in_place_args(q, v, position, chunk_size, read, objective, retention):
     return position, read == "token", objective, retention, delta
 
 
+def _flat(tensors):
+    """The tensors (or None) of a chunk-start state, whose fields are tensors, pairs or None."""
+    for x in tensors:
+        if isinstance(x, (tuple, list)):
+            yield from x
+        else:
+            yield x
+
+
 def _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, objective,
                            retention, functional_step, **options):
     """The checked path of an in-place step: runs the functional step on the same arguments (which
     writes nothing) to raise its errors naming the argument, then returns the operator's arguments
-    as :func:`_in_place_args`. torch.compile traces the operator through here."""
+    as :func:`_fast_args`. torch.compile traces the operator through here."""
     if not torch.compiler.is_compiling():
         functional_step(q, k, v, theta, eta, alpha, position=position, state=state, chunk_state=chunk_state,
                         chunk_size=chunk_size, read=read, objective=objective, retention=retention, **options)
@@ -488,7 +471,7 @@ def run_linear_memory_step_(op, q, k, v, theta, eta, alpha, *, position, state, 
 
     return _run_in_place(
         op, pack,
-        lambda: _in_place_args(q, v, position, chunk_size, read, objective, retention),
+        lambda: _fast_args(q, v, position, chunk_size, read, objective, retention),
         lambda: _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
                                        objective, retention, linear_memory_step))
 
@@ -674,6 +657,6 @@ def run_mlp_memory_step_(op, q, k, v, theta, eta, alpha, *, position, state, chu
 
     return _run_in_place(
         op, pack,
-        lambda: _in_place_args(q, v, position, chunk_size, read, objective, retention),
+        lambda: _fast_args(q, v, position, chunk_size, read, objective, retention),
         lambda: _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
                                        objective, retention, mlp_memory_step, activation=activation))
