@@ -197,6 +197,23 @@ inline void check_token_args(const Tensor& q, const Tensor& k, const Tensor& v, 
   STD_TORCH_CHECK(chunk_size >= 1, "chunk_size: expected an int >= 1, got ", chunk_size);
 }
 
+// Checks the per-token inputs of an MLP step and the shape of its running W1 [B, H, E*D, D] up to
+// B and H (checked with the rest of the state); returns the hidden width N = E*D.
+inline int64_t check_mlp_token_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                    const Tensor& eta, const Tensor& alpha, const Tensor& w1, const Tensor& position,
+                                    int64_t chunk_size) {
+  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t D = q.size(2);
+  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
+                  ", Dv = ", v.size(2));
+  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
+  const int64_t N = w1.size(2);
+  STD_TORCH_CHECK(N >= 1 && N % D == 0,
+                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
+                  shape_str(w1));
+  return N;
+}
+
 // The value checks of a step on the CPU (docs/design.md §1 for the gate ranges): finite gates,
 // theta >= 0, eta and alpha in [0, 1]; positions >= 0. One pass over B * H values, no tensors.
 template <typename T>
@@ -391,15 +408,8 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
                                  int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective,
                                  double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
                                  double retention_q, bool mid_chunk) {
-  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t N = check_mlp_token_args(q, k, v, theta, eta, alpha, w1, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
-                  ", Dv = ", v.size(2));
-  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
-  const int64_t N = w1.size(2);
-  STD_TORCH_CHECK(N >= 1 && N % D == 0,
-                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
-                  shape_str(w1));
   check_state_tensor("state[0][0]", w1, {B, H, N, D}, "[B, H, E*D, D]", q);
   check_state_tensor("state[0][1]", w2, {B, H, D, N}, "[B, H, D, E*D]", q);
   using Named = std::pair<const char*, const std::optional<Tensor>*>;
@@ -503,15 +513,8 @@ Tensor mlp_memory_step_inplace_op(const Tensor& q, const Tensor& k, const Tensor
                                   const Tensor& position, int64_t chunk_size, bool read_token,
                                   std::string_view activation, int64_t objective, double p, double eps,
                                   const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
-  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t N = check_mlp_token_args(q, k, v, theta, eta, alpha, w1, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
-                  ", Dv = ", v.size(2));
-  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
-  const int64_t N = w1.size(2);
-  STD_TORCH_CHECK(N >= 1 && N % D == 0,
-                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
-                  shape_str(w1));
   const bool read_weights = step_has_read_weights(read_token, retention);
   STD_TORCH_CHECK(chunk_read_w1.has_value() == read_weights && chunk_read_w2.has_value() == read_weights,
                   "chunk_state.read_weights: expected buffers exactly with read \"chunk_start\" and retention kl");
