@@ -11,7 +11,9 @@ with the chunked op and the tokens of a chunk it shares with other calls in one 
 
 - without autograd (inference, ``TitansLM.generate``): one decode step per token
   (:func:`titans_ext.linear_memory_step`, :func:`titans_ext.mlp_memory_step`), which carries the
-  running memory and the chunk-start state, so a token costs O(state) whatever the chunk size;
+  running memory and the chunk-start state, so a token costs O(state) whatever the chunk size
+  (under :func:`owned_decode_states`, as in ``TitansLM.generate``, the steps update the state in
+  place: :func:`titans_ext.linear_memory_step_`, :func:`titans_ext.mlp_memory_step_`);
 - with autograd (the steps have no backward): the state keeps the memory at the last chunk
   boundary and the op inputs of the tokens since then, and the call replays them with its own
   through the chunked op (at most ``chunk_size - 1`` tokens recomputed).
