@@ -71,31 +71,29 @@ def stream(memory, B, T, H, D, expansion, device, dtype):
     return [q, k, v, *gates], state
 
 
-def decode_with_steps(memory, tokens, state, chunk_size):
-    step = titans_ext.linear_memory_step if memory == "linear" else titans_ext.mlp_memory_step
-    per_token = [tuple(x[:, t] for x in tokens) for t in range(tokens[0].shape[1])]
-
-    def run():
-        running, chunk_state = state, None
-        with torch.no_grad():
-            for t, token in enumerate(per_token):
-                _, running, chunk_state = step(*token, position=t, state=running, chunk_state=chunk_state,
-                                               chunk_size=chunk_size)
-    return run
-
-
-def decode_with_steps_in_place(memory, tokens, state, chunk_size):
-    step = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
+def decode_with_steps(memory, tokens, state, chunk_size, in_place=False):
+    """The step ops on the stream; ``in_place``: the in-place ones, on a copy of ``state`` made once
+    per run (what the model's streaming path runs)."""
+    name = "linear_memory_step" if memory == "linear" else "mlp_memory_step"
+    step = getattr(titans_ext, name + "_" if in_place else name)
     per_token = [tuple(x[:, t] for x in tokens) for t in range(tokens[0].shape[1])]
 
     def run():
         with torch.no_grad():
-            running = tuple(x.clone() for x in state) if memory == "linear" else \
-                tuple(tuple(x.clone() for x in pair) for pair in state)
-            chunk_state = titans_ext.empty_chunk_state(running)
+            running = owned_copy(state) if in_place else state
+            chunk_state = titans_ext.empty_chunk_state(running) if in_place else None
             for t, token in enumerate(per_token):
-                step(*token, position=t, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+                out = step(*token, position=t, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+                if not in_place:
+                    _, running, chunk_state = out
     return run
+
+
+def owned_copy(state):
+    """A copy of a step state (nested tuples of tensors) that an in-place step may update."""
+    from titans_ext.model.memory import owned_copy  # the builds with in-place steps have it
+
+    return owned_copy(state)
 
 
 def chunked_call(memory, inputs, state, chunk_size, output_final_state):
@@ -169,11 +167,7 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
     if not hasattr(titans_ext, "linear_memory_step_"):
         return rows
     in_place = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
-    buffers = tuple(x.clone() for x in running) if memory == "linear" else \
-        tuple(tuple(x.clone() for x in pair) for pair in running)
-    chunk_buffers = chunk_state._replace(weights=chunk_state.weights.clone() if memory == "linear" else
-                                         tuple(w.clone() for w in chunk_state.weights),
-                                         scale=chunk_state.scale.clone())
+    buffers, chunk_buffers = owned_copy(running), owned_copy(chunk_state)
 
     def public_in_place():
         os.environ[CHECK_VALUES_ENV] = "0"
@@ -249,7 +243,7 @@ def main(argv=None):
                                      value_checks(env, decode_with_steps(memory, tokens, state, C))))
                 if hasattr(titans_ext, "linear_memory_step_"):  # absent from builds before the in-place steps
                     rows_to_time.append((memory, C, IN_PLACE, checks,
-                                         value_checks(env, decode_with_steps_in_place(memory, tokens, state, C))))
+                                         value_checks(env, decode_with_steps(memory, tokens, state, C, True))))
                 rows_to_time.append((memory, C, REPLAY, checks,
                                      value_checks(env, decode_with_replay(memory, tokens, state, C))))
     if args.model:
