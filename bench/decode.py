@@ -140,13 +140,13 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
         op_args = (*token, *running[0], *running[1], *chunk_state.weights, chunk_state.scale, None, None, position,
                    chunk_size, True, "gelu", 0, 2.0, 0.0, None, 0, 2.0)
 
-    def public(env):
+    def public(env, function=step, state=running, chunk_state=chunk_state):
         def run():
             os.environ[CHECK_VALUES_ENV] = env
             try:
                 with torch.no_grad():
                     for _ in range(calls):
-                        step(*token, position=1, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+                        function(*token, position=1, state=state, chunk_state=chunk_state, chunk_size=chunk_size)
             finally:
                 os.environ.pop(CHECK_VALUES_ENV)
         return run
@@ -167,18 +167,8 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
     if not hasattr(titans_ext, "linear_memory_step_"):
         return rows
     in_place = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
-    buffers, chunk_buffers = owned_copy(running), owned_copy(chunk_state)
-
-    def public_in_place():
-        os.environ[CHECK_VALUES_ENV] = "0"
-        try:
-            with torch.no_grad():
-                for _ in range(calls):
-                    in_place(*token, position=1, state=buffers, chunk_state=chunk_buffers, chunk_size=chunk_size)
-        finally:
-            os.environ.pop(CHECK_VALUES_ENV)
-
-    return rows + [("in-place public function, value checks off", public_in_place)]
+    return rows + [("in-place public function, value checks off",
+                    public("0", in_place, owned_copy(running), owned_copy(chunk_state)))]
 
 
 def decode_with_model(B, T, H, D, chunk_size, device):
