@@ -4,10 +4,17 @@ path they replace.
     python -m bench.decode [--device cpu|cuda] [--tokens 256] [--threads 2] [--model] [--breakdown] [--out PATH]
 
 For each memory (linear; MLP with expansion E) and chunk size (16 and 64), a stream of ``--tokens``
-tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed):
+tokens is decoded one token per call, on inputs prepared beforehand (the projections are not timed).
+Each call's inputs are prepared too: the token's views ``x[:, t]`` for the step, the views
+``x[:, t0:t + 1]`` since the chunk boundary for the replay. In a real decode a token's q, k, v and
+gates arrive as fresh tensors from the projections; slicing them from the stream inside the timed
+loop (10-25 µs per token for the six inputs, both paths alike) measured the harness, not the paths.
 
 - step op: ``titans_ext.linear_memory_step`` / ``mlp_memory_step``, carrying the running and the
   chunk-start state (O(state) per token);
+- step op, in place: ``titans_ext.linear_memory_step_`` / ``mlp_memory_step_``, the same step on a
+  decode state the loop owns (cloned from the initial state once per run), updated in place: what
+  the model's streaming path runs;
 - chunked op, replay: what the model's streaming path did before the step ops (and still does
   under autograd, which the steps lack; what any caller of the chunked op must do): keep the state
   at the last chunk boundary and, per token, run the chunked op on the tokens since that boundary
@@ -41,7 +48,7 @@ from titans_ext.ops.checks import CHECK_VALUES_ENV
 from .timing import interleaved_medians_ms, markdown_table
 
 
-STEP, REPLAY = "step op", "chunked op, replay"
+STEP, IN_PLACE, REPLAY = "step op", "step op, in place", "chunked op, replay"
 
 
 def stream(memory, B, T, H, D, expansion, device, dtype):
@@ -64,17 +71,29 @@ def stream(memory, B, T, H, D, expansion, device, dtype):
     return [q, k, v, *gates], state
 
 
-def decode_with_steps(memory, tokens, state, chunk_size):
-    step = titans_ext.linear_memory_step if memory == "linear" else titans_ext.mlp_memory_step
-    T = tokens[0].shape[1]
+def decode_with_steps(memory, tokens, state, chunk_size, in_place=False):
+    """The step ops on the stream; ``in_place``: the in-place ones, on a copy of ``state`` made once
+    per run (what the model's streaming path runs)."""
+    name = "linear_memory_step" if memory == "linear" else "mlp_memory_step"
+    step = getattr(titans_ext, name + "_" if in_place else name)
+    per_token = [tuple(x[:, t] for x in tokens) for t in range(tokens[0].shape[1])]
 
     def run():
-        running, chunk_state = state, None
         with torch.no_grad():
-            for t in range(T):
-                _, running, chunk_state = step(*(x[:, t] for x in tokens), position=t, state=running,
-                                               chunk_state=chunk_state, chunk_size=chunk_size)
+            running = owned_copy(state) if in_place else state
+            chunk_state = titans_ext.empty_chunk_state(running) if in_place else None
+            for t, token in enumerate(per_token):
+                out = step(*token, position=t, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+                if not in_place:
+                    _, running, chunk_state = out
     return run
+
+
+def owned_copy(state):
+    """A copy of a step state (nested tuples of tensors) that an in-place step may update."""
+    from titans_ext.model.memory import owned_copy  # the builds with in-place steps have it
+
+    return owned_copy(state)
 
 
 def chunked_call(memory, inputs, state, chunk_size, output_final_state):
@@ -89,15 +108,14 @@ def chunked_call(memory, inputs, state, chunk_size, output_final_state):
 def decode_with_replay(memory, tokens, state, chunk_size):
     """The streaming path before the step ops: per token, the chunked op on the tokens since the
     last chunk boundary and the new one, from the boundary state."""
-    T = tokens[0].shape[1]
+    since_boundary = [[x[:, t - t % chunk_size:t + 1] for x in tokens] for t in range(tokens[0].shape[1])]
 
     def run():
         boundary = state
         with torch.no_grad():
-            for t in range(T):
-                start = t - t % chunk_size
-                complete = t - start + 1 == chunk_size
-                _, final = chunked_call(memory, [x[:, start:t + 1] for x in tokens], boundary, chunk_size, complete)
+            for inputs in since_boundary:
+                complete = inputs[0].shape[1] == chunk_size
+                _, final = chunked_call(memory, inputs, boundary, chunk_size, complete)
                 if complete:
                     boundary = final
     return run
@@ -122,13 +140,13 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
         op_args = (*token, *running[0], *running[1], *chunk_state.weights, chunk_state.scale, None, None, position,
                    chunk_size, True, "gelu", 0, 2.0, 0.0, None, 0, 2.0)
 
-    def public(env):
+    def public(env, function=step, state=running, chunk_state=chunk_state):
         def run():
             os.environ[CHECK_VALUES_ENV] = env
             try:
                 with torch.no_grad():
                     for _ in range(calls):
-                        step(*token, position=1, state=running, chunk_state=chunk_state, chunk_size=chunk_size)
+                        function(*token, position=1, state=state, chunk_state=chunk_state, chunk_size=chunk_size)
             finally:
                 os.environ.pop(CHECK_VALUES_ENV)
         return run
@@ -144,8 +162,13 @@ def step_call_breakdown(memory, tokens, state, chunk_size, calls):
                         op(*op_args)
         return run
 
-    return [("public function, value checks on", public("1")), ("public function, value checks off", public("0")),
+    rows = [("public function, value checks on", public("1")), ("public function, value checks off", public("0")),
             ("operator via torch.ops", operator(False)), ("operator below the autograd layer", operator(True))]
+    if not hasattr(titans_ext, "linear_memory_step_"):
+        return rows
+    in_place = titans_ext.linear_memory_step_ if memory == "linear" else titans_ext.mlp_memory_step_
+    return rows + [("in-place public function, value checks off",
+                    public("0", in_place, owned_copy(running), owned_copy(chunk_state)))]
 
 
 def decode_with_model(B, T, H, D, chunk_size, device):
@@ -208,6 +231,9 @@ def main(argv=None):
             for C in chunk_sizes:
                 rows_to_time.append((memory, C, STEP, checks,
                                      value_checks(env, decode_with_steps(memory, tokens, state, C))))
+                if hasattr(titans_ext, "linear_memory_step_"):  # absent from builds before the in-place steps
+                    rows_to_time.append((memory, C, IN_PLACE, checks,
+                                         value_checks(env, decode_with_steps(memory, tokens, state, C, True))))
                 rows_to_time.append((memory, C, REPLAY, checks,
                                      value_checks(env, decode_with_replay(memory, tokens, state, C))))
     if args.model:
@@ -234,15 +260,16 @@ def main(argv=None):
     rows = []
     for r in results:
         vs_replay = ""
-        if r["path"] == STEP:
+        if r["path"] in (STEP, IN_PLACE):
             vs_replay = f"{r['tokens_per_s'] / speed(r['memory'], r['chunk_size'], REPLAY, r['checks']):.1f}x"
         rows.append((r["memory"], r["chunk_size"], r["path"], r["checks"], f"{r['tokens_per_s']:.0f}", vs_replay))
     lo, hi = min(chunk_sizes), max(chunk_sizes)
-    verdicts = [f"- {memory}, value checks {checks}: step op at chunk {lo} / chunk {hi}: "
-                f"{speed(memory, lo, STEP, checks) / speed(memory, hi, STEP, checks):.2f} (target within 10 %); "
-                f"step op / replay at chunk {hi}: "
-                f"{speed(memory, hi, STEP, checks) / speed(memory, hi, REPLAY, checks):.1f}x (target >= 5x)"
-                for memory in ("linear", "mlp") for checks in value_check_settings]
+    paths = [path for path in (STEP, IN_PLACE) if any(r["path"] == path for r in results)]
+    verdicts = [f"- {memory}, value checks {checks}, {path}: chunk {lo} / chunk {hi}: "
+                f"{speed(memory, lo, path, checks) / speed(memory, hi, path, checks):.2f} (target within 10 %); "
+                f"/ replay at chunk {hi}: "
+                f"{speed(memory, hi, path, checks) / speed(memory, hi, REPLAY, checks):.1f}x (target >= 5x)"
+                for memory in ("linear", "mlp") for checks in value_check_settings for path in paths]
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:

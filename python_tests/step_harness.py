@@ -6,7 +6,8 @@ every token). Shared by the CPU tests (test_memory_step.py) and the emulated CUD
 import torch
 
 import titans_ext
-from titans_ext.ops.step import ChunkStartState, run_linear_memory_step, run_mlp_memory_step
+from titans_ext.ops.step import (ChunkStartState, run_linear_memory_step, run_linear_memory_step_, run_mlp_memory_step,
+                                 run_mlp_memory_step_)
 from titans_ext.reference.miras import lq_scale
 
 from mlp_inputs import mlp_inputs
@@ -14,6 +15,7 @@ from utils import assert_close, memory_inputs
 
 MEMORIES = ("linear", "mlp")
 STEP_OPS = {"linear": "linear_memory_step", "mlp": "mlp_memory_step"}
+IN_PLACE_STEP_OPS = {"linear": "linear_memory_step_", "mlp": "mlp_memory_step_"}
 
 
 def flat(x):
@@ -132,6 +134,51 @@ def check_stream(memory, op, tokens, state, chunk_size, ratio, **options):
         for i, (e, s) in enumerate(zip(flat(want), flat(chunk_state))):
             assert_close(f"chunk_state[{i}], {where}", e, s, ratio)
     return running, chunk_state
+
+
+def owned_state(state):
+    """Buffers of an in-place decode holding ``state`` (contiguous copies)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone(memory_format=torch.contiguous_format)
+    return tuple(owned_state(x) for x in state)
+
+
+def check_in_place_stream(memory, op, functional_op, tokens, state, chunk_size, positions=None, **options):
+    """Feeds every token of ``tokens`` through the in-place step operator ``op`` on buffers that
+    start as ``state`` (chunk-start buffers from titans_ext.empty_chunk_state) and through the
+    functional ``functional_op`` (the harness's ``step``), and checks after every token that the reads
+    and the buffers equal the functional step's reads and returned states, bit for bit (the same
+    arithmetic). ``positions``: per token, a position for ``op`` (default: t), e.g. a [B] tensor."""
+    T = tokens[0].shape[1]
+    read, retention = options.get("read", "token"), options.get("retention", "l2")
+    buffers = owned_state(state)
+    chunk_buffers = titans_ext.empty_chunk_state(buffers, read=read, retention=retention)
+    running, chunk_state = state, None
+    options = dict(dict(read="token", objective="l2", retention="l2"), **options)
+    if memory == "mlp":
+        options.setdefault("activation", "gelu")
+    for t in range(T):
+        position = t if positions is None else positions[t]
+        o, running, chunk_state = step(memory, functional_op, tokens, t, running, chunk_state, position=position,
+                                       chunk_size=chunk_size, **options)
+        token = [x[:, t] for x in tokens]
+        token_options = dict(options, objective=_token_objective(options["objective"], t))
+        with torch.no_grad():
+            if op is getattr(torch.ops.titans_ext, IN_PLACE_STEP_OPS[memory]):
+                o_in_place = getattr(titans_ext, IN_PLACE_STEP_OPS[memory])(
+                    *token, position=position, state=buffers, chunk_state=chunk_buffers, chunk_size=chunk_size,
+                    **token_options)
+            else:
+                run = run_linear_memory_step_ if memory == "linear" else run_mlp_memory_step_
+                o_in_place = run(op, *token, position=position, state=buffers, chunk_state=chunk_buffers,
+                                 chunk_size=chunk_size, **token_options)
+        where = f"token {t} (position {t % chunk_size} of its chunk)"
+        assert torch.equal(o, o_in_place), f"o, {where}"
+        for i, (a, b) in enumerate(zip(flat(running), flat(buffers))):
+            assert torch.equal(a, b), f"state[{i}], {where}"
+        assert (chunk_state.read_weights is None) == (chunk_buffers.read_weights is None), where
+        for i, (a, b) in enumerate(zip(flat(chunk_state), flat(chunk_buffers))):
+            assert torch.equal(a, b), f"chunk_state[{i}], {where}"
 
 
 def mid_chunk_op_args(memory, read_token, retention, position, dtype=torch.float64):

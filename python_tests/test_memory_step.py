@@ -5,6 +5,8 @@ and read; per-row positions, tensor positions, the default state; opcheck and to
 arguments and the refusal of autograd. The CUDA kernels' source runs the same streams under the
 emulation (test_memory_step_emulated.py) and on a GPU (test_memory_step_cuda.py)."""
 
+import re
+
 import pytest
 import torch
 
@@ -12,11 +14,12 @@ import titans_ext
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import (MEMORIES, STEP_OPS, check_mid_chunk, check_stream, flat, make_stream,
-                          mid_chunk_op_args, step)
+from step_harness import (IN_PLACE_STEP_OPS, MEMORIES, STEP_OPS, check_in_place_stream, check_mid_chunk,
+                          check_stream, flat, make_stream, mid_chunk_op_args, owned_state, step)
 from utils import TOLERANCE, assert_close
 
 OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in STEP_OPS.items()}
+IN_PLACE_OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in IN_PLACE_STEP_OPS.items()}
 # The step and the chunked op differ only in summation order.
 RATIO = 1e-12
 
@@ -292,6 +295,146 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(steps, fullgraph=True)(position)
     for e, c in zip(eager, compiled):
         assert_close("output", e, c, 1e-6)
+
+
+# ---- in-place steps ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("objective", ["l2", "huber", "yaad"])
+@pytest.mark.parametrize("retention", RETENTIONS)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_stream_equals_steps(memory, retention, objective, read):
+    # The functional steps equal the chunked op (above); the in-place ones leave in their buffers
+    # what those return, bit for bit, at every position of a chunk.
+    tokens, state = make_stream(memory, 2, 9, 2, 4, retention=RETENTIONS[retention])
+    check_in_place_stream(memory, IN_PLACE_OPS[memory], OPS[memory], tokens, state, 4, read=read,
+                          objective=OBJECTIVES[objective](token_delta(2, 9, 2)), retention=RETENTIONS[retention])
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_rows_at_different_positions(memory):
+    # Row 1 at position 2t (the operator reads a position only modulo chunk_size): the rows start
+    # chunks at different tokens; chunk size 1: every token starts one.
+    tokens, state = make_stream(memory, 2, 7, 2, 4, dtype=torch.float32, retention="kl")
+    positions = [torch.tensor([t, 2 * t]) for t in range(7)]
+    check_in_place_stream(memory, IN_PLACE_OPS[memory], OPS[memory], tokens, state, 4, positions, retention="kl")
+    check_in_place_stream(memory, IN_PLACE_OPS[memory], OPS[memory], tokens, state, 1, retention=("lq", 3.0))
+
+
+def _in_place_op_args(memory, read_token, retention, position):
+    """The in-place operator's positional arguments (as mid_chunk_op_args, float32; buffers its own)."""
+    args = [x.clone() if isinstance(x, torch.Tensor) else x
+            for x in mid_chunk_op_args(memory, read_token, retention, position, dtype=torch.float32)]
+    return tuple(args)
+
+
+@pytest.mark.parametrize("position", [[4, 6], [5, 7]])
+@pytest.mark.parametrize("read_token, retention", MID_CHUNK_CASES)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_opcheck_in_place(memory, read_token, retention, position):
+    torch.library.opcheck(IN_PLACE_OPS[memory].default, _in_place_op_args(memory, read_token, retention, position))
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_operator_equals_functional(memory):
+    # Row 0 starts a chunk, row 1 does not: the buffers hold what the functional operator returns.
+    args = _in_place_op_args(memory, False, 2, [4, 7])
+    expected = OPS[memory](*args)
+    o = IN_PLACE_OPS[memory](*args)
+    n_state = 2 if memory == "linear" else 4
+    n_chunk = 3 if memory == "linear" else 5
+    assert torch.equal(o, expected[0])
+    written = args[6:6 + n_state + n_chunk]
+    for i, (a, b) in enumerate(zip(expected[1:], written)):
+        assert torch.equal(a, b), f"buffer {i}"
+
+
+def test_torch_compile_in_place():
+    lin_tokens, lin_state = make_stream("linear", 2, 5, 2, 4, dtype=torch.float32)
+    mlp_tokens, mlp_state = make_stream("mlp", 2, 5, 2, 4, dtype=torch.float32)
+
+    def steps(position, lin, lin_chunk, mlp, mlp_chunk):
+        outs = []
+        for t in range(5):
+            outs.append(titans_ext.linear_memory_step_(*(x[:, t] for x in lin_tokens), position=position + t,
+                                                       state=lin, chunk_state=lin_chunk, chunk_size=2))
+            outs.append(titans_ext.mlp_memory_step_(*(x[:, t] for x in mlp_tokens), position=position + t,
+                                                    state=mlp, chunk_state=mlp_chunk, chunk_size=2,
+                                                    retention=("lq", 4)))
+        return outs
+
+    def buffers():
+        lin, mlp = owned_state(lin_state), owned_state(mlp_state)
+        return (lin, titans_ext.empty_chunk_state(lin), mlp,
+                titans_ext.empty_chunk_state(mlp, retention=("lq", 4)))
+
+    position = torch.tensor(0)
+    eager_buffers, compiled_buffers = buffers(), buffers()
+    with torch.no_grad():
+        eager = steps(position, *eager_buffers)
+        compiled = torch.compile(steps, fullgraph=True)(position, *compiled_buffers)
+    for e, c in zip(eager + flat(eager_buffers), compiled + flat(compiled_buffers)):
+        assert_close("output", e, c, 1e-6)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_bad_buffers(memory):
+    tokens, state = make_stream(memory, 2, 1, 3, 4, dtype=torch.float32)
+    token = [x[:, 0] for x in tokens]
+    function = getattr(titans_ext, IN_PLACE_STEP_OPS[memory])
+    first = (lambda s: s[0]) if memory == "linear" else (lambda s: s[0][0])
+    name = re.escape("state[0]" if memory == "linear" else "state[0][0]")
+
+    def call(buffers, chunk_buffers=None, **kwargs):
+        chunk_buffers = titans_ext.empty_chunk_state(buffers) if chunk_buffers is None else chunk_buffers
+        with torch.no_grad():
+            return function(*token, position=0, state=buffers, chunk_state=chunk_buffers, chunk_size=4, **kwargs)
+
+    def replaced(buffers, new_first):
+        if memory == "linear":
+            return (new_first, buffers[1])
+        return ((new_first, buffers[0][1]), buffers[1])
+
+    buffers = owned_state(state)
+    with pytest.raises(RuntimeError, match=rf"{name}: expected a contiguous"):
+        call(replaced(buffers, first(buffers).transpose(-1, -2).contiguous().transpose(-1, -2)))
+    with pytest.raises(RuntimeError, match=rf"{name}: expected dtype Float"):
+        call(replaced(buffers, first(buffers).double()))
+    aliased = replaced(buffers, flat(buffers)[2]) if memory == "mlp" else (buffers[0], buffers[0])
+    with pytest.raises(RuntimeError, match=r"expected a tensor of its own"):
+        call(aliased)
+    with pytest.raises(ValueError, match=r"chunk_state.read_weights: expected None"):
+        call(buffers, titans_ext.empty_chunk_state(buffers, read="chunk_start", retention="kl"))
+    with pytest.raises(ValueError, match=r"k: expected shape \[B, H, Dk\]"):
+        token[1] = token[1][:, :2]
+        call(buffers)
+    token[1] = tokens[1][:, 0]
+    requires_grad = [x.clone().requires_grad_() if i == 0 else x for i, x in enumerate(token)]
+    with pytest.raises(RuntimeError, match=r"has no backward"):
+        function(*requires_grad, position=0, state=buffers, chunk_state=titans_ext.empty_chunk_state(buffers),
+                 chunk_size=4)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_steps_skip_the_checked_path(memory, monkeypatch):
+    # Under no_grad every in-place step calls the operator straight away, and bumps the versions
+    # of the buffers it writes.
+    import titans_ext.ops.step as step_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checked path ran")
+
+    monkeypatch.setattr(step_module, "_checked_in_place_args", refuse)
+    tokens, state = make_stream(memory, 1, 5, 2, 4, dtype=torch.float32)
+    buffers = owned_state(state)
+    chunk_buffers = titans_ext.empty_chunk_state(buffers)
+    versions = [t._version for t in flat(buffers)]
+    function = getattr(titans_ext, IN_PLACE_STEP_OPS[memory])
+    with torch.no_grad():
+        for t in range(5):
+            function(*(x[:, t] for x in tokens), position=t, state=buffers, chunk_state=chunk_buffers, chunk_size=4)
+    assert all(t._version > v for t, v in zip(flat(buffers), versions))
 
 
 # ---- arguments and autograd -------------------------------------------------------------------------------

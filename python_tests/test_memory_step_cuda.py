@@ -12,13 +12,14 @@ from titans_ext.model.memory import map_tensors
 from titans_ext.ops.checks import CHECK_VALUES_ENV
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import (MEMORIES, STEP_OPS, check_stream, decode_model_stream, flat, make_stream,
-                          replay_one_token_calls, step)
+from step_harness import (IN_PLACE_STEP_OPS, MEMORIES, STEP_OPS, check_in_place_stream, check_stream,
+                          decode_model_stream, flat, make_stream, owned_state, replay_one_token_calls, step)
 from utils import TOLERANCE, assert_close, syncs_are_errors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in STEP_OPS.items()}
+IN_PLACE_OPS = {memory: getattr(torch.ops.titans_ext, name) for memory, name in IN_PLACE_STEP_OPS.items()}
 SYNC_ERROR = r"called a synchronizing CUDA operation"
 
 
@@ -101,6 +102,20 @@ def test_no_host_sync(monkeypatch, memory):
             run(0)
 
 
+def replay_over_stream(graph, static_o, token, tokens, position):
+    """Replays ``graph`` once per token of ``tokens`` from position 0, each token first copied into
+    the static ``token`` buffers; returns the outputs."""
+    position.zero_()
+    outs = []
+    for t in range(tokens[0].shape[1]):
+        for dst, src in zip(token, tokens):
+            dst.copy_(src[:, t])
+        graph.replay()
+        outs.append(static_o.clone())
+    torch.cuda.synchronize()
+    return outs
+
+
 def capture(fn):
     """``fn`` run once on a side stream (the warm-up), then captured: ``(graph, fn's outputs)``."""
     side = torch.cuda.Stream()
@@ -149,17 +164,58 @@ def test_cuda_graph_capture_and_replay(memory, read):
 
     for dst, src in zip(flat(static_state), static_state_init):
         dst.copy_(src)
-    position.zero_()
-    outs = []
-    for t in range(T):
-        for dst, src in zip(token, tokens):
-            dst.copy_(src[:, t])
-        graph.replay()
-        outs.append(static_o.clone())
-    torch.cuda.synchronize()
+    outs = replay_over_stream(graph, static_o, token, tokens, position)
     assert position.item() == T
     for i, (e, g) in enumerate(zip(eager, outs + flat(static_state) + flat(static_chunk))):
         assert torch.equal(e, g), f"output {i} differs between the replayed graph and the eager steps"
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("retention", ["l2", "lq4", "kl"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_stream_equals_steps(memory, retention, read):
+    # Rows of 40 over a warp's lanes; row 1 at position 2t (chunk starts at different tokens).
+    tokens, state = cuda_stream(memory, 2, 9, 3, 40, retention=RETENTIONS[retention])
+    positions = [torch.tensor([t, 2 * t], device="cuda") for t in range(9)]
+    check_in_place_stream(memory, IN_PLACE_OPS[memory], OPS[memory], tokens, state, 4, positions, read=read,
+                          retention=RETENTIONS[retention])
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_step_captured_in_a_cuda_graph(memory):
+    # The in-place step needs no copies into static buffers: it writes them. Replayed over a stream
+    # that crosses chunk boundaries, the graph gives the eager in-place steps' outputs and buffers.
+    T, C = 11, 4
+    tokens, state = cuda_stream(memory, 2, T, 2, 32, dtype=torch.float32, retention="kl")
+    function = getattr(titans_ext, IN_PLACE_STEP_OPS[memory])
+    options = dict(chunk_size=C, read="chunk_start", retention="kl")
+
+    def buffers():
+        running = owned_state(state)
+        return running, titans_ext.empty_chunk_state(running, read="chunk_start", retention="kl")
+
+    eager_state, eager_chunk = buffers()
+    with torch.no_grad():
+        eager = [function(*(x[:, t] for x in tokens), position=t, state=eager_state, chunk_state=eager_chunk,
+                          **options) for t in range(T)]
+    static_state, static_chunk = buffers()
+    initial = [x.clone() for x in flat(static_state)]
+    token = [x[:, 0].clone() for x in tokens]
+    position = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def one_step():
+        with torch.no_grad():
+            o = function(*token, position=position, state=static_state, chunk_state=static_chunk, **options)
+        position.add_(1)
+        return o
+
+    graph, static_o = capture(one_step)
+    for dst, src in zip(flat(static_state), initial):
+        dst.copy_(src)
+    outs = replay_over_stream(graph, static_o, token, tokens, position)
+    for i, (e, g) in enumerate(zip(eager + flat(eager_state) + flat(eager_chunk),
+                                   outs + flat(static_state) + flat(static_chunk))):
+        assert torch.equal(e, g), f"output {i} differs between the replayed graph and the eager in-place steps"
 
 
 @pytest.mark.parametrize("memory", MEMORIES)

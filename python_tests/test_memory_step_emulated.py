@@ -11,12 +11,14 @@ import titans_ext  # noqa: F401  (registers titans_ext::, the chunked op the str
 import titans_ext._emu  # noqa: F401  (registers titans_emu::)
 
 from miras_cases import OBJECTIVES, RETENTIONS
-from step_harness import MEMORIES, STEP_OPS, check_mid_chunk, check_stream, flat, make_stream, step
+from step_harness import (IN_PLACE_STEP_OPS, MEMORIES, STEP_OPS, check_in_place_stream, check_mid_chunk, check_stream,
+                          flat, make_stream, step)
 from utils import TOLERANCE, all_emulation_modes, assert_close, set_emulation_modes  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("all_emulation_modes")
 
 EMULATED = {memory: getattr(torch.ops.titans_emu, name) for memory, name in STEP_OPS.items()}
+EMULATED_IN_PLACE = {memory: getattr(torch.ops.titans_emu, name) for memory, name in IN_PLACE_STEP_OPS.items()}
 RATIO = 1e-12
 
 
@@ -95,3 +97,16 @@ def test_emulation_modes_give_identical_results(memory):
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_mid_chunk(memory, read_token, retention):
     check_mid_chunk(memory, EMULATED[memory], read_token, retention)
+
+
+@pytest.mark.parametrize("read", ["token", "chunk_start"])
+@pytest.mark.parametrize("retention", ["l2", "lq4", "kl"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_in_place_stream_equals_steps(memory, retention, read):
+    # The kernel run in place (every state pointer its output's): each element is read before it is
+    # written, by the thread that writes it, so the buffers hold the functional kernel's outputs.
+    # Row 1 at position 2t: the rows start chunks at different tokens.
+    tokens, state = make_stream(memory, 2, 6, 2, 4, retention=RETENTIONS[retention])
+    positions = [torch.tensor([t, 2 * t]) for t in range(6)]
+    check_in_place_stream(memory, EMULATED_IN_PLACE[memory], EMULATED[memory], tokens, state, 3, positions, read=read,
+                          retention=RETENTIONS[retention], objective=("yaad", 0.5))

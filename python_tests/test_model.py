@@ -129,6 +129,35 @@ def test_neural_memory_decode_streaming_equals_parallel(memory, chunk_size):
 
 
 @pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_owned_decode_states_update_in_place(memory):
+    """Within owned_decode_states the decode steps write the states they are given (a copy owned by
+    the caller) and return them: the same reads and states as the functional steps, bit for bit,
+    across chunk boundaries and calls of several tokens (steps, the chunked op on whole chunks, steps)."""
+    from titans_ext.model.memory import owned_copy, owned_decode_states
+
+    torch.manual_seed(0)
+    layer = NeuralMemory(16, heads=2, head_dim=8, memory=memory, chunk_size=4, read="chunk_start",
+                         retention="kl").double()
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = layer(x[:, :3])
+        functional, owned = state, owned_copy(state)
+        for start, stop in ((3, 4), (4, 5), (5, 16), (16, 17), (17, 19)):
+            y, functional = layer(x[:, start:stop], functional)
+            given = owned
+            with owned_decode_states():
+                y_owned, owned = layer(x[:, start:stop], owned)
+            assert torch.equal(y, y_owned)
+            for a, b in zip(state_tensors(functional.memory), state_tensors(owned.memory)):
+                assert torch.equal(a, b)
+            if stop - start == 1:  # a step only: the given buffers hold the new state
+                assert all(a is b for a, b in zip(state_tensors(given.memory), state_tensors(owned.memory)))
+        _, again = layer(x[:, :3])
+    for a, b in zip(state_tensors(again), state_tensors(state)):  # the prompt's state is untouched
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
 def test_stream_switches_from_autograd_to_decode_mid_chunk(memory):
     """The chunk-start state is rebuilt from the replayed tokens; the way back is refused."""
     torch.manual_seed(1)
@@ -162,11 +191,12 @@ def test_lm_decode_streaming_equals_parallel(kind, memory):
 
 @pytest.mark.parametrize("kind, memory", MODEL_CASES)
 def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
-    """After the prompt, each generated token runs decode steps only (O(state)), never the chunked op."""
+    """After the prompt, each generated token runs decode steps only (O(state)), never the chunked op:
+    in-place steps on generate's own copy of the prompt's state."""
     model = small_lm(kind, memory)
     prompt = torch.randint(0, 40, (1, 6))
-    calls = {"chunked": 0, "step": 0}
-    for name, key in (("run_op", "chunked"), ("step", "step")):
+    calls = {"chunked": 0, "step": 0, "step_": 0}
+    for name, key in (("run_op", "chunked"), ("step", "step"), ("step_", "step_")):
         original = getattr(NeuralMemory, name)
 
         def counted(self, *args, _original=original, _key=key, **kwargs):
@@ -176,11 +206,12 @@ def test_cached_generation_runs_the_decode_steps(monkeypatch, kind, memory):
         monkeypatch.setattr(NeuralMemory, name, counted)
     model.generate(prompt, 0)  # the prompt alone (its tokens count below only through it)
     prompt_calls = dict(calls)
-    calls.update(chunked=0, step=0)
+    calls.update(chunked=0, step=0, step_=0)
     model.generate(prompt, 9)
     steps_per_token = (0 if kind == "swa" else 1) * len(model.blocks)
     assert calls["chunked"] == prompt_calls["chunked"]
-    assert calls["step"] == prompt_calls["step"] + 9 * steps_per_token
+    assert calls["step"] == prompt_calls["step"] and prompt_calls["step_"] == 0
+    assert calls["step_"] == 9 * steps_per_token
 
 
 @pytest.mark.parametrize("memory", MEMORY_KINDS)

@@ -2,7 +2,8 @@
 
 Ops: :func:`linear_memory` (matrix memory) and :func:`mlp_memory` (deep memory), with a C++ CPU
 path and CUDA kernels; their decode steps :func:`linear_memory_step` and :func:`mlp_memory_step`
-(one token at O(state) cost); :func:`cpu_isa` / :func:`set_cpu_isa` show and switch the
+(one token at O(state) cost), and :func:`linear_memory_step_` / :func:`mlp_memory_step_` on a
+decode state the caller owns, updated in place; :func:`cpu_isa` / :func:`set_cpu_isa` show and switch the
 instruction-set variant of the CPU kernels (environment variable ``TITANS_EXT_CPU_ISA`` at import).
 References (plain PyTorch, for tests and benchmarks): :mod:`titans_ext.reference`.
 Model API (layers, Titans blocks, a language model): :mod:`titans_ext.model`.
@@ -29,8 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 import os
 
-from .ops import (CPU_ISAS, ChunkStartState, cpu_isa, linear_memory, linear_memory_step, mlp_memory, mlp_memory_step,
-                  set_cpu_isa, supported_cpu_isas)
+from .ops import (CPU_ISAS, ChunkStartState, cpu_isa, empty_chunk_state, linear_memory, linear_memory_step,
+                  linear_memory_step_, mlp_memory, mlp_memory_step, mlp_memory_step_, set_cpu_isa, supported_cpu_isas)
 from .model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
                     detach_state)
 from . import distributed
@@ -42,6 +43,7 @@ if os.environ.get("TITANS_EXT_CPU_ISA"):
         raise ValueError(f"environment variable TITANS_EXT_CPU_ISA: {exc}") from None
 
 __version__ = "0.1.0"
-__all__ = ["ChunkStartState", "linear_memory", "linear_memory_step", "mlp_memory", "mlp_memory_step", "cpu_isa",
+__all__ = ["ChunkStartState", "empty_chunk_state", "linear_memory", "linear_memory_step", "linear_memory_step_",
+           "mlp_memory", "mlp_memory_step", "mlp_memory_step_", "cpu_isa",
            "set_cpu_isa", "supported_cpu_isas", "CPU_ISAS", "LMMBlock",
            "MACBlock", "MAGBlock", "MALBlock", "MemoryState", "NeuralMemory", "SWABlock", "TitansLM", "detach_state"]

@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdlib>
+#include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -47,6 +49,24 @@ namespace titans {
   "str activation, " TITANS_MIRAS_ARGS ", bool mid_chunk=False"                                           \
   ") -> (Tensor o, Tensor w1_out, Tensor w2_out, Tensor s1_out, Tensor s2_out, Tensor chunk_w1_out, "     \
   "Tensor chunk_w2_out, Tensor chunk_scale_out, Tensor chunk_read_w1_out, Tensor chunk_read_w2_out)"
+
+// The in-place steps, for a caller that owns its decode state (the model's streaming state, a
+// serving loop; flash-attn's flash_attn_with_kvcache updates its cache alike): the running state
+// (m, s; w1, w2, s1, s2) holds the state before the token and is overwritten with the state after
+// it; the chunk-start buffers hold the chunk-start state and are overwritten from the running state
+// when the token starts a chunk (read on the device: no host read, no mid_chunk). Only o is new. Every
+// buffer is a contiguous tensor of the state dtype and a tensor of its own. One token costs one
+// allocation and one read-and-write pass over the state, where the functional step allocates its
+// outputs (six or ten) and writes a second copy of the state.
+#define TITANS_LINEAR_MEMORY_STEP_INPLACE_SCHEMA                                                           \
+  "linear_memory_step_(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, Tensor(a!) m, " \
+  "Tensor(b!) s, Tensor(c!) chunk_weights, Tensor(d!) chunk_scale, Tensor(e!)? chunk_read, Tensor position, " \
+  "int chunk_size, bool read_token, " TITANS_MIRAS_ARGS ") -> Tensor o"
+#define TITANS_MLP_MEMORY_STEP_INPLACE_SCHEMA                                                              \
+  "mlp_memory_step_(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, Tensor(a!) w1, "  \
+  "Tensor(b!) w2, Tensor(c!) s1, Tensor(d!) s2, Tensor(e!) chunk_w1, Tensor(f!) chunk_w2, "                \
+  "Tensor(g!) chunk_scale, Tensor(h!)? chunk_read_w1, Tensor(i!)? chunk_read_w2, Tensor position, "          \
+  "int chunk_size, bool read_token, str activation, " TITANS_MIRAS_ARGS ") -> Tensor o"
 
 using LinearStepResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using MlpStepResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -123,6 +143,26 @@ struct StepInputs {
 
 inline void* data_if_present(const Tensor& x) { return x.numel() ? x.data_ptr() : nullptr; }
 
+// A buffer of an in-place step: a state tensor (check_state_tensor) in the state dtype, contiguous.
+inline void check_state_buffer(const char* name, const Tensor& x, torch::headeronly::IntHeaderOnlyArrayRef sizes,
+                               const char* dims, const Tensor& q) {
+  check_state_tensor(name, x, sizes, dims, q);
+  const ScalarType dtype = compute_dtype(q);
+  STD_TORCH_CHECK(x.scalar_type() == dtype, name, ": expected dtype ", dtype, " (the state dtype of q's dtype ",
+                  q.scalar_type(), "; the step updates it in place), got ", x.scalar_type());
+  STD_TORCH_CHECK(x.is_contiguous(), name, ": expected a contiguous tensor (the step updates it in place)");
+}
+
+// The buffers of an in-place step are tensors of their own: an update written through one must not
+// change what the kernel reads through another. Absent (optional) buffers are null.
+inline void check_distinct_buffers(std::initializer_list<std::pair<const char*, const Tensor*>> buffers) {
+  for (auto a = buffers.begin(); a != buffers.end(); ++a)
+    for (auto b = std::next(a); b != buffers.end(); ++b)
+      STD_TORCH_CHECK(!a->second || !b->second || a->second->data_ptr() != b->second->data_ptr(), b->first,
+                      ": expected a tensor of its own, got the memory of ", a->first,
+                      " (the in-place step writes both)");
+}
+
 // Checks the per-token inputs both memories share (shapes, dtypes, devices; q, k [B, H, Dk],
 // v [B, H, Dv], gates [B, H], position a scalar or [B]).
 inline void check_token_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
@@ -155,6 +195,23 @@ inline void check_token_args(const Tensor& q, const Tensor& k, const Tensor& v, 
                   "position: expected an int64 or int32 tensor, got ", position.scalar_type());
   check_on_device_of_q("position", position, q);
   STD_TORCH_CHECK(chunk_size >= 1, "chunk_size: expected an int >= 1, got ", chunk_size);
+}
+
+// Checks the per-token inputs of an MLP step and the shape of its running W1 [B, H, E*D, D] up to
+// B and H (checked with the rest of the state); returns the hidden width N = E*D.
+inline int64_t check_mlp_token_args(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                    const Tensor& eta, const Tensor& alpha, const Tensor& w1, const Tensor& position,
+                                    int64_t chunk_size) {
+  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t D = q.size(2);
+  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
+                  ", Dv = ", v.size(2));
+  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
+  const int64_t N = w1.size(2);
+  STD_TORCH_CHECK(N >= 1 && N % D == 0,
+                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
+                  shape_str(w1));
+  return N;
 }
 
 // The value checks of a step on the CPU (docs/design.md §1 for the gate ranges): finite gates,
@@ -257,6 +314,16 @@ struct StepCall {
     return in.empty_if(present && !mid_chunk, sizes);
   }
 
+  // For the in-place operators: allocates o [B, H, dv] in the kernels' dtype, runs, and returns o in
+  // q's dtype.
+  Tensor run_for_output(const Tensor& q, int64_t dv) {
+    const Tensor o =
+        empty_on(q, {q.size(0), q.size(1), dv}, Backend::kInputsInComputeDtype ? in.dtype : q.scalar_type());
+    params.o_ptr = o.data_ptr();
+    run();
+    return Backend::kInputsInComputeDtype ? to_dtype(o, q.scalar_type()) : o;
+  }
+
   void run() const {
     if constexpr (Backend::kChecksValues) {
       if (cpu_value_checks_enabled()) {
@@ -341,15 +408,8 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
                                  int64_t chunk_size, bool read_token, std::string_view activation, int64_t objective,
                                  double p, double eps, const std::optional<Tensor>& delta, int64_t retention,
                                  double retention_q, bool mid_chunk) {
-  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t N = check_mlp_token_args(q, k, v, theta, eta, alpha, w1, position, chunk_size);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  STD_TORCH_CHECK(v.size(2) == D, "v: the MLP memory needs Dk == Dv (M(x) = x + W2 act(W1 x)), got Dk = ", D,
-                  ", Dv = ", v.size(2));
-  STD_TORCH_CHECK(w1.dim() == 4, "state[0][0]: expected shape [B, H, E*D, D], got ", shape_str(w1));
-  const int64_t N = w1.size(2);
-  STD_TORCH_CHECK(N >= 1 && N % D == 0,
-                  "state[0][0]: expected shape [B, H, E*D, D] with E*D a positive multiple of D = ", D, ", got ",
-                  shape_str(w1));
   check_state_tensor("state[0][0]", w1, {B, H, N, D}, "[B, H, E*D, D]", q);
   check_state_tensor("state[0][1]", w2, {B, H, D, N}, "[B, H, D, E*D]", q);
   using Named = std::pair<const char*, const std::optional<Tensor>*>;
@@ -410,11 +470,102 @@ MlpStepResult mlp_memory_step_op(const Tensor& q, const Tensor& k, const Tensor&
           chunk_scale_out, chunk_read_w1_out, chunk_read_w2_out};
 }
 
-// Registers both step operators of a backend in a STABLE_TORCH_LIBRARY_IMPL block.
+// The operator titans_ext::linear_memory_step_ (its schema above) on a backend: the kernel of
+// linear_memory_step_op with every state output its input.
+template <typename Backend>
+Tensor linear_memory_step_inplace_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                     const Tensor& eta, const Tensor& alpha, Tensor m, Tensor s, Tensor chunk_weights,
+                                     Tensor chunk_scale, std::optional<Tensor> chunk_read, const Tensor& position,
+                                     int64_t chunk_size, bool read_token, int64_t objective, double p, double eps,
+                                     const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  check_token_args(q, k, v, theta, eta, alpha, position, chunk_size);
+  const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), Dv = v.size(2);
+  check_state_buffer("state[0]", m, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
+  check_state_buffer("state[1]", s, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
+  check_state_buffer("chunk_state.weights", chunk_weights, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
+  check_state_buffer("chunk_state.scale", chunk_scale, {B, H}, "[B, H]", q);
+  const bool read_weights = step_has_read_weights(read_token, retention);
+  STD_TORCH_CHECK(chunk_read.has_value() == read_weights,
+                  "chunk_state.read_weights: expected a buffer exactly with read \"chunk_start\" and retention kl");
+  if (chunk_read) check_state_buffer("chunk_state.read_weights", *chunk_read, {B, H, Dv, Dk}, "[B, H, Dv, Dk]", q);
+  check_distinct_buffers({{"state[0]", &m}, {"state[1]", &s}, {"chunk_state.weights", &chunk_weights},
+                          {"chunk_state.read_weights", chunk_read ? &*chunk_read : nullptr}});
+
+  StepCall<Backend, LinearMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token,
+                                                 objective, p, eps, delta, retention, retention_q, false);
+  LinearMemoryStepParams& params = call.params;
+  params.dk = int(Dk);
+  params.dv = int(Dv);
+  params.m_ptr = params.m_out_ptr = m.data_ptr();
+  params.s_ptr = params.s_out_ptr = s.data_ptr();
+  params.chunk_weights_ptr = params.chunk_weights_out_ptr = chunk_weights.data_ptr();
+  params.chunk_scale_ptr = params.chunk_scale_out_ptr = chunk_scale.data_ptr();
+  params.chunk_read_ptr = params.chunk_read_out_ptr = chunk_read ? chunk_read->data_ptr() : nullptr;
+  return call.run_for_output(q, Dv);
+}
+
+// The operator titans_ext::mlp_memory_step_ on a backend, as linear_memory_step_inplace_op.
+template <typename Backend>
+Tensor mlp_memory_step_inplace_op(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& theta,
+                                  const Tensor& eta, const Tensor& alpha, Tensor w1, Tensor w2, Tensor s1, Tensor s2,
+                                  Tensor chunk_w1, Tensor chunk_w2, Tensor chunk_scale,
+                                  std::optional<Tensor> chunk_read_w1, std::optional<Tensor> chunk_read_w2,
+                                  const Tensor& position, int64_t chunk_size, bool read_token,
+                                  std::string_view activation, int64_t objective, double p, double eps,
+                                  const std::optional<Tensor>& delta, int64_t retention, double retention_q) {
+  const int64_t N = check_mlp_token_args(q, k, v, theta, eta, alpha, w1, position, chunk_size);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const bool read_weights = step_has_read_weights(read_token, retention);
+  STD_TORCH_CHECK(chunk_read_w1.has_value() == read_weights && chunk_read_w2.has_value() == read_weights,
+                  "chunk_state.read_weights: expected buffers exactly with read \"chunk_start\" and retention kl");
+  using Named = std::pair<const char*, const Tensor*>;
+  for (const auto& [name, x] : {Named{"state[0][0]", &w1}, Named{"state[1][0]", &s1},
+                                Named{"chunk_state.weights[0]", &chunk_w1},
+                                Named{"chunk_state.read_weights[0]", chunk_read_w1 ? &*chunk_read_w1 : nullptr}})
+    if (x) check_state_buffer(name, *x, {B, H, N, D}, "[B, H, E*D, D]", q);
+  for (const auto& [name, x] : {Named{"state[0][1]", &w2}, Named{"state[1][1]", &s2},
+                                Named{"chunk_state.weights[1]", &chunk_w2},
+                                Named{"chunk_state.read_weights[1]", chunk_read_w2 ? &*chunk_read_w2 : nullptr}})
+    if (x) check_state_buffer(name, *x, {B, H, D, N}, "[B, H, D, E*D]", q);
+  check_state_buffer("chunk_state.scale", chunk_scale, {B, H, 2}, "[B, H, 2]", q);
+  check_distinct_buffers({{"state[0][0]", &w1}, {"state[0][1]", &w2}, {"state[1][0]", &s1}, {"state[1][1]", &s2},
+                          {"chunk_state.weights[0]", &chunk_w1}, {"chunk_state.weights[1]", &chunk_w2},
+                          {"chunk_state.read_weights[0]", chunk_read_w1 ? &*chunk_read_w1 : nullptr},
+                          {"chunk_state.read_weights[1]", chunk_read_w2 ? &*chunk_read_w2 : nullptr}});
+
+  StepCall<Backend, MlpMemoryStepParams> call(q, k, v, theta, eta, alpha, position, chunk_size, read_token, objective,
+                                              p, eps, delta, retention, retention_q, false);
+  MlpMemoryStepParams& params = call.params;
+  params.dim = int(D);
+  params.hidden = int(N);
+  params.activation = mlp_activation(activation);
+  params.w1_ptr = params.w1_out_ptr = w1.data_ptr();
+  params.w2_ptr = params.w2_out_ptr = w2.data_ptr();
+  params.s1_ptr = params.s1_out_ptr = s1.data_ptr();
+  params.s2_ptr = params.s2_out_ptr = s2.data_ptr();
+  params.chunk_w1_ptr = params.chunk_w1_out_ptr = chunk_w1.data_ptr();
+  params.chunk_w2_ptr = params.chunk_w2_out_ptr = chunk_w2.data_ptr();
+  params.chunk_scale_ptr = params.chunk_scale_out_ptr = chunk_scale.data_ptr();
+  params.chunk_read_w1_ptr = params.chunk_read_w1_out_ptr = chunk_read_w1 ? chunk_read_w1->data_ptr() : nullptr;
+  params.chunk_read_w2_ptr = params.chunk_read_w2_out_ptr = chunk_read_w2 ? chunk_read_w2->data_ptr() : nullptr;
+  return call.run_for_output(q, D);
+}
+
+// Registers the step operators of a backend in a STABLE_TORCH_LIBRARY_IMPL block.
 template <typename Backend>
 void impl_step_ops(torch::stable::detail::StableLibrary& m) {
   m.impl("linear_memory_step", TORCH_BOX(&linear_memory_step_op<Backend>));
   m.impl("mlp_memory_step", TORCH_BOX(&mlp_memory_step_op<Backend>));
+  m.impl("linear_memory_step_", TORCH_BOX(&linear_memory_step_inplace_op<Backend>));
+  m.impl("mlp_memory_step_", TORCH_BOX(&mlp_memory_step_inplace_op<Backend>));
+}
+
+// Defines the step operators in a STABLE_TORCH_LIBRARY_FRAGMENT block.
+inline void define_step_ops(torch::stable::detail::StableLibrary& m) {
+  m.def(TITANS_LINEAR_MEMORY_STEP_SCHEMA);
+  m.def(TITANS_MLP_MEMORY_STEP_SCHEMA);
+  m.def(TITANS_LINEAR_MEMORY_STEP_INPLACE_SCHEMA);
+  m.def(TITANS_MLP_MEMORY_STEP_INPLACE_SCHEMA);
 }
 
 }  // namespace titans

@@ -50,8 +50,7 @@ struct CpuStep {
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(titans_ext, m) {
-  m.def(TITANS_LINEAR_MEMORY_STEP_SCHEMA);
-  m.def(TITANS_MLP_MEMORY_STEP_SCHEMA);
+  define_step_ops(m);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(titans_ext, CPU, m) { impl_step_ops<CpuStep>(m); }

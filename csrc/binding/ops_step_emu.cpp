@@ -24,8 +24,7 @@ struct EmulatedLauncher {
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(titans_emu, m) {
-  m.def(TITANS_LINEAR_MEMORY_STEP_SCHEMA);
-  m.def(TITANS_MLP_MEMORY_STEP_SCHEMA);
+  define_step_ops(m);
 }
 
 // CompositeExplicitAutograd, like the other emulated ops: CPU tensors, no autograd.

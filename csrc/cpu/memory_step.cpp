@@ -8,7 +8,9 @@
 //                      o = the memory at the weights rho W' (read "token") or R0 (read "chunk_start");
 //   kl, chunk start    W' = rowsoftmax((1 - alpha) log max(W, floor) + S') instead (the lag token),
 //                      and the chunk-start weights become W' (R0 stays the memory before it).
-// The states come in through one set of pointers and go out through another, never in place.
+// The states come in through one set of pointers and go out through another; the in-place step
+// (titans_ext::linear_memory_step_) passes the same pointer for both, so every output element is
+// written after its input element is read, and a chunk-start state kept in place is not copied.
 #include "cpu/memory_step.h"
 
 #include <algorithm>
@@ -62,8 +64,8 @@ struct StepWeight {
   // weights read().
   T begin(bool start, const MirasParams& miras, const T* scale_in) const {
     if (!start) {
-      if (chunk_w_out) std::memcpy(chunk_w_out, chunk_w, size() * sizeof(T));
-      if (chunk_read_out) std::memcpy(chunk_read_out, chunk_read, size() * sizeof(T));
+      copy(chunk_w, chunk_w_out);
+      copy(chunk_read, chunk_read_out);
       return *scale_in;
     }
     if (w) std::memcpy(chunk_w_out, w, size() * sizeof(T));
@@ -99,8 +101,12 @@ struct StepWeight {
   }
 
  private:
+  // dst = src unless absent or in place.
+  void copy(const T* src, T* dst) const {
+    if (dst && dst != src) std::memcpy(dst, src, size() * sizeof(T));
+  }
   void load(const T* src, T fill, T* dst) const {
-    if (src) std::memcpy(dst, src, size() * sizeof(T));
+    if (src) copy(src, dst);
     else std::fill(dst, dst + size(), fill);
   }
 };

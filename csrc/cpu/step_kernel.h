@@ -42,21 +42,27 @@ TITANS_ISA_TARGET [[gnu::flatten]] void step_matvec_transposed_variant(const T* 
 template <typename T>
 TITANS_ISA_TARGET [[gnu::flatten]] void step_update_variant(const StepUpdate<T>& u) {
   // Row by row with the branches outside the inner loops, which the compiler then vectorizes; the
-  // read takes each new row while it is in L1.
+  // read takes each new row while it is in L1. In place (s_out == s, w_out == w: the in-place step)
+  // each element is read before it is written, in the same iteration, so no iteration depends on
+  // another (ivdep; __restrict would be false there).
   for (index_t i = 0; i < u.rows; ++i) {
     const T step = u.theta * u.x[i];
-    T* __restrict s_row = u.s_out + i * u.cols;
-    T* __restrict w_row = u.w_out + i * u.cols;
+    T* s_row = u.s_out + i * u.cols;
+    T* w_row = u.w_out + i * u.cols;
     if (u.s) {
-      const T* __restrict s_in = u.s + i * u.cols;
+      const T* s_in = u.s + i * u.cols;
+#pragma GCC ivdep
       for (index_t j = 0; j < u.cols; ++j) s_row[j] = u.eta * s_in[j] - step * u.y[j];
     } else {
+#pragma GCC ivdep
       for (index_t j = 0; j < u.cols; ++j) s_row[j] = -step * u.y[j];
     }
     if (u.w) {
-      const T* __restrict w_in = u.w + i * u.cols;
+      const T* w_in = u.w + i * u.cols;
+#pragma GCC ivdep
       for (index_t j = 0; j < u.cols; ++j) w_row[j] = u.beta * w_in[j] + s_row[j];
     } else {
+#pragma GCC ivdep
       for (index_t j = 0; j < u.cols; ++j) w_row[j] = u.beta * u.w_default + s_row[j];
     }
     if (u.read_vec) u.read_out[i] = u.read_scale * dot(w_row, u.read_vec, u.cols);

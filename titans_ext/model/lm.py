@@ -1,10 +1,13 @@
 """``TitansLM``: a language model of Titans blocks, with streaming (cached) generation."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .blocks import BLOCKS, make_block
 from .checks import check_choice, check_nonnegative_int, check_positive_int, check_tokens
+from .memory import owned_copy, owned_decode_states
 from .packed import check_packed
 
 
@@ -96,17 +99,20 @@ class TitansLM(nn.Module):
             raise ValueError("prompt: expected at least one token, got shape " + str(list(prompt.shape)))
         if not temperature >= 0:
             raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
-        tokens, state = prompt, None
+        tokens = prompt
         logits, state = self(prompt, None)
-        for _ in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if temperature == 0:
-                next_token = last.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(last / temperature, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat([tokens, next_token], dim=1)
-            # Ids picked from the logits and the states of the last call need no checks: each token
-            # costs the model's work only (the ids' value check would be a host sync on a GPU).
-            logits, state = self._run(next_token, state) if use_cache else self._run(tokens, None)
+        if use_cache:  # the states are generate's own from here on: its decode steps update them in place
+            state = owned_copy(state)
+        with owned_decode_states() if use_cache else contextlib.nullcontext():
+            for _ in range(max_new_tokens):
+                last = logits[:, -1].float()
+                if temperature == 0:
+                    next_token = last.argmax(dim=-1, keepdim=True)
+                else:
+                    probs = torch.softmax(last / temperature, dim=-1)
+                    next_token = torch.multinomial(probs, 1, generator=generator)
+                tokens = torch.cat([tokens, next_token], dim=1)
+                # Ids picked from the logits and the states of the last call need no checks: each token
+                # costs the model's work only (the ids' value check would be a host sync on a GPU).
+                logits, state = self._run(next_token, state) if use_cache else self._run(tokens, None)
         return tokens

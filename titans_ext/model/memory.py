@@ -11,7 +11,9 @@ with the chunked op and the tokens of a chunk it shares with other calls in one 
 
 - without autograd (inference, ``TitansLM.generate``): one decode step per token
   (:func:`titans_ext.linear_memory_step`, :func:`titans_ext.mlp_memory_step`), which carries the
-  running memory and the chunk-start state, so a token costs O(state) whatever the chunk size;
+  running memory and the chunk-start state, so a token costs O(state) whatever the chunk size
+  (under :func:`owned_decode_states`, as in ``TitansLM.generate``, the steps update the state in
+  place: :func:`titans_ext.linear_memory_step_`, :func:`titans_ext.mlp_memory_step_`);
 - with autograd (the steps have no backward): the state keeps the memory at the last chunk
   boundary and the op inputs of the tokens since then, and the call replays them with its own
   through the chunked op (at most ``chunk_size - 1`` tokens recomputed).
@@ -20,6 +22,8 @@ A stream may switch from the second way to the first mid-chunk (the chunk-start 
 from the replayed tokens), not back: gradients cannot flow through tokens a step consumed.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from torch import nn
 
 from ..ops import linear_memory, linear_memory_read, mlp_memory_read
 from ..ops.checks import parse_objective, parse_retention, state_dtype_for
-from ..ops.step import linear_memory_step, mlp_memory_step
+from ..ops.step import empty_chunk_state, linear_memory_step, linear_memory_step_, mlp_memory_step, mlp_memory_step_
 from ..reference.miras import lq_scale
 from .checks import (check_choice, check_input, check_positive_int, check_positive_number,
                      check_unit_interval)
@@ -63,6 +67,31 @@ def map_tensors(fn, obj):
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, item) for item in obj)
     return obj
+
+
+# Set by owned_decode_states: the decode steps of NeuralMemory may update the streaming states they
+# are given in place (linear_memory_step_ / mlp_memory_step_).
+_DECODE_IN_PLACE = contextvars.ContextVar("titans_ext_decode_in_place", default=False)
+
+
+@contextlib.contextmanager
+def owned_decode_states():
+    """Within: the decode steps of every :class:`NeuralMemory` update the running and chunk-start
+    states of the :class:`MemoryState` they are given in place instead of returning new ones (one
+    allocation per token instead of the step's outputs). For a decode loop that owns its states:
+    ``TitansLM.generate`` runs its one-token calls in it, on a copy of the prompt's states
+    (:func:`owned_copy`), which nothing outside holds."""
+    token = _DECODE_IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _DECODE_IN_PLACE.reset(token)
+
+
+def owned_copy(state):
+    """A copy of a streaming state (any nest of state dataclasses) whose tensors are its own,
+    contiguous: what :func:`owned_decode_states` may update in place."""
+    return map_tensors(lambda t: t.clone(memory_format=torch.contiguous_format), state)
 
 
 def detach_state(state):
@@ -450,6 +479,18 @@ class NeuralMemory(nn.Module):
             return linear_memory_step(q, k, v, theta, eta, alpha, **options)
         return mlp_memory_step(q, k, v, theta, eta, alpha, activation=self.activation, **options)
 
+    def step_(self, q, inputs, position, memory, chunk_start):
+        """:meth:`step` on a state this layer's caller owns (:func:`owned_decode_states`), updated
+        in place: ``memory`` and the chunk-start buffers ``chunk_start`` hold the states after the
+        token; returns ``o [B, H, D]``."""
+        k, v, theta, eta, alpha, *learned_delta = inputs
+        objective = (self.objective[0], learned_delta[0]) if learned_delta else self.objective
+        options = dict(position=position, state=memory, chunk_state=chunk_start, chunk_size=self.chunk_size,
+                       read=self.read, objective=objective, retention=self.retention)
+        if self.memory_kind == "linear":
+            return linear_memory_step_(q, k, v, theta, eta, alpha, **options)
+        return mlp_memory_step_(q, k, v, theta, eta, alpha, activation=self.activation, **options)
+
     def forward(self, x, state=None, cu_seqlens=None):
         """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``.
 
@@ -510,10 +551,15 @@ class NeuralMemory(nn.Module):
         outputs = []
 
         def run_steps(start, end, memory, chunk_start):
+            in_place = start < end and _DECODE_IN_PLACE.get() and self._owns(memory)
+            if in_place and chunk_start is None:
+                chunk_start = empty_chunk_state(memory, read=self.read, retention=self.retention)
             for t in range(start, end):
-                o, memory, chunk_start = self.step(q[:, t], tuple(x[:, t] for x in inputs),
-                                                   state.step_position + t if t else state.step_position, memory,
-                                                   chunk_start)
+                token, position = tuple(x[:, t] for x in inputs), state.step_position + t if t else state.step_position
+                if in_place:
+                    o = self.step_(q[:, t], token, position, memory, chunk_start)
+                else:
+                    o, memory, chunk_start = self.step(q[:, t], token, position, memory, chunk_start)
                 outputs.append(o.unsqueeze(1))
             return memory, chunk_start
 
@@ -528,6 +574,14 @@ class NeuralMemory(nn.Module):
         memory, chunk_start = run_steps(head + whole, T, memory, chunk_start)
         o = torch.cat(outputs, dim=1) if outputs else q
         return o, MemoryState(memory=memory, conv_cache=state.conv_cache, chunk_start=chunk_start)
+
+    def _owns(self, memory):
+        """Whether the in-place steps take ``memory`` as it is: every tensor given (MLP momenta too),
+        contiguous, in the state dtype."""
+        tensors = [memory[0], memory[1]] if self.memory_kind == "linear" else [*memory[0], *(memory[1] or (None,))]
+        dtype = tensors[0].dtype
+        return all(t is not None and t.dtype == dtype and t.is_contiguous() for t in tensors) and \
+            dtype in (torch.float32, torch.float64)
 
     def _chunk_start_from_replay(self, state):
         """The running and the chunk-start state of a stream last advanced with autograd: the

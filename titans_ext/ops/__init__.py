@@ -5,7 +5,9 @@ from .isa import CPU_ISAS, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .linear_memory import linear_memory
 from .mlp_memory import mlp_memory
 from .read import linear_memory_read, mlp_memory_read
-from .step import ChunkStartState, linear_memory_step, mlp_memory_step
+from .step import (ChunkStartState, empty_chunk_state, linear_memory_step, linear_memory_step_, mlp_memory_step,
+                   mlp_memory_step_)
 
-__all__ = ["CPU_ISAS", "ChunkStartState", "cpu_isa", "linear_memory", "linear_memory_read", "linear_memory_step",
-           "mlp_memory", "mlp_memory_read", "mlp_memory_step", "set_cpu_isa", "supported_cpu_isas"]
+__all__ = ["CPU_ISAS", "ChunkStartState", "cpu_isa", "empty_chunk_state", "linear_memory", "linear_memory_read",
+           "linear_memory_step", "linear_memory_step_", "mlp_memory", "mlp_memory_read", "mlp_memory_step",
+           "mlp_memory_step_", "set_cpu_isa", "supported_cpu_isas"]

@@ -23,6 +23,13 @@ tensors with value checks on (each a host sync) and torch.compile take the check
 host knows the token does not start a chunk, the operator runs with ``mid_chunk`` and the step
 returns the chunk-start state it was given instead of the operator's copy (``docs/design.md``
 §4.3).
+
+A caller that owns its decode state (the model's streaming state, a serving loop) can update it in
+place instead: :func:`linear_memory_step_` / :func:`mlp_memory_step_` (operators
+``titans_ext::linear_memory_step_`` / ``mlp_memory_step_``, flash-attn's ``flash_attn_with_kvcache``
+convention) overwrite the running state and the chunk-start buffers (:func:`empty_chunk_state`) and
+return only the read: one allocation per token instead of six (MLP ten), one pass over the state
+instead of a read and a fresh copy, and a third of the operator's outputs to box.
 """
 
 import dataclasses
@@ -203,34 +210,42 @@ def _decode_fast(q, v, position, state, chunk_state, chunk_size, read, objective
     host not to start a chunk (an int position, or a scalar position on the CPU) and the given
     chunk-start state is as a step returns it (the state dtype, contiguous), so the step passes
     that state on instead of the operator copying it."""
-    if (torch.is_grad_enabled() or state is None or chunk_state is None or type(chunk_size) is not int
-            or read not in READ_MODES or torch.compiler.is_compiling()):
+    if state is None or chunk_state is None:
+        raise _Checked
+    args = _fast_args(q, v, position, chunk_size, read, objective, retention)
+    if type(position) is int:
+        mid_chunk = position % chunk_size != 0
+    else:  # a tensor (else the operator raises): read on the host where that is free
+        mid_chunk = q.device.type == "cpu" and position.dim() == 0 and int(position) % chunk_size != 0
+    if mid_chunk:
+        state_dtype = state_dtype_for(q.dtype)
+        mid_chunk = all(t is None or (t.dtype == state_dtype and t.is_contiguous()) for t in _flat(chunk_state))
+    return (*args, mid_chunk)
+
+
+def _fast_args(q, v, position, chunk_size, read, objective, retention):
+    """The arguments every step operator takes, ``(position, read_token, objective, retention,
+    delta)``, for a call of the fast path: no autograd, no torch.compile, values read on the host
+    only for CPU tensors (the operator checks them). Raises :class:`_Checked` otherwise."""
+    if (torch.is_grad_enabled() or type(chunk_size) is not int or read not in READ_MODES
+            or torch.compiler.is_compiling()):
         raise _Checked
     device = q.device
-    on_cpu = device.type == "cpu"
-    if not on_cpu and value_checks_enabled(device):  # Python reads the values (a host sync)
+    if device.type != "cpu" and value_checks_enabled(device):  # Python reads the values (a host sync)
         raise _Checked
     check_op_device(q)
     if type(position) is int:
         if position < 0:
             raise _Checked
-        mid_chunk = position % chunk_size != 0
-        if on_cpu:
-            position = _cpu_position_offset(position, chunk_size)
-        else:
-            position = torch.full((), position, dtype=torch.int64, device=device)
-    else:  # a tensor (else the operator raises): read on the host where that is free
-        mid_chunk = on_cpu and position.dim() == 0 and int(position) % chunk_size != 0
-    if mid_chunk:
-        state_dtype = state_dtype_for(q.dtype)
-        mid_chunk = all(t is None or (t.dtype == state_dtype and t.is_contiguous()) for t in _flat(chunk_state))
+        position = (_cpu_position_offset(position, chunk_size) if device.type == "cpu"
+                    else torch.full((), position, dtype=torch.int64, device=device))
     objective, retention = parse_objective(objective), parse_retention(retention)
     delta = objective.delta
     if delta is not None:
         if isinstance(delta, torch.Tensor):
             raise _Checked
         delta = torch.full(v.shape, delta, device=device, dtype=state_dtype_for(q.dtype))
-    return position, read == "token", objective, retention, delta, mid_chunk
+    return position, read == "token", objective, retention, delta
 
 
 def _flat(tensors):
@@ -240,6 +255,55 @@ def _flat(tensors):
             yield from x
         else:
             yield x
+
+
+def _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read, objective,
+                           retention, functional_step, **options):
+    """The checked path of an in-place step: runs the functional step on the same arguments (which
+    writes nothing) to raise its errors naming the argument, then returns the operator's arguments
+    as :func:`_fast_args`. torch.compile traces the operator through here."""
+    if not torch.compiler.is_compiling():
+        functional_step(q, k, v, theta, eta, alpha, position=position, state=state, chunk_state=chunk_state,
+                        chunk_size=chunk_size, read=read, objective=objective, retention=retention, **options)
+    B, H, Dv = v.shape
+    state_dtype = state_dtype_for(q.dtype)
+    objective, retention, delta = _step_miras(objective, retention, [], B, H, Dv, q.device, state_dtype, "state")
+    position = _position_tensor(position, B, q.device, chunk_size, False)
+    return position, read == "token", objective, retention, delta
+
+
+def _run_in_place(op, pack, fast, checked):
+    """Runs an in-place operator on ``pack(*fast())`` below the autograd layer (grad mode is off),
+    bumping the version counters of the buffers it writes as the ADInplaceOrView layer would; when
+    ``fast`` leaves the call to the checked path or the operator raises (before it writes
+    anything), on ``pack(*checked())`` through the dispatcher, where the checks name the argument.
+    ``pack(position, read_token, objective, retention, delta) -> (operator arguments, buffers)``."""
+    try:
+        args, buffers = pack(*fast())
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            o = op(*args)
+    except (_Checked, RuntimeError, TypeError, ValueError, AttributeError):
+        pass
+    else:
+        torch._C._increment_version(buffers)
+        return o
+    return op(*pack(*checked())[0])
+
+
+def empty_chunk_state(state, *, read="token", retention="l2"):
+    """Buffers for the chunk-start state of an in-place decode (:func:`linear_memory_step_`,
+    :func:`mlp_memory_step_`) from its running ``state`` (``(M, S)`` or ``((W1, W2), (S1, S2))``):
+    a :class:`ChunkStartState` of uninitialized tensors, which the first step (at a chunk start)
+    fills. ``read_weights`` exist with ``read="chunk_start"`` and ``retention="kl"`` only."""
+    weights = state[0]
+    pair = isinstance(weights, (tuple, list))
+    first = weights[0] if pair else weights
+    B, H = first.shape[:2]
+    like = (lambda: tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights)) if pair \
+        else (lambda: torch.empty_like(weights, memory_format=torch.contiguous_format))
+    has_read = read == "chunk_start" and parse_retention(retention).kind == "kl"
+    scale = first.new_empty((B, H, 2) if pair else (B, H))
+    return ChunkStartState(like(), scale, like() if has_read else None)
 
 
 # ---- linear memory ----------------------------------------------------------------------------------------
@@ -363,6 +427,53 @@ def run_linear_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, c
         q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position, chunk_size,
         read == "token", objective.code, objective.p, objective.eps, delta, retention.code, retention.q)
     return o, (m, s), _chunk_state_result(chunk_weights, chunk_scale, chunk_read, has_read)
+
+
+@torch.library.register_fake("titans_ext::linear_memory_step_")
+def _linear_memory_step_inplace_fake(q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read,
+                                     position, chunk_size, read_token, objective=0, p=2.0, eps=0.0, delta=None,
+                                     retention=0, retention_q=2.0):
+    check_fake_device(q)
+    return q.new_empty(v.shape)
+
+
+def linear_memory_step_(q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size=64, read="token",
+                        objective="l2", retention="l2"):
+    r""":func:`linear_memory_step` on a decode state the caller owns, updated in place; returns ``o``.
+
+    ``state = (M, S)`` holds the running state before the token and, after the call, the state
+    after it; ``chunk_state`` (a :class:`ChunkStartState` of buffers, :func:`empty_chunk_state` at
+    the start of a stream) likewise holds the chunk-start state, which the step overwrites from the
+    running state when the token starts a chunk (``position`` a multiple of ``chunk_size``, read on
+    the device: no host sync, CUDA-graph capturable). So a stream of in-place steps leaves in its
+    buffers, token for token, what :func:`linear_memory_step` returns, and its reads are the same.
+
+    Every buffer is a contiguous tensor of the state dtype (fp32, fp64 for fp64 inputs) and a
+    tensor of its own. The step has no backward: call it under ``torch.no_grad()``. Per token it
+    allocates only ``o`` and passes over the state once, where :func:`linear_memory_step` allocates
+    the new state and returns six tensors.
+    """
+    return run_linear_memory_step_(torch.ops.titans_ext.linear_memory_step_.default, q, k, v, theta, eta, alpha,
+                                   position=position, state=state, chunk_state=chunk_state, chunk_size=chunk_size,
+                                   read=read, objective=objective, retention=retention)
+
+
+def run_linear_memory_step_(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read,
+                            objective, retention):
+    """:func:`linear_memory_step_` on the in-place operator ``op`` (the emulation tests pass the
+    emulated CUDA kernel's)."""
+    def pack(position_, read_token, objective_, retention_, delta):
+        m, s = state
+        chunk_weights, chunk_scale, chunk_read = chunk_state
+        args = (q, k, v, theta, eta, alpha, m, s, chunk_weights, chunk_scale, chunk_read, position_, chunk_size,
+                read_token, objective_.code, objective_.p, objective_.eps, delta, retention_.code, retention_.q)
+        return args, (m, s, chunk_weights, chunk_scale) + (() if chunk_read is None else (chunk_read,))
+
+    return _run_in_place(
+        op, pack,
+        lambda: _fast_args(q, v, position, chunk_size, read, objective, retention),
+        lambda: _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
+                                       objective, retention, linear_memory_step))
 
 
 # ---- MLP memory -------------------------------------------------------------------------------------------
@@ -509,3 +620,43 @@ def run_mlp_memory_step(op, q, k, v, theta, eta, alpha, *, position, state, chun
     o, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1, chunk_read_w2 = out
     return (o, ((w1, w2), (s1, s2)),
             _chunk_state_result((chunk_w1, chunk_w2), chunk_scale, (chunk_read_w1, chunk_read_w2), has_read))
+
+
+@torch.library.register_fake("titans_ext::mlp_memory_step_")
+def _mlp_memory_step_inplace_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale,
+                                  chunk_read_w1, chunk_read_w2, position, chunk_size, read_token, activation,
+                                  objective=0, p=2.0, eps=0.0, delta=None, retention=0, retention_q=2.0):
+    check_fake_device(q)
+    return q.new_empty(v.shape)
+
+
+def mlp_memory_step_(q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size=64, read="token",
+                     activation="gelu", objective="l2", retention="l2"):
+    r""":func:`mlp_memory_step` on a decode state the caller owns, updated in place; returns ``o``.
+
+    ``state = ((W1, W2), (S1, S2))`` (momenta given) and ``chunk_state`` are buffers as in
+    :func:`linear_memory_step_`, overwritten with what :func:`mlp_memory_step` would return.
+    """
+    return run_mlp_memory_step_(torch.ops.titans_ext.mlp_memory_step_.default, q, k, v, theta, eta, alpha,
+                                position=position, state=state, chunk_state=chunk_state, chunk_size=chunk_size,
+                                read=read, activation=activation, objective=objective, retention=retention)
+
+
+def run_mlp_memory_step_(op, q, k, v, theta, eta, alpha, *, position, state, chunk_state, chunk_size, read, activation,
+                         objective, retention):
+    """:func:`mlp_memory_step_` on the in-place operator ``op`` (as :func:`run_linear_memory_step_`)."""
+    def pack(position_, read_token, objective_, retention_, delta):
+        (w1, w2), (s1, s2) = state
+        (chunk_w1, chunk_w2), chunk_scale, chunk_read = chunk_state
+        chunk_read = () if chunk_read is None else tuple(chunk_read)
+        chunk_read_w1, chunk_read_w2 = chunk_read or (None, None)
+        args = (q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale, chunk_read_w1,
+                chunk_read_w2, position_, chunk_size, read_token, activation, objective_.code, objective_.p,
+                objective_.eps, delta, retention_.code, retention_.q)
+        return args, (w1, w2, s1, s2, chunk_w1, chunk_w2, chunk_scale) + chunk_read
+
+    return _run_in_place(
+        op, pack,
+        lambda: _fast_args(q, v, position, chunk_size, read, objective, retention),
+        lambda: _checked_in_place_args(q, k, v, theta, eta, alpha, position, state, chunk_state, chunk_size, read,
+                                       objective, retention, mlp_memory_step, activation=activation))
