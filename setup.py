@@ -115,11 +115,15 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math: lets loops with clamped float -> int conversions (the MLP kernel's exp)
     # vectorize; results are unchanged, only floating-point traps are assumed off, as in torch.
+    # -fno-wrapv undoes the -fwrapv of Python's sysconfig flags: with wrapping int arithmetic
+    # defined, an index like W[t * L + i] may wrap, so GCC can neither turn it into a pointer
+    # increment nor vectorize the loop (linear_memory.cpp: 190 loops vectorized with -fwrapv, 321
+    # without). No code here relies on signed overflow.
     # The bindings see only torch/csrc/stable and torch/headeronly: TORCH_STABLE_ONLY makes an ATen
     # or c10 header an #error, and TORCH_TARGET_VERSION hides what is newer than the target.
     target_version = (TORCH_TARGET[0] << 56) | (TORCH_TARGET[1] << 48)  # as torch/csrc/stable/version.h
     stable_abi = ["-DTORCH_STABLE_ONLY", f"-DTORCH_TARGET_VERSION={target_version:#018x}"]
-    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math"] + stable_abi
+    cxx_flags = opt + ["-fvisibility=hidden", "-fno-trapping-math", "-fno-wrapv"] + stable_abi
     macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [str(CSRC)]
 
