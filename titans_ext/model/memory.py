@@ -473,29 +473,23 @@ class NeuralMemory(nn.Module):
         return titans_ext.mlp_memory(q, k, v, theta, eta, alpha, weights, momentum=momentum,
                                      activation=self.activation, **options)
 
-    def step(self, q, inputs, position, memory, chunk_start, read=None):
+    def step(self, q, inputs, position, memory, chunk_start, read=None, in_place=False):
         """One decode step (:func:`titans_ext.linear_memory_step` / :func:`titans_ext.mlp_memory_step`)
         on the token ``q [B, H, D]``, ``inputs`` as :meth:`project`'s without the time axis, at stream
-        ``position``; returns ``(o [B, H, D], memory, chunk_start)``."""
+        ``position``; returns ``(o [B, H, D], memory, chunk_start)``. With ``in_place`` (a state this
+        layer's caller owns, :func:`owned_decode_states`) the in-place steps
+        (:func:`titans_ext.linear_memory_step_`, ...) overwrite ``memory`` and the chunk-start
+        buffers ``chunk_start`` with the states after the token and return them."""
         k, v, theta, eta, alpha, *learned_delta = inputs
         objective = (self.objective[0], learned_delta[0]) if learned_delta else self.objective
         options = dict(position=position, state=memory, chunk_state=chunk_start, chunk_size=self.chunk_size,
                        read=self.read if read is None else read, objective=objective, retention=self.retention)
         if self.memory_kind == "linear":
-            return linear_memory_step(q, k, v, theta, eta, alpha, **options)
-        return mlp_memory_step(q, k, v, theta, eta, alpha, activation=self.activation, **options)
-
-    def step_(self, q, inputs, position, memory, chunk_start):
-        """:meth:`step` on a state this layer's caller owns (:func:`owned_decode_states`), updated
-        in place: ``memory`` and the chunk-start buffers ``chunk_start`` hold the states after the
-        token; returns ``o [B, H, D]``."""
-        k, v, theta, eta, alpha, *learned_delta = inputs
-        objective = (self.objective[0], learned_delta[0]) if learned_delta else self.objective
-        options = dict(position=position, state=memory, chunk_state=chunk_start, chunk_size=self.chunk_size,
-                       read=self.read, objective=objective, retention=self.retention)
-        if self.memory_kind == "linear":
-            return linear_memory_step_(q, k, v, theta, eta, alpha, **options)
-        return mlp_memory_step_(q, k, v, theta, eta, alpha, activation=self.activation, **options)
+            out = (linear_memory_step_ if in_place else linear_memory_step)(q, k, v, theta, eta, alpha, **options)
+        else:
+            out = (mlp_memory_step_ if in_place else mlp_memory_step)(q, k, v, theta, eta, alpha,
+                                                                      activation=self.activation, **options)
+        return (out, memory, chunk_start) if in_place else out
 
     def forward(self, x, state=None, cu_seqlens=None):
         """``x [B, T, dim]``, ``state`` a :class:`MemoryState` or None -> ``(y [B, T, dim], state)``.
@@ -562,10 +556,7 @@ class NeuralMemory(nn.Module):
                 chunk_start = empty_chunk_state(memory, read=self.read, retention=self.retention)
             for t in range(start, end):
                 token, position = tuple(x[:, t] for x in inputs), state.step_position + t if t else state.step_position
-                if in_place:
-                    o = self.step_(q[:, t], token, position, memory, chunk_start)
-                else:
-                    o, memory, chunk_start = self.step(q[:, t], token, position, memory, chunk_start)
+                o, memory, chunk_start = self.step(q[:, t], token, position, memory, chunk_start, in_place=in_place)
                 outputs.append(o.unsqueeze(1))
             return memory, chunk_start
 
