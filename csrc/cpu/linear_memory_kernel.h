@@ -15,10 +15,10 @@
 //
 // Compiled once per instruction-set variant (memory_kernels.h): included only by the variant
 // files memory_kernels_<variant>.cpp (matmul_kernel.h describes the convention), with everything
-// here of internal linkage. The entry points forward_variant and backward_variant are flattened:
-// the shared helpers they call (chunk_loop.h, chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h,
-// objectives.h), compiled for the baseline where called out of line, are inlined into them and so
-// compiled for the variant, like the products they issue (matmul.h).
+// here of internal linkage. The entry points forward_variant and backward_variant are flattened
+// in the x86 variants (TITANS_ISA_FLATTEN): the shared helpers they call (chunk_loop.h,
+// chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h, objectives.h), compiled for the
+// baseline where called out of line, are inlined into them and so compiled for the variant.
 #pragma once
 
 #include <algorithm>
@@ -35,8 +35,8 @@
 #include "cpu/miras_rows.h"
 #include "objectives.h"
 
-#ifndef TITANS_ISA_TARGET
-#error "define TITANS_ISA_TARGET (the variant's target attribute) before including linear_memory_kernel.h"
+#if !defined(TITANS_ISA_TARGET) || !defined(TITANS_ISA_FLATTEN)
+#error "define TITANS_ISA_TARGET and TITANS_ISA_FLATTEN (memory_kernels.h) before including linear_memory_kernel.h"
 #endif
 
 namespace titans::cpu::linear_kernel {
@@ -364,8 +364,8 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
 }
 
 template <typename T>
-TITANS_ISA_TARGET [[gnu::flatten]] void forward_variant(const LinearMemoryParams& params, int64_t item_begin,
-                                                        int64_t item_end) {
+TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const LinearMemoryParams& params, int64_t item_begin,
+                                                          int64_t item_end) {
   advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
@@ -375,8 +375,8 @@ TITANS_ISA_TARGET [[gnu::flatten]] void forward_variant(const LinearMemoryParams
 }
 
 template <typename T>
-TITANS_ISA_TARGET [[gnu::flatten]] void backward_variant(const LinearMemoryBwdParams& params, int64_t item_begin,
-                                                         int64_t item_end) {
+TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const LinearMemoryBwdParams& params, int64_t item_begin,
+                                                           int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t item = item_begin; item < item_end; ++item)

@@ -3,6 +3,7 @@
 
 #if TITANS_CPU_X86_VARIANTS
 #define TITANS_ISA_TARGET TITANS_AVX512_TARGET
+#define TITANS_ISA_FLATTEN [[gnu::flatten]]
 #include "cpu/linear_memory_kernel.h"
 #include "cpu/mlp_memory_kernel.h"
 

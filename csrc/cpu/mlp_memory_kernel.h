@@ -24,10 +24,10 @@
 //
 // Compiled once per instruction-set variant (memory_kernels.h): included only by the variant
 // files memory_kernels_<variant>.cpp (matmul_kernel.h describes the convention), with everything
-// here of internal linkage. The entry points forward_variant and backward_variant are flattened:
-// the shared helpers they call (chunk_loop.h, chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h,
-// objectives.h), compiled for the baseline where called out of line, are inlined into them and so
-// compiled for the variant, like the products they issue (matmul.h).
+// here of internal linkage. The entry points forward_variant and backward_variant are flattened
+// in the x86 variants (TITANS_ISA_FLATTEN): the shared helpers they call (chunk_loop.h,
+// chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h, objectives.h), compiled for the
+// baseline where called out of line, are inlined into them and so compiled for the variant.
 #pragma once
 
 #include <algorithm>
@@ -46,8 +46,8 @@
 #include "cpu/miras_rows.h"
 #include "objectives.h"
 
-#ifndef TITANS_ISA_TARGET
-#error "define TITANS_ISA_TARGET (the variant's target attribute) before including mlp_memory_kernel.h"
+#if !defined(TITANS_ISA_TARGET) || !defined(TITANS_ISA_FLATTEN)
+#error "define TITANS_ISA_TARGET and TITANS_ISA_FLATTEN (memory_kernels.h) before including mlp_memory_kernel.h"
 #endif
 
 namespace titans::cpu::mlp_kernel {
@@ -507,8 +507,8 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
 }
 
 template <typename T>
-TITANS_ISA_TARGET [[gnu::flatten]] void forward_variant(const MlpMemoryParams& params, int64_t item_begin,
-                                                        int64_t item_end) {
+TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const MlpMemoryParams& params, int64_t item_begin,
+                                                          int64_t item_end) {
   advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
@@ -518,8 +518,8 @@ TITANS_ISA_TARGET [[gnu::flatten]] void forward_variant(const MlpMemoryParams& p
 }
 
 template <typename T>
-TITANS_ISA_TARGET [[gnu::flatten]] void backward_variant(const MlpMemoryBwdParams& params, int64_t item_begin,
-                                                         int64_t item_end) {
+TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const MlpMemoryBwdParams& params, int64_t item_begin,
+                                                           int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true,
                   params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
