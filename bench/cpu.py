@@ -5,14 +5,22 @@ against the references and titans-pytorch.
     python -m bench.cpu --smoke      # seconds: each op against the chunked reference, per variant
 
 Shape (issues 3, 4 and 13): B=1, T=2048, H=4, D=64, chunk 64, fp32 and fp64; the MLP memory with
-expansion E=4 (hidden width 256), exact GELU. Every row is timed in this one run, on this
-machine, with warm-up and the median of several runs; ratios compare rows of the same run only
-(CPU timings are noisy across runs, and on a shared machine within one: the load average is
-printed before and after). titans_ext runs once per instruction-set variant of its CPU kernels
-(titans_ext.supported_cpu_isas(); the variant is a column). titans-pytorch rows appear when the
-package is installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2 (MLP, expansion 4)
-memory, ``batch_size`` equal to the chunk size (gradients at chunk-start weights, as in our ops).
-Its module includes the q/k/v projections and gate layers, so those rows include that work too.
+expansion E=4 (hidden width 256), exact GELU. titans_ext runs once per instruction-set variant of
+its CPU kernels (titans_ext.supported_cpu_isas(); the variant is a column). titans-pytorch rows
+appear when the package is installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2
+(MLP, expansion 4) memory, ``batch_size`` equal to the chunk size (gradients at chunk-start
+weights, as in our ops). Its module includes the q/k/v projections and gate layers, so those rows
+include that work too.
+
+Timing: the rows a ratio compares are timed interleaved (bench/timing.py's
+interleaved_samples_ms): per op and dtype, one call of every row (each variant of ours, the chunked
+reference, titans-pytorch; for fp32 linear_memory also a batch of torch.bmm calls, the FLOP
+bound's rate) per round, after warm-up rounds, and a row's time is its median over the rounds. On
+a shared machine the load drifts by tens of percent within a run; interleaving lets the drift weigh
+on both sides of a ratio alike. Each target ratio is printed as the ratio of the medians with the
+min-max of its per-round ratios (the same round's samples), so a reader sees how firm it is. The
+token-by-token reference (no target compares it) is timed on its own afterwards. The load average
+is printed before and after.
 
 The FLOP bound of an op is the FLOPs of its chunk algebra at the shape (matmuls, dense C x C
 tiles: docs/backward_linear.md §4, docs/mlp_dual_form.md §5) divided by the rate torch.bmm reaches
@@ -24,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -32,7 +41,7 @@ import titans_ext
 from titans_ext.reference import (linear_memory_chunked, linear_memory_recurrent, mlp_memory_chunked,
                                   mlp_memory_recurrent)
 
-from .timing import markdown_table, median_ms
+from .timing import interleaved_samples_ms, markdown_table, round_ratios
 
 # The issue-13 targets, checked in the summary (fp32 unless said).
 TARGETS = {
@@ -42,6 +51,9 @@ TARGETS = {
     "mlp_memory vs titans-pytorch depth 2": 6.0,
     "fp64 vs chunked reference": 3.0,
 }
+# Row names (the implementation column).
+OURS, CHUNKED, TITANS_PYTORCH = "titans_ext (C++)", "PyTorch chunked reference", "titans-pytorch NeuralMemory"
+BMM = "torch.bmm 64 x 64 x 64 (x 64)"
 # CPU flags that decide which variants can run (x86 /proc/cpuinfo "flags", aarch64 "Features").
 SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
               "amx_tile", "asimd", "sve", "sve2")
@@ -88,14 +100,20 @@ def mlp_memory_flops(B, T, H, D, N, C):
     return B * H * total
 
 
-def bmm_gflops(threads, repeats):
-    """GFLOP/s of torch.bmm on 64 products of 64 x 64 x 64 fp32 matrices."""
+BMM_FLOP = 2 * 64 ** 4  # one torch.bmm of 64 products of 64 x 64 x 64 matrices
+
+
+def bmm_batch(calls):
+    """A function running `calls` torch.bmm of 64 products of 64 x 64 x 64 fp32 matrices: one
+    interleaved sample long enough for the timer (its time / calls is one bmm's)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(64, 64, 64, generator=g) for _ in range(2))
     out = torch.empty(64, 64, 64)
-    ms = median_ms(lambda: torch.bmm(a, b, out=out), torch.device("cpu"), warmup=20, repeats=max(repeats, 50),
-                   min_seconds=1.0)
-    return 2 * 64 ** 4 / (ms * 1e-3) / 1e9
+
+    def run():
+        for _ in range(calls):
+            torch.bmm(a, b, out=out)
+    return run
 
 
 def memory_inputs(B, T, H, D, dtype=torch.float32, requires_grad=True):
@@ -159,21 +177,26 @@ def smoke(args):
     model, flags = cpu_description()
     print(f"bench.cpu --smoke: {model}; SIMD flags: {' '.join(flags) or 'n/a'}; variants "
           f"{', '.join(titans_ext.supported_cpu_isas())}; {args.threads} threads; load {load_average()}")
-    print(f"fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, fp32, E=4; ratio = chunked reference time / titans_ext time")
+    print(f"fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, fp32, E=4; ratio = chunked reference time / titans_ext time "
+          f"(medians of {args.repeats} interleaved rounds; rounds: min-max of the per-round ratios)")
     cpu = torch.device("cpu")
     inputs = memory_inputs(B, T, H, D)
     ops = {"linear_memory": (titans_ext.linear_memory, linear_memory_chunked, {"chunk_size": C}),
            "mlp_memory": (titans_ext.mlp_memory, mlp_memory_chunked,
                           {"chunk_size": C, "weights": mlp_weights(B, H, D, 4)})}
     native = titans_ext.cpu_isa()
+    variants = variants_native_first()
     try:
         for op, (ours, reference, kwargs) in ops.items():
-            ref_ms = median_ms(op_fwd_bwd(reference, inputs, **kwargs), cpu, warmup=1, repeats=args.repeats)
-            for variant in variants_native_first():
-                ms = median_ms(in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs)), cpu, warmup=1,
-                               repeats=args.repeats)
-                print(f"  {op:14s} [{variant:7s}] {ms:8.2f} ms   reference {ref_ms:8.2f} ms   {ref_ms / ms:5.1f}x",
-                      flush=True)
+            fns = [in_variant(v, op_fwd_bwd(ours, inputs, **kwargs)) for v in variants]
+            samples = interleaved_samples_ms(fns + [op_fwd_bwd(reference, inputs, **kwargs)], cpu, warmup=1,
+                                             repeats=args.repeats)
+            ref_ms = statistics.median(samples[-1])
+            for variant, ours_samples in zip(variants, samples):
+                ms = statistics.median(ours_samples)
+                spread = round_ratios(samples[-1], ours_samples)
+                print(f"  {op:14s} [{variant:7s}] {ms:8.2f} ms   reference {ref_ms:8.2f} ms   {ref_ms / ms:5.1f}x"
+                      f"  (rounds {spread[0]:.1f}-{spread[-1]:.1f}x)", flush=True)
     finally:
         titans_ext.set_cpu_isa(native)
 
@@ -215,8 +238,10 @@ def main(argv=None):
         has_titans_pytorch = False
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)")
 
-    # (op, dtype, implementation, variant, fn)
-    cases = []
+    # Groups of rows timed interleaved, one per (op, dtype): (op, dtype, [(implementation, variant, fn)]);
+    # the token-by-token rows are timed on their own.
+    groups, token_loop = [], []
+    bmm_calls = 50
     for dtype in (torch.float32, torch.float64):
         inputs = memory_inputs(B, T, H, D, dtype)
         mlp_args = dict(weights=mlp_weights(B, H, D, E, dtype), chunk_size=C)
@@ -224,72 +249,100 @@ def main(argv=None):
                                  {"chunk_size": C}, 1),
                "mlp_memory": (titans_ext.mlp_memory, mlp_memory_chunked, mlp_memory_recurrent, mlp_args, 2)}
         for op, (ours, chunked, recurrent, kwargs, depth) in ops.items():
-            for variant in variants:
-                cases.append((op, dtype, "titans_ext (C++)", variant, in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs))))
-            cases.append((op, dtype, "PyTorch chunked reference", "", op_fwd_bwd(chunked, inputs, **kwargs)))
-            if dtype == torch.float32 and not args.skip_token_loop:
-                cases.append((op, dtype, "token-by-token reference", "", op_fwd_bwd(recurrent, inputs, **kwargs)))
+            rows = [(OURS, variant, in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs))) for variant in variants]
+            rows.append((CHUNKED, "", op_fwd_bwd(chunked, inputs, **kwargs)))
             if dtype == torch.float32 and has_titans_pytorch:
-                cases.append((op, dtype, f"titans-pytorch NeuralMemory, depth {depth}", "",
-                              titans_pytorch_fwd_bwd(B, T, H, D, C, depth, E)))
+                rows.append((f"{TITANS_PYTORCH}, depth {depth}", "", titans_pytorch_fwd_bwd(B, T, H, D, C, depth, E)))
+            if dtype == torch.float32 and op == "linear_memory":
+                rows.append((BMM, "", bmm_batch(bmm_calls)))
+            groups.append((op, dtype, rows))
+            if dtype == torch.float32 and not args.skip_token_loop:
+                token_loop.append((op, dtype, "token-by-token reference", "", op_fwd_bwd(recurrent, inputs, **kwargs)))
 
     native = titans_ext.cpu_isa()
     results = []
+
+    def record(op, dtype, impl, variant, samples):
+        dtype_name = str(dtype).removeprefix("torch.")
+        ms = statistics.median(samples)
+        results.append({"op": op, "dtype": dtype_name, "impl": impl, "variant": variant, "ms": ms, "samples": samples})
+        print(f"{op:14s} {dtype_name:8s} {impl:40s} {variant:7s} {ms:10.2f} ms  "
+              f"(rounds {min(samples):.2f}-{max(samples):.2f})", flush=True)
+
     try:
-        for op, dtype, impl, variant, fn in cases:
-            slow = "token" in impl
-            ms = median_ms(fn, cpu, warmup=1 if slow else 2, repeats=3 if slow else args.repeats)
-            dtype_name = str(dtype).removeprefix("torch.")
-            results.append({"op": op, "dtype": dtype_name, "impl": impl, "variant": variant, "ms": ms})
-            print(f"{op:14s} {dtype_name:8s} {impl:40s} {variant:7s} {ms:10.2f} ms", flush=True)
+        for op, dtype, rows in groups:
+            samples = interleaved_samples_ms([fn for _, _, fn in rows], cpu, warmup=2, repeats=args.repeats)
+            for (impl, variant, _), row_samples in zip(rows, samples):
+                if impl == BMM:
+                    row_samples = [ms / bmm_calls for ms in row_samples]
+                record(op, dtype, impl, variant, row_samples)
+        for op, dtype, impl, variant, fn in token_loop:
+            record(op, dtype, impl, variant, interleaved_samples_ms([fn], cpu, warmup=1, repeats=3)[0])
     finally:
         titans_ext.set_cpu_isa(native)
-    bmm = bmm_gflops(args.threads, args.repeats)
     load_after = load_average()
 
-    def ms_of(op, dtype, impl, variant=""):
-        return next(r["ms"] for r in results if (r["op"], r["dtype"], r["impl"], r["variant"]) == (op, dtype, impl, variant))
+    def samples_of(op, impl, variant="", dtype="float32"):
+        return next(r["samples"] for r in results
+                    if (r["op"], r["dtype"], r["impl"], r["variant"]) == (op, dtype, impl, variant))
+
+    def ms_of(op, impl, variant="", dtype="float32"):
+        return statistics.median(samples_of(op, impl, variant, dtype))
 
     rows = []
     for r in results:
-        basis = ms_of(r["op"], r["dtype"], "titans_ext (C++)", variants[0])
+        if r["impl"] == BMM:
+            continue
+        basis = ms_of(r["op"], OURS, variants[0], r["dtype"])
         rows.append((r["op"], r["dtype"], r["impl"], r["variant"] or "-", f"{r['ms']:.2f}", f"{r['ms'] / basis:.2f}x"))
     flops = {"linear_memory": linear_memory_flops(B, T, H, D, D, C), "mlp_memory": mlp_memory_flops(B, T, H, D, E * D, C)}
-    summary = [f"torch.bmm on 64 x 64 x 64 fp32 products, {args.threads} threads: {bmm:.1f} GFLOP/s"]
+    bmm_samples = samples_of("linear_memory", BMM)
+    bmm = BMM_FLOP / (statistics.median(bmm_samples) * 1e-3) / 1e9
+    summary = [f"torch.bmm on 64 x 64 x 64 fp32 products, {args.threads} threads: {bmm:.1f} GFLOP/s "
+               f"(rounds {BMM_FLOP / max(bmm_samples) / 1e6:.1f}-{BMM_FLOP / min(bmm_samples) / 1e6:.1f}; "
+               f"timed interleaved with the linear_memory fp32 rows)"]
     for op, n in flops.items():
         summary.append(f"{op}: {n / 1e9:.3f} GFLOP fwd+bwd (chunk algebra, dense C x C tiles) -> FLOP bound "
                        f"{n / (bmm * 1e9) * 1e3:.2f} ms")
+    # The FLOP bound per round: the linear op's FLOPs at that round's torch.bmm rate.
+    bound_samples = [flops["linear_memory"] / BMM_FLOP * ms for ms in bmm_samples]
+
+    def check(numerator, denominator, target, at_most=False):
+        """The ratio of the medians of two rows' samples against target, with its per-round min-max."""
+        value = statistics.median(numerator) / statistics.median(denominator)
+        spread = round_ratios(numerator, denominator)
+        ok = value <= target if at_most else value >= target
+        return (f"{value:.2f}x ({'<=' if at_most else '>='} {target:g}: {'met' if ok else 'NOT met'}; "
+                f"rounds {spread[0]:.2f}-{spread[-1]:.2f}x)")
+
     for variant in variants:
         def ours(op, dtype="float32"):
-            return ms_of(op, dtype, "titans_ext (C++)", variant)
-
-        def check(value, target, at_most=False):
-            ok = value <= target if at_most else value >= target
-            return f"{value:.2f}x ({'<=' if at_most else '>='} {target:g}: {'met' if ok else 'NOT met'})"
+            return samples_of(op, OURS, variant, dtype)
 
         line = [f"[{variant}] linear_memory: "
-                + check(ms_of("linear_memory", "float32", "PyTorch chunked reference") / ours("linear_memory"),
+                + check(samples_of("linear_memory", CHUNKED), ours("linear_memory"),
                         TARGETS["linear_memory vs chunked reference"]) + " the chunked reference, "
-                + check(ours("linear_memory") / (flops["linear_memory"] / (bmm * 1e9) * 1e3),
-                        TARGETS["linear_memory vs FLOP bound"], at_most=True) + " its FLOP bound",
+                + check(ours("linear_memory"), bound_samples, TARGETS["linear_memory vs FLOP bound"], at_most=True)
+                + " its FLOP bound",
                 f"[{variant}] mlp_memory: "
-                + check(ms_of("mlp_memory", "float32", "PyTorch chunked reference") / ours("mlp_memory"),
+                + check(samples_of("mlp_memory", CHUNKED), ours("mlp_memory"),
                         TARGETS["mlp_memory vs chunked reference"]) + " the chunked reference"]
         if has_titans_pytorch:
-            line[-1] += ", " + check(ms_of("mlp_memory", "float32", "titans-pytorch NeuralMemory, depth 2")
-                                     / ours("mlp_memory"), TARGETS["mlp_memory vs titans-pytorch depth 2"]) \
-                + " titans-pytorch depth 2"
+            line[-1] += ", " + check(samples_of("mlp_memory", f"{TITANS_PYTORCH}, depth 2"), ours("mlp_memory"),
+                                     TARGETS["mlp_memory vs titans-pytorch depth 2"]) + " titans-pytorch depth 2"
         line.append(f"[{variant}] fp64: linear_memory "
-                    + check(ms_of("linear_memory", "float64", "PyTorch chunked reference") / ours("linear_memory", "float64"),
+                    + check(samples_of("linear_memory", CHUNKED, dtype="float64"), ours("linear_memory", "float64"),
                             TARGETS["fp64 vs chunked reference"])
                     + ", mlp_memory "
-                    + check(ms_of("mlp_memory", "float64", "PyTorch chunked reference") / ours("mlp_memory", "float64"),
+                    + check(samples_of("mlp_memory", CHUNKED, dtype="float64"), ours("mlp_memory", "float64"),
                             TARGETS["fp64 vs chunked reference"]) + " the chunked reference")
         summary += line
 
     title = (f"CPU fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, MLP E={E} ({datetime.date.today().isoformat()})\n\n"
              f"{header}; load average before {load_before}, after {load_after}\n\n"
-             f"ratio = time / time of titans_ext's native variant ({variants[0]}) for the same op and dtype")
+             f"median ms: median of {args.repeats} interleaved rounds (module docstring); ratio = time / time of "
+             f"titans_ext's native variant ({variants[0]}) for the same op and dtype; in the targets below, rounds = "
+             f"min-max of the per-round ratios")
     table = markdown_table(["op", "dtype", "implementation", "variant", "median ms", "ratio"], rows)
     text = title + "\n\n" + table + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n"
     print("\n" + text)

@@ -30,10 +30,11 @@ def median_ms(fn, device, warmup=2, repeats=7, min_seconds=0.0):
     return statistics.median(times)
 
 
-def interleaved_medians_ms(fns, device, warmup=1, repeats=5):
-    """Median wall time of each of ``fns`` in milliseconds, timed in turns (one call of each per
-    round, ``repeats`` rounds after ``warmup``), so that a load that drifts during the run (a
-    shared machine) weighs on every function alike and their ratios stay comparable."""
+def interleaved_samples_ms(fns, device, warmup=1, repeats=5):
+    """Wall times of each of ``fns`` in milliseconds, timed in turns: one call of each per round,
+    ``repeats`` rounds after ``warmup``, so that a load that drifts during the run (a shared
+    machine) weighs on every function alike. Returns one list of ``repeats`` samples per function,
+    in round order: samples of the same index come from the same round."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -45,7 +46,18 @@ def interleaved_medians_ms(fns, device, warmup=1, repeats=5):
             fn()
             _sync(device)
             samples.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(samples) for samples in times]
+    return times
+
+
+def interleaved_medians_ms(fns, device, warmup=1, repeats=5):
+    """Median of each function's interleaved_samples_ms: their ratios stay comparable under drift."""
+    return [statistics.median(samples) for samples in interleaved_samples_ms(fns, device, warmup, repeats)]
+
+
+def round_ratios(numerator, denominator):
+    """The ratios numerator[r] / denominator[r] of samples timed in the same round r
+    (interleaved_samples_ms), sorted: how firm the ratio of their medians is."""
+    return sorted(n / d for n, d in zip(numerator, denominator))
 
 
 def markdown_table(header, rows):
