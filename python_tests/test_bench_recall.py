@@ -27,4 +27,8 @@ def test_benchmark_runs_and_writes_its_tables(tmp_path, capsys, task, extra):
     assert saved["config"]["task"] == task and len(saved["results"]["mal"]) == 2
     if task == "needle":
         assert "at 4x" in text and saved["config"]["seq_len"] == 16
+        assert "question 1" not in text  # one pair: nothing to eliminate
+    else:
+        assert "first question (elimination 50%)" in text and "| elimination | 50.0% | 100.0% |" in text
+        assert all(len(run["by_question"]["1x"]) == 2 for run in saved["results"]["mac"])
     assert "recall beyond the window" in capsys.readouterr().out

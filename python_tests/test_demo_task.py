@@ -6,7 +6,8 @@ import torch
 from titans_ext.__main__ import main
 from titans_ext.demo.recall import IGNORE, RecallTask
 from titans_ext.demo.run import distance_edges, format_table
-from titans_ext.demo.train import recall_by_distance, recall_loss, train
+from titans_ext.demo.train import (accuracy_by_question, elimination_recall, recall_by_distance, recall_loss,
+                                   scored_answers, train)
 from titans_ext.model import TitansLM
 
 
@@ -108,3 +109,36 @@ def test_demo_on_cuda_without_a_gpu_is_a_clear_error(capsys):
         main(["demo", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+
+
+class _EliminatingOracle(torch.nn.Module):
+    """Answers each question with the first fact value not yet answered: the elimination
+    strategy with the facts' values known and the keys ignored (MQAR's facts come first)."""
+
+    def __init__(self, task):
+        super().__init__()
+        self.task = task
+
+    def forward(self, tokens):
+        task, n = self.task, self.task.n_pairs
+        logits = torch.zeros(*tokens.shape, task.vocab_size)
+        first_question = task.seq_len - 2 * n
+        for row in range(tokens.shape[0]):
+            left = tokens[row, 1:2 * n:2].tolist()
+            for question in range(n):
+                position = first_question + 2 * question
+                logits[row, position, left[0]] = 1.0
+                left.remove(tokens[row, position + 1].item())  # the answer, seen once given
+        return logits, None
+
+
+def test_recall_by_question_tells_elimination_from_recall():
+    task = RecallTask.mqar(n_pairs=4, filler=8, n_keys=16, n_values=64, n_noise=4)
+    answers = scored_answers(_EliminatingOracle(task), task, n_sequences=2000, seed=3)
+    hits, distances, questions = answers
+    assert len(hits) == len(distances) == len(questions) == 8000 and sorted(set(questions.tolist())) == [0, 1, 2, 3]
+    measured = accuracy_by_question(answers, 4)
+    # Values are drawn with repetition, which lifts elimination slightly above 1 / (n - j).
+    for got, expected in zip(measured, elimination_recall(4)):
+        assert expected - 0.04 <= got <= expected + 0.06, (measured, elimination_recall(4))
+    assert measured[3] == 1.0

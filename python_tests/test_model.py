@@ -9,7 +9,7 @@ import torch
 
 import titans_ext
 from titans_ext.model import (LMMBlock, MACBlock, MAGBlock, MALBlock, MemoryState, NeuralMemory, SWABlock, TitansLM,
-                              detach_state)
+                              chunk_stability_edge, detach_state, stable_max_lr)
 
 from step_harness import decode_model_stream, replay_one_token_calls, state_tensors
 
@@ -157,6 +157,27 @@ def test_owned_decode_states_update_in_place(memory):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["mac", "mag", "mal", "lmm"])
+def test_owned_decode_states_stream_equals_one_call(kind):
+    """A model's one-token calls inside owned_decode_states (TitansLM.generate's decode loop) give
+    the logits of one call on the whole sequence, across chunk and MAC segment boundaries: no
+    state a block keeps (MAC's segment-start memory) is overwritten by the in-place steps."""
+    from titans_ext.model.memory import owned_copy, owned_decode_states
+
+    torch.manual_seed(2)
+    model = small_lm(kind).double()
+    tokens = torch.randint(0, 40, (2, 21))
+    with torch.no_grad():
+        logits, _ = model(tokens)
+        streamed, state = model(tokens[:, :6])
+        streamed, state = [streamed], owned_copy(state)
+        with owned_decode_states():
+            for t in range(6, 21):
+                out, state = model(tokens[:, t:t + 1], state)
+                streamed.append(out)
+    torch.testing.assert_close(torch.cat(streamed, dim=1), logits, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("memory", MEMORY_KINDS)
 def test_stream_switches_from_autograd_to_decode_mid_chunk(memory):
     """The chunk-start state is rebuilt from the replayed tokens; the way back is refused."""
@@ -283,6 +304,40 @@ def test_defaults_are_finite_at_long_sequences(memory, dtype):
     assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
     for name, p in layer.named_parameters():
         assert torch.isfinite(p.grad.float()).all(), name
+
+
+def _error_after_repeated_writes(chunk_size, eta, theta, chunks=200, D=8):
+    """|M k - v| / |v| after the linear op wrote one pair (k, v) at every token from a zero
+    memory, with constant gates and no forgetting: the worst case of chunk_stability_edge."""
+    torch.manual_seed(8)
+    T = chunk_size * chunks
+    k = torch.nn.functional.normalize(torch.randn(1, 1, 1, D, dtype=torch.float64), dim=-1).expand(1, T, 1, D)
+    v = torch.randn(1, 1, 1, D, dtype=torch.float64).expand(1, T, 1, D)
+    gate = lambda value: torch.full((1, T, 1), value, dtype=torch.float64)  # noqa: E731
+    _, (M, _) = titans_ext.linear_memory(k, k, v, gate(theta), gate(eta), gate(0.0), chunk_size=chunk_size,
+                                         output_final_state=True)
+    return ((M[0, 0] @ k[0, -1, 0] - v[0, -1, 0]).norm() / v[0, -1, 0].norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size, eta", [(1, 0.5), (4, 0.0), (4, 0.5), (16, 0.3), (16, 0.9)])
+def test_chunk_stability_edge_is_where_the_op_diverges(chunk_size, eta):
+    """The analysis of docs/design.md §4.1 against the op itself: a pair written at every token
+    is learned below the edge and blows up above it."""
+    edge = chunk_stability_edge(chunk_size, eta)
+    assert _error_after_repeated_writes(chunk_size, eta, 0.9 * edge) < 0.1
+    assert _error_after_repeated_writes(chunk_size, eta, 1.1 * edge) > 10
+
+
+def test_stable_max_lr_is_half_the_edge_at_the_worst_momentum():
+    for chunk_size, max_momentum in [(4, 0.5), (16, 0.5), (64, 0.9)]:
+        bound = stable_max_lr(chunk_size, max_momentum)
+        edges = [chunk_stability_edge(chunk_size, max_momentum * i / 50) for i in range(51)]
+        assert min(edges) / 2 - 1e-3 * bound <= bound <= min(edges) / 2
+    assert stable_max_lr(4, 0.5) == pytest.approx(0.10975, abs=1e-5)
+    assert stable_max_lr(1, 0.5) == 0.25  # capped: half the edge would be 0.5 at chunk 1
+    assert NeuralMemory(32, chunk_size=4).max_lr == stable_max_lr(4, 0.5)
+    with pytest.raises(ValueError, match="max_momentum"):
+        stable_max_lr(4, 1.0)
 
 
 def test_saturated_gates_stay_finite():

@@ -67,9 +67,9 @@ def test_segment_read_uses_the_memory_at_the_segment_start(memory):
     assert all(not torch.allclose(a, b) for a, b in zip(flat, flat[1:]))
 
 
-def test_memory_writes_the_residual_stream_and_the_output_adds_its_read():
+def test_memory_writes_the_block_input_and_the_output_adds_its_read():
     # The deliberate departures from eqs. 24 and 25 (MACBlock's docstring): the write is
-    # u = norm(x + y) of each segment piece, not the attention output y alone, and the output is
+    # u = norm(x) of each segment piece, not the attention output y, and the output is
     # x + y + M*(u), not y gated by M*(u).
     torch.manual_seed(3)
     block = mac_block().double()
@@ -82,7 +82,7 @@ def test_memory_writes_the_residual_stream_and_the_output_adds_its_read():
     y, _ = block(x)
     assert [w.shape[1] for w in writes] == [SEGMENT, SEGMENT, 3]
     y_attention = torch.cat(outputs, dim=1)
-    torch.testing.assert_close(torch.cat(writes, dim=1), block.memory_norm(x + y_attention), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(writes, dim=1), block.memory_norm(x), rtol=1e-12, atol=1e-12)
     assert len(transformed) == 3 + 1  # one segment read per segment piece, then the reads after the writes
     expected = block.feed_forward(x + y_attention + transformed[-1])
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
@@ -94,21 +94,28 @@ def test_gradients_reach_every_projection_of_the_memory_through_the_segment_read
     block = mac_block(memory).double()
     calls = record_lookups(block)
     x = torch.randn(2, 3 * SEGMENT, 16, dtype=torch.float64, requires_grad=True)
-    block(x)
+    y, _ = block(x)
     _, last_read = calls[-1]  # the last segment's read of the memory written by the first two
-    last_read.pow(2).sum().backward()
+    last_read.pow(2).sum().backward(retain_graph=True)
     mem, inner = block.memory, 2 * 8
+    output_transform = ("out_norm.", "out_gate.", "out_proj.")  # applied to the read, after the lookup
     parts = {
         **{f"qkv_proj {name}": mem.qkv_proj.weight.grad[i * inner:(i + 1) * inner] for i, name in enumerate("qkv")},
         **{f"qkv_conv {name}": mem.qkv_conv.weight.grad[i * inner:(i + 1) * inner] for i, name in enumerate("qkv")},
         **{f"gate_proj {name}": mem.gate_proj.weight.grad.view(3, 2, 16)[i]
            for i, name in enumerate(("theta", "eta", "alpha"))},
-        **{name: p.grad for name, p in mem.named_parameters() if not name.startswith(("qkv_", "gate_proj.weight"))},
+        **{name: p.grad for name, p in mem.named_parameters()
+           if not name.startswith(("qkv_", "gate_proj.weight", *output_transform))},
         "memory_norm": block.memory_norm.weight.grad,
         "input of the first segment": x.grad[:, :SEGMENT],
     }
     missing = [name for name, grad in parts.items() if grad is None or not grad.abs().sum() > 0]
     assert not missing, f"the segment read does not reach {missing}"
+    block.zero_grad()
+    y.pow(2).sum().backward()
+    unreached = [name for name, p in mem.named_parameters()
+                 if name.startswith(output_transform) and not p.grad.abs().sum() > 0]
+    assert not unreached, f"the block's output does not reach {unreached}"
 
 
 @pytest.mark.parametrize("memory", MEMORY_KINDS)

@@ -11,9 +11,10 @@ Each takes packed documents, ``forward(x, cu_seqlens=...)`` (:mod:`titans_ext.mo
 from .attention import Attention, AttentionCache, SlidingWindowAttention
 from .blocks import HybridState, LMMBlock, MACBlock, MACState, MAGBlock, MALBlock, SWABlock
 from .lm import TitansLM
-from .memory import MemoryState, NeuralMemory, detach_state
+from .memory import MemoryState, NeuralMemory, chunk_stability_edge, detach_state, stable_max_lr
 
 __all__ = [
     "Attention", "AttentionCache", "HybridState", "LMMBlock", "MACBlock", "MACState", "MAGBlock", "MALBlock",
-    "MemoryState", "NeuralMemory", "SWABlock", "SlidingWindowAttention", "TitansLM", "detach_state",
+    "MemoryState", "NeuralMemory", "SWABlock", "SlidingWindowAttention", "TitansLM", "chunk_stability_edge", "detach_state",
+    "stable_max_lr",
 ]

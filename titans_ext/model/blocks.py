@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import Attention, AttentionCache, SlidingWindowAttention
 from .checks import check_input, check_positive_int
-from .memory import MemoryState, NeuralMemory
+from .memory import MemoryState, NeuralMemory, decoding_in_place, map_tensors
 from .packed import check_packed, run_in_rounds
 
 
@@ -180,7 +180,7 @@ class MACState:
     """Streaming state of a :class:`MACBlock`.
 
     Attributes:
-        memory: the memory's state (written with the residual stream after the attention).
+        memory: the memory's state (written with the block input).
         segment_memory: the memory (op state format) at the start of the current segment, which
             every token of the segment reads.
         retrieve_conv_cache: history ``[B, conv_kernel - 1, H * D]`` of the convolution of the
@@ -202,7 +202,7 @@ class MACBlock(_Block):
 
         h = norm(M(norm(S)))                      # eq. 21: read with the memory's queries of S, no write
         y = Attn([persistent | h | norm(S)])      # eqs. 22-23; causal: token i sees h_j and S_j, j <= i
-        u = norm(S + y)                           # what the memory writes (eq. 24 writes y, see below)
+        u = norm(S)                               # what the memory writes (eq. 24 writes y, see below)
         M <- M written with u;  m = M(u)          # eq. 24; each token reads after its own write
         x <- x + y + m                            # eq. 25 gates y with m instead, see below
 
@@ -213,14 +213,19 @@ class MACBlock(_Block):
     Two departures from the paper, deliberate, both measured on MQAR with every fact segments
     back (``bench/recall.py``'s default setting, issue 16; ``bench/results/recall.md``):
 
-    - What the memory writes: the residual stream after the attention, ``S + y`` (through an
-      RMSNorm), where eq. 24 writes the attention output ``y`` alone. The segment read (eq. 21)
-      queries the memory with projections of the block input S; keys written from ``S + y``
-      live in that same space, as in MAL and MAG, where the memory reads and writes one stream.
-      Keys written from ``y`` alone must be learned to meet the input's queries through the
-      attention, which at initialization averages the segment's tokens. Writing ``y`` MAC stayed
-      at chance (1.4 %); writing the block input alone, without ``y``, had not left chance after
-      150 of the 600 steps (training loss 4.20, 3.87 with ``S + y``).
+    - What the memory writes: the segment's input S (through its own RMSNorm), where eq. 24
+      writes the attention output ``y``. The segment read (eq. 21) queries the memory with
+      projections of S, so the keys it must meet are written from the same stream, as in MAL,
+      where the memory reads and writes one stream. On MQAR with 4 facts writing ``y`` stayed at
+      chance (1.4 %, seed 0, the former default ``max_lr``); at seeds 0 / 1 / 2 and today's
+      default ``max_lr`` (``docs/design.md`` §4.1), writing the residual stream after the
+      attention, ``S + y``, reached 53.0 / 46.4 / 28.1 % recall beyond the window, and its recall
+      of the first question asked, 27 / 20 / 7 %, shows that the memory held the facts' values but
+      not which key held which: the rest came from leaving out the values already answered
+      (``bench/recall.py``'s question table); writing S reached 97.5 / 82.1 / 37.2 % (first
+      question 98 / 74 / 23 %; MAL 89.0 / 50.0 / 57.9 %). The attention's output at a fact averages the segment around it,
+      so keys written from ``S + y`` carry the fact's neighbours, and queries at a question carry
+      other neighbours.
     - The output: the memory's read after the write, ``m``, is added to the residual stream
       beside the attention output, where eq. 25 gates ``y`` with it (``o = y ⊗ M*(y)``;
       implemented as ``y * sigmoid(m)``). Through the gate a recalled value reaches the loss
@@ -299,13 +304,16 @@ class MACBlock(_Block):
         # Split once along time: a slice per piece would cost the backward a zero-filled gradient of
         # the whole tensor per piece.
         lengths = [piece.stop - piece.start for piece in pieces]
-        x_pieces, h_pieces, read_query_pieces = (t.split(lengths, dim=1) for t in (x, h, read_queries))
+        written = self.memory_norm(x)
+        written_pieces, h_pieces, read_query_pieces = (t.split(lengths, dim=1) for t in (written, h, read_queries))
         query_pieces, key_pieces, value_pieces = (t.split(lengths, dim=2) for t in (queries, input_keys, input_values))
-        ys, writes, reads = [], [], []
+        ys, reads = [], []
         for i, piece in enumerate(pieces):
             offset = (start + piece.start) % self.segment_size
             if offset == 0:  # a new segment: read the memory as it is now, at a chunk boundary
                 segment_memory = memory_state.memory
+                if decoding_in_place():  # the segment's steps will overwrite the running memory
+                    segment_memory = map_tensors(torch.clone, segment_memory)
                 cache = AttentionCache(cache.keys[:, :, :0], cache.values[:, :, :0], cache.key_positions[:0],
                                        cache.position)
             retrieved = self.memory.output(self.memory.lookup(read_query_pieces[i], segment_memory), h_pieces[i])
@@ -316,16 +324,14 @@ class MACBlock(_Block):
             key_positions = torch.cat([cache.key_positions, positions[piece], positions[piece]])
             mask = key_positions[None, :] <= positions[piece, None]
             y = self.attention.attend(query_pieces[i], keys, values, mask)
-            written = self.memory_norm(x_pieces[i] + y)
-            read, memory_state = self.memory.update(written, memory_state)
+            read, memory_state = self.memory.update(written_pieces[i], memory_state)
             ys.append(y)
-            writes.append(written)
             reads.append(read)
             cache = AttentionCache(keys, values, key_positions, cache.position + y.shape[1])
         state = MACState(memory_state, segment_memory, retrieve_conv_cache, cache)
         if not ys:
             return self.feed_forward(x), state
-        m = self.memory.output(torch.cat(reads, dim=1), torch.cat(writes, dim=1))
+        m = self.memory.output(torch.cat(reads, dim=1), written)
         return self.feed_forward(x + torch.cat(ys, dim=1) + m), state
 
 

@@ -88,6 +88,13 @@ def owned_decode_states():
         _DECODE_IN_PLACE.reset(token)
 
 
+def decoding_in_place():
+    """Whether the calls run inside :func:`owned_decode_states`: a caller that keeps a reference to
+    a running state's tensors (MAC's segment-start memory) must copy them, since the next decode
+    steps overwrite them."""
+    return _DECODE_IN_PLACE.get()
+
+
 def owned_copy(state):
     """A copy of a streaming state (any nest of state dataclasses) whose tensors are its own,
     contiguous: what :func:`owned_decode_states` may update in place."""
@@ -244,6 +251,44 @@ class CausalDepthwiseConv(nn.Module):
         return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
 
 
+def chunk_stability_edge(chunk_size, eta):
+    """The inner learning rate theta at which the linear memory's chunk-to-chunk map stops being
+    stable in the worst case: every key of a chunk the same unit vector, constant gates theta and
+    ``eta`` < 1, no forgetting (``docs/design.md`` §4.1).
+
+    Along the key the state is the error ``e = M k - v`` and the momentum ``s = S k``; a chunk,
+    whose C tokens all take their gradient ``2 e_0`` at the chunk start, maps ``(e, s)`` by
+    ``[[1 - 2 theta b, a], [-2 theta c, eta^C]]`` with ``c = sum_{j<C} eta^j``, ``a = eta c`` and
+    ``b = sum_{t=1..C} sum_{j<t} eta^j``. Its eigenvalues stay inside the unit circle (Jury's
+    conditions for a 2 x 2 map) while theta is below the returned value: beyond it an
+    eigenvalue passes -1 (the chunk overshoots) or the eigenvalues' product passes 1.
+    """
+    p = eta ** chunk_size
+    c = (1 - p) / (1 - eta)
+    a = eta * c
+    b = (chunk_size - a) / (1 - eta)
+    edge = (1 + p) / (b * (1 + p) - a * c)
+    if a * c > b * p:
+        edge = min(edge, (1 - p) / (2 * (a * c - b * p)))
+    return edge
+
+
+def stable_max_lr(chunk_size, max_momentum):
+    """``NeuralMemory``'s default bound of the inner learning rate theta: half the
+    :func:`chunk_stability_edge` for the worst momentum in ``[0, max_momentum]`` (the edge is not
+    monotone in it; a grid of 257 values), and at most 0.25 (``docs/design.md`` §4.1).
+
+    A model that calls the ops directly can bound its gates with it (``max_momentum < 1``).
+    """
+    check_positive_int("chunk_size", chunk_size)
+    check_unit_interval("max_momentum", max_momentum)
+    if max_momentum == 1:
+        raise ValueError("max_momentum: no stable bound of the inner learning rate exists at 1; expected < 1")
+    steps = 256
+    edge = min(chunk_stability_edge(chunk_size, max_momentum * i / steps) for i in range(steps + 1))
+    return min(0.25, edge / 2)
+
+
 class NeuralMemory(nn.Module):
     r"""Titans neural long-term memory layer (multi-head), over the public memory ops.
 
@@ -256,11 +301,12 @@ class NeuralMemory(nn.Module):
 
     The memory learns ``k -> v`` at test time (see :func:`titans_ext.linear_memory`).
 
-    Stability: keys are unit vectors and the gates are bounded, so a chunk's inner steps add up
-    to at most ``2 * max_lr * chunk_size`` along one key direction, amplified by the momentum up
-    to about ``1 / (1 - max_momentum)``. The default ``max_lr = min(0.25, (1 - max_momentum) /
-    (2 * chunk_size))`` keeps the linear memory's chunk-to-chunk map non-expanding for any gate
-    values even when all keys of a chunk coincide (the worst case), so long sequences stay finite
+    Stability: keys are unit vectors and the gates are bounded. The worst case for the linear
+    memory is a chunk whose keys all coincide: along that key the chunk-to-chunk map is stable
+    while theta stays below an edge set by the chunk size and the momentum
+    (:func:`chunk_stability_edge`). The default ``max_lr`` is half the edge at the worst
+    momentum up to ``max_momentum``, at most 0.25 (:func:`stable_max_lr`: 0.110 at chunk 4 and
+    ``max_momentum`` 0.5, 0.0179 at chunk 16), so long sequences stay finite for any gate values
     (``docs/design.md`` §4.1).
 
     Presets (``docs/miras.md`` §3; MIRAS, arXiv 2504.13173). ``preset`` picks the memory,
@@ -293,11 +339,12 @@ class NeuralMemory(nn.Module):
         conv_kernel: width of the causal depthwise convolutions (>= 1; 1 is no mixing in time).
         max_lr: upper bound of the inner learning rate theta (default: the stable bound above).
         max_momentum: upper bound of the momentum gate eta, in [0, 1] (default 0.5, or the
-            preset's); 0 is plain gradient descent. The stable ``max_lr`` shrinks as
-            ``1 - max_momentum``, so the bound trades momentum for inner step: at 0.9 a token's
-            step at the starting gates is about 1 % of its value (chunk 4), the memory stays a
-            slowly growing sum of everything written rather than a delta rule, and models
-            learned long-range recall late or not at all (``docs/design.md`` §4.1).
+            preset's); 0 is plain gradient descent. The stable ``max_lr`` shrinks with the
+            momentum (as ``1 - max_momentum`` at long chunks), so the bound trades momentum for
+            inner step: at 0.9 a token's step at the starting gates is under 2 % of its value
+            (chunk 4), the memory stays a slowly growing sum of everything written rather than a
+            delta rule, and models learned long-range recall late or not at all
+            (``docs/design.md`` §4.1).
         activation: ``"gelu"`` or ``"silu"``, the MLP memory's activation.
         read: ``"token"`` (read after each token's update) or ``"chunk_start"``.
         objective: the op's ``objective`` (default ``"l2"``, or the preset's); for ``"huber"``,
@@ -338,7 +385,7 @@ class NeuralMemory(nn.Module):
         if max_lr is None:
             if max_momentum == 1:
                 raise ValueError("max_lr: no stable default exists for max_momentum=1; pass max_lr explicitly")
-            max_lr = min(0.25, (1 - max_momentum) / (2 * chunk_size))
+            max_lr = stable_max_lr(chunk_size, max_momentum)
         check_positive_number("max_lr", max_lr)
         check_choice("activation", activation, ("gelu", "silu"))
         check_choice("read", read, ("token", "chunk_start"))
@@ -551,7 +598,7 @@ class NeuralMemory(nn.Module):
         outputs = []
 
         def run_steps(start, end, memory, chunk_start):
-            in_place = start < end and _DECODE_IN_PLACE.get() and self._owns(memory)
+            in_place = start < end and decoding_in_place() and self._owns(memory)
             if in_place and chunk_start is None:
                 chunk_start = empty_chunk_state(memory, read=self.read, retention=self.retention)
             for t in range(start, end):
