@@ -117,7 +117,7 @@ def _extensions():
     # vectorize; results are unchanged, only floating-point traps are assumed off, as in torch.
     # -fno-wrapv undoes the -fwrapv of Python's sysconfig flags: with wrapping int arithmetic
     # defined, an index like W[t * L + i] may wrap, so GCC can neither turn it into a pointer
-    # increment nor vectorize the loop (linear_memory.cpp: 190 loops vectorized with -fwrapv, 321
+    # increment nor vectorize the loop (the linear kernels: 190 loops vectorized with -fwrapv, 321
     # without). No code here relies on signed overflow.
     # The bindings see only torch/csrc/stable and torch/headeronly: TORCH_STABLE_ONLY makes an ATen
     # or c10 header an #error, and TORCH_TARGET_VERSION hides what is newer than the target.
