@@ -213,19 +213,19 @@ class MACBlock(_Block):
     Two departures from the paper, deliberate, both measured on MQAR with every fact segments
     back (``bench/recall.py``'s default setting, issue 16; ``bench/results/recall.md``):
 
-    - What the memory writes: the segment's input S (through its own RMSNorm), where eq. 24
-      writes the attention output ``y``. The segment read (eq. 21) queries the memory with
-      projections of S, so the keys it must meet are written from the same stream, as in MAL,
-      where the memory reads and writes one stream. On MQAR with 4 facts writing ``y`` stayed at
-      chance (1.4 %, seed 0, the former default ``max_lr``); at seeds 0 / 1 / 2 and today's
-      default ``max_lr`` (``docs/design.md`` §4.1), writing the residual stream after the
-      attention, ``S + y``, reached 53.0 / 46.4 / 28.1 % recall beyond the window, and its recall
-      of the first question asked, 27 / 20 / 7 %, shows that the memory held the facts' values but
-      not which key held which: the rest came from leaving out the values already answered
-      (``bench/recall.py``'s question table); writing S reached 97.5 / 82.1 / 37.2 % (first
-      question 98 / 74 / 23 %; MAL 89.0 / 50.0 / 57.9 %). The attention's output at a fact averages the segment around it,
-      so keys written from ``S + y`` carry the fact's neighbours, and queries at a question carry
-      other neighbours.
+    - What the memory writes: the segment's input S (through its own RMSNorm), where eq. 24 writes
+      the attention output ``y``. The segment read (eq. 21) queries the memory with projections of
+      S, so the keys it must meet are written from the same stream, as in MAL, where the memory
+      reads and writes one stream. On MQAR with 4 facts writing ``y`` stayed at chance (1.4 %,
+      seed 0, the former default ``max_lr``); at seeds 0 / 1 / 2 and today's default ``max_lr``
+      (``docs/design.md`` §4.1), writing the residual stream after the attention, ``S + y``, reached
+      53.0 / 46.4 / 28.1 % recall beyond the window, and its recall of the first question asked,
+      27 / 20 / 7 %, shows that the memory held the facts' values but not which key held which: the
+      rest came from leaving out the values already answered (``bench/recall.py``'s question table);
+      writing S reached 97.5 / 82.1 / 37.2 % (first question 98 / 74 / 23 %; MAL
+      89.0 / 50.0 / 57.9 %). The attention's output at a fact averages the segment around it, so
+      keys written from ``S + y`` carry the fact's neighbours, and queries at a question carry other
+      neighbours.
     - The output: the memory's read after the write, ``m``, is added to the residual stream
       beside the attention output, where eq. 25 gates ``y`` with it (``o = y ⊗ M*(y)``;
       implemented as ``y * sigmoid(m)``). Through the gate a recalled value reaches the loss
