@@ -1,7 +1,7 @@
 // The MLP memory's activations, exact GELU (erf) and SiLU, with their first derivative, one value at
 // a time; torch-free and usable from host and device code (the decode step's CPU and CUDA kernels).
 // The chunked CPU kernels evaluate the same functions over whole tiles with vectorized
-// approximations in fp32 (csrc/cpu/mlp_memory_kernel.h); in fp64 both are libm's erf and exp.
+// approximations in fp32 (csrc/cpu/mlp_memory.cpp); in fp64 both are libm's erf and exp.
 #pragma once
 
 #include <cmath>

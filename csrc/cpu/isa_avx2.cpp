@@ -2,7 +2,7 @@
 #include "cpu/isa_kernels.h"
 
 #if TITANS_CPU_X86_VARIANTS
-#define TITANS_ISA_TARGET TITANS_AVX2_TARGET
+#define TITANS_ISA_TARGET __attribute__((target("avx2,fma")))
 #include "cpu/activation_kernel.h"
 #include "cpu/matmul_kernel.h"
 #include "cpu/step_kernel.h"

@@ -1,26 +1,20 @@
 // CPU kernels of the linear memory (torch-free). Each call handles the work items
 // [item_begin, item_end) of the n_seqs * heads (sequence, head) pairs (kernel_utils.h's Head), so
-// the caller can split them over threads. The chunk algebra is linear_memory_kernel.h, compiled
-// per instruction-set variant: these run the variant in use (cpu_isa.h).
+// the caller can split them over threads.
 #pragma once
 
 #include <cstdint>
 
-#include "cpu/memory_kernels.h"
 #include "titans_params.h"
 
 namespace titans::cpu {
 
 // Forward: o, m_final, s_final and (if chunk_states_ptr) the chunk-start states.
 template <typename T>
-void linear_memory_fwd(const LinearMemoryParams& params, int64_t item_begin, int64_t item_end) {
-  memory_kernels().linear<T>().forward(params, item_begin, item_end);
-}
+void linear_memory_fwd(const LinearMemoryParams& params, int64_t item_begin, int64_t item_end);
 
 // Backward from the saved chunk-start states: every gradient of LinearMemoryBwdParams.
 template <typename T>
-void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t item_begin, int64_t item_end) {
-  memory_kernels().linear<T>().backward(params, item_begin, item_end);
-}
+void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t item_begin, int64_t item_end);
 
 }  // namespace titans::cpu

@@ -12,14 +12,7 @@
 // (objectives.h). The retention acts at the chunk start only (chunk_loop.h): "lq" takes the
 // errors at rho M0 and scales the reads by rho (M is the accumulator: token t reads rho M_t),
 // "kl" runs the chunk's first token as Memora's exact softmax step and the rest as an ordinary chunk.
-//
-// Compiled once per instruction-set variant (memory_kernels.h): included only by the variant
-// files memory_kernels_<variant>.cpp (matmul_kernel.h describes the convention), with everything
-// here of internal linkage. The entry points forward_variant and backward_variant are flattened
-// in the x86 variants (TITANS_ISA_FLATTEN): the shared helpers they call (chunk_loop.h,
-// chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h, objectives.h), compiled for the
-// baseline where called out of line, are inlined into them and so compiled for the variant.
-#pragma once
+#include "cpu/linear_memory.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,15 +24,10 @@
 #include "cpu/kernel_utils.h"
 #include "cpu/masked_product.h"
 #include "cpu/matmul.h"
-#include "cpu/memory_kernels.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
 
-#if !defined(TITANS_ISA_TARGET) || !defined(TITANS_ISA_FLATTEN)
-#error "define TITANS_ISA_TARGET and TITANS_ISA_FLATTEN (memory_kernels.h) before including linear_memory_kernel.h"
-#endif
-
-namespace titans::cpu::linear_kernel {
+namespace titans::cpu {
 namespace {
 
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
@@ -324,7 +312,7 @@ struct LinearSteps {
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
                       bool token_reads, const T* MS, const ChunkScale<T>& scale, T* dMS,
                       const ChunkScaleGrad<T>& dscale) const {
-    linear_kernel::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, scale, dMS, dscale, ws);
+    cpu::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, scale, dMS, dscale, ws);
   }
 };
 
@@ -363,9 +351,10 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
   store_state(dMS + state_size, row, state_size, p.ds0_ptr);
 }
 
+}  // namespace
+
 template <typename T>
-TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const LinearMemoryParams& params, int64_t item_begin,
-                                                          int64_t item_end) {
+void linear_memory_fwd(const LinearMemoryParams& params, int64_t item_begin, int64_t item_end) {
   advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
@@ -375,8 +364,7 @@ TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const LinearMemoryPara
 }
 
 template <typename T>
-TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const LinearMemoryBwdParams& params, int64_t item_begin,
-                                                           int64_t item_end) {
+void linear_memory_bwd(const LinearMemoryBwdParams& params, int64_t item_begin, int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t item = item_begin; item < item_end; ++item)
@@ -384,11 +372,9 @@ TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const LinearMemoryBwd
   });
 }
 
-// The variant's kernels (linear_memory.h), for memory_kernels.h's table.
-template <typename T>
-constexpr LinearKernels kernels_variant() {
-  return {&forward_variant<T>, &backward_variant<T>};
-}
+template void linear_memory_fwd<float>(const LinearMemoryParams&, int64_t, int64_t);
+template void linear_memory_fwd<double>(const LinearMemoryParams&, int64_t, int64_t);
+template void linear_memory_bwd<float>(const LinearMemoryBwdParams&, int64_t, int64_t);
+template void linear_memory_bwd<double>(const LinearMemoryBwdParams&, int64_t, int64_t);
 
-}  // namespace
-}  // namespace titans::cpu::linear_kernel
+}  // namespace titans::cpu

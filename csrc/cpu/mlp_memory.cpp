@@ -21,14 +21,7 @@
 //
 // A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
 // [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
-//
-// Compiled once per instruction-set variant (memory_kernels.h): included only by the variant
-// files memory_kernels_<variant>.cpp (matmul_kernel.h describes the convention), with everything
-// here of internal linkage. The entry points forward_variant and backward_variant are flattened
-// in the x86 variants (TITANS_ISA_FLATTEN): the shared helpers they call (chunk_loop.h,
-// chunk_gates.h, kernel_utils.h, masked_product.h, miras_rows.h, objectives.h), compiled for the
-// baseline where called out of line, are inlined into them and so compiled for the variant.
-#pragma once
+#include "cpu/mlp_memory.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,15 +35,10 @@
 #include "cpu/kernel_utils.h"
 #include "cpu/masked_product.h"
 #include "cpu/matmul.h"
-#include "cpu/memory_kernels.h"
 #include "cpu/miras_rows.h"
 #include "objectives.h"
 
-#if !defined(TITANS_ISA_TARGET) || !defined(TITANS_ISA_FLATTEN)
-#error "define TITANS_ISA_TARGET and TITANS_ISA_FLATTEN (memory_kernels.h) before including mlp_memory_kernel.h"
-#endif
-
-namespace titans::cpu::mlp_kernel {
+namespace titans::cpu {
 namespace {
 
 // out = [x * A | y * A] (L x 2W, row stride 2W) from A (L x W, row stride lda).
@@ -461,7 +449,7 @@ struct MlpSteps {
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
                       bool token_reads, const T* state, const ChunkScale<T>& scale, T* dstate,
                       const ChunkScaleGrad<T>& dscale) const {
-    mlp_kernel::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, scale, dstate, dscale, ws);
+    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, scale, dstate, dscale, ws);
   }
 };
 
@@ -506,9 +494,10 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
   store_state(dstate, offset, block, {p.dw1_0_ptr, p.ds1_0_ptr, p.dw2_0_ptr, p.ds2_0_ptr});
 }
 
+}  // namespace
+
 template <typename T>
-TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const MlpMemoryParams& params, int64_t item_begin,
-                                                          int64_t item_end) {
+void mlp_memory_fwd(const MlpMemoryParams& params, int64_t item_begin, int64_t item_end) {
   advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
@@ -518,8 +507,7 @@ TITANS_ISA_TARGET TITANS_ISA_FLATTEN void forward_variant(const MlpMemoryParams&
 }
 
 template <typename T>
-TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const MlpMemoryBwdParams& params, int64_t item_begin,
-                                                           int64_t item_end) {
+void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t item_begin, int64_t item_end) {
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, true,
                   params.miras.retention == RetentionKind::lq);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
@@ -528,11 +516,9 @@ TITANS_ISA_TARGET TITANS_ISA_FLATTEN void backward_variant(const MlpMemoryBwdPar
   });
 }
 
-// The variant's kernels (mlp_memory.h), for memory_kernels.h's table.
-template <typename T>
-constexpr MlpKernels kernels_variant() {
-  return {&forward_variant<T>, &backward_variant<T>};
-}
+template void mlp_memory_fwd<float>(const MlpMemoryParams&, int64_t, int64_t);
+template void mlp_memory_fwd<double>(const MlpMemoryParams&, int64_t, int64_t);
+template void mlp_memory_bwd<float>(const MlpMemoryBwdParams&, int64_t, int64_t);
+template void mlp_memory_bwd<double>(const MlpMemoryBwdParams&, int64_t, int64_t);
 
-}  // namespace
-}  // namespace titans::cpu::mlp_kernel
+}  // namespace titans::cpu
