@@ -357,9 +357,9 @@ def test_starting_gates_learn_a_repeated_pair_within_four_chunks(chunk_size):
     """The default gates at initialization make the memory a delta rule on the scale of a few
     chunks, not a slowly growing sum: one key-value pair written at every token is learned at
     least halfway (M k . v / |v|^2 >= 0.5) within four chunks. With the former default
-    max_momentum 0.9 the stable max_lr left a fifth of today's step (about 0.3 here), and the
-    models of the recall benchmark stayed at chance for the first third of their training
-    (docs/design.md §4.1, issue 16)."""
+    max_momentum 0.9 the stable max_lr leaves a sixth (chunk 4) to a quarter (chunk 16) of the
+    default's step, and the models of the recall benchmark stayed at chance for the first third
+    of their training (docs/design.md §4.1, issue 16)."""
     torch.manual_seed(7)
     heads, D, T = 2, 16, 4 * chunk_size
     layer = NeuralMemory(heads * D, heads=heads, chunk_size=chunk_size)
