@@ -87,8 +87,8 @@ def accuracy_by_question(answers, n_pairs):
     right at the j-th question (0-based) with probability ``1 / (n_pairs - j)``, always at the
     last (:func:`elimination_recall`). Recall above that at the first questions is recall by key.
     """
-    _, _, questions = answers
-    return _accuracies(answers[0], questions, n_pairs)[0]
+    hits, _, questions = answers
+    return _accuracies(hits, questions, n_pairs)[0]
 
 
 def elimination_recall(n_pairs):
