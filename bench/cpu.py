@@ -90,13 +90,14 @@ def linear_memory_flops(B, T, H, Dk, Dv, C):
 
 
 def mlp_memory_flops(B, T, H, D, N, C):
-    """Matmul FLOPs of fwd+bwd with token reads, the backward's recompute included
-    (docs/mlp_dual_form.md §5: 11u + 4C(D+N) forward, 27u + 8C(D+N) + 2C(D+2N) backward per token)."""
+    """Matmul FLOPs of the CPU kernels' fwd+bwd with token reads, the backward's recompute included
+    (docs/mlp_dual_form.md §5: 11u + 4C(D+N) forward, 24u + 10C(D+N) backward per token, the
+    forward keeping R and Zq)."""
     total = 0
     for t0 in range(0, T, C):
         L = min(C, T - t0)
         u = 2 * D * N
-        total += L * (38 * u) + L * L * (12 * (D + N) + 2 * (D + 2 * N))
+        total += L * (35 * u) + L * L * (14 * (D + N))
     return B * H * total
 
 

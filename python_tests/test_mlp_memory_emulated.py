@@ -248,13 +248,19 @@ def test_output_contract_matches_the_cpu_op():
         cpu = torch.ops.titans_ext.mlp_memory_fwd(*case.inputs, *case.weights, s1, s2, 8, True, "gelu", save_states)
         for e, c in zip(emulated[:5], cpu[:5]):
             assert e.shape == c.shape and e.dtype == c.dtype
-        # The CUDA kernels save the chunk-start states in the inputs' dtype (nothing under no_grad).
-        assert emulated[5].shape == cpu[5].shape and emulated[5].dtype == torch.bfloat16
-    assert emulated[5].shape == (0,)
-    _, _, _, _, _, states = emu.mlp_memory_fwd(*case.inputs, *case.weights, s1, s2, 8, True, "gelu", True)
+        # The saved states are each device's own (nothing under no_grad): the CUDA kernels save
+        # the chunk-start states in the inputs' dtype, the CPU ones more per chunk in fp32.
+        B, T, H, D = case.inputs[0].shape
+        N, C, slots = case.weights[0].shape[2], 8, 3
+        if save_states:
+            assert emulated[5].shape == (B, H, slots, 4, N * D) and emulated[5].dtype == torch.bfloat16
+            assert cpu[5].shape == (B, H, slots, 4 * N * D + C * (D + N)) and cpu[5].dtype == torch.float32
+    assert emulated[5].shape == cpu[5].shape == (0,)
+    states = [op.mlp_memory_fwd(*case.inputs, *case.weights, s1, s2, 8, True, "gelu", True)[5]
+              for op in (emu, torch.ops.titans_ext)]
     d_o, d_w1, d_w2, d_s1, d_s2 = case.cotangents
-    emulated = emu.mlp_memory_bwd(*case.inputs, states, d_o, d_w1, None, None, d_s2, 16, 8, True, "gelu")
-    cpu = torch.ops.titans_ext.mlp_memory_bwd(*case.inputs, states.float(), d_o, d_w1, None, None, d_s2, 16, 8, True,
+    emulated = emu.mlp_memory_bwd(*case.inputs, states[0], d_o, d_w1, None, None, d_s2, 16, 8, True, "gelu")
+    cpu = torch.ops.titans_ext.mlp_memory_bwd(*case.inputs, states[1], d_o, d_w1, None, None, d_s2, 16, 8, True,
                                               "gelu")
     for name, e, c in zip(GRAD_NAMES + ["d_delta"], emulated, cpu):
         assert e.shape == c.shape and e.dtype == c.dtype, name

@@ -199,8 +199,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
   const Tensor o = in.empty(q.sizes());
   const Tensor w1_final = in.empty(w1.sizes()), s1_final = in.empty(w1.sizes());
   const Tensor w2_final = in.empty(w2.sizes()), s2_final = in.empty(w2.sizes());
-  const Tensor chunk_states =
-      save_states ? in.empty({params.batch, params.heads, params.n_chunks, 4, hidden * params.dim}) : in.empty({0});
+  const Tensor chunk_states = save_states ? in.empty({params.batch, params.heads, params.n_chunks,
+                                                      cpu::mlp_memory_slot_size(params)})
+                                          : in.empty({0});
   params.o_ptr = o.data_ptr();
   params.w1_final_ptr = w1_final.data_ptr();
   params.w2_final_ptr = w2_final.data_ptr();
@@ -237,7 +238,7 @@ mlp_memory_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   packed.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   STD_TORCH_CHECK(
-      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * 4 * hidden * params.dim,
+      states_c.numel() == int64_t(params.batch) * params.heads * params.n_chunks * cpu::mlp_memory_slot_size(params),
       "mlp_memory_bwd: chunk_states does not match the inputs (was the forward run with save_states?)");
   STD_TORCH_CHECK(same_shape(d_o_c, q), "mlp_memory_bwd: d_o must have the shape of q / o");
   params.chunk_states_ptr = states_c.data_ptr();

@@ -20,16 +20,22 @@
 //                                                 gradients except dq
 //   read(x, L, weights, O)                        O = M(q) at the weights of a state
 //   read_backward(x, dO, grads, L, weights, dweights)  sets dq, adds to dweights
-//   chunk(x, L, token_reads, O, state, scale)     the chunk: token reads (if token_reads), end state
-//                                                 written over state (after scale is read: its
-//                                                 scaled state may be state itself)
-//   chunk_backward(x, dO, grads, L, token_reads, state, scale, dstate, dscale)  dstate: of the end
-//                                                 state -> of state, from the end-state paths;
-//                                                 dscale: adds those of the errors and reads (after
-//                                                 dstate's transform: dscale.scaled may be dstate);
-//                                                 every gradient of the tokens (dq only with
-//                                                 token_reads)
-// and Steps::Dk, Steps::Dv, the widths of the token rows of q, k and of v, o (for prefetching).
+//   chunk(x, L, token_reads, O, state, scale, kept)  the chunk: token reads (if token_reads), end
+//                                                 state written over state (after scale is read:
+//                                                 its scaled state may be state itself); kept:
+//                                                 where to keep what its backward reuses
+//                                                 (slot_size - state_size elements, all written;
+//                                                 nullptr: nothing is kept, no backward follows)
+//   chunk_backward(x, dO, grads, L, token_reads, state, scale, kept, dstate, dscale)  dstate: of
+//                                                 the end state -> of state, from the end-state
+//                                                 paths; dscale: adds those of the errors and reads
+//                                                 (after dstate's transform: dscale.scaled may be
+//                                                 dstate); every gradient of the tokens (dq only
+//                                                 with token_reads)
+// and Steps::Dk, Steps::Dv, the widths of the token rows of q, k and of v, o (for prefetching), and
+// Steps::slot_size, the elements of a saved slot: the chunk-start state followed by what the
+// chunk's forward kept for its backward, values the backward would otherwise recompute at more
+// cost than their memory is worth (the MLP memory's query pre-activations, mlp_memory.cpp).
 #pragma once
 
 #include <algorithm>
@@ -60,22 +66,23 @@ struct ChunkScaleGrad {
   T* rho;  // [n_weights]
 };
 
-// A saved chunk-start state: slot `slot` of [B, H, n_chunks, state_size] (titans_params.h).
+// A saved slot (chunk-start state and what the chunk kept): slot `slot` of [B, H, n_chunks,
+// slot_size] (titans_params.h).
 template <typename T, typename Params>
-T* saved_chunk_state(const Params& p, index_t slot, index_t state_size) {
-  return static_cast<T*>(p.chunk_states_ptr) + slot * state_size;
+T* saved_chunk_state(const Params& p, index_t slot, index_t slot_size) {
+  return static_cast<T*>(p.chunk_states_ptr) + slot * slot_size;
 }
 
-// Before the forward of the work items [item_begin, item_end) (Head) writes their saved
-// chunk-start states: asks for huge pages under them (advise_huge_pages). They are one fresh
-// allocation per call (for the MLP memory 4 KB per token and head in fp32 at D = 64, E = 4),
-// whose 4 KB page faults were a quarter of its forward at the benchmark shape.
+// Before the forward of the work items [item_begin, item_end) (Head) writes their saved slots:
+// asks for huge pages under them (advise_huge_pages). They are one fresh allocation per call (for
+// the MLP memory 5.25 KB per token and head in fp32 at D = 64, E = 4), whose 4 KB page faults were a
+// quarter of its forward at the benchmark shape.
 template <typename T, typename Params>
-void advise_saved_states(const Params& p, index_t state_size, index_t item_begin, index_t item_end) {
+void advise_saved_states(const Params& p, index_t slot_size, index_t item_begin, index_t item_end) {
   if (!p.chunk_states_ptr || item_end <= item_begin) return;
   const Head<T> first(p, item_begin, 0), last(p, item_end - 1, 0);
   const index_t slots = last.first_slot + last.n_chunks - first.first_slot;
-  advise_huge_pages(saved_chunk_state<T>(p, first.first_slot, state_size), size_t(slots) * state_size * sizeof(T));
+  advise_huge_pages(saved_chunk_state<T>(p, first.first_slot, slot_size), size_t(slots) * slot_size * sizeof(T));
 }
 
 // "lq": rho[i] = lq_scale of weight i of state, and scaled = state with pair i times rho[i].
@@ -118,7 +125,8 @@ void forward_chunks(const Params& p, const Steps& steps, const Head<T>& head, co
       inputs.at(next).prefetch(next_L, steps.Dk, steps.Dv);
       prefetch_rows(o.from(next), next_L, steps.Dv, true);
     }
-    if (p.chunk_states_ptr) std::memcpy(saved_chunk_state<T>(p, head.first_slot + n, size), state, size * sizeof(T));
+    T* const slot = p.chunk_states_ptr ? saved_chunk_state<T>(p, head.first_slot + n, steps.slot_size) : nullptr;
+    if (slot) std::memcpy(slot, state, size * sizeof(T));
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<T> O = o.from(t0);
     T rho[ChunkScale<T>::kMaxWeights] = {T(1), T(1)};
@@ -136,7 +144,11 @@ void forward_chunks(const Params& p, const Steps& steps, const Head<T>& head, co
       lag = 1;
     }
     if (!p.read_token) steps.read(x, L, chunk_weights, O);
-    if (L > lag) steps.chunk(x.at(lag), L - lag, p.read_token, O.from(lag), state, ChunkScale<T>{scaled, rho});
+    if (L > lag)
+      steps.chunk(x.at(lag), L - lag, p.read_token, O.from(lag), state, ChunkScale<T>{scaled, rho},
+                  slot ? slot + size : nullptr);
+    else if (slot)  // defined values in every saved element, so that a call's outputs are reproducible
+      std::fill(slot + size, slot + steps.slot_size, T(0));
   }
 }
 
@@ -160,7 +172,7 @@ void backward_chunks(const Params& p, const Steps& steps, const Head<T>& head, c
       prefetch_rows(d_o.from(previous), p.chunk_size, steps.Dv);
       all_grads.at(previous).prefetch(p.chunk_size, steps.Dk, steps.Dv);
     }
-    const T* saved = saved_chunk_state<T>(p, head.first_slot + n, size);
+    const T* saved = saved_chunk_state<T>(p, head.first_slot + n, steps.slot_size);
     const HeadInputs<T> x = inputs.at(t0);
     const TokenRows<const T> dO = d_o.from(t0);
     const HeadGrads<T> grads = all_grads.at(t0);
@@ -186,7 +198,7 @@ void backward_chunks(const Params& p, const Steps& steps, const Head<T>& head, c
     }
     if (L > lag)
       steps.chunk_backward(x.at(lag), dO.from(lag), grads.at(lag), L - lag, p.read_token, start,
-                           ChunkScale<T>{scaled, rho}, dstate, ChunkScaleGrad<T>{d_scaled, d_rho});
+                           ChunkScale<T>{scaled, rho}, saved + size, dstate, ChunkScaleGrad<T>{d_scaled, d_rho});
     if (retention == RetentionKind::kl) {
       if (p.read_token) steps.read_backward(x, dO, grads, 1, start, dstate);
       steps.lag_step_backward(x, grads, saved, start, dstate);

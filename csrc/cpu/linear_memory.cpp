@@ -280,18 +280,19 @@ void chunk_backward(const Objective& objective, const HeadInputs<T>& x, const To
 
 // ---- Whole sequences of one work item (a (sequence, head) pair, kernel_utils.h's Head).
 
-// The linear memory's chunk algebra on a state MS = [M; S], for chunk_loop.h.
+// The linear memory's chunk algebra on a state MS = [M; S], for chunk_loop.h. A chunk keeps
+// nothing for its backward: what it recomputes costs fewer multiply-adds per token than a state.
 template <typename T, typename Objective>
 struct LinearSteps {
   const Objective& objective;
   Workspace<T>& ws;
   int Dk, Dv;
   static constexpr int n_weights = 1;
-  index_t weight_block, state_size;
+  index_t weight_block, state_size, slot_size;
 
   LinearSteps(const LinearMemoryParams& p, const Objective& objective_, Workspace<T>& ws_)
       : objective(objective_), ws(ws_), Dk(p.dk), Dv(p.dv), weight_block(index_t(p.dv) * p.dk),
-        state_size(2 * weight_block) {}
+        state_size(2 * weight_block), slot_size(state_size) {}
 
   void lag_step(const HeadInputs<T>& x, T* MS) const { kl_lag_step(objective, x, Dk, Dv, MS, ws); }
   void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* MS_prev, const T* MS1,
@@ -306,11 +307,11 @@ struct LinearSteps {
     read_state_backward(x, dO, grads, L, Dk, Dv, MS, dMS);
   }
   void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* MS,
-             const ChunkScale<T>& scale) const {
+             const ChunkScale<T>& scale, T* /*kept*/) const {
     chunk_forward(objective, x, L, Dk, Dv, token_reads, O, MS, scale, ws);
   }
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
-                      bool token_reads, const T* MS, const ChunkScale<T>& scale, T* dMS,
+                      bool token_reads, const T* MS, const ChunkScale<T>& scale, const T* /*kept*/, T* dMS,
                       const ChunkScaleGrad<T>& dscale) const {
     cpu::chunk_backward(objective, x, dO, grads, L, Dk, Dv, token_reads, MS, scale, dMS, dscale, ws);
   }

@@ -21,6 +21,14 @@
 //
 // A state (and its cotangent) is one buffer [W1 | S1 | W2 | S2] of four N * D blocks, so that
 // [W1; S1] is one [2N, D] and [W2; S2] one [2D, N] matrix and one product serves both halves.
+//
+// The forward keeps two of each chunk's intermediates after its start state, for the backward
+// (mlp_memory_slot_size): the residuals R (C x D), whose H W2^T is one of the 43 N D
+// multiply-adds per token of a chunk's forward and backward at C = N = 4D, and with read "token"
+// Zq (C x N), without which the backward would recompute Q [W1; S1]^T and the masked product of
+// Zq, 2.5 more (the cotangents of a and g come from dZq [W1; S1] instead, a product the backward
+// computes for dQ anyway). They are 31 % more saved values per chunk at C = N = 4D; the rest of
+// the key path (Z, G) would cost as much memory per multiply-add saved as the state itself.
 #include "cpu/mlp_memory.h"
 
 #include <algorithm>
@@ -52,12 +60,14 @@ void scale_rows_pair(int L, int W, const T* A, index_t lda, const T* x, const T*
 }
 
 // out = beta * out + x * A_left + y * A_right, with A = [A_left | A_right] (L x 2W, row stride
-// 2W) and out L x W (row stride ldo).
+// 2W) and out L x W (row stride ldo). beta == 0 overwrites out without reading it.
 template <typename T>
 void combine_pair(int L, int W, const T* A, const T* x, const T* y, T beta, T* out, index_t ldo) {
   for (int t = 0; t < L; ++t)
-    for (int j = 0; j < W; ++j)
-      out[t * ldo + j] = beta * out[t * ldo + j] + x[t] * A[t * 2 * W + j] + y[t] * A[t * 2 * W + W + j];
+    for (int j = 0; j < W; ++j) {
+      const T sum = x[t] * A[t * 2 * W + j] + y[t] * A[t * 2 * W + W + j];
+      out[t * ldo + j] = beta == T(0) ? sum : beta * out[t * ldo + j] + sum;
+    }
 }
 
 // Per-thread scratch, sized once per kernel call for chunks of up to C tokens. The buffers
@@ -70,7 +80,7 @@ struct Workspace {
   T *QK, *QKc, *HH, *HHc;              // [C * C]: Q K^T, Hq H^T and their products with c
   T *Z, *H, *G, *DZ, *act1;            // [C, N] key path; act1 = act'(Z)
   T *R, *E;                            // [C, D]: residuals M(k) - v and errors f(R)
-  T *X, *wide;                         // [C, 2N]: [Q W1^T | Q S1^T]; pair products
+  T *X, *wide;                         // [C, 2N]: [Q W1^T | Q S1^T] (forward); pair products
   T *Zq, *Hq;                          // [C, N] query path
   T *state;                            // [4, N * D]: the state (forward), its cotangent (backward)
   T *start;                            // [4, N * D]: chunk_loop.h's scratch state
@@ -82,7 +92,7 @@ struct Workspace {
   Workspace(int C, int D, int N, bool backward, bool lq) {
     const size_t c1 = C, CC = c1 * C, CN = c1 * N, CD = c1 * D, bwd = backward ? 1 : 0, S4 = 4 * size_t(N) * D;
     const size_t sizes[] = {c1, c1, c1, c1, c1, c1, CC, CC, CC, CC, CC, CC, CN, CN, CN, CN, CN, CD, CD,
-                            2 * CN, 2 * CN, CN, CN, S4, S4, bwd * CN, bwd * CN, bwd * CD, bwd * CN,
+                            (1 - bwd) * 2 * CN, 2 * CN, CN, CN, S4, S4, bwd * CN, bwd * CN, bwd * CD, bwd * CN,
                             bwd * CN, bwd * CN, bwd * CC, bwd * (3 * c1 + CC), bwd * 2 * (c1 + 2),
                             backward && lq ? S4 : 0};
     T** const slots[] = {&theta, &eta, &alpha, &a,     &g,     &P,    &c,   &sig, &QK,  &QKc,      &HH,
@@ -93,24 +103,40 @@ struct Workspace {
   }
 };
 
+// What a chunk's forward keeps for its backward, after the chunk-start state in its saved slot:
+// R [C, D], then with read "token" Zq [C, N] (mlp_memory_slot_size).
+template <typename T>
+struct KeptRows {
+  T* R;
+  T* Zq;
+  KeptRows(const MlpMemoryParams& p, T* kept)
+      : R(kept), Zq(kept ? kept + index_t(p.chunk_size) * p.dim : nullptr) {}
+};
+
 // Key path: Z, H, act'(Z), the residuals R = K + H W2^T - V, the errors E = f(R) (the objective),
 // G and DZ (and act''(Z) for the backward) at the chunk-start weights, for tokens 0..L-1 of x.
+// kept_R: R as the forward computed it (nullptr: computed here).
 template <typename T, typename Objective>
 void key_path(const MlpMemoryParams& p, const Objective& objective, int L, const HeadInputs<T>& x,
-              const T* state, Workspace<T>& ws, bool for_backward) {
+              const T* state, Workspace<T>& ws, bool for_backward, const T* kept_R = nullptr) {
   const int D = p.dim, N = p.hidden;
   const T* W1 = state;
   const T* W2 = state + 2 * index_t(N) * D;
   matmul(false, true, L, N, D, T(1), x.k.ptr, x.k.stride, W1, D, T(0), ws.Z, N);
   activation(p.activation, index_t(L) * N, ws.Z, ws.H, ws.act1, for_backward ? ws.act2 : nullptr);
-  matmul(false, true, L, D, N, T(1), ws.H, N, W2, N, T(0), ws.R, D);
-  for (int t = 0; t < L; ++t) {
-    T* r = ws.R + t * D;
-    const T* k = x.k.row(t);
-    const T* v = x.v.row(t);
-    for (int j = 0; j < D; ++j) r[j] += k[j] - v[j];
-    objective_error_row(objective, r, x.delta.ptr ? x.delta.row(t) : nullptr, D, ws.E + t * D);
+  if (kept_R) {
+    std::memcpy(ws.R, kept_R, index_t(L) * D * sizeof(T));
+  } else {
+    matmul(false, true, L, D, N, T(1), ws.H, N, W2, N, T(0), ws.R, D);
+    for (int t = 0; t < L; ++t) {
+      T* r = ws.R + t * D;
+      const T* k = x.k.row(t);
+      const T* v = x.v.row(t);
+      for (int j = 0; j < D; ++j) r[j] += k[j] - v[j];
+    }
   }
+  for (int t = 0; t < L; ++t)
+    objective_error_row(objective, ws.R + t * D, x.delta.ptr ? x.delta.row(t) : nullptr, D, ws.E + t * D);
   matmul(false, false, L, N, D, T(1), ws.E, D, W2, N, T(0), ws.G, N);
   for (index_t i = 0; i < index_t(L) * N; ++i) ws.DZ[i] = ws.G[i] * ws.act1[i];
 }
@@ -156,26 +182,38 @@ void key_path_backward(const MlpMemoryParams& p, const Objective& objective, int
   matmul(true, false, N, D, L, T(1), dZ, N, x.k.ptr, x.k.stride, T(1), dW1, D);
 }
 
-// Query path of read "token" (the dual form): Zq, Hq (and act'(Zq) for the backward) and the
-// masked products Q K^T .* c and Hq H^T .* c, with their unmasked factors; rho1 scales the masked
-// product of Zq (chunk_loop.h's ChunkScale).
+// The masked product Q K^T .* c of read "token", with its unmasked factor. c is zero above the
+// diagonal, so the products are causal: only the lower triangles of Q K^T (here) and Hq H^T
+// (token_hidden_path) are computed, and the masked products skip the zero part.
 template <typename T>
-void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, const T* state, T rho1,
-                      Workspace<T>& ws, bool for_backward) {
-  const int D = p.dim, N = p.hidden;
-  matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
-  // c is zero above the diagonal, so the products are causal: only the lower triangles of Q K^T
-  // and Hq H^T are computed, and the masked products skip the zero part.
+void query_key_product(int L, int D, const HeadInputs<T>& x, Workspace<T>& ws) {
   matmul(false, true, L, L, D, T(1), x.q.ptr, x.q.stride, x.k.ptr, x.k.stride, T(0), ws.QK, L, Triangular::kLowerC);
   causal_mask(L, ws.QK, ws.c, ws.QKc);
-  combine_pair(L, N, ws.X, ws.a, ws.g, T(0), ws.Zq, N);
-  matmul(false, false, L, N, L, rho1, ws.QKc, L, ws.DZ, N, T(1), ws.Zq, N, Triangular::kLowerA);
-  activation(p.activation, index_t(L) * N, ws.Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
+}
+
+// Query pre-activations of read "token" (the dual form), into Zq (L x N): rho1 scales the masked
+// product (chunk_loop.h's ChunkScale). Also sets Q K^T and its masked product.
+template <typename T>
+void token_query_path(const MlpMemoryParams& p, int L, const HeadInputs<T>& x, const T* state, T rho1,
+                      Workspace<T>& ws, T* Zq) {
+  const int D = p.dim, N = p.hidden;
+  matmul(false, true, L, 2 * N, D, T(1), x.q.ptr, x.q.stride, state, D, T(0), ws.X, 2 * N);
+  query_key_product(L, D, x, ws);
+  combine_pair(L, N, ws.X, ws.a, ws.g, T(0), Zq, N);
+  matmul(false, false, L, N, L, rho1, ws.QKc, L, ws.DZ, N, T(1), Zq, N, Triangular::kLowerA);
+}
+
+// Hq = act(Zq) (and act'(Zq) for the backward) and the masked product Hq H^T .* c, with its
+// unmasked factor.
+template <typename T>
+void token_hidden_path(const MlpMemoryParams& p, int L, const T* Zq, Workspace<T>& ws, bool for_backward) {
+  const int N = p.hidden;
+  activation(p.activation, index_t(L) * N, Zq, ws.Hq, for_backward ? ws.actq1 : nullptr, static_cast<T*>(nullptr));
   matmul(false, true, L, L, N, T(1), ws.Hq, N, ws.H, N, T(0), ws.HH, L, Triangular::kLowerC);
   causal_mask(L, ws.HH, ws.c, ws.HHc);
 }
 
-// Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + rho2 ((Hq H^T) .* c) E, after token_query_path.
+// Read "token": O = Q + a * (Hq W2^T) + g * (Hq S2^T) + rho2 ((Hq H^T) .* c) E, after token_hidden_path.
 template <typename T>
 void token_read(const MlpMemoryParams& p, int L, const TokenRows<const T>& Q, const T* state, T rho2,
                 Workspace<T>& ws, const TokenRows<T>& O) {
@@ -244,14 +282,24 @@ void update_state(const MlpMemoryParams& p, int L, const TokenRows<const T>& K, 
 
 // One chunk of L tokens (tokens 0..L-1 of x) from state: its token reads (when token_reads) and
 // its end state, written over state. The retention step happened before; the key path and the
-// reads see scale (chunk_loop.h).
+// reads see scale (chunk_loop.h). kept: where R and Zq are kept for the backward (KeptRows; the
+// rows past L zero; nullptr: not kept).
 template <typename T, typename Objective>
 void chunk_forward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x, int L,
-                   bool token_reads, const TokenRows<T>& O, T* state, const ChunkScale<T>& scale, Workspace<T>& ws) {
+                   bool token_reads, const TokenRows<T>& O, T* state, const ChunkScale<T>& scale, T* kept,
+                   Workspace<T>& ws) {
+  const KeptRows<T> keep(p, kept);
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
   key_path(p, objective, L, x, scale.scaled, ws, false);
+  if (kept) {
+    std::memcpy(keep.R, ws.R, index_t(L) * p.dim * sizeof(T));
+    std::fill(keep.R + index_t(L) * p.dim, keep.R + index_t(p.chunk_size) * p.dim, T(0));
+    if (token_reads) std::fill(keep.Zq + index_t(L) * p.hidden, keep.Zq + index_t(p.chunk_size) * p.hidden, T(0));
+  }
   if (token_reads) {
-    token_query_path(p, L, x, scale.scaled, scale.rho[0], ws, false);
+    T* Zq = kept ? keep.Zq : ws.Zq;
+    token_query_path(p, L, x, scale.scaled, scale.rho[0], ws, Zq);
+    token_hidden_path(p, L, Zq, ws, false);
     token_read(p, L, x.q, scale.scaled, scale.rho[1], ws, O);
   }
   update_state(p, L, x.k, state, ws);
@@ -261,12 +309,12 @@ void chunk_forward(const MlpMemoryParams& p, const Objective& objective, const H
 // becomes in place that of the chunk-start state through the end-state paths; dscale accumulates
 // the cotangents of the scaled state and of rho from the key path and the token reads (after
 // dstate's transform: dscale.scaled may be dstate). Writes the gradients of tokens 0..L-1 (dQ
-// only with token_reads).
+// only with token_reads). kept: what the forward kept (KeptRows).
 template <typename T, typename Objective>
 void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const HeadInputs<T>& x,
                     const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L, bool token_reads,
-                    const T* state, const ChunkScale<T>& scale, T* dstate, const ChunkScaleGrad<T>& dscale,
-                    Workspace<T>& ws) {
+                    const T* state, const ChunkScale<T>& scale, const T* kept, T* dstate,
+                    const ChunkScaleGrad<T>& dscale, Workspace<T>& ws) {
   const int C = p.chunk_size, D = p.dim, N = p.hidden;
   const index_t block = index_t(N) * D;
   const T* W1 = state;
@@ -289,10 +337,14 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
   T* d_sig_last = d_g + C;
   T* d_c = d_sig_last + C;
 
-  // Recompute the chunk's activations from its start state.
+  // Recompute the chunk's activations from its start state and what the forward kept.
+  const KeptRows<const T> keep(p, kept);
   load_chunk_gates(x.theta, x.eta, x.alpha, L, ws);
-  key_path(p, objective, L, x, scale.scaled, ws, true);
-  if (token_reads) token_query_path(p, L, x, scale.scaled, scale.rho[0], ws, true);
+  key_path(p, objective, L, x, scale.scaled, ws, true, keep.R);
+  if (token_reads) {
+    query_key_product(L, D, x, ws);
+    token_hidden_path(p, L, keep.Zq, ws, true);
+  }
   std::fill(d_a, d_a + 3 * C + C * C, T(0));
   const T* m = ws.c + (L - 1) * L;
   const T* s = ws.sig + (L - 1) * L;
@@ -354,14 +406,18 @@ void chunk_backward(const MlpMemoryParams& p, const Objective& objective, const 
     dscale.rho[1] += masked_product_backward<T>(L, N, D, scale.rho[1], ws.c, ws.HH, ws.HHc, {dOp, dos}, {ws.E, D},
                                                 {ws.Hq, N}, {ws.H, N}, d_c, {ws.dE, D}, {ws.dHq, N}, {ws.dH, N}, ws.dA);
     for (index_t i = 0; i < index_t(L) * N; ++i) dZq[i] = ws.dHq[i] * ws.actq1[i];
-    // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: the a, g cotangents against X = [Q W1^T | Q S1^T],
-    // dQ += [a * dZq | g * dZq] [W1; S1], [dW1; dS1] += [a * dZq | g * dZq]^T Q.
+    // Zq = a * (Q W1^T) + g * (Q S1^T) + ...: with Y = [dZq W1 | dZq S1], dQ += a * Y1 + g * Y2
+    // and the a, g cotangents are the rows of Y against those of Q (Q W1^T itself is not kept);
+    // [dW1; dS1] += [a * dZq | g * dZq]^T Q.
+    T* Y = ws.wide;
+    matmul(false, false, L, D, N, T(1), dZq, N, V1, D, T(0), Y, 2 * D);
+    matmul(false, false, L, D, N, T(1), dZq, N, V1 + block, D, T(0), Y + D, 2 * D);
     for (int t = 0; t < L; ++t) {
-      d_a[t] += dot(dZq + t * N, ws.X + t * 2 * N, N);
-      d_g[t] += dot(dZq + t * N, ws.X + t * 2 * N + N, N);
+      d_a[t] += dot(Q.row(t), Y + t * 2 * D, D);
+      d_g[t] += dot(Q.row(t), Y + t * 2 * D + D, D);
     }
+    combine_pair(L, D, Y, ws.a, ws.g, T(1), dQ, dqs);
     scale_rows_pair(L, N, dZq, index_t(N), ws.a, ws.g, ws.wide);
-    matmul(false, false, L, D, 2 * N, T(1), ws.wide, 2 * N, V1, D, T(1), dQ, dqs);
     matmul(true, false, 2 * N, D, L, T(1), ws.wide, 2 * N, Q.ptr, Q.stride, T(1), dV1, D);
     // Masked product rho1 (Q K^T .* c) DZ.
     dscale.rho[0] += masked_product_backward<T>(L, D, N, scale.rho[0], ws.c, ws.QK, ws.QKc, {dZq, N}, {ws.DZ, N}, Q,
@@ -424,11 +480,11 @@ struct MlpSteps {
   const Objective& objective;
   Workspace<T>& ws;
   int Dk, Dv;                        // both D
-  index_t weight_block, state_size;  // N * D, 4 N * D
+  index_t weight_block, state_size, slot_size;  // N * D, 4 N * D, mlp_memory_slot_size
 
   MlpSteps(const MlpMemoryParams& p_, const Objective& objective_, Workspace<T>& ws_)
       : p(p_), objective(objective_), ws(ws_), Dk(p_.dim), Dv(p_.dim), weight_block(index_t(p_.hidden) * p_.dim),
-        state_size(4 * weight_block) {}
+        state_size(4 * weight_block), slot_size(mlp_memory_slot_size(p_)) {}
 
   void lag_step(const HeadInputs<T>& x, T* state) const { kl_lag_step(p, objective, x, state, ws); }
   void lag_step_backward(const HeadInputs<T>& x, const HeadGrads<T>& grads, const T* state_prev, const T* state1,
@@ -443,13 +499,13 @@ struct MlpSteps {
     plain_read_backward(p, L, x.q, dO, grads.dq, state, dstate, ws);
   }
   void chunk(const HeadInputs<T>& x, int L, bool token_reads, const TokenRows<T>& O, T* state,
-             const ChunkScale<T>& scale) const {
-    chunk_forward(p, objective, x, L, token_reads, O, state, scale, ws);
+             const ChunkScale<T>& scale, T* kept) const {
+    chunk_forward(p, objective, x, L, token_reads, O, state, scale, kept, ws);
   }
   void chunk_backward(const HeadInputs<T>& x, const TokenRows<const T>& dO, const HeadGrads<T>& grads, int L,
-                      bool token_reads, const T* state, const ChunkScale<T>& scale, T* dstate,
+                      bool token_reads, const T* state, const ChunkScale<T>& scale, const T* kept, T* dstate,
                       const ChunkScaleGrad<T>& dscale) const {
-    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, scale, dstate, dscale, ws);
+    cpu::chunk_backward(p, objective, x, dO, grads, L, token_reads, state, scale, kept, dstate, dscale, ws);
   }
 };
 
@@ -471,9 +527,9 @@ void store_state(const T* state, index_t offset, index_t block, void* const (&bl
 }
 
 // The backward cannot rebuild chunk-start states from the end state (the chunk map is nonlinear
-// in the weights), so all of them are kept: 4 N D values per chunk, i.e. 4 N D / C per token
-// (4 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every n-th state and re-running
-// the forward of the chunks in between is the next step.
+// in the weights), so all of them are kept, with R and Zq: 4 N D + C (D + N) values per chunk
+// (5.25 KB per token-head in fp32 at D = 64, E = 4, C = 64). Saving every n-th state and
+// re-running the forward of the chunks in between is the next step.
 template <typename T, typename Objective>
 void forward_head(const MlpMemoryParams& p, const Objective& objective, const Head<T>& head, Workspace<T>& ws) {
   const index_t block = index_t(p.hidden) * p.dim, offset = head.state_row * block;
@@ -496,9 +552,14 @@ void backward_head(const MlpMemoryBwdParams& p, const Objective& objective, cons
 
 }  // namespace
 
+int64_t mlp_memory_slot_size(const MlpMemoryParams& params) {
+  const int64_t hidden = params.hidden, dim = params.dim, chunk = params.chunk_size;
+  return 4 * hidden * dim + chunk * dim + (params.read_token ? chunk * hidden : 0);
+}
+
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t item_begin, int64_t item_end) {
-  advise_saved_states<T>(params, 4 * index_t(params.hidden) * params.dim, item_begin, item_end);
+  advise_saved_states<T>(params, mlp_memory_slot_size(params), item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t item = item_begin; item < item_end; ++item)

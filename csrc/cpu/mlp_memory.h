@@ -9,11 +9,16 @@
 
 namespace titans::cpu {
 
-// Forward: o, the final state and (if chunk_states_ptr) the chunk-start states.
+// Elements of one saved slot of chunk_states (chunk_loop.h): the chunk-start state [W1 | S1 | W2 |
+// S2] (4 N D), the chunk's residuals R (C D) and, with read "token", its query pre-activations Zq
+// (C N), which the backward would otherwise recompute (mlp_memory.cpp).
+int64_t mlp_memory_slot_size(const MlpMemoryParams& params);
+
+// Forward: o, the final state and (if chunk_states_ptr) the saved slots.
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t item_begin, int64_t item_end);
 
-// Backward from the saved chunk-start states: every gradient of MlpMemoryBwdParams.
+// Backward from the saved slots: every gradient of MlpMemoryBwdParams.
 template <typename T>
 void mlp_memory_bwd(const MlpMemoryBwdParams& params, int64_t item_begin, int64_t item_end);
 

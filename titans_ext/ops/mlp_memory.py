@@ -72,9 +72,18 @@ def _mlp_memory_fwd_fake(q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size,
     shape1, shape2 = _state_shapes(q, N, cu_seqlens)
     w1_final, s1_final = (q.new_empty(shape1, dtype=state_dtype) for _ in range(2))
     w2_final, s2_final = (q.new_empty(shape2, dtype=state_dtype) for _ in range(2))
-    states_shape = (B, H, chunk_slots(T, chunk_size, cu_seqlens, q.device.type), 4, N * D) if save_states else (0,)
-    # The CUDA kernels save the chunk-start states in the inputs' dtype, the CPU ones in the state's.
-    states_dtype = q.dtype if q.device.type == "cuda" else state_dtype
+    slots = chunk_slots(T, chunk_size, cu_seqlens, q.device.type)
+    # The CUDA kernels save the chunk-start states in the inputs' dtype; the CPU ones save each
+    # chunk's start state, its residuals [chunk_size, D] and, with read "token", its query
+    # pre-activations [chunk_size, N] (csrc/cpu/mlp_memory.h, mlp_memory_slot_size), in the
+    # state's dtype.
+    if q.device.type == "cuda":
+        states_shape, states_dtype = (B, H, slots, 4, N * D), q.dtype
+    else:
+        slot = 4 * N * D + chunk_size * D + (chunk_size * N if read_token else 0)
+        states_shape, states_dtype = (B, H, slots, slot), state_dtype
+    if not save_states:
+        states_shape = (0,)
     return (q.new_empty(q.shape), w1_final, w2_final, s1_final, s2_final,
             q.new_empty(states_shape, dtype=states_dtype))
 
@@ -97,7 +106,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, theta, eta, alpha, w1, w2, s1, s2, chunk_size, read_token, activation, save_states = inputs[:14]
     objective, p, eps, delta, retention, retention_q, cu_seqlens = inputs[14:]  # the schema's defaults are filled in
     # Unused outputs get None, not zeros: a zero cotangent of chunk_states alone would be a fresh
-    # allocation as large as the saved states (4 N D values per chunk for the MLP).
+    # allocation as large as the saved states (at least 4 N D values per chunk for the MLP).
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, theta, eta, alpha, output[5], delta, cu_seqlens)
     ctx.hidden, ctx.chunk_size, ctx.read_token, ctx.activation = w1.shape[2], chunk_size, read_token, activation
