@@ -166,9 +166,13 @@ HeadGrads<T> head_grads(const BwdParams& p, const Head<T>& head, int dk, int dv)
           head.contiguous(static_cast<T*>(p.d_delta_ptr), p, dv)};
 }
 
-// Carves one zero-filled buffer into consecutive slots of the given sizes (size 0: nullptr).
+// Carves the calling thread's workspace into consecutive zero-filled slots of the given sizes
+// (size 0: nullptr), valid until the thread's next carve_buffer of T: one per kernel call. The
+// storage is kept between calls (it grows to the largest asked for), so that a call does not map
+// fresh pages for its scratch: their page faults were a sixth of a one-chunk MLP memory call.
 template <typename T, size_t kSlots>
-void carve_buffer(std::vector<T>& buffer, const size_t (&sizes)[kSlots], T** const (&slots)[kSlots]) {
+void carve_buffer(const size_t (&sizes)[kSlots], T** const (&slots)[kSlots]) {
+  thread_local std::vector<T> buffer;
   size_t total = 0;
   for (size_t s : sizes) total += s;
   buffer.assign(total, T(0));

@@ -30,11 +30,10 @@
 namespace titans::cpu {
 namespace {
 
-// Per-thread scratch, sized once per kernel call for chunks of up to C tokens.
+// Per-thread scratch (carve_buffer), sized once per kernel call for chunks of up to C tokens.
 template <typename T>
 struct Workspace {
   int C, Dk, Dv;
-  std::vector<T> buffer;
   T *theta, *eta, *alpha;         // [C] gates of the chunk
   T *a, *g, *P, *c, *sig;         // gate tables: [C] x 3, [C * C] x 2
   T *R, *E;                       // residuals and errors: [C, Dv] each
@@ -53,7 +52,7 @@ struct Workspace {
     T** const slots[] = {&theta, &eta, &alpha, &a,      &g,     &P,      &c,       &sig,      &R,        &E,
                          &state, &start, &wide, &square, &square2, &square3, &narrow, &narrow2, &coef_grad, &gate_scratch,
                          &start_grad};
-    carve_buffer(buffer, sizes, slots);
+    carve_buffer(sizes, slots);
   }
 };
 

@@ -70,11 +70,10 @@ void combine_pair(int L, int W, const T* A, const T* x, const T* y, T beta, T* o
     }
 }
 
-// Per-thread scratch, sized once per kernel call for chunks of up to C tokens. The buffers
+// Per-thread scratch (carve_buffer), sized once per kernel call for chunks of up to C tokens. The buffers
 // marked (backward) are empty in the forward.
 template <typename T>
 struct Workspace {
-  std::vector<T> buffer;
   T *theta, *eta, *alpha, *a, *g, *P;  // [C]: gates and gate tables of the chunk
   T *c, *sig;                          // [C * C] gate tables
   T *QK, *QKc, *HH, *HHc;              // [C * C]: Q K^T, Hq H^T and their products with c
@@ -99,7 +98,7 @@ struct Workspace {
                          &HHc,   &Z,   &H,     &G,     &DZ,    &act1, &R,   &E,   &X,   &wide,     &Zq,
                          &Hq,    &state, &start, &act2, &actq1, &dE,  &dH,  &dDZ, &dHq, &dA, &coef_grad,
                          &gate_scratch, &start_grad};
-    carve_buffer(buffer, sizes, slots);
+    carve_buffer(sizes, slots);
   }
 };
 
