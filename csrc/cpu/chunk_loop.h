@@ -35,7 +35,8 @@
 // and Steps::Dk, Steps::Dv, the widths of the token rows of q, k and of v, o (for prefetching), and
 // Steps::slot_size, the elements of a saved slot: the chunk-start state followed by what the
 // chunk's forward kept for its backward, values the backward would otherwise recompute at more
-// cost than their memory is worth (the MLP memory's query pre-activations, mlp_memory.cpp).
+// cost than their memory is worth (the MLP memory's residuals and query pre-activations,
+// mlp_memory.cpp).
 #pragma once
 
 #include <algorithm>
