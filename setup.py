@@ -130,7 +130,8 @@ def _extensions():
     def glob(pattern):
         return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
 
-    sources = glob("cpu/*.cpp") + ["csrc/binding/ops.cpp", "csrc/binding/ops_step.cpp", "csrc/binding/cpu_isa.cpp"]
+    sources = glob("cpu/*.cpp") + ["csrc/binding/ops.cpp", "csrc/binding/ops_step.cpp", "csrc/binding/cpu_isa.cpp",
+                                  "csrc/binding/cpu_state_cache.cpp"]
     cuda_sources = glob("cuda/*.cu") + glob("binding/*_cuda.cpp")
     if use_cuda and not cuda_sources:
         use_cuda, why_not = False, "no CUDA sources in csrc/cuda"

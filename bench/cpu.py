@@ -6,7 +6,9 @@ against the references and titans-pytorch.
 
 Shape (issues 3, 4 and 13): B=1, T=2048, H=4, D=64, chunk 64, fp32 and fp64; the MLP memory with
 expansion E=4 (hidden width 256), exact GELU. titans_ext runs once per instruction-set variant of
-its CPU kernels (titans_ext.supported_cpu_isas(); the variant is a column). titans-pytorch rows
+its CPU kernels (titans_ext.supported_cpu_isas(); the variant is a column), and in fp32 once more
+in the native variant with the cache of saved states off (titans_ext/ops/state_cache.py: each
+forward's saved states fresh memory, as a program without the cache has them). titans-pytorch rows
 appear when the package is installed: its ``NeuralMemory`` with a depth-1 (linear) and depth-2
 (MLP, expansion 4) memory, ``batch_size`` equal to the chunk size (gradients at chunk-start
 weights, as in our ops). Its module includes the q/k/v projections and gate layers, so those rows
@@ -53,6 +55,7 @@ TARGETS = {
 }
 # Row names (the implementation column).
 OURS, CHUNKED, TITANS_PYTORCH = "titans_ext (C++)", "PyTorch chunked reference", "titans-pytorch NeuralMemory"
+NO_CACHE = "titans_ext (C++), state cache off"
 BMM = "torch.bmm 64 x 64 x 64 (x 64)"
 # CPU flags that decide which variants can run (x86 /proc/cpuinfo "flags", aarch64 "Features").
 SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
@@ -171,6 +174,19 @@ def in_variant(name, fn):
     return run
 
 
+def without_state_cache(fn):
+    """fn, run with the saved-state cache off (titans_ext/ops/state_cache.py): its forward's saved
+    states are fresh memory, as without the cache; the buffers the cache holds stay for the rows
+    that use it."""
+    def run():
+        titans_ext.set_cpu_state_cache(False)
+        try:
+            fn()
+        finally:
+            titans_ext.set_cpu_state_cache(True)
+    return run
+
+
 def smoke(args):
     """Each op against the chunked reference at a small shape, once per variant: a guard that a
     slow variant shows up in every CI log (not a timed test: it prints, it does not fail)."""
@@ -251,6 +267,9 @@ def main(argv=None):
                "mlp_memory": (titans_ext.mlp_memory, mlp_memory_chunked, mlp_memory_recurrent, mlp_args, 2)}
         for op, (ours, chunked, recurrent, kwargs, depth) in ops.items():
             rows = [(OURS, variant, in_variant(variant, op_fwd_bwd(ours, inputs, **kwargs))) for variant in variants]
+            if dtype == torch.float32:
+                rows.append((NO_CACHE, variants[0], in_variant(variants[0], without_state_cache(
+                    op_fwd_bwd(ours, inputs, **kwargs)))))
             rows.append((CHUNKED, "", op_fwd_bwd(chunked, inputs, **kwargs)))
             if dtype == torch.float32 and has_titans_pytorch:
                 rows.append((f"{TITANS_PYTORCH}, depth {depth}", "", titans_pytorch_fwd_bwd(B, T, H, D, C, depth, E)))
@@ -338,6 +357,10 @@ def main(argv=None):
                     + check(samples_of("mlp_memory", CHUNKED, dtype="float64"), ours("mlp_memory", "float64"),
                             TARGETS["fp64 vs chunked reference"]) + " the chunked reference")
         summary += line
+    summary.append(f"[{variants[0]}] the saved-state cache: linear_memory "
+                   + ", mlp_memory ".join(check(samples_of(op, NO_CACHE, variants[0]), samples_of(op, OURS, variants[0]),
+                                                1.0) for op in ("linear_memory", "mlp_memory"))
+                   + " faster with it (fp32; the row 'state cache off' allocates them fresh each call)")
 
     title = (f"CPU fwd+bwd, B={B}, T={T}, H={H}, D={D}, chunk {C}, MLP E={E} ({datetime.date.today().isoformat()})\n\n"
              f"{header}; load average before {load_before}, after {load_after}\n\n"

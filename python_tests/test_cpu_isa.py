@@ -2,10 +2,8 @@
 matrix product of every variant against a plain loop (a torch-free C++ check, also cross-built
 for aarch64 when the tools are there), and both ops at tile-sized shapes under every variant."""
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from titans_ext.reference import linear_memory_chunked, mlp_memory_chunked
 from mlp_inputs import GRAD_NAMES as MLP_GRAD_NAMES
 from mlp_inputs import OUT_NAMES as MLP_OUT_NAMES
 from mlp_inputs import mlp_inputs, mlp_outputs_and_grads
-from utils import GRAD_NAMES, TOLERANCE, assert_close, memory_inputs, outputs_and_grads
+from utils import GRAD_NAMES, TOLERANCE, assert_close, import_with_environment, memory_inputs, outputs_and_grads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,9 +59,7 @@ def test_variant_the_machine_cannot_run_is_a_value_error_naming_the_supported_on
 
 
 def _import_with_environment(value):
-    env = dict(os.environ, TITANS_EXT_CPU_ISA=value)
-    return subprocess.run([sys.executable, "-c", "import titans_ext; print(titans_ext.cpu_isa())"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return import_with_environment("TITANS_EXT_CPU_ISA", value, "titans_ext.cpu_isa()")
 
 
 def test_environment_variable_sets_the_variant_at_import():

@@ -7,7 +7,11 @@ float64 1e-10 (the kernels and the references differ only in summation order), f
 """
 
 import contextlib
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +155,12 @@ def syncs_are_errors():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.synchronize()
+
+
+def import_with_environment(variable, value, expression):
+    """A fresh interpreter that sets the environment variable, imports titans_ext and prints
+    ``expression``: the completed process (returncode, stdout, stderr)."""
+    env = dict(os.environ, **{variable: value})
+    return subprocess.run([sys.executable, "-c", f"import titans_ext; print({expression})"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=300)

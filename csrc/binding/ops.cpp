@@ -16,6 +16,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include "binding/cpu_dispatch.h"
+#include "binding/cpu_state_cache.h"
 #include "binding/packed_sequences.h"
 #include "binding/tensor_params.h"
 #include "cpu/linear_memory.h"
@@ -127,7 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_memory_fwd_cpu(
   packed.apply(params);
   params.miras = miras_params(objective, p, eps, delta_c, retention, retention_q, v);
   // Every chunk's start state (the CPU backward reads each; the CUDA kernels keep fewer).
-  const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states, params.n_chunks);
+  const auto out = linear_memory_fwd_outputs(params, in.q, in.dtype, in.dtype, save_states, params.n_chunks,
+                                             cached_cpu_empty);
   packed.clear_unused_slots(params, out.chunk_states);
 
   run_over_heads(in.dtype, params, [&](auto zero, int64_t begin, int64_t end) {
@@ -199,8 +201,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_memory_fwd_cpu(
   const Tensor o = in.empty(q.sizes());
   const Tensor w1_final = in.empty(w1.sizes()), s1_final = in.empty(w1.sizes());
   const Tensor w2_final = in.empty(w2.sizes()), s2_final = in.empty(w2.sizes());
-  const Tensor chunk_states = save_states ? in.empty({params.batch, params.heads, params.n_chunks,
-                                                      cpu::mlp_memory_slot_size(params)})
+  const Tensor chunk_states = save_states ? cached_cpu_empty({params.batch, params.heads, params.n_chunks,
+                                                              cpu::mlp_memory_slot_size(params)},
+                                                             in.dtype)
                                           : in.empty({0});
   params.o_ptr = o.data_ptr();
   params.w1_final_ptr = w1_final.data_ptr();

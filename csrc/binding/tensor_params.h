@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -219,18 +220,25 @@ struct LinearMemoryFwdOutputs {
   Tensor o, m_final, s_final, chunk_states;
 };
 
+// Allocates chunk_states of the given sizes and dtype (the CPU's come from cpu_state_cache.h).
+using EmptyStates = Tensor (*)(torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype);
+
 // Allocates the forward's outputs on the device of `like` and points `p` at them: o [B, T, H, Dv]
 // and the checkpoints in the inputs' dtype io_dtype, the final states [n_seqs, H, Dv, Dk] in
-// state_dtype; chunk_states is [B, H, checkpoints, 2, Dv, Dk] when save_states, else an empty [0].
+// state_dtype; chunk_states is [B, H, checkpoints, 2, Dv, Dk] when save_states (from empty_states
+// when given), else an empty [0].
 inline LinearMemoryFwdOutputs linear_memory_fwd_outputs(LinearMemoryParams& p, const Tensor& like,
                                                         ScalarType state_dtype, ScalarType io_dtype,
-                                                        bool save_states, int64_t checkpoints) {
+                                                        bool save_states, int64_t checkpoints,
+                                                        EmptyStates empty_states = nullptr) {
   LinearMemoryFwdOutputs out;
   out.o = empty_on(like, {p.batch, p.seqlen, p.heads, p.dv}, io_dtype);
   out.m_final = empty_on(like, {p.n_seqs, p.heads, p.dv, p.dk}, state_dtype);
   out.s_final = empty_on(like, {p.n_seqs, p.heads, p.dv, p.dk}, state_dtype);
-  out.chunk_states = save_states ? empty_on(like, {p.batch, p.heads, checkpoints, 2, p.dv, p.dk}, io_dtype)
-                                 : empty_on(like, {0}, io_dtype);
+  const std::initializer_list<int64_t> states_sizes = {p.batch, p.heads, checkpoints, 2, p.dv, p.dk};
+  out.chunk_states = !save_states  ? empty_on(like, {0}, io_dtype)
+                     : empty_states ? empty_states(states_sizes, io_dtype)
+                                    : empty_on(like, states_sizes, io_dtype);
   p.o_ptr = out.o.data_ptr();
   p.m_final_ptr = out.m_final.data_ptr();
   p.s_final_ptr = out.s_final.data_ptr();

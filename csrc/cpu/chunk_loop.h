@@ -74,18 +74,6 @@ T* saved_chunk_state(const Params& p, index_t slot, index_t slot_size) {
   return static_cast<T*>(p.chunk_states_ptr) + slot * slot_size;
 }
 
-// Before the forward of the work items [item_begin, item_end) (Head) writes their saved slots:
-// asks for huge pages under them (advise_huge_pages). They are one fresh allocation per call (for
-// the MLP memory 5.25 KB per token and head in fp32 at D = 64, E = 4), whose 4 KB page faults were a
-// quarter of its forward at the benchmark shape.
-template <typename T, typename Params>
-void advise_saved_states(const Params& p, index_t slot_size, index_t item_begin, index_t item_end) {
-  if (!p.chunk_states_ptr || item_end <= item_begin) return;
-  const Head<T> first(p, item_begin, 0), last(p, item_end - 1, 0);
-  const index_t slots = last.first_slot + last.n_chunks - first.first_slot;
-  advise_huge_pages(saved_chunk_state<T>(p, first.first_slot, slot_size), size_t(slots) * slot_size * sizeof(T));
-}
-
 // "lq": rho[i] = lq_scale of weight i of state, and scaled = state with pair i times rho[i].
 template <typename T, typename Steps>
 void lq_chunk_scale(const Steps& steps, T q, const T* state, T* rho, T* scaled) {

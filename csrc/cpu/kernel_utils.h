@@ -6,10 +6,6 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "cpu/chunk_gates.h"
 #include "titans_params.h"
 
@@ -63,20 +59,6 @@ void prefetch_rows(const TokenRows<T>& x, int L, int width, bool for_write = fal
     }
 }
 
-// Asks the OS to back the 2 MiB-aligned part of [ptr, ptr + bytes) with transparent huge pages,
-// before it is first written (Linux with transparent_hugepage "madvise", the common default;
-// elsewhere a no-op): one fault per 2 MiB instead of one per 4 KiB.
-inline void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr, (void)bytes;
-#endif
-}
-
 // Inputs of one (batch, head) of a memory kernel, shifted with at(t) to a chunk's first token.
 // delta (the MIRAS objective's threshold) has a null ptr when the objective has none.
 template <typename T>
@@ -96,7 +78,7 @@ struct HeadInputs {
 // saved chunk-start states are. A sequence is a batch row, or with cu_seqlens (titans_params.h)
 // a token range of the one batch row. Items are numbered b * heads + h, or with cu_seqlens
 // h * n_seqs + i (head-major), so that a range of items writes one contiguous range of saved
-// states (advise_saved_states) and an even split of the items is an even split of the tokens
+// states and an even split of the items is an even split of the tokens
 // whenever the heads outnumber the threads. Params: a memory kernel's params; dv: the width of
 // v and delta.
 template <typename T>

@@ -355,7 +355,6 @@ void backward_head(const LinearMemoryBwdParams& p, const Objective& objective, c
 
 template <typename T>
 void linear_memory_fwd(const LinearMemoryParams& params, int64_t item_begin, int64_t item_end) {
-  advise_saved_states<T>(params, 2 * index_t(params.dv) * params.dk, item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dk, params.dv, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t item = item_begin; item < item_end; ++item)

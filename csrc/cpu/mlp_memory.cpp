@@ -558,7 +558,6 @@ int64_t mlp_memory_slot_size(const MlpMemoryParams& params) {
 
 template <typename T>
 void mlp_memory_fwd(const MlpMemoryParams& params, int64_t item_begin, int64_t item_end) {
-  advise_saved_states<T>(params, mlp_memory_slot_size(params), item_begin, item_end);
   Workspace<T> ws(params.chunk_size, params.dim, params.hidden, false, false);
   dispatch_objective<T>(params.miras, [&](const auto& objective) {
     for (int64_t item = item_begin; item < item_end; ++item)
