@@ -8,18 +8,11 @@
 #include "cpu/step_kernel.h"
 
 namespace titans::cpu {
-namespace {
 
-// 16 registers of 32 bytes: 6 x 2 accumulators, the 2 vectors of B and one broadcast of A.
-struct Avx2Tile {
-  static constexpr int kBytes = 32, kRows = 6, kVecs = 2;
-};
-
-}  // namespace
-
-const IsaKernels kIsaKernelsAvx2 = {&matmul_tiled<Avx2Tile, float>, &matmul_tiled<Avx2Tile, double>,
-                                    &activation_variant<float>, &activation_variant<double>,
-                                    step_kernels_variant<float>(), step_kernels_variant<double>()};
+const IsaKernels kIsaKernelsAvx2 = {
+    &matmul_tiled<GeometryTile<kAvx2Tile>, float>, &matmul_tiled<GeometryTile<kAvx2Tile>, double>,
+    &activation_variant<float>, &activation_variant<double>,
+    step_kernels_variant<float>(), step_kernels_variant<double>()};
 
 }  // namespace titans::cpu
 #endif

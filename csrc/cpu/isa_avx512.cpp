@@ -8,19 +8,11 @@
 #include "cpu/step_kernel.h"
 
 namespace titans::cpu {
-namespace {
 
-// 32 registers of 64 bytes: 8 x 2 accumulators (8 rows divide the usual chunk sizes), the 2
-// vectors of B and one broadcast of A, with registers to spare.
-struct Avx512Tile {
-  static constexpr int kBytes = 64, kRows = 8, kVecs = 2;
-};
-
-}  // namespace
-
-const IsaKernels kIsaKernelsAvx512 = {&matmul_tiled<Avx512Tile, float>, &matmul_tiled<Avx512Tile, double>,
-                                      &activation_variant<float>, &activation_variant<double>,
-                                      step_kernels_variant<float>(), step_kernels_variant<double>()};
+const IsaKernels kIsaKernelsAvx512 = {
+    &matmul_tiled<GeometryTile<kAvx512Tile>, float>, &matmul_tiled<GeometryTile<kAvx512Tile>, double>,
+    &activation_variant<float>, &activation_variant<double>,
+    step_kernels_variant<float>(), step_kernels_variant<double>()};
 
 }  // namespace titans::cpu
 #endif

@@ -1,11 +1,12 @@
 // The register-tiled matrix product behind matmul.h, compiled once per instruction-set variant
 // (torch-free).
 //
-// Included only by the variant files isa_<variant>.cpp. Each defines TITANS_ISA_TARGET (its target
-// attribute, empty for the default variant) before the include and instantiates matmul_tiled<Tile, T>
-// with a Tile type declared in its own anonymous namespace: every function here then has internal
-// linkage, so the variants' copies can never be merged at link time (a COMDAT merge could run
-// AVX2 code on a CPU without it). The standard library's inline functions keep the baseline
+// Included only by the variant files isa_<variant>.cpp (and the C++ check of the product). Each
+// defines TITANS_ISA_TARGET (its target attribute, empty for the default variant) before the
+// include and instantiates matmul_tiled<GeometryTile<its tile>, T> (isa_tiles.h): the Tile type
+// lives in this header's anonymous namespace, so every function here has internal linkage and the
+// variants' copies can never be merged at link time (a COMDAT merge could run AVX2 code on a CPU
+// without it). The standard library's inline functions keep the baseline
 // target; GCC inlines them into the variant code.
 //
 // A Tile gives the vector width in bytes (kBytes) and the micro-tile of C held in registers:
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/isa_tiles.h"
 #include "cpu/matmul.h"
 
 #ifndef TITANS_ISA_TARGET
@@ -30,6 +32,12 @@
 
 namespace titans::cpu {
 namespace {
+
+// The Tile of the geometry G (isa_tiles.h).
+template <TileGeometry G>
+struct GeometryTile {
+  static constexpr int kBytes = G.bytes, kRows = G.rows, kVecs = G.vecs;
+};
 
 template <class Tile, typename T>
 struct TileShape {
