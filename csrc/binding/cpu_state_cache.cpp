@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
-#include <new>
 #include <utility>
 #include <vector>
 
@@ -56,33 +55,13 @@ class StateCache {
   };
 
   // A buffer of exactly `bytes` (its size is the cache's key); `from_cache` says whether it is
-  // the cache's (release it with release()) or plain (free it with std::free).
+  // the cache's (release it with release()) or plain (free it with std::free). Fresh memory is
+  // allocated, and evicted buffers freed, outside the lock.
   void* acquire(size_t bytes, bool& from_cache) {
     std::vector<void*> evicted;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      from_cache = enabled_;
-      if (!enabled_) return allocate_fresh(bytes);
-      for (auto it = free_.begin(); it != free_.end(); ++it)
-        if (it->first == bytes) {
-          void* ptr = it->second;
-          free_.erase(it);
-          cached_ -= bytes;
-          live_ += bytes;
-          ++hits_;
-          return ptr;
-        }
-      ++misses_;
-      // A new size (another shape): drop the oldest buffers the new one would push past the peak.
-      peak_ = std::max(peak_, live_ + bytes);
-      while (!free_.empty() && live_ + cached_ + bytes > peak_) {
-        cached_ -= free_.back().first;
-        evicted.push_back(free_.back().second);
-        free_.pop_back();
-      }
-      live_ += bytes;
-    }
+    if (void* cached = take(bytes, from_cache, evicted)) return cached;
     for (void* ptr : evicted) std::free(ptr);
+    if (!from_cache) return allocate_fresh(bytes);
     try {
       return allocate_fresh(bytes);
     } catch (...) {
@@ -130,6 +109,33 @@ class StateCache {
   }
 
  private:
+  // A cached buffer of `bytes`, or nullptr after counting a miss: `bytes` is then live, and
+  // `evicted` holds the oldest buffers it would have pushed past the peak (a new size, another
+  // shape). Disabled: nullptr and from_cache false.
+  void* take(size_t bytes, bool& from_cache, std::vector<void*>& evicted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    from_cache = enabled_;
+    if (!enabled_) return nullptr;
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->first == bytes) {
+        void* ptr = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        live_ += bytes;
+        ++hits_;
+        return ptr;
+      }
+    ++misses_;
+    peak_ = std::max(peak_, live_ + bytes);
+    while (!free_.empty() && live_ + cached_ + bytes > peak_) {
+      cached_ -= free_.back().first;
+      evicted.push_back(free_.back().second);
+      free_.pop_back();
+    }
+    live_ += bytes;
+    return nullptr;
+  }
+
   std::mutex mutex_;
   bool enabled_ = true;
   size_t live_ = 0, cached_ = 0, peak_ = 0;
